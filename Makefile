@@ -1,0 +1,54 @@
+# dmuserd: every entry point a user or CI needs. On a fresh Debian 12
+# machine, as root, `make test` and `make demo` do all the set-up.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+ifeq ($(SLOW),1)
+MARKS :=
+else
+MARKS := -m "not slow"
+endif
+
+.PHONY: all system venv test demo bench bench-quick clean
+
+all: venv
+
+# System packages (idempotent; prints the apt command when not root).
+.system-ok: scripts/system-packages.txt scripts/setup-system
+	scripts/setup-system
+	@touch $@
+
+system:
+	scripts/setup-system
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Reinstall only when the project's metadata or native sources change.
+$(STAMP): .system-ok $(VENV)/bin/python pyproject.toml $(wildcard dsa_offload/*.c dsa_offload/*.h)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+# pytest exits 5 when it collected nothing: that is a failure here.
+test: $(STAMP)
+	@$(PY) -m pytest $(MARKS) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; \
+	exit $$rc
+
+demo: $(STAMP)
+	$(VENV)/bin/dmuserd demo
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) .system-ok build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from dmuserd.daemon.cli import main
+
+raise SystemExit(main())

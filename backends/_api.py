@@ -1,0 +1,140 @@
+"""The backend API: what a storage engineer implements.
+
+A backend is an object with a ``size``, a logical block size and async
+methods for the block operations it supports. Subclass :class:`Backend` and
+override the operations you have; the ones you leave alone answer
+UNSUPPORTED to the client, and :attr:`Backend.capabilities` is worked out
+from what you overrode (narrow it with ``disabled_ops`` if needed).
+
+A minimal backend::
+
+    class Tiny(Backend):
+        def __init__(self):
+            super().__init__(size=1 << 20)
+            self.buf = bytearray(self.size)
+
+        async def read(self, offset, length):
+            return self.buf[offset:offset + length]
+
+        async def write(self, offset, data, fua=False):
+            self.buf[offset:offset + len(data)] = data
+
+The daemon guarantees every call is in range and aligned to
+``block_size``; a backend never sees a request it must validate. Any
+exception a call raises fails that one request (ERROR), except
+:class:`Unsupported`, which answers UNSUPPORTED.
+
+Durability: ``write(..., fua=True)`` must be durable when it returns, and
+``flush()`` must make every write that completed before it durable.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+from dmuserd.errors import DmuserdError
+
+
+class Op(enum.Enum):
+    """A block operation a backend may support."""
+
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+    DISCARD = "discard"
+    WRITE_ZEROES = "write_zeroes"
+
+
+class BackendError(DmuserdError):
+    """A backend could not be created or configured."""
+
+
+class Unsupported(DmuserdError):
+    """The backend does not do this operation (answered as UNSUPPORTED)."""
+
+
+_METHOD_FOR_OP = {
+    Op.READ: "read",
+    Op.WRITE: "write",
+    Op.FLUSH: "flush",
+    Op.DISCARD: "discard",
+    Op.WRITE_ZEROES: "write_zeroes",
+}
+
+
+class Backend:
+    """Base class of every backend. See the module docstring."""
+
+    #: registry name, e.g. ``"memory"``; set by subclasses.
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, size: int, block_size: int = 512, disabled_ops=()) -> None:
+        if size < 0:
+            raise BackendError(f"size must not be negative (got {size})")
+        if block_size < 512 or block_size & (block_size - 1):
+            raise BackendError(f"block_size must be a power of two >= 512 (got {block_size})")
+        if size % block_size:
+            raise BackendError(f"size {size} is not a multiple of the block size {block_size}")
+        self.size = size
+        self.block_size = block_size
+        self._disabled_ops = frozenset(disabled_ops)
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "Backend":
+        """Build the backend from ``key=value`` options (command line or TOML).
+
+        Subclasses that take options override this; see
+        :func:`dmuserd.backends.options.Options` for typed parsing.
+        """
+        if options:
+            raise BackendError(f"backend {cls.name!r} takes no options (got {', '.join(options)})")
+        return cls()
+
+    @property
+    def capabilities(self) -> frozenset[Op]:
+        """The operations this backend serves: those its class overrides."""
+        ops = set()
+        for op, method in _METHOD_FOR_OP.items():
+            if getattr(type(self), method) is not getattr(Backend, method):
+                ops.add(op)
+        return frozenset(ops) - self._disabled_ops
+
+    def supports(self, op: Op) -> bool:
+        return op in self.capabilities
+
+    async def read(self, offset: int, length: int):
+        """Return ``length`` bytes (any bytes-like object) starting at ``offset``."""
+        raise Unsupported("read")
+
+    async def readinto(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` from ``offset``. Override to avoid a copy."""
+        data = await self.read(offset, len(buffer))
+        if len(data) != len(buffer):
+            raise BackendError(
+                f"{type(self).__name__}.read returned {len(data)} bytes, {len(buffer)} were asked for"
+            )
+        buffer[:] = data
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``; durable before returning when ``fua``."""
+        raise Unsupported("write")
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+        raise Unsupported("flush")
+
+    async def discard(self, offset: int, length: int) -> None:
+        """The range's contents are no longer needed (may read back as anything)."""
+        raise Unsupported("discard")
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """The range reads back as zeros; ``may_unmap`` allows deallocating it."""
+        raise Unsupported("write_zeroes")
+
+    async def close(self) -> None:
+        """Release resources. Called once, after the last request."""
+
+    def describe(self) -> dict:
+        """A short description for ``dmuserd status`` and logs."""
+        return {"backend": self.name, "size": self.size, "block_size": self.block_size}

@@ -1,0 +1,78 @@
+"""The ``dmuserd`` command line.
+
+Each area of the project contributes its own subcommands through a module
+with a ``register(subparsers)`` function (listed in ``COMMAND_MODULES``).
+Registration only builds parsers; the work, and the heavy imports, happen in
+the handler the chosen subcommand sets as ``func``.
+
+A handler returns the exit status. Errors meant for the user are raised as
+:class:`UserError` (or any subclass of :class:`dmuserd.errors.DmuserdError`)
+and printed as one line saying what went wrong and what to do, never as a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import structlog
+
+from dmuserd import __version__
+from dmuserd.daemon import logs
+
+COMMAND_MODULES = [
+    "dmuserd.daemon.commands",
+]
+
+
+class UserError(Exception):
+    """An error whose message is the whole story for the user."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmuserd",
+        description="User-space block devices: serve a backend over dm-user, FUSE or NBD.",
+    )
+    parser.add_argument("--version", action="version", version=f"dmuserd {__version__}")
+    parser.add_argument(
+        "--log-level",
+        choices=logs.LEVELS,
+        default=None,
+        help="log level (default: $DMUSERD_LOG_LEVEL or info)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        logs.configure(args.log_level)
+    except ValueError as exc:
+        print(f"dmuserd: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place errors meet the user
+        from dmuserd.errors import DmuserdError
+
+        if isinstance(exc, (UserError, DmuserdError)):
+            print(f"dmuserd: error: {exc}", file=sys.stderr)
+            return 1
+        structlog.get_logger().exception("unexpected error", error=repr(exc))
+        print(
+            f"dmuserd: internal error: {exc!r} (this is a bug; the log above has the details)",
+            file=sys.stderr,
+        )
+        return 70

@@ -1,0 +1,1 @@
+"""dm-user protocol (placeholder until written)."""
