@@ -1,0 +1,1 @@
+"""dmuserd's benchmark harness (``make bench``, ``make bench-quick``)."""
