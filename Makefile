@@ -30,7 +30,7 @@ $(VENV)/bin/python:
 
 # Reinstall only when the project's metadata or native sources change.
 $(STAMP): .system-ok $(VENV)/bin/python pyproject.toml $(wildcard dsa_offload/*.c dsa_offload/*.h)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
 venv: $(STAMP)
