@@ -1,1 +1,53 @@
-"""dm-user protocol (placeholder until written)."""
+"""dm-user, sans I/O: bytes in, typed events out.
+
+* the numbers: :class:`RequestType`, :class:`ResponseType`, :class:`Flag`,
+  :data:`HEADER_SIZE`, :data:`SECTOR_SIZE`, :data:`MAX_OUTSTANDING`;
+* the message: :class:`Header`, :class:`Request`, :class:`Response`;
+* the daemon's side of a channel: :class:`DaemonConnection`;
+* the kernel's side: :class:`KernelTarget` (a model of ``dm-user.c``) with
+  its :class:`Channel` and :class:`Bio`.
+
+This package imports only the standard library (nbdkit's embedded Python
+loads it by path), and never trio.
+"""
+
+from dmuserd.protocol._connection import DEFAULT_MAX_IO, NEED_DATA, DaemonConnection
+from dmuserd.protocol._constants import (
+    ALL_FLAGS,
+    DEFAULT_DAEMON_TIMEOUT_MS,
+    FORWARDED_TYPES,
+    HEADER_SIZE,
+    MAX_OUTSTANDING,
+    SECTOR_SIZE,
+    Flag,
+    RequestType,
+    ResponseType,
+)
+from dmuserd.protocol._errors import KernelError, ProtocolError
+from dmuserd.protocol._kernel import WOULD_BLOCK, Bio, BioState, Channel, KernelTarget
+from dmuserd.protocol._message import Header, Request, Response
+
+__all__ = [
+    "ALL_FLAGS",
+    "DEFAULT_DAEMON_TIMEOUT_MS",
+    "DEFAULT_MAX_IO",
+    "FORWARDED_TYPES",
+    "HEADER_SIZE",
+    "MAX_OUTSTANDING",
+    "NEED_DATA",
+    "SECTOR_SIZE",
+    "WOULD_BLOCK",
+    "Bio",
+    "BioState",
+    "Channel",
+    "DaemonConnection",
+    "Flag",
+    "Header",
+    "KernelError",
+    "KernelTarget",
+    "ProtocolError",
+    "Request",
+    "RequestType",
+    "Response",
+    "ResponseType",
+]

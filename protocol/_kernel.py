@@ -1,0 +1,403 @@
+"""A model of the kernel's dm-user target, sans I/O, with time passed in.
+
+This reproduces ``drivers/md/dm-user.c`` as the daemon sees it (the facts
+are listed in ``shared/specs/dm-user.md``), so that:
+
+* the FUSE and NBD exports present dm-user's semantics on plain Linux: they
+  submit BIOs to a :class:`KernelTarget` and the daemon serves its channels
+  exactly as it would serve ``/dev/dm-user/NAME``;
+* tests drive a daemon the way the kernel would, byte for byte.
+
+Nothing here sleeps or blocks. Every call that depends on time takes
+``now`` (seconds, any monotonic origin). Where the kernel would block (a
+``read()`` with nothing queued) :meth:`Channel.read` returns
+:data:`WOULD_BLOCK`; the caller waits for :attr:`KernelTarget.on_queue`.
+
+The life of a BIO::
+
+    submit ──► backlog (over 128 outstanding) ──► queued ──► taken by a
+    channel's read ──► answered by that channel's write ──► done
+
+A BIO ends with ``bio.error`` = 0 (success) or an errno (always ``EIO``, as
+the block layer reports it). Its ``on_complete`` callback, if set, runs
+once, at that moment.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from dmuserd.protocol._constants import (
+    ALL_FLAGS,
+    DEFAULT_DAEMON_TIMEOUT_MS,
+    FORWARDED_TYPES,
+    HEADER_SIZE,
+    MAX_OUTSTANDING,
+    SECTOR_SIZE,
+    RequestType,
+    ResponseType,
+)
+from dmuserd.protocol._errors import KernelError
+
+_HEADER = struct.Struct("<5Q")
+
+
+class _WouldBlock:
+    def __repr__(self) -> str:
+        return "WOULD_BLOCK"
+
+
+#: :meth:`Channel.read` found nothing queued: the real ``read()`` would sleep.
+WOULD_BLOCK = _WouldBlock()
+
+
+class BioState(enum.Enum):
+    BACKLOG = "backlog"  # over the outstanding limit: not yet a message
+    QUEUED = "queued"  # a message waiting for a channel to read it
+    READING = "reading"  # a channel has read part of it
+    AWAITING = "awaiting"  # fully read; its channel owes a response
+    ANSWERING = "answering"  # the response header arrived, its payload is coming
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class Bio:
+    """One block I/O submitted to the target.
+
+    For a READ, ``data`` fills with the daemon's payload; for a WRITE it is
+    the payload handed to the daemon.
+    """
+
+    type: RequestType
+    sector: int
+    length: int
+    flags: int = 0
+    data: bytearray | bytes | memoryview | None = None
+    on_complete: Callable[["Bio"], None] | None = None
+    seq: int | None = None
+    state: BioState = BioState.BACKLOG
+    error: int | None = None
+    deadline: float | None = None
+    #: bytes of the message (header, then write payload) a channel has read
+    posn_to_user: int = 0
+    #: bytes of the response (header, then read payload) a channel has written
+    posn_from_user: int = 0
+    channel: "Channel | None" = field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.state is BioState.DONE
+
+    @property
+    def total_to_user(self) -> int:
+        return HEADER_SIZE + (self.length if self.type == RequestType.WRITE else 0)
+
+    @property
+    def total_from_user(self) -> int:
+        return HEADER_SIZE + (self.length if self.type == RequestType.READ else 0)
+
+    def _header(self) -> bytes:
+        return _HEADER.pack(self.seq, int(self.type), self.flags, self.sector, self.length)
+
+
+class KernelTarget:
+    """One dm-user target: its message queue, its channels, its timers.
+
+    ``daemon_timeout`` is ``dm_user_daemon_timeout_msec`` in seconds.
+    ``on_queue`` (optional) is called whenever a message becomes readable or
+    the target is destroyed: the moment a blocked ``read()`` would wake.
+    """
+
+    def __init__(
+        self,
+        *,
+        daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT_MS / 1000,
+        max_outstanding: int = MAX_OUTSTANDING,
+        on_queue: Callable[[], None] | None = None,
+    ) -> None:
+        self.daemon_timeout = daemon_timeout
+        self.max_outstanding = max_outstanding
+        self.on_queue = on_queue
+        self.next_seq = 0
+        self.destroyed = False
+        #: set when the last channel closed; never cleared (as in dm-user.c)
+        self.daemon_terminated = False
+        self.channels: set[Channel] = set()
+        self._backlog: deque[Bio] = deque()
+        self._queue: deque[Bio] = deque()
+        self._outstanding = 0
+        # The latest time a caller told us; requeued BIOs are mapped then.
+        self._now = 0.0
+
+    # -- the block layer's side -------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """Messages allocated (queued, being read, or awaiting an answer)."""
+        return self._outstanding
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def submit(self, bio: Bio, now: float) -> Bio:
+        """Hand a BIO to the target (``user_map``)."""
+        self._now = max(self._now, now)
+        if bio.type == RequestType.WRITE:
+            if bio.data is None or len(bio.data) != bio.length:
+                raise ValueError("a WRITE bio needs data of exactly its length")
+        elif bio.type == RequestType.READ and bio.data is None:
+            bio.data = bytearray(bio.length)
+        if self.destroyed:
+            self._complete(bio, errno.EIO)
+        elif bio.type not in FORWARDED_TYPES or bio.flags & ~ALL_FLAGS:
+            # DM_MAPIO_KILL: zone ops and unknown flags never reach user space.
+            self._complete(bio, errno.EIO)
+        elif self._outstanding >= self.max_outstanding:
+            bio.state = BioState.BACKLOG
+            self._backlog.append(bio)
+        else:
+            self._map(bio, now)
+        return bio
+
+    def _map(self, bio: Bio, now: float) -> None:
+        self._outstanding += 1
+        bio.seq = self.next_seq
+        self.next_seq += 1
+        bio.state = BioState.QUEUED
+        self._queue.append(bio)
+        if not self.channels:
+            if self.daemon_terminated:
+                # The daemon died: nobody will come back for this I/O.
+                self._fail_queued(bio)
+                return
+            bio.deadline = now + self.daemon_timeout
+        if self.on_queue:
+            self.on_queue()
+
+    def advance(self, now: float) -> list[Bio]:
+        """Let time pass: fail queued BIOs whose wait for a daemon ran out."""
+        self._now = max(self._now, now)
+        failed = []
+        for bio in list(self._queue):
+            if bio.deadline is not None and bio.deadline <= now:
+                bio.deadline = None
+                if not self.channels:
+                    self._fail_queued(bio)
+                    failed.append(bio)
+        return failed
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`advance` next has something to do, or None."""
+        deadlines = [b.deadline for b in self._queue if b.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def destroy(self, now: float) -> None:
+        """``dmsetup remove``: reads now fail with ENOTBLK."""
+        self._now = max(self._now, now)
+        self.destroyed = True
+        if not self.channels:
+            self._release()
+        if self.on_queue:
+            self.on_queue()
+
+    def open_channel(self) -> "Channel":
+        """``open("/dev/dm-user/NAME")``."""
+        if self.destroyed:
+            raise KernelError(errno.ENOENT, "the target was removed")
+        channel = Channel(self)
+        self.channels.add(channel)
+        return channel
+
+    # -- internals -----------------------------------------------------------
+
+    def _fail_queued(self, bio: Bio) -> None:
+        self._queue.remove(bio)
+        self._finish(bio, errno.EIO)
+
+    def _release(self) -> None:
+        # target_release: nothing can ever read these.
+        while self._queue:
+            self._fail_queued(self._queue[0])
+        while self._backlog:
+            self._complete(self._backlog.popleft(), errno.EIO)
+
+    def _take(self) -> Bio:
+        bio = self._queue.popleft()
+        bio.deadline = None
+        return bio
+
+    def _finish(self, bio: Bio, error: int) -> None:
+        """A message ends: free its slot and map the next backlogged BIO."""
+        self._outstanding -= 1
+        self._complete(bio, error)
+        while self._backlog and self._outstanding < self.max_outstanding and not self.destroyed:
+            # The block layer resubmits requeued BIOs as slots free up.
+            self._map(self._backlog.popleft(), self._now)
+
+    def _complete(self, bio: Bio, error: int) -> None:
+        bio.state = BioState.DONE
+        bio.error = error
+        bio.channel = None
+        if bio.on_complete:
+            bio.on_complete(bio)
+
+    def _channel_closed(self, channel: "Channel") -> None:
+        self.channels.discard(channel)
+        if self.channels:
+            return
+        if self.destroyed:
+            self._release()
+            return
+        self.daemon_terminated = True
+        for bio in list(self._queue):
+            if bio.deadline is None:
+                self._fail_queued(bio)
+
+
+class Channel:
+    """One open file of ``/dev/dm-user/NAME``."""
+
+    def __init__(self, target: KernelTarget) -> None:
+        self.target = target
+        self.closed = False
+        self._to_user_error = 0
+        self._from_user_error = 0
+        self._reading: Bio | None = None
+        self._awaiting: dict[int, Bio] = {}
+        self._scratch = bytearray()  # a response header being assembled
+        self._answering: Bio | None = None
+
+    @property
+    def awaiting(self) -> int:
+        """Messages this channel has read and not answered."""
+        return len(self._awaiting)
+
+    def read(self, size: int):
+        """``read(fd, size)``: bytes, :data:`WOULD_BLOCK`, or :class:`KernelError`.
+
+        One call returns (the rest of) the header or (part of) the WRITE
+        payload, never both.
+        """
+        self._check_open()
+        if self._to_user_error:
+            raise KernelError(self._to_user_error, "this channel's reads failed before")
+        if size == 0:
+            return b""
+        bio = self._reading
+        if bio is None:
+            if self.target.destroyed:
+                self._to_user_error = errno.ENOTBLK
+                raise KernelError(errno.ENOTBLK, "the target was removed")
+            if not self.target._queue:
+                return WOULD_BLOCK
+            bio = self._reading = self.target._take()
+            bio.state = BioState.READING
+            bio.channel = self
+        if bio.posn_to_user < HEADER_SIZE:
+            out = bio._header()[bio.posn_to_user : bio.posn_to_user + size]
+        else:
+            start = bio.posn_to_user - HEADER_SIZE
+            out = bytes(memoryview(bio.data)[start : start + size])
+        bio.posn_to_user += len(out)
+        if bio.posn_to_user == bio.total_to_user:
+            self._reading = None
+            bio.state = BioState.AWAITING
+            self._awaiting[bio.seq] = bio
+        return out
+
+    def readinto(self, buffer) -> int:
+        """``read()`` into a buffer; returns the count (or raises, or WOULD_BLOCK)."""
+        data = self.read(len(buffer))
+        if data is WOULD_BLOCK:
+            return data
+        buffer[: len(data)] = data
+        return len(data)
+
+    def write(self, data) -> int:
+        """``write(fd, data)``: the count of bytes taken, or :class:`KernelError`.
+
+        Takes one response at most per call (like the kernel): the caller
+        writes the rest of its buffer again, as it would after a short write.
+        """
+        self._check_open()
+        if self._from_user_error:
+            raise KernelError(self._from_user_error, "this channel is in an error state")
+        data = memoryview(data).cast("B")
+        taken = 0
+        if self._answering is None:
+            need = HEADER_SIZE - len(self._scratch)
+            chunk = data[:need]
+            if not len(chunk):
+                # msg_copy_from_iov() copied nothing: the kernel calls it invalid.
+                self._from_user_error = errno.EINVAL
+                raise KernelError(errno.EINVAL, "an empty write while a response header was due")
+            self._scratch += chunk
+            taken = len(chunk)
+            if len(self._scratch) < HEADER_SIZE:
+                return taken
+            seq, rtype, _flags, _sector, _len = _HEADER.unpack(self._scratch)
+            self._scratch.clear()
+            bio = self._awaiting.pop(seq, None)
+            if bio is None:
+                # Accepted once, then the channel is poisoned (dm-user.c).
+                self._from_user_error = errno.EINVAL
+                return taken
+            if rtype != ResponseType.SUCCESS:
+                self._done(bio, errno.EIO)
+                return taken
+            bio.state = BioState.ANSWERING
+            bio.posn_from_user = HEADER_SIZE
+            self._answering = bio
+        bio = self._answering
+        remaining = bio.total_from_user - bio.posn_from_user
+        chunk = data[taken : taken + remaining]
+        if len(chunk):
+            start = bio.posn_from_user - HEADER_SIZE
+            bio.data[start : start + len(chunk)] = chunk
+            bio.posn_from_user += len(chunk)
+            taken += len(chunk)
+        if bio.posn_from_user == bio.total_from_user:
+            self._answering = None
+            self._done(bio, 0)
+        return taken
+
+    def write_all(self, data) -> None:
+        """Write ``data`` completely, continuing after short writes."""
+        view = memoryview(data).cast("B")
+        while len(view):
+            view = view[self.write(view) :]
+
+    def close(self) -> None:
+        """``close(fd)``: what this channel owned fails with EIO."""
+        if self.closed:
+            return
+        self.closed = True
+        owned = list(self._awaiting.values())
+        if self._reading is not None:
+            owned.append(self._reading)
+        if self._answering is not None:
+            owned.append(self._answering)
+        self._reading = self._answering = None
+        self._awaiting.clear()
+        for bio in owned:
+            self.target._finish(bio, errno.EIO)
+        self.target._channel_closed(self)
+
+    def _done(self, bio: Bio, error: int) -> None:
+        self.target._finish(bio, error)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise KernelError(errno.EBADF, "the channel is closed")
+
+
