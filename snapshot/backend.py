@@ -1,0 +1,104 @@
+"""The ``snapshot`` backend: serve ``base + COW`` read-only.
+
+``--backend snapshot:base=OLD.img,cow=NEW.cow[,size=N][,label=L][,cache=32M][,merged=yes]``
+
+What snapuserd shows as the snapshot device before the merge: every read
+is resolved by :class:`~dmuserd.snapshot.view.SnapshotView` (base block,
+Copy, Replace, Zero, Xor). Writes are refused with an error, as snapuserd
+does for a device it only reads: the COW file is the update, not a scratch
+area. The logical block size is 512 so reads at any sector work, even
+those not aligned to the COW's 4 KiB blocks.
+
+Options: ``base`` and ``cow`` (paths, required); ``size`` the target size
+(not recorded in a COW file; default the base's); ``label`` to read an
+unfinished COW file up to a label; ``cache`` the bytes of decompressed
+chunks kept; ``merged`` to treat the first ``num_merge_ops`` ops of the
+merge order as already merged into the base.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from dmuserd.backends import Backend, BackendError, Options
+from dmuserd.errors import DmuserdError
+from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot.view import DEFAULT_CACHE_BYTES, SnapshotView
+
+#: reads at most this big, touching no compressed chunk, stay on the event loop
+_INLINE_READ = 4096
+
+
+class SnapshotReadOnly(DmuserdError):
+    """A write reached the read-only snapshot backend."""
+
+
+class SnapshotBackend(Backend):
+    """``base + COW``, read-only. See the module docstring."""
+
+    name = "snapshot"
+
+    def __init__(self, base, cow, *, size: int | None = None, label: int | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, merged: bool = False) -> None:
+        self.reader = CowReader(cow, label=label)
+        try:
+            self.view = SnapshotView(
+                self.reader, base, size=size, cache_bytes=cache_bytes,
+                merged_ops=self.reader.num_merge_ops if merged else 0,
+            )
+        except BaseException:
+            self.reader.close()
+            raise
+        try:
+            super().__init__(size=self.view.size, block_size=512)
+        except BackendError:
+            self.view.close()
+            self.reader.close()
+            raise
+        self._paths = {"base": str(base), "cow": str(cow)}
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "SnapshotBackend":
+        opts = Options(cls.name, options)
+        base = opts.str("base", required=True)
+        cow = opts.str("cow", required=True)
+        size = opts.size("size")
+        label = opts.int("label")
+        cache = opts.size("cache", DEFAULT_CACHE_BYTES)
+        merged = opts.bool("merged", False)
+        opts.finish()
+        return cls(base, cow, size=size, label=label, cache_bytes=cache, merged=merged)
+
+    async def read(self, offset: int, length: int):
+        view = self.view
+        if length <= _INLINE_READ and self._cheap(offset, length):
+            # base/zero/copy blocks of one small read: page-cache preads
+            return view.read(offset, length)
+        return await trio.to_thread.run_sync(view.read, offset, length)
+
+    def _cheap(self, offset: int, length: int) -> bool:
+        bs = self.view.block_size
+        for block in range(offset // bs, (offset + length - 1) // bs + 1):
+            found = None if self.view.is_merged(block) else self.view.op_for_block(block)
+            if found is not None and found[0].data_offset is not None:
+                return False
+        return True
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        raise SnapshotReadOnly(
+            f"the snapshot of {self._paths['cow']} over {self._paths['base']} is read-only: "
+            f"write of {len(data)} bytes at {offset} refused (merge or render the COW file to change the device)"
+        )
+
+    async def close(self) -> None:
+        self.view.close()
+        self.reader.close()
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            **self._paths,
+            "cow_version": self.reader.version,
+            "compression": self.reader.compression.name.lower(),
+            "ops": len(self.reader.data_ops),
+        }

@@ -1,0 +1,189 @@
+"""The snapshot view: the new partition's bytes, as ``base + COW``.
+
+snapuserd's read rules, per new block B: no op → base block B; Copy → base
+block ``source``; Replace → the decompressed data; Zero → zeros; Xor → the
+base bytes at byte offset ``source`` XOR the decompressed data. A block
+marked *merged* reads the base directly (its new contents are already
+there), which is how a merge engine hands blocks over as it goes; the same
+view serves both the snapshot backend and, later, the merge.
+
+The block → op lookup is a sorted array of op start blocks and a bisect,
+not a dict per block, so a multi-gigabyte partition costs a few bytes per
+op. Decompressed chunks go through a small LRU cache (bounded in bytes):
+reads of neighbouring blocks of one v3 chunk decompress it once.
+
+The view is synchronous and thread-safe (``os.pread``, a locked cache), so
+async callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+
+from dmuserd.snapshot._cow_format import CowOp, OpType
+from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot._cow_writer import xor_bytes
+
+DEFAULT_CACHE_BYTES = 32 << 20
+
+
+class SnapshotView:
+    """Target bytes of a COW file applied to a base image.
+
+    ``reader`` is an open :class:`CowReader`; ``base`` a path or a readable
+    file descriptor (a descriptor stays the caller's). ``size`` is the
+    target size in bytes (the COW header does not record it), by default
+    the base's. ``merged_ops`` marks the first ``merged_ops`` ops of the
+    merge order as merged (pass ``reader.num_merge_ops`` when the base
+    really holds the merge's progress). Ops are checked against the base
+    and target sizes (:class:`CowFormatError` ``source-outside-base`` /
+    ``block-outside-target``).
+    """
+
+    def __init__(self, reader: CowReader, base, *, size: int | None = None, merged_ops: int = 0,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.reader = reader
+        self.block_size = reader.block_size
+        if isinstance(base, int):
+            self._base_fd, self._owns_base = base, False
+        else:
+            self._base_fd = os.open(os.fspath(base), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._owns_base = True
+        try:
+            self.base_size = os.fstat(self._base_fd).st_size
+            self.size = self.base_size if size is None else size
+            reader.check_base_size(self.base_size)
+            reader.check_target_size(self.size)
+        except BaseException:
+            self.close()
+            raise
+        self.num_blocks = -(-self.size // self.block_size)
+        ops = sorted(reader.data_ops, key=lambda op: op.new_block)
+        self._ops = ops
+        self._starts = array("Q", (op.new_block for op in ops))
+        self._merged = bytearray((self.num_blocks + 7) // 8)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+        self._lock = threading.Lock()
+        self._zero = bytes(self.block_size)
+        if merged_ops:
+            for op in reader.merge_order()[:merged_ops]:
+                self.mark_merged(op)
+
+    # --- lookup ------------------------------------------------------------
+
+    def op_for_block(self, block: int) -> tuple[CowOp, int] | None:
+        """The op that writes new block ``block`` and the block's index in its chunk."""
+        i = bisect_right(self._starts, block) - 1
+        if i < 0:
+            return None
+        op = self._ops[i]
+        within = block - op.new_block
+        return (op, within) if within < op.blocks else None
+
+    def mark_merged(self, what) -> None:
+        """From now on, read block(s) from the base: a block number or an op."""
+        blocks = range(what.new_block, what.new_block + what.blocks) if isinstance(what, CowOp) else (what,)
+        for block in blocks:
+            if 0 <= block < self.num_blocks:
+                self._merged[block >> 3] |= 1 << (block & 7)
+
+    def is_merged(self, block: int) -> bool:
+        return bool(self._merged[block >> 3] & (1 << (block & 7)))
+
+    # --- reads ---------------------------------------------------------------
+
+    def read_block(self, block: int) -> bytes:
+        """The target bytes of new block ``block`` (a whole block)."""
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} is outside the {self.num_blocks}-block target")
+        base_block = self._base_block_for(block)
+        if base_block is not None:
+            return self._read_base(base_block * self.block_size, self.block_size)
+        return self._op_block(block)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` target bytes at ``offset`` (any alignment, within ``size``)."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"read of {length} bytes at {offset} is outside the {self.size}-byte target")
+        if not length:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        out = bytearray()
+        run_start, run_len = -1, 0  # a run of base blocks read with one pread
+        for block in range(first, last + 1):
+            base_block = self._base_block_for(block)
+            if base_block is not None and run_len and run_start + run_len == base_block:
+                run_len += 1
+                continue
+            if run_len:
+                out += self._read_base(run_start * bs, run_len * bs)
+                run_len = 0
+            if base_block is not None:
+                run_start, run_len = base_block, 1
+            else:
+                out += self._op_block(block)
+        if run_len:
+            out += self._read_base(run_start * bs, run_len * bs)
+        skip = offset - first * bs
+        return bytes(out[skip : skip + length])
+
+    def _base_block_for(self, block: int) -> int | None:
+        """The base block holding new block ``block`` as is, or None."""
+        if self.is_merged(block):
+            return block
+        found = self.op_for_block(block)
+        if found is None:
+            return block
+        op = found[0]
+        return op.source if op.type == OpType.COPY else None
+
+    def _op_block(self, block: int) -> bytes:
+        op, within = self.op_for_block(block)
+        bs = self.block_size
+        if op.type == OpType.ZERO:
+            return self._zero
+        data = self._chunk(op)[within * bs : (within + 1) * bs]
+        if op.type == OpType.XOR:
+            return xor_bytes(data, self._read_base(op.source, bs))
+        return data
+
+    def _chunk(self, op: CowOp) -> bytes:
+        with self._lock:
+            data = self._cache.get(op.index)
+            if data is not None:
+                self._cache.move_to_end(op.index)
+                return data
+        data = self.reader.read_data(op)
+        with self._lock:
+            if op.index not in self._cache and len(data) <= self._cache_limit:
+                self._cache[op.index] = data
+                self._cache_bytes += len(data)
+                while self._cache_bytes > self._cache_limit:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= len(old)
+        return data
+
+    def _read_base(self, offset: int, length: int) -> bytes:
+        """Base bytes; past the base's end (a grown target) reads zeros."""
+        data = os.pread(self._base_fd, length, offset) if offset < self.base_size else b""
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def close(self) -> None:
+        if self._owns_base and self._base_fd >= 0:
+            os.close(self._base_fd)
+        self._base_fd = -1
+
+    def __enter__(self) -> "SnapshotView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
