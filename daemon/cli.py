@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place errors meet the user
         from dmuserd.errors import DmuserdError
 
-        if isinstance(exc, (UserError, DmuserdError)):
-            print(f"dmuserd: error: {exc}", file=sys.stderr)
+        leaves = list(_leaves(exc))
+        if all(isinstance(e, (UserError, DmuserdError)) for e in leaves):
+            for leaf in leaves:
+                print(f"dmuserd: error: {leaf}", file=sys.stderr)
             return 1
         structlog.get_logger().exception("unexpected error", error=repr(exc))
         print(
@@ -77,3 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 70
+
+
+def _leaves(exc: BaseException):
+    """The exceptions inside (nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc

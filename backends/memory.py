@@ -1,0 +1,87 @@
+"""``memory``: a sparse RAM disk.
+
+``--backend memory:size=1G``. Storage is allocated in 64 KiB chunks on first
+write, so untouched (or discarded) regions cost no RAM and a device can be
+as large as the address space while holding only what was written. Contents
+vanish with the process; flush has nothing to do.
+"""
+
+from __future__ import annotations
+
+from dmuserd.backends._api import Backend
+from dmuserd.backends.options import Options
+
+CHUNK = 64 * 1024
+_ZERO_CHUNK = bytes(CHUNK)
+
+
+class MemoryBackend(Backend):
+    name = "memory"
+
+    def __init__(self, size: int, block_size: int = 512) -> None:
+        super().__init__(size=size, block_size=block_size)
+        self._chunks: dict[int, bytearray] = {}
+
+    @classmethod
+    def from_options(cls, options):
+        opts = Options(cls.name, options)
+        size = opts.size("size", required=True)
+        block_size = opts.size("block_size", 512)
+        opts.finish()
+        return cls(size, block_size)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return len(self._chunks) * CHUNK
+
+    def _spans(self, offset: int, length: int):
+        """(chunk index, start in chunk, end in chunk) covering the range."""
+        end = offset + length
+        while offset < end:
+            index, start = divmod(offset, CHUNK)
+            stop = min(CHUNK, start + end - offset)
+            yield index, start, stop
+            offset += stop - start
+
+    async def read(self, offset, length):
+        index, start = divmod(offset, CHUNK)
+        if start + length <= CHUNK:  # the common case: one chunk
+            chunk = self._chunks.get(index)
+            return bytes(length) if chunk is None else bytes(chunk[start : start + length])
+        out = bytearray(length)
+        pos = 0
+        for index, start, stop in self._spans(offset, length):
+            chunk = self._chunks.get(index)
+            if chunk is not None:
+                out[pos : pos + stop - start] = chunk[start:stop]
+            pos += stop - start
+        return out
+
+    async def write(self, offset, data, fua=False):
+        view = memoryview(data).cast("B")
+        pos = 0
+        for index, start, stop in self._spans(offset, len(view)):
+            chunk = self._chunks.get(index)
+            if chunk is None:
+                chunk = self._chunks[index] = bytearray(CHUNK)
+            chunk[start:stop] = view[pos : pos + stop - start]
+            pos += stop - start
+
+    async def flush(self):
+        pass
+
+    async def discard(self, offset, length):
+        self._zero(offset, length)
+
+    async def write_zeroes(self, offset, length, may_unmap=False):
+        self._zero(offset, length)
+
+    def _zero(self, offset, length):
+        for index, start, stop in self._spans(offset, length):
+            if start == 0 and stop == CHUNK:
+                self._chunks.pop(index, None)
+            elif (chunk := self._chunks.get(index)) is not None:
+                chunk[start:stop] = _ZERO_CHUNK[: stop - start]
+
+    def describe(self):
+        return super().describe() | {"allocated_bytes": self.allocated_bytes}

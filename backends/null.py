@@ -1,0 +1,43 @@
+"""``null``: reads return zeros, writes are dropped.
+
+``--backend null:size=1G``. The fastest possible backend: benchmarks use it
+to measure the daemon and the export alone.
+"""
+
+from __future__ import annotations
+
+from dmuserd.backends._api import Backend
+from dmuserd.backends.options import Options
+
+
+class NullBackend(Backend):
+    name = "null"
+
+    def __init__(self, size: int, block_size: int = 512, disabled_ops=()) -> None:
+        super().__init__(size=size, block_size=block_size, disabled_ops=disabled_ops)
+        self._zeros = b""
+
+    @classmethod
+    def from_options(cls, options):
+        opts = Options(cls.name, options)
+        size = opts.size("size", required=True)
+        block_size = opts.size("block_size", 512)
+        opts.finish()
+        return cls(size, block_size)
+
+    async def read(self, offset, length):
+        if len(self._zeros) < length:
+            self._zeros = bytes(length)
+        return memoryview(self._zeros)[:length]
+
+    async def write(self, offset, data, fua=False):
+        pass
+
+    async def flush(self):
+        pass
+
+    async def discard(self, offset, length):
+        pass
+
+    async def write_zeroes(self, offset, length, may_unmap=False):
+        pass

@@ -1,0 +1,65 @@
+"""Serve one dm-user channel: bytes in, requests to the dispatcher, bytes out.
+
+Every export ends here. A *transport* moves a channel's bytes: the real
+``/dev/dm-user/NAME`` file (read in a thread: it has no ``poll()``), a Unix
+socket from the NBD plugin, or a channel of the in-process kernel model. It
+has two methods::
+
+    async def receive_some(self, max_bytes: int) -> bytes   # b"" at the end
+    async def send_all(self, buffers: list) -> None          # one response
+
+:func:`serve_channel` runs requests concurrently, bounded by a shared
+:class:`trio.CapacityLimiter` (128 by default, as dm-user), and writes each
+response whole before the next one starts, so responses never interleave.
+"""
+
+from __future__ import annotations
+
+import structlog
+import trio
+
+from dmuserd.protocol import NEED_DATA, DaemonConnection, ProtocolError, Request
+
+log = structlog.get_logger("dmuserd.channel")
+
+#: dm-user keeps at most 128 messages outstanding per target.
+DEFAULT_MAX_IN_FLIGHT = 128
+#: Large enough for a header plus the largest payload the kernel sends in one go.
+RECEIVE_SIZE = 1 << 20
+
+
+async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *, name: str = "") -> None:
+    """Serve ``transport`` until it ends (EOF) or breaks the protocol.
+
+    Requests still running when the transport ends are finished and their
+    responses sent, as far as the transport still takes them.
+    """
+    conn = DaemonConnection()
+    send_lock = trio.Lock()
+    chlog = log.bind(device=dispatcher.name, channel=name)
+
+    async def run(request: Request) -> None:
+        try:
+            response = await dispatcher.handle(request)
+        finally:
+            limiter.release_on_behalf_of(request)
+        buffers = conn.send_response(response)
+        async with send_lock:
+            try:
+                await transport.send_all(buffers)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                chlog.warning("response not delivered: channel gone", seq=request.seq, error=str(exc))
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            data = await transport.receive_some(RECEIVE_SIZE)
+            if not data:
+                break
+            conn.receive_data(data)
+            try:
+                while (request := conn.next_event()) is not NEED_DATA:
+                    await limiter.acquire_on_behalf_of(request)
+                    nursery.start_soon(run, request)
+            except ProtocolError as exc:
+                chlog.error("closing channel: the peer broke the protocol", error=str(exc))
+                break

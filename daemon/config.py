@@ -1,0 +1,129 @@
+"""What to serve: targets, their backend and exports, from flags or TOML.
+
+The command-line contract (other tools and users' scripts rely on it)::
+
+    dmuserd serve [--name NAME] --backend TYPE[:key=value,...] \\
+                  --export KIND:WHERE [--export ...]
+
+``KIND:WHERE`` is ``fuse:/run/dmuserd/fuse`` (the file inside is named after
+the target), ``nbd:/run/dmuserd/disk.sock`` or ``nbd:tcp:HOST:PORT``, and
+``dm-user:NAME``; options follow after commas (``dm-user:disk,channels=8``).
+
+A TOML file says the same, one table per target::
+
+    [daemon]
+    control_socket = "/run/dmuserd/control.sock"   # optional
+
+    [targets.disk]
+    backend = "memory:size=1G"            # or { type = "memory", size = "1G" }
+    exports = ["fuse:/run/dmuserd/fuse"]
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from dmuserd.backends import parse_spec
+from dmuserd.errors import DmuserdError
+
+EXPORT_KINDS = ("fuse", "nbd", "dm-user")
+
+
+class ConfigError(DmuserdError):
+    """A target, backend or export description that cannot be used."""
+
+
+@dataclass
+class ExportSpec:
+    kind: str
+    where: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        opts = "".join(f",{k}={v}" for k, v in self.options.items())
+        return f"{self.kind}:{self.where}{opts}"
+
+
+@dataclass
+class TargetSpec:
+    name: str
+    backend: str
+    backend_options: dict[str, str]
+    exports: list[ExportSpec]
+
+
+@dataclass
+class DaemonSpec:
+    targets: list[TargetSpec]
+    control_socket: str | None = None
+
+
+def default_control_socket() -> str:
+    """``/run/dmuserd/control.sock`` for root, else under ``$XDG_RUNTIME_DIR``."""
+    if os.geteuid() == 0:
+        return "/run/dmuserd/control.sock"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dmuserd-{os.getuid()}"
+    return os.path.join(base, "dmuserd", "control.sock")
+
+
+def parse_export(text: str) -> ExportSpec:
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in EXPORT_KINDS or not rest:
+        raise ConfigError(f"export {text!r}: use KIND:WHERE with KIND one of {', '.join(EXPORT_KINDS)} "
+                          "(e.g. fuse:/run/dmuserd/fuse)")
+    where, *items = rest.split(",")
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"export {text!r}: option {item!r} is not key=value")
+        options[key] = value
+    return ExportSpec(kind, where, options)
+
+
+def make_target(name: str, backend: str, options: dict, exports: list[str]) -> TargetSpec:
+    if not name or "/" in name or name.startswith(".") or "," in name:
+        raise ConfigError(f"target name {name!r}: use a plain file name (letters, digits, - and _)")
+    if not exports:
+        raise ConfigError(f"target {name!r} has no export: add --export fuse:/run/dmuserd/fuse (or nbd:..., dm-user:...)")
+    return TargetSpec(name, backend, {k: str(v) for k, v in options.items()}, [parse_export(e) for e in exports])
+
+
+def parse_target(name: str, backend: str, exports: list[str]) -> TargetSpec:
+    """A target from command-line words: ``--backend`` spec and ``--export``s."""
+    backend_name, options = parse_spec(backend)
+    return make_target(name, backend_name, options, exports)
+
+
+def load_toml(path: str) -> DaemonSpec:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
+    daemon = doc.get("daemon", {})
+    targets = []
+    for name, table in (doc.get("targets") or {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config {path}: [targets.{name}] must be a table")
+        backend = table.get("backend")
+        if isinstance(backend, dict):
+            options = dict(backend)
+            kind = options.pop("type", None)
+            if not kind:
+                raise ConfigError(f"config {path}: targets.{name}.backend needs type = \"...\"")
+        elif isinstance(backend, str):
+            kind, options = parse_spec(backend)
+        else:
+            raise ConfigError(f"config {path}: targets.{name} needs backend = \"TYPE:key=value,...\"")
+        exports = table.get("exports") or []
+        if isinstance(exports, str):
+            exports = [exports]
+        targets.append(make_target(name, kind, options, exports))
+    if not targets:
+        raise ConfigError(f"config {path}: no [targets.NAME] table")
+    return DaemonSpec(targets, daemon.get("control_socket"))

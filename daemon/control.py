@@ -1,0 +1,101 @@
+"""The control socket: JSON requests and answers, one per line.
+
+``dmuserd status`` sends ``{"cmd": "status"}`` and prints the answer. The
+socket is created 0600 in a 0700 directory; only root and the daemon's own
+user can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import structlog
+import trio
+
+log = structlog.get_logger("dmuserd.control")
+
+MAX_REQUEST = 64 * 1024
+
+
+def prepare_socket_path(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def serve_control(daemon, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    prepare_socket_path(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    log.info("control socket listening", path=path)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(lambda stream: _client(daemon, stream), [listener],
+                                       handler_nursery=nursery)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _client(daemon, stream: trio.SocketStream) -> None:
+    buffer = b""
+    async with stream:
+        try:
+            while True:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                buffer += chunk
+                if len(buffer) > MAX_REQUEST:
+                    await stream.send_all(_encode({"ok": False, "error": "request too large"}))
+                    return
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    await stream.send_all(_encode(await handle_request(daemon, line)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+def _encode(answer: dict) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
+
+
+async def handle_request(daemon, line: bytes) -> dict:
+    try:
+        request = json.loads(line)
+        cmd = request["cmd"]
+    except (ValueError, KeyError, TypeError):
+        return {"ok": False, "error": 'send one JSON object per line, e.g. {"cmd": "status"}'}
+    if cmd == "status":
+        return {"ok": True, "status": daemon.status()}
+    return {"ok": False, "error": f"unknown command {cmd!r} (known: status)"}
+
+
+def request(path: str, payload: dict, timeout: float = 5.0) -> dict:
+    """Blocking client for the command line: send one request, read one answer."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)

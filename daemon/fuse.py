@@ -1,0 +1,332 @@
+"""The FUSE export: each target is a regular file in one FUSE mount.
+
+``--export fuse:/run/dmuserd/fuse`` puts the target's file at
+``/run/dmuserd/fuse/<name>``. ``losetup --direct-io=on`` turns it into a real
+block device. pyfuse3 allows one mount per process, so every target exported
+over FUSE in a process shares the mount.
+
+Each file operation becomes dm-user BIOs on the target's in-process kernel
+model (:class:`~dmuserd.daemon.emulated.EmulatedDmUser`):
+
+=================  ===========================================================
+read               READ of the covering blocks (unaligned reads are sliced)
+write              WRITE (an unaligned write reads, patches and writes back)
+fsync              a zero-length WRITE with PREFLUSH (how the kernel flushes)
+fallocate          PUNCH_HOLE → DISCARD, ZERO_RANGE → WRITE_ZEROES
+                   (where the fallocate shim could be installed, see
+                   :mod:`dmuserd.daemon.fuse_fallocate`)
+=================  ===========================================================
+
+A failed BIO is EIO to the caller; the file and the device stay up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+import structlog
+import trio
+
+from dmuserd.errors import DmuserdError
+from dmuserd.protocol import Flag, RequestType
+
+log = structlog.get_logger("dmuserd.fuse")
+
+
+class FuseExportError(DmuserdError):
+    """The FUSE export could not be set up (mountpoint busy, no /dev/fuse...)."""
+
+
+def _load_pyfuse3():
+    """Import pyfuse3, with our fallocate shim in front of it when available."""
+    try:
+        from dmuserd.daemon import fuse_fallocate
+    except ImportError:
+        fuse_fallocate = None
+    has_fallocate = bool(fuse_fallocate and fuse_fallocate.install())
+    import pyfuse3
+
+    return pyfuse3, (fuse_fallocate if has_fallocate else None)
+
+
+class _File:
+    def __init__(self, inode: int, name: str, device, size: int, block_size: int) -> None:
+        self.inode = inode
+        self.name = name
+        self.device = device
+        self.size = size
+        self.block_size = block_size
+        self.rmw_lock = trio.Lock()  # serialises read-modify-write of partial blocks
+
+
+class FuseExport:
+    """One FUSE mount holding a file per target."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+        self._files: dict[int, _File] = {}
+        self._by_name: dict[bytes, _File] = {}
+        self.mounted = False
+        self.fallocate_supported = False
+        self._nursery = None
+
+    def add(self, name: str, device, size: int, block_size: int) -> str:
+        """Expose ``device`` (an :class:`EmulatedDmUser`) as file ``name``."""
+        inode = 2 + len(self._files)
+        entry = _File(inode, name, device, size, block_size)
+        self._files[inode] = entry
+        self._by_name[name.encode()] = entry
+        return os.path.join(self.mountpoint, name)
+
+    def path_of(self, name: str) -> str:
+        return os.path.join(self.mountpoint, name)
+
+    def _check_mountpoint(self) -> None:
+        if not os.path.exists("/dev/fuse"):
+            raise FuseExportError("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3")
+        os.makedirs(self.mountpoint, exist_ok=True)
+        if os.path.ismount(self.mountpoint):
+            raise FuseExportError(
+                f"{self.mountpoint} is already a mount point (busy): unmount it (umount {self.mountpoint}) or pick another"
+            )
+        if os.listdir(self.mountpoint):
+            raise FuseExportError(f"{self.mountpoint} is not empty: use an empty directory as the FUSE mount point")
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Mount, serve until cancelled, unmount (also after an error)."""
+        self._check_mountpoint()
+        pyfuse3, fallocate = _load_pyfuse3()
+        self.fallocate_supported = fallocate is not None
+        ops = _Operations(self, pyfuse3)
+        options = set(pyfuse3.default_options)
+        options.discard("default_permissions")
+        options |= {"fsname=dmuserd", "subtype=dmuserd"}
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, self.mountpoint, options)
+        except RuntimeError as exc:
+            raise FuseExportError(f"mounting FUSE at {self.mountpoint} failed: {exc}") from None
+        self.mounted = True
+        log.info("fuse mounted", mountpoint=self.mountpoint, files=[f.name for f in self._files.values()],
+                 fallocate=self.fallocate_supported)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if fallocate:
+                    fallocate.set_handler(self._on_fallocate)
+                nursery.start_soon(self._main, pyfuse3)
+                task_status.started()
+        finally:
+            if fallocate:
+                fallocate.set_handler(None)
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                pyfuse3.close(unmount=True)
+            self.mounted = False
+            log.info("fuse unmounted", mountpoint=self.mountpoint)
+
+    async def _main(self, pyfuse3) -> None:
+        await pyfuse3.main(min_tasks=4, max_tasks=160)
+        # main() returns when the file system was unmounted from outside.
+        log.warning("fuse file system was unmounted from outside", mountpoint=self.mountpoint)
+        raise FuseExportError(f"{self.mountpoint} was unmounted from outside; the daemon stops")
+
+    # -- fallocate (called by the shim inside pyfuse3's request processing) ---
+
+    def _on_fallocate(self, req: int, inode: int, mode: int, offset: int, length: int) -> None:
+        from dmuserd.daemon import fuse_fallocate as fa
+
+        self._nursery.start_soon(self._fallocate, fa, req, inode, mode, offset, length)
+
+    async def _fallocate(self, fa, req, inode, mode, offset, length) -> None:
+        err = 0
+        try:
+            entry = self._files.get(inode)
+            if entry is None:
+                err = errno.ENOENT
+            elif not mode & fa.FALLOC_FL_KEEP_SIZE and offset + length > entry.size:
+                err = errno.EFBIG  # a block device's file cannot grow
+            elif mode & fa.FALLOC_FL_PUNCH_HOLE:
+                await self._deallocate(entry, RequestType.DISCARD, offset, length, 0)
+            elif mode & fa.FALLOC_FL_ZERO_RANGE:
+                await self._deallocate(entry, RequestType.WRITE_ZEROES, offset, length, Flag.NOUNMAP)
+            elif mode & ~fa.FALLOC_FL_KEEP_SIZE:
+                err = errno.EOPNOTSUPP
+            # mode 0 / KEEP_SIZE alone: preallocation within the size is a no-op.
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        fa.reply(req, err)
+
+    async def _deallocate(self, entry: _File, kind, offset: int, length: int, flags: int) -> None:
+        end = min(offset + length, entry.size)
+        bs = entry.block_size
+        first = -(-offset // bs) * bs
+        last = end // bs * bs
+        # Partial blocks at either edge are zeroed by writing (both ops read back
+        # as zeros at least for the bytes asked; the middle goes to the backend).
+        for start, stop in ((offset, min(first, end)), (max(last, offset), end)):
+            if stop > start and not (start >= first and stop <= last):
+                await write_range(entry, start, bytes(stop - start))
+        if last > first:
+            await entry.device.submit(kind, first, last - first, flags=flags)
+
+
+async def read_range(entry: _File, offset: int, size: int) -> bytes:
+    """Read ``size`` bytes at any offset, through whole blocks."""
+    end = min(offset + size, entry.size)
+    if offset >= end:
+        return b""
+    bs = entry.block_size
+    start = offset // bs * bs
+    stop = -(-end // bs) * bs
+    data = await entry.device.submit(RequestType.READ, start, stop - start)
+    if start == offset and stop == end:
+        return data
+    return bytes(memoryview(data)[offset - start : end - start])
+
+
+async def write_range(entry: _File, offset: int, data, flags: int = 0) -> int:
+    """Write ``data`` at any offset, read-modify-writing partial blocks."""
+    length = len(data)
+    if offset + length > entry.size:
+        raise OSError(errno.ENOSPC, "write beyond the end of the device")
+    bs = entry.block_size
+    if offset % bs == 0 and length % bs == 0:
+        await entry.device.submit(RequestType.WRITE, offset, length, data=bytes(data), flags=flags)
+        return length
+    start = offset // bs * bs
+    stop = -(-(offset + length) // bs) * bs
+    async with entry.rmw_lock:
+        block = bytearray(await entry.device.submit(RequestType.READ, start, stop - start))
+        block[offset - start : offset - start + length] = data
+        await entry.device.submit(RequestType.WRITE, start, stop - start, data=bytes(block), flags=flags)
+    return length
+
+
+class _Operations:
+    """pyfuse3 operations (a subclass is built at run time: pyfuse3 is imported late)."""
+
+    def __new__(cls, export: FuseExport, pyfuse3):
+        ops_cls = type("DmuserdFuseOperations", (_OpsMixin, pyfuse3.Operations), {})
+        ops = ops_cls()
+        ops.export = export
+        ops.pyfuse3 = pyfuse3
+        ops.mounted_at = time.time_ns()
+        ops.sync_handles = set()
+        return ops
+
+
+class _OpsMixin:
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def _attrs(self, inode: int):
+        pyfuse3 = self.pyfuse3
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.generation = 0
+        attr.entry_timeout = 300
+        attr.attr_timeout = 300
+        attr.st_uid = os.getuid()
+        attr.st_gid = os.getgid()
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.mounted_at
+        if inode == pyfuse3.ROOT_INODE:
+            attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2
+            attr.st_size = 0
+            attr.st_blksize = 4096
+        else:
+            entry = self._entry(inode)
+            attr.st_mode = stat.S_IFREG | 0o600
+            attr.st_nlink = 1
+            attr.st_size = entry.size
+            attr.st_blksize = max(4096, entry.block_size)
+            attr.st_blocks = entry.size // 512
+        return attr
+
+    def _entry(self, inode: int) -> _File:
+        try:
+            return self.export._files[inode]
+        except KeyError:
+            raise self.pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(inode)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode != self.pyfuse3.ROOT_INODE and fields.update_size and attr.st_size != self._entry(inode).size:
+            raise self.pyfuse3.FUSEError(errno.EPERM)  # a device's size is fixed
+        return self._attrs(inode)
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        entry = self.export._by_name.get(bytes(name))
+        if parent_inode != self.pyfuse3.ROOT_INODE or entry is None:
+            raise self.pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(entry.inode)
+
+    async def opendir(self, inode, ctx):
+        if inode != self.pyfuse3.ROOT_INODE:
+            raise self.pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        entries = sorted(self.export._files.values(), key=lambda e: e.inode)
+        for entry in entries:
+            if entry.inode <= start_id:
+                continue
+            if not self.pyfuse3.readdir_reply(token, entry.name.encode(), self._attrs(entry.inode), entry.inode):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def open(self, inode, flags, ctx):
+        self._entry(inode)
+        info = self.pyfuse3.FileInfo(fh=inode)
+        # No page cache in the FUSE layer: the device (or loop) above caches,
+        # and every read must see what other exports wrote.
+        info.direct_io = True
+        info.keep_cache = False
+        return info
+
+    async def release(self, fh):
+        pass
+
+    async def flush(self, fh):
+        pass
+
+    async def read(self, fh, off, size):
+        try:
+            return await read_range(self._entry(fh), off, size)
+        except OSError as exc:
+            raise self.pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    async def write(self, fh, off, buf):
+        try:
+            return await write_range(self._entry(fh), off, buf)
+        except OSError as exc:
+            raise self.pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    async def fsync(self, fh, datasync):
+        entry = self._entry(fh)
+        try:
+            # What the 6.1 kernel sends for a flush: WRITE, len 0, PREFLUSH.
+            await entry.device.submit(RequestType.WRITE, 0, 0, data=b"", flags=Flag.PREFLUSH)
+        except OSError as exc:
+            raise self.pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    async def statfs(self, ctx):
+        stats = self.pyfuse3.StatvfsData()
+        total = sum(e.size for e in self.export._files.values())
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = total // 4096
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = len(self.export._files) + 1
+        stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats

@@ -1,0 +1,173 @@
+"""The daemon: targets, their exports, the control socket, an orderly stop.
+
+:class:`Daemon` is what ``dmuserd serve`` runs and what tests start in a
+nursery::
+
+    daemon = Daemon(spec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)     # returns once every export is live
+        ...
+        await daemon.stop()                 # detach, flush, unmount
+
+A target is a name, a backend, its dispatcher and its exports. FUSE exports
+of all targets share one mount (pyfuse3 allows one per process).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import structlog
+import trio
+
+from dmuserd.backends import Backend, Op, create
+from dmuserd.daemon.config import ConfigError, DaemonSpec, TargetSpec
+from dmuserd.daemon.dispatcher import Dispatcher
+from dmuserd.daemon.emulated import EmulatedDmUser
+
+log = structlog.get_logger("dmuserd.daemon")
+
+#: How long a stop waits for in-flight requests before giving up on them.
+STOP_GRACE_SECONDS = 10.0
+
+
+class Target:
+    """One served device."""
+
+    def __init__(self, spec: TargetSpec, backend: Backend) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.backend = backend
+        self.dispatcher = Dispatcher(backend, name=spec.name)
+        self.device: EmulatedDmUser | None = None
+        self.endpoints: dict[str, str] = {}
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            **self.backend.describe(),
+            "exports": dict(self.endpoints),
+            "capabilities": sorted(op.value for op in self.backend.capabilities),
+            **self.dispatcher.stats.as_dict(),
+        }
+
+
+class Daemon:
+    def __init__(self, spec: DaemonSpec, *, control_socket: str | None = None) -> None:
+        self.spec = spec
+        self.control_socket = control_socket if control_socket is not None else spec.control_socket
+        self.targets: dict[str, Target] = {}
+        self.fuse = None
+        self.started_at = time.time()
+        self.stopping = False
+        self._cancel = trio.CancelScope()
+
+    def _build_targets(self) -> None:
+        seen = set()
+        for spec in self.spec.targets:
+            if spec.name in seen:
+                raise ConfigError(f"two targets are named {spec.name!r}: target names must be unique")
+            seen.add(spec.name)
+        for spec in self.spec.targets:
+            self.targets[spec.name] = Target(spec, create(spec.backend, spec.backend_options))
+
+    def _fuse_mountpoint(self) -> str | None:
+        mountpoints = {e.where for t in self.spec.targets for e in t.exports if e.kind == "fuse"}
+        if len(mountpoints) > 1:
+            raise ConfigError(
+                f"FUSE exports name several mount points ({', '.join(sorted(mountpoints))}); "
+                "one process has one FUSE mount: use the same directory for every target"
+            )
+        return mountpoints.pop() if mountpoints else None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve every target until :meth:`stop` or cancellation."""
+        for spec in self.spec.targets:
+            for export in spec.exports:
+                if export.kind != "fuse":
+                    raise ConfigError(f"export {export}: the {export.kind} export is not available in this version")
+        mountpoint = self._fuse_mountpoint()
+        self._build_targets()
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    if mountpoint:
+                        await self._start_fuse(nursery, mountpoint)
+                    if self.control_socket:
+                        from dmuserd.daemon.control import serve_control
+
+                        await nursery.start(serve_control, self, self.control_socket)
+                    log.info("ready", targets={n: t.endpoints for n, t in self.targets.items()})
+                    task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_backends()
+
+    async def _start_fuse(self, nursery, mountpoint: str) -> None:
+        from dmuserd.daemon.fuse import FuseExport
+
+        self.fuse = FuseExport(mountpoint)
+        for target in self.targets.values():
+            if any(e.kind == "fuse" for e in target.spec.exports):
+                channels = int(next(e for e in target.spec.exports if e.kind == "fuse").options.get("channels", 4))
+                target.device = EmulatedDmUser(target.dispatcher, channels=channels)
+                await nursery.start(target.device.run)
+                target.endpoints["fuse"] = self.fuse.add(
+                    target.name, target.device, target.backend.size, target.backend.block_size
+                )
+        await nursery.start(self.fuse.run)
+
+    async def stop(self) -> None:
+        """Stop in order: detach loop devices on our files, flush, unmount."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping")
+        with trio.move_on_after(STOP_GRACE_SECONDS):
+            if self.fuse is not None and self.fuse.mounted:
+                from dmuserd.daemon.loopdev import detach_loops_under
+
+                await detach_loops_under(self.fuse.mountpoint)
+            for target in self.targets.values():
+                while target.dispatcher.stats.in_flight:
+                    await trio.sleep(0.01)
+                await self._flush(target)
+        self._cancel.cancel()
+
+    async def _flush(self, target: Target) -> None:
+        if target.backend.supports(Op.FLUSH):
+            try:
+                await target.backend.flush()
+            except Exception as exc:  # noqa: BLE001
+                log.error("flush at stop failed", device=target.name, error=str(exc))
+
+    async def _close_backends(self) -> None:
+        for target in self.targets.values():
+            await self._flush(target)
+            try:
+                await target.backend.close()
+            except Exception as exc:  # noqa: BLE001
+                log.error("closing backend failed", device=target.name, error=str(exc))
+
+    def status(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "stopping": self.stopping,
+            "targets": {name: t.status() for name, t in self.targets.items()},
+        }
+
+
+async def run_until_signal(spec: DaemonSpec, control_socket: str | None) -> None:
+    """``dmuserd serve``: run until SIGINT/SIGTERM, then stop in order."""
+    import signal
+
+    daemon = Daemon(spec, control_socket=control_socket)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            async for signum in signals:
+                log.info("signal received, stopping", signal=signal.Signals(signum).name)
+                await daemon.stop()
+                break
