@@ -309,7 +309,7 @@ class CowReader:
                 _field("op_count"), "op-count", f"op_count {h.op_count} exceeds op_count_max {h.op_count_max}"
             )
         data_pos = self.op_start + OP_SIZE_V3 * h.op_count_max
-        if self.op_start + OP_SIZE_V3 * h.op_count > size:
+        if h.op_count and self.op_start + OP_SIZE_V3 * h.op_count > size:
             raise CowFormatError(
                 _field("op_count"),
                 "op-count",
@@ -329,7 +329,7 @@ class CowReader:
                     f"label {label} is not among the resume points {self.labels}",
                 )
             op_count = found[0]
-            if op_count > h.op_count_max or self.op_start + OP_SIZE_V3 * op_count > size:
+            if op_count > h.op_count_max or (op_count and self.op_start + OP_SIZE_V3 * op_count > size):
                 raise CowFormatError(
                     resume_off, "resume-points", f"label {label} points at op {op_count}, past the op array or the file"
                 )
