@@ -1,0 +1,206 @@
+"""Driving one work queue (hardware or emulated) for the mover.
+
+:meth:`Device.run` submits an operation's remaining work descriptor by
+descriptor and reacts to each completion record: success advances it; a
+page fault advances it by ``bytes_completed``, touches the faulting page and
+resubmits the rest; a fault on the completion record's page touches that
+page and resubmits. It gives the rest to the CPU (and says why) when the
+queue is full, a fault keeps coming back, or the device reports an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from typing import Awaitable, Callable
+
+import structlog
+
+from dmuserd.dsa_offload._completion import Completions
+from dmuserd.dsa_offload._errors import DeltaRecordError
+from dmuserd.dsa_offload._ops import Operation
+from dmuserd.dsa_offload._spec import STATUS_MASK, WRITE_FAULT, Flag, Opcode, Status, status_name
+
+log = structlog.get_logger()
+
+# The same fault address this many times in a row: the OS is not bringing
+# the page in (or the device keeps losing it); stop trying.
+FAULT_RETRIES = 3
+
+_DELTA_STATUSES = (Status.DELTA_OFFSETS_NOT_INCREASING, Status.DELTA_OFFSET_OUT_OF_RANGE, Status.DELTA_RECORD_SIZE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """The fields of a completion record the mover uses."""
+
+    status: int
+    result: int
+    bytes_completed: int
+    fault_addr: int
+    op_specific: int
+
+    @classmethod
+    def of(cls, op) -> Record:
+        return cls(op.status, op.result, op.bytes_completed, op.fault_addr, op.op_specific)
+
+    @classmethod
+    def member(cls, fields: dict) -> Record:
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls)})
+
+    @property
+    def code(self) -> int:
+        return self.status & STATUS_MASK
+
+    @property
+    def status_ok(self) -> bool:
+        return self.code in (Status.SUCCESS, Status.SUCCESS_FALSE_PREDICATE)
+
+
+class Fallback(Exception):
+    """Internal: the device gives the rest of an operation to the CPU."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _FaultTracker:
+    """One operation's faults: the same address again and again means give up."""
+
+    def __init__(self) -> None:
+        self.addr: int | None = None
+        self.repeats = 0
+
+    def check(self, addr: int) -> None:
+        self.repeats = self.repeats + 1 if addr == self.addr else 0
+        self.addr = addr
+        if self.repeats >= FAULT_RETRIES:
+            raise Fallback("fault_unresolved")
+
+
+class Device:
+    def __init__(self, queue, *, engine: str, block_on_fault: bool = False) -> None:
+        self.queue = queue
+        self.engine = engine
+        self.completions = Completions(queue)
+        self.max_transfer = queue.max_transfer
+        self.max_batch = queue.max_batch
+        self.flags = Flag.CACHE_CONTROL | (Flag.BLOCK_ON_FAULT if block_on_fault else 0)
+        self.broken: str | None = None
+        self.counts: Counter[str] = Counter()
+
+    # -- one operation ---------------------------------------------------
+
+    async def run(self, op: Operation, cpu: Callable[[Operation, str], Awaitable], first: Record | None = None):
+        """Run ``op`` on the device; hand what is left to ``cpu(op, reason)`` if it gives up."""
+        faults = _FaultTracker()
+        try:
+            if first is not None:
+                self._react(op, first, None, faults)
+            while not op.finished:
+                args = op.device_args(self.max_transfer)
+                handle = self._submit(op.opcode, args)
+                await self.completions.wait(handle)
+                self.counts["completed"] += 1
+                self._react(op, Record.of(handle), args.get("size", 0), faults)
+        except Fallback as exc:
+            return await cpu(op, exc.reason)
+        return op.result()
+
+    def _submit(self, opcode: int, args: dict):
+        if self.broken:
+            raise Fallback("queue_unusable")
+        try:
+            handle = self.queue.submit(opcode, flags=int(self.flags), **args)
+        except OSError as exc:  # a forked child that could not reopen, typically
+            self.broken = f"{type(exc).__name__}: {exc}"
+            log.warning("dsa queue unusable; using the CPU", engine=self.engine, error=self.broken, pid=os.getpid())
+            raise Fallback("queue_unusable") from exc
+        if handle is None:
+            raise Fallback("queue_full")
+        self.counts["submitted"] += 1
+        return handle
+
+    def _react(self, op: Operation, rec: Record, size: int | None, faults: _FaultTracker) -> None:
+        """Apply one completion record to ``op``; raise Fallback to stop."""
+        code = rec.code
+        if rec.status_ok:
+            self.counts["offloaded_bytes"] += size if size is not None else rec.bytes_completed
+            op.advance(size if size is not None else op.nbytes(), rec)
+            return
+        if code == Status.PAGE_FAULT:
+            self.counts["faults"] += 1
+            self.counts["offloaded_bytes"] += rec.bytes_completed
+            op.advance(0 if op.restart_on_fault else rec.bytes_completed, rec)
+            faults.check(rec.fault_addr)
+            self.queue.touch(rec.fault_addr, bool(rec.status & WRITE_FAULT))
+            return
+        if code == Status.COMPLETION_RECORD_FAULT:
+            self.counts["completion_record_faults"] += 1
+            faults.check(rec.fault_addr)
+            self.queue.touch(rec.fault_addr, True)
+            return
+        if code == Status.PAGE_REQUEST_REJECTED:
+            raise Fallback("fault_unresolved")
+        if op.opcode == Opcode.APPLY_DELTA and code in _DELTA_STATUSES:
+            raise DeltaRecordError(code, "rejected by the device")
+        log.warning("dsa device error; using the CPU", engine=self.engine, op=op.name, status=status_name(rec.status))
+        raise Fallback(f"device_error_{code:#04x}")
+
+
+    # -- batches ---------------------------------------------------------
+
+    async def run_batch(self, ops: list[Operation], cpu: Callable[[Operation, str], Awaitable]) -> list:
+        """Submit small operations as one BATCH descriptor; finish failed members singly."""
+        members = [(int(op.opcode), {"flags": int(self.flags), **op.device_args(self.max_transfer)}) for op in ops]
+        sizes = [m[1].get("size", 0) for m in members]
+        try:
+            handle = self._submit_batch(members)
+        except Fallback as exc:
+            return [await cpu(op, exc.reason) for op in ops]
+        await self.completions.wait(handle)
+        self.counts["completed"] += 1
+        self.counts["batches"] += 1
+        code = handle.status & STATUS_MASK
+        if code not in (Status.SUCCESS, Status.BATCH_MEMBER_FAILED):
+            # The batch itself failed (its list faulted, a bad count...):
+            # nothing ran, so every member starts over on its own.
+            if code == Status.BATCH_LIST_PAGE_FAULT:
+                self.counts["faults"] += 1
+            return [await self.run(op, cpu) for op in ops]
+        results = []
+        for op, fields, size in zip(ops, handle.members, sizes):
+            rec = Record.member(fields)
+            if rec.status_ok:
+                self._react(op, rec, size, _FaultTracker())
+                results.append(op.result() if op.finished else await self.run(op, cpu))
+            else:
+                self.counts["batch_member_failures"] += 1
+                results.append(await self.run(op, cpu, first=rec))
+        return results
+
+    def _submit_batch(self, members):
+        if self.broken:
+            raise Fallback("queue_unusable")
+        try:
+            handle = self.queue.submit_batch(members)
+        except OSError as exc:
+            self.broken = f"{type(exc).__name__}: {exc}"
+            raise Fallback("queue_unusable") from exc
+        if handle is None:
+            raise Fallback("queue_full")
+        self.counts["submitted"] += 1
+        return handle
+
+    async def noop(self) -> None:
+        handle = self._submit(Opcode.NOOP, {})
+        await self.completions.wait(handle)
+
+    async def aclose(self) -> None:
+        import trio
+
+        with trio.CancelScope(shield=True):  # the device may still write our buffers
+            await self.completions.wait_idle()
+        self.queue.close()

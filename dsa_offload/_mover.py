@@ -1,0 +1,322 @@
+"""The data mover: async bulk-memory operations on DSA, its emulator, or the CPU.
+
+Policy: an operation smaller than ``threshold`` bytes runs on the CPU
+(submission and completion cost more than the copy); larger ones go to the
+device, split into pieces of at most the queue's ``max_transfer`` (pieces
+that are independent run in parallel); :meth:`Mover.batch` packs small
+operations into BATCH descriptors when together they are worth it. Work
+the device cannot finish (queue full, an unresolvable fault, an error) is
+finished on the CPU from where the device stopped, and counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+import structlog
+import trio
+
+from dmuserd.dsa_offload import _cpu, _ops
+from dmuserd.dsa_offload._device import Device
+from dmuserd.dsa_offload._errors import DsaArgumentError
+from dmuserd.dsa_offload._native import extension
+from dmuserd.dsa_offload._spec import DELTA_GRANULE, DELTA_MAX_SIZE
+
+log = structlog.get_logger()
+
+DEFAULT_THRESHOLD = 64 * 1024
+# CPU work at least this big runs in a worker thread (only where it drops
+# the GIL) so the trio loop keeps serving; smaller work is cheaper inline
+# than a thread hand-off (see bench/scenarios/dsa_mover.py).
+DEFAULT_CPU_THREAD_THRESHOLD = 8 * 1024 * 1024
+
+
+def _view(buf, what: str, writable: bool = False) -> memoryview:
+    try:
+        view = memoryview(buf)
+    except TypeError as exc:
+        raise DsaArgumentError(f"{what} must support the buffer protocol, not {type(buf).__name__}") from exc
+    if not view.c_contiguous:
+        raise DsaArgumentError(f"{what} must be contiguous")
+    if writable and view.readonly:
+        raise DsaArgumentError(f"{what} must be writable")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _same_length(what: str, *views: memoryview) -> None:
+    if len({len(v) for v in views}) > 1:
+        raise DsaArgumentError(f"{what}: buffers differ in length ({', '.join(str(len(v)) for v in views)})")
+
+
+def _delta_size(n: int) -> None:
+    if n % DELTA_GRANULE or n > DELTA_MAX_SIZE:
+        raise DsaArgumentError(f"delta buffers must be a multiple of 8 bytes and at most {DELTA_MAX_SIZE}; got {n}")
+
+
+# Each operation's argument checking, shared by its method and batch().
+def _copy(dst, src):
+    dst, src = _view(dst, "dst", True), _view(src, "src")
+    _same_length("copy", dst, src)
+    return _ops.Copy(dst, src)
+
+
+def _fill(dst, pattern=b"\0"):
+    return _ops.Fill(_view(dst, "dst", True), _cpu.expand_pattern(pattern))
+
+
+def _compare(a, b):
+    a, b = _view(a, "a"), _view(b, "b")
+    _same_length("compare", a, b)
+    return _ops.Compare(a, b)
+
+
+def _compare_pattern(buf, pattern):
+    return _ops.ComparePattern(_view(buf, "buf"), _cpu.expand_pattern(pattern))
+
+
+def _crc32c(buf, seed=0):
+    return _ops.Crc32c(_view(buf, "buf"), seed & 0xFFFFFFFF)
+
+
+def _copy_crc32c(dst, src, seed=0):
+    dst, src = _view(dst, "dst", True), _view(src, "src")
+    _same_length("copy_crc32c", dst, src)
+    return _ops.CopyCrc32c(dst, src, seed & 0xFFFFFFFF)
+
+
+def _dualcast(dst1, dst2, src):
+    dst1, dst2, src = _view(dst1, "dst1", True), _view(dst2, "dst2", True), _view(src, "src")
+    _same_length("dualcast", dst1, dst2, src)
+    return _ops.Dualcast(dst1, dst2, src)
+
+
+def _create_delta(original, modified):
+    original, modified = _view(original, "original"), _view(modified, "modified")
+    _same_length("create_delta", original, modified)
+    _delta_size(len(original))
+    return _ops.CreateDelta(original, modified)
+
+
+def _apply_delta(dst, delta):
+    dst = _view(dst, "dst", True)
+    _delta_size(len(dst))
+    return _ops.ApplyDelta(dst, _view(delta, "delta"))
+
+
+BATCHABLE = {"copy": _copy, "fill": _fill, "compare": _compare, "compare_pattern": _compare_pattern,
+             "crc32c": _crc32c, "copy_crc32c": _copy_crc32c, "dualcast": _dualcast}
+
+
+class Mover:
+    """Async data mover; make one with :func:`dmuserd.dsa_offload.open_mover`."""
+
+    def __init__(self, device: Device | None, *, engine: str, threshold: int = DEFAULT_THRESHOLD,
+                 cpu_thread_threshold: int | None = DEFAULT_CPU_THREAD_THRESHOLD, emulator=None) -> None:
+        self._device = device
+        self.engine = engine
+        self.threshold = threshold
+        self.cpu_thread_threshold = cpu_thread_threshold
+        self.emulator = emulator  # the emulated device, for tests and stats
+        self._counts: Counter[str] = Counter()
+        self._fallbacks: Counter[str] = Counter()
+        self._closed = False
+
+    @property
+    def queue(self):
+        """The extension's Queue in use (None on the CPU engine)."""
+        return self._device.queue if self._device else None
+
+    # -- the operations --------------------------------------------------
+
+    async def copy(self, dst, src) -> None:
+        """Copy ``src`` into ``dst`` (same length; overlap allowed)."""
+        await self._execute(_copy(dst, src))
+
+    async def fill(self, dst, pattern: bytes | int = b"\0") -> None:
+        """Fill ``dst`` with a 1, 2, 4 or 8-byte pattern (or a byte value)."""
+        await self._execute(_fill(dst, pattern))
+
+    async def compare(self, a, b) -> int | None:
+        """Offset of the first differing byte, or None when equal."""
+        return await self._execute(_compare(a, b))
+
+    async def compare_pattern(self, buf, pattern: bytes | int) -> int | None:
+        """Offset of the first byte breaking the repeated pattern, or None."""
+        return await self._execute(_compare_pattern(buf, pattern))
+
+    async def crc32c(self, buf, seed: int = 0) -> int:
+        """CRC-32C of ``buf``; ``seed`` chains like the crc32c package's ``value``."""
+        return await self._execute(_crc32c(buf, seed))
+
+    async def copy_crc32c(self, dst, src, seed: int = 0) -> int:
+        """Copy ``src`` to ``dst`` and return the CRC-32C of the data."""
+        return await self._execute(_copy_crc32c(dst, src, seed))
+
+    async def dualcast(self, dst1, dst2, src) -> None:
+        """Copy ``src`` to both destinations."""
+        await self._execute(_dualcast(dst1, dst2, src))
+
+    async def create_delta(self, original, modified) -> bytes:
+        """A delta record (10-byte entries per differing 8-byte granule) from
+        ``original`` to ``modified``; b"" when equal. At most 512 KiB."""
+        return await self._execute(_create_delta(original, modified))
+
+    async def apply_delta(self, dst, delta) -> None:
+        """Apply a delta record made by :meth:`create_delta` to ``dst``."""
+        await self._execute(_apply_delta(dst, delta))
+
+    async def noop(self) -> None:
+        """One round trip through the device (nothing on the CPU engine)."""
+        if self._device:
+            await self._device.noop()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def batch(self, requests: Sequence[tuple]) -> list[Any]:
+        """Run several operations, e.g. ``[("copy", dst, src), ("crc32c", buf)]``.
+
+        Returns their results in order. Small ones travel together in BATCH
+        descriptors when their total reaches the threshold; large ones run
+        as single operations, concurrently.
+        """
+        ops = []
+        for request in requests:
+            name, *args = request
+            if name not in BATCHABLE:
+                raise DsaArgumentError(f"{name!r} cannot be batched; batchable: {', '.join(BATCHABLE)}")
+            ops.append(BATCHABLE[name](*args))
+        results: list[Any] = [None] * len(ops)
+        small = [i for i, op in enumerate(ops) if self._device and op.nbytes() < self.threshold
+                 and op.nbytes() <= self._device.max_transfer and self._device_reason(op) is None]
+        packed = small if len(small) >= 2 and sum(ops[i].nbytes() for i in small) >= self.threshold else []
+
+        async def single(i):
+            results[i] = await self._execute(ops[i])
+
+        async def group(indexes):
+            done = await self._device.run_batch([ops[i] for i in indexes], self._cpu)
+            for i, result in zip(indexes, done):
+                results[i] = result
+            self._counts["ops"] += len(indexes)
+            self._counts["offloaded_ops"] += len(indexes)
+
+        async with trio.open_nursery() as nursery:
+            size = max(2, self._device.max_batch if self._device else 2)
+            for start in range(0, len(packed), size):
+                chunk = packed[start : start + size]
+                if len(chunk) == 1:
+                    nursery.start_soon(single, chunk[0])
+                else:
+                    nursery.start_soon(group, chunk)
+            for i in range(len(ops)):
+                if i not in packed:
+                    nursery.start_soon(single, i)
+        return results
+
+    # -- policy ----------------------------------------------------------
+
+    def _device_reason(self, op: _ops.Operation) -> str | None:
+        """Why the device must not take this operation (None: it may)."""
+        ext = extension()
+        if isinstance(op, _ops.Copy) and len(op.dst) > self._device.max_transfer:
+            d, s, n = ext.address_of(op.dst), ext.address_of(op.src), len(op.dst)
+            if d < s + n and s < d + n:  # overlapping pieces would clobber each other
+                return "overlap"
+        if isinstance(op, _ops.Dualcast):
+            addrs = [ext.address_of(v) for v in (op.dst1, op.dst2, op.src)]
+            n = op.nbytes()
+            if (addrs[0] ^ addrs[1]) & 0xFFF:
+                return "dualcast_layout"  # the device needs bits 11:0 of both destinations equal
+            if any(a < b + n and b < a + n for a, b in ((addrs[0], addrs[1]), (addrs[0], addrs[2]), (addrs[1], addrs[2]))):
+                return "overlap"
+        if isinstance(op, (_ops.CreateDelta, _ops.ApplyDelta)) and op.nbytes() > self._device.max_transfer:
+            return "too_large"
+        return None
+
+    async def _execute(self, op: _ops.Operation):
+        if self._closed:
+            raise DsaArgumentError("the mover is closed")
+        self._counts["ops"] += 1
+        if op.finished:
+            await trio.lowlevel.checkpoint()
+            return op.result()
+        if self._device is None:
+            return await self._cpu(op, None)
+        if op.nbytes() < self.threshold:
+            return await self._cpu(op, "below_threshold")
+        reason = self._device_reason(op)
+        if reason:
+            return await self._cpu(op, reason)
+        self._counts["offloaded_ops"] += 1
+        mt = self._device.max_transfer
+        if not op.splittable or op.nbytes() <= mt:
+            return await self._device.run(op, self._cpu)
+        parts = op.split(mt)
+        async with trio.open_nursery() as nursery:
+            for part in parts:
+                nursery.start_soon(self._device.run, part, self._cpu)
+        return op.combine(parts)
+
+    async def _cpu(self, op: _ops.Operation, reason: str | None):
+        """Finish ``op`` on the CPU (``reason``: why not on the device)."""
+        if reason:
+            self._fallbacks[reason] += 1
+        self._counts["cpu_ops"] += 1
+        self._counts["cpu_bytes"] += op.nbytes()
+        if self.cpu_thread_threshold is not None and op.nbytes() >= self.cpu_thread_threshold:
+            await trio.to_thread.run_sync(op.cpu)
+        else:
+            op.cpu()
+            await trio.lowlevel.checkpoint()
+        return op.result()
+
+    # -- state -----------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters for ``dmuserd status``: what ran where, and why not on the device."""
+        out = {
+            "engine": self.engine,
+            "threshold": self.threshold,
+            "ops": self._counts["ops"],
+            "offloaded_ops": self._counts["offloaded_ops"],
+            "cpu_ops": self._counts["cpu_ops"],
+            "cpu_bytes": self._counts["cpu_bytes"],
+            "fallbacks": dict(self._fallbacks),
+        }
+        if self._device:
+            c = self._device.counts
+            q = self._device.queue
+            out |= {key: c[key] for key in ("submitted", "completed", "batches", "offloaded_bytes", "faults",
+                                            "completion_record_faults", "batch_member_failures")}
+            out["queue"] = {"kind": q.kind, "mode": q.mode, "size": q.size, "path": q.path, "in_flight": q.in_flight,
+                            "retries": q.retries, "full": q.full, "generation": q.generation,
+                            "broken": self._device.broken}
+        if self.emulator is not None:
+            out["emulator"] = self.emulator.stats()
+        return out
+
+    async def aclose(self) -> None:
+        """Wait for in-flight descriptors (they may still write our buffers), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._device:
+            await self._device.aclose()
+
+    def close(self) -> None:
+        """Synchronous close: blocks until the device is done with every buffer."""
+        self._closed = True
+        if self._device:
+            self._device.queue.close()
+
+    async def __aenter__(self) -> Mover:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Mover engine={self.engine} threshold={self.threshold}>"
+
+

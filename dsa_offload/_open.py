@@ -1,0 +1,76 @@
+"""Choosing an engine and opening the mover on it.
+
+* ``"dsa"``: a real work queue; fails with :class:`DsaUnavailable` saying why
+  when none can be opened.
+* ``"emulated"``: the extension's software device behind the same portal
+  code (tests, benchmarks, machines without DSA).
+* ``"cpu"``: no extension needed.
+* ``"auto"``: ``"dsa"`` when a usable queue opens, else ``"cpu"``; it never
+  picks the emulator, which is slower than the CPU.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from dmuserd.dsa_offload._device import Device
+from dmuserd.dsa_offload._discovery import discover, usable_queues
+from dmuserd.dsa_offload._errors import DsaUnavailable
+from dmuserd.dsa_offload._mover import DEFAULT_CPU_THREAD_THRESHOLD, DEFAULT_THRESHOLD, Mover
+from dmuserd.dsa_offload._native import extension, load_error
+
+log = structlog.get_logger()
+
+ENGINES = ("auto", "dsa", "emulated", "cpu")
+
+
+def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emulator=None,
+               emulator_options: dict | None = None, block_on_fault: bool = False,
+               cpu_thread_threshold: int | None = DEFAULT_CPU_THREAD_THRESHOLD,
+               sysfs: str | None = None, devdir: str | None = None) -> Mover:
+    """Open a :class:`Mover`; use it as ``async with open_mover(...) as mover``.
+
+    ``emulator`` (an ``Emulator``) or ``emulator_options`` (its keyword
+    arguments: mode, size, max_transfer, max_batch, block_on_fault, delay_us)
+    configure the ``"emulated"`` engine.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    common = {"threshold": threshold, "cpu_thread_threshold": cpu_thread_threshold}
+    if engine == "cpu":
+        return Mover(None, engine="cpu", **common)
+    ext = extension()
+    if engine == "emulated":
+        if ext is None:
+            raise DsaUnavailable(f"the emulated engine needs the _dsa extension: {load_error()}")
+        emu = emulator if emulator is not None else ext.Emulator(**(emulator_options or {}))
+        queue = ext.Queue(emulator=emu)
+        return Mover(Device(queue, engine="emulated", block_on_fault=block_on_fault), engine="emulated",
+                     emulator=emu, **common)
+    try:
+        return Mover(Device(_open_hardware(sysfs, devdir), engine="dsa", block_on_fault=block_on_fault),
+                     engine="dsa", **common)
+    except DsaUnavailable as exc:
+        if engine == "dsa":
+            raise
+        log.info("dsa offload not available; using the CPU", reason=str(exc))
+        return Mover(None, engine="cpu", **common)
+
+
+def _open_hardware(sysfs: str | None, devdir: str | None):
+    ext = extension()
+    if ext is None:
+        raise DsaUnavailable(f"the _dsa extension is not available: {load_error()}")
+    queues = discover(sysfs, devdir)
+    failures = [f"{q.name}: {', '.join(q.reasons)}" for q in queues if not q.usable]
+    for wq in usable_queues(queues):
+        try:
+            queue = ext.Queue(wq.path, mode=wq.mode, size=wq.size, max_transfer=wq.max_transfer_size or 2 << 20,
+                              max_batch=wq.max_batch_size or 32)
+        except OSError as exc:  # EBUSY: another process holds this dedicated queue
+            failures.append(f"{wq.name}: cannot open {wq.path}: {exc.strerror}")
+            continue
+        log.info("dsa work queue opened", queue=wq.name, mode=wq.mode, size=wq.size, submission=queue.kind,
+                 note=queue.portal_note or None)
+        return queue
+    raise DsaUnavailable("no usable DSA work queue" + (": " + "; ".join(failures) if failures else " found"))

@@ -1,0 +1,82 @@
+"""DSA constants from shared/specs/dsa.md: opcodes, descriptor flags, statuses.
+
+The C extension has its own copy in ``dsa_hw.h`` (C cannot import this);
+``tests/dsa/test_descriptor.py`` checks the two agree by building descriptors.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Opcode(enum.IntEnum):
+    NOOP = 0x00
+    BATCH = 0x01
+    DRAIN = 0x02
+    MEMMOVE = 0x03
+    MEMFILL = 0x04
+    COMPARE = 0x05
+    COMPARE_PATTERN = 0x06
+    CREATE_DELTA = 0x07
+    APPLY_DELTA = 0x08
+    DUALCAST = 0x09
+    CRCGEN = 0x10
+    COPY_CRC = 0x11
+    CACHE_FLUSH = 0x20
+
+
+class Flag(enum.IntFlag):
+    FENCE = 0x1
+    BLOCK_ON_FAULT = 0x2
+    COMPLETION_ADDR_VALID = 0x4
+    REQUEST_COMPLETION_RECORD = 0x8
+    REQUEST_INTERRUPT = 0x10
+    CHECK_RESULT = 0x80
+    CACHE_CONTROL = 0x100
+    STRICT_ORDERING = 0x2000
+    DEST_READBACK = 0x4000
+    CRC_SEED_FROM_ADDRESS = 0x10000
+    CRC_BYPASS_INVERSION = 0x20000
+    CRC_BYPASS_DATA_REFLECTION = 0x40000
+
+
+class Status(enum.IntEnum):
+    NONE = 0x00
+    SUCCESS = 0x01
+    SUCCESS_FALSE_PREDICATE = 0x02
+    PAGE_FAULT = 0x03
+    PAGE_REQUEST_REJECTED = 0x04
+    BATCH_MEMBER_FAILED = 0x05
+    BATCH_LIST_PAGE_FAULT = 0x06
+    DELTA_OFFSETS_NOT_INCREASING = 0x07
+    DELTA_OFFSET_OUT_OF_RANGE = 0x08
+    UNSUPPORTED_OPCODE = 0x10
+    INVALID_FLAGS = 0x11
+    NONZERO_RESERVED = 0x12
+    TRANSFER_SIZE = 0x13
+    DESCRIPTOR_COUNT = 0x14
+    DELTA_RECORD_SIZE = 0x15
+    OVERLAPPING_BUFFERS = 0x16
+    DUALCAST_ALIGNMENT = 0x17
+    MISALIGNED_LIST = 0x18
+    COMPLETION_RECORD_FAULT = 0x1A
+    MISALIGNED_COMPLETION_RECORD = 0x1B
+    MISALIGNED_ADDRESS = 0x1C
+
+
+WRITE_FAULT = 0x80  # or-ed into status 3 when the fault was on a write
+STATUS_MASK = 0x7F
+
+DELTA_GRANULE = 8  # create-delta compares 8-byte granules
+DELTA_ENTRY = 10  # u16 granule offset + 8 bytes of new data
+DELTA_MAX_SIZE = 0x10000 * DELTA_GRANULE  # the u16 offset's reach: 512 KiB
+
+
+def status_name(status: int) -> str:
+    """``0x13 TRANSFER_SIZE``-style text for a raw status byte."""
+    code = status & STATUS_MASK
+    try:
+        name = Status(code).name
+    except ValueError:
+        name = "UNKNOWN"
+    return f"{code:#04x} {name}{' (write)' if status & WRITE_FAULT and code == Status.PAGE_FAULT else ''}"
