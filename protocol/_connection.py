@@ -103,7 +103,7 @@ class DaemonConnection:
         except ValueError:
             raise ProtocolError("type", header.type, "unknown request type") from None
         if header.flags & ~ALL_FLAGS:
-            raise ProtocolError("flags", hex(header.flags), f"unknown flag bits {header.flags & ~ALL_FLAGS:#x}")
+            raise ProtocolError("flags", header.flags, f"unknown flag bits {header.flags & ~ALL_FLAGS:#x}")
         if header.seq in self._outstanding:
             raise ProtocolError("seq", header.seq, "a request with this seq is still outstanding")
         if header.len % SECTOR_SIZE:
@@ -128,15 +128,16 @@ class DaemonConnection:
             kind = ResponseType(response.type)
         except ValueError:
             raise ProtocolError("type", response.type, "unknown response type") from None
+        # Count bytes, not items (an array('I') or a cast memoryview is fine).
+        size = None if response.payload is None else memoryview(response.payload).nbytes
         if kind == ResponseType.SUCCESS and request.type == RequestType.READ:
-            if response.payload is None or len(response.payload) != request.len:
-                got = None if response.payload is None else len(response.payload)
+            if size != request.len:
                 raise ProtocolError(
-                    "payload", got, f"a READ response must carry exactly {request.len} bytes"
+                    "payload", size, f"a READ response must carry exactly {request.len} bytes"
                 )
-        elif response.payload is not None and len(response.payload):
+        elif size:
             raise ProtocolError(
-                "payload", len(response.payload), f"a {kind.name} response to {request.type.name} carries no payload"
+                "payload", size, f"a {kind.name} response to {request.type.name} carries no payload"
             )
         del self._outstanding[response.seq]
         header = Header(request.seq, int(kind), int(request.flags), request.sector, request.len).encode()

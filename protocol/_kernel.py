@@ -21,6 +21,12 @@ The life of a BIO::
 A BIO ends with ``bio.error`` = 0 (success) or an errno (always ``EIO``, as
 the block layer reports it). Its ``on_complete`` callback, if set, runs
 once, at that moment.
+
+One quirk of dm-user.c is kept on purpose: a BIO queued before any daemon
+attached whose timeout then expired *while* a channel was open (so it was
+not failed) is never re-armed: if the last channel closes before anyone
+reads it, it stays queued (a later channel can still serve it), and if the
+target is then removed it never completes at all.
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ class Bio:
     #: bytes of the response (header, then read payload) a channel has written
     posn_from_user: int = 0
     channel: "Channel | None" = field(default=None, repr=False)
+    #: dm-user.c's ``message.delayed``: a "no daemon" timer was armed for this
+    #: message. It stays set after the timer fired (``deadline`` is then None).
+    delayed: bool = False
 
     @property
     def done(self) -> bool:
@@ -133,6 +142,8 @@ class KernelTarget:
         self._outstanding = 0
         # The latest time a caller told us; requeued BIOs are mapped then.
         self._now = 0.0
+        # Set while the backlog is being mapped (keeps _finish from recursing).
+        self._pumping = False
 
     # -- the block layer's side -------------------------------------------
 
@@ -155,8 +166,11 @@ class KernelTarget:
         if bio.type == RequestType.WRITE:
             if bio.data is None or len(bio.data) != bio.length:
                 raise ValueError("a WRITE bio needs data of exactly its length")
-        elif bio.type == RequestType.READ and bio.data is None:
-            bio.data = bytearray(bio.length)
+        elif bio.type == RequestType.READ:
+            if bio.data is None:
+                bio.data = bytearray(bio.length)
+            elif len(memoryview(bio.data).cast("B")) != bio.length or memoryview(bio.data).readonly:
+                raise ValueError("a READ bio's data must be a writable buffer of exactly its length")
         if self.destroyed:
             self._complete(bio, errno.EIO)
         elif bio.type not in FORWARDED_TYPES or bio.flags & ~ALL_FLAGS:
@@ -175,9 +189,11 @@ class KernelTarget:
         self.next_seq += 1
         bio.state = BioState.QUEUED
         self._queue.append(bio)
-        if not self.channels:
+        if not self._user_thread_present():
+            # enqueue_delayed_work(m, !daemon_terminated)
+            bio.delayed = True
             if self.daemon_terminated:
-                # The daemon died: nobody will come back for this I/O.
+                # The daemon died: a zero delay, nobody will come back for this I/O.
                 self._fail_queued(bio)
                 return
             bio.deadline = now + self.daemon_timeout
@@ -190,8 +206,10 @@ class KernelTarget:
         failed = []
         for bio in list(self._queue):
             if bio.deadline is not None and bio.deadline <= now:
+                # process_delayed_work(): the timer is spent either way (and
+                # ``delayed`` stays set, as in dm-user.c).
                 bio.deadline = None
-                if not self.channels:
+                if not self._user_thread_present():
                     self._fail_queued(bio)
                     failed.append(bio)
         return failed
@@ -202,11 +220,18 @@ class KernelTarget:
         return min(deadlines) if deadlines else None
 
     def destroy(self, now: float) -> None:
-        """``dmsetup remove``: reads now fail with ENOTBLK."""
+        """``dmsetup remove`` (``user_dtr``): reads now fail with ENOTBLK.
+
+        DM's reference to the target goes away; as in dm-user.c, queued
+        messages then fail once at most one channel remains (the kernel
+        counts references, and DM's no longer counts), and all of them when
+        the last channel closes.
+        """
         self._now = max(self._now, now)
+        if self.destroyed:
+            return
         self.destroyed = True
-        if not self.channels:
-            self._release()
+        self._target_put()
         if self.on_queue:
             self.on_queue()
 
@@ -220,14 +245,39 @@ class KernelTarget:
 
     # -- internals -----------------------------------------------------------
 
+    def _references(self) -> int:
+        """``kref_read(&t->references)``: DM's (until destroyed) plus one per channel."""
+        return len(self.channels) + (0 if self.destroyed else 1)
+
+    def _user_thread_present(self) -> bool:
+        """``is_user_space_thread_present()``, off by one after destroy as in dm-user.c."""
+        return self._references() > 1
+
+    def _target_put(self) -> None:
+        """``target_put()`` after a reference went away (a channel or DM's)."""
+        if self._references() == 0:
+            self._release()
+        elif not self._user_thread_present():
+            # The daemon terminated: every queued message with no timer armed
+            # gets a zero-delay one, which finds no daemon and fails it.
+            self.daemon_terminated = True
+            for bio in list(self._queue):
+                if not bio.delayed and bio.state is BioState.QUEUED:
+                    bio.delayed = True
+                    self._fail_queued(bio)
+
     def _fail_queued(self, bio: Bio) -> None:
         self._queue.remove(bio)
         self._finish(bio, errno.EIO)
 
     def _release(self) -> None:
-        # target_release: nothing can ever read these.
-        while self._queue:
-            self._fail_queued(self._queue[0])
+        # target_release: nothing can ever read these. A message whose timer
+        # already fired (while a daemon was attached) is skipped, because
+        # cancel_delayed_work_sync() returns false for it: dm-user.c leaks it
+        # and its BIO never completes. The model keeps that.
+        for bio in list(self._queue):
+            if bio.state is BioState.QUEUED and not (bio.delayed and bio.deadline is None):
+                self._fail_queued(bio)
         while self._backlog:
             self._complete(self._backlog.popleft(), errno.EIO)
 
@@ -240,9 +290,19 @@ class KernelTarget:
         """A message ends: free its slot and map the next backlogged BIO."""
         self._outstanding -= 1
         self._complete(bio, error)
-        while self._backlog and self._outstanding < self.max_outstanding and not self.destroyed:
-            # The block layer resubmits requeued BIOs as slots free up.
-            self._map(self._backlog.popleft(), self._now)
+        self._pump_backlog()
+
+    def _pump_backlog(self) -> None:
+        # The block layer resubmits requeued BIOs as slots free up. Mapping one
+        # may fail it at once (which frees its slot again): loop, don't recurse.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._backlog and self._outstanding < self.max_outstanding and not self.destroyed:
+                self._map(self._backlog.popleft(), self._now)
+        finally:
+            self._pumping = False
 
     def _complete(self, bio: Bio, error: int) -> None:
         bio.state = BioState.DONE
@@ -253,15 +313,7 @@ class KernelTarget:
 
     def _channel_closed(self, channel: "Channel") -> None:
         self.channels.discard(channel)
-        if self.channels:
-            return
-        if self.destroyed:
-            self._release()
-            return
-        self.daemon_terminated = True
-        for bio in list(self._queue):
-            if bio.deadline is None:
-                self._fail_queued(bio)
+        self._target_put()
 
 
 class Channel:
@@ -286,13 +338,14 @@ class Channel:
         """``read(fd, size)``: bytes, :data:`WOULD_BLOCK`, or :class:`KernelError`.
 
         One call returns (the rest of) the header or (part of) the WRITE
-        payload, never both.
+        payload, never both. As in dm-user.c, even a zero-byte read takes the
+        next message for this channel (or fails with ENOTBLK after destroy).
         """
         self._check_open()
         if self._to_user_error:
             raise KernelError(self._to_user_error, "this channel's reads failed before")
-        if size == 0:
-            return b""
+        if size < 0:
+            raise ValueError("a read size cannot be negative")
         bio = self._reading
         if bio is None:
             if self.target.destroyed:
@@ -303,6 +356,8 @@ class Channel:
             bio = self._reading = self.target._take()
             bio.state = BioState.READING
             bio.channel = self
+        if size == 0:
+            return b""
         if bio.posn_to_user < HEADER_SIZE:
             out = bio._header()[bio.posn_to_user : bio.posn_to_user + size]
         else:
@@ -338,9 +393,10 @@ class Channel:
             need = HEADER_SIZE - len(self._scratch)
             chunk = data[:need]
             if not len(chunk):
-                # msg_copy_from_iov() copied nothing: the kernel calls it invalid.
+                # msg_copy_from_iov() copied nothing: dm-user.c sets the error
+                # and returns 0 for this call; every later write fails EINVAL.
                 self._from_user_error = errno.EINVAL
-                raise KernelError(errno.EINVAL, "an empty write while a response header was due")
+                return 0
             self._scratch += chunk
             taken = len(chunk)
             if len(self._scratch) < HEADER_SIZE:
