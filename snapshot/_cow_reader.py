@@ -396,6 +396,11 @@ class CowReader:
                 offset = pos
                 type_value, comp, data_length, new_block, source = OP_V2.unpack_from(buf, j * OP_SIZE_V2)
                 index = len(ops)
+                if type_value == 0:
+                    # an unused (zeroed) op slot: the stream of an unfinished
+                    # file ends here
+                    done = True
+                    break
                 if type_value == OpType.FOOTER:
                     self._read_footer(offset, comp, data_length, new_block, source, len(ops))
                     done = True
