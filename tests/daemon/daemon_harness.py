@@ -1,0 +1,105 @@
+"""Run the real daemon (``dmuserd serve``) and real block tools from tests.
+
+A uniquely named module (not conftest) so test files can import it without
+clashing with other folders' conftest modules."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+DMUSERD = [sys.executable, "-m", "dmuserd"]
+
+
+def need_root_tools(*tools: str) -> None:
+    """Skip unless we are root with /dev/fuse and the named tools."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (FUSE mount with allow_other, loop devices, mount)")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing on this machine")
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+
+
+def run(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kwargs)
+
+
+class ServedDaemon:
+    """A ``dmuserd serve`` subprocess with one FUSE-exported target."""
+
+    def __init__(self, workdir: Path, backend: str, name: str = "disk") -> None:
+        self.workdir = workdir
+        self.fuse_dir = workdir / "fuse"
+        self.control = workdir / "control.sock"
+        self.path = self.fuse_dir / name
+        self.log = open(workdir / "daemon.log", "w+")
+        self.proc = subprocess.Popen(
+            DMUSERD + ["serve", "--name", name, "--backend", backend, "--export", f"fuse:{self.fuse_dir}",
+                       "--control-socket", str(self.control)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.loops: list[str] = []
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+            if self.path.exists() and self.control.exists():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def status(self) -> dict:
+        out = run(*DMUSERD, "status", "--json", "--control-socket", self.control)
+        return json.loads(out.stdout)
+
+    def attach_loop(self, direct_io: bool = True) -> str:
+        args = ["losetup", "--find", "--show"] + (["--direct-io=on"] if direct_io else []) + [self.path]
+        device = run(*args).stdout.strip()
+        self.loops.append(device)
+        return device
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        for device in self.loops:
+            run("losetup", "-d", device, check=False)
+        self.terminate()
+        if os.path.ismount(self.fuse_dir):
+            run("umount", "-l", self.fuse_dir, check=False)
+        self.log.close()
+
+
+@contextlib.contextmanager
+def mounted(device: str, mountpoint: Path):
+    mountpoint.mkdir(exist_ok=True)
+    run("mount", device, mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        run("umount", mountpoint, check=False)
