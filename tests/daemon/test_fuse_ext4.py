@@ -48,6 +48,7 @@ def test_fio_crc32c_verify_on_loop(serve, tmp_path):
         "fio", "--name=verify", f"--filename={loop}", "--ioengine=libaio", "--direct=1",
         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=64M", "--verify=crc32c",
         "--verify_fatal=1", "--do_verify=1", "--output-format=json", check=False,
+        cwd=tmp_path,  # fio leaves its verify state file in the working directory
     )
     assert result.returncode == 0, result.stdout + result.stderr
     import json
