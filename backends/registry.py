@@ -50,11 +50,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
     ``"pkg.mod:Class:a=1"`` → ``("pkg.mod:Class", {"a": "1"})``.
     """
-    name, sep, rest = spec.partition(":")
-    if sep and "=" not in rest.split(",")[0] and rest:
-        # module.path:Class form: the class name is the second field.
-        cls, _, rest = rest.partition(":")
-        name = f"{name}:{cls}"
+    name, _, rest = spec.partition(":")
+    head, _, tail = rest.partition(":")
+    if "." in name and head and "=" not in head and "," not in head:
+        # module.path:Class form (a dotted module): the class is the second field.
+        name, rest = f"{name}:{head}", tail
     options: dict[str, str] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")

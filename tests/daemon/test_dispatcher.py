@@ -1,0 +1,165 @@
+"""The dispatcher, driven through the in-process kernel model (no FUSE)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+
+from dmuserd.backends import Backend
+from dmuserd.backends.memory import MemoryBackend
+from dmuserd.daemon.dispatcher import Dispatcher
+from dmuserd.daemon.emulated import EmulatedDmUser
+from dmuserd.protocol import Flag, RequestType
+
+
+class Recorder(MemoryBackend):
+    """A memory backend that records the order of calls."""
+
+    def __init__(self, size=1 << 20, block_size=512):
+        super().__init__(size, block_size)
+        self.calls = []
+
+    async def write(self, offset, data, fua=False):
+        self.calls.append(("write", offset, len(data), fua))
+        await super().write(offset, data, fua)
+
+    async def flush(self):
+        self.calls.append(("flush",))
+
+
+class ReadOnly(Backend):
+    def __init__(self):
+        super().__init__(size=1 << 20)
+
+    async def read(self, offset, length):
+        return bytes(length)
+
+
+async def _device(nursery, backend):
+    device = EmulatedDmUser(Dispatcher(backend, name="t"), channels=2)
+    await nursery.start(device.run)
+    return device
+
+
+async def test_read_write_round_trip_and_stats():
+    backend = Recorder()
+    async with trio.open_nursery() as nursery:
+        dev = await _device(nursery, backend)
+        await dev.submit(RequestType.WRITE, 4096, 4096, data=b"q" * 4096)
+        assert bytes(await dev.submit(RequestType.READ, 4096, 4096)) == b"q" * 4096
+        stats = dev.dispatcher.stats
+        assert stats.requests["write"] == 1 and stats.requests["read"] == 1
+        assert stats.bytes_written == stats.bytes_read == 4096
+        nursery.cancel_scope.cancel()
+
+
+async def test_preflush_fua_and_zero_length_flush():
+    backend = Recorder()
+    async with trio.open_nursery() as nursery:
+        dev = await _device(nursery, backend)
+        await dev.submit(RequestType.WRITE, 0, 512, data=b"a" * 512, flags=Flag.PREFLUSH | Flag.FUA)
+        assert backend.calls == [("flush",), ("write", 0, 512, True)]
+        backend.calls.clear()
+        await dev.submit(RequestType.WRITE, 0, 0, data=b"", flags=Flag.PREFLUSH)  # 6.1's flush
+        await dev.submit(RequestType.FLUSH, 0, 0)
+        assert backend.calls == [("flush",), ("flush",)]
+        assert dev.dispatcher.stats.requests["flush"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_flush_waits_for_nothing_but_covers_completed_writes():
+    backend = Recorder()
+    async with trio.open_nursery() as nursery:
+        dev = await _device(nursery, backend)
+        async with trio.open_nursery() as writers:
+            for i in range(20):
+                writers.start_soon(lambda i=i: dev.submit(RequestType.WRITE, i * 512, 512, data=bytes([i]) * 512))
+        await dev.submit(RequestType.FLUSH, 0, 0)
+        # Every write that completed before the flush was issued precedes it.
+        assert backend.calls[-1] == ("flush",)
+        assert sum(1 for c in backend.calls if c[0] == "write") == 20
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "kind,offset,length,why",
+    [
+        (RequestType.READ, (1 << 20) - 512, 1024, "beyond the end"),
+        (RequestType.WRITE, 1 << 20, 512, "beyond the end"),
+        (RequestType.READ, 512, 512, "misaligned to a 4096-byte block"),
+    ],
+)
+async def test_out_of_range_and_misaligned_fail_alone(kind, offset, length, why):
+    backend = Recorder(block_size=4096)
+    async with trio.open_nursery() as nursery:
+        dev = await _device(nursery, backend)
+        data = b"x" * length if kind == RequestType.WRITE else None
+        with pytest.raises(OSError) as excinfo:
+            await dev.submit(kind, offset, length, data=data)
+        assert excinfo.value.errno == errno.EIO, why
+        assert dev.dispatcher.stats.errors == 1
+        # The device is still up.
+        assert bytes(await dev.submit(RequestType.READ, 0, 4096)) == bytes(4096)
+        nursery.cancel_scope.cancel()
+
+
+async def test_unsupported_ops_fail_and_are_counted():
+    async with trio.open_nursery() as nursery:
+        dev = await _device(nursery, ReadOnly())
+        for kind in (RequestType.WRITE, RequestType.DISCARD, RequestType.WRITE_ZEROES, RequestType.FLUSH):
+            data = b"x" * 512 if kind == RequestType.WRITE else None
+            with pytest.raises(OSError):
+                await dev.submit(kind, 0, 512 if kind != RequestType.FLUSH else 0, data=data)
+        assert dev.dispatcher.stats.unsupported == 4
+        assert dev.dispatcher.stats.errors == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_backend_exception_fails_one_request():
+    class Flaky(MemoryBackend):
+        async def read(self, offset, length):
+            if offset == 8192:
+                raise RuntimeError("disk on fire")
+            return await super().read(offset, length)
+
+    async with trio.open_nursery() as nursery:
+        dev = await _device(nursery, Flaky(1 << 20))
+        results = {}
+
+        async def read(offset):
+            try:
+                results[offset] = bytes(await dev.submit(RequestType.READ, offset, 4096))
+            except OSError as exc:
+                results[offset] = exc.errno
+
+        async with trio.open_nursery() as readers:
+            for offset in range(0, 8 * 4096, 4096):
+                readers.start_soon(read, offset)
+        assert results.pop(8192) == errno.EIO
+        assert all(v == bytes(4096) for v in results.values())
+        nursery.cancel_scope.cancel()
+
+
+async def test_bounded_concurrency():
+    """No more than max_in_flight requests reach the backend at once."""
+
+    class Slow(MemoryBackend):
+        active = peak = 0
+
+        async def read(self, offset, length):
+            Slow.active += 1
+            Slow.peak = max(Slow.peak, Slow.active)
+            await trio.sleep(0.01)
+            Slow.active -= 1
+            return bytes(length)
+
+    async with trio.open_nursery() as nursery:
+        device = EmulatedDmUser(Dispatcher(Slow(1 << 20), name="t"), channels=4, max_in_flight=8)
+        await nursery.start(device.run)
+        async with trio.open_nursery() as readers:
+            for i in range(64):
+                readers.start_soon(device.submit, RequestType.READ, (i % 256) * 512, 512)
+        assert Slow.peak == 8
+        nursery.cancel_scope.cancel()
