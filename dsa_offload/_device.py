@@ -156,19 +156,27 @@ class Device:
         """Submit small operations as one BATCH descriptor; finish failed members singly."""
         members = [(int(op.opcode), {"flags": int(self.flags), **op.device_args(self.max_transfer)}) for op in ops]
         sizes = [m[1].get("size", 0) for m in members]
-        try:
-            handle = self._submit_batch(members)
-        except Fallback as exc:
-            return [await cpu(op, exc.reason) for op in ops]
-        await self.completions.wait(handle)
-        self.counts["completed"] += 1
-        self.counts["batches"] += 1
-        code = handle.status & STATUS_MASK
+        faults = _FaultTracker()
+        while True:
+            try:
+                handle = self._submit_batch(members)
+            except Fallback as exc:
+                return [await cpu(op, exc.reason) for op in ops]
+            await self.completions.wait(handle)
+            self.counts["completed"] += 1
+            self.counts["batches"] += 1
+            code = handle.status & STATUS_MASK
+            if code not in (Status.BATCH_LIST_PAGE_FAULT, Status.COMPLETION_RECORD_FAULT):
+                break
+            # Our own descriptor list or record shares a non-present page: bring it in, resubmit.
+            self.counts["faults" if code == Status.BATCH_LIST_PAGE_FAULT else "completion_record_faults"] += 1
+            try:
+                faults.check(handle.fault_addr)
+            except Fallback:
+                break
+            self.queue.touch(handle.fault_addr, code == Status.COMPLETION_RECORD_FAULT)
         if code not in (Status.SUCCESS, Status.BATCH_MEMBER_FAILED):
-            # The batch itself failed (its list faulted, a bad count...):
-            # nothing ran, so every member starts over on its own.
-            if code == Status.BATCH_LIST_PAGE_FAULT:
-                self.counts["faults"] += 1
+            # The batch itself failed: nothing ran, each member starts over alone.
             return [await self.run(op, cpu) for op in ops]
         results = []
         for op, fields, size in zip(ops, handle.members, sizes):

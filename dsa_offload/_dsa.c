@@ -677,7 +677,9 @@ static int Queue_init(QueueObject *q, PyObject *args, PyObject *kw)
         e->opened++;
         q->emu = (EmulatorObject *)Py_NewRef(emu);
         q->shared = cfg->shared;
-        q->size = cfg->size;
+        /* size= may claim more than the emulator has: how tests prove the
+         * emulator catches a dedicated queue being overrun. */
+        q->size = size ? size : cfg->size;
         q->max_transfer = cfg->max_transfer;
         q->max_batch = cfg->max_batch;
     } else {

@@ -176,7 +176,9 @@ class Mover:
     async def batch(self, requests: Sequence[tuple]) -> list[Any]:
         """Run several operations, e.g. ``[("copy", dst, src), ("crc32c", buf)]``.
 
-        Returns their results in order. Small ones travel together in BATCH
+        The requests must be independent: like a DSA batch without FENCE,
+        they run in no particular order. Returns their results in request
+        order. Small ones travel together in BATCH
         descriptors when their total reaches the threshold; large ones run
         as single operations, concurrently.
         """

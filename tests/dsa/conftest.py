@@ -26,6 +26,8 @@ def make_mover(ext):
     movers = []
 
     def make(engine="emulated", threshold=4096, block_on_fault=False, **options):
+        if engine == "emulated":
+            options["block_on_fault"] = block_on_fault
         mover = open_mover(engine, threshold=threshold, emulator_options=options, block_on_fault=block_on_fault)
         movers.append(mover)
         return mover
