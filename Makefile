@@ -29,7 +29,7 @@ $(VENV)/bin/python:
 	$(PY) -m pip install -q --upgrade pip
 
 # Reinstall only when the project's metadata or native sources change.
-$(STAMP): .system-ok $(VENV)/bin/python pyproject.toml $(wildcard dsa_offload/*.c dsa_offload/*.h)
+$(STAMP): .system-ok $(VENV)/bin/python pyproject.toml $(wildcard dsa_offload/*.c dsa_offload/*.h daemon/*.c)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 

@@ -72,7 +72,16 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert result.returncode == 1 and "is `dmuserd serve` running?" in result.stderr
 
 
-def test_logs_json_when_not_a_terminal_and_level_from_env(monkeypatch):
+@pytest.fixture
+def restore_logging():
+    """These tests point structlog at short-lived streams: put it back after."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+
+
+def test_logs_json_when_not_a_terminal_and_level_from_env(monkeypatch, restore_logging):
     import structlog
 
     stream = io.StringIO()
@@ -88,7 +97,7 @@ def test_logs_json_when_not_a_terminal_and_level_from_env(monkeypatch):
         logs.configure("chatty", stream=stream)
 
 
-def test_journald_lines_carry_syslog_priority(tmp_path, monkeypatch):
+def test_journald_lines_carry_syslog_priority(tmp_path, monkeypatch, restore_logging):
     import structlog
 
     out = tmp_path / "journal"
