@@ -110,3 +110,15 @@ def test_journald_lines_carry_syslog_priority(tmp_path, monkeypatch, restore_log
     lines = out.read_text().splitlines()
     assert lines[0].startswith("<3>{") and json.loads(lines[0][3:])["event"] == "bad"
     assert lines[1].startswith("<7>{")
+
+
+def test_busy_or_non_empty_mountpoint_is_refused(tmp_path):
+    mnt = tmp_path / "fuse"
+    mnt.mkdir()
+    (mnt / "somebody-elses-file").write_text("keep me")
+    result = subprocess.run(DMUSERD + ["serve", "--backend", "memory:size=1M", "--export", f"fuse:{mnt}",
+                                       "--control-socket", str(tmp_path / "c.sock")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "is not empty" in result.stderr and "Traceback" not in result.stderr
+    assert (mnt / "somebody-elses-file").read_text() == "keep me"
