@@ -18,9 +18,46 @@ earlier op of the order already overwrote.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 
 from dmuserd.snapshot._cow_format import CowFormatError, CowOp
+
+
+class SequenceData:
+    """Sequence entries (new block numbers, u32) and where each lies in the
+    file, for error messages. Kept as a packed array: a hostile file's
+    sequence costs 4 bytes an entry, not a Python object each."""
+
+    def __init__(self, blocks: Iterable[int] = (), file_offset: int = 0) -> None:
+        self.blocks = array("I")
+        assert self.blocks.itemsize == 4
+        self._starts: list[int] = []
+        self._offsets: list[int] = []
+        if blocks:
+            self._add(array("I", blocks), file_offset)
+
+    def extend(self, raw: bytes, file_offset: int) -> None:
+        """Append the little-endian u32 entries ``raw`` found at ``file_offset``."""
+        entries = array("I")
+        entries.frombytes(raw[: len(raw) - len(raw) % 4])
+        if sys.byteorder == "big":
+            entries.byteswap()
+        self._add(entries, file_offset)
+
+    def _add(self, entries: array, file_offset: int) -> None:
+        self._starts.append(len(self.blocks))
+        self._offsets.append(file_offset)
+        self.blocks.extend(entries)
+
+    def offset_of(self, index: int) -> int:
+        k = bisect_right(self._starts, index) - 1
+        return self._offsets[k] + 4 * (index - self._starts[k])
+
+    def __len__(self) -> int:
+        return len(self.blocks)
 
 
 def check_unique_blocks(data_ops: Sequence[CowOp]) -> None:
@@ -38,25 +75,24 @@ def check_unique_blocks(data_ops: Sequence[CowOp]) -> None:
             )
 
 
-def merge_order(
-    data_ops: Sequence[CowOp], sequence: Sequence[tuple[int, int]] = (), *, version: int = 2
-) -> list[CowOp]:
+def merge_order(data_ops: Sequence[CowOp], sequence: SequenceData | None = None, *, version: int = 2) -> list[CowOp]:
     """The data ops in the order they merge, checked (see the module doc).
 
     ``data_ops`` are the non-metadata ops in file order, already free of
-    duplicate blocks; ``sequence`` the sequence data as (new_block, file
-    offset of the entry) pairs.
+    duplicate blocks; ``sequence`` the file's sequence data.
     """
     if sequence:
         by_block = {op.new_block: op for op in data_ops}
         named: set[int] = set()
         first = []
-        for block, offset in sequence:
+        for i, block in enumerate(sequence.blocks):
             if block in named:
-                raise CowFormatError(offset, "sequence", f"sequence data names new block {block} twice")
+                raise CowFormatError(sequence.offset_of(i), "sequence", f"sequence data names new block {block} twice")
             op = by_block.get(block)
             if op is None:
-                raise CowFormatError(offset, "sequence", f"sequence data names new block {block}, which no op writes")
+                raise CowFormatError(
+                    sequence.offset_of(i), "sequence", f"sequence data names new block {block}, which no op writes"
+                )
             named.add(block)
             first.append(op)
         rest = [op for op in data_ops if op.new_block not in named]

@@ -19,13 +19,11 @@ header's (or a resume point's, read up to a label).
 from __future__ import annotations
 
 import os
-import struct
 from collections import Counter
 from collections.abc import Iterator
 
 from dmuserd.snapshot import _compression
 from dmuserd.snapshot._cow_format import (
-    FOOTER_OP,
     FOOTER_SIZE_V2,
     FOOTER_UNUSED,
     HEADER_FIELD_OFFSET,
@@ -51,13 +49,12 @@ from dmuserd.snapshot._cow_format import (
     CowOp,
     OpType,
 )
-from dmuserd.snapshot._cow_order import check_unique_blocks, merge_order
+from dmuserd.snapshot._cow_order import SequenceData, check_unique_blocks, merge_order
 
 _HEADER_SIZES = {1: (HEADER_SIZE_V1, HEADER_SIZE_V2), 2: (HEADER_SIZE_V2,), 3: (HEADER_SIZE_V3,)}
 _DATA_OPS_V3 = frozenset({OpType.COPY, OpType.REPLACE, OpType.ZERO, OpType.XOR})
 _NO_DATA = frozenset({OpType.COPY, OpType.ZERO, OpType.LABEL, OpType.CLUSTER})
 _WITH_DATA = frozenset({OpType.REPLACE, OpType.XOR, OpType.SEQUENCE})
-_U32 = struct.Struct("<I")
 
 
 def _field(name: str) -> int:
@@ -79,7 +76,9 @@ class CowReader:
     ops that write blocks), ``labels`` (v2: label ops in order; v3: resume
     point labels), ``sequence`` (sequence data, new blocks), ``footer``
     (v2: ``{"ops_size", "num_ops", "offset"}`` or None), ``data_end`` (end of
-    the last op's data, where a writer would continue).
+    the last op's data, where a writer would continue); v2 also has
+    ``next_op_pos`` and ``next_data_pos``, the next op slot and data byte
+    after the point reading stopped (AOSP's writer positions).
     """
 
     def __init__(
@@ -98,7 +97,7 @@ class CowReader:
             self.label = label
             self.footer: dict | None = None
             self.labels: list[int] = []
-            self._sequence: list[tuple[int, int]] = []
+            self._sequence = SequenceData()
             self.resume_points: list[tuple[int, int]] = []
             self._read_header()
             if self.version >= 3:
@@ -138,7 +137,7 @@ class CowReader:
 
     @property
     def sequence(self) -> list[int]:
-        return [block for block, _ in self._sequence]
+        return self._sequence.blocks.tolist()
 
     def merge_order(self) -> list[CowOp]:
         """Every data op in merge order (the first ``num_merge_ops`` are merged)."""
@@ -334,7 +333,7 @@ class CowReader:
                     resume_off, "resume-points", f"label {label} points at op {op_count}, past the op array or the file"
                 )
         seq_raw = self._pread(4 * h.sequence_data_count, seq_off)
-        self._sequence = [(b, seq_off + 4 * i) for i, (b,) in enumerate(_U32.iter_unpack(seq_raw))]
+        self._sequence.extend(seq_raw, seq_off)
         self.ops = []
         raw = self._pread(OP_SIZE_V3 * op_count, self.op_start)
         bs = h.block_size
@@ -440,9 +439,7 @@ class CowReader:
                             offset, "sequence", f"sequence op #{index} follows data ops; sequence data comes first"
                         )
                     raw = self.read_raw_at(data_offset, data_length)
-                    self._sequence.extend(
-                        (b, data_offset + 4 * i) for i, (b,) in enumerate(_U32.iter_unpack(raw))
-                    )
+                    self._sequence.extend(raw, data_offset)
                 elif not self._is_meta(op_type):
                     seen_data_op = True
                 ops.append(CowOp(op_type, new_block, source, data_length, comp, index, offset, data_offset, bs, bs))
@@ -480,8 +477,8 @@ class CowReader:
                     self._check_data_range(op.data_offset, op.data_length, op.index, op.offset,
                                            limit=self.footer["offset"])
         # Where a writer resumes: the next op slot and the next data byte.
-        self._next_op_pos = pos
-        self._next_data_pos = data_pos
+        self.next_op_pos = pos
+        self.next_data_pos = data_pos
 
     def read_raw_at(self, offset: int, length: int) -> bytes:
         return self._pread(length, offset)

@@ -217,8 +217,8 @@ class CowWriter:
         if self.version == 2:
             # AOSP's OpenForAppend: re-add every op to recompute positions.
             self._num_ops = len(reader.ops)
-            self._next_op_pos = reader._next_op_pos
-            self._next_data_pos = reader._next_data_pos
+            self._next_op_pos = reader.next_op_pos
+            self._next_data_pos = reader.next_data_pos
             self._current_cluster_size = self._current_data_size = 0
             if self._cluster_size:
                 for op in reader.ops:

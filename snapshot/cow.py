@@ -19,7 +19,7 @@ from dmuserd.snapshot._cow_format import (
     CowWriterError,
     OpType,
 )
-from dmuserd.snapshot._cow_order import check_unique_blocks, merge_order
+from dmuserd.snapshot._cow_order import SequenceData, check_unique_blocks, merge_order
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot._cow_writer import CowWriter, xor_bytes
 
@@ -36,6 +36,7 @@ __all__ = [
     "CowWriter",
     "CowWriterError",
     "OpType",
+    "SequenceData",
     "check_unique_blocks",
     "decompress",
     "merge_order",

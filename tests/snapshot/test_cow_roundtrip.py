@@ -13,7 +13,7 @@ from dmuserd.snapshot._cow_tools import _order, create_cow, render_cow, verify_c
 from dmuserd.snapshot.cow import Compression, CowReader, CowWriter, OpType
 
 COMPRESSIONS = ["none", "gz", "brotli", "lz4", "zstd"]
-SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def _roundtrip(tmp_path, seed, nblocks, changes, **options):
