@@ -18,6 +18,7 @@ merge order as already merged into the base.
 
 from __future__ import annotations
 
+import structlog
 import trio
 
 from dmuserd.backends import Backend, BackendError, Options
@@ -40,12 +41,18 @@ class SnapshotBackend(Backend):
 
     def __init__(self, base, cow, *, size: int | None = None, label: int | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, merged: bool = False) -> None:
-        self.reader = CowReader(cow, label=label)
+        try:
+            self.reader = CowReader(cow, label=label)
+        except OSError as exc:
+            raise BackendError(f"snapshot backend: cannot open the COW file {cow}: {exc.strerror}") from None
         try:
             self.view = SnapshotView(
                 self.reader, base, size=size, cache_bytes=cache_bytes,
                 merged_ops=self.reader.num_merge_ops if merged else 0,
             )
+        except OSError as exc:
+            self.reader.close()
+            raise BackendError(f"snapshot backend: cannot open the base image {base}: {exc.strerror}") from None
         except BaseException:
             self.reader.close()
             raise
@@ -56,6 +63,10 @@ class SnapshotBackend(Backend):
             self.reader.close()
             raise
         self._paths = {"base": str(base), "cow": str(cow)}
+        structlog.get_logger().info(
+            "snapshot opened", **self._paths, size=self.size, cow_version=self.reader.version,
+            compression=self.reader.compression.name.lower(), ops=len(self.reader.data_ops),
+        )
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "SnapshotBackend":

@@ -8,6 +8,23 @@ Errors in a file come out as one line naming the offset and the rule
 from __future__ import annotations
 
 import argparse
+import functools
+
+
+def _os_errors(handler):
+    """A missing or unreadable file is the user's to fix: one line, not a traceback."""
+
+    @functools.wraps(handler)
+    def wrapper(args):
+        try:
+            return handler(args)
+        except OSError as exc:
+            from dmuserd.snapshot.cow import CowError
+
+            where = exc.filename or "file"
+            raise CowError(f"{where}: {exc.strerror or exc}; check the path and its permissions") from None
+
+    return wrapper
 
 
 def register(subparsers) -> None:
@@ -55,6 +72,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_verify)
 
 
+@_os_errors
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -109,6 +127,7 @@ def _op_line(op: dict) -> str:
     return f"#{op['index']} {op['type']} {fields}"
 
 
+@_os_errors
 def _create(args: argparse.Namespace) -> int:
     from dmuserd.snapshot._compression import parse_spec
     from dmuserd.snapshot._cow_tools import create_cow
@@ -125,6 +144,7 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
+@_os_errors
 def _render(args: argparse.Namespace) -> int:
     from dmuserd.backends import parse_size
     from dmuserd.snapshot._cow_tools import render_cow
@@ -135,6 +155,7 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+@_os_errors
 def _verify(args: argparse.Namespace) -> int:
     from dmuserd.snapshot._cow_tools import verify_cow
 

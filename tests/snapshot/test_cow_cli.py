@@ -65,3 +65,8 @@ def test_corrupt_file_is_one_line_exit_1(tmp_path):
     assert lines[0].startswith("dmuserd: error:") and "offset 2097190" in lines[0] and "rule op-type" in lines[0]
     res = run("inspect", write(tmp_path / "junk", b"not a cow file at all"))
     assert res.returncode == 1 and "rule magic" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_missing_file_is_one_line_exit_1(tmp_path):
+    res = run("inspect", tmp_path / "missing.cow")
+    assert res.returncode == 1 and "No such file" in res.stderr and "Traceback" not in res.stderr

@@ -97,6 +97,8 @@ async def test_size_option_and_errors(snapshot, tmp_path):
     assert info.value.rule == "block-outside-target"
     with pytest.raises(DmuserdError, match="cow"):
         SnapshotBackend.from_options({"base": base})
+    with pytest.raises(DmuserdError, match="base image"):
+        SnapshotBackend(str(tmp_path / "missing.img"), cow)
 
 
 def test_view_lookup_and_merge_switch(snapshot):
