@@ -14,13 +14,24 @@ import struct
 import crc32c as _crc32c
 
 from dmuserd.dsa_offload._errors import DeltaRecordError
+from dmuserd.dsa_offload._native import extension
 from dmuserd.dsa_offload._spec import DELTA_ENTRY, DELTA_GRANULE, Status
 
 # Comparison works chunk by chunk: one chunk's copy stays in cache.
 _CHUNK = 64 * 1024
 
 
+# From this size a copy drops the GIL (through the extension, when built),
+# so a copy run in a worker thread really leaves the trio loop free.
+_NOGIL_COPY = 1 << 20
+
+
 def copy(dst: memoryview, src: memoryview) -> None:
+    if len(dst) >= _NOGIL_COPY:
+        ext = extension()
+        if ext is not None:
+            ext.memmove(dst, src)
+            return
     dst[:] = src  # memmove semantics, at memcpy speed
 
 

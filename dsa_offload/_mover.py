@@ -11,6 +11,7 @@ finished on the CPU from where the device stopped, and counted.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any, Sequence
 
@@ -29,10 +30,14 @@ DEFAULT_THRESHOLD = 64 * 1024
 # CPU work at least this big runs in a worker thread (only where it drops
 # the GIL) so the trio loop keeps serving; smaller work is cheaper inline
 # than a thread hand-off (see bench/scenarios/dsa_mover.py).
-DEFAULT_CPU_THREAD_THRESHOLD = 8 * 1024 * 1024
+DEFAULT_CPU_THREAD_THRESHOLD = 16 * 1024 * 1024
+# CPU work done inline yields to other trio tasks at least this often (s).
+YIELD_INTERVAL = 0.0005
 
 
 def _view(buf, what: str, writable: bool = False) -> memoryview:
+    if type(buf) is memoryview and buf.format == "B" and buf.c_contiguous and not (writable and buf.readonly):
+        return buf  # the common case, kept cheap: it runs on every call
     try:
         view = memoryview(buf)
     except TypeError as exc:
@@ -45,7 +50,8 @@ def _view(buf, what: str, writable: bool = False) -> memoryview:
 
 
 def _same_length(what: str, *views: memoryview) -> None:
-    if len({len(v) for v in views}) > 1:
+    n = len(views[0])
+    if any(len(v) != n for v in views[1:]):
         raise DsaArgumentError(f"{what}: buffers differ in length ({', '.join(str(len(v)) for v in views)})")
 
 
@@ -115,12 +121,41 @@ class Mover:
                  cpu_thread_threshold: int | None = DEFAULT_CPU_THREAD_THRESHOLD, emulator=None) -> None:
         self._device = device
         self.engine = engine
-        self.threshold = threshold
-        self.cpu_thread_threshold = cpu_thread_threshold
+        self._threshold = threshold
+        self._cpu_thread_threshold = cpu_thread_threshold
+        self._update_inline_limit()
         self.emulator = emulator  # the emulated device, for tests and stats
-        self._counts: Counter[str] = Counter()
+        # Plain ints, not a Counter: they are bumped on every call.
+        self._ops = self._offloaded_ops = self._cpu_ops = self._cpu_bytes = 0
         self._fallbacks: Counter[str] = Counter()
         self._closed = False
+        self._last_yield = time.perf_counter()
+
+    @property
+    def threshold(self) -> int:
+        """Operations smaller than this many bytes stay on the CPU."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: int) -> None:
+        self._threshold = value
+        self._update_inline_limit()
+
+    @property
+    def cpu_thread_threshold(self) -> int | None:
+        """CPU work this large runs in a worker thread (None: never)."""
+        return self._cpu_thread_threshold
+
+    @cpu_thread_threshold.setter
+    def cpu_thread_threshold(self, value: int | None) -> None:
+        self._cpu_thread_threshold = value
+        self._update_inline_limit()
+
+    def _update_inline_limit(self) -> None:
+        # Sizes below this copy inline on the CPU with no policy decision left.
+        inf = float("inf")
+        self._inline_below = min(self._threshold if self._device else inf,
+                                 inf if self._cpu_thread_threshold is None else self._cpu_thread_threshold)
 
     @property
     def queue(self):
@@ -131,7 +166,22 @@ class Mover:
 
     async def copy(self, dst, src) -> None:
         """Copy ``src`` into ``dst`` (same length; overlap allowed)."""
-        await self._execute(_copy(dst, src))
+        dst, src = _view(dst, "dst", True), _view(src, "src")
+        n = len(dst)
+        if len(src) != n:
+            _same_length("copy", dst, src)
+        if n < self._inline_below:
+            # The hot path (CPU, in this thread): no decision is left, so no
+            # Operation is built; at 64 KiB that object costs a tenth of the copy.
+            self._ops += 1
+            self._cpu_ops += 1
+            self._cpu_bytes += n
+            if self._device:
+                self._fallbacks["below_threshold"] += 1
+            _cpu.copy(dst, src)
+            await self._yield()
+            return
+        await self._execute(_ops.Copy(dst, src))
 
     async def fill(self, dst, pattern: bytes | int = b"\0") -> None:
         """Fill ``dst`` with a 1, 2, 4 or 8-byte pattern (or a byte value)."""
@@ -200,8 +250,8 @@ class Mover:
             done = await self._device.run_batch([ops[i] for i in indexes], self._cpu)
             for i, result in zip(indexes, done):
                 results[i] = result
-            self._counts["ops"] += len(indexes)
-            self._counts["offloaded_ops"] += len(indexes)
+            self._ops += len(indexes)
+            self._offloaded_ops += len(indexes)
 
         async with trio.open_nursery() as nursery:
             size = max(2, self._device.max_batch if self._device else 2)
@@ -239,9 +289,9 @@ class Mover:
     async def _execute(self, op: _ops.Operation):
         if self._closed:
             raise DsaArgumentError("the mover is closed")
-        self._counts["ops"] += 1
+        self._ops += 1
         if op.finished:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
             return op.result()
         if self._device is None:
             return await self._cpu(op, None)
@@ -250,7 +300,7 @@ class Mover:
         reason = self._device_reason(op)
         if reason:
             return await self._cpu(op, reason)
-        self._counts["offloaded_ops"] += 1
+        self._offloaded_ops += 1
         mt = self._device.max_transfer
         if not op.splittable or op.nbytes() <= mt:
             return await self._device.run(op, self._cpu)
@@ -262,16 +312,31 @@ class Mover:
 
     async def _cpu(self, op: _ops.Operation, reason: str | None):
         """Finish ``op`` on the CPU (``reason``: why not on the device)."""
+        n = op.nbytes()
+        self._count_cpu(n, reason)
+        if self.cpu_thread_threshold is not None and n >= self.cpu_thread_threshold:
+            await trio.to_thread.run_sync(op.cpu)
+            return op.result()
+        op.cpu()
+        await self._yield()
+        return op.result()
+
+    def _count_cpu(self, n: int, reason: str | None) -> None:
         if reason:
             self._fallbacks[reason] += 1
-        self._counts["cpu_ops"] += 1
-        self._counts["cpu_bytes"] += op.nbytes()
-        if self.cpu_thread_threshold is not None and op.nbytes() >= self.cpu_thread_threshold:
-            await trio.to_thread.run_sync(op.cpu)
-        else:
-            op.cpu()
+        self._cpu_ops += 1
+        self._cpu_bytes += n
+
+    async def _yield(self) -> None:
+        # A full checkpoint (a trip through the scheduler) costs more than a
+        # 64 KiB memcpy, so inline CPU work yields to other tasks only once
+        # its time slice is used; cancellation is honoured on every call.
+        now = time.perf_counter()
+        if now - self._last_yield > YIELD_INTERVAL:
+            self._last_yield = now
             await trio.lowlevel.checkpoint()
-        return op.result()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     # -- state -----------------------------------------------------------
 
@@ -280,10 +345,10 @@ class Mover:
         out = {
             "engine": self.engine,
             "threshold": self.threshold,
-            "ops": self._counts["ops"],
-            "offloaded_ops": self._counts["offloaded_ops"],
-            "cpu_ops": self._counts["cpu_ops"],
-            "cpu_bytes": self._counts["cpu_bytes"],
+            "ops": self._ops,
+            "offloaded_ops": self._offloaded_ops,
+            "cpu_ops": self._cpu_ops,
+            "cpu_bytes": self._cpu_bytes,
             "fallbacks": dict(self._fallbacks),
         }
         if self._device:
