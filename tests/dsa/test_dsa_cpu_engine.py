@@ -1,0 +1,97 @@
+"""The CPU engine: works without the extension, agrees with the crc32c package, stays fair."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import crc32c
+import trio
+
+from dmuserd.dsa_offload import open_mover
+
+WITHOUT_EXTENSION = textwrap.dedent("""
+    import json, sys, trio
+    sys.modules["dmuserd.dsa_offload._dsa"] = None  # as if it had never been built
+    from dmuserd.dsa_offload import auto_choice, open_mover
+    from dmuserd.dsa_offload.commands import gather
+
+    async def main():
+        mover = open_mover("auto")
+        src = bytes(range(256)) * 1000
+        dst = bytearray(len(src))
+        await mover.copy(dst, src)
+        crc = await mover.crc32c(src, 5)
+        try:
+            open_mover("emulated")
+            emulated = "opened"
+        except Exception as exc:
+            emulated = type(exc).__name__
+        return {"engine": mover.engine, "copied": dst == src, "crc": crc, "emulated": emulated,
+                "info": gather()}
+
+    print(json.dumps(trio.run(main)))
+""")
+
+
+def test_everything_but_the_device_works_without_the_extension():
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DMUSERD_LOG_LEVEL": "error"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["engine"] == "cpu" and report["copied"]
+    assert report["crc"] == crc32c.crc32c(bytes(range(256)) * 1000, 5)
+    assert report["emulated"] == "DsaUnavailable"
+    info = report["info"]
+    assert info["extension"]["available"] is False and "import" in info["extension"]["error"].lower()
+    assert info["auto"]["engine"] == "cpu" and "extension" in info["auto"]["reason"]
+    assert info["engines"] == ["cpu"]
+
+
+async def test_cpu_engine_operations():
+    mover = open_mover("cpu")
+    src = bytes(range(256)) * 300
+    dst, dst2 = bytearray(len(src)), bytearray(len(src))
+    await mover.copy(dst, src)
+    assert dst == src
+    assert await mover.copy_crc32c(dst2, src, 3) == crc32c.crc32c(src, 3) and dst2 == src
+    await mover.dualcast(dst, dst2, bytes(len(src)))
+    assert not any(dst) and not any(dst2)
+    await mover.fill(dst, b"xy")
+    assert dst == b"xy" * (len(src) // 2)
+    assert await mover.compare_pattern(dst, b"xy") is None
+    dst[1001] = 0
+    assert await mover.compare_pattern(dst, b"xy") == 1001
+    assert mover.stats()["cpu_ops"] == 6 and mover.stats()["fallbacks"] == {}
+
+
+async def test_inline_cpu_work_still_lets_other_tasks_run():
+    mover = open_mover("cpu")
+    src, dst = bytes(65536), bytearray(65536)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.sleep(0)
+        start = ticks
+        deadline = trio.current_time() + 0.05
+        while trio.current_time() < deadline:
+            await mover.copy(dst, src)
+        assert ticks - start >= 10  # a yield at least every YIELD_INTERVAL
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancellation_is_honoured_on_the_inline_path():
+    mover = open_mover("cpu")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await mover.copy(bytearray(10), bytes(10))
+        raise AssertionError("not cancelled")
+    assert scope.cancelled_caught
