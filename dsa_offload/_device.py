@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Awaitable, Callable
 
 import structlog
+import trio
 
 from dmuserd.dsa_offload._completion import Completions
 from dmuserd.dsa_offload._errors import DeltaRecordError
@@ -203,12 +204,15 @@ class Device:
         return handle
 
     async def noop(self) -> None:
-        handle = self._submit(Opcode.NOOP, {})
+        """One round trip through the device; nothing to do when it is full."""
+        try:
+            handle = self._submit(Opcode.NOOP, {})
+        except Fallback:
+            await trio.lowlevel.checkpoint()
+            return
         await self.completions.wait(handle)
 
     async def aclose(self) -> None:
-        import trio
-
         with trio.CancelScope(shield=True):  # the device may still write our buffers
             await self.completions.wait_idle()
         self.queue.close()

@@ -125,6 +125,7 @@ static void Emulator_dealloc(EmulatorObject *self)
 
 static PyObject *Emulator_set_fault(EmulatorObject *self, PyObject *args, PyObject *kw)
 {
+    dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     static char *kwlist[] = {"addr", "length", "sticky", NULL};
     unsigned long long addr, len;
     int sticky = 0;
@@ -136,12 +137,14 @@ static PyObject *Emulator_set_fault(EmulatorObject *self, PyObject *args, PyObje
 
 static PyObject *Emulator_clear_faults(EmulatorObject *self, PyObject *unused)
 {
+    dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     dsa_emu_clear_faults(self->e);
     Py_RETURN_NONE;
 }
 
 static PyObject *Emulator_touch(EmulatorObject *self, PyObject *arg)
 {
+    dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     unsigned long long addr = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
@@ -151,6 +154,7 @@ static PyObject *Emulator_touch(EmulatorObject *self, PyObject *arg)
 
 static PyObject *Emulator_fault_next_records(EmulatorObject *self, PyObject *arg)
 {
+    dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     long n = PyLong_AsLong(arg);
     if (n < 0 && PyErr_Occurred())
         return NULL;
@@ -160,6 +164,7 @@ static PyObject *Emulator_fault_next_records(EmulatorObject *self, PyObject *arg
 
 static PyObject *Emulator_execute(EmulatorObject *self, PyObject *arg)
 {
+    dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -181,6 +186,7 @@ static PyObject *Emulator_execute(EmulatorObject *self, PyObject *arg)
 
 static PyObject *Emulator_stats(EmulatorObject *self, PyObject *unused)
 {
+    dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     struct dsa_emu_stats s;
     dsa_emu_stats(self->e, &s);
     return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsI}", "descriptors", s.descriptors, "batches", s.batches, "members",

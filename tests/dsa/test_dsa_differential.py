@@ -5,6 +5,7 @@ descriptors, split pieces and CPU-side work all occur; some examples also
 inject page faults, which the emulated engine must recover from invisibly.
 """
 
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -64,8 +65,7 @@ async def apply(mover, name, src, dst, dst2, seed, pattern, flip):
     raise AssertionError(name)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(
+STRATEGIES = dict(
     name=st.sampled_from(OPS),
     size=st.one_of(st.integers(0, 300), st.integers(4000, 70000)),
     offset=st.integers(0, 63),
@@ -75,7 +75,23 @@ async def apply(mover, name, src, dst, dst2, seed, pattern, flip):
     fault=st.one_of(st.none(), st.integers(0, 1 << 20)),
     data=st.randoms(use_true_random=False),
 )
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(**STRATEGIES)
 def test_engines_agree(ext, name, size, offset, seed, pattern, flip, fault, data):
+    check_engines_agree(ext, name, size, offset, seed, pattern, flip, fault, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=1000, **SETTINGS)
+@given(**STRATEGIES)
+def test_engines_agree_long(ext, name, size, offset, seed, pattern, flip, fault, data):
+    check_engines_agree(ext, name, size, offset, seed, pattern, flip, fault, data)
+
+
+def check_engines_agree(ext, name, size, offset, seed, pattern, flip, fault, data):
     payload = data.randbytes(size)
 
     async def run(engine):
