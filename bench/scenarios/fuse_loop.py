@@ -1,0 +1,390 @@
+"""Block I/O through loop → FUSE: dmuserd against two other FUSE file servers.
+
+What is measured
+    fio on a loop device (``losetup --direct-io=on``) whose backing file is a
+    FUSE file, for three servers of that file:
+
+    * ``dmuserd``: ``dmuserd serve --backend memory:size=1G --export fuse:DIR``,
+      i.e. FUSE → in-process dm-user model → channel → dispatcher → memory
+      backend, all of it;
+    * ``bare_pyfuse3`` (anchor): :mod:`bench.anchors.bare_pyfuse3`, a pyfuse3
+      (trio) server whose ``read`` returns a slice of a ``bytearray`` and
+      nothing else, with dmuserd's FUSE options (``direct_io`` on open, same
+      ``min_tasks``/``max_tasks``). It is the floor cost of serving a file
+      from Python with pyfuse3, so ``iops_vs_bare_pyfuse3`` and
+      ``throughput_vs_bare_pyfuse3`` say how much of the budget dmuserd's own
+      layers take. Target: both ≥ 0.9.
+    * ``qemu_storage_daemon`` (anchor): ``qemu-storage-daemon --blockdev
+      driver=file,... --export type=fuse,...,writable=on`` over a 1 GiB image
+      on tmpfs (``/dev/shm``, else a tmpfs mounted for the run), so it serves
+      from memory too. A C server: the ratios against it are reported, with
+      no target. If ``qemu-storage-daemon`` is not installed this anchor is
+      left out (and said so in the notes); the scenario still runs.
+
+How
+    For each server in turn: start it, wait for its mount, attach
+    ``losetup --find --show --direct-io=on FILE``, prefill the first 256 MiB
+    (fio, sequential 1 MiB writes, fio's random buffer contents, so reads
+    return real data, not holes), then run on the loop device, over those
+    256 MiB, with libaio and ``--direct=1``:
+
+    * ``randread``: ``--rw=randread --bs=4k --iodepth=32`` → IOPS;
+    * ``seqread``: ``--rw=read --bs=1M --iodepth=4`` → MB/s (10**6 bytes/s).
+
+    Each job is time-based: quick mode 1 s ramp + 4 s measured, one round;
+    full mode 2 s ramp + 20 s measured, two rounds (servers interleaved per
+    round) and the best round kept, since on a shared machine interference
+    only ever lowers a figure. Every sample is in ``samples``. After the
+    runs, the daemon's counters (``dmuserd status``) must show no errors.
+
+    Cleanup always runs (loop detached, server stopped with SIGTERM then
+    SIGKILL, mount lazily unmounted if still there, temporary files removed).
+    Needs root, ``/dev/fuse``, fio, losetup and pyfuse3; otherwise ``Skip``.
+    Quick mode takes about 40 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.run import Skip
+
+TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s via loop → FUSE: dmuserd vs bare pyfuse3 vs qemu-storage-daemon"
+
+REPO = Path(__file__).resolve().parents[2]
+BARE_ANCHOR = REPO / "bench" / "anchors" / "bare_pyfuse3.py"
+DEVICE_SIZE = 1 << 30
+REGION = 256 << 20  # prefilled, and the span every read job covers
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+JOBS = {
+    "randread": ["--rw=randread", "--bs=4k", "--iodepth=32", "--norandommap", "--randrepeat=0"],
+    "seqread": ["--rw=read", "--bs=1M", "--iodepth=4"],
+}
+SERVERS = ("bare_pyfuse3", "dmuserd", "qemu_storage_daemon")
+TARGETS = {"iops_vs_bare_pyfuse3": 0.9, "throughput_vs_bare_pyfuse3": 0.9}
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _mount_points() -> list[str]:
+    points = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                # the mount point is field 5, with octal escapes (\040) for odd characters
+                if len(fields) > 4:
+                    points.append(fields[4].encode().decode("unicode_escape"))
+    except OSError:
+        pass
+    return points
+
+
+def _is_mounted(path: str) -> bool:
+    """Whether ``path`` is a mount point now (works for a file mount point too)."""
+    return path in _mount_points()
+
+
+def _fstype(path: str) -> str | None:
+    best, kind = "", None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[1]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, fields[2]
+    return kind
+
+
+def _run(args: list[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class _Server:
+    """A FUSE server process: start, wait for its mount, stop, clean up."""
+
+    name = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.mountpoint = ""  # what gets mounted (a directory or a file)
+        self.file = ""  # the FUSE file the loop device sits on
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        pass
+
+    def start(self) -> str:
+        self.prepare()
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         cwd="/", start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (_is_mounted(self.mountpoint) and os.path.exists(self.file)):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before mounting: {_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not mount {self.mountpoint} within {START_TIMEOUT} s: {_tail(self.log)}")
+            time.sleep(0.05)
+        return self.file
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+        if self.mountpoint and _is_mounted(self.mountpoint):
+            if _run(["fusermount3", "-u", "-z", self.mountpoint]).returncode != 0:
+                _run(["umount", "-l", self.mountpoint])
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        pass
+
+
+class _Dmuserd(_Server):
+    name = "dmuserd"
+
+    def prepare(self) -> None:
+        self.mountpoint = str(self.workdir / "dmuserd")
+        os.mkdir(self.mountpoint)
+        self.file = os.path.join(self.mountpoint, "disk")
+        self.control = str(self.workdir / "dmuserd.sock")
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dmuserd", "serve", "--name", "disk",
+                "--backend", f"memory:size={DEVICE_SIZE}", "--export", f"fuse:{self.mountpoint}",
+                "--control-socket", self.control]
+
+    def status(self) -> dict:
+        result = _run([sys.executable, "-m", "dmuserd", "status", "--json", "--control-socket", self.control], timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"dmuserd status failed: {result.stderr.strip()}")
+        return json.loads(result.stdout)
+
+
+class _BarePyfuse3(_Server):
+    name = "bare_pyfuse3"
+
+    def prepare(self) -> None:
+        self.mountpoint = str(self.workdir / "bare")
+        os.mkdir(self.mountpoint)
+        self.file = os.path.join(self.mountpoint, "disk")
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(BARE_ANCHOR), "--size", str(DEVICE_SIZE), self.mountpoint]
+
+
+class _QemuStorageDaemon(_Server):
+    name = "qemu_storage_daemon"
+
+    def __init__(self, workdir: Path, image_dir: str) -> None:
+        super().__init__(workdir)
+        self.image = os.path.join(image_dir, f"dmuserd-bench-fuse-loop-{os.getpid()}.img")
+
+    def prepare(self) -> None:
+        self.mountpoint = self.file = str(self.workdir / "qsd.img")
+        Path(self.file).touch()  # qsd's FUSE export mounts over a regular file
+        with open(self.image, "wb") as f:
+            f.truncate(DEVICE_SIZE)
+
+    def command(self) -> list[str]:
+        return ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=f,filename={self.image}",
+                "--export", f"type=fuse,id=e,node-name=f,mountpoint={self.mountpoint},writable=on"]
+
+    def cleanup(self) -> None:
+        try:
+            os.unlink(self.image)
+        except FileNotFoundError:
+            pass
+
+
+def _attach_loop(path: str) -> str:
+    result = _run(["losetup", "--find", "--show", "--direct-io=on", path])
+    if result.returncode != 0:
+        raise RuntimeError(f"losetup {path} failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def _loop_dio(device: str) -> bool:
+    try:
+        return Path(f"/sys/block/{os.path.basename(device)}/loop/dio").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _detach_loop(device: str) -> None:
+    for _ in range(20):
+        if _run(["losetup", "-d", device]).returncode == 0:
+            return
+        time.sleep(0.1)
+
+
+def _fio(device: str, name: str, args: list[str]) -> dict:
+    cmd = ["fio", f"--name={name}", f"--filename={device}", "--ioengine=libaio", "--direct=1",
+           f"--size={REGION}", "--output-format=json", *args]
+    result = _run(cmd, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"fio {name} failed ({result.returncode}): {result.stderr.strip() or result.stdout[-500:]}")
+    text = result.stdout
+    report = json.loads(text[text.index("{"):])  # fio may print warnings before the JSON
+    job = report["jobs"][0]
+    if job.get("error"):
+        raise RuntimeError(f"fio {name}: error {job['error']}")
+    return job
+
+
+def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
+    """Start ``server``, prefill, run both jobs; return (figures, extra info)."""
+    device = None
+    try:
+        path = server.start()
+        device = _attach_loop(path)
+        info = {"loop_dio": _loop_dio(device)}
+        prefill = _fio(device, "prefill", ["--rw=write", "--bs=1M", "--iodepth=8"])
+        info["prefill_mb_s"] = round(prefill["write"]["bw_bytes"] / 1e6, 1)
+        timed = [f"--ramp_time={ramp}", f"--runtime={runtime}", "--time_based"]
+        rand = _fio(device, "randread", JOBS["randread"] + timed)["read"]
+        seq = _fio(device, "seqread", JOBS["seqread"] + timed)["read"]
+        figures = {
+            "iops": round(rand["iops"]),
+            "mb_s": round(seq["bw_bytes"] / 1e6, 1),
+            "randread_clat_p99_us": round(rand["clat_ns"]["percentile"].get("99.000000", 0) / 1000, 1),
+        }
+        if isinstance(server, _Dmuserd):
+            target = server.status()["targets"]["disk"]
+            if target["errors"] or target["unsupported"]:
+                raise RuntimeError(f"dmuserd counted {target['errors']} errors, {target['unsupported']} unsupported")
+            info["requests"] = target["total_requests"]
+        return figures, info
+    finally:
+        if device:
+            _detach_loop(device)
+        server.stop()
+
+
+def _memory_dir(workdir: Path) -> tuple[str, str | None]:
+    """A directory on tmpfs for the qemu image; (dir, a tmpfs we mounted or None)."""
+    if os.path.isdir("/dev/shm") and _fstype("/dev/shm") == "tmpfs":
+        return "/dev/shm", None
+    mnt = workdir / "tmpfs"
+    mnt.mkdir()
+    result = _run(["mount", "-t", "tmpfs", "-o", f"size={DEVICE_SIZE + (64 << 20)}", "tmpfs", str(mnt)])
+    if result.returncode != 0:
+        raise RuntimeError(f"mounting a tmpfs for the qemu image failed: {result.stderr.strip()}")
+    return str(mnt), str(mnt)
+
+
+def _check_tools() -> list[str]:
+    if os.geteuid() != 0:
+        raise Skip("needs root (losetup, FUSE mounts with allow_other)")
+    if not os.path.exists("/dev/fuse"):
+        raise Skip("/dev/fuse is missing (modprobe fuse)")
+    for tool in ("fio", "losetup"):
+        if shutil.which(tool) is None:
+            raise Skip(f"{tool} is not installed")
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError:
+        raise Skip("pyfuse3 is not installed in this Python") from None
+    notes = []
+    if shutil.which("qemu-storage-daemon") is None:
+        notes.append("qemu-storage-daemon not installed: its anchor is left out")
+    return notes
+
+
+# -- the scenario ----------------------------------------------------------------
+
+
+def run(quick: bool) -> dict:
+    notes = _check_tools()
+    ramp, runtime, rounds = (1, 4, 1) if quick else (2, 20, 2)
+    servers = [s for s in SERVERS if s != "qemu_storage_daemon" or shutil.which("qemu-storage-daemon")]
+    samples: dict[str, list[dict]] = {s: [] for s in servers}
+    infos: dict[str, dict] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="dmuserd-bench-fuse-loop-"))
+    own_tmpfs = None
+    try:
+        image_dir = None
+        if "qemu_storage_daemon" in servers:
+            image_dir, own_tmpfs = _memory_dir(workdir)
+        for round_ in range(rounds):
+            for name in servers:
+                rdir = workdir / f"r{round_}-{name}"
+                rdir.mkdir()
+                server = {
+                    "bare_pyfuse3": lambda: _BarePyfuse3(rdir),
+                    "dmuserd": lambda: _Dmuserd(rdir),
+                    "qemu_storage_daemon": lambda: _QemuStorageDaemon(rdir, image_dir),
+                }[name]()
+                figures, info = _measure(server, ramp, runtime)
+                samples[name].append(figures)
+                infos[name] = info
+    finally:
+        if own_tmpfs and _is_mounted(own_tmpfs):
+            _run(["umount", "-l", own_tmpfs])
+        if not any(p.startswith(str(workdir) + "/") for p in _mount_points()):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    best = {name: {"iops": max(s["iops"] for s in runs), "mb_s": max(s["mb_s"] for s in runs)}
+            for name, runs in samples.items()}
+    figures = {"dmuserd_4k_randread_iops": best["dmuserd"]["iops"],
+               "dmuserd_1m_seqread_mb_s": best["dmuserd"]["mb_s"]}
+    anchors, ratios, units = {}, {}, {}
+    for name in servers:
+        if name == "dmuserd":
+            continue
+        anchors[f"{name}_4k_randread_iops"] = best[name]["iops"]
+        anchors[f"{name}_1m_seqread_mb_s"] = best[name]["mb_s"]
+        if best[name]["iops"]:
+            ratios[f"iops_vs_{name}"] = round(best["dmuserd"]["iops"] / best[name]["iops"], 3)
+        if best[name]["mb_s"]:
+            ratios[f"throughput_vs_{name}"] = round(best["dmuserd"]["mb_s"] / best[name]["mb_s"], 3)
+    for key in (*figures, *anchors):
+        units[key] = "IOPS" if key.endswith("_iops") else "MB/s"
+
+    notes[:0] = [
+        f"fio libaio --direct=1 on loop (--direct-io=on) over each server's FUSE file (1 GiB); "
+        f"prefilled and read over the first {REGION >> 20} MiB; randread 4k QD32, seqread 1M QD4; "
+        f"{ramp} s ramp + {runtime} s per job, {rounds} round(s), best round kept",
+        "dmuserd: memory backend through the in-process dm-user model; bare_pyfuse3: bench/anchors/bare_pyfuse3.py; "
+        "qemu_storage_daemon: driver=file image on tmpfs, FUSE export",
+        "loop direct I/O: " + ", ".join(f"{n} {'on' if i.get('loop_dio') else 'OFF'}" for n, i in infos.items()),
+        "prefill MB/s: " + ", ".join(f"{n} {i.get('prefill_mb_s')}" for n, i in infos.items()),
+    ]
+    return {
+        "figures": figures,
+        "anchors": anchors,
+        "ratios": ratios,
+        "targets": {k: v for k, v in TARGETS.items() if k in ratios},
+        "units": units,
+        "samples": samples,
+        "notes": "; ".join(notes),
+    }
