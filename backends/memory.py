@@ -9,7 +9,7 @@ vanish with the process; flush has nothing to do.
 from __future__ import annotations
 
 from dmuserd.backends._api import Backend
-from dmuserd.backends.options import Options
+from dmuserd.backends.options import size_and_block_size
 
 CHUNK = 64 * 1024
 _ZERO_CHUNK = bytes(CHUNK)
@@ -24,11 +24,7 @@ class MemoryBackend(Backend):
 
     @classmethod
     def from_options(cls, options):
-        opts = Options(cls.name, options)
-        size = opts.size("size", required=True)
-        block_size = opts.size("block_size", 512)
-        opts.finish()
-        return cls(size, block_size)
+        return cls(*size_and_block_size(cls.name, options))
 
     @property
     def allocated_bytes(self) -> int:

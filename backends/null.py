@@ -7,7 +7,7 @@ to measure the daemon and the export alone.
 from __future__ import annotations
 
 from dmuserd.backends._api import Backend
-from dmuserd.backends.options import Options
+from dmuserd.backends.options import size_and_block_size
 
 
 class NullBackend(Backend):
@@ -19,11 +19,7 @@ class NullBackend(Backend):
 
     @classmethod
     def from_options(cls, options):
-        opts = Options(cls.name, options)
-        size = opts.size("size", required=True)
-        block_size = opts.size("block_size", 512)
-        opts.finish()
-        return cls(size, block_size)
+        return cls(*size_and_block_size(cls.name, options))
 
     async def read(self, offset, length):
         if len(self._zeros) < length:

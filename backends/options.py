@@ -84,3 +84,13 @@ class Options:
             raise BackendError(
                 f"backend {self._backend!r} does not know the option(s) {', '.join(sorted(self._options))}"
             )
+
+
+def size_and_block_size(backend: str, options: dict) -> tuple[int, int]:
+    """The ``size=`` (required) and ``block_size=`` (default 512) options,
+    all a RAM-like backend takes."""
+    opts = Options(backend, options)
+    size = opts.size("size", required=True)
+    block_size = opts.size("block_size", 512)
+    opts.finish()
+    return size, block_size
