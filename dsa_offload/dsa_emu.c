@@ -184,6 +184,23 @@ static void blocked_wait(struct dsa_emu *e)
     pthread_mutex_lock(&e->mu);
 }
 
+/* A scan found a fault at st->addr. Without block-on-fault the operation
+ * stops there; with it, wait until the page is made present and return 1
+ * so the caller scans again; a page that never becomes present (sticky)
+ * is a rejected page request. */
+static int wait_out_fault(struct dsa_emu *e, struct stop *st, int bof, int sticky)
+{
+    if (!bof)
+        return 0;
+    if (sticky) {
+        st->rejected = 1;
+        return 0;
+    }
+    blocked_wait(e);
+    touch_locked(e, st->addr);
+    return 1;
+}
+
 static struct stop forward_stop(struct dsa_emu *e, const struct stream *s, int ns, uint64_t n, int bof)
 {
     struct stop st = {n, 0, 0, 0};
@@ -204,14 +221,8 @@ static struct stop forward_stop(struct dsa_emu *e, const struct stream *s, int n
             break;
         st.addr = s[found].addr + st.at;
         st.write = s[found].write;
-        if (!bof)
+        if (!wait_out_fault(e, &st, bof, sticky))
             break;
-        if (sticky) {
-            st.rejected = 1;
-            break;
-        }
-        blocked_wait(e);
-        touch_locked(e, st.addr);
     }
     pthread_mutex_unlock(&e->mu);
     return st;
@@ -240,14 +251,8 @@ static struct stop backward_stop(struct dsa_emu *e, const struct stream *s, int 
             break;
         st.addr = s[found].addr + (uint64_t)hi;
         st.write = s[found].write;
-        if (!bof)
+        if (!wait_out_fault(e, &st, bof, sticky))
             break;
-        if (sticky) {
-            st.rejected = 1;
-            break;
-        }
-        blocked_wait(e);
-        touch_locked(e, st.addr);
     }
     pthread_mutex_unlock(&e->mu);
     return st;
