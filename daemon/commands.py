@@ -56,7 +56,7 @@ def _serve(args) -> int:
     import trio
 
     from dmuserd.daemon.config import default_control_socket
-    from dmuserd.daemon.runtime import run_until_signal
+    from dmuserd.daemon.service import run_until_signal
 
     spec = _spec_from_args(args)
     control = args.control_socket or spec.control_socket or default_control_socket()

@@ -28,14 +28,20 @@ def prepare_socket_path(path: str) -> None:
 
 
 async def serve_control(daemon, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    prepare_socket_path(path)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old_umask)
-    sock.listen(16)
+    from dmuserd.daemon.activation import inherited_socket
+
+    inherited = inherited_socket(path)
+    if inherited is not None:
+        sock = trio.socket.from_stdlib_socket(inherited)
+    else:
+        prepare_socket_path(path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
     listener = trio.SocketListener(sock)
     log.info("control socket listening", path=path)
     try:
@@ -44,10 +50,11 @@ async def serve_control(daemon, path: str, *, task_status=trio.TASK_STATUS_IGNOR
             await trio.serve_listeners(lambda stream: _client(daemon, stream), [listener],
                                        handler_nursery=nursery)
     finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if inherited is None:  # a socket systemd passed us stays for the next start
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 async def _client(daemon, stream: trio.SocketStream) -> None:
@@ -73,15 +80,40 @@ def _encode(answer: dict) -> bytes:
     return json.dumps(answer).encode() + b"\n"
 
 
+#: Commands: name -> "module:function", each ``async def f(daemon, request: dict) -> dict``
+#: returning the answer's fields (``ok`` is added); raise ``CommandError`` to refuse.
+COMMANDS = {
+    "status": "dmuserd.daemon.control:status_command",
+}
+
+
+class CommandError(Exception):
+    """A control request that cannot be done; the message goes to the client."""
+
+
+async def status_command(daemon, request: dict) -> dict:
+    return {"status": daemon.status()}
+
+
 async def handle_request(daemon, line: bytes) -> dict:
+    import importlib
+
     try:
         request = json.loads(line)
         cmd = request["cmd"]
     except (ValueError, KeyError, TypeError):
         return {"ok": False, "error": 'send one JSON object per line, e.g. {"cmd": "status"}'}
-    if cmd == "status":
-        return {"ok": True, "status": daemon.status()}
-    return {"ok": False, "error": f"unknown command {cmd!r} (known: status)"}
+    if cmd not in COMMANDS:
+        return {"ok": False, "error": f"unknown command {cmd!r} (known: {', '.join(sorted(COMMANDS))})"}
+    module_name, _, function = COMMANDS[cmd].partition(":")
+    handler = getattr(importlib.import_module(module_name), function)
+    try:
+        return {"ok": True, **await handler(daemon, request)}
+    except CommandError as exc:
+        return {"ok": False, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a failing command must not take the daemon down
+        log.exception("control command failed", cmd=cmd)
+        return {"ok": False, "error": f"{cmd} failed: {exc}"}
 
 
 def request(path: str, payload: dict, timeout: float = 5.0) -> dict:

@@ -10,7 +10,14 @@ nursery::
         await daemon.stop()                 # detach, flush, unmount
 
 A target is a name, a backend, its dispatcher and its exports. FUSE exports
-of all targets share one mount (pyfuse3 allows one per process).
+of all targets share one mount (pyfuse3 allows one per process). Every other
+export kind is a module named in :data:`EXPORT_STARTERS` with one function::
+
+    async def start_export(daemon, target, export, nursery) -> None
+
+which returns once the export is live (listening, attached), records where
+clients find it in ``target.endpoints[export.kind]``, and leaves its
+long-running tasks in ``nursery``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ from dmuserd.daemon.dispatcher import Dispatcher
 from dmuserd.daemon.emulated import EmulatedDmUser
 
 log = structlog.get_logger("dmuserd.daemon")
+
+#: Export kinds other than FUSE: kind -> "module:function" (see the module doc).
+EXPORT_STARTERS = {
+    "nbd": "dmuserd.daemon.nbd:start_export",
+    "dm-user": "dmuserd.daemon.dmuser:start_export",
+}
 
 #: How long a stop waits for in-flight requests before giving up on them.
 STOP_GRACE_SECONDS = 10.0
@@ -59,6 +72,9 @@ class Daemon:
         self.control_socket = control_socket if control_socket is not None else spec.control_socket
         self.targets: dict[str, Target] = {}
         self.fuse = None
+        #: The daemon's main nursery while it runs: background jobs of targets
+        #: (an online merge, say) start here so a stop cancels them in order.
+        self.nursery: trio.Nursery | None = None
         self.started_at = time.time()
         self.stopping = False
         self._cancel = trio.CancelScope()
@@ -83,17 +99,23 @@ class Daemon:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve every target until :meth:`stop` or cancellation."""
+        starters = {}
         for spec in self.spec.targets:
             for export in spec.exports:
-                if export.kind != "fuse":
-                    raise ConfigError(f"export {export}: the {export.kind} export is not available in this version")
+                if export.kind != "fuse" and export.kind not in starters:
+                    starters[export.kind] = _export_starter(export)
         mountpoint = self._fuse_mountpoint()
         self._build_targets()
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
                     if mountpoint:
                         await self._start_fuse(nursery, mountpoint)
+                    for target in self.targets.values():
+                        for export in target.spec.exports:
+                            if export.kind != "fuse":
+                                await starters[export.kind](self, target, export, nursery)
                     if self.control_socket:
                         from dmuserd.daemon.control import serve_control
 
@@ -159,15 +181,11 @@ class Daemon:
         }
 
 
-async def run_until_signal(spec: DaemonSpec, control_socket: str | None) -> None:
-    """``dmuserd serve``: run until SIGINT/SIGTERM, then stop in order."""
-    import signal
+def _export_starter(export):
+    import importlib
 
-    daemon = Daemon(spec, control_socket=control_socket)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
-            async for signum in signals:
-                log.info("signal received, stopping", signal=signal.Signals(signum).name)
-                await daemon.stop()
-                break
+    module_name, _, function = EXPORT_STARTERS.get(export.kind, ":").partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"export {export}: the {export.kind} export is not available in this version") from None
