@@ -141,21 +141,43 @@ class Daemon:
         await nursery.start(self.fuse.run)
 
     async def stop(self) -> None:
-        """Stop in order: detach loop devices on our files, flush, unmount."""
+        """Stop in order, within :data:`STOP_GRACE_SECONDS`; what a SIGTERM does.
+
+        1. detach loop devices on our FUSE files (their own flush still
+           gets served);
+        2. take no new requests: each in-process dm-user target is removed
+           (``dmsetup remove``), so new block I/O fails with EIO at once and
+           the channels end after answering what they hold;
+        3. let in-flight requests finish, up to the grace period; what is
+           still running then fails (EIO to its caller) and is logged;
+        4. flush every backend (acknowledged writes are durable);
+        5. cancel the run: the FUSE mount goes, backends are closed.
+        """
         if self.stopping:
             return
         self.stopping = True
-        log.info("stopping")
-        with trio.move_on_after(STOP_GRACE_SECONDS):
+        log.info("stopping", grace_s=STOP_GRACE_SECONDS)
+        with trio.move_on_after(STOP_GRACE_SECONDS) as grace:
             if self.fuse is not None and self.fuse.mounted:
                 from dmuserd.daemon.loopdev import detach_loops_under
 
                 await detach_loops_under(self.fuse.mountpoint)
             for target in self.targets.values():
-                while target.dispatcher.stats.in_flight:
-                    await trio.sleep(0.01)
+                self._refuse_new_requests(target)
+            while any(t.dispatcher.stats.in_flight for t in self.targets.values()):
+                await trio.sleep(0.01)
+            for target in self.targets.values():
                 await self._flush(target)
+        if grace.cancelled_caught:
+            pending = {n: t.dispatcher.stats.in_flight for n, t in self.targets.items() if t.dispatcher.stats.in_flight}
+            log.warning("stop grace period over: failing the requests still in flight",
+                        grace_s=STOP_GRACE_SECONDS, in_flight=pending)
         self._cancel.cancel()
+
+    def _refuse_new_requests(self, target: Target) -> None:
+        """Close ``target``'s door for new block I/O (a stop is under way)."""
+        if isinstance(target.device, EmulatedDmUser) and not target.device.target.destroyed:
+            target.device.target.destroy(trio.current_time())
 
     async def _flush(self, target: Target) -> None:
         if target.backend.supports(Op.FLUSH):
