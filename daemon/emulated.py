@@ -3,10 +3,27 @@
 The FUSE (and, for tests, any in-process) export does what the block layer
 does with a real dm-user device: it submits BIOs to a
 :class:`~dmuserd.protocol.KernelTarget`, and the daemon serves the target's
-channels with the very code that serves ``/dev/dm-user/NAME``
-(:func:`~dmuserd.daemon.channels.serve_channel`). So what a FUSE user sees
-is dm-user's behaviour: sequence numbers, the 128-message limit, per-channel
-ownership, the daemon timeout.
+channels, reading each message's bytes from a channel, decoding them with
+:class:`~dmuserd.protocol.DaemonConnection`, and writing the response's
+bytes back on that channel. So what a FUSE user sees is dm-user's
+behaviour: sequence numbers, the 128-message limit, per-channel ownership,
+the daemon timeout.
+
+Two kinds of channel serve the target, because handing every BIO to another
+task costs more than serving it (a task switch, an event, a wake-up of every
+idle reader):
+
+* the **inline channel**: the task that submits a BIO serves the message at
+  the head of the queue itself, on one shared channel. It reads a whole
+  message with no ``await`` in between and writes a whole response the same
+  way, so any number of tasks share the channel without interleaving, the
+  way several daemon threads share one file in snapuserd. Several messages
+  may be awaiting answers on it at once, as on a real channel.
+* ``channels`` **background channels** served by
+  :func:`~dmuserd.daemon.channels.serve_channel` (the very code that serves
+  ``/dev/dm-user/NAME`` and the NBD plugin's sockets). They take what no
+  submitter is there to serve: BIOs mapped later from the backlog over the
+  128-message limit, and anything queued while the inline channel is gone.
 
 Everything runs in the trio thread; the model's callbacks only set events.
 """
@@ -16,10 +33,27 @@ from __future__ import annotations
 import errno
 import functools
 
+import structlog
 import trio
 
 from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, serve_channel
-from dmuserd.protocol import WOULD_BLOCK, Bio, Channel, KernelError, KernelTarget, RequestType, SECTOR_SIZE
+from dmuserd.protocol import (
+    HEADER_SIZE,
+    NEED_DATA,
+    SECTOR_SIZE,
+    WOULD_BLOCK,
+    Bio,
+    BioState,
+    Channel,
+    DaemonConnection,
+    Header,
+    KernelError,
+    KernelTarget,
+    ProtocolError,
+    RequestType,
+)
+
+log = structlog.get_logger("dmuserd.channel")
 
 
 class _Wakeup:
@@ -74,15 +108,26 @@ class EmulatedDmUser:
         self._readable = _Wakeup()
         self._timers = _Wakeup()
         self.target = KernelTarget(daemon_timeout=daemon_timeout, on_queue=self._on_queue)
+        #: Bounds the requests in the dispatcher, inline and background alike.
         self.limiter = trio.CapacityLimiter(max_in_flight)
+        self._inline: Channel | None = None
+        self._inline_conn = DaemonConnection()
+        self._submitting = False
 
     def _on_queue(self) -> None:
-        self._readable.fire()
-        self._timers.fire()
+        # A submitter serves its own message: waking every background reader
+        # for it would only make them find the queue empty again.
+        if not self._submitting:
+            self._readable.fire()
+        # Deadlines exist only while no daemon holds the target open.
+        if not self.target.daemon_present or self.target.destroyed:
+            self._timers.fire()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Open the channels and serve them until cancelled."""
         channels = [self.target.open_channel() for _ in range(self.channel_count)]
+        self._inline = self.target.open_channel()
+        self._inline_conn = DaemonConnection()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_timers)
@@ -91,6 +136,8 @@ class EmulatedDmUser:
                     nursery.start_soon(functools.partial(serve_channel, transport, self.dispatcher, self.limiter, name=f"model{index}"))
                 task_status.started()
         finally:
+            inline, self._inline = self._inline, None
+            inline.close()
             for channel in channels:
                 channel.close()
 
@@ -106,11 +153,62 @@ class EmulatedDmUser:
 
         Raises ``OSError(EIO)`` when the BIO fails, as the block layer would.
         """
-        done = trio.Event()
-        bio = Bio(kind, offset // SECTOR_SIZE, length, flags=flags, data=data,
-                  on_complete=lambda _bio: done.set())
-        self.target.submit(bio, trio.current_time())
-        await done.wait()
+        done = None
+
+        def completed(_bio) -> None:
+            if done is not None:
+                done.set()
+
+        bio = Bio(kind, offset // SECTOR_SIZE, length, flags=flags, data=data, on_complete=completed)
+        self._submitting = True
+        try:
+            self.target.submit(bio, trio.current_time())
+        finally:
+            self._submitting = False
+        # Serve messages until ours has been taken by some channel.
+        while bio.state is BioState.QUEUED:
+            if not await self._serve_inline():
+                self._readable.fire()  # the inline channel cannot: wake the others
+                break
+        if not bio.done:
+            done = trio.Event()
+            await done.wait()
         if bio.error:
             raise OSError(bio.error, f"dm-user {kind.name} at {offset}+{length} failed")
         return bio.data if kind == RequestType.READ else None
+
+    async def _serve_inline(self) -> bool:
+        """Read the next message on the inline channel, answer it; False if it could not."""
+        channel, conn = self._inline, self._inline_conn
+        if channel is None or channel.closed or not self.limiter.available_tokens:
+            return False
+        try:
+            header = channel.read(HEADER_SIZE)
+            if header is WOULD_BLOCK:
+                return False
+            conn.receive_data(header)
+            decoded = Header.decode(header)
+            if decoded.type == RequestType.WRITE:
+                length = decoded.len
+                while length:
+                    chunk = channel.read(length)
+                    conn.receive_data(chunk)
+                    length -= len(chunk)
+            request = conn.next_event()
+        except KernelError:
+            return False
+        except ProtocolError as exc:
+            log.error("closing the inline channel: the kernel model broke the protocol", error=str(exc))
+            channel.close()
+            return False
+        assert request is not NEED_DATA
+        self.limiter.acquire_on_behalf_of_nowait(request)  # a token was free, nothing awaited since
+        try:
+            response = await self.dispatcher.handle(request)
+        finally:
+            self.limiter.release_on_behalf_of(request)
+        if channel.closed:
+            return True  # torn down meanwhile: closing failed the message
+        for buffer in conn.send_response(response):
+            channel.write_all(buffer)
+        return True

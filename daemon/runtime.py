@@ -99,6 +99,9 @@ class Daemon:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve every target until :meth:`stop` or cancellation."""
+        from dmuserd.daemon.malloc_tuning import keep_large_buffers
+
+        keep_large_buffers()
         starters = {}
         for spec in self.spec.targets:
             for export in spec.exports:

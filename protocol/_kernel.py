@@ -153,6 +153,11 @@ class KernelTarget:
         return self._outstanding
 
     @property
+    def daemon_present(self) -> bool:
+        """A daemon holds the target open: queued messages wait for it, no timer runs."""
+        return self._user_thread_present()
+
+    @property
     def queued(self) -> int:
         return len(self._queue)
 
