@@ -1,0 +1,42 @@
+"""``dmuserd dm create NAME --size S`` and ``dmuserd dm remove NAME``.
+
+Create or remove a dm-user device-mapper table without serving it, so a
+daemon (``--export dm-user:NAME``) can attach to it later, be restarted, or
+be replaced while the block device stays.
+"""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    dm = subparsers.add_parser(
+        "dm",
+        help="create or remove dm-user device-mapper tables (root, dm-user kernel)",
+        description="Manage dm-user tables: /dev/mapper/NAME (the block device) fed by /dev/dm-user/NAME "
+        "(what `dmuserd serve --export dm-user:NAME` serves).",
+    )
+    sub = dm.add_subparsers(dest="dm_command", metavar="ACTION", required=True)
+    create = sub.add_parser("create", help="create a dm-user table",
+                            epilog="example: dmuserd dm create disk --size 256M")
+    create.add_argument("name", help="the table's name: /dev/mapper/NAME and /dev/dm-user/NAME")
+    create.add_argument("--size", required=True, help="size in bytes (K/M/G/T suffixes), a multiple of 512")
+    create.set_defaults(func=_create)
+    remove = sub.add_parser("remove", help="remove a dm-user table (a serving daemon's channels end)")
+    remove.add_argument("name")
+    remove.set_defaults(func=_remove)
+
+
+def _create(args) -> int:
+    from dmuserd.backends.options import parse_size
+    from dmuserd.daemon.dmsetup import create_user_target, mapper_path, misc_path
+
+    create_user_target(args.name, parse_size(args.size, what="--size"))
+    print(f"{mapper_path(args.name)} (served through {misc_path(args.name)})")
+    return 0
+
+
+def _remove(args) -> int:
+    from dmuserd.daemon.dmsetup import remove_target
+
+    remove_target(args.name)
+    return 0
