@@ -11,6 +11,10 @@ Library code only calls ``structlog.get_logger()``; the command line calls
 
 The level comes from the ``level`` argument, else ``$DMUSERD_LOG_LEVEL``,
 else ``info``.
+
+No payload bytes ever reach a log line: any ``bytes``/``bytearray``/
+``memoryview`` value bound to an event (at the top level or inside a list,
+tuple or dict) is replaced by ``"<N bytes>"`` before rendering.
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ def stdout_is_journal(stream=None) -> bool:
         return False
     dev, _, ino = journal.partition(":")
     return f"{st.st_dev}:{st.st_ino}" == f"{dev}:{ino}"
+
+
+def _redact(value):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{memoryview(value).nbytes} bytes>"
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    return value
+
+
+def redact_payloads(logger, method_name, event_dict):
+    """Replace data buffers in ``event_dict`` by their length (never log payloads)."""
+    return {key: _redact(value) for key, value in event_dict.items()}
 
 
 def _add_syslog_priority(logger, method_name, event_dict):
@@ -72,6 +91,7 @@ def configure(level: str | None = None, *, stream=None, force_json: bool | None 
     numeric = getattr(logging, resolve_level(level).upper())
     shared = [
         structlog.contextvars.merge_contextvars,
+        redact_payloads,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
