@@ -1,0 +1,181 @@
+"""Merge a COW file into its base image, in place, the way snapuserd does.
+
+    result = await merge_cow("old.img", "new.cow", offload="auto")
+
+Afterwards the base *is* the target and the COW header's ``num_merge_ops``
+counts every op. The merge can be stopped at any instant (SIGKILL, power
+cut): running it again resumes from the COW header and its scratch window
+and ends with the same image (the protocol: :mod:`._merge_engine`).
+
+Before the base is touched, :func:`plan_merge` refuses a COW file that
+cannot be merged in place safely (:class:`MergeUnsafeError`): an ordered op
+(Copy/Xor) reading a block an earlier op overwrites, ordered ops after
+Replace/Zero ops, Copy/Xor ops but no scratch space to make them crash-safe,
+or ops writing past the end of the base. A damaged header or scratch window
+at resume is a :class:`MergeResumeError`.
+
+Two merges of one COW file at once are refused (:class:`MergeBusyError`,
+an exclusive ``flock`` on the COW file). The online merge of a served
+snapshot is :class:`dmuserd.snapshot.merge_control.MergeControl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import sys
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from dmuserd.snapshot._cow_format import CowFormatError
+from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot._merge_engine import MergeEngine, MergeHooks, MergeIO, MergePlan, MergeState, read_state
+from dmuserd.snapshot._merge_errors import (
+    MergeBusyError,
+    MergeError,
+    MergeResumeError,
+    MergeStateError,
+    MergeUnsafeError,
+    MergeVerifyError,
+)
+from dmuserd.snapshot._merge_scratch import ScratchLayout
+
+__all__ = [
+    "MergeBusyError", "MergeError", "MergeHooks", "MergeIO", "MergePlan", "MergeResult", "MergeResumeError",
+    "MergeStateError", "MergeUnsafeError", "MergeVerifyError", "lock_cow", "merge_cow", "merge_cow_offline",
+    "plan_merge", "read_state",
+]
+
+log = structlog.get_logger("dmuserd.snapshot.merge")
+
+_UNSAFE_ORDER = {"source-overwritten", "ordered-after-unordered"}
+
+
+def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
+    """The checked merge plan of ``reader``'s file over a base of ``base_size`` bytes.
+
+    Raises :class:`MergeUnsafeError` (see the module doc) or
+    :class:`CowFormatError` for a file that is broken in itself.
+    """
+    path = reader.path
+    refused = "; the base is untouched"
+    try:
+        order = reader.merge_order()
+    except CowFormatError as exc:
+        if exc.rule not in _UNSAFE_ORDER:
+            raise exc.with_path(path) from None
+        raise MergeUnsafeError(
+            f"{path} cannot be merged in place: {exc.detail}{refused}. Regenerate the COW file "
+            "(`dmuserd cow create` orders copies safely) or write the target with `dmuserd cow render`"
+        ) from None
+    bs = reader.block_size
+    for op in order:
+        if (op.new_block + op.blocks) * bs > base_size:
+            raise MergeUnsafeError(
+                f"{path} cannot be merged in place: op #{op.index} ({op.type.name.lower()}) writes new block "
+                f"{op.new_block + op.blocks - 1}, past the end of the {base_size}-byte base{refused}; "
+                "an in-place merge does not grow the base: use a base of the target's size"
+            )
+    reader.check_base_size(base_size)
+    header = dataclasses.replace(reader.header)
+    layout = ScratchLayout(header.header_size, header.buffer_size, bs)
+    ordered = 0
+    while ordered < len(order) and order[ordered].is_ordered:
+        ordered += 1
+    if ordered and not layout.capacity:
+        raise MergeUnsafeError(
+            f"{path} cannot be merged in place: it has {ordered} copy/xor ops but only {header.buffer_size} "
+            f"bytes of scratch space (buffer_size, offset 34), too little for one {bs}-byte block, so an "
+            f"interrupted merge could not be recovered{refused}. Regenerate the COW file with scratch space "
+            "(the default 2 MiB) or write the target with `dmuserd cow render`"
+        )
+    return MergePlan(order, ordered, layout, bs, header)
+
+
+def lock_cow(fd: int, path) -> None:
+    """Take the exclusive merge lock on an open COW file (or refuse)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise MergeBusyError(f"{path} is being merged by another process or target; "
+                             "wait for it (or stop it) and try again") from None
+
+
+@dataclass
+class MergeResult:
+    """What a merge run did."""
+
+    total_ops: int
+    merged_before: int  # ops already merged when this run started
+    merged_now: int  # ops this run merged
+    total_blocks: int
+    resumed_window: bool  # a durable scratch window was written again first
+
+
+async def merge_cow(base, cow, *, offload: str = "auto", verify: bool = True, on_progress=None,
+                    io_class=MergeIO, mover=None, threshold: int | None = None) -> MergeResult:
+    """Merge ``cow`` into ``base`` in place (resuming an interrupted merge).
+
+    ``offload`` picks the data mover's engine (``auto``, ``dsa``,
+    ``emulated``, ``cpu``) unless a ``mover`` is given. ``on_progress(plan,
+    merged_ops)`` is called once the state is recovered and after every
+    commit. ``io_class(base_fd, cow_fd)`` makes the :class:`MergeIO`.
+    """
+    from dmuserd.dsa_offload import open_mover
+
+    reader = CowReader(cow, check_merge=False)
+    fds: list[int] = []
+    try:
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        base_fd = os.open(os.fspath(base), os.O_RDWR | cloexec)
+        fds.append(base_fd)
+        cow_fd = os.open(os.fspath(cow), os.O_RDWR | cloexec)
+        fds.append(cow_fd)
+        lock_cow(cow_fd, cow)
+        base_size = os.lseek(base_fd, 0, os.SEEK_END)
+        plan = plan_merge(reader, base_size)
+        io = io_class(base_fd, cow_fd)
+        state = await trio.to_thread.run_sync(read_state, io, reader, plan)
+        before = state.merged_ops
+        log.info("merge", base=str(base), cow=str(cow), ops=plan.total_ops, merged_ops=before,
+                 window=state.pending is not None)
+        progress = None if on_progress is None else (lambda done: on_progress(plan, done))
+        if mover is None:
+            kwargs = {} if threshold is None else {"threshold": threshold}
+            async with open_mover(offload, **kwargs) as opened:
+                now = await MergeEngine(reader, plan, io, opened, state, verify=verify, on_progress=progress).run()
+        else:
+            now = await MergeEngine(reader, plan, io, mover, state, verify=verify, on_progress=progress).run()
+        log.info("merged", base=str(base), cow=str(cow), ops=plan.total_ops, this_run=now)
+        return MergeResult(plan.total_ops, before, now, plan.total_blocks, state.pending is not None)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        reader.close()
+
+
+def merge_cow_offline(base, cow, *, offload: str = "auto", verify: bool = True,
+                      progress: bool | None = None) -> MergeResult:
+    """:func:`merge_cow` for the command line: a tqdm bar when stderr is a terminal."""
+    from tqdm import tqdm
+
+    disable = not sys.stderr.isatty() if progress is None else not progress
+    bar = None
+
+    def on_progress(plan: MergePlan, done: int) -> None:
+        nonlocal bar
+        blocks = plan.prefix[done] * plan.block_size
+        if bar is None:
+            bar = tqdm(total=plan.total_blocks * plan.block_size, initial=blocks, desc="cow merge", unit="B",
+                       unit_scale=True, file=sys.stderr, disable=disable, leave=False)
+        else:
+            bar.update(blocks - bar.n)
+
+    try:
+        return trio.run(lambda: merge_cow(base, cow, offload=offload, verify=verify, on_progress=on_progress))
+    finally:
+        if bar is not None:
+            bar.close()
