@@ -1,0 +1,525 @@
+"""Apply an Android OTA payload the way Virtual A/B does: one COW file per partition.
+
+On a Virtual A/B device update_engine does not write the new partition; it
+writes a COW file that snapuserd serves over the old partition and later
+merges into it in place. :func:`apply_payload` does the same for each
+partition of a ``payload.bin`` (``../shared/specs/ota-payload.md``):
+
+* up front, the SOURCE_COPY blocks: those a ``COW_COPY`` merge operation
+  covers become Copy ops, in the payload's merge order and written as the
+  COW's sequence data (as AOSP's ``ConvertToCowOperations`` and
+  ``WriteMergeSequence`` do; blocks copied onto themselves need no op);
+  SOURCE_COPY blocks no merge operation covers become Replace ops holding
+  the source block. A payload without merge operations (older minor
+  versions, like the test vectors) gets its merge order computed here: the
+  same ordering ``dmuserd cow create`` uses (a topological sort of "must
+  merge before the op overwriting my source", a cycle broken by turning a
+  member into a Replace), so the in-place merge is safe either way. Then
+  label 0;
+* then each install operation in order, followed by a label with the next
+  operation's index: REPLACE/REPLACE_BZ/REPLACE_XZ → Replace; ZERO/DISCARD
+  → Zero; SOURCE_BSDIFF/BROTLI_BSDIFF → the patch applied to the source
+  extents, written as Xor ops against the source where a ``COW_XOR`` merge
+  operation says so, as Replace ops elsewhere; SOURCE_COPY → nothing more.
+
+The file is written under a hidden temporary name in the output directory
+(``.NAME.cow.KEY.partial``, KEY naming the payload and the COW settings),
+checked when complete (the reader validates it and its merge order; the
+rendered partition's SHA-256 must equal ``new_partition_info.hash``), then
+renamed to ``NAME.cow``. A failure removes the temporary file. An
+interruption (Ctrl-C, a crash) leaves it, and the next run with the same
+payload and settings resumes at its last label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from dmuserd.snapshot._compression import parse_spec
+from dmuserd.snapshot._cow_format import MAX_FACTOR_SHIFT, Compression, CowError, OpType as CowOpType
+from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot._cow_tools import _order as order_copies
+from dmuserd.snapshot._cow_writer import CowWriter, xor_bytes
+from dmuserd.snapshot._payload_data import DataError, bspatch, replace_data
+from dmuserd.snapshot.payload import (
+    SUPPORTED_OPS,
+    MergeOpType,
+    OpType,
+    Payload,
+    PayloadError,
+    PayloadFormatError,
+    PayloadHashError,
+    UnsupportedOperationError,
+    op_where,
+)
+from dmuserd.snapshot.view import SnapshotView
+
+log = structlog.get_logger("dmuserd.ota")
+
+#: how a partition's old image is named in ``--source-dir`` (first found wins)
+SOURCE_NAMES = ("{name}.img", "{name}")
+_CHUNK = 1 << 20
+_DIFF_OPS = (OpType.SOURCE_BSDIFF, OpType.BROTLI_BSDIFF)
+_REPLACE_OPS = (OpType.REPLACE, OpType.REPLACE_BZ, OpType.REPLACE_XZ)
+
+
+class SourceImageError(PayloadError):
+    """The old partition image is missing or does not fit the payload."""
+
+
+@dataclass(frozen=True)
+class CowSettings:
+    """How the COW files are written: version, compression, v3 chunk size."""
+
+    version: int = 2
+    compression: Compression = Compression.NONE
+    level: int | None = None
+    factor: int | None = None
+
+    def key(self) -> str:
+        return f"v{self.version}-{self.compression.name.lower()}-{self.level}-{self.factor}"
+
+
+def cow_settings(payload: Payload, *, version: int | None = None, compression: str | None = None) -> CowSettings:
+    """The manifest's VABC settings (``cow_version``, ``vabc_compression_param``,
+    ``compression_factor``), overridden by what the user asked for.
+
+    A manifest without them gets COW v2, uncompressed.
+    """
+    m = payload.manifest
+    dpm = m.dynamic_partition_metadata if m.HasField("dynamic_partition_metadata") else None
+    if version is None:
+        version = (dpm.cow_version if dpm is not None else 0) or 2
+        if version not in (2, 3):
+            raise PayloadError(f"payload {payload.path} asks for COW version {version}; dmuserd writes 2 and 3: "
+                               "pass --cow-version 2 or 3")
+    if compression is None:
+        compression = (dpm.vabc_compression_param if dpm is not None else "") or "none"
+    try:
+        algorithm, level = parse_spec(compression)
+    except CowError as exc:
+        raise PayloadError(f"compression {compression!r}: {exc}") from None
+    factor = None
+    if version >= 3 and dpm is not None and dpm.compression_factor:
+        factor = dpm.compression_factor
+        bs = payload.block_size
+        k = factor // bs
+        if factor % bs or k & (k - 1) or factor > bs << MAX_FACTOR_SHIFT:
+            raise PayloadFormatError("manifest", "compression-factor",
+                                     f"compression_factor {factor} is not block_size << 0..{MAX_FACTOR_SHIFT}",
+                                     path=payload.path)
+    return CowSettings(version, algorithm, level, factor)
+
+
+def find_source(source_dir, name: str) -> str:
+    """The old image of partition ``name`` in ``source_dir`` (``NAME.img`` or ``NAME``)."""
+    if source_dir is None:
+        raise SourceImageError(
+            f"partition {name!r} is a delta update: it needs the old image; pass --source-dir with "
+            f"{SOURCE_NAMES[0].format(name=name)} in it"
+        )
+    tried = [os.path.join(os.fspath(source_dir), pattern.format(name=name)) for pattern in SOURCE_NAMES]
+    for path in tried:
+        if os.path.exists(path):
+            return path
+    raise SourceImageError(f"partition {name!r}: no old image in {source_dir} (looked for {' and '.join(tried)})")
+
+
+@dataclass
+class PartitionResult:
+    """One converted partition: serve it as ``snapshot:base=BASE,cow=COW,size=SIZE``."""
+
+    name: str
+    cow: str
+    base: str
+    size: int
+    sha256: str
+    operations: int
+    resumed_at: int | None = None
+    counts: dict = field(default_factory=dict)
+
+
+def apply_payload(
+    payload_path,
+    *,
+    cow_dir,
+    source_dir=None,
+    partitions: list[str] | None = None,
+    version: int | None = None,
+    compression: str | None = None,
+    verify: bool = True,
+    progress: bool | None = None,
+    on_operation: Callable[[str, int], None] | None = None,
+) -> list[PartitionResult]:
+    """Write ``cow_dir/NAME.cow`` for each partition (all, or ``partitions``).
+
+    ``source_dir`` holds the old images (needed for delta partitions).
+    ``verify`` checks each result's SHA-256 against ``new_partition_info``
+    before it gets its final name. ``progress`` None: a tqdm bar when
+    stderr is a terminal. ``on_operation(partition, index)`` is called after
+    each install operation is written and labelled.
+    """
+    with Payload(payload_path) as payload:
+        names = list(payload.partitions) if not partitions else partitions
+        parts = [payload.partition(n) for n in names]
+        settings = cow_settings(payload, version=version, compression=compression)
+        os.makedirs(cow_dir, exist_ok=True)
+        for part in parts:
+            check_supported(part)
+        results = []
+        with _progress(sum(len(p.operations) for p in parts), progress) as bar:
+            for part in parts:
+                bar.set_description(f"ota apply {part.partition_name}")
+                source = find_source(source_dir, part.partition_name) if part.HasField("old_partition_info") else None
+
+                converter = _PartitionConverter(payload, part, source, settings)
+                results.append(converter.run(cow_dir, verify, bar, on_operation))
+        return results
+
+
+def check_supported(part) -> None:
+    """Refuse, before anything is written, an operation dmuserd cannot apply."""
+    for i, op in enumerate(part.operations):
+        op_type = OpType(op.type)
+        if op_type not in SUPPORTED_OPS:
+            raise UnsupportedOperationError(
+                f"{op_where(part.partition_name, i)}: unsupported operation {op_type.name}; dmuserd applies "
+                "REPLACE, REPLACE_BZ, REPLACE_XZ, ZERO, DISCARD, SOURCE_COPY, SOURCE_BSDIFF and BROTLI_BSDIFF "
+                "(generate the payload without puffdiff/zucchini/lz4diff, or apply it with update_engine)"
+            )
+
+
+def _progress(total: int, enabled: bool | None):
+    from tqdm import tqdm
+
+    disable = not sys.stderr.isatty() if enabled is None else not enabled
+    return tqdm(total=total, desc="ota apply", unit="op", file=sys.stderr, disable=disable, leave=False)
+
+
+def _fsync_dir(path) -> None:
+    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _PartitionConverter:
+    """One partition's install operations → one COW file."""
+
+    def __init__(self, payload: Payload, part, source: str | None, settings: CowSettings) -> None:
+        self.payload = payload
+        self.part = part
+        self.name = part.partition_name
+        self.settings = settings
+        self.bs = payload.block_size
+        self.new_size = part.new_partition_info.size
+        self.new_blocks = -(-self.new_size // self.bs)
+        self.old_size = part.old_partition_info.size if part.HasField("old_partition_info") else 0
+        self.source = source
+        self.base = source if source is not None else os.devnull
+
+    # --- driver ------------------------------------------------------------------
+
+    def run(self, cow_dir, verify: bool, bar, on_operation) -> PartitionResult:
+        final = os.path.join(os.fspath(cow_dir), f"{self.name}.cow")
+        key = hashlib.sha256(
+            self.payload.manifest_raw + f"\0{self.name}\0{self.settings.key()}".encode()
+        ).hexdigest()[:16]
+        temp = os.path.join(os.fspath(cow_dir), f".{self.name}.cow.{key}.partial")
+        for stale in glob.glob(os.path.join(glob.escape(os.fspath(cow_dir)), f".{glob.escape(self.name)}.cow.*.partial")):
+            if stale != temp:
+                os.unlink(stale)
+        src_fd = -1
+        writer = None
+        try:
+            if self.source is not None:
+                src_fd = self._open_source()
+            resume_at = _last_label(temp, len(self.part.operations)) if os.path.exists(temp) else None
+            if resume_at is None:
+                plan = self._plan()
+                writer = CowWriter(temp, version=self.settings.version, compression=self.settings.compression,
+                                   compression_level=self.settings.level, block_size=self.bs,
+                                   compression_factor=self.settings.factor,
+                                   op_count_max=max(1, self.new_blocks) if self.settings.version >= 3 else None)
+                self._write_upfront(writer, src_fd, plan)
+                writer.add_label(0)
+                start = 0
+            else:
+                log.info("resuming an interrupted conversion", partition=self.name, label=resume_at, file=temp)
+                plan = self._plan()
+                writer = CowWriter.resume(temp, resume_at, compression=self.settings.compression,
+                                          compression_level=self.settings.level)
+                start = resume_at
+            bar.update(start)  # operations done before the interruption
+            xor_map = plan[3]
+            for index in range(start, len(self.part.operations)):
+                self._write_operation(writer, src_fd, index, xor_map)
+                writer.add_label(index + 1)
+                bar.update(1)
+                if on_operation is not None:
+                    on_operation(self.name, index)
+            writer.finalize()
+            writer = None
+            counts, digest = self._check(temp, verify)
+            os.replace(temp, final)
+            _fsync_dir(cow_dir)
+        except KeyboardInterrupt:
+            # interrupted, not failed: keep the file, resumable from its last label
+            if writer is not None:
+                writer.close()
+            raise
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        finally:
+            if src_fd >= 0:
+                os.close(src_fd)
+        log.info("partition converted", partition=self.name, cow=final, ops=len(self.part.operations),
+                 resumed_at=resume_at, **counts)
+        return PartitionResult(self.name, final, self.base, self.new_size, digest, len(self.part.operations),
+                               resume_at, counts)
+
+    def _open_source(self) -> int:
+        try:
+            fd = os.open(self.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise SourceImageError(f"partition {self.name!r}: cannot open the old image {self.source}: "
+                                   f"{exc.strerror}") from None
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < self.old_size:
+            os.close(fd)
+            raise SourceImageError(
+                f"partition {self.name!r}: the old image {self.source} is {size} bytes, the payload's old "
+                f"partition is {self.old_size}: pass the image the payload was made for"
+            )
+        return fd
+
+    def _check(self, temp: str, verify: bool) -> tuple[dict, str]:
+        """Read the finished file back (format and merge order) and hash what it renders."""
+        with CowReader(temp, base_size=self.old_size, target_size=self.new_size) as reader:
+            counts = {k: v for k, v in reader.counts().items() if v}
+            if not verify:
+                return counts, ""
+            digest = render_sha256(reader, self.base, self.new_size)
+        want = self.part.new_partition_info.hash.hex()
+        if digest != want:
+            hint = ("the old image may not be the one the payload was made for"
+                    if self.source is not None else "the payload is corrupt")
+            raise PayloadHashError(
+                f"partition {self.name!r}: the converted COW renders to SHA-256 {digest}, new_partition_info says "
+                f"{want}; {hint}"
+            )
+        return counts, digest
+
+    # --- what to write -------------------------------------------------------------
+
+    def _fail(self, where: str, rule: str, detail: str) -> PayloadFormatError:
+        return PayloadFormatError(where, rule, detail, path=self.payload.path)
+
+    def _plan(self):
+        """(sequence, copies [(dst, src)], source replaces [(dst, src)], xor map {dst: base byte offset})."""
+        bs = self.bs
+        source_copy: dict[int, int] = {}
+        diff_blocks: set[int] = set()
+        for i, op in enumerate(self.part.operations):
+            if op.type == OpType.SOURCE_COPY:
+                srcs = (e.start_block + k for e in op.src_extents for k in range(e.num_blocks))
+                dsts = (e.start_block + k for e in op.dst_extents for k in range(e.num_blocks))
+                source_copy.update(zip(dsts, srcs))
+            elif op.type in _DIFF_OPS:
+                diff_blocks.update(e.start_block + k for e in op.dst_extents for k in range(e.num_blocks))
+        merges = self.part.merge_operations
+        if not merges:
+            kinds = bytearray(self.new_blocks)
+            sources = {}
+            for dst, src in source_copy.items():
+                if dst != src:
+                    kinds[dst] = int(CowOpType.COPY)
+                    sources[dst] = src
+            sequence, _broken = order_copies(kinds, sources)
+            copies = [(b, sources[b]) for b in sequence]
+            replaces = sorted((d, s) for d, s in source_copy.items() if d != s and d not in sources)
+            return sequence, copies, replaces, {}
+        copy_dst: set[int] = set()
+        copies: list[tuple[int, int]] = []
+        xor_map: dict[int, int] = {}
+        sequence: list[int] = []
+        named: set[int] = set()
+        for m, merge in enumerate(merges):
+            mw = f"partition {self.name!r} merge operation #{m}"
+            src, dst = merge.src_extent, merge.dst_extent
+            n = dst.num_blocks
+            if merge.type == MergeOpType.COW_COPY:
+                for k in range(n):
+                    d, s = dst.start_block + k, src.start_block + k
+                    if source_copy.get(d) != s:
+                        raise self._fail(mw, "merge-op", f"COW_COPY says new block {d} is old block {s}; no "
+                                         "SOURCE_COPY operation copies that")
+                    copy_dst.add(d)
+                if src.start_block == dst.start_block:
+                    continue  # a copy onto itself: nothing to merge
+                # AOSP adds the blocks of an extent in reverse
+                copies.extend((dst.start_block + k, src.start_block + k) for k in reversed(range(n)))
+                blocks = [dst.start_block + k for k in range(n)]
+            elif merge.type == MergeOpType.COW_XOR:
+                blocks = []
+                for k in range(n):
+                    d = dst.start_block + k
+                    if d not in diff_blocks:
+                        raise self._fail(mw, "merge-op", f"COW_XOR covers new block {d}, which no diff operation "
+                                         "writes")
+                    offset = (src.start_block + k) * bs + merge.src_offset
+                    if offset + bs <= self.old_size:  # else: the source runs off the partition; a Replace
+                        xor_map[d] = offset
+                        blocks.append(d)
+            else:
+                continue  # COW_REPLACE: a plain Replace, merged after the ordered ops
+            overlap = dst.start_block < src.start_block + src.num_blocks and src.start_block < dst.start_block + n
+            if overlap and dst.start_block > src.start_block:
+                blocks.reverse()  # a self-overlapping shift up merges from the top (WriteMergeSequence)
+            for b in blocks:
+                if b in named:
+                    raise self._fail(mw, "merge-op", f"new block {b} is in two merge operations")
+                named.add(b)
+                sequence.append(b)
+        replaces = sorted((d, s) for d, s in source_copy.items() if d != s and d not in copy_dst)
+        return sequence, copies, replaces, xor_map
+
+    def _read_source(self, fd: int, offset: int, length: int) -> bytes:
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise SourceImageError(f"partition {self.name!r}: the old image {self.source} ends before byte "
+                                   f"{offset + length}")
+        return data
+
+    def _source_extents(self, fd: int, op) -> bytes:
+        bs = self.bs
+        return b"".join(self._read_source(fd, e.start_block * bs, e.num_blocks * bs) for e in op.src_extents)
+
+    def _write_upfront(self, writer: CowWriter, src_fd: int, plan) -> None:
+        sequence, copies, replaces, _xor = plan
+        # the source blocks copied must be the ones the payload expects
+        for i, op in enumerate(self.part.operations):
+            if op.type == OpType.SOURCE_COPY and op.HasField("src_sha256_hash"):
+                self.payload.check_source(self.name, i, op, self._source_extents(src_fd, op), self.source)
+        if sequence:
+            writer.add_sequence_data(sequence)
+        for dst, src in copies:
+            writer.add_copy(dst, src)
+        bs = self.bs
+        i = 0
+        while i < len(replaces):  # runs of consecutive (dst, src) in one Replace
+            j = i + 1
+            while (j < len(replaces) and j - i < _CHUNK // bs and replaces[j][0] == replaces[j - 1][0] + 1
+                   and replaces[j][1] == replaces[j - 1][1] + 1):
+                j += 1
+            writer.add_replace(replaces[i][0], self._read_source(src_fd, replaces[i][1] * bs, (j - i) * bs))
+            i = j
+
+    def _write_operation(self, writer: CowWriter, src_fd: int, index: int, xor_map: dict[int, int]) -> None:
+        op = self.part.operations[index]
+        op_type = OpType(op.type)
+        bs = self.bs
+        dst_bytes = sum(e.num_blocks for e in op.dst_extents) * bs
+        if op_type in (OpType.ZERO, OpType.DISCARD):
+            for e in op.dst_extents:
+                writer.add_zero(e.start_block, e.num_blocks)
+            return
+        if op_type == OpType.SOURCE_COPY:
+            return  # written up front
+        blob = self.payload.read_blob(self.name, index, op)
+        try:
+            if op_type in _REPLACE_OPS:
+                data = replace_data(op_type, blob, dst_bytes)
+            else:
+                source = self._source_extents(src_fd, op)
+                self.payload.check_source(self.name, index, op, source, self.source)
+                data = bspatch(blob, source, dst_bytes)
+        except DataError as exc:
+            raise self._fail(op_where(self.name, index), "blob-data", str(exc)) from None
+        view = memoryview(data)
+        pos = 0  # blocks of ``data`` used so far
+        for e in op.dst_extents:
+            k = 0
+            while k < e.num_blocks:
+                block = e.start_block + k
+                offset = xor_map.get(block)
+                if offset is not None:
+                    new = view[(pos + k) * bs : (pos + k + 1) * bs]
+                    writer.add_xor(block, xor_bytes(new, self._read_source(src_fd, offset, bs)), offset)
+                    k += 1
+                    continue
+                j = k + 1
+                while j < e.num_blocks and e.start_block + j not in xor_map:
+                    j += 1
+                writer.add_replace(block, view[(pos + k) * bs : (pos + j) * bs])
+                k = j
+            pos += e.num_blocks
+
+
+def _last_label(path: str, max_label: int) -> int | None:
+    """The highest label of an unfinished conversion, or None when it has none (start over).
+
+    Labels are 0, 1, 2, ... in order, so label L exists exactly when every
+    label below it does: a binary search over "does the file read up to L".
+    """
+    def readable(label: int) -> bool:
+        try:
+            with CowReader(path, label=label, check_merge=False):
+                return True
+        except (CowError, OSError):
+            return False
+
+    if not readable(0):
+        return None
+    low, high = 0, max_label  # readable(low) holds
+    while low < high:
+        mid = (low + high + 1) // 2
+        if readable(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def render_sha256(reader: CowReader, base, size: int, *, bar=None) -> str:
+    """SHA-256 of the partition ``base`` + the COW file of ``reader`` renders (``size`` bytes)."""
+    digest = hashlib.sha256()
+    with SnapshotView(reader, base, size=size) as view:
+        for offset in range(0, size, _CHUNK):
+            chunk = view.read(offset, min(_CHUNK, size - offset))
+            digest.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def file_sha256(path, size: int, *, bar=None) -> tuple[str, int]:
+    """SHA-256 of the first ``size`` bytes of a file or block device, and how many bytes it had."""
+    digest = hashlib.sha256()
+    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        done = 0
+        while done < size:
+            chunk = os.pread(fd, min(_CHUNK, size - done), done)
+            if not chunk:
+                break
+            digest.update(chunk)
+            done += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), done
