@@ -12,7 +12,7 @@ else
 MARKS := -m "not slow"
 endif
 
-.PHONY: all system venv test demo bench bench-quick clean
+.PHONY: all system venv test demo bench bench-quick install clean
 
 all: venv
 
@@ -49,6 +49,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick
+
+# systemd units + example config (root; DESTDIR=DIR stages them below DIR).
+install: $(STAMP)
+	$(VENV)/bin/dmuserd install-units $(if $(DESTDIR),--root $(DESTDIR))
 
 clean:
 	rm -rf $(VENV) .system-ok build *.egg-info .pytest_cache
