@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "dmuserd.daemon.dm_commands",
     "dmuserd.dsa_offload.commands",
     "dmuserd.snapshot.commands",
+    "dmuserd.snapshot.ota_commands",
     "dmuserd.daemon.units_commands",
 ]
 

@@ -1,0 +1,215 @@
+"""``dmuserd ota ...``: inspect, apply, serve and verify Android OTA payloads.
+
+Registration only builds parsers; each handler imports what it needs.
+Problems with the payload or the images come out as one line through the
+CLI's DmuserdError path (:class:`~dmuserd.snapshot.payload.PayloadError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+
+def _os_errors(handler):
+    """A missing or unreadable file is the user's to fix: one line, not a traceback."""
+
+    @functools.wraps(handler)
+    def wrapper(args):
+        try:
+            return handler(args)
+        except OSError as exc:
+            from dmuserd.snapshot.payload import PayloadError
+
+            where = exc.filename or "file"
+            raise PayloadError(f"{where}: {exc.strerror or exc}; check the path and its permissions") from None
+
+    return wrapper
+
+
+def _partitions(text: str | None) -> list[str] | None:
+    return [p for p in text.split(",") if p] if text else None
+
+
+def _cow_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source-dir", metavar="OLD/",
+                   help="the old partition images, NAME.img or NAME (needed for a delta payload)")
+    p.add_argument("--partitions", metavar="A,B", help="only these partitions (default: all)")
+    p.add_argument("--cow-version", type=int, choices=(2, 3), default=None,
+                   help="COW format version (default: the payload's cow_version, else 2)")
+    p.add_argument("--compression", default=None,
+                   help="none, gz, brotli, lz4 or zstd, optionally ',LEVEL' "
+                        "(default: the payload's vabc_compression_param, else none)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking each converted partition against new_partition_info.hash")
+
+
+def register(subparsers) -> None:
+    ota = subparsers.add_parser(
+        "ota", help="Android OTA payloads (payload.bin): inspect, apply as COW files, serve, verify",
+        description="Apply Android OTA payloads the way Virtual A/B does: each partition becomes a COW file "
+                    "over its old image, served as a snapshot target.",
+    )
+    sub = ota.add_subparsers(dest="ota_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("inspect", help="list a payload's partitions, sizes and operation counts")
+    p.add_argument("payload", help="the payload.bin")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("apply", help="write COW_DIR/NAME.cow for each partition")
+    p.add_argument("payload", help="the payload.bin")
+    p.add_argument("--cow-dir", required=True, metavar="OUT/", help="where the COW files go")
+    _cow_options(p)
+    p.set_defaults(func=_apply)
+
+    p = sub.add_parser("serve", help="convert, then serve each new partition as a snapshot target")
+    p.add_argument("payload", help="the payload.bin")
+    p.add_argument("--export", action="append", default=[], metavar="KIND:WHERE", required=True,
+                   help="fuse:DIR (one file per partition), nbd:SOCKET...; {name} in WHERE becomes the "
+                        "partition name (repeatable)")
+    p.add_argument("--cow-dir", metavar="OUT/",
+                   help="keep the COW files here (default: a temporary directory removed at exit)")
+    p.add_argument("--control-socket", metavar="PATH", help="control socket (default: /run/dmuserd/control.sock)")
+    _cow_options(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("verify", help="check images, served files or COW files against new_partition_info.hash")
+    p.add_argument("payload", help="the payload.bin")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--image-dir", metavar="DIR",
+                       help="new images or served files, NAME or NAME.img (a FUSE export's directory)")
+    where.add_argument("--cow-dir", metavar="OUT/", help="COW files NAME.cow, rendered over --source-dir")
+    p.add_argument("--source-dir", metavar="OLD/", help="the old images, for --cow-dir")
+    p.add_argument("--partitions", metavar="A,B", help="only these partitions (default: all)")
+    p.set_defaults(func=_verify)
+
+
+@_os_errors
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from dmuserd.snapshot.payload import Payload, describe
+
+    with Payload(args.payload) as payload:
+        info = describe(payload)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    lines = [
+        f"Payload: {info['path']} ({info['kind']}, version {info['major_version']}, minor {info['minor_version']})",
+        f"Block size: {info['block_size']}",
+        f"Manifest: {info['manifest_size']} bytes; metadata signature {info['metadata_signature_size']} bytes; "
+        f"data {info['data_size']} bytes",
+    ]
+    if info["vabc"]:
+        v = info["vabc"]
+        lines.append(f"Virtual A/B compression: {'on' if v['enabled'] else 'off'}, {v['compression'] or 'unset'}, "
+                     f"COW version {v['cow_version'] or 'unset'}")
+    for part in info["partitions"]:
+        old = "none" if part["old_size"] is None else f"{part['old_size']} bytes"
+        lines.append(f"Partition {part['name']}: old {old}, new {part['new_size']} bytes, "
+                     f"sha256 {part['new_sha256']}")
+        ops = ", ".join(f"{k} {v}" for k, v in part["operation_types"].items())
+        lines.append(f"  {part['operations']} operations ({ops}); {part['data_bytes']} bytes of data")
+        if part["merge_operations"]:
+            lines.append("  merge operations: " + ", ".join(f"{k} {v}" for k, v in part["merge_operations"].items()))
+        if part["unsupported"]:
+            lines.append("  unsupported by dmuserd: " + ", ".join(part["unsupported"]))
+    print("\n".join(lines))
+    return 0
+
+
+def _convert(args, cow_dir):
+    from dmuserd.snapshot.ota import apply_payload
+
+    return apply_payload(
+        args.payload, cow_dir=cow_dir, source_dir=args.source_dir, partitions=_partitions(args.partitions),
+        version=args.cow_version, compression=args.compression, verify=not args.no_verify,
+    )
+
+
+def _result_line(result) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if k in ("copy", "xor", "replace", "zero"))
+    digest = f", sha256 {result.sha256}" if result.sha256 else ""
+    resumed = f", resumed at operation {result.resumed_at}" if result.resumed_at is not None else ""
+    return f"{result.cow}: {result.name}, {result.size} bytes{digest} ({counts} ops){resumed}"
+
+
+@_os_errors
+def _apply(args: argparse.Namespace) -> int:
+    for result in _convert(args, args.cow_dir):
+        print(_result_line(result))
+    return 0
+
+
+@_os_errors
+def _serve(args: argparse.Namespace) -> int:
+    import contextlib
+    import tempfile
+
+    import trio
+
+    from dmuserd.daemon.config import DaemonSpec, default_control_socket, make_target
+    from dmuserd.daemon.service import run_until_signal
+
+    with contextlib.ExitStack() as stack:
+        cow_dir = args.cow_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dmuserd-ota-"))
+        results = _convert(args, cow_dir)
+        targets = [
+            make_target(r.name, "snapshot", {"base": r.base, "cow": r.cow, "size": r.size},
+                        [e.replace("{name}", r.name) for e in args.export])
+            for r in results
+        ]
+        for result in results:
+            print(_result_line(result), flush=True)
+        spec = DaemonSpec(targets)
+        trio.run(run_until_signal, spec, args.control_socket or default_control_socket())
+    return 0
+
+
+@_os_errors
+def _verify(args: argparse.Namespace) -> int:
+    import os
+
+    from dmuserd.snapshot.ota import find_source, render_sha256
+    from dmuserd.snapshot.payload import Payload, PayloadError
+
+    bad = 0
+    with Payload(args.payload) as payload:
+        names = _partitions(args.partitions) or list(payload.partitions)
+        for name in names:
+            part = payload.partition(name)
+            size, want = part.new_partition_info.size, part.new_partition_info.hash.hex()
+            if args.image_dir:
+                path, got, note = _hash_image(args.image_dir, name, size)
+            else:
+                from dmuserd.snapshot._cow_reader import CowReader
+
+                path = os.path.join(args.cow_dir, f"{name}.cow")
+                if not os.path.exists(path):
+                    raise PayloadError(f"partition {name!r}: no {path}; run `dmuserd ota apply` first")
+                base = find_source(args.source_dir, name) if part.HasField("old_partition_info") else os.devnull
+                with CowReader(path) as reader:
+                    got, note = render_sha256(reader, base, size), ""
+            if got == want:
+                print(f"{path}: {name} OK (sha256 {got})")
+            else:
+                bad += 1
+                print(f"{path}: {name} DIFFERS: sha256 {got}{note}, new_partition_info.hash {want}")
+    return 1 if bad else 0
+
+
+def _hash_image(image_dir: str, name: str, size: int) -> tuple[str, str, str]:
+    import os
+
+    from dmuserd.snapshot.ota import file_sha256
+    from dmuserd.snapshot.payload import PayloadError
+
+    candidates = [os.path.join(image_dir, name), os.path.join(image_dir, f"{name}.img")]
+    path = next((c for c in candidates if os.path.exists(c)), None)
+    if path is None:
+        raise PayloadError(f"partition {name!r}: no image in {image_dir} (looked for {' and '.join(candidates)})")
+    got, read = file_sha256(path, size)
+    note = f" (only {read} of {size} bytes)" if read < size else ""
+    return path, got, note
