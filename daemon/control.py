@@ -84,6 +84,7 @@ def _encode(answer: dict) -> bytes:
 #: returning the answer's fields (``ok`` is added); raise ``CommandError`` to refuse.
 COMMANDS = {
     "status": "dmuserd.daemon.control:status_command",
+    "merge": "dmuserd.snapshot.merge_control:merge_command",
 }
 
 
