@@ -1,6 +1,6 @@
 """The ``snapshot`` backend: serve ``base + COW`` read-only.
 
-``--backend snapshot:base=OLD.img,cow=NEW.cow[,size=N][,label=L][,cache=32M][,merged=yes]``
+``--backend snapshot:base=OLD.img,cow=NEW.cow[,size=N][,label=L][,cache=32M][,merged=yes|no][,offload=auto]``
 
 What snapuserd shows as the snapshot device before the merge: every read
 is resolved by :class:`~dmuserd.snapshot.view.SnapshotView` (base block,
@@ -12,8 +12,15 @@ those not aligned to the COW's 4 KiB blocks.
 Options: ``base`` and ``cow`` (paths, required); ``size`` the target size
 (not recorded in a COW file; default the base's); ``label`` to read an
 unfinished COW file up to a label; ``cache`` the bytes of decompressed
-chunks kept; ``merged`` to treat the first ``num_merge_ops`` ops of the
-merge order as already merged into the base.
+chunks kept; ``merged``: whether the first ``num_merge_ops`` ops of the
+merge order are already merged into the base (default: yes, as snapuserd
+assumes; ``no`` serves a pristine copy of the base, and cannot merge);
+``offload`` the data mover engine of an online merge (``auto``, ``dsa``,
+``emulated``, ``cpu``).
+
+Online merge: :attr:`SnapshotBackend.merge` is the target's
+:class:`~dmuserd.snapshot.merge_control.MergeControl`. Once the merge is
+done, reads go straight to the base.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import trio
 from dmuserd.backends import Backend, BackendError, Options
 from dmuserd.errors import DmuserdError
 from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot.merge_control import MergeControl
 from dmuserd.snapshot.view import DEFAULT_CACHE_BYTES, SnapshotView
 
 #: reads at most this big, touching no compressed chunk, stay on the event loop
@@ -40,7 +48,7 @@ class SnapshotBackend(Backend):
     name = "snapshot"
 
     def __init__(self, base, cow, *, size: int | None = None, label: int | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, merged: bool = False) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, merged: bool = True, offload: str = "auto") -> None:
         try:
             self.reader = CowReader(cow, label=label)
         except OSError as exc:
@@ -63,6 +71,13 @@ class SnapshotBackend(Backend):
             self.reader.close()
             raise
         self._paths = {"base": str(base), "cow": str(cow)}
+        try:
+            self.merge = MergeControl(self.reader, self.view, base, cow, offload=offload,
+                                      trust_progress=merged, unfinished=label is not None)
+        except BaseException:
+            self.view.close()
+            self.reader.close()
+            raise
         structlog.get_logger().info(
             "snapshot opened", **self._paths, size=self.size, cow_version=self.reader.version,
             compression=self.reader.compression.name.lower(), ops=len(self.reader.data_ops),
@@ -76,12 +91,22 @@ class SnapshotBackend(Backend):
         size = opts.size("size")
         label = opts.int("label")
         cache = opts.size("cache", DEFAULT_CACHE_BYTES)
-        merged = opts.bool("merged", False)
+        merged = opts.bool("merged", True)
+        offload = opts.str("offload", "auto")
         opts.finish()
-        return cls(base, cow, size=size, label=label, cache_bytes=cache, merged=merged)
+        from dmuserd.dsa_offload import ENGINES
+
+        if offload not in ENGINES:
+            raise BackendError(f"backend 'snapshot' option offload: {offload!r} is not one of {', '.join(ENGINES)}")
+        return cls(base, cow, size=size, label=label, cache_bytes=cache, merged=merged, offload=offload)
 
     async def read(self, offset: int, length: int):
         view = self.view
+        if self.merge.state == "merged":
+            # the base is the target now: the COW is not consulted
+            if length <= _INLINE_READ:
+                return view._read_base(offset, length)
+            return await trio.to_thread.run_sync(view._read_base, offset, length)
         if length <= _INLINE_READ and self._cheap(offset, length):
             # base/zero/copy blocks of one small read: page-cache preads
             return view.read(offset, length)
@@ -112,4 +137,5 @@ class SnapshotBackend(Backend):
             "cow_version": self.reader.version,
             "compression": self.reader.compression.name.lower(),
             "ops": len(self.reader.data_ops),
+            "merge": self.merge.describe(),
         }

@@ -1,4 +1,5 @@
-"""``dmuserd cow ...``: inspect, create, render and verify COW files.
+"""``dmuserd cow ...``: inspect, create, render, verify and merge COW files;
+``dmuserd merge ...``: the online merge of a served snapshot target.
 
 Registration only builds parsers; each handler imports what it needs.
 Errors in a file come out as one line naming the offset and the rule
@@ -65,11 +66,41 @@ def register(subparsers) -> None:
     p.add_argument("--label", type=int, help="apply the file only up to this label")
     p.set_defaults(func=_render)
 
+    p = sub.add_parser("merge", help="merge a COW file into its base image in place (resumes an interrupted merge)",
+                       description="Write the COW file's ops into the base image in place, crash-safely, so "
+                       "that the base becomes the target. Run it again after an interruption to resume.")
+    p.add_argument("--base", required=True, help="the old image (overwritten with the target)")
+    p.add_argument("file", help="the COW file (its header records the merge's progress)")
+    _offload_option(p)
+    p.add_argument("--no-verify", action="store_true", help="skip reading back and CRC-checking what was written")
+    p.set_defaults(func=_merge)
+
     p = sub.add_parser("verify", help="check that base + COW equals the target (exit 1 if not)")
     p.add_argument("--base", required=True, help="the old image")
     p.add_argument("--target", required=True, help="the new image")
     p.add_argument("file", help="the COW file")
     p.set_defaults(func=_verify)
+
+    merge = subparsers.add_parser(
+        "merge", help="merge a served snapshot target into its base while it is served",
+        description="Control the online merge of a snapshot target of a running daemon.",
+    )
+    msub = merge.add_subparsers(dest="merge_command", metavar="ACTION", required=True)
+    for action, text in (("start", "start merging in the background"), ("pause", "pause at the next step"),
+                         ("resume", "continue a paused merge"), ("status", "show the merge's state and progress")):
+        p = msub.add_parser(action, help=text)
+        p.add_argument("target", help="the target's name (see `dmuserd status`)")
+        p.add_argument("--control-socket", metavar="PATH", help="the daemon's control socket")
+        p.add_argument("--json", action="store_true", help="print the answer as JSON")
+        p.add_argument("--wait", action="store_true",
+                       help="wait until the merge is no longer running (merged, paused or failed)")
+        p.set_defaults(func=_online_merge, action=action)
+
+
+def _offload_option(parser) -> None:
+    parser.add_argument("--offload", choices=("auto", "dsa", "emulated", "cpu"), default="auto",
+                        help="data mover engine for block copies, zero fills and CRCs "
+                        "(auto: DSA when usable, else the CPU)")
 
 
 @_os_errors
@@ -153,6 +184,51 @@ def _render(args: argparse.Namespace) -> int:
     written = render_cow(args.base, args.file, args.output, size=size, label=args.label)
     print(f"{args.output}: {written} bytes")
     return 0
+
+
+@_os_errors
+def _merge(args: argparse.Namespace) -> int:
+    from dmuserd.snapshot.merge import merge_cow_offline
+
+    result = merge_cow_offline(args.base, args.file, offload=args.offload, verify=not args.no_verify)
+    if not result.merged_now and not result.resumed_window:
+        print(f"{args.file}: already merged into {args.base} ({result.total_ops} ops)")
+        return 0
+    resumed = f", resumed after {result.merged_before} ops" if result.merged_before or result.resumed_window else ""
+    print(f"{args.file}: merged {result.total_ops} ops ({result.total_blocks} blocks) into {args.base}{resumed}")
+    return 0
+
+
+def _online_merge(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from dmuserd.daemon.config import default_control_socket
+    from dmuserd.daemon.control import request
+    from dmuserd.snapshot.merge import MergeError
+
+    path = args.control_socket or default_control_socket()
+
+    def ask(action: str) -> dict:
+        try:
+            answer = request(path, {"cmd": "merge", "action": action, "target": args.target})
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise MergeError(f"no daemon answers on {path}: is `dmuserd serve` running? "
+                             "(or pass --control-socket)") from None
+        if not answer.get("ok"):
+            raise MergeError(f"the daemon said: {answer.get('error')}")
+        return answer
+
+    answer = ask(args.action)
+    while args.wait and answer["state"] == "merging":
+        time.sleep(0.2)
+        answer = ask("status")
+    if args.json:
+        print(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+    else:
+        line = f"{answer['target']}: {answer['state']}, {answer['percent']:.1f}% ({answer['merged_ops']}/{answer['total_ops']} ops)"
+        print(line + (f"; error: {answer['error']}" if answer.get("error") else ""))
+    return 1 if answer["state"] == "failed" else 0
 
 
 @_os_errors

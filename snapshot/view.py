@@ -14,6 +14,16 @@ reads of neighbouring blocks of one v3 chunk decompress it once.
 
 The view is synchronous and thread-safe (``os.pread``, a locked cache), so
 async callers run it in a worker thread.
+
+During an online merge the base changes under the view. Blocks of an
+ordered window (Copy/Xor ops, whose sources the window itself may
+overwrite) are served from memory while the base is written:
+:meth:`publish_window` installs them and returns only once every read that
+started before can no longer look at the base for them (each read
+registers in an epoch; a publish waits for the older epochs to drain, like
+an RCU grace period). :meth:`retire_window` marks the window merged and
+drops it. Replace/Zero blocks need none of this: their data never comes
+from the base, and no unmerged op reads the blocks they overwrite.
 """
 
 from __future__ import annotations
@@ -71,6 +81,11 @@ class SnapshotView:
         self._cache_limit = cache_bytes
         self._lock = threading.Lock()
         self._zero = bytes(self.block_size)
+        # online merge: the window served from memory, and the readers per epoch
+        self._window: dict[int, bytes] | None = None
+        self._epoch = 0
+        self._readers: dict[int, int] = {}
+        self._grace = threading.Condition(threading.Lock())
         if merged_ops:
             for op in reader.merge_order()[:merged_ops]:
                 self.mark_merged(op)
@@ -96,16 +111,60 @@ class SnapshotView:
     def is_merged(self, block: int) -> bool:
         return bool(self._merged[block >> 3] & (1 << (block & 7)))
 
+    # --- online merge ----------------------------------------------------------
+
+    def publish_window(self, blocks: dict[int, bytes]) -> None:
+        """Serve ``blocks`` (new block -> its whole new contents) from memory.
+
+        Blocks until every read that started before the call has finished,
+        so the caller may then overwrite those blocks' sources in the base.
+        Call it from a worker thread.
+        """
+        with self._grace:
+            self._window = blocks
+            self._epoch += 1
+            current = self._epoch
+            while any(epoch < current for epoch in self._readers):
+                self._grace.wait()
+
+    def retire_window(self, ops) -> None:
+        """The window's ops are merged and durable: read them from the base again."""
+        for op in ops:
+            self.mark_merged(op)
+        with self._grace:
+            self._window = None
+
+    def _enter(self) -> tuple[int, dict[int, bytes] | None]:
+        with self._grace:
+            epoch = self._epoch
+            self._readers[epoch] = self._readers.get(epoch, 0) + 1
+            return epoch, self._window
+
+    def _leave(self, epoch: int) -> None:
+        with self._grace:
+            left = self._readers[epoch] - 1
+            if left:
+                self._readers[epoch] = left
+            else:
+                del self._readers[epoch]
+                self._grace.notify_all()
+
     # --- reads ---------------------------------------------------------------
 
     def read_block(self, block: int) -> bytes:
         """The target bytes of new block ``block`` (a whole block)."""
         if not 0 <= block < self.num_blocks:
             raise IndexError(f"block {block} is outside the {self.num_blocks}-block target")
-        base_block = self._base_block_for(block)
-        if base_block is not None:
-            return self._read_base(base_block * self.block_size, self.block_size)
-        return self._op_block(block)
+        epoch, window = self._enter()
+        try:
+            if window is not None and block in window:
+                return window[block]
+            base_block = self._base_block_for(block)
+            if base_block is not None:
+                return self._read_base(base_block * self.block_size, self.block_size)
+            return self._op_block(block)
+        finally:
+            self._leave(epoch)
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` target bytes at ``offset`` (any alignment, within ``size``)."""
@@ -113,11 +172,24 @@ class SnapshotView:
             raise ValueError(f"read of {length} bytes at {offset} is outside the {self.size}-byte target")
         if not length:
             return b""
+        epoch, window = self._enter()
+        try:
+            return self._read(offset, length, window)
+        finally:
+            self._leave(epoch)
+
+    def _read(self, offset: int, length: int, window: dict[int, bytes] | None) -> bytes:
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
         out = bytearray()
         run_start, run_len = -1, 0  # a run of base blocks read with one pread
         for block in range(first, last + 1):
+            if window is not None and block in window:
+                if run_len:
+                    out += self._read_base(run_start * bs, run_len * bs)
+                    run_len = 0
+                out += window[block]
+                continue
             base_block = self._base_block_for(block)
             if base_block is not None and run_len and run_start + run_len == base_block:
                 run_len += 1

@@ -1,0 +1,229 @@
+"""Online merge of a served snapshot, and the daemon's ``merge`` control command.
+
+:class:`MergeControl` is ``SnapshotBackend.merge``: it runs the in-place
+merge (:mod:`dmuserd.snapshot.merge`) as a background trio task while the
+target keeps serving. Every read returns target data throughout: merged
+blocks come from the base, the ordered window being written from memory
+(:meth:`SnapshotView.publish_window`), the rest through the COW. When the
+merge is done the backend reads the base directly.
+
+Interface (the snapuserd-style control commands are built on it)::
+
+    control.state      # "not-started", "merging", "paused", "merged", "failed"
+    control.error      # why it failed, or None
+    control.percent()  # 0.0 .. 100.0, by blocks
+    control.start(nursery); control.pause(); control.resume()
+
+A pause takes effect at the next step boundary (a window of at most 510
+blocks, or 256 Replace/Zero ops): what is under way completes and commits.
+
+The control command ``{"cmd": "merge", "action": "start|pause|resume|status",
+"target": NAME}`` answers with :meth:`MergeControl.describe`'s fields.
+"""
+
+from __future__ import annotations
+
+import os
+
+import structlog
+import trio
+
+from dmuserd.errors import DmuserdError
+from dmuserd.snapshot._merge_engine import MergeEngine, MergeHooks, MergeIO, MergePlan, read_state
+from dmuserd.snapshot._merge_errors import MergeError, MergeStateError, MergeUnsafeError
+from dmuserd.snapshot.merge import lock_cow, plan_merge
+
+log = structlog.get_logger("dmuserd.snapshot.merge")
+
+STATES = ("not-started", "merging", "paused", "merged", "failed")
+
+
+class MergeControl:
+    """The online merge of one snapshot backend; see the module doc.
+
+    ``reader``/``view`` are the backend's; ``base``/``cow`` the paths;
+    ``offload`` the data mover engine; ``trust_progress`` False when the
+    backend was told the base holds no merge progress (``merged=no``),
+    which forbids merging, as does ``unfinished`` (read up to a label). Reads the COW's merge state at once: a durable
+    scratch window of an interrupted merge is served from memory right
+    away, so reads are right before the merge resumes.
+    """
+
+    def __init__(self, reader, view, base, cow, *, offload: str = "auto", trust_progress: bool = True,
+                 unfinished: bool = False) -> None:
+        self.reader = reader
+        self.view = view
+        self.base = str(base)
+        self.cow = str(cow)
+        self.offload = offload
+        self.state = "not-started"
+        self.error: str | None = None
+        self._trust = trust_progress
+        self._resume = trio.Event()
+        self._resume.set()
+        self._plan: MergePlan | None = None
+        self._unsafe: MergeError | None = None
+        self.merged_ops = reader.num_merge_ops if trust_progress else 0
+        if unfinished:
+            self._unsafe = MergeUnsafeError(f"{self.cow} is read up to a label (an unfinished COW file); "
+                                            "only a complete file can be merged")
+            return
+        try:
+            self._plan = plan_merge(reader, view.base_size)
+        except MergeError as exc:
+            self._unsafe = exc
+            return
+        if not trust_progress:
+            return
+        from dmuserd.dsa_offload._cpu import crc32c
+
+        fd = os.open(self.cow, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            state = read_state(MergeIO(-1, fd), reader, self._plan, crc=crc32c)
+        finally:
+            os.close(fd)
+        self.merged_ops = state.merged_ops
+        if state.pending is not None:
+            bs = self._plan.block_size
+            self.view.publish_window({op.new_block: state.pending.data[i * bs : (i + 1) * bs]
+                                      for i, op in enumerate(state.pending.ops)})
+        if self.merged_ops >= self._plan.total_ops and state.pending is None:
+            self.state = "merged"
+
+    # --- the interface ------------------------------------------------------
+
+    def percent(self) -> float:
+        if self.state == "merged":
+            return 100.0
+        if self._plan is None:
+            return 0.0
+        return round(self._plan.percent(self.merged_ops), 3)
+
+    def start(self, nursery) -> None:
+        """Start merging in the background (a task in ``nursery``)."""
+        if self.state in ("merging", "paused"):
+            raise MergeStateError(f"the merge of {self.cow} is already {self.state}; "
+                                  "pause, resume or wait for it")
+        if self.state == "merged":
+            raise MergeStateError(f"{self.cow} is already merged into {self.base}; nothing to do")
+        if self._unsafe is not None:
+            raise self._unsafe
+        if not self._trust:
+            raise MergeStateError(
+                f"this target was opened with merged=no (the base is taken to hold no merge progress), "
+                f"but {self.cow} records {self.reader.num_merge_ops} merged ops; serve it with merged=yes "
+                "(or without the option) to merge it")
+        self.state, self.error = "merging", None
+        self._resume.set()
+        nursery.start_soon(self._run)
+
+    def pause(self) -> None:
+        """Pause at the next step boundary (a no-op when already paused)."""
+        if self.state == "paused":
+            return
+        if self.state != "merging":
+            raise MergeStateError(f"the merge of {self.cow} is {self.state}; only a running merge can pause")
+        self.state = "paused"
+        self._resume = trio.Event()
+
+    def resume(self) -> None:
+        """Continue a paused merge (a no-op when it is running)."""
+        if self.state == "merging":
+            return
+        if self.state != "paused":
+            raise MergeStateError(f"the merge of {self.cow} is {self.state}; only a paused merge can resume "
+                                  "(start one with `dmuserd merge start`)")
+        self.state = "merging"
+        self._resume.set()
+
+    def describe(self) -> dict:
+        plan = self._plan
+        return {
+            "state": self.state,
+            "percent": self.percent(),
+            "merged_ops": self.merged_ops,
+            "total_ops": plan.total_ops if plan else len(self.reader.data_ops),
+            "error": self.error,
+        }
+
+    # --- the task ----------------------------------------------------------
+
+    async def _run(self) -> None:
+        from dmuserd.dsa_offload import open_mover
+
+        fds: list[int] = []
+        try:
+            cloexec = getattr(os, "O_CLOEXEC", 0)
+            fds.append(os.open(self.base, os.O_RDWR | cloexec))
+            fds.append(os.open(self.cow, os.O_RDWR | cloexec))
+            lock_cow(fds[1], self.cow)
+            io = MergeIO(fds[0], fds[1])
+            state = await trio.to_thread.run_sync(read_state, io, self.reader, self._plan)
+            if state.merged_ops != self.merged_ops:
+                raise MergeStateError(f"{self.cow} records {state.merged_ops} merged ops, this target "
+                                      f"{self.merged_ops}: something else merged it meanwhile; restart the target")
+            log.info("online merge", cow=self.cow, base=self.base, merged_ops=self.merged_ops,
+                     ops=self._plan.total_ops)
+            async with open_mover(self.offload) as mover:
+                await MergeEngine(self.reader, self._plan, io, mover, state, hooks=_Hooks(self)).run()
+            self.state = "merged"
+            log.info("online merge done", cow=self.cow, base=self.base)
+        except (DmuserdError, OSError) as exc:
+            self.state, self.error = "failed", str(exc)
+            log.error("online merge failed", cow=self.cow, error=self.error)
+        except Exception as exc:  # noqa: BLE001 - a failed merge must not take the daemon down
+            self.state, self.error = "failed", f"internal error: {exc!r}"
+            log.exception("online merge failed", cow=self.cow)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+class _Hooks(MergeHooks):
+    def __init__(self, control: MergeControl) -> None:
+        self.control = control
+
+    async def window_ready(self, blocks: dict[int, bytes]) -> None:
+        await trio.to_thread.run_sync(self.control.view.publish_window, blocks)
+
+    def committed(self, ops, merged_ops: int) -> None:
+        self.control.view.retire_window(ops)
+        self.control.merged_ops = merged_ops
+
+    async def checkpoint(self) -> None:
+        await trio.lowlevel.checkpoint()
+        while self.control.state == "paused":
+            await self.control._resume.wait()
+
+
+# --- the daemon's control command ---------------------------------------------------
+
+ACTIONS = ("start", "pause", "resume", "status")
+
+
+async def merge_command(daemon, request: dict) -> dict:
+    """``{"cmd": "merge", "action": ..., "target": NAME}`` → the merge's state."""
+    from dmuserd.daemon.control import CommandError
+
+    action, name = request.get("action"), request.get("target")
+    if action not in ACTIONS:
+        raise CommandError(f"merge: action must be one of {', '.join(ACTIONS)}, not {action!r}")
+    target = daemon.targets.get(name)
+    if target is None:
+        raise CommandError(f"merge: no target {name!r} (targets: {', '.join(sorted(daemon.targets)) or 'none'})")
+    control = getattr(target.backend, "merge", None)
+    if not isinstance(control, MergeControl):
+        raise CommandError(f"merge: target {name!r} serves a {target.backend.name} backend; "
+                           "only snapshot targets (base + COW) merge")
+    try:
+        if action == "start":
+            if daemon.nursery is None:
+                raise CommandError("merge: the daemon is not running its targets yet; try again")
+            control.start(daemon.nursery)
+        elif action == "pause":
+            control.pause()
+        elif action == "resume":
+            control.resume()
+    except MergeError as exc:
+        raise CommandError(str(exc)) from None
+    return {"target": name, **control.describe()}
