@@ -472,22 +472,24 @@ class _PartitionConverter:
 def _last_label(path: str, max_label: int) -> int | None:
     """The highest label of an unfinished conversion, or None when it has none (start over).
 
-    Labels are 0, 1, 2, ... in order, so label L exists exactly when every
-    label below it does: a binary search over "does the file read up to L".
+    v3 publishes its newest resume points in the header. An unfinished v2
+    file reads only up to a label; its labels are 0, 1, 2, ... in order, so
+    label L exists exactly when the file reads up to L: a binary search.
     """
-    def readable(label: int) -> bool:
+    def labels(label: int | None) -> list[int] | None:
         try:
-            with CowReader(path, label=label, check_merge=False):
-                return True
+            with CowReader(path, label=label, check_merge=False) as reader:
+                return reader.labels
         except (CowError, OSError):
-            return False
+            return None
 
-    if not readable(0):
-        return None
-    low, high = 0, max_label  # readable(low) holds
+    found = labels(None)
+    if found is not None or labels(0) is None:
+        return max(found) if found else None
+    low, high = 0, max_label  # label ``low`` exists
     while low < high:
         mid = (low + high + 1) // 2
-        if readable(mid):
+        if labels(mid) is not None:
             low = mid
         else:
             high = mid - 1
