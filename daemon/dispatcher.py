@@ -28,7 +28,7 @@ import time
 import structlog
 
 from dmuserd.backends import Backend, Op, Unsupported
-from dmuserd.protocol import Flag, Request, RequestType, Response, ResponseType
+from dmuserd.protocol import SECTOR_SIZE, Flag, Request, RequestType, Response, ResponseType
 
 log = structlog.get_logger("dmuserd.dispatch")
 
@@ -40,6 +40,10 @@ _OP_FOR_TYPE = {
     RequestType.SECURE_ERASE: Op.DISCARD,
     RequestType.WRITE_ZEROES: Op.WRITE_ZEROES,
 }
+
+
+_STAT_NAMES = {t: t.name.lower() for t in _OP_FOR_TYPE}
+_PREFLUSH, _FUA, _NOUNMAP = int(Flag.PREFLUSH), int(Flag.FUA), int(Flag.NOUNMAP)
 
 
 class Stats:
@@ -96,36 +100,39 @@ class Dispatcher:
     async def _handle(self, req: Request) -> Response:
         backend = self.backend
         kind = req.type
+        flags = int(req.flags)  # int arithmetic: IntFlag operators build new enum members
         is_flush = kind == RequestType.FLUSH or (kind == RequestType.WRITE and req.len == 0)
         op = Op.FLUSH if is_flush else _OP_FOR_TYPE.get(kind)
-        self.stats.requests["flush" if is_flush else kind.name.lower()] += 1
+        self.stats.requests["flush" if is_flush else _STAT_NAMES[kind]] += 1
         if op is None:
             return self._unsupported(req, f"{kind.name} is not a block operation dmuserd serves")
-        if op not in self._caps or (req.flags & Flag.PREFLUSH and Op.FLUSH not in self._caps and not is_flush):
+        if op not in self._caps or (flags & _PREFLUSH and Op.FLUSH not in self._caps and not is_flush):
             return self._unsupported(req, f"the backend does not support {op.value}")
         if not is_flush:
-            problem = self._range_problem(req)
-            if problem:
-                return self._error(req, problem)
+            offset = req.sector * SECTOR_SIZE
+            length = req.len
+            block = backend.block_size
+            if offset % block or length % block or offset + length > backend.size:
+                return self._error(req, self._range_problem(req))
         try:
-            if req.flags & Flag.PREFLUSH or is_flush:
+            if flags & _PREFLUSH or is_flush:
                 await backend.flush()
             if is_flush:
                 return Response(req.seq)
             if kind == RequestType.READ:
-                data = await backend.read(req.offset, req.len)
-                if len(data) != req.len:
-                    return self._error(req, f"backend returned {len(data)} bytes for a {req.len}-byte read")
-                self.stats.bytes_read += req.len
+                data = await backend.read(offset, length)
+                if len(data) != length:
+                    return self._error(req, f"backend returned {len(data)} bytes for a {length}-byte read")
+                self.stats.bytes_read += length
                 return Response(req.seq, ResponseType.SUCCESS, data)
             if kind == RequestType.WRITE:
-                await backend.write(req.offset, req.payload, bool(req.flags & Flag.FUA))
-                self.stats.bytes_written += req.len
+                await backend.write(offset, req.payload, bool(flags & _FUA))
+                self.stats.bytes_written += length
             elif op == Op.DISCARD:
-                await backend.discard(req.offset, req.len)
+                await backend.discard(offset, length)
             elif op == Op.WRITE_ZEROES:
-                await backend.write_zeroes(req.offset, req.len, not (req.flags & Flag.NOUNMAP))
-            if req.flags & Flag.FUA and kind != RequestType.WRITE and Op.FLUSH in self._caps:
+                await backend.write_zeroes(offset, length, not (flags & _NOUNMAP))
+            if flags & _FUA and kind != RequestType.WRITE and Op.FLUSH in self._caps:
                 await backend.flush()
             return Response(req.seq)
         except Unsupported as exc:
@@ -133,13 +140,11 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - one failing request fails alone
             return self._error(req, f"backend raised {type(exc).__name__}: {exc}")
 
-    def _range_problem(self, req: Request) -> str | None:
+    def _range_problem(self, req: Request) -> str:
         block = self.backend.block_size
         if req.offset % block or req.len % block:
             return f"offset {req.offset} / length {req.len} not aligned to the {block}-byte block size"
-        if req.offset + req.len > self.backend.size:
-            return f"range {req.offset}+{req.len} ends beyond the device size {self.backend.size}"
-        return None
+        return f"range {req.offset}+{req.len} ends beyond the device size {self.backend.size}"
 
     def _error(self, req: Request, why: str) -> Response:
         self.stats.errors += 1

@@ -38,7 +38,6 @@ import trio
 
 from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, serve_channel
 from dmuserd.protocol import (
-    HEADER_SIZE,
     NEED_DATA,
     SECTOR_SIZE,
     WOULD_BLOCK,
@@ -46,7 +45,6 @@ from dmuserd.protocol import (
     BioState,
     Channel,
     DaemonConnection,
-    Header,
     KernelError,
     KernelTarget,
     ProtocolError,
@@ -183,30 +181,24 @@ class EmulatedDmUser:
         if channel is None or channel.closed or not self.limiter.available_tokens:
             return False
         try:
-            header = channel.read(HEADER_SIZE)
-            if header is WOULD_BLOCK:
-                return False
-            conn.receive_data(header)
-            decoded = Header.decode(header)
-            if decoded.type == RequestType.WRITE:
-                length = decoded.len
-                while length:
-                    chunk = channel.read(length)
-                    conn.receive_data(chunk)
-                    length -= len(chunk)
-            request = conn.next_event()
+            # One whole message, with no await in between: see the module doc.
+            while (request := conn.next_event()) is NEED_DATA:
+                data = channel.read(conn.need_bytes)
+                if data is WOULD_BLOCK:
+                    return False
+                conn.receive_data(data)
         except KernelError:
             return False
         except ProtocolError as exc:
             log.error("closing the inline channel: the kernel model broke the protocol", error=str(exc))
             channel.close()
             return False
-        assert request is not NEED_DATA
-        self.limiter.acquire_on_behalf_of_nowait(request)  # a token was free, nothing awaited since
+        token = object()  # hashing the request itself would hash its payload
+        self.limiter.acquire_on_behalf_of_nowait(token)  # a token was free, nothing awaited since
         try:
             response = await self.dispatcher.handle(request)
         finally:
-            self.limiter.release_on_behalf_of(request)
+            self.limiter.release_on_behalf_of(token)
         if channel.closed:
             return True  # torn down meanwhile: closing failed the message
         for buffer in conn.send_response(response):

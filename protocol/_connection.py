@@ -34,7 +34,7 @@ from dmuserd.protocol._constants import (
     ResponseType,
 )
 from dmuserd.protocol._errors import ProtocolError
-from dmuserd.protocol._message import Header, Request, Response
+from dmuserd.protocol._message import Header, Request, Response, _pack_header
 
 
 class _NeedData:
@@ -51,6 +51,12 @@ DEFAULT_MAX_IO = 32 * 1024 * 1024
 
 _U64_MAX = (1 << 64) - 1
 
+# Enum lookups by table: calling an enum class costs more than the rest of a
+# request's decoding, and this runs once per block I/O.
+_REQUEST_TYPES = {int(t): t for t in RequestType}
+_RESPONSE_TYPES = {int(t): t for t in ResponseType}
+_FLAGS: dict[int, Flag] = {}
+
 
 class DaemonConnection:
     """One channel's protocol state on the daemon side."""
@@ -66,6 +72,17 @@ class DaemonConnection:
     def outstanding(self) -> int:
         """Requests handed out by :meth:`next_event` and not yet answered."""
         return len(self._outstanding)
+
+    @property
+    def need_bytes(self) -> int:
+        """Bytes still missing for the next request, as far as known (at least 1).
+
+        A transport that reads exactly what is needed (the kernel model, a
+        channel read into a fixed buffer) asks for this much next.
+        """
+        if self._header is None:
+            return max(HEADER_SIZE - len(self._buffer), 1)
+        return max(self._header.len - len(self._buffer), 1)
 
     @property
     def buffered(self) -> int:
@@ -88,20 +105,23 @@ class DaemonConnection:
         if header.type == RequestType.WRITE:
             if len(self._buffer) < header.len:
                 return NEED_DATA
-            payload = bytes(self._buffer[: header.len])
-            del self._buffer[: header.len]
+            if len(self._buffer) == header.len:  # the usual case: one copy, not two
+                payload = bytes(self._buffer)
+                self._buffer.clear()
+            else:
+                payload = bytes(self._buffer[: header.len])
+                del self._buffer[: header.len]
         self._header = None
-        request = Request(
-            header.seq, RequestType(header.type), Flag(header.flags), header.sector, header.len, payload
-        )
+        flags = _FLAGS.get(header.flags)
+        if flags is None:
+            flags = _FLAGS[header.flags] = Flag(header.flags)
+        request = Request(header.seq, _REQUEST_TYPES[header.type], flags, header.sector, header.len, payload)
         self._outstanding[header.seq] = request
         return request
 
     def _check_request_header(self, header: Header) -> Header:
-        try:
-            RequestType(header.type)
-        except ValueError:
-            raise ProtocolError("type", header.type, "unknown request type") from None
+        if header.type not in _REQUEST_TYPES:
+            raise ProtocolError("type", header.type, "unknown request type")
         if header.flags & ~ALL_FLAGS:
             raise ProtocolError("flags", header.flags, f"unknown flag bits {header.flags & ~ALL_FLAGS:#x}")
         if header.seq in self._outstanding:
@@ -124,10 +144,9 @@ class DaemonConnection:
         request = self._outstanding.get(response.seq)
         if request is None:
             raise ProtocolError("seq", response.seq, "no outstanding request has this seq")
-        try:
-            kind = ResponseType(response.type)
-        except ValueError:
-            raise ProtocolError("type", response.type, "unknown response type") from None
+        kind = _RESPONSE_TYPES.get(response.type)
+        if kind is None:
+            raise ProtocolError("type", response.type, "unknown response type")
         # Count bytes, not items (an array('I') or a cast memoryview is fine).
         size = None if response.payload is None else memoryview(response.payload).nbytes
         if kind == ResponseType.SUCCESS and request.type == RequestType.READ:
@@ -140,7 +159,7 @@ class DaemonConnection:
                 "payload", size, f"a {kind.name} response to {request.type.name} carries no payload"
             )
         del self._outstanding[response.seq]
-        header = Header(request.seq, int(kind), int(request.flags), request.sector, request.len).encode()
+        header = _pack_header(request.seq, kind, request.flags, request.sector, request.len)
         if kind == ResponseType.SUCCESS and request.type == RequestType.READ:
             return [header, response.payload]
         return [header]

@@ -395,19 +395,22 @@ class Channel:
         data = memoryview(data).cast("B")
         taken = 0
         if self._answering is None:
-            need = HEADER_SIZE - len(self._scratch)
-            chunk = data[:need]
-            if not len(chunk):
-                # msg_copy_from_iov() copied nothing: dm-user.c sets the error
-                # and returns 0 for this call; every later write fails EINVAL.
-                self._from_user_error = errno.EINVAL
-                return 0
-            self._scratch += chunk
-            taken = len(chunk)
-            if len(self._scratch) < HEADER_SIZE:
-                return taken
-            seq, rtype, _flags, _sector, _len = _HEADER.unpack(self._scratch)
+            if not self._scratch and len(data) >= HEADER_SIZE:
+                header = data  # the whole header in this write: no assembling
+            else:
+                chunk = data[: HEADER_SIZE - len(self._scratch)]
+                if not len(chunk):
+                    # msg_copy_from_iov() copied nothing: dm-user.c sets the error
+                    # and returns 0 for this call; every later write fails EINVAL.
+                    self._from_user_error = errno.EINVAL
+                    return 0
+                self._scratch += chunk
+                if len(self._scratch) < HEADER_SIZE:
+                    return len(chunk)
+                header = self._scratch
+            seq, rtype, _flags, _sector, _len = _HEADER.unpack_from(header)
             self._scratch.clear()
+            taken = HEADER_SIZE if header is data else len(chunk)
             bio = self._awaiting.pop(seq, None)
             if bio is None:
                 # Accepted once, then the channel is poisoned (dm-user.c).
@@ -420,14 +423,14 @@ class Channel:
             bio.posn_from_user = HEADER_SIZE
             self._answering = bio
         bio = self._answering
-        remaining = bio.total_from_user - bio.posn_from_user
-        chunk = data[taken : taken + remaining]
+        total = HEADER_SIZE + bio.length if bio.type == RequestType.READ else HEADER_SIZE
+        chunk = data[taken : taken + total - bio.posn_from_user]
         if len(chunk):
             start = bio.posn_from_user - HEADER_SIZE
             bio.data[start : start + len(chunk)] = chunk
             bio.posn_from_user += len(chunk)
             taken += len(chunk)
-        if bio.posn_from_user == bio.total_from_user:
+        if bio.posn_from_user == total:
             self._answering = None
             self._done(bio, 0)
         return taken

@@ -10,6 +10,7 @@ from dmuserd.protocol._errors import ProtocolError
 
 _HEADER = struct.Struct("<5Q")
 assert _HEADER.size == HEADER_SIZE
+_pack_header = _HEADER.pack
 
 
 @dataclass(frozen=True, slots=True)
