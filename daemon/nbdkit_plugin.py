@@ -1,0 +1,375 @@
+"""nbdkit python plugin: the *kernel side* of dm-user, talking to dmuserd.
+
+nbdkit runs this file in its own embedded interpreter (Debian's python3,
+not dmuserd's virtualenv), so it imports only the standard library and
+dmuserd's pure-Python ``protocol`` package, loaded by path from the tree
+this file lives in (see :func:`_load_protocol`).
+
+What it does: every NBD request becomes one dm-user message on a Unix
+socket to the daemon, in the exact dm-user wire format (40-byte header,
+WRITE payload after it; the answer is a header and, for a READ, the data).
+Each channel carries one request at a time and belongs to one nbdkit worker
+thread while that request runs; idle channels wait in a pool, so there are
+as many channels as requests ever ran at once (at most nbdkit's
+``--threads`` per client connection). With one request per channel the
+answer to read is always ours, which is what makes the zero-copy paths
+simple:
+
+* READ: one ``recvmsg_into([header, buf])`` lands the answer header in a
+  scratch buffer and the data straight into nbdkit's buffer;
+* WRITE: one ``sendmsg([header, buf])`` sends nbdkit's buffer as is.
+
+Mapping: pread → READ, pwrite → WRITE (FUA → FUA), flush → FLUSH, trim →
+DISCARD, zero → WRITE_ZEROES (NOUNMAP unless may-trim), cache → emulated by
+nbdkit as a read (a read-ahead into the daemon's backend). Answers: SUCCESS
+→ done, ERROR → EIO, UNSUPPORTED → EOPNOTSUPP (for zero, nbdkit then falls
+back to writing zeros, unless the client asked for a fast zero).
+
+Daemon restarts: when no daemon answers (nothing listens on the channel
+socket, or a channel breaks mid-request), the request waits for one, up to
+the daemon timeout (``timeout=``, default dm-user's 4 s), reconnecting
+every few milliseconds, and is then sent (again) to the daemon that
+answers; when the timeout runs out it fails with EIO. A request in flight
+when its daemon died is re-sent whole: READ, WRITE, WRITE_ZEROES, DISCARD
+and FLUSH are idempotent at block level, and a client only counts a write
+as done when its answer came back, so no acknowledged write is lost.
+
+Parameters (``nbdkit python nbdkit_plugin.py KEY=VALUE ...``; the daemon
+passes them, see :mod:`dmuserd.daemon.nbd`): ``channel`` (the daemon's
+channel socket), ``size``, ``block_size``, ``caps`` (comma-separated
+backend operations: read, write, flush, discard, write_zeroes),
+``timeout`` (seconds).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import sys
+import time
+
+import nbdkit  # provided by nbdkit's python plugin
+
+API_VERSION = 2
+
+#: Largest request in bytes (the NBD maximum block size we advertise).
+MAX_REQUEST = 32 * 1024 * 1024
+#: Preferred request size advertised to clients.
+PREFERRED_BLOCK = 4096
+#: How often a request waiting for a daemon tries to connect again.
+RECONNECT_INTERVAL = 0.02
+#: Socket buffer size asked for on each channel (large READ/WRITE payloads).
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def _load_protocol():
+    """Import ``dmuserd.protocol`` from the tree this file belongs to.
+
+    The package root is the parent of ``daemon/``. If ``dmuserd`` is
+    importable already (tests, an installed package) that copy is used only
+    if it is this very tree; otherwise the package is loaded by path.
+    """
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    existing = sys.modules.get("dmuserd")
+    if existing is None or os.path.dirname(os.path.abspath(existing.__file__ or "")) != root:
+        spec = importlib.util.spec_from_file_location(
+            "dmuserd", os.path.join(root, "__init__.py"), submodule_search_locations=[root]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["dmuserd"] = module
+        spec.loader.exec_module(module)
+    import dmuserd.protocol as protocol
+
+    return protocol
+
+
+protocol = _load_protocol()
+HEADER_SIZE = protocol.HEADER_SIZE
+SECTOR_SIZE = protocol.SECTOR_SIZE
+RequestType = protocol.RequestType
+ResponseType = protocol.ResponseType
+Flag = protocol.Flag
+_HEADER = struct.Struct("<5Q")  # the Header codec's layout, packed here without an object per request
+assert _HEADER.size == HEADER_SIZE == len(protocol.Header(0, 0, 0, 0, 0).encode())
+
+_READ = int(RequestType.READ)
+_WRITE = int(RequestType.WRITE)
+_FLUSH = int(RequestType.FLUSH)
+_DISCARD = int(RequestType.DISCARD)
+_WRITE_ZEROES = int(RequestType.WRITE_ZEROES)
+_FUA = int(Flag.FUA)
+_NOUNMAP = int(Flag.NOUNMAP)
+_SUCCESS = int(ResponseType.SUCCESS)
+_UNSUPPORTED = int(ResponseType.UNSUPPORTED)
+
+
+class _Config:
+    channel = ""
+    size = -1
+    block_size = 512
+    caps: frozenset = frozenset()
+    timeout = protocol.DEFAULT_DAEMON_TIMEOUT_MS / 1000
+
+
+cfg = _Config()
+
+
+class _Fail(Exception):
+    """A request failed; ``errno`` is what the client sees."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class _Broken(Exception):
+    """The channel broke (daemon gone): reconnect and re-send."""
+
+
+# -- nbdkit callbacks: configuration --------------------------------------------
+
+
+def config(key, value):
+    if key == "channel":
+        cfg.channel = value
+    elif key == "size":
+        cfg.size = int(value)
+    elif key == "block_size":
+        cfg.block_size = int(value)
+    elif key == "caps":
+        cfg.caps = frozenset(c for c in value.split(",") if c)
+    elif key == "timeout":
+        cfg.timeout = float(value)
+    else:
+        raise ValueError(f"dmuserd plugin: unknown parameter {key}={value!r} "
+                         "(known: channel, size, block_size, caps, timeout)")
+
+
+def config_complete():
+    if not cfg.channel or cfg.size < 0:
+        raise ValueError("dmuserd plugin: channel=PATH and size=BYTES are required "
+                         "(dmuserd serve --export nbd:... passes them)")
+    if cfg.block_size < SECTOR_SIZE or cfg.block_size & (cfg.block_size - 1):
+        raise ValueError(f"dmuserd plugin: block_size={cfg.block_size} is not a power of two >= 512")
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def open(readonly):  # noqa: A001 - nbdkit's callback name
+    return 1  # every connection shares the channel pool
+
+
+def get_size(h):
+    return cfg.size
+
+
+def block_size(h):
+    return (cfg.block_size, max(PREFERRED_BLOCK, cfg.block_size), MAX_REQUEST)
+
+
+def is_rotational(h):
+    return False
+
+
+def can_write(h):
+    return "write" in cfg.caps
+
+
+def can_flush(h):
+    return "flush" in cfg.caps
+
+
+def can_trim(h):
+    return "discard" in cfg.caps
+
+
+def can_zero(h):
+    return "write_zeroes" in cfg.caps
+
+
+def can_fast_zero(h):
+    # Honest: a backend with write_zeroes zeroes without writing data; without
+    # it nbdkit would emulate with pwrite, which is not fast, so say no.
+    return "write_zeroes" in cfg.caps
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE if "flush" in cfg.caps else nbdkit.FUA_NONE
+
+
+def can_multi_conn(h):
+    # One backend behind every channel, and the daemon's FLUSH covers every
+    # write completed before it, whichever connection sent it.
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_EMULATE  # nbdkit reads the range through pread: a read-ahead
+
+
+# -- the channels -------------------------------------------------------------------
+
+# Idle connected channels. list.append/pop are atomic under the GIL.
+_pool: list = []
+_seq = iter(range(1 << 63))  # next() on a range iterator is atomic under the GIL
+
+
+def _connect():
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.connect(cfg.channel)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _channel(deadline):
+    """An idle channel, or a new one; waits for a daemon until ``deadline``."""
+    try:
+        return _pool.pop(), deadline
+    except IndexError:
+        pass
+    while True:
+        try:
+            return _connect(), deadline
+        except OSError as exc:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + cfg.timeout
+                nbdkit.debug(f"dmuserd: no daemon on {cfg.channel} ({exc.strerror}); waiting up to {cfg.timeout} s")
+            if now >= deadline:
+                raise _Fail(errno.EIO, f"no dmuserd daemon answered on {cfg.channel} within {cfg.timeout} s") from None
+            time.sleep(RECONNECT_INTERVAL)
+
+
+def _send(sock, buffers):
+    """``sendmsg`` every byte of ``buffers`` (continuing after short sends)."""
+    total = sum(len(b) for b in buffers)
+    sent = sock.sendmsg(buffers)
+    if sent == total:
+        return
+    views = [memoryview(b).cast("B") for b in buffers]
+    while sent < total:
+        skip = sent
+        rest = []
+        for view in views:
+            if skip >= len(view):
+                skip -= len(view)
+            else:
+                rest.append(view[skip:])
+                skip = 0
+        views = rest
+        total -= sent
+        sent = sock.sendmsg(views)
+
+
+def _receive(sock, header, data):
+    """Receive one answer: the header into ``header``, a READ's data into ``data``."""
+    hview = memoryview(header)
+    if data is None:
+        got = sock.recv_into(hview)
+        while 0 < got < HEADER_SIZE:
+            n = sock.recv_into(hview[got:])
+            got = got + n if n else 0
+        if got == 0:
+            raise _Broken("the daemon closed the channel")
+        return _HEADER.unpack(header)
+    got = sock.recvmsg_into([hview, data])[0]
+    while 0 < got < HEADER_SIZE:
+        n = sock.recv_into(hview[got:])
+        got = got + n if n else 0
+    if got == 0:
+        raise _Broken("the daemon closed the channel")
+    answer = _HEADER.unpack(header)
+    if answer[1] != _SUCCESS:
+        if got > HEADER_SIZE:
+            raise _Fail(errno.EIO, "the daemon sent data after an error answer")
+        return answer
+    got -= HEADER_SIZE
+    length = len(data)
+    while got < length:
+        n = sock.recv_into(data[got:])
+        if not n:
+            raise _Broken("the daemon closed the channel in a READ answer")
+        got += n
+    return answer
+
+
+def _request(kind, offset, length, flags, payload=None, into=None):
+    """Send one dm-user request and wait for its answer; re-send after a daemon restart."""
+    if offset % SECTOR_SIZE or length % SECTOR_SIZE:
+        raise _Fail(errno.EINVAL, f"offset {offset} / length {length} not aligned to {SECTOR_SIZE} bytes")
+    sector = offset // SECTOR_SIZE
+    header = bytearray(HEADER_SIZE)
+    data = memoryview(into).cast("B") if into is not None else None
+    deadline = None
+    while True:
+        sock, deadline = _channel(deadline)
+        seq = next(_seq)
+        try:
+            head = _HEADER.pack(seq, kind, flags, sector, length)
+            _send(sock, [head, payload] if payload is not None else [head])
+            answer = _receive(sock, header, data)
+        except (OSError, _Broken) as exc:
+            sock.close()
+            if deadline is None:
+                deadline = time.monotonic() + cfg.timeout
+            nbdkit.debug(f"dmuserd: channel broke ({exc}); re-sending seq {seq} to the next daemon")
+            continue
+        except _Fail:
+            sock.close()
+            raise
+        if answer[0] != seq:
+            sock.close()
+            raise _Fail(errno.EIO, f"the daemon answered seq {answer[0]}, expected {seq}")
+        _pool.append(sock)
+        if answer[1] == _SUCCESS:
+            return
+        if answer[1] == _UNSUPPORTED:
+            raise _Fail(errno.EOPNOTSUPP, f"the backend does not support request type {kind}")
+        raise _Fail(errno.EIO, f"the daemon answered ERROR to request type {kind} at {offset}+{length}")
+
+
+def _run(kind, offset, length, flags, payload=None, into=None):
+    try:
+        _request(kind, offset, length, flags, payload, into)
+    except _Fail as exc:
+        nbdkit.set_error(exc.errno)
+        raise RuntimeError(str(exc)) from None
+
+
+# -- nbdkit callbacks: data ------------------------------------------------------------
+
+
+def pread(h, buf, offset, flags):
+    _run(_READ, offset, len(buf), 0, into=buf)
+
+
+def pwrite(h, buf, offset, flags):
+    _run(_WRITE, offset, len(buf), _FUA if flags & nbdkit.FLAG_FUA else 0, payload=buf)
+
+
+def flush(h, flags):
+    _run(_FLUSH, 0, 0, 0)
+
+
+def trim(h, count, offset, flags):
+    _run(_DISCARD, offset, count, _FUA if flags & nbdkit.FLAG_FUA else 0)
+
+
+def zero(h, count, offset, flags):
+    if flags & nbdkit.FLAG_FAST_ZERO and "write_zeroes" not in cfg.caps:
+        nbdkit.set_error(errno.ENOTSUP)
+        raise RuntimeError("fast zero: the backend cannot zero without writing")
+    dm_flags = 0 if flags & nbdkit.FLAG_MAY_TRIM else _NOUNMAP
+    if flags & nbdkit.FLAG_FUA:
+        dm_flags |= _FUA
+    _run(_WRITE_ZEROES, offset, count, dm_flags)

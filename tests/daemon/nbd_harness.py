@@ -1,0 +1,188 @@
+"""Run ``dmuserd serve --export nbd:...`` and real NBD clients from tests.
+
+A uniquely named helper module (the FUSE helpers live in ``daemon_harness``).
+The export's nbdkit outlives a daemon on purpose, so :class:`NbdSession`
+remembers every nbdkit it saw and stops them at the end of a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon_harness import DMUSERD, run
+
+
+def need_nbd_tools(*tools: str) -> None:
+    """Skip unless nbdkit's python plugin and the named client tools exist."""
+    import shutil
+
+    missing = [t for t in ("nbdkit", *tools) if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+    probe = subprocess.run(["nbdkit", "python", "--dump-plugin"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("nbdkit's python plugin is not installed (apt-get install nbdkit-plugin-python)")
+
+
+class NbdDaemon:
+    """One ``dmuserd serve`` process with one NBD export."""
+
+    def __init__(self, session: "NbdSession", backend: str, options: str = "", name: str = "disk") -> None:
+        self.session = session
+        session.starts += 1
+        self.control = session.workdir / f"control{session.starts}.sock"
+        self.log_path = session.workdir / f"daemon{session.starts}.log"
+        self.log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen(
+            DMUSERD + ["serve", "--name", name, "--backend", backend,
+                       "--export", f"nbd:{session.socket}{options}", "--control-socket", str(self.control)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> "NbdDaemon":
+        """Wait until the daemon serves (its control socket appears after every export)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+            if self.control.exists():
+                pid = self.session.nbdkit_pid()
+                if pid is not None:
+                    self.session.nbdkit_pids.add(pid)
+                return self
+            time.sleep(0.02)
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def log_events(self) -> list[dict]:
+        events = []
+        for line in self.log_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        return events
+
+    def status(self) -> dict:
+        out = run(*DMUSERD, "status", "--json", "--control-socket", self.control)
+        return json.loads(out.stdout)
+
+    def requests(self) -> dict:
+        return self.status()["targets"]["disk"]["requests"]
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies without any clean-up."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class NbdSession:
+    """Daemons serving one NBD socket, one after another, and the nbdkit they share."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "disk.sock"
+        self.state_dir = workdir / ".disk.sock.dmuserd"
+        self.daemons: list[NbdDaemon] = []
+        self.nbdkit_pids: set[int] = set()
+        self.starts = 0
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def start(self, backend: str, options: str = "", wait: bool = True) -> NbdDaemon:
+        daemon = NbdDaemon(self, backend, options)
+        self.daemons.append(daemon)
+        return daemon.wait_ready() if wait else daemon
+
+    def nbdkit_pid(self) -> int | None:
+        """The nbdkit the export's state names, if it runs."""
+        try:
+            pid = json.loads((self.state_dir / "nbdkit.json").read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return pid if nbdkit_alive(pid) else None
+
+    def cleanup(self) -> None:
+        for daemon in self.daemons:
+            daemon.terminate()
+            daemon.log.close()
+        pid = self.nbdkit_pid()
+        if pid is not None:
+            self.nbdkit_pids.add(pid)
+        for pid in self.nbdkit_pids:
+            if nbdkit_alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while any(nbdkit_alive(p) for p in self.nbdkit_pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in self.nbdkit_pids:
+            if nbdkit_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def nbdkit_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) nbdkit."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return "(nbdkit)" in stat and stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+@pytest.fixture
+def nbd_session(tmp_path):
+    """An :class:`NbdSession` in ``tmp_path``; daemons and nbdkit stopped afterwards."""
+    need_nbd_tools()
+    session = NbdSession(tmp_path)
+    yield session
+    session.cleanup()
+
+
+def qemu_io(uri: str, *commands: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``qemu-io -f raw -c CMD ... URI``; qemu-io exits 0 even when a command fails, so check stdout."""
+    args = ["qemu-io", "-f", "raw"]
+    for command in commands:
+        args += ["-c", command]
+    result = subprocess.run(args + [uri], capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    if check and (result.returncode != 0 or "failed" in output or "error" in output.lower()):
+        raise AssertionError(f"qemu-io {commands} failed:\n{output}")
+    return result
+
+
+def fio_nbd(uri: str, *options: str, timeout: float = 120) -> dict:
+    """Run fio's nbd engine on ``uri``; return the job's JSON result."""
+    result = subprocess.run(
+        ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", *options],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    try:
+        report = json.loads(result.stdout[result.stdout.index("{"):])
+    except ValueError:
+        raise AssertionError(f"fio produced no JSON (rc {result.returncode}):\n{result.stdout}\n{result.stderr}") from None
+    job = report["jobs"][0]
+    job["_rc"] = result.returncode
+    job["_stderr"] = result.stderr
+    return job
