@@ -171,16 +171,21 @@ def apply_payload(
         names = list(payload.partitions) if not partitions else partitions
         parts = [payload.partition(n) for n in names]
         settings = cow_settings(payload, version=version, compression=compression)
-        os.makedirs(cow_dir, exist_ok=True)
+        # everything that can be refused up front is, before any file is written
+        sources = {}
         for part in parts:
             check_supported(part)
+            if part.HasField("old_partition_info"):
+                sources[part.partition_name] = find_source(source_dir, part.partition_name)
+        for part in parts:
+            if part.partition_name in sources:
+                check_source_image(part, sources[part.partition_name])
+        os.makedirs(cow_dir, exist_ok=True)
         results = []
         with _progress(sum(len(p.operations) for p in parts), progress) as bar:
             for part in parts:
                 bar.set_description(f"ota apply {part.partition_name}")
-                source = find_source(source_dir, part.partition_name) if part.HasField("old_partition_info") else None
-
-                converter = _PartitionConverter(payload, part, source, settings)
+                converter = _PartitionConverter(payload, part, sources.get(part.partition_name), settings)
                 results.append(converter.run(cow_dir, verify, bar, on_operation))
         return results
 
@@ -194,6 +199,35 @@ def check_supported(part) -> None:
                 f"{op_where(part.partition_name, i)}: unsupported operation {op_type.name}; dmuserd applies "
                 "REPLACE, REPLACE_BZ, REPLACE_XZ, ZERO, DISCARD, SOURCE_COPY, SOURCE_BSDIFF and BROTLI_BSDIFF "
                 "(generate the payload without puffdiff/zucchini/lz4diff, or apply it with update_engine)"
+            )
+
+
+def check_source_image(part, path: str) -> None:
+    """The old image must be as long as the old partition and, when the
+    manifest has ``old_partition_info.hash``, be that image (one read, so a
+    wrong image is refused before anything is written; operations'
+    ``src_sha256_hash`` are checked again as they are applied)."""
+    name, info = part.partition_name, part.old_partition_info
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise SourceImageError(f"partition {name!r}: cannot open the old image {path}: {exc.strerror}") from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if size < info.size:
+        raise SourceImageError(
+            f"partition {name!r}: the old image {path} is {size} bytes, the payload's old partition is "
+            f"{info.size}: pass the image the payload was made for"
+        )
+    if info.hash:
+        got, _ = file_sha256(path, info.size)
+        if got != info.hash.hex():
+            raise PayloadHashError(
+                f"partition {name!r}: the old image {path} has SHA-256 {got}, old_partition_info.hash says "
+                f"{info.hash.hex()}; this is not the old {name!r} image the payload was made for: pass the "
+                "right --source-dir"
             )
 
 
@@ -235,7 +269,8 @@ class _PartitionConverter:
             self.payload.manifest_raw + f"\0{self.name}\0{self.settings.key()}".encode()
         ).hexdigest()[:16]
         temp = os.path.join(os.fspath(cow_dir), f".{self.name}.cow.{key}.partial")
-        for stale in glob.glob(os.path.join(glob.escape(os.fspath(cow_dir)), f".{glob.escape(self.name)}.cow.*.partial")):
+        pattern = os.path.join(glob.escape(os.fspath(cow_dir)), f".{glob.escape(self.name)}.cow.*.partial")
+        for stale in glob.glob(pattern):
             if stale != temp:
                 os.unlink(stale)
         src_fd = -1
@@ -293,18 +328,10 @@ class _PartitionConverter:
 
     def _open_source(self) -> int:
         try:
-            fd = os.open(self.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return os.open(self.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise SourceImageError(f"partition {self.name!r}: cannot open the old image {self.source}: "
                                    f"{exc.strerror}") from None
-        size = os.lseek(fd, 0, os.SEEK_END)
-        if size < self.old_size:
-            os.close(fd)
-            raise SourceImageError(
-                f"partition {self.name!r}: the old image {self.source} is {size} bytes, the payload's old "
-                f"partition is {self.old_size}: pass the image the payload was made for"
-            )
-        return fd
 
     def _check(self, temp: str, verify: bool) -> tuple[dict, str]:
         """Read the finished file back (format and merge order) and hash what it renders."""

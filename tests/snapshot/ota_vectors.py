@@ -61,14 +61,17 @@ def write_payload(path, manifest, blobs: list[bytes]) -> None:
 class PartitionBuilder:
     """Operations of one partition, with their blobs laid out in order."""
 
-    def __init__(self, manifest, name: str, old: bytes | None, new: bytes, blobs: list[bytes]) -> None:
+    def __init__(self, manifest, name: str, old: bytes | None, new: bytes, blobs: list[bytes], *,
+                 source_hashes: bool = True) -> None:
         self.part = manifest.partitions.add(partition_name=name)
+        self.source_hashes = source_hashes
         self.old, self.new, self.blobs = old, new, blobs
         self.part.new_partition_info.size = len(new)
         self.part.new_partition_info.hash = hashlib.sha256(new).digest()
         if old is not None:
             self.part.old_partition_info.size = len(old)
-            self.part.old_partition_info.hash = hashlib.sha256(old).digest()
+            if source_hashes:
+                self.part.old_partition_info.hash = hashlib.sha256(old).digest()
 
     def _dst(self, extents) -> bytes:
         return b"".join(self.new[s * BS : (s + n) * BS] for s, n in extents)
@@ -76,18 +79,17 @@ class PartitionBuilder:
     def _src(self, extents) -> bytes:
         return b"".join(self.old[s * BS : (s + n) * BS] for s, n in extents)
 
-    def op(self, op_type: OpType, dst, src=(), blob: bytes | None = None, *, hashes=True):
+    def op(self, op_type: OpType, dst, src=(), blob: bytes | None = None):
         op = self.part.operations.add(type=int(op_type))
         op.dst_extents.extend(ext(s, n) for s, n in dst)
         if src:
             op.src_extents.extend(ext(s, n) for s, n in src)
-            if hashes:
+            if self.source_hashes:
                 op.src_sha256_hash = hashlib.sha256(self._src(src)).digest()
         if blob is not None:
             op.data_offset = sum(len(b) for b in self.blobs)
             op.data_length = len(blob)
-            if hashes:
-                op.data_sha256_hash = hashlib.sha256(blob).digest()
+            op.data_sha256_hash = hashlib.sha256(blob).digest()
             self.blobs.append(blob)
         return op
 
@@ -137,16 +139,21 @@ def synthetic_images() -> tuple[bytes, bytes]:
     return b"".join(old), b"".join(new)
 
 
-def synthetic_payload(path, *, merge_ops: bool = True, extra=None) -> tuple[bytes, bytes]:
+def synthetic_payload(path, *, merge_ops: bool = True, extra=None, old_hash: bool = True,
+                      src_hashes: bool = True) -> tuple[bytes, bytes]:
     """Write a delta payload with one partition, ``system``, covering every
     supported operation type; with ``merge_ops`` the merge operations a
     VABC generator would add (COW_COPY for the shift, COW_XOR for the
     diffs, one with a src_offset, one running off the partition's end).
-    ``extra(builder)`` may add operations. Returns (old image, new image)."""
+    ``extra(builder)`` may add operations; ``old_hash``/``src_hashes`` False
+    leave out ``old_partition_info.hash`` / the operations' ``src_sha256_hash``.
+    Returns (old image, new image)."""
     old, new = synthetic_images()
     manifest = proto.DeltaArchiveManifest(block_size=BS, minor_version=8)
     blobs: list[bytes] = []
-    b = PartitionBuilder(manifest, "system", old, new, blobs)
+    b = PartitionBuilder(manifest, "system", old, new, blobs, source_hashes=src_hashes)
+    if not old_hash:
+        b.part.old_partition_info.ClearField("hash")
     b.replace([(0, 1)], OpType.REPLACE_XZ)
     b.op(OpType.SOURCE_COPY, [(1, 4)], [(0, 4)])
     b.replace([(5, 1)], OpType.REPLACE_BZ)
