@@ -49,7 +49,7 @@ class MemoryBackend(Backend):
         for index, start, stop in self._spans(offset, length):
             chunk = self._chunks.get(index)
             if chunk is not None:
-                out[pos : pos + stop - start] = chunk[start:stop]
+                out[pos : pos + stop - start] = memoryview(chunk)[start:stop]  # one copy, not two
             pos += stop - start
         return out
 

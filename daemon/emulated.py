@@ -105,8 +105,11 @@ class EmulatedDmUser:
         self.channel_count = channels
         self._readable = _Wakeup()
         self._timers = _Wakeup()
-        self.target = KernelTarget(daemon_timeout=daemon_timeout, on_queue=self._on_queue)
-        #: Bounds the requests in the dispatcher, inline and background alike.
+        # The target's limit on outstanding messages (dm-user's 128 by default)
+        # is what bounds the requests in the dispatcher, inline and background
+        # alike: a message is outstanding until its response is written.
+        self.target = KernelTarget(daemon_timeout=daemon_timeout, on_queue=self._on_queue,
+                                   max_outstanding=max_in_flight)
         self.limiter = trio.CapacityLimiter(max_in_flight)
         self._inline: Channel | None = None
         self._inline_conn = DaemonConnection()
@@ -178,7 +181,7 @@ class EmulatedDmUser:
     async def _serve_inline(self) -> bool:
         """Read the next message on the inline channel, answer it; False if it could not."""
         channel, conn = self._inline, self._inline_conn
-        if channel is None or channel.closed or not self.limiter.available_tokens:
+        if channel is None or channel.closed:
             return False
         try:
             # One whole message, with no await in between: see the module doc.
@@ -193,12 +196,7 @@ class EmulatedDmUser:
             log.error("closing the inline channel: the kernel model broke the protocol", error=str(exc))
             channel.close()
             return False
-        token = object()  # hashing the request itself would hash its payload
-        self.limiter.acquire_on_behalf_of_nowait(token)  # a token was free, nothing awaited since
-        try:
-            response = await self.dispatcher.handle(request)
-        finally:
-            self.limiter.release_on_behalf_of(token)
+        response = await self.dispatcher.handle(request)
         if channel.closed:
             return True  # torn down meanwhile: closing failed the message
         for buffer in conn.send_response(response):

@@ -71,7 +71,7 @@ class BioState(enum.Enum):
     DONE = "done"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Bio:
     """One block I/O submitted to the target.
 
