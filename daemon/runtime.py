@@ -129,6 +129,58 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self._close_backends()
 
+    async def add_target(self, spec: TargetSpec, backend: Backend | None = None) -> Target:
+        """Add a target to the running daemon and start its (non-FUSE) exports.
+
+        For control commands that set devices up at runtime (snapuserd's
+        ``init``/``start``). ``backend`` is used if given, else built from
+        ``spec``. The target's tasks run in a scope of their own, so
+        :meth:`remove_target` can stop it alone.
+        """
+        if self.nursery is None or self.stopping:
+            raise ConfigError(f"target {spec.name!r}: the daemon is not running")
+        if spec.name in self.targets:
+            raise ConfigError(f"a target named {spec.name!r} exists already")
+        if any(e.kind == "fuse" for e in spec.exports):
+            raise ConfigError(f"target {spec.name!r}: FUSE exports cannot be added to a running daemon")
+        starters = {e.kind: _export_starter(e) for e in spec.exports}
+        target = Target(spec, backend if backend is not None else create(spec.backend, spec.backend_options))
+        target.done = trio.Event()
+
+        async def hold(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with trio.CancelScope() as scope:
+                    async with trio.open_nursery() as nursery:
+                        task_status.started((scope, nursery))
+                        await trio.sleep_forever()
+            finally:
+                target.done.set()
+
+        target.scope, nursery = await self.nursery.start(hold)
+        self.targets[spec.name] = target
+        try:
+            for export in spec.exports:
+                await starters[export.kind](self, target, export, nursery)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.remove_target(spec.name)
+            raise
+        return target
+
+    async def remove_target(self, name: str) -> None:
+        """Stop a target added by :meth:`add_target`: its exports, then flush and close its backend."""
+        target = self.targets.pop(name, None)
+        if target is None:
+            raise ConfigError(f"no target named {name!r}")
+        if getattr(target, "scope", None) is not None:
+            target.scope.cancel()
+            await target.done.wait()
+        await self._flush(target)
+        try:
+            await target.backend.close()
+        except Exception as exc:  # noqa: BLE001
+            log.error("closing backend failed", device=target.name, error=str(exc))
+
     async def _start_fuse(self, nursery, mountpoint: str) -> None:
         from dmuserd.daemon.fuse import FuseExport
 
