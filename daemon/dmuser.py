@@ -32,7 +32,6 @@ closes: the kernel's behaviour for a daemon that went away.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import struct
 import threading
@@ -216,9 +215,17 @@ class DmUserDevice:
         out a table this export created is removed.
         """
         try:
-            async with trio.open_nursery() as nursery:
+            channels = []
+            try:
                 for index in range(self.channel_count):
-                    await nursery.start(self._serve_slot, index)
+                    channels.append(self._open(f"{self.name}#{index}"))
+            except BaseException:
+                for channel in channels:
+                    channel.close()
+                raise
+            async with trio.open_nursery() as nursery:
+                for index, channel in enumerate(channels):
+                    nursery.start_soon(self._serve_slot, index, channel)
                 self._log.info("dm-user attached", path=self.path, channels=self.channel_count)
                 task_status.started()
             self._log.info("dm-user target removed: the export ends", path=self.path)
@@ -240,10 +247,8 @@ class DmUserDevice:
         except OSError as exc:
             raise DmError(f"cannot open {self.path}: {exc.strerror}") from None
 
-    async def _serve_slot(self, index: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        label = f"{self.name}#{index}"
-        channel = self._open(label)
-        task_status.started()
+    async def _serve_slot(self, index: int, channel: DevChannel) -> None:
+        label = channel.label
         delay = 0.05
         while True:
             try:
