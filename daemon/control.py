@@ -1,5 +1,9 @@
 """The control socket: JSON requests and answers, one per line.
 
+A client whose first byte is not ``{`` speaks snapuserd's text protocol
+instead (:mod:`dmuserd.daemon.snapuserd`), so the same socket serves
+Android tooling.
+
 ``dmuserd status`` sends ``{"cmd": "status"}`` and prints the answer. The
 socket is created 0600 in a 0700 directory; only root and the daemon's own
 user can use it.
@@ -58,20 +62,33 @@ async def serve_control(daemon, path: str, *, task_status=trio.TASK_STATUS_IGNOR
 
 
 async def _client(daemon, stream: trio.SocketStream) -> None:
-    buffer = b""
+    """One connection: JSON lines, or snapuserd's protocol if the first byte is not ``{``.
+
+    The first read takes at most one snapuserd message (512 bytes), so a
+    snapuserd client's request is whole, as snapuserd itself reads it.
+    """
+    from dmuserd.daemon import snapuserd
+
     async with stream:
         try:
+            first = await stream.receive_some(snapuserd.MAX_MESSAGE)
+            if not first:
+                return
+            if first[:1] != b"{":
+                await snapuserd.serve_client(daemon, stream, first)
+                return
+            buffer = first
             while True:
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    await stream.send_all(_encode(await handle_request(daemon, line)))
+                if len(buffer) > MAX_REQUEST:
+                    await stream.send_all(_encode({"ok": False, "error": "request too large"}))
+                    return
                 chunk = await stream.receive_some(4096)
                 if not chunk:
                     return
                 buffer += chunk
-                if len(buffer) > MAX_REQUEST:
-                    await stream.send_all(_encode({"ok": False, "error": "request too large"}))
-                    return
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    await stream.send_all(_encode(await handle_request(daemon, line)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 

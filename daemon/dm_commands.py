@@ -1,4 +1,4 @@
-"""``dmuserd dm create NAME --size S`` and ``dmuserd dm remove NAME``.
+"""``dmuserd dm create NAME --size S``, ``dm remove NAME``, ``dm snapuserd``.
 
 Create or remove a dm-user device-mapper table without serving it, so a
 daemon (``--export dm-user:NAME``) can attach to it later, be restarted, or
@@ -24,6 +24,13 @@ def register(subparsers) -> None:
     remove = sub.add_parser("remove", help="remove a dm-user table (a serving daemon's channels end)")
     remove.add_argument("name")
     remove.set_defaults(func=_remove)
+    snap = sub.add_parser(
+        "snapuserd", help="serve no device yet: wait for snapuserd commands on the control socket",
+        description="A daemon with no targets whose control socket speaks snapuserd's protocol "
+        "(init, start, initiate_merge, ...) as well as JSON: Android tooling sets devices up through it.")
+    snap.add_argument("--socket", default="/run/dmuserd/snapuserd",
+                      help="the control socket (default /run/dmuserd/snapuserd)")
+    snap.set_defaults(func=_snapuserd)
 
 
 def _create(args) -> int:
@@ -39,4 +46,14 @@ def _remove(args) -> int:
     from dmuserd.daemon.dmsetup import remove_target
 
     remove_target(args.name)
+    return 0
+
+
+def _snapuserd(args) -> int:
+    import trio
+
+    from dmuserd.daemon.config import DaemonSpec
+    from dmuserd.daemon.service import run_until_signal
+
+    trio.run(run_until_signal, DaemonSpec([]), args.socket)
     return 0

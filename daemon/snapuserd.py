@@ -1,0 +1,295 @@
+"""snapuserd's control protocol, so Android tooling can drive dmuserd.
+
+The daemon's control socket speaks it next to its JSON lines: a connection
+whose first byte is not ``{`` is a snapuserd client. As with snapuserd, each
+``recv()`` of at most 512 bytes is one message: ASCII words separated by
+commas, no terminator; each reply is one such message (a trailing newline on
+a request is tolerated, for people typing at ``socat``).
+
+==============================================  =========================================
+request                                         reply
+==============================================  =========================================
+``query``                                       ``active`` (``passive`` after ``detach``)
+``init,<misc>,<cow>,<backing>,<base_merge>``    ``success,<num_sectors>`` / ``fail``
+``start,<misc>``                                ``success`` / ``fail``
+``delete,<misc>``                               ``success`` / ``fail``
+``supports,<feature>``                          ``success`` for ``second_stage_socket_handoff``
+``getstatus,<misc>``                            ``snapshot``, ``snapshot-merge``,
+                                                ``snapshot-merge-complete``, ``snapshot-merge-failed``
+``initiate_merge,<misc>``                       ``success`` / ``fail``
+``merge_percent``                               e.g. ``42.000000``
+``pause_merge``, ``resume_merge``               ``success``
+``detach``, ``stop``                            no reply
+==============================================  =========================================
+
+``init`` opens ``<cow>`` over ``<backing>`` as a ``snapshot`` backend (the
+snapshot device's size is the answer, in 512-byte sectors) without serving
+it; the caller then creates the dm-user table of that size with the misc
+name ``<misc>``, and ``start`` attaches a target named ``<misc>`` to
+``/dev/dm-user/<misc>``. The merge writes into the backing device;
+``<base_merge>`` must name the same storage (snapuserd opens it for the
+merge's writes; dmuserd reads and merges through one path) and is checked.
+``delete`` detaches and forgets it. An unknown request gets ``fail`` and the
+connection is closed, as snapuserd does.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+log = structlog.get_logger("dmuserd.snapuserd")
+
+#: snapuserd's kMaxPacketSize: a message is one recv() of at most this many bytes.
+MAX_MESSAGE = 512
+#: ``supports,<feature>`` features we have.
+FEATURES = frozenset({"second_stage_socket_handoff"})
+
+# Replies of getstatus, by MergeControl.state.
+_STATUS = {
+    "not-started": "snapshot",
+    "merging": "snapshot-merge",
+    "paused": "snapshot-merge",
+    "merged": "snapshot-merge-complete",
+    "failed": "snapshot-merge-failed",
+}
+
+
+@dataclass
+class Handler:
+    """One ``init``-ed snapshot device, attached by ``start``."""
+
+    misc: str
+    cow: str
+    backing: str
+    base_merge: str
+    backend: object
+    started: bool = False
+
+    @property
+    def merge(self):
+        """The backend's MergeControl, or None when it has none."""
+        return getattr(self.backend, "merge", None)
+
+
+@dataclass
+class SnapuserdState:
+    """What snapuserd keeps between connections, per daemon."""
+
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    #: set by ``detach``: ``query`` answers ``passive``
+    terminating: bool = False
+    #: deleted handlers whose merge had completed (they count as 100% in merge_percent)
+    merges_completed: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+_STATES: "weakref.WeakKeyDictionary[object, SnapuserdState]" = weakref.WeakKeyDictionary()
+
+
+def state_of(daemon) -> SnapuserdState:
+    """The snapuserd state of ``daemon`` (created on first use)."""
+    state = _STATES.get(daemon)
+    if state is None:
+        state = _STATES[daemon] = SnapuserdState()
+    return state
+
+
+def parse_message(data: bytes) -> list[str]:
+    """One request → its comma-separated words (a trailing newline dropped)."""
+    text = data.decode("ascii", errors="replace")
+    if text.endswith("\n"):
+        text = text[:-1].removesuffix("\r")
+    return text.split(",")
+
+
+async def serve_client(daemon, stream, first: bytes) -> None:
+    """Serve one snapuserd client; ``first`` is its first message."""
+    message = first
+    while message:
+        reply, keep_open = await handle_message(daemon, message)
+        if reply is not None:
+            await stream.send_all(reply.encode())
+        if not keep_open:
+            return
+        message = await stream.receive_some(MAX_MESSAGE)
+
+
+async def handle_message(daemon, data: bytes) -> tuple[str | None, bool]:
+    """Answer one message: ``(reply or None, keep the connection open)``."""
+    words = parse_message(data)
+    op, args = words[0], words[1:]
+    state = state_of(daemon)
+    log.debug("snapuserd request", request=",".join(words))
+    if op == "query":
+        return ("passive" if state.terminating or daemon.stopping else "active"), True
+    if op == "stop":
+        log.info("snapuserd stop: the daemon stops")
+        state.terminating = True
+        daemon.nursery.start_soon(daemon.stop)
+        return None, False
+    if op == "detach":
+        log.info("snapuserd detach: pausing merges, answering passive")
+        state.terminating = True
+        for handler in state.handlers.values():
+            if handler.merge is not None and handler.merge.state == "merging":
+                handler.merge.pause()
+        return None, True
+    if op == "merge_percent":
+        return f"{_merge_percent(state):f}", True
+    if op in ("pause_merge", "resume_merge"):
+        _pause_or_resume(state, op == "pause_merge")
+        return "success", True
+    handler_ops = {
+        "init": (4, _init),
+        "start": (1, _start),
+        "delete": (1, _delete),
+        "supports": (1, _supports),
+        "getstatus": (1, _getstatus),
+        "initiate_merge": (1, _initiate_merge),
+    }
+    if op not in handler_ops:
+        log.warning("snapuserd: unknown request", request=",".join(words)[:80])
+        return "fail", False
+    count, function = handler_ops[op]
+    if len(args) != count:
+        log.error("snapuserd: malformed request", op=op, parts=len(words), expected=count + 1)
+        return ("snapshot-merge-failed" if op == "getstatus" else "fail"), True
+    async with state.lock:
+        return await function(daemon, state, *args), True
+
+
+async def _init(daemon, state: SnapuserdState, misc: str, cow: str, backing: str, base_merge: str) -> str:
+    from dmuserd.backends import create
+    from dmuserd.daemon.dmsetup import DmError, check_name
+    from dmuserd.errors import DmuserdError
+
+    if misc in state.handlers:
+        log.error("snapuserd init: a handler exists already", misc=misc)
+        return "fail"
+    try:
+        check_name(misc)
+        if base_merge and not _same_storage(backing, base_merge):
+            raise DmError(f"the merge base {base_merge} is not the backing device {backing}: "
+                          "dmuserd merges into the device it reads the base from")
+        backend = await trio.to_thread.run_sync(create, "snapshot", {"base": backing, "cow": cow})
+    except (DmuserdError, OSError) as exc:
+        log.error("snapuserd init failed", misc=misc, cow=cow, backing=backing, error=str(exc))
+        return "fail"
+    state.handlers[misc] = Handler(misc, cow, backing, base_merge, backend)
+    log.info("snapuserd init", misc=misc, cow=cow, backing=backing, sectors=backend.size // 512)
+    return f"success,{backend.size // 512}"
+
+
+def _same_storage(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError as exc:
+        from dmuserd.errors import DmuserdError
+
+        raise DmuserdError(f"cannot stat {exc.filename}: {exc.strerror}") from None
+    if sa.st_rdev or sb.st_rdev:
+        return sa.st_rdev == sb.st_rdev
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+async def _start(daemon, state: SnapuserdState, misc: str) -> str:
+    from dmuserd.daemon.config import ExportSpec, TargetSpec
+    from dmuserd.errors import DmuserdError
+
+    handler = state.handlers.get(misc)
+    if handler is None or handler.started:
+        log.error("snapuserd start: no handler, or attached already", misc=misc)
+        return "fail"
+    spec = TargetSpec(misc, "snapshot", {"base": handler.backing, "cow": handler.cow},
+                      [ExportSpec("dm-user", misc, {})])
+    try:
+        await daemon.add_target(spec, backend=handler.backend)
+    except (DmuserdError, OSError) as exc:
+        # add_target closed the backend: the handler is gone, `init` again
+        del state.handlers[misc]
+        log.error("snapuserd start failed", misc=misc, error=str(exc))
+        return "fail"
+    handler.started = True
+    return "success"
+
+
+async def _delete(daemon, state: SnapuserdState, misc: str) -> str:
+    from dmuserd.errors import DmuserdError
+
+    handler = state.handlers.pop(misc, None)
+    if handler is None:
+        return "success"  # snapuserd: after a merge the handler may be gone already
+    if handler.merge is not None and handler.merge.state == "merged":
+        state.merges_completed += 1
+    try:
+        if handler.started:
+            await daemon.remove_target(misc)
+        else:
+            await handler.backend.close()
+    except (DmuserdError, OSError) as exc:
+        log.error("snapuserd delete failed", misc=misc, error=str(exc))
+        return "fail"
+    log.info("snapuserd delete", misc=misc)
+    return "success"
+
+
+async def _supports(daemon, state: SnapuserdState, feature: str) -> str:
+    return "success" if feature in FEATURES else "fail"
+
+
+async def _getstatus(daemon, state: SnapuserdState, misc: str) -> str:
+    handler = state.handlers.get(misc)
+    if handler is None:
+        return "snapshot-merge-failed"
+    if handler.merge is None:
+        return "snapshot"
+    return _STATUS.get(handler.merge.state, "snapshot-merge-failed")
+
+
+async def _initiate_merge(daemon, state: SnapuserdState, misc: str) -> str:
+    from dmuserd.errors import DmuserdError
+
+    handler = state.handlers.get(misc)
+    if handler is None or not handler.started:
+        log.error("snapuserd initiate_merge: no attached handler", misc=misc)
+        return "fail"
+    merge = handler.merge
+    if merge is None:
+        log.error("snapuserd initiate_merge: this backend cannot merge", misc=misc)
+        return "fail"
+    if merge.state in ("merging", "paused", "merged"):
+        return "success"  # snapuserd accepts a repeated request for a merge under way
+    try:
+        merge.start(daemon.nursery)
+    except DmuserdError as exc:
+        log.error("snapuserd initiate_merge failed", misc=misc, error=str(exc))
+        return "fail"
+    log.info("snapuserd merge started", misc=misc)
+    return "success"
+
+
+def _merge_percent(state: SnapuserdState) -> float:
+    """snapuserd's GetMergePercentage: the mean over attached devices, merged-and-deleted ones at 100."""
+    total = state.merges_completed * 100.0
+    count = state.merges_completed
+    for handler in state.handlers.values():
+        if handler.started:
+            total += handler.merge.percent() if handler.merge is not None else 0.0
+            count += 1
+    return total / count if count else 0.0
+
+
+def _pause_or_resume(state: SnapuserdState, pause: bool) -> None:
+    for handler in state.handlers.values():
+        merge = handler.merge
+        if merge is None:
+            continue
+        if pause and merge.state == "merging":
+            merge.pause()
+        elif not pause and merge.state == "paused":
+            merge.resume()
