@@ -1,0 +1,277 @@
+"""Block I/O over NBD: dmuserd's nbdkit export against nbdkit alone.
+
+What is measured
+    fio's ``nbd`` engine (libnbd, one connection) against three NBD servers
+    on a Unix socket, each serving a 1 GiB RAM disk:
+
+    * ``dmuserd``: ``dmuserd serve --backend memory:size=1G --export
+      nbd:SOCK``, i.e. nbdkit → dmuserd's python plugin → dm-user channels
+      (Unix sockets) → the daemon's dispatcher → memory backend;
+    * ``nbdkit_python`` (anchor, with targets): nbdkit's python plugin
+      running :mod:`bench.anchors.nbdkit_trivial_memory`, a ``bytearray``
+      disk served directly by the callbacks: the floor cost of Python inside
+      nbdkit. dmuserd pays that and a hop to a second process on top, so
+      the targets are ``iops_vs_nbdkit_python`` ≥ 0.8 and
+      ``throughput_vs_nbdkit_python`` ≥ 1.0;
+    * ``nbdkit_memory`` (anchor, no target): nbdkit's C ``memory`` plugin,
+      the ceiling of nbdkit itself on this machine.
+
+    Every server runs nbdkit with the same ``--threads`` (:data:`THREADS`).
+
+How
+    For each server: start it, prefill the first 256 MiB (sequential 1 MiB
+    writes with fio's random buffers, so reads return data), then run over
+    those 256 MiB:
+
+    * ``randread``: ``--rw=randread --bs=4k --iodepth=32`` → IOPS;
+    * ``seqread``: ``--rw=read --bs=1M --iodepth=4`` → MB/s (10**6 bytes/s).
+
+    Quick mode: 1 s ramp + 4 s per job, one round. Full mode: 2 s ramp +
+    15 s, two rounds (servers interleaved), best round kept (on a shared
+    machine interference only lowers a figure). Afterwards dmuserd's
+    counters must show no errors. Servers are stopped with SIGTERM (the
+    dmuserd export with ``on-stop=stop``, so its nbdkit goes too). Needs
+    fio with the nbd engine and nbdkit's python plugin, else ``Skip``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.run import Skip
+
+TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd vs nbdkit python vs nbdkit memory"
+
+REPO = Path(__file__).resolve().parents[2]
+ANCHOR = REPO / "bench" / "anchors" / "nbdkit_trivial_memory.py"
+DEVICE_SIZE = 1 << 30
+REGION = 256 << 20
+THREADS = 32
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+JOBS = {
+    "randread": ["--rw=randread", "--bs=4k", "--iodepth=32", "--norandommap", "--randrepeat=0"],
+    "seqread": ["--rw=read", "--bs=1M", "--iodepth=4"],
+}
+SERVERS = ("nbdkit_python", "dmuserd", "nbdkit_memory")
+TARGETS = {"iops_vs_nbdkit_python": 0.8, "throughput_vs_nbdkit_python": 1.0}
+
+
+def _run(args: list[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class _Server:
+    name = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.socket = workdir / f"{self.name}.sock"
+        self.log = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        return self.socket.exists()
+
+    def start(self) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         cwd="/", start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) at start: {_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready within {START_TIMEOUT} s: {_tail(self.log)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+
+
+class _Nbdkit(_Server):
+    def plugin(self) -> list[str]:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        # --foreground: nbdkit then exits with us (it sets PR_SET_PDEATHSIG).
+        return ["nbdkit", "--foreground", "--threads", str(THREADS), "--unix", str(self.socket), *self.plugin()]
+
+
+class _NbdkitPython(_Nbdkit):
+    name = "nbdkit_python"
+
+    def plugin(self) -> list[str]:
+        return ["python", str(ANCHOR), f"size={DEVICE_SIZE}"]
+
+
+class _NbdkitMemory(_Nbdkit):
+    name = "nbdkit_memory"
+
+    def plugin(self) -> list[str]:
+        return ["memory", str(DEVICE_SIZE)]
+
+
+class _Dmuserd(_Server):
+    name = "dmuserd"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.control = workdir / "dmuserd-control.sock"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dmuserd", "serve", "--name", "disk",
+                "--backend", f"memory:size={DEVICE_SIZE}",
+                "--export", f"nbd:{self.socket},on-stop=stop,threads={THREADS}",
+                "--control-socket", str(self.control)]
+
+    def ready(self) -> bool:
+        return self.control.exists()  # created once every export is live
+
+    def status(self) -> dict:
+        result = _run([sys.executable, "-m", "dmuserd", "status", "--json", "--control-socket", str(self.control)],
+                      timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"dmuserd status failed: {result.stderr.strip()}")
+        return json.loads(result.stdout)
+
+    def stop(self) -> None:
+        state = self.workdir / f".{self.socket.name}.dmuserd" / "nbdkit.json"
+        try:
+            nbdkit = json.loads(state.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            nbdkit = None
+        super().stop()
+        if nbdkit is not None:  # on-stop=stop took it down; make sure
+            try:
+                os.kill(nbdkit, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _fio(uri: str, name: str, args: list[str]) -> dict:
+    cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", f"--size={REGION}",
+           "--output-format=json", *args]
+    result = _run(cmd, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"fio {name} failed ({result.returncode}): {result.stderr.strip() or result.stdout[-500:]}")
+    text = result.stdout
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    if job.get("error"):
+        raise RuntimeError(f"fio {name}: error {job['error']}")
+    return job
+
+
+def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
+    try:
+        server.start()
+        info = {}
+        prefill = _fio(server.uri, "prefill", ["--rw=write", "--bs=1M", "--iodepth=8"])
+        info["prefill_mb_s"] = round(prefill["write"]["bw_bytes"] / 1e6, 1)
+        timed = [f"--ramp_time={ramp}", f"--runtime={runtime}", "--time_based"]
+        rand = _fio(server.uri, "randread", JOBS["randread"] + timed)["read"]
+        seq = _fio(server.uri, "seqread", JOBS["seqread"] + timed)["read"]
+        figures = {
+            "iops": round(rand["iops"]),
+            "mb_s": round(seq["bw_bytes"] / 1e6, 1),
+            "randread_clat_p99_us": round(rand["clat_ns"]["percentile"].get("99.000000", 0) / 1000, 1),
+        }
+        if isinstance(server, _Dmuserd):
+            target = server.status()["targets"]["disk"]
+            if target["errors"] or target["unsupported"]:
+                raise RuntimeError(f"dmuserd counted {target['errors']} errors, {target['unsupported']} unsupported")
+            info["requests"] = target["total_requests"]
+        return figures, info
+    finally:
+        server.stop()
+
+
+def _check_tools() -> None:
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            raise Skip(f"{tool} is not installed")
+    if "nbd" not in _run(["fio", "--enghelp"]).stdout:
+        raise Skip("this fio has no nbd engine (it needs libnbd)")
+    if _run(["nbdkit", "python", "--dump-plugin"]).returncode != 0:
+        raise Skip("nbdkit's python plugin is not installed (nbdkit-plugin-python)")
+
+
+def run(quick: bool) -> dict:
+    _check_tools()
+    ramp, runtime, rounds = (1, 4, 1) if quick else (2, 15, 2)
+    samples: dict[str, list[dict]] = {s: [] for s in SERVERS}
+    infos: dict[str, dict] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="dmuserd-bench-nbd-"))
+    classes = {"nbdkit_python": _NbdkitPython, "dmuserd": _Dmuserd, "nbdkit_memory": _NbdkitMemory}
+    try:
+        for round_ in range(rounds):
+            for name in SERVERS:
+                rdir = workdir / f"r{round_}-{name}"
+                rdir.mkdir()
+                figures, info = _measure(classes[name](rdir), ramp, runtime)
+                samples[name].append(figures)
+                infos[name] = info
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    best = {name: {"iops": max(s["iops"] for s in runs), "mb_s": max(s["mb_s"] for s in runs)}
+            for name, runs in samples.items()}
+    figures = {"dmuserd_4k_randread_iops": best["dmuserd"]["iops"],
+               "dmuserd_1m_seqread_mb_s": best["dmuserd"]["mb_s"]}
+    anchors, ratios = {}, {}
+    for name in SERVERS:
+        if name == "dmuserd":
+            continue
+        anchors[f"{name}_4k_randread_iops"] = best[name]["iops"]
+        anchors[f"{name}_1m_seqread_mb_s"] = best[name]["mb_s"]
+        if best[name]["iops"]:
+            ratios[f"iops_vs_{name}"] = round(best["dmuserd"]["iops"] / best[name]["iops"], 3)
+        if best[name]["mb_s"]:
+            ratios[f"throughput_vs_{name}"] = round(best["dmuserd"]["mb_s"] / best[name]["mb_s"], 3)
+    units = {key: "IOPS" if key.endswith("_iops") else "MB/s" for key in (*figures, *anchors)}
+    notes = [
+        f"fio --ioengine=nbd (one connection) on a Unix socket; 1 GiB RAM disks, prefilled and read over the first "
+        f"{REGION >> 20} MiB; randread 4k QD32, seqread 1M QD4; {ramp} s ramp + {runtime} s per job, "
+        f"{rounds} round(s), best kept; nbdkit --threads {THREADS} for every server",
+        "dmuserd: memory backend behind nbdkit + daemon/nbdkit_plugin.py; nbdkit_python: "
+        "bench/anchors/nbdkit_trivial_memory.py; nbdkit_memory: nbdkit's C memory plugin",
+        "prefill MB/s: " + ", ".join(f"{n} {i.get('prefill_mb_s')}" for n, i in infos.items()),
+    ]
+    return {
+        "figures": figures,
+        "anchors": anchors,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "units": units,
+        "samples": samples,
+        "notes": "; ".join(notes),
+    }
