@@ -214,9 +214,15 @@ def parse_manifest(raw: bytes, *, data_size: int):
                 f"the payload signature ({manifest.signatures_size} bytes at data offset "
                 f"{manifest.signatures_offset}) ends past the {data_size}-byte data area",
             )
+    if manifest.HasField("dynamic_partition_metadata"):
+        # proto2 string fields with invalid UTF-8 come back as bytes
+        if not isinstance(manifest.dynamic_partition_metadata.vabc_compression_param, str):
+            raise PayloadFormatError("manifest", "utf-8", "vabc_compression_param is not valid UTF-8")
     names: set[str] = set()
     for p, part in enumerate(manifest.partitions):
         name = part.partition_name
+        if not isinstance(name, str):
+            raise PayloadFormatError(f"partition #{p}", "partition-name", f"partition name {name!r} is not UTF-8")
         if not name or "/" in name or "," in name or name.startswith(".") or not name.isprintable():
             raise PayloadFormatError(f"partition #{p}", "partition-name",
                                      f"partition name {name!r} is empty or not a plain file name")
