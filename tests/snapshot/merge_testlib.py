@@ -121,7 +121,9 @@ def torture_cow(tmp: Path, seed: int, *, nblocks: int = 512, version: int = 2, c
     os.unlink(tmp / "rendered.img")
     with CowReader(path) as reader:
         counts = reader.counts()
+        total_ops = len(reader.data_ops)
     return {"base": tmp / "base.img", "target": tmp / "target.img", "cow": path, "counts": counts,
+            "total_ops": total_ops,
             "target_sha": hashlib.sha256(target).hexdigest(), "base_bytes": bytes(base), "target_bytes": target}
 
 
