@@ -27,6 +27,12 @@ from dmuserd.errors import DmuserdError
 SHIPPED_EXEC = "/usr/local/bin/dmuserd"
 UNIT_SUFFIXES = (".service", ".socket")
 EXAMPLE_CONFIGS = ("demo.toml", "nbd-example.toml")
+#: The locked-down unit hides home directories (ProtectHome=yes); a dmuserd
+#: installed there (a virtualenv in /root, a pyenv Python) needs them read-only.
+HOME_DIRS = ("/home", "/root", "/run/user")
+HOME_DROPIN = ("dmuserd-nbd@.service.d", "50-install-units-home.conf",
+               "# Written by dmuserd install-units: {what} lives under a home directory.\n"
+               "[Service]\nProtectHome=read-only\n")
 
 
 class UnitInstallError(DmuserdError):
@@ -78,6 +84,24 @@ def render_unit(text: str, executable: str) -> str:
     return text.replace(SHIPPED_EXEC, executable)
 
 
+def interpreter_paths(executable: str) -> list[str]:
+    """The real paths ``executable`` runs: the command, and a script's interpreter."""
+    command = executable.split()[0]
+    paths = [os.path.realpath(command)]
+    try:
+        with open(command, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return paths
+    if first.startswith(b"#!") and first[2:].split():
+        paths.append(os.path.realpath(first[2:].split()[0].decode(errors="replace")))
+    return paths
+
+
+def under_home(path: str) -> bool:
+    return any(path == home or path.startswith(home + "/") for home in HOME_DIRS)
+
+
 def install(root: str = "/", unit_dir: str = "/etc/systemd/system", config_dir: str = "/etc/dmuserd",
             executable: str | None = None) -> tuple[list[Path], list[Path], list[Path]]:
     """Install units and example configs; returns (units, configs written, configs kept)."""
@@ -105,6 +129,16 @@ def install(root: str = "/", unit_dir: str = "/etc/systemd/system", config_dir: 
             shutil.copyfile(source / name, dest)
             dest.chmod(0o644)
             written_configs.append(dest)
+        in_home = [p for p in interpreter_paths(executable) if under_home(p)]
+        dropin_dir = unit_target / HOME_DROPIN[0]
+        if in_home:
+            dropin_dir.mkdir(exist_ok=True)
+            dropin = dropin_dir / HOME_DROPIN[1]
+            dropin.write_text(HOME_DROPIN[2].format(what=in_home[0]))
+            dropin.chmod(0o644)
+            written_units.append(dropin)
+        elif (dropin_dir / HOME_DROPIN[1]).exists():
+            (dropin_dir / HOME_DROPIN[1]).unlink()
     except PermissionError as exc:
         raise UnitInstallError(f"cannot write {exc.filename}: run as root (or use --root DIR to stage the files)") from None
     except OSError as exc:
