@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from dmuserd.snapshot._compression import parse_spec
-from dmuserd.snapshot._cow_format import MAX_FACTOR_SHIFT, Compression, CowError, OpType as CowOpType
+from dmuserd.snapshot._cow_format import MAX_FACTOR_SHIFT, Compression, CowError, CowFormatError
+from dmuserd.snapshot._cow_format import OpType as CowOpType
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot._cow_tools import _order as order_copies
 from dmuserd.snapshot._cow_writer import CowWriter, xor_bytes
@@ -168,7 +169,7 @@ def apply_payload(
     each install operation is written and labelled.
     """
     with Payload(payload_path) as payload:
-        names = list(payload.partitions) if not partitions else partitions
+        names = list(payload.partitions) if not partitions else list(dict.fromkeys(partitions))
         parts = [payload.partition(n) for n in names]
         settings = cow_settings(payload, version=version, compression=compression)
         # everything that can be refused up front is, before any file is written
@@ -182,7 +183,7 @@ def apply_payload(
                 check_source_image(part, sources[part.partition_name])
         os.makedirs(cow_dir, exist_ok=True)
         results = []
-        with _progress(sum(len(p.operations) for p in parts), progress) as bar:
+        with progress_bar(sum(len(p.operations) for p in parts), progress) as bar:
             for part in parts:
                 bar.set_description(f"ota apply {part.partition_name}")
                 converter = _PartitionConverter(payload, part, sources.get(part.partition_name), settings)
@@ -231,11 +232,13 @@ def check_source_image(part, path: str) -> None:
             )
 
 
-def _progress(total: int, enabled: bool | None):
+def progress_bar(total: int, enabled: bool | None, *, desc: str = "ota apply", unit: str = "op"):
+    """A tqdm bar on stderr; ``enabled`` None: only when stderr is a terminal."""
     from tqdm import tqdm
 
     disable = not sys.stderr.isatty() if enabled is None else not enabled
-    return tqdm(total=total, desc="ota apply", unit="op", file=sys.stderr, disable=disable, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr, disable=disable,
+                leave=False)
 
 
 def _fsync_dir(path) -> None:
@@ -335,8 +338,16 @@ class _PartitionConverter:
 
     def _check(self, temp: str, verify: bool) -> tuple[dict, str]:
         """Read the finished file back (format and merge order) and hash what it renders."""
-        with CowReader(temp, base_size=self.old_size, target_size=self.new_size) as reader:
-            counts = {k: v for k, v in reader.counts().items() if v}
+        try:
+            reader = CowReader(temp, base_size=self.old_size, target_size=self.new_size)
+        except CowFormatError as exc:
+            if exc.rule not in ("source-overwritten", "ordered-after-unordered"):
+                raise
+            # the payload's merge operations put a copy after the op overwriting its source
+            raise self._fail(f"partition {self.name!r} merge operations", "merge-order",
+                             f"merging in this order is unsafe: {exc.detail}") from None
+        with reader:
+            counts = {k: v for k, v in reader.counts().items() if v and k in ("copy", "xor", "replace", "zero")}
             if not verify:
                 return counts, ""
             digest = render_sha256(reader, self.base, self.new_size)

@@ -172,35 +172,38 @@ def _serve(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     import os
 
-    from dmuserd.snapshot.ota import find_source, render_sha256
+    from dmuserd.snapshot._cow_reader import CowReader
+    from dmuserd.snapshot.ota import find_source, progress_bar, render_sha256
     from dmuserd.snapshot.payload import Payload, PayloadError
 
     bad = 0
     with Payload(args.payload) as payload:
         names = _partitions(args.partitions) or list(payload.partitions)
-        for name in names:
-            part = payload.partition(name)
-            size, want = part.new_partition_info.size, part.new_partition_info.hash.hex()
-            if args.image_dir:
-                path, got, note = _hash_image(args.image_dir, name, size)
-            else:
-                from dmuserd.snapshot._cow_reader import CowReader
-
-                path = os.path.join(args.cow_dir, f"{name}.cow")
-                if not os.path.exists(path):
-                    raise PayloadError(f"partition {name!r}: no {path}; run `dmuserd ota apply` first")
-                base = find_source(args.source_dir, name) if part.HasField("old_partition_info") else os.devnull
-                with CowReader(path) as reader:
-                    got, note = render_sha256(reader, base, size), ""
-            if got == want:
-                print(f"{path}: {name} OK (sha256 {got})")
-            else:
-                bad += 1
-                print(f"{path}: {name} DIFFERS: sha256 {got}{note}, new_partition_info.hash {want}")
+        parts = [payload.partition(name) for name in names]
+        total = sum(part.new_partition_info.size for part in parts)
+        with progress_bar(total, None, desc="ota verify", unit="B") as bar:
+            for part in parts:
+                name = part.partition_name
+                size, want = part.new_partition_info.size, part.new_partition_info.hash.hex()
+                if args.image_dir:
+                    path, got, note = _hash_image(args.image_dir, name, size, bar)
+                else:
+                    path = os.path.join(args.cow_dir, f"{name}.cow")
+                    if not os.path.exists(path):
+                        raise PayloadError(f"partition {name!r}: no {path}; run `dmuserd ota apply` first")
+                    old = part.HasField("old_partition_info")
+                    base = find_source(args.source_dir, name) if old else os.devnull
+                    with CowReader(path) as reader:
+                        got, note = render_sha256(reader, base, size, bar=bar), ""
+                if got == want:
+                    print(f"{path}: {name} OK (sha256 {got})")
+                else:
+                    bad += 1
+                    print(f"{path}: {name} DIFFERS: sha256 {got}{note}, new_partition_info.hash {want}")
     return 1 if bad else 0
 
 
-def _hash_image(image_dir: str, name: str, size: int) -> tuple[str, str, str]:
+def _hash_image(image_dir: str, name: str, size: int, bar) -> tuple[str, str, str]:
     import os
 
     from dmuserd.snapshot.ota import file_sha256
@@ -210,6 +213,6 @@ def _hash_image(image_dir: str, name: str, size: int) -> tuple[str, str, str]:
     path = next((c for c in candidates if os.path.exists(c)), None)
     if path is None:
         raise PayloadError(f"partition {name!r}: no image in {image_dir} (looked for {' and '.join(candidates)})")
-    got, read = file_sha256(path, size)
+    got, read = file_sha256(path, size, bar=bar)
     note = f" (only {read} of {size} bytes)" if read < size else ""
     return path, got, note

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from cow_helpers import merge_in_place
 from ota_vectors import (
     DELTA, FULL, HASHES, NEW, PartitionBuilder, source_dir, synthetic_images, synthetic_payload, write_payload,
 )
@@ -205,3 +206,31 @@ def test_full_payload_with_corrupt_bzip2_data(tmp_path):
         apply_payload(path, cow_dir=tmp_path / "out")
     assert "partition 'kernel' operation #1" in str(info.value) and "rule blob-data" in str(info.value)
     assert_no_output(tmp_path / "out")
+
+
+def test_unsafe_merge_order_is_refused(tmp_path):
+    # new 6 = old 5 and new 7 = old 6, with merge operations in the wrong order:
+    # merging 6 first would destroy the old block 6 that new block 7 copies
+    old, _ = synthetic_images()
+    new = bytearray(old)
+    new[6 * 4096 : 8 * 4096] = old[5 * 4096 : 7 * 4096]
+    manifest = proto.DeltaArchiveManifest(block_size=4096)
+    blobs: list[bytes] = []
+    b = PartitionBuilder(manifest, "odm", old, bytes(new), blobs)
+    b.op(OpType.SOURCE_COPY, [(6, 2)], [(5, 2)])
+    b.merge(MergeOpType.COW_COPY, (5, 1), (6, 1))
+    b.merge(MergeOpType.COW_COPY, (6, 1), (7, 1))
+    write_payload(tmp_path / "p.bin", manifest, blobs)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "odm.img").write_bytes(old)
+    with pytest.raises(PayloadFormatError) as info:
+        apply_payload(tmp_path / "p.bin", cow_dir=tmp_path / "out", source_dir=tmp_path / "old")
+    message = str(info.value)
+    assert "partition 'odm' merge operations" in message and "rule merge-order" in message
+    assert "reads base block 6" in message
+    assert_no_output(tmp_path / "out")
+    # the same copies listed in a safe order convert, and merge in place to the new image
+    manifest.partitions[0].merge_operations.reverse()
+    write_payload(tmp_path / "p.bin", manifest, blobs)
+    (r,) = apply_payload(tmp_path / "p.bin", cow_dir=tmp_path / "out", source_dir=tmp_path / "old")
+    assert merge_in_place(old, r.cow) == bytes(new)
