@@ -123,6 +123,8 @@ def test_interrupted_conversion_resumes_at_its_label(tmp_path, version):
                       on_operation=interrupt)
     (partial,) = os.listdir(out)
     assert partial.startswith(".kernel.cow.") and partial.endswith(".partial")
+    with open(out / partial, "ab") as f:
+        f.write(os.urandom(5000))  # a torn write after the last label: dropped on resume
     seen = []
     (resumed,) = apply_payload(DELTA, cow_dir=out, source_dir=src, version=version, partitions=["kernel"],
                                on_operation=lambda p, i: seen.append(i))
