@@ -58,6 +58,8 @@ class MergeControl:
         self.offload = offload
         self.state = "not-started"
         self.error: str | None = None
+        #: True while the merge task waits at a pause point (a pause has taken effect)
+        self.parked = False
         self._trust = trust_progress
         self._resume = trio.Event()
         self._resume.set()
@@ -144,6 +146,7 @@ class MergeControl:
             "merged_ops": self.merged_ops,
             "total_ops": plan.total_ops if plan else len(self.reader.data_ops),
             "error": self.error,
+            "parked": self.parked,
         }
 
     # --- the task ----------------------------------------------------------
@@ -192,8 +195,13 @@ class _Hooks(MergeHooks):
 
     async def checkpoint(self) -> None:
         await trio.lowlevel.checkpoint()
-        while self.control.state == "paused":
-            await self.control._resume.wait()
+        control = self.control
+        while control.state == "paused":
+            control.parked = True
+            try:
+                await control._resume.wait()
+            finally:
+                control.parked = False
 
 
 # --- the daemon's control command ---------------------------------------------------

@@ -164,13 +164,14 @@ class PowerCutIO(MergeIO):
     SECTOR = 512
 
     def __init__(self, base_fd: int, cow_fd: int, *, crash_at: int | None = None, seed: int = 0,
-                 keep_some: bool = False) -> None:
+                 keep_some: bool = False, lose: bool = True) -> None:
         super().__init__(base_fd, cow_fd)
         self.crash_at = crash_at
         self.calls = 0
         self.dirty: dict[str, dict[int, bytes]] = {"base": {}, "cow": {}}
         self.rng = random.Random(seed)
         self.keep_some = keep_some
+        self.lose = lose  # False: a process kill, the page cache keeps every write
 
     def _tick(self) -> None:
         self.calls += 1
@@ -199,8 +200,44 @@ class PowerCutIO(MergeIO):
 
     def power_cut(self) -> None:
         for which, sectors in self.dirty.items():
+            if not self.lose:
+                sectors.clear()
+                continue
             for sector, old in sectors.items():
                 if self.keep_some and self.rng.random() < 0.5:
                     continue
                 os.pwrite(self.fds[which], old, sector * self.SECTOR)
             sectors.clear()
+
+
+async def interrupt_in_window(t: dict, base, cow) -> int:
+    """Copy ``t``'s base and COW to ``base``/``cow`` and stop a merge of them
+    (a process kill: no write lost) while it overwrites the base under a
+    durable scratch window, after at least one Copy chain's source block was
+    overwritten. Returns the I/O call it stopped at."""
+    import shutil
+
+    from dmuserd.snapshot.merge import merge_cow
+
+    pristine = t["base_bytes"]
+    for crash_at in range(1, 10_000):
+        shutil.copy(t["base"], base)
+        shutil.copy(t["cow"], cow)
+
+        def make_io(base_fd, cow_fd, crash_at=crash_at):
+            return PowerCutIO(base_fd, cow_fd, crash_at=crash_at, lose=False)
+
+        try:
+            await merge_cow(base, cow, offload="cpu", io_class=make_io)
+        except PowerCut:
+            pass
+        else:
+            break
+        if merge_progress(cow)[1] != 2:
+            continue
+        now = Path(base).read_bytes()
+        changed = [b for b in range(len(now) // BS) if now[b * BS : (b + 1) * BS] != pristine[b * BS : (b + 1) * BS]]
+        # a block changed that the target does not have yet at another place: a chain's source
+        if any(t["target_bytes"][(b - 1) * BS : b * BS] == pristine[b * BS : (b + 1) * BS] for b in changed if b):
+            return crash_at
+    raise AssertionError("no interruption point inside a scratch window was found")
