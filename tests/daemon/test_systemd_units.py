@@ -98,7 +98,7 @@ def test_security_scores_are_measured_and_recorded_in_the_readme(instantiated):
     nbd = exposure(instantiated / "dmuserd-nbd@test.service")
     assert nbd < fuse, "the NBD-only unit must be locked down harder than the FUSE one"
     readme = (REPO / "README.md").read_text()
-    recorded = dict(re.findall(r"^\| `(dmuserd(?:-nbd)?@\.service)`[^|]*\| (\d+\.\d) ", readme, re.M))
+    recorded = dict(re.findall(r"^\| `(dmuserd(?:-nbd)?@\.service)` \|[^|]*\| (\d+\.\d) ", readme, re.M))
     assert recorded == {"dmuserd@.service": f"{fuse:.1f}", "dmuserd-nbd@.service": f"{nbd:.1f}"}, (
         f"README's exposure scores {recorded} differ from the measured {fuse:.1f} / {nbd:.1f}: update the README"
     )
