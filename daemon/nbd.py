@@ -226,12 +226,6 @@ def _nbdkit_command(settings: Settings, state_dir: Path) -> list[str]:
         f"channel={state_dir / CHANNEL_NAME}", f"size={settings.size}",
         f"block_size={settings.block_size}", f"caps={settings.caps}", f"timeout={settings.timeout}",
     ]
-    # Under systemd, a scope of its own keeps nbdkit alive when the unit's
-    # cgroup is stopped (systemctl restart/stop with KillMode=control-group).
-    systemd_run = shutil.which("systemd-run")
-    if os.environ.get("INVOCATION_ID") and systemd_run and os.path.isdir("/run/systemd/system"):
-        unit = "dmuserd-nbd-" + "".join(c if c.isalnum() else "-" for c in settings.where)[-80:]
-        command = [systemd_run, "--scope", "--quiet", "--collect", f"--unit={unit}-{os.getpid()}", "--"] + command
     return command
 
 
@@ -249,7 +243,14 @@ def spawn_nbdkit(settings: Settings, state_dir: Path, listener: socket.socket) -
     Returns the keeper's pid; nbdkit writes its own to ``nbdkit.pid`` when it
     accepts clients.
     """
-    command = _nbdkit_command(settings, state_dir)
+    command = ["/bin/sh", "-c", _KEEPER, "keeper", *_nbdkit_command(settings, state_dir)]
+    # Under systemd, a scope of its own keeps nbdkit and its keeper alive when
+    # the unit's cgroup is stopped (systemctl restart/stop, KillMode=control-group).
+    # systemd-run --scope execs the keeper: the pid stays the same.
+    systemd_run = shutil.which("systemd-run")
+    if os.environ.get("INVOCATION_ID") and systemd_run and os.path.isdir("/run/systemd/system"):
+        unit = "dmuserd-nbd-" + "".join(c if c.isalnum() else "-" for c in settings.where)[-80:]
+        command = [systemd_run, "--scope", "--quiet", "--collect", f"--unit={unit}-{os.getpid()}", "--", *command]
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")}
     env["LISTEN_FDS"] = "1"
@@ -257,8 +258,8 @@ def spawn_nbdkit(settings: Settings, state_dir: Path, listener: socket.socket) -
     logfd = os.open(state_dir / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         return os.posix_spawn(
-            "/bin/sh",
-            ["sh", "-c", _KEEPER, "keeper", *command],
+            command[0],
+            command,
             env,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
@@ -472,7 +473,7 @@ class NbdExport:
         try:
             running = read_running(self.state_dir)
             if running is not None:
-                self._check_compatible(running.settings)
+                self._check_compatible(running)
                 self.pid = running.pid
                 self.log.info("re-attached to the running nbdkit", pid=running.pid)
             else:
@@ -483,14 +484,13 @@ class NbdExport:
         nursery.start_soon(self._accept_channels, channel_sock)
         nursery.start_soon(self._supervise)
 
-    def _check_compatible(self, old: Settings) -> None:
-        new = self.settings
+    def _check_compatible(self, running: Running) -> None:
+        old, new = running.settings, self.settings
         if (old.size, old.block_size) != (new.size, new.block_size):
             raise NbdError(
-                f"nbdkit (pid {read_running(self.state_dir).pid}) still serves {self.export.where} with size "
-                f"{old.size} and block size {old.block_size}, but this backend has size {new.size} and block "
-                f"size {new.block_size}: serve the same backend, or stop that nbdkit first "
-                f"(kill {read_running(self.state_dir).pid})")
+                f"nbdkit (pid {running.pid}) still serves {self.export.where} with size {old.size} and block "
+                f"size {old.block_size}, but this backend has size {new.size} and block size {new.block_size}: "
+                f"serve the same backend, or stop that nbdkit first (kill {running.pid})")
         if old != new:
             self.log.warning("the running nbdkit keeps the settings it was started with until it restarts",
                              running=asdict(old), wanted=asdict(new))

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
+import time
 
 import pytest
 
-from daemon_harness import run
+from daemon_harness import DMUSERD, run
+from dmuserd.daemon.nbd import state_dir_for
 from nbd_harness import NbdSession, fio_nbd, need_nbd_tools, qemu_io
 
 SIZE = 64 << 20
@@ -136,3 +140,33 @@ def test_private_sockets_are_owner_only(served):
     cmdline = open(f"/proc/{nbdkit}/cmdline", "rb").read().split(b"\0")
     assert f"channel={session.state_dir / 'ch.sock'}".encode() in cmdline
     assert subprocess.run(["test", "-S", str(session.socket)]).returncode == 0
+
+
+def test_tcp_export(tmp_path):
+    """``nbd:tcp:HOST:PORT``: the same export on a TCP socket (stopped with the daemon here)."""
+    need_nbd_tools("nbdinfo")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    where = f"tcp:127.0.0.1:{port}"
+    control = tmp_path / "control.sock"
+    log = open(tmp_path / "daemon.log", "w+")
+    proc = subprocess.Popen(DMUSERD + ["serve", "--backend", "memory:size=3M", "--export", f"nbd:{where},on-stop=stop",
+                                       "--control-socket", str(control)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            if control.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert control.exists(), (tmp_path / "daemon.log").read_text()
+        info = json.loads(run("nbdinfo", "--json", f"nbd://127.0.0.1:{port}").stdout)["exports"][0]
+        assert info["export-size"] == 3 << 20
+        assert os.stat(state_dir_for(where)).st_mode & 0o777 == 0o700
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, (tmp_path / "daemon.log").read_text()
+        log.close()
+        shutil.rmtree(state_dir_for(where), ignore_errors=True)
+    # on-stop=stop: nothing listens on the port any more.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
