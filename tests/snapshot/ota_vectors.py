@@ -140,16 +140,19 @@ def synthetic_images() -> tuple[bytes, bytes]:
 
 
 def synthetic_payload(path, *, merge_ops: bool = True, extra=None, old_hash: bool = True,
-                      src_hashes: bool = True) -> tuple[bytes, bytes]:
+                      src_hashes: bool = True, vabc: dict | None = None) -> tuple[bytes, bytes]:
     """Write a delta payload with one partition, ``system``, covering every
     supported operation type; with ``merge_ops`` the merge operations a
     VABC generator would add (COW_COPY for the shift, COW_XOR for the
     diffs, one with a src_offset, one running off the partition's end).
     ``extra(builder)`` may add operations; ``old_hash``/``src_hashes`` False
     leave out ``old_partition_info.hash`` / the operations' ``src_sha256_hash``.
+    ``vabc`` sets fields of ``dynamic_partition_metadata``.
     Returns (old image, new image)."""
     old, new = synthetic_images()
     manifest = proto.DeltaArchiveManifest(block_size=BS, minor_version=8)
+    if vabc:
+        manifest.dynamic_partition_metadata.CopyFrom(proto.DynamicPartitionMetadata(**vabc))
     blobs: list[bytes] = []
     b = PartitionBuilder(manifest, "system", old, new, blobs, source_hashes=src_hashes)
     if not old_hash:

@@ -17,6 +17,7 @@ from ota_vectors import DELTA, FULL, HASHES, NEW, OLD, source_dir, sha256, synth
 from dmuserd.snapshot.cow import CowReader, OpType as CowOp
 from dmuserd.snapshot.merge import merge_cow
 from dmuserd.snapshot.ota import apply_payload
+from dmuserd.snapshot.payload import PayloadError
 from dmuserd.snapshot.view import SnapshotView
 
 DMUSERD = [sys.executable, "-m", "dmuserd"]
@@ -105,6 +106,26 @@ async def test_merge_operations_become_ordered_copies_and_xors(tmp_path, version
     base.write_bytes(old)
     await merge_cow(base, r.cow, offload="cpu")
     assert base.read_bytes() == new
+
+
+def test_cow_settings_come_from_the_manifest_unless_asked(tmp_path):
+    vabc = dict(vabc_enabled=True, vabc_compression_param="zstd", cow_version=3, compression_factor=16384)
+    old, new = synthetic_payload(tmp_path / "p.bin", vabc=vabc)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "system.img").write_bytes(old)
+    (r,) = apply_payload(tmp_path / "p.bin", cow_dir=tmp_path / "a", source_dir=tmp_path / "old")
+    with CowReader(r.cow) as reader:
+        assert (reader.version, reader.compression.name, reader.header.max_compression_size) == (3, "ZSTD", 16384)
+    (r,) = apply_payload(tmp_path / "p.bin", cow_dir=tmp_path / "b", source_dir=tmp_path / "old", version=2,
+                         compression="gz,1")
+    with CowReader(r.cow) as reader:
+        assert (reader.version, reader.compression.name) == (2, "GZ")
+    assert render(r.cow, tmp_path / "old" / "system.img", len(new)) == new
+    synthetic_payload(tmp_path / "q.bin", vabc=dict(cow_version=4))
+    with pytest.raises(PayloadError, match="asks for COW version 4; dmuserd writes 2 and 3"):
+        apply_payload(tmp_path / "q.bin", cow_dir=tmp_path / "c", source_dir=tmp_path / "old")
+    (r,) = apply_payload(tmp_path / "q.bin", cow_dir=tmp_path / "c", source_dir=tmp_path / "old", version=3)
+    assert r.sha256 == sha256(new)
 
 
 @pytest.mark.parametrize("version", [2, 3])
