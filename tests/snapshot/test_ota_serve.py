@@ -95,12 +95,14 @@ def test_served_partitions_read_the_new_images_then_merge_into_the_old(tmp_path,
     src = source_dir(tmp_path) if kind == "delta" else None
     fuse, cows = tmp_path / "fuse", tmp_path / "cows"
     args = ["--export", f"fuse:{fuse}", "--cow-dir", cows, "--cow-version", version, "--compression", "lz4"]
-    served = ota_serve(DELTA if kind == "delta" else FULL, *args, *(["--source-dir", src] if src else []))
+    payload = DELTA if kind == "delta" else FULL
+    served = ota_serve(payload, *args, *(["--source-dir", src] if src else []))
     served.wait([fuse / "kernel", fuse / "root"])
     for name in ("kernel", "root"):
         assert served.loop_sha256(fuse / name) == HASHES[name]
     # ota verify reads the served files
-    verified = subprocess.run(DMUSERD + ["ota", "verify", DELTA, "--image-dir", fuse], capture_output=True, text=True)
+    verified = subprocess.run(DMUSERD + ["ota", "verify", payload, "--image-dir", fuse], capture_output=True,
+                              text=True)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert served.stop() == 0
     assert not os.path.ismount(fuse)
