@@ -52,8 +52,28 @@ def _remove(args) -> int:
 def _snapuserd(args) -> int:
     import trio
 
-    from dmuserd.daemon.config import DaemonSpec
-    from dmuserd.daemon.service import run_until_signal
-
-    trio.run(run_until_signal, DaemonSpec([]), args.socket)
+    trio.run(_run_snapuserd, args.socket)
     return 0
+
+
+async def _run_snapuserd(socket_path: str) -> None:
+    """Serve until SIGINT/SIGTERM or snapuserd's ``stop`` request, then stop in order."""
+    import signal
+
+    import trio
+
+    from dmuserd.daemon.config import DaemonSpec
+    from dmuserd.daemon.runtime import Daemon
+
+    daemon = Daemon(DaemonSpec([]), control_socket=socket_path)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _signum in signals:
+                    await daemon.stop()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await daemon.run()  # returns once stopped, whoever asked
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,185 @@
+"""A real dm-user device on a real dm-user kernel, in a VM; and the same cases on the model.
+
+One VM boot runs :mod:`dmuser_guest` (tables made with ``dmsetup``, daemons
+started with ``python -m dmuserd``, I/O with dd, fio, mkfs, direct I/O from
+Python) and records what happened; the tests below check those records.
+The differential test runs the same cases against the in-process model
+(:class:`~dmuserd.daemon.emulated.EmulatedDmUser`) and requires the same
+outcomes. Under TCG the boot plus ~4 daemon starts take about 2-3 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+import dmuser_vm_lib as lib
+from dmuser_model_cases import run_model_cases
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+SNAP_SIZE = 4 * lib.MiB
+
+
+def _make_snapshot(work) -> dict:
+    """base.img, target.img and a COW turning one into the other (copies, replaces, zeros)."""
+    from dmuserd.snapshot._cow_tools import create_cow
+
+    base = bytearray(lib.pattern(40, SNAP_SIZE))
+    target = bytearray(base)
+    bs = 4096
+    for block in range(0, SNAP_SIZE // bs, 7):  # replaced blocks
+        target[block * bs : (block + 1) * bs] = lib.pattern(1000 + block, bs)
+    for block in range(3, 200, 11):  # copies of other base blocks
+        src = (block * 37) % (SNAP_SIZE // bs)
+        target[block * bs : (block + 1) * bs] = base[src * bs : (src + 1) * bs]
+    target[500 * bs : 520 * bs] = bytes(20 * bs)  # zeros
+    (work / "base.img").write_bytes(base)
+    (work / "target.img").write_bytes(target)
+    create_cow(work / "base.img", work / "target.img", work / "snap.cow", version=2, progress=False)
+    return {"base": str(work / "base.img"), "cow": str(work / "snap.cow"), "size": SNAP_SIZE,
+            "target_sha": lib.sha(target), "base_sha": lib.sha(base)}
+
+
+def _run_guest(work, plan: dict, timeout: int) -> dict:
+    reason = lib.vm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if os.geteuid() != 0:
+        pytest.skip("needs root (run-in-vm shares the root file system)")
+    (work / "plan.json").write_text(json.dumps(plan))
+    proc = lib.run_vm([sys.executable, "tests/vm/dmuser_guest.py", str(work)], shares=[work], timeout=timeout)
+    results_path = work / "results.json"
+    assert results_path.exists(), f"the guest wrote no results (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads(results_path.read_text())
+    results["vm"] = {"rc": proc.returncode, "stderr": proc.stderr[-4000:]}
+    results["logs"] = {p.name: p.read_text()[-4000:] for p in work.glob("d*.log")}
+    return results
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dmuser_vm")
+    snap = _make_snapshot(work)
+    plan = {"fio": {"bs": "8k", "size": "2M", "jobs": 4, "timeout": 300}, "snapuserd": snap}
+    results = _run_guest(work, plan, timeout=900)
+    results["snap_plan"] = snap
+    results["work"] = work
+    return results
+
+
+def _explain(vm) -> str:
+    return json.dumps({k: vm.get(k) for k in ("errors", "steps", "vm", "logs")}, indent=1, default=str)[-6000:]
+
+
+def test_guest_ran_every_step(vm):
+    assert vm.get("done"), _explain(vm)
+    assert not vm.get("errors"), _explain(vm)
+    assert vm["vm"]["rc"] == 0, _explain(vm)
+
+
+def test_daemon_attaches_to_existing_tables(vm):
+    assert {"t1", "t2", "t3"} <= set(vm["misc_devices"])
+    target = vm["d1_status"]["targets"]["t1"]
+    assert target["exports"] == {"dm-user": "/dev/mapper/t1"}
+
+
+def test_ext4_on_the_device(vm):
+    fs = vm["fs"]
+    assert fs["mkfs"][0] == 0, fs
+    assert fs["mount"][0] == 0, fs
+    assert fs["umount"] == 0
+    assert fs["read_back"] == fs["written"]
+    assert fs["fsck"][0] == 0, fs["fsck"][1]
+
+
+def test_fio_verify_with_several_jobs(vm):
+    fio = vm["fio"]
+    assert fio["rc"] == 0, fio
+    assert len(fio["jobs"]) == 4
+    for job in fio["jobs"]:
+        assert job["error"] == 0, fio
+        assert job["write_ios"] > 0 and job["read_ios"] > 0, fio
+
+
+def test_direct_io_patterns(vm):
+    case = vm["cases"]["pattern_rw"]
+    assert case == {"result": "ok", "sha": lib.sha(lib.pattern(lib.PATTERN_SEED, lib.PATTERN_LEN))}
+
+
+def test_dsync_write_is_in_the_backing_file_when_it_returns(vm):
+    case = vm["cases"]["dsync_durable"]
+    assert case == {"result": "ok", "sha": lib.sha(lib.pattern(lib.DSYNC_SEED, lib.DSYNC_LEN))}
+    # the kernel asked for durability: a flush (zero-length PREFLUSH write) reached the dispatcher
+    assert vm["dsync_requests"]["flush"] >= 1, vm["dsync_requests"]
+
+
+def test_killed_daemon_fails_its_io_and_nothing_hangs(vm):
+    assert vm["stall_reached"], _explain(vm)
+    assert vm["cases"]["killed_in_flight"] == {"result": "EIO"}
+    assert vm["cases"]["after_kill_new_io"] == {"result": "EIO"}
+
+
+def test_io_queued_before_the_daemon_attached_completes(vm):
+    assert vm["queued_before_attach"]
+    assert vm["cases"]["before_attach"] == {"result": "ok", "sha": lib.sha(lib.pattern(lib.EARLY_SEED, lib.EARLY_LEN))}
+    assert vm["cases"]["no_daemon_timeout"] == {"result": "EIO"}
+
+
+def test_new_daemon_serves_what_the_killed_one_wrote(vm):
+    assert vm["cases"]["restart_read"] == {"result": "ok", "sha": lib.sha(lib.pattern(lib.PATTERN_SEED, lib.PATTERN_LEN))}
+    assert vm["d2_exit"] == 0
+    assert vm["cases"]["after_stop"] == {"result": "EIO"}
+
+
+async def test_differential_model_matches_the_kernel(vm, tmp_path):
+    model, facts = await run_model_cases(tmp_path)
+    real = vm["cases"]
+    assert list(model) == list(lib.CASES)
+    for case in lib.CASES:
+        assert model[case] == real.get(case), f"{case}: model {model[case]} != kernel {real.get(case)}"
+    assert facts["queued_before_attach"] == vm["queued_before_attach"]
+
+
+def test_snapuserd_protocol_drives_a_real_device(vm):
+    snap = vm["snapuserd"]
+    plan = vm["snap_plan"]
+    sequence = [message for message, _ in snap["replies"]]
+    answers = [answer for _, answer in snap["replies"]]
+    sectors = plan["size"] // 512
+    expected_head = [
+        ("query", "active"),
+        ("supports,second_stage_socket_handoff", "success"),
+        ("supports,no_such_feature", "fail"),
+        (f"init,snapt,{plan['cow']},{plan['base']},{plan['base']}", f"success,{sectors}"),
+        (f"init,snapt,{plan['cow']},{plan['base']},{plan['base']}", "fail"),
+        ("getstatus,snapt", "snapshot"),
+        ("start,snapt", "success"),
+        ("start,snapt", "fail"),
+        ("initiate_merge,snapt", "success"),
+    ]
+    assert list(zip(sequence, answers))[: len(expected_head)] == expected_head
+    assert snap["read_before_merge"] == {"result": "ok", "sha": plan["target_sha"]}
+    assert snap["percents"][-1] == "100.000000", snap["percents"]
+    for percent in snap["percents"]:
+        assert percent.count(".") == 1 and len(percent.split(".")[1]) == 6
+        assert 0.0 <= float(percent) <= 100.0
+    tail = list(zip(sequence, answers))[len(expected_head) + len(snap["percents"]) :]
+    assert tail == [
+        ("getstatus,snapt", "snapshot-merge-complete"),
+        ("pause_merge", "success"),
+        ("resume_merge", "success"),
+        ("delete,snapt", "success"),
+        ("delete,snapt", "success"),
+        ("frobnicate", "fail"),
+        ("detach", None),
+        ("query", "passive"),
+        ("stop", None),
+    ], snap["replies"]
+    assert snap["read_after_merge"] == {"result": "ok", "sha": plan["target_sha"]}
+    assert snap["base_after_merge"] == plan["target_sha"]
+    assert snap["dmsetup_remove"] == 0
+    assert snap["exit"] == 0
