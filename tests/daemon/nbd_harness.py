@@ -172,11 +172,12 @@ def qemu_io(uri: str, *commands: str, check: bool = True, timeout: float = 60) -
     return result
 
 
-def fio_nbd(uri: str, *options: str, timeout: float = 120) -> dict:
-    """Run fio's nbd engine on ``uri``; return the job's JSON result."""
+def fio_nbd(uri: str, cwd, *options: str, timeout: float = 120) -> dict:
+    """Run fio's nbd engine on ``uri`` in ``cwd``; return the job's JSON result."""
     result = subprocess.run(
-        ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", *options],
-        capture_output=True, text=True, timeout=timeout,
+        ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", "--verify_state_save=0",
+         *options],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd,
     )
     try:
         report = json.loads(result.stdout[result.stdout.index("{"):])

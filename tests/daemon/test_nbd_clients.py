@@ -93,9 +93,9 @@ def test_nbdcopy_both_ways(served, tmp_path):
     run("cmp", source, back)
 
 
-def test_fio_random_write_verify(served):
+def test_fio_random_write_verify(served, tmp_path):
     session, _ = served
-    job = fio_nbd(session.uri, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
+    job = fio_nbd(session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
                   "--verify=crc32c", "--do_verify=1", "--randrepeat=0")
     assert job["_rc"] == 0, job["_stderr"]
     assert job["error"] == 0

@@ -15,10 +15,11 @@ import time
 from nbd_harness import nbd_session, nbdkit_alive, need_nbd_tools, qemu_io  # noqa: F401 - nbd_session is a fixture
 
 
-def _fio(uri: str, *options: str) -> subprocess.Popen:
+def _fio(uri: str, cwd, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
-        ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", *options],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", "--output-format=json", "--verify_state_save=0",
+         *options],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
     )
 
 
@@ -27,10 +28,10 @@ def test_sigkill_during_fio_then_restart_within_timeout(nbd_session, tmp_path):
     backend = f"file:path={tmp_path / 'disk.img'},size=64M,create=1"
     first = nbd_session.start(backend)
     nbdkit = nbd_session.nbdkit_pid()
-    fio = _fio(nbd_session.uri, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=24M", "--rate_iops=4000",
+    fio = _fio(nbd_session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=24M", "--rate_iops=2000",
                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
     try:
-        time.sleep(1.5)
+        time.sleep(1.0)  # the write phase takes about 3 s (rate-limited)
         assert fio.poll() is None, fio.stdout.read()
         assert first.requests()["write"] > 0  # fio is writing through this daemon
         first.kill()
