@@ -465,7 +465,7 @@ class NbdExport:
         if kind == "unix":
             return f"nbd+unix:///?socket={address}"
         host, port = address
-        return f"nbd://{host}:{port}/"
+        return f"nbd://[{host}]:{port}/" if ":" in host else f"nbd://{host}:{port}/"
 
     async def start(self, nursery) -> None:
         prepare_state_dir(self.state_dir)
