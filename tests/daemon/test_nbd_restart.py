@@ -97,6 +97,28 @@ def test_graceful_stop_keeps_nbdkit_for_the_next_daemon(nbd_session, tmp_path):
     assert nbd_session.nbdkit_pid() == nbdkit
 
 
+def test_restart_with_sigterm_under_fio(nbd_session, tmp_path):
+    """``systemctl restart``: SIGTERM, then a new daemon; a running client never notices."""
+    need_nbd_tools("fio")
+    backend = f"file:path={tmp_path / 'disk.img'},size=64M,create=1"
+    first = nbd_session.start(backend)
+    fio = _fio(nbd_session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
+               "--rate_iops=2000", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
+    try:
+        time.sleep(1.0)
+        assert fio.poll() is None, fio.stdout.read()
+        assert first.terminate() == 0, first.log_text()
+        second = nbd_session.start(backend)
+        out, _ = fio.communicate(timeout=120)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+    assert fio.returncode == 0, out
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] >= 16 << 20, out
+    assert second.requests()["write"] > 0
+
+
 def test_on_stop_stop_stops_nbdkit(nbd_session):
     daemon = nbd_session.start("memory:size=1M", ",on-stop=stop")
     nbdkit = nbd_session.nbdkit_pid()
