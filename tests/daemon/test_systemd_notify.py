@@ -49,14 +49,15 @@ class Listener:
         self.messages: list[tuple[float, dict[str, str]]] = []
         self.changed = trio.Event()
 
-    async def run(self, fuse_file: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, probe, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Collect messages; ``probe()`` runs the moment READY=1 arrives."""
         await self.sock.bind(self.path)
         task_status.started()
         while True:
             data = await self.sock.recv(4096)
             fields = dict(line.split("=", 1) for line in data.decode().splitlines())
             if fields.get("READY") == "1":
-                fields["_fuse_file_existed"] = str(os.path.exists(fuse_file))
+                fields["_live_at_ready"] = str(probe())
             self.messages.append((trio.current_time(), fields))
             self.changed.set()
             self.changed = trio.Event()
@@ -79,7 +80,7 @@ async def test_ready_watchdog_status_and_graceful_stop(tmp_path):
     log = open(tmp_path / "daemon.log", "w+")
     loop = writer = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(listener.run, fuse_file)
+        await nursery.start(listener.run, lambda: os.path.exists(fuse_file))
         daemon = await trio.lowlevel.open_process(
             DMUSERD + ["serve", "--backend", f"file:path={image},size=64M,create=1", "--export", f"fuse:{fuse_dir}",
                        "--control-socket", str(tmp_path / "control.sock")],
@@ -87,7 +88,7 @@ async def test_ready_watchdog_status_and_graceful_stop(tmp_path):
         try:
             with trio.fail_after(60):
                 ready = await listener.wait_for("READY")
-            assert ready["_fuse_file_existed"] == "True", "READY=1 before the FUSE file existed"
+            assert ready["_live_at_ready"] == "True", "READY=1 before the FUSE file existed"
             assert ready["STATUS"].startswith("serving 1 target: disk")
             loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", fuse_file],
                                   check=True, capture_output=True, text=True).stdout.strip()
@@ -152,6 +153,50 @@ async def test_ready_watchdog_status_and_graceful_stop(tmp_path):
     assert not os.path.ismount(fuse_dir)
     backing = subprocess.run(["losetup", "-n", "-O", "BACK-FILE", loop], capture_output=True, text=True).stdout
     assert fuse_file not in backing, "the stop left the loop device attached"
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+async def test_ready_only_once_the_nbd_socket_accepts(tmp_path):
+    import shutil
+
+    if not shutil.which("nbdkit"):
+        pytest.skip("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
+    nbd_socket = str(tmp_path / "nbd" / "disk.sock")
+    listener = Listener(str(tmp_path / "notify.sock"))
+    env = dict(os.environ, NOTIFY_SOCKET=listener.path)
+    log = open(tmp_path / "daemon.log", "w+")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(listener.run, lambda: _accepts(nbd_socket))
+        daemon = await trio.lowlevel.open_process(
+            DMUSERD + ["serve", "--backend", "memory:size=16M", "--export", f"nbd:{nbd_socket},on-stop=stop",
+                       "--control-socket", str(tmp_path / "control.sock")],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with trio.fail_after(60):
+                while daemon.poll() is None and not any("READY" in f for _, f in listener.messages):
+                    await trio.sleep(0.05)
+            log.seek(0)
+            if "not available in this version" in log.read():
+                pytest.skip("this version has no NBD export")
+            ready = await listener.wait_for("READY")
+            assert ready["_live_at_ready"] == "True", "READY=1 before the NBD socket accepted connections"
+            daemon.send_signal(signal.SIGTERM)
+            with trio.fail_after(STOP_GRACE_SECONDS + 30):
+                rc = await daemon.wait()
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+            nursery.cancel_scope.cancel()
+    log.seek(0)
+    assert rc == 0, log.read()
 
 
 # -- the protocol pieces ---------------------------------------------------------------------
