@@ -56,7 +56,7 @@ def test_channel_from_another_uid_is_refused(nbd_session):
     assert _as_nobody(channel) == "connect: 13"  # EACCES
     # With CAP_DAC_OVERRIDE it connects, and the daemon hangs up unanswered.
     out = _as_nobody(channel, "dac_override")
-    assert out in ("answer: 0", "closed: 104"), out
+    assert out in ("answer: 0", "closed: 32", "closed: 104"), out  # EOF, EPIPE or ECONNRESET: no answer
     refusals = [e for e in daemon.log_events() if e.get("event", "").startswith("refused a channel from another user")]
     assert refusals and refusals[0]["peer_uid"] == NOBODY
     # The same request from root is answered (a 40-byte header, then the data).
