@@ -254,7 +254,7 @@ class MergeEngine:
         bs = self.bs
         data = bytearray(len(ops) * bs)
         view = memoryview(data)
-        await self.mover.batch([("copy", view[i * bs : (i + 1) * bs], src) for i, src in enumerate(sources)])
+        await self._move([("copy", view[i * bs : (i + 1) * bs], src) for i, src in enumerate(sources)])
         targets = {op.new_block for op in ops}
         if any(block in targets for op in ops for block in op.source_blocks()):
             entries = layout.entries_bytes(op.new_block for op in ops)
@@ -341,7 +341,7 @@ class MergeEngine:
             for block, n, data in segments[i : j + 1]:
                 piece = view[(block - first) * bs : (block - first + n) * bs]
                 requests.append(("fill", piece, 0) if data is None else ("copy", piece, data))
-            await self.mover.batch(requests)
+            await self._move(requests)
             runs.append((first, buf))
             i = j + 1
 
@@ -356,8 +356,7 @@ class MergeEngine:
     async def _verify(self, runs) -> None:
         bs = self.bs
         back = await trio.to_thread.run_sync(lambda: [self.io.pread("base", len(buf), first * bs) for first, buf in runs])
-        crcs = await self.mover.batch([("crc32c", b) for _, buf in runs for b in (buf,)]
-                                      + [("crc32c", b) for b in back])
+        crcs = await self._move([("crc32c", buf) for _, buf in runs] + [("crc32c", b) for b in back])
         half = len(runs)
         for k, (first, buf) in enumerate(runs):
             if crcs[k] != crcs[half + k]:
@@ -365,6 +364,15 @@ class MergeEngine:
                     f"the base reads back differently from what the merge wrote at blocks {first}.."
                     f"{first + len(buf) // bs - 1} (CRC-32C {crcs[half + k]:#010x}, wrote {crcs[k]:#010x}); "
                     "the base storage is failing or something else writes to it: stop and check it")
+
+    async def _move(self, requests: list[tuple]) -> list:
+        """Run independent mover operations: as one batch on a device (small
+        ones travel in BATCH descriptors), one call each on the CPU engine,
+        where a batch would only add a task per operation."""
+        if self.mover.queue is not None:
+            return await self.mover.batch(requests)
+        mover = self.mover
+        return [await getattr(mover, name)(*args) for name, *args in requests]
 
     # --- commit ---------------------------------------------------------------------
 
