@@ -304,5 +304,12 @@ async def start_export(daemon, target, export, nursery) -> None:
             log.warning("the dm-user table is larger than the backend: I/O past its end fails",
                         name=name, table_bytes=existing, backend_bytes=target.backend.size)
     device = DmUserDevice(name, target.dispatcher, channels=channels, remove_on_stop=create)
-    await nursery.start(device.run)  # (a table it created is removed if this fails)
+
+    async def serve(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await device.run(task_status=task_status)  # (a table it created is removed if this fails)
+        finally:
+            target.endpoints.pop("dm-user", None)
+
+    await nursery.start(serve)
     target.endpoints["dm-user"] = mapper_path(name)

@@ -152,8 +152,10 @@ class Guest:
 
     def setup(self) -> None:
         self.set_timeout(lib.LONG_TIMEOUT_MS)
-        for name, size in (("t1", lib.T1_SIZE), ("t2", lib.T2_SIZE), ("t3", lib.T3_SIZE)):
+        for name, size in (("t1", lib.T1_SIZE), ("t3", lib.T3_SIZE)):
             self.dm_create(name, size)
+        made = self.sh(PY, "-m", "dmuserd", "dm", "create", "t2", "--size", str(lib.T2_SIZE))
+        self.results["dm_create"] = [made.returncode, made.stdout.strip(), made.stderr[-500:]]
         with open(self.path("a.img"), "wb") as f:
             f.truncate(lib.T1_SIZE)
         with open(self.path("b.img"), "wb") as f:
@@ -171,6 +173,7 @@ class Guest:
                 f'fail = "{lib.FAIL_OFF}+4K"{stall_opts} }}\nexports = ["dm-user:t1,channels=4"]\n')
         if t2:
             text += f'[targets.t2]\nbackend = "file:path={self.path("b.img")}"\nexports = ["dm-user:t2"]\n'
+            text += '[targets.t4]\nbackend = "memory:size=4M"\nexports = ["dm-user:t4,create=1"]\n'
         return text
 
     def start_d1(self) -> None:
@@ -282,6 +285,22 @@ class Guest:
         thread.join(60)
         c["before_attach"] = dict(out) if not thread.is_alive() else {"result": "hung"}
         c["restart_read"] = self.direct_io("/dev/mapper/t1", lib.PATTERN_OFF, lib.PATTERN_LEN)
+        data = lib.pattern(9, 64 * 1024)
+        self.results["created"] = {
+            "exists": os.path.exists("/dev/dm-user/t4"),
+            "write": self.direct_io("/dev/mapper/t4", 65536, len(data), data),
+            "read": self.direct_io("/dev/mapper/t4", 65536, len(data)),
+        }
+        # the table removed under the serving daemon: that export ends, the daemon stays
+        removed = self.results["removed_under_daemon"] = {"dmsetup": self.sh("dmsetup", "remove", "t2").returncode}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            endpoints = self.status("/tmp/d2.sock")["targets"]["t2"]["exports"]
+            if "dm-user" not in endpoints:
+                break
+            time.sleep(0.1)
+        removed["endpoints_after"] = endpoints
+        removed["daemon_alive"] = self.daemons["d2"].poll() is None
         d2 = self.daemons["d2"]
         d2.send_signal(signal.SIGTERM)
         try:
@@ -290,6 +309,7 @@ class Guest:
             self.results["d2_exit"] = "hung"
             d2.kill()
         c["after_stop"] = self.direct_io("/dev/mapper/t1", 0, lib.PROBE_LEN)
+        self.results["created"]["table_after_stop"] = self.sh("dmsetup", "info", "t4").returncode
 
     def snapuserd(self) -> None:
         snap = self.plan.get("snapuserd")
@@ -350,7 +370,9 @@ class Guest:
         for proc in self.daemons.values():
             if proc.poll() is None:
                 proc.kill()
-        for name in ("t1", "t2", "t3", "snapt"):
+        gone = self.sh(PY, "-m", "dmuserd", "dm", "remove", "t3")
+        self.results["dm_remove"] = [gone.returncode, gone.stderr[-500:], os.path.exists("/dev/dm-user/t3")]
+        for name in ("t1", "t2", "t3", "t4", "snapt"):
             self.sh("dmsetup", "remove", "--force", name)
 
     def run(self) -> None:

@@ -135,6 +135,26 @@ def test_new_daemon_serves_what_the_killed_one_wrote(vm):
     assert vm["cases"]["after_stop"] == {"result": "EIO"}
 
 
+def test_dm_create_and_remove_commands(vm):
+    assert vm["dm_create"][:2] == [0, "/dev/mapper/t2 (served through /dev/dm-user/t2)"], vm["dm_create"]
+    assert vm["dm_remove"] == [0, "", False], vm["dm_remove"]
+
+
+def test_create_option_makes_and_removes_the_table(vm):
+    created = vm["created"]
+    assert created["exists"]
+    assert created["write"] == {"result": "ok"}
+    assert created["read"] == {"result": "ok", "sha": lib.sha(lib.pattern(9, 64 * 1024))}
+    assert created["table_after_stop"] != 0  # dmsetup info: no such device
+
+
+def test_table_removed_under_the_daemon_ends_that_export_only(vm):
+    removed = vm["removed_under_daemon"]
+    assert removed["dmsetup"] == 0
+    assert "dm-user" not in removed["endpoints_after"]
+    assert removed["daemon_alive"]
+
+
 async def test_differential_model_matches_the_kernel(vm, tmp_path):
     model, facts = await run_model_cases(tmp_path)
     real = vm["cases"]
