@@ -34,6 +34,8 @@ def test_options():
     got = settings_for(_Target(), export)
     assert (got.timeout, got.threads, got.size, got.block_size) == (1.5, 8, 1 << 20, 4096)
     assert got.caps == "discard,flush,read,write,write_zeroes"
+    default = settings_for(_Target(), parse_export("nbd:/tmp/d.sock"))
+    assert (default.timeout, default.threads) == (4.0, 32)  # dm-user's default daemon timeout
     for bad, word in (("timeout=-1", "timeout"), ("timeout=x", "timeout"), ("threads=0", "threads"),
                       ("threads=1000", "threads"), ("color=red", "unknown option")):
         with pytest.raises(NbdError, match=word):

@@ -14,6 +14,11 @@ import time
 
 from nbd_harness import nbd_session, nbdkit_alive, need_nbd_tools, qemu_io  # noqa: F401 - nbd_session is a fixture
 
+#: The daemon timeout of the restart tests: dm-user's 4 s would do, but a
+#: daemon's start on a loaded CI machine can take seconds, and what is tested
+#: (requests wait, then the next daemon serves them) does not depend on it.
+TIMEOUT = ",timeout=10"
+
 
 def _fio(uri: str, cwd, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
@@ -26,7 +31,7 @@ def _fio(uri: str, cwd, *options: str) -> subprocess.Popen:
 def test_sigkill_during_fio_then_restart_within_timeout(nbd_session, tmp_path):
     need_nbd_tools("fio")
     backend = f"file:path={tmp_path / 'disk.img'},size=64M,create=1"
-    first = nbd_session.start(backend)
+    first = nbd_session.start(backend, TIMEOUT)
     nbdkit = nbd_session.nbdkit_pid()
     fio = _fio(nbd_session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=24M", "--rate_iops=2000",
                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
@@ -35,7 +40,7 @@ def test_sigkill_during_fio_then_restart_within_timeout(nbd_session, tmp_path):
         assert fio.poll() is None, fio.stdout.read()
         assert first.requests()["write"] > 0  # fio is writing through this daemon
         first.kill()
-        second = nbd_session.start(backend)  # well within the 4 s daemon timeout
+        second = nbd_session.start(backend, TIMEOUT)  # well within the daemon timeout
         out, _ = fio.communicate(timeout=120)
     finally:
         if fio.poll() is None:
@@ -70,14 +75,14 @@ def test_a_request_waits_for_the_next_daemon(nbd_session, tmp_path):
     """A client connected before the daemon died is served by the next one."""
     need_nbd_tools("qemu-io")
     backend = f"file:path={tmp_path / 'disk.img'},size=8M,create=1"
-    first = nbd_session.start(backend)
+    first = nbd_session.start(backend, TIMEOUT)
     qemu_io(nbd_session.uri, "write -P 0x42 0 1M")
     first.kill()
     results = {}
     reader = threading.Thread(target=lambda: results.update(r=qemu_io(nbd_session.uri, "read -P 0x42 0 1M", check=False)))
     reader.start()
     time.sleep(0.5)  # the read is now waiting for a daemon
-    nbd_session.start(backend)
+    nbd_session.start(backend, TIMEOUT)
     reader.join(60)
     output = results["r"].stdout + results["r"].stderr
     assert "read 1048576/1048576" in output and "failed" not in output, output
@@ -101,14 +106,14 @@ def test_restart_with_sigterm_under_fio(nbd_session, tmp_path):
     """``systemctl restart``: SIGTERM, then a new daemon; a running client never notices."""
     need_nbd_tools("fio")
     backend = f"file:path={tmp_path / 'disk.img'},size=64M,create=1"
-    first = nbd_session.start(backend)
+    first = nbd_session.start(backend, TIMEOUT)
     fio = _fio(nbd_session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
                "--rate_iops=2000", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
     try:
         time.sleep(1.0)
         assert fio.poll() is None, fio.stdout.read()
         assert first.terminate() == 0, first.log_text()
-        second = nbd_session.start(backend)
+        second = nbd_session.start(backend, TIMEOUT)
         out, _ = fio.communicate(timeout=120)
     finally:
         if fio.poll() is None:
