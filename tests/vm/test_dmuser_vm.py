@@ -203,3 +203,17 @@ def test_snapuserd_protocol_drives_a_real_device(vm):
     assert snap["base_after_merge"] == plan["target_sha"]
     assert snap["dmsetup_remove"] == 0
     assert snap["exit"] == 0
+
+
+@pytest.mark.slow
+def test_slow_longer_fio_verify_and_filesystem(tmp_path):
+    """The same guest run with 64 MiB of fio verify over 4 jobs (~5 minutes under TCG)."""
+    results = _run_guest(tmp_path, {"fio": {"bs": "4k", "size": "16M", "jobs": 4, "timeout": 1200}}, timeout=1800)
+    assert results.get("done") and not results.get("errors"), _explain(results)
+    assert results["fio"]["rc"] == 0 and all(j["error"] == 0 for j in results["fio"]["jobs"]), results["fio"]
+    assert sum(j["write_ios"] for j in results["fio"]["jobs"]) == 4 * 16 * 256
+    assert results["fs"]["fsck"][0] == 0 and results["fs"]["read_back"] == results["fs"]["written"]
+    for case in ("pattern_rw", "before_attach", "restart_read"):
+        assert results["cases"][case]["result"] == "ok", results["cases"]
+    for case in ("killed_in_flight", "after_kill_new_io", "no_daemon_timeout", "after_stop"):
+        assert results["cases"][case] == {"result": "EIO"}, results["cases"]
