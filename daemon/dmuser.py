@@ -230,7 +230,7 @@ class DmUserDevice:
                 task_status.started()
             self._log.info("dm-user target removed: the export ends", path=self.path)
         finally:
-            if self.remove_on_stop:
+            if self.remove_on_stop and os.path.exists(self.path):  # (not removed by someone else)
                 with trio.CancelScope(shield=True), trio.move_on_after(REMOVE_TIMEOUT):
                     try:
                         await remove_target_async(self.name)

@@ -205,6 +205,9 @@ async def _start(daemon, state: SnapuserdState, misc: str) -> str:
     if handler is None or handler.started:
         log.error("snapuserd start: no handler, or attached already", misc=misc)
         return "fail"
+    if misc in daemon.targets:
+        log.error("snapuserd start: the daemon serves a target of that name already", misc=misc)
+        return "fail"
     spec = TargetSpec(misc, "snapshot", {"base": handler.backing, "cow": handler.cow},
                       [ExportSpec("dm-user", misc, {})])
     try:
