@@ -64,7 +64,7 @@ class SnapshotView:
             self._base_fd = os.open(os.fspath(base), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self._owns_base = True
         try:
-            self.base_size = os.fstat(self._base_fd).st_size
+            self.base_size = os.lseek(self._base_fd, 0, os.SEEK_END)  # block devices too
             self.size = self.base_size if size is None else size
             reader.check_base_size(self.base_size)
             reader.check_target_size(self.size)

@@ -229,3 +229,16 @@ async def test_two_merges_of_one_cow_are_refused(tmp_path):
     assert isinstance(MergeBusyError("x"), MergeError)
     await merge_cow(t["base"], t["cow"], offload="cpu")
     assert sha256(t["base"]) == t["target_sha"]
+
+
+def test_offline_progress_bar(tmp_path, capsys):
+    from dmuserd.snapshot.merge import merge_cow_offline
+
+    t = torture_cow(tmp_path, 46, nblocks=256, buffer_size=64 << 10)
+    result = merge_cow_offline(t["base"], t["cow"], offload="cpu", progress=True)
+    assert result.merged_now == t["total_ops"]
+    assert "cow merge:" in capsys.readouterr().err
+    assert sha256(t["base"]) == t["target_sha"]
+    # no bar when asked for none (or when stderr is not a terminal)
+    merge_cow_offline(t["base"], t["cow"], offload="cpu", progress=False)
+    assert "cow merge" not in capsys.readouterr().err
