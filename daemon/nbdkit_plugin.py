@@ -215,6 +215,17 @@ def can_cache(h):
 
 # -- the channels -------------------------------------------------------------------
 
+class _Channel:
+    """One connected channel and its answer-header buffer (reused by every request)."""
+
+    __slots__ = ("sock", "header", "hview")
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.header = bytearray(HEADER_SIZE)
+        self.hview = memoryview(self.header)
+
+
 # Idle connected channels. list.append/pop are atomic under the GIL.
 _pool: list = []
 _seq = iter(range(1 << 63))  # next() on a range iterator is atomic under the GIL
@@ -228,7 +239,7 @@ def _connect():
     except OSError:
         sock.close()
         raise
-    return sock
+    return _Channel(sock)
 
 
 def _channel(deadline):
@@ -250,56 +261,40 @@ def _channel(deadline):
             time.sleep(RECONNECT_INTERVAL)
 
 
-def _send(sock, buffers):
-    """``sendmsg`` every byte of ``buffers`` (continuing after short sends)."""
-    total = sum(len(b) for b in buffers)
-    sent = sock.sendmsg(buffers)
-    if sent == total:
-        return
+def _send_rest(sock, buffers, sent):
+    """Continue a ``sendmsg`` of ``buffers`` that sent only ``sent`` bytes."""
     views = [memoryview(b).cast("B") for b in buffers]
-    while sent < total:
-        skip = sent
-        rest = []
-        for view in views:
-            if skip >= len(view):
-                skip -= len(view)
-            else:
-                rest.append(view[skip:])
-                skip = 0
-        views = rest
-        total -= sent
-        sent = sock.sendmsg(views)
+    while views:
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if views:
+            views[0] = views[0][sent:]
+            sent = sock.sendmsg(views)
 
 
-def _receive(sock, header, data):
-    """Receive one answer: the header into ``header``, a READ's data into ``data``."""
-    hview = memoryview(header)
-    if data is None:
-        got = sock.recv_into(hview)
-        while 0 < got < HEADER_SIZE:
-            n = sock.recv_into(hview[got:])
-            got = got + n if n else 0
-        if got == 0:
-            raise _Broken("the daemon closed the channel")
-        return _HEADER.unpack(header)
-    got = sock.recvmsg_into([hview, data])[0]
+def _receive(chan, data):
+    """Receive one answer: its header into ``chan.header``, a READ's data into ``data``."""
+    sock, hview = chan.sock, chan.hview
+    got = sock.recv_into(hview) if data is None else sock.recvmsg_into([hview, data])[0]
     while 0 < got < HEADER_SIZE:
         n = sock.recv_into(hview[got:])
         got = got + n if n else 0
     if got == 0:
         raise _Broken("the daemon closed the channel")
-    answer = _HEADER.unpack(header)
-    if answer[1] != _SUCCESS:
+    answer = _HEADER.unpack(chan.header)
+    if data is None or answer[1] != _SUCCESS:
         if got > HEADER_SIZE:
             raise _Fail(errno.EIO, "the daemon sent data after an error answer")
         return answer
     got -= HEADER_SIZE
     length = len(data)
-    while got < length:
-        n = sock.recv_into(data[got:])
-        if not n:
-            raise _Broken("the daemon closed the channel in a READ answer")
-        got += n
+    if got < length:
+        view = memoryview(data).cast("B")  # slices of it are views, never copies
+        while got < length:
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise _Broken("the daemon closed the channel in a READ answer")
+            got += n
     return answer
 
 
@@ -308,29 +303,31 @@ def _request(kind, offset, length, flags, payload=None, into=None):
     if offset % SECTOR_SIZE or length % SECTOR_SIZE:
         raise _Fail(errno.EINVAL, f"offset {offset} / length {length} not aligned to {SECTOR_SIZE} bytes")
     sector = offset // SECTOR_SIZE
-    header = bytearray(HEADER_SIZE)
-    data = memoryview(into).cast("B") if into is not None else None
+    total = HEADER_SIZE + (length if payload is not None else 0)
     deadline = None
     while True:
-        sock, deadline = _channel(deadline)
+        chan, deadline = _channel(deadline)
         seq = next(_seq)
+        head = _HEADER.pack(seq, kind, flags, sector, length)
+        buffers = [head] if payload is None else [head, payload]
         try:
-            head = _HEADER.pack(seq, kind, flags, sector, length)
-            _send(sock, [head, payload] if payload is not None else [head])
-            answer = _receive(sock, header, data)
+            sent = chan.sock.sendmsg(buffers)
+            if sent != total:
+                _send_rest(chan.sock, buffers, sent)
+            answer = _receive(chan, into)
         except (OSError, _Broken) as exc:
-            sock.close()
+            chan.sock.close()
             if deadline is None:
                 deadline = time.monotonic() + cfg.timeout
             nbdkit.debug(f"dmuserd: channel broke ({exc}); re-sending seq {seq} to the next daemon")
             continue
         except _Fail:
-            sock.close()
+            chan.sock.close()
             raise
         if answer[0] != seq:
-            sock.close()
+            chan.sock.close()
             raise _Fail(errno.EIO, f"the daemon answered seq {answer[0]}, expected {seq}")
-        _pool.append(sock)
+        _pool.append(chan)
         if answer[1] == _SUCCESS:
             return
         if answer[1] == _UNSUPPORTED:
