@@ -151,4 +151,4 @@ def test_merge_survives_sigkill_slow(tmp_path):
     assert stats["kills"] >= 500
     assert stats["kills_in_resume"] >= 10, stats
     assert stats["windows_left"] >= 10, stats
-    assert stats["completed"] >= 10, stats
+    assert stats["completed"] >= 5, stats
