@@ -28,7 +28,11 @@ How
 
     Quick mode: 1 s ramp + 4 s per job, one round. Full mode: 2 s ramp +
     15 s, two rounds (servers interleaved), best round kept (on a shared
-    machine interference only lowers a figure). Afterwards dmuserd's
+    machine interference only lowers a figure). During the randread job the
+    CPU time of each serving process is sampled (``/proc/PID/stat``) and
+    reported per request (``cpu_us_per_4k_read``: dmuserd's daemon and its
+    nbdkit, or the anchor's nbdkit), which says where the time goes
+    independently of how busy the machine is. Afterwards dmuserd's
     counters must show no errors. Servers are stopped with SIGTERM (the
     dmuserd export with ``on-stop=stop``, so its nbdkit goes too). Needs
     fio with the nbd engine and nbdkit's python plugin, else ``Skip``.
@@ -108,6 +112,10 @@ class _Server:
                 raise RuntimeError(f"{self.name} not ready within {START_TIMEOUT} s: {_tail(self.log)}")
             time.sleep(0.05)
 
+    def pids(self) -> dict[str, int]:
+        """The processes serving requests, by role (for CPU per request)."""
+        return {"nbdkit": self.proc.pid}
+
     def stop(self) -> None:
         proc = self.proc
         if proc is not None and proc.poll() is None:
@@ -158,6 +166,10 @@ class _Dmuserd(_Server):
     def ready(self) -> bool:
         return self.control.exists()  # created once every export is live
 
+    def pids(self) -> dict[str, int]:
+        state = json.loads((self.workdir / f".{self.socket.name}.dmuserd" / "nbdkit.json").read_text())
+        return {"daemon": self.proc.pid, "nbdkit": state["pid"]}
+
     def status(self) -> dict:
         result = _run([sys.executable, "-m", "dmuserd", "status", "--json", "--control-socket", str(self.control)],
                       timeout=30)
@@ -177,6 +189,15 @@ class _Dmuserd(_Server):
                 os.kill(nbdkit, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _fio(uri: str, name: str, args: list[str]) -> dict:
@@ -199,7 +220,13 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
         prefill = _fio(server.uri, "prefill", ["--rw=write", "--bs=1M", "--iodepth=8"])
         info["prefill_mb_s"] = round(prefill["write"]["bw_bytes"] / 1e6, 1)
         timed = [f"--ramp_time={ramp}", f"--runtime={runtime}", "--time_based"]
+        pids = server.pids()
+        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
         rand = _fio(server.uri, "randread", JOBS["randread"] + timed)["read"]
+        requests = rand["total_ios"] or 1
+        # CPU per randread request of each process (fio's ramp included, so a little high).
+        info["cpu_us_per_4k_read"] = {name: round((_cpu_seconds(pid) - before[name]) / requests * 1e6, 1)
+                                      for name, pid in pids.items()}
         seq = _fio(server.uri, "seqread", JOBS["seqread"] + timed)["read"]
         figures = {
             "iops": round(rand["iops"]),
@@ -265,6 +292,7 @@ def run(quick: bool) -> dict:
         "dmuserd: memory backend behind nbdkit + daemon/nbdkit_plugin.py; nbdkit_python: "
         "bench/anchors/nbdkit_trivial_memory.py; nbdkit_memory: nbdkit's C memory plugin",
         "prefill MB/s: " + ", ".join(f"{n} {i.get('prefill_mb_s')}" for n, i in infos.items()),
+        "CPU µs per 4k read: " + ", ".join(f"{n} {i.get('cpu_us_per_4k_read')}" for n, i in infos.items()),
     ]
     return {
         "figures": figures,
@@ -273,5 +301,6 @@ def run(quick: bool) -> dict:
         "targets": TARGETS,
         "units": units,
         "samples": samples,
+        "cpu_us_per_4k_read": {n: i.get("cpu_us_per_4k_read") for n, i in infos.items()},
         "notes": "; ".join(notes),
     }
