@@ -170,3 +170,30 @@ def test_tcp_export(tmp_path):
     # on-stop=stop: nothing listens on the port any more.
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_systemd_socket_activation(tmp_path):
+    """A socket passed by systemd (``LISTEN_FDS``) becomes nbdkit's: the first client starts it all."""
+    need_nbd_tools("nbdinfo", "systemd-socket-activate")
+    session = NbdSession(tmp_path)
+    control = tmp_path / "control.sock"
+    log = open(tmp_path / "daemon.log", "w+")
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(session.socket), "--", *DMUSERD, "serve",
+         "--backend", "memory:size=5M", "--export", f"nbd:{session.socket}", "--control-socket", str(control)],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            if session.socket.exists():
+                break
+            time.sleep(0.05)
+        # This connection waits in the listen queue while the daemon and nbdkit start.
+        size = run("nbdinfo", "--size", session.uri, timeout=60).stdout.strip()
+        assert size == str(5 << 20)
+        text = (tmp_path / "daemon.log").read_text()
+        assert "using the NBD socket systemd passed" in text, text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        session.cleanup()
