@@ -77,7 +77,7 @@ class MergeIO:
             view, offset = view[n:], offset + n
 
     def fsync(self, which: str) -> None:
-        os.fsync(self.fds[which])
+        os.fdatasync(self.fds[which])  # the sizes never change: data is what must be durable
 
 
 class MergeHooks:
