@@ -115,3 +115,46 @@ def test_online_merge_through_the_daemon(tmp_path):
             thread.join(30)
         daemon.cleanup()
     assert sha256(t["base"]) == t["target_sha"]
+
+
+def test_daemon_killed_during_online_merge_resumes(tmp_path):
+    """SIGKILL the daemon in the middle of an online merge (at a random
+    progress, twice): each new daemon serves the target (every byte
+    checked) before it resumes the merge, and the last one finishes it."""
+    need_root_tools()
+    t = torture_cow(tmp_path, 52, nblocks=16384, buffer_size=64 << 10)
+    target = t["target_bytes"]
+    rng = random.Random(52)
+    backend = f"snapshot:base={t['base']},cow={t['cow']},offload=cpu"
+    progress, kills = [], 0
+    for round_ in range(6):
+        workdir = tmp_path / f"run{round_}"
+        workdir.mkdir()
+        daemon = ServedDaemon(workdir, backend)
+        try:
+            with open(daemon.path, "rb", buffering=0) as f:
+                assert f.read() == target  # the target, whatever the interrupted merge left in the base
+            state = daemon.status()["targets"]["disk"]["merge"]
+            progress.append(state["merged_ops"])
+            if state["state"] == "merged":
+                break
+            ask = {"cmd": "merge", "action": "start", "target": "disk"}
+            answer = request(str(daemon.control), ask)
+            assert answer["ok"], answer
+            if kills < 2:
+                aim = state["percent"] + rng.uniform(5, 40)
+                ask["action"] = "status"
+                while answer["state"] == "merging" and answer["percent"] < aim:
+                    time.sleep(0.002)
+                    answer = request(str(daemon.control), ask)
+                daemon.proc.kill()  # SIGKILL: no orderly stop
+                daemon.proc.wait(30)
+                kills += answer["state"] == "merging"
+            else:
+                done = _cli(daemon, "status", "disk", "--wait")
+                assert "disk: merged, 100.0%" in done.stdout, done.stdout + done.stderr
+        finally:
+            daemon.cleanup()
+    assert kills == 2
+    assert progress[0] == 0 and progress == sorted(progress) and progress[-1] == t["total_ops"]
+    assert sha256(t["base"]) == t["target_sha"]
