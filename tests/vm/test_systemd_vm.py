@@ -10,7 +10,8 @@ Default run (~1.5-3 min under TCG on a loaded host): readiness, I/O through
 the FUSE file and a loop device, the watchdog keeping the service alive,
 SIGHUP, SIGKILL → restart (with the dead mount reclaimed and data kept),
 a clean ``systemctl stop``, journald. The slow variant adds a stuck process
-killed by the watchdog and the locked-down NBD-only unit.
+killed by the watchdog, socket activation of the control socket and the
+locked-down NBD-only unit.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ BASIC_CHECKS = [
     "write", "read", "loop_read", "watchdog_alive", "sighup", "restart_after_kill", "new_pid",
     "data_kept", "stale_loop_gone", "stop", "stop_result", "unmounted", "loop_detached",
 ]
-FULL_CHECKS = BASIC_CHECKS + ["watchdog_kill", "watchdog_logged", "nbd_start", "nbd_io",
-                              "nbd_private_mount_ns", "nbd_stop"]
+FULL_CHECKS = BASIC_CHECKS + ["watchdog_kill", "watchdog_logged", "sock_start", "sock_service", "sock_status",
+                              "sock_kept", "nbd_start", "nbd_io", "nbd_private_mount_ns", "nbd_stop"]
 PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
