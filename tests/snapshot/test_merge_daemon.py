@@ -150,6 +150,8 @@ def test_daemon_killed_during_online_merge_resumes(tmp_path):
                 daemon.proc.kill()  # SIGKILL: no orderly stop
                 daemon.proc.wait(30)
                 kills += answer["state"] == "merging"
+                # the dead daemon's FUSE mount stays until unmounted ("transport endpoint is not connected")
+                subprocess.run(["umount", "-l", str(daemon.fuse_dir)], capture_output=True)
             else:
                 done = _cli(daemon, "status", "disk", "--wait")
                 assert "disk: merged, 100.0%" in done.stdout, done.stdout + done.stderr
