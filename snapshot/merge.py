@@ -32,7 +32,7 @@ import trio
 
 from dmuserd.snapshot._cow_format import CowFormatError
 from dmuserd.snapshot._cow_reader import CowReader
-from dmuserd.snapshot._merge_engine import MergeEngine, MergeHooks, MergeIO, MergePlan, MergeState, read_state
+from dmuserd.snapshot._merge_engine import MergeEngine, MergeHooks, MergeIO, MergePlan, read_state
 from dmuserd.snapshot._merge_errors import (
     MergeBusyError,
     MergeError,

@@ -4,7 +4,6 @@ Plus the offline command line."""
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 import sys

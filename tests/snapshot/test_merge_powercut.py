@@ -8,12 +8,10 @@ The merge must always end with the target image.
 
 from __future__ import annotations
 
-import functools
 import random
 import shutil
 
 import pytest
-import trio
 
 from merge_testlib import PowerCut, PowerCutIO, merge_progress, torture_cow
 from dmuserd.snapshot.merge import merge_cow
