@@ -31,6 +31,7 @@ base is written and to mark blocks merged after each commit.
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass, field
 
 import structlog
@@ -102,11 +103,11 @@ class MergePlan:
     layout: ScratchLayout
     block_size: int
     header: CowHeader
-    prefix: list[int] = field(default_factory=list)  # blocks merged after i ops
+    prefix: array = field(default_factory=lambda: array("Q"))  # blocks merged after i ops (packed)
 
     def __post_init__(self) -> None:
         total = 0
-        self.prefix = [0]
+        self.prefix = array("Q", [0])
         for op in self.order:
             total += op.blocks
             self.prefix.append(total)
