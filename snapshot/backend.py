@@ -105,8 +105,8 @@ class SnapshotBackend(Backend):
         if self.merge.state == "merged":
             # the base is the target now: the COW is not consulted
             if length <= _INLINE_READ:
-                return view._read_base(offset, length)
-            return await trio.to_thread.run_sync(view._read_base, offset, length)
+                return view.read_base(offset, length)
+            return await trio.to_thread.run_sync(view.read_base, offset, length)
         if length <= _INLINE_READ and self._cheap(offset, length):
             # base/zero/copy blocks of one small read: page-cache preads
             return view.read(offset, length)

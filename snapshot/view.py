@@ -242,6 +242,10 @@ class SnapshotView:
                     self._cache_bytes -= len(old)
         return data
 
+    def read_base(self, offset: int, length: int) -> bytes:
+        """The base's bytes as they are (once merged, the target's); zeros past its end."""
+        return self._read_base(offset, length)
+
     def _read_base(self, offset: int, length: int) -> bytes:
         """Base bytes; past the base's end (a grown target) reads zeros."""
         data = os.pread(self._base_fd, length, offset) if offset < self.base_size else b""
