@@ -97,4 +97,9 @@ def _status(args) -> int:
         print(f"    requests {t['total_requests']} ({reqs or 'none'}); read {t['bytes_read']} B, "
               f"written {t['bytes_written']} B; in flight {t['in_flight']}; errors {t['errors']}, "
               f"unsupported {t['unsupported']}")
+        merge = t.get("merge")
+        if isinstance(merge, dict):
+            print(f"    merge {merge.get('state')}: {merge.get('percent', 0):.1f}% "
+                  f"({merge.get('merged_ops')} of {merge.get('total_ops')} ops)"
+                  + (f"; error: {merge['error']}" if merge.get("error") else ""))
     return 0

@@ -57,7 +57,7 @@ async def run_until_signal(spec: DaemonSpec, control_socket: str | None, *, noti
                 async with trio.open_nursery() as helpers:
                     if notifier.watchdog_interval:
                         helpers.start_soon(_watchdog, notifier)
-                    await nursery.start(daemon.run)
+                    await nursery.start(_run_daemon, daemon, nursery.cancel_scope)
                     summary = StatusSummary(daemon)
                     notifier.ready(summary.line())
                     helpers.start_soon(_status_updates, notifier, summary)
@@ -79,6 +79,13 @@ async def run_until_signal(spec: DaemonSpec, control_socket: str | None, *, noti
         raise
     finally:
         notifier.close()
+
+
+async def _run_daemon(daemon: Daemon, signal_loop: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await daemon.run(task_status=task_status)
+    # The daemon stopped itself (snapuserd's "stop" on the control socket):
+    # stop waiting for a signal too, so the process exits.
+    signal_loop.cancel()
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
