@@ -214,7 +214,7 @@ class Guest:
             "fio", "--name=verify", "--filename=/dev/mapper/t1", "--rw=randwrite", f"--bs={plan['bs']}",
             f"--size={plan['size']}", f"--numjobs={plan['jobs']}", "--offset_increment=16M", "--iodepth=8",
             "--ioengine=libaio", "--direct=1", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-            "--group_reporting=0", "--output-format=json", timeout=plan["timeout"])
+            "--group_reporting=0", "--verify_state_save=0", "--output-format=json", timeout=plan["timeout"])
         out = self.results["fio"] = {"rc": proc.returncode, "stderr": proc.stderr[-1000:]}
         try:
             report = json.loads(proc.stdout[proc.stdout.index("{"):])
