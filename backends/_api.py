@@ -68,6 +68,9 @@ class Backend:
 
     #: registry name, e.g. ``"memory"``; set by subclasses.
     name: ClassVar[str] = ""
+    #: Options a daemon-wide setting fills in when a target's spec leaves them
+    #: out (``dmuserd serve --offload cpu`` sets ``offload`` for backends listing it).
+    daemon_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, size: int, block_size: int = 512, disabled_ops=()) -> None:
         if size < 0:

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     serve.add_argument("--export", action="append", default=[], metavar="KIND:WHERE",
                        help="fuse:DIR, nbd:SOCKET, nbd:tcp:HOST:PORT, dm-user:NAME (repeatable)")
     serve.add_argument("--control-socket", metavar="PATH", help="control socket (default: /run/dmuserd/control.sock)")
+    serve.add_argument("--offload", choices=("auto", "dsa", "emulated", "cpu"),
+                       help="data mover engine for backends that move blocks (snapshot merges): "
+                       "auto = DSA hardware if usable, else CPU")
     serve.set_defaults(func=_serve)
 
     demo = subparsers.add_parser(
@@ -59,6 +62,8 @@ def _serve(args) -> int:
     from dmuserd.daemon.service import run_until_signal
 
     spec = _spec_from_args(args)
+    if args.offload:
+        spec.offload = args.offload
     control = args.control_socket or spec.control_socket or default_control_socket()
     trio.run(run_until_signal, spec, control)
     return 0

@@ -13,6 +13,7 @@ A TOML file says the same, one table per target::
 
     [daemon]
     control_socket = "/run/dmuserd/control.sock"   # optional
+    offload = "auto"          # optional: data mover engine (auto, dsa, emulated, cpu)
 
     [targets.disk]
     backend = "memory:size=1G"            # or { type = "memory", size = "1G" }
@@ -58,6 +59,8 @@ class TargetSpec:
 class DaemonSpec:
     targets: list[TargetSpec]
     control_socket: str | None = None
+    #: data mover engine (auto, dsa, emulated, cpu) for backends that move data
+    offload: str | None = None
 
 
 def default_control_socket() -> str:
@@ -126,4 +129,15 @@ def load_toml(path: str) -> DaemonSpec:
         targets.append(make_target(name, kind, options, exports))
     if not targets:
         raise ConfigError(f"config {path}: no [targets.NAME] table")
-    return DaemonSpec(targets, daemon.get("control_socket"))
+    offload = daemon.get("offload")
+    if offload is not None:
+        check_offload(offload, f"config {path}: [daemon] offload")
+    return DaemonSpec(targets, daemon.get("control_socket"), offload)
+
+
+def check_offload(value, where: str) -> str:
+    from dmuserd.dsa_offload import ENGINES
+
+    if value not in ENGINES:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(ENGINES)}")
+    return value

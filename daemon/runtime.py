@@ -28,7 +28,7 @@ import time
 import structlog
 import trio
 
-from dmuserd.backends import Backend, Op, create
+from dmuserd.backends import Backend, Op, backend_class, create
 from dmuserd.daemon.config import ConfigError, DaemonSpec, TargetSpec
 from dmuserd.daemon.dispatcher import Dispatcher
 from dmuserd.daemon.emulated import EmulatedDmUser
@@ -86,7 +86,14 @@ class Daemon:
                 raise ConfigError(f"two targets are named {spec.name!r}: target names must be unique")
             seen.add(spec.name)
         for spec in self.spec.targets:
-            self.targets[spec.name] = Target(spec, create(spec.backend, spec.backend_options))
+            self.targets[spec.name] = Target(spec, create(spec.backend, self._backend_options(spec)))
+
+    def _backend_options(self, spec: TargetSpec) -> dict:
+        """The target's backend options, with daemon-wide settings where it leaves them out."""
+        options = dict(spec.backend_options)
+        if self.spec.offload and "offload" in backend_class(spec.backend).daemon_options:
+            options.setdefault("offload", self.spec.offload)
+        return options
 
     def _fuse_mountpoint(self) -> str | None:
         mountpoints = {e.where for t in self.spec.targets for e in t.exports if e.kind == "fuse"}
@@ -144,7 +151,7 @@ class Daemon:
         if any(e.kind == "fuse" for e in spec.exports):
             raise ConfigError(f"target {spec.name!r}: FUSE exports cannot be added to a running daemon")
         starters = {e.kind: _export_starter(e) for e in spec.exports}
-        target = Target(spec, backend if backend is not None else create(spec.backend, spec.backend_options))
+        target = Target(spec, backend if backend is not None else create(spec.backend, self._backend_options(spec)))
         target.done = trio.Event()
 
         async def hold(*, task_status=trio.TASK_STATUS_IGNORED) -> None:

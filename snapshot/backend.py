@@ -46,6 +46,7 @@ class SnapshotBackend(Backend):
     """``base + COW``, read-only. See the module docstring."""
 
     name = "snapshot"
+    daemon_options = ("offload",)
 
     def __init__(self, base, cow, *, size: int | None = None, label: int | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, merged: bool = True, offload: str = "auto") -> None:

@@ -56,6 +56,7 @@ class MergeControl:
         self.base = str(base)
         self.cow = str(cow)
         self.offload = offload
+        self._mover = None  # the data mover of the running (or last) merge
         self.state = "not-started"
         self.error: str | None = None
         #: True while the merge task waits at a pause point (a pause has taken effect)
@@ -147,6 +148,8 @@ class MergeControl:
             "total_ops": plan.total_ops if plan else len(self.reader.data_ops),
             "error": self.error,
             "parked": self.parked,
+            # What the data mover did (engine, offloaded ops, CPU fallbacks by reason).
+            "mover": self._mover.stats() if self._mover is not None else None,
         }
 
     # --- the task ----------------------------------------------------------
@@ -168,6 +171,7 @@ class MergeControl:
             log.info("online merge", cow=self.cow, base=self.base, merged_ops=self.merged_ops,
                      ops=self._plan.total_ops)
             async with open_mover(self.offload) as mover:
+                self._mover = mover
                 await MergeEngine(self.reader, self._plan, io, mover, state, hooks=_Hooks(self)).run()
             self.state = "merged"
             log.info("online merge done", cow=self.cow, base=self.base)
