@@ -223,7 +223,9 @@ def run(quick: bool) -> dict:
 
         merged_sha = _sha256(p["base.img"])
         if merged_sha != target_sha:
-            raise RuntimeError(f"the merged base's SHA-256 {merged_sha} is not the target's {target_sha}: the merge is wrong")
+            raise RuntimeError(
+                f"the merged base's SHA-256 {merged_sha} is not the target's {target_sha}: the merge is wrong"
+            )
         cow_bytes = os.path.getsize(p["t.cow"])
     said = re.search(r"merged (\d+) ops \((\d+) blocks\)", merge_out)
     if said is None or int(said[2]) != made["blocks"]:
