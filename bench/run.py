@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import contextlib
 import importlib
 import json
 import os
@@ -77,7 +78,10 @@ def run(names: list[str], quick: bool) -> dict:
         started = time.monotonic()
         print(f"bench: {name}: {getattr(module, 'TITLE', '')}", file=sys.stderr, flush=True)
         try:
-            result = module.run(quick)
+            # stdout carries the JSON report: whatever a scenario prints (an
+            # in-process daemon's log lines, say) goes to stderr instead.
+            with contextlib.redirect_stdout(sys.stderr):
+                result = module.run(quick)
             result["status"] = "ok"
         except Skip as exc:
             result = {"status": "skipped", "reason": str(exc)}
