@@ -17,8 +17,10 @@ timing so that no earlier writeback is billed to it:
 * ``dmuserd cow merge --base base.img t.cow`` as a fresh child process,
   with its defaults (offload ``auto``, read-back verification on): wall
   time including interpreter start and every sync, and the child's peak
-  RSS from ``os.wait4`` (its own, not the maximum over every child this
-  process ever had, which ``RUSAGE_CHILDREN`` would give).
+  RSS from ``os.wait4`` in a small wrapper process (its own, not the
+  maximum over every child this process ever had, which ``RUSAGE_CHILDREN``
+  would give, nor this process's RSS, which Linux carries across the
+  child's ``execve``).
 * The anchor: ``dd bs=1M conv=notrunc,fsync`` writing a file holding the
   same number of changed bytes (the new blocks, page-cached) sequentially
   into a copy of the base: the raw copy rate of those bytes on this
@@ -182,17 +184,32 @@ def _sha256(path: str) -> str:
 def _child(args: list[str], tmp: str) -> tuple[float, float, str]:
     """Run ``args`` as a fresh child: (wall seconds, its peak RSS in MiB, its stdout)."""
     out_path = os.path.join(tmp, "child.out")
+    rss_path = os.path.join(tmp, "child.rss")
     with open(out_path, "w+") as out:
         started = time.perf_counter()
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen([sys.executable, "-c", _RSS_WRAPPER, rss_path, *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc.wait()
         seconds = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}: {text[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024, text.strip()
+    with open(rss_path) as f:
+        return seconds, int(f.read()) / 1024, text.strip()
+
+
+# Linux keeps a process's peak RSS across execve, so a child forked from this
+# (large) benchmark process starts with our RSS as its peak. A small wrapper
+# process forks the real child instead and reports that child's own peak.
+_RSS_WRAPPER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def run(quick: bool) -> dict:
