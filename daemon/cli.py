@@ -14,6 +14,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 
@@ -83,6 +84,30 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 70
+
+
+def os_errors_as(error: str):
+    """Decorate a command handler: an ``OSError`` on a user's file becomes one line.
+
+    ``error`` names the :class:`~dmuserd.errors.DmuserdError` subclass to
+    raise as ``"module:Class"``; it is imported only when needed, so that
+    building the parser stays cheap.
+    """
+
+    def decorate(handler):
+        @functools.wraps(handler)
+        def wrapper(args):
+            try:
+                return handler(args)
+            except OSError as exc:
+                module, _, name = error.partition(":")
+                error_class = getattr(importlib.import_module(module), name)
+                where = exc.filename or "file"
+                raise error_class(f"{where}: {exc.strerror or exc}; check the path and its permissions") from None
+
+        return wrapper
+
+    return decorate
 
 
 def _leaves(exc: BaseException):

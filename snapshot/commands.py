@@ -9,23 +9,11 @@ Errors in a file come out as one line naming the offset and the rule
 from __future__ import annotations
 
 import argparse
-import functools
+
+from dmuserd.daemon.cli import os_errors_as
 
 
-def _os_errors(handler):
-    """A missing or unreadable file is the user's to fix: one line, not a traceback."""
-
-    @functools.wraps(handler)
-    def wrapper(args):
-        try:
-            return handler(args)
-        except OSError as exc:
-            from dmuserd.snapshot.cow import CowError
-
-            where = exc.filename or "file"
-            raise CowError(f"{where}: {exc.strerror or exc}; check the path and its permissions") from None
-
-    return wrapper
+_os_errors = os_errors_as("dmuserd.snapshot.cow:CowError")
 
 
 def register(subparsers) -> None:

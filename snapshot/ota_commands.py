@@ -8,23 +8,11 @@ CLI's DmuserdError path (:class:`~dmuserd.snapshot.payload.PayloadError`).
 from __future__ import annotations
 
 import argparse
-import functools
+
+from dmuserd.daemon.cli import os_errors_as
 
 
-def _os_errors(handler):
-    """A missing or unreadable file is the user's to fix: one line, not a traceback."""
-
-    @functools.wraps(handler)
-    def wrapper(args):
-        try:
-            return handler(args)
-        except OSError as exc:
-            from dmuserd.snapshot.payload import PayloadError
-
-            where = exc.filename or "file"
-            raise PayloadError(f"{where}: {exc.strerror or exc}; check the path and its permissions") from None
-
-    return wrapper
+_os_errors = os_errors_as("dmuserd.snapshot.payload:PayloadError")
 
 
 def _partitions(text: str | None) -> list[str] | None:
