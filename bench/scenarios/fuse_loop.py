@@ -48,14 +48,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.run import Skip
+from bench.servers import ServerProcess, log_tail, run_command
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s via loop → FUSE: dmuserd vs bare pyfuse3 vs qemu-storage-daemon"
 
@@ -107,61 +106,30 @@ def _fstype(path: str) -> str | None:
     return kind
 
 
-def _run(args: list[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-class _Server:
+class _Server(ServerProcess):
     """A FUSE server process: start, wait for its mount, stop, clean up."""
 
-    name = ""
-
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.log = workdir / f"{self.name}.log"
-        self.proc: subprocess.Popen | None = None
+        super().__init__(workdir)
         self.mountpoint = ""  # what gets mounted (a directory or a file)
         self.file = ""  # the FUSE file the loop device sits on
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
 
     def prepare(self) -> None:
         pass
 
+    def ready(self) -> bool:
+        return _is_mounted(self.mountpoint) and os.path.exists(self.file)
+
     def start(self) -> str:
         self.prepare()
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         cwd="/", start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (_is_mounted(self.mountpoint) and os.path.exists(self.file)):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before mounting: {_tail(self.log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not mount {self.mountpoint} within {START_TIMEOUT} s: {_tail(self.log)}")
-            time.sleep(0.05)
+        self.launch(START_TIMEOUT)
         return self.file
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
+        self.terminate(STOP_TIMEOUT)
         if self.mountpoint and _is_mounted(self.mountpoint):
-            if _run(["fusermount3", "-u", "-z", self.mountpoint]).returncode != 0:
-                _run(["umount", "-l", self.mountpoint])
+            if run_command(["fusermount3", "-u", "-z", self.mountpoint]).returncode != 0:
+                run_command(["umount", "-l", self.mountpoint])
         self.cleanup()
 
     def cleanup(self) -> None:
@@ -183,7 +151,7 @@ class _Dmuserd(_Server):
                 "--control-socket", self.control]
 
     def status(self) -> dict:
-        result = _run([sys.executable, "-m", "dmuserd", "status", "--json", "--control-socket", self.control], timeout=30)
+        result = run_command([sys.executable, "-m", "dmuserd", "status", "--json", "--control-socket", self.control], timeout=30)
         if result.returncode != 0:
             raise RuntimeError(f"dmuserd status failed: {result.stderr.strip()}")
         return json.loads(result.stdout)
@@ -227,7 +195,7 @@ class _QemuStorageDaemon(_Server):
 
 
 def _attach_loop(path: str) -> str:
-    result = _run(["losetup", "--find", "--show", "--direct-io=on", path])
+    result = run_command(["losetup", "--find", "--show", "--direct-io=on", path])
     if result.returncode != 0:
         raise RuntimeError(f"losetup {path} failed: {result.stderr.strip()}")
     return result.stdout.strip()
@@ -242,7 +210,7 @@ def _loop_dio(device: str) -> bool:
 
 def _detach_loop(device: str) -> None:
     for _ in range(20):
-        if _run(["losetup", "-d", device]).returncode == 0:
+        if run_command(["losetup", "-d", device]).returncode == 0:
             return
         time.sleep(0.1)
 
@@ -250,7 +218,7 @@ def _detach_loop(device: str) -> None:
 def _fio(device: str, name: str, args: list[str]) -> dict:
     cmd = ["fio", f"--name={name}", f"--filename={device}", "--ioengine=libaio", "--direct=1",
            f"--size={REGION}", "--output-format=json", *args]
-    result = _run(cmd, timeout=600)
+    result = run_command(cmd, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"fio {name} failed ({result.returncode}): {result.stderr.strip() or result.stdout[-500:]}")
     text = result.stdout
@@ -296,7 +264,7 @@ def _memory_dir(workdir: Path) -> tuple[str, str | None]:
         return "/dev/shm", None
     mnt = workdir / "tmpfs"
     mnt.mkdir()
-    result = _run(["mount", "-t", "tmpfs", "-o", f"size={DEVICE_SIZE + (64 << 20)}", "tmpfs", str(mnt)])
+    result = run_command(["mount", "-t", "tmpfs", "-o", f"size={DEVICE_SIZE + (64 << 20)}", "tmpfs", str(mnt)])
     if result.returncode != 0:
         raise RuntimeError(f"mounting a tmpfs for the qemu image failed: {result.stderr.strip()}")
     return str(mnt), str(mnt)
@@ -349,7 +317,7 @@ def run(quick: bool) -> dict:
                 infos[name] = info
     finally:
         if own_tmpfs and _is_mounted(own_tmpfs):
-            _run(["umount", "-l", own_tmpfs])
+            run_command(["umount", "-l", own_tmpfs])
         if not any(p.startswith(str(workdir) + "/") for p in _mount_points()):
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -44,13 +44,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.run import Skip
+from bench.servers import ServerProcess, log_tail, run_command
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd vs nbdkit python vs nbdkit memory"
 
@@ -70,61 +69,27 @@ SERVERS = ("nbdkit_python", "dmuserd", "nbdkit_memory")
 TARGETS = {"iops_vs_nbdkit_python": 0.8, "throughput_vs_nbdkit_python": 1.0}
 
 
-def _run(args: list[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-class _Server:
-    name = ""
-
+class _Server(ServerProcess):
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+        super().__init__(workdir)
         self.socket = workdir / f"{self.name}.sock"
-        self.log = workdir / f"{self.name}.log"
-        self.proc: subprocess.Popen | None = None
 
     @property
     def uri(self) -> str:
         return f"nbd+unix:///?socket={self.socket}"
 
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
     def ready(self) -> bool:
         return self.socket.exists()
 
     def start(self) -> None:
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         cwd="/", start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) at start: {_tail(self.log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} not ready within {START_TIMEOUT} s: {_tail(self.log)}")
-            time.sleep(0.05)
+        self.launch(START_TIMEOUT)
 
     def pids(self) -> dict[str, int]:
         """The processes serving requests, by role (for CPU per request)."""
         return {"nbdkit": self.proc.pid}
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
+        self.terminate(STOP_TIMEOUT)
 
 
 class _Nbdkit(_Server):
@@ -171,7 +136,7 @@ class _Dmuserd(_Server):
         return {"daemon": self.proc.pid, "nbdkit": state["pid"]}
 
     def status(self) -> dict:
-        result = _run([sys.executable, "-m", "dmuserd", "status", "--json", "--control-socket", str(self.control)],
+        result = run_command([sys.executable, "-m", "dmuserd", "status", "--json", "--control-socket", str(self.control)],
                       timeout=30)
         if result.returncode != 0:
             raise RuntimeError(f"dmuserd status failed: {result.stderr.strip()}")
@@ -203,7 +168,7 @@ def _cpu_seconds(pid: int) -> float:
 def _fio(uri: str, name: str, args: list[str]) -> dict:
     cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", f"--size={REGION}",
            "--output-format=json", *args]
-    result = _run(cmd, timeout=600)
+    result = run_command(cmd, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"fio {name} failed ({result.returncode}): {result.stderr.strip() or result.stdout[-500:]}")
     text = result.stdout
@@ -247,9 +212,9 @@ def _check_tools() -> None:
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             raise Skip(f"{tool} is not installed")
-    if "nbd" not in _run(["fio", "--enghelp"]).stdout:
+    if "nbd" not in run_command(["fio", "--enghelp"]).stdout:
         raise Skip("this fio has no nbd engine (it needs libnbd)")
-    if _run(["nbdkit", "python", "--dump-plugin"]).returncode != 0:
+    if run_command(["nbdkit", "python", "--dump-plugin"]).returncode != 0:
         raise Skip("nbdkit's python plugin is not installed (nbdkit-plugin-python)")
 
 

@@ -1,0 +1,68 @@
+"""What the server-against-anchors scenarios share: commands and server processes.
+
+A scenario subclasses :class:`ServerProcess` once per server it measures
+(dmuserd and each anchor), saying how to start it (:meth:`command`) and how
+to tell it is serving (:meth:`ready`).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def run_command(args: list[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run a tool to completion, capturing its output; never raises on its exit code."""
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The end of a server's log, for an error message."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class ServerProcess:
+    """A server started in its own session, its output in ``WORKDIR/NAME.log``."""
+
+    name = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def launch(self, timeout: float) -> None:
+        """Start the server and wait until :meth:`ready`; raise with its log's tail if it is not."""
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         cwd="/", start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before it was ready: "
+                                   f"{log_tail(self.log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready within {timeout} s: {log_tail(self.log)}")
+            time.sleep(0.05)
+
+    def terminate(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL if it is still there after ``timeout``."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
