@@ -23,11 +23,11 @@ _CHUNK = 64 * 1024
 
 # From this size a copy drops the GIL (through the extension, when built),
 # so a copy run in a worker thread really leaves the trio loop free.
-_NOGIL_COPY = 1 << 20
+NOGIL_COPY = 1 << 20
 
 
 def copy(dst: memoryview, src: memoryview) -> None:
-    if len(dst) >= _NOGIL_COPY:
+    if len(dst) >= NOGIL_COPY:
         ext = extension()
         if ext is not None:
             ext.memmove(dst, src)

@@ -7,11 +7,24 @@ that are independent run in parallel); :meth:`Mover.batch` packs small
 operations into BATCH descriptors when together they are worth it. Work
 the device cannot finish (queue full, an unresolvable fault, an error) is
 finished on the CPU from where the device stopped, and counted.
+
+Checkpoints. Work the device does is awaited, so those calls are full trio
+checkpoints. CPU work done inline (below the offload threshold and below
+``cpu_thread_threshold``) is as cheap as the memcpy it is, and a trio
+checkpoint, even ``checkpoint_if_cancelled``, costs a tenth of a 64 KiB
+copy; so inline work follows one documented rule instead: every inline
+call draws ``max(nbytes, CALL_CHARGE)`` from a credit of
+``CHECKPOINT_CREDIT`` bytes, and the call that exhausts it takes a full
+checkpoint (yield to the scheduler, raise ``Cancelled`` if cancelled)
+*before* doing its work. So a cancelled task looping on small operations
+gets ``Cancelled`` within at most ``CHECKPOINT_CREDIT // CALL_CHARGE``
+calls (8 MiB of copying), other tasks wait at most that long, and a call
+that raised ``Cancelled`` at that point did nothing. A single small call in
+a cancelled scope may complete, like a trio ``*_nowait`` operation.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import Any, Sequence
 
@@ -31,8 +44,10 @@ DEFAULT_THRESHOLD = 64 * 1024
 # the GIL) so the trio loop keeps serving; smaller work is cheaper inline
 # than a thread hand-off (see bench/scenarios/dsa_mover.py).
 DEFAULT_CPU_THREAD_THRESHOLD = 16 * 1024 * 1024
-# CPU work done inline yields to other trio tasks at least this often (s).
-YIELD_INTERVAL = 0.0005
+# Inline CPU work takes a full checkpoint once it has used this much credit
+# (bytes), each call drawing at least CALL_CHARGE: see the module docstring.
+CHECKPOINT_CREDIT = 8 << 20
+CALL_CHARGE = 8 << 10
 
 
 def _view(buf, what: str, writable: bool = False) -> memoryview:
@@ -125,11 +140,13 @@ class Mover:
         self._cpu_thread_threshold = cpu_thread_threshold
         self._update_inline_limit()
         self.emulator = emulator  # the emulated device, for tests and stats
-        # Plain ints, not a Counter: they are bumped on every call.
+        # Plain ints, not a Counter: they are bumped on every call. The
+        # inline copy path counts only its own two (stats() adds them up).
         self._ops = self._offloaded_ops = self._cpu_ops = self._cpu_bytes = 0
+        self._inline_ops = self._inline_bytes = 0
         self._fallbacks: Counter[str] = Counter()
         self._closed = False
-        self._last_yield = time.perf_counter()
+        self._credit = CHECKPOINT_CREDIT
 
     @property
     def threshold(self) -> int:
@@ -165,21 +182,40 @@ class Mover:
     # -- the operations --------------------------------------------------
 
     async def copy(self, dst, src) -> None:
-        """Copy ``src`` into ``dst`` (same length; overlap allowed)."""
+        """Copy ``src`` into ``dst`` (same length; overlap allowed).
+
+        Inline (small) copies check for cancellation by the credit rule of
+        the module docstring, not on every call.
+        """
+        # The hot path: a contiguous memoryview destination small enough to
+        # copy inline. The slice assignment itself checks writability, length
+        # and format (raising before it writes anything); when it refuses, the
+        # validating path below names the problem or casts the views.
+        if type(dst) is memoryview and dst.c_contiguous and (type(src) is not memoryview or src.c_contiguous):
+            n = dst.nbytes
+            if n < self._inline_below:
+                self._credit -= n if n > CALL_CHARGE else CALL_CHARGE
+                if self._credit < 0:
+                    await self._checkpoint()
+                try:
+                    if n < _cpu.NOGIL_COPY:
+                        dst[:] = src
+                    else:
+                        _cpu.copy(dst, src)
+                except (TypeError, ValueError):
+                    pass
+                else:
+                    self._inline_ops += 1
+                    self._inline_bytes += n
+                    return
         dst, src = _view(dst, "dst", True), _view(src, "src")
+        _same_length("copy", dst, src)
         n = len(dst)
-        if len(src) != n:
-            _same_length("copy", dst, src)
         if n < self._inline_below:
-            # The hot path (CPU, in this thread): no decision is left, so no
-            # Operation is built; at 64 KiB that object costs a tenth of the copy.
-            self._ops += 1
-            self._cpu_ops += 1
-            self._cpu_bytes += n
-            if self._device:
-                self._fallbacks["below_threshold"] += 1
+            await self._charge(n)
             _cpu.copy(dst, src)
-            await self._yield()
+            self._inline_ops += 1
+            self._inline_bytes += n
             return
         await self._execute(_ops.Copy(dst, src))
 
@@ -238,32 +274,55 @@ class Mover:
             if name not in BATCHABLE:
                 raise DsaArgumentError(f"{name!r} cannot be batched; batchable: {', '.join(BATCHABLE)}")
             ops.append(BATCHABLE[name](*args))
+        if self._closed:
+            raise DsaArgumentError("the mover is closed")
         results: list[Any] = [None] * len(ops)
-        small = [i for i, op in enumerate(ops) if self._device and op.nbytes() < self.threshold
-                 and op.nbytes() <= self._device.max_transfer and self._device_reason(op) is None]
-        packed = small if len(small) >= 2 and sum(ops[i].nbytes() for i in small) >= self.threshold else []
+        device = self._device
+        packed: list[int] = []
+        if device:
+            small = [i for i, op in enumerate(ops) if 0 < op.nbytes() < self.threshold
+                     and op.nbytes() <= device.max_transfer and self._device_reason(op) is None]
+            if len(small) >= 2 and sum(ops[i].nbytes() for i in small) >= self.threshold:
+                packed = small
+        taken = set(packed)
+        # What runs on the CPU in this thread runs here, one after another:
+        # a task per small operation would cost more than the operations.
+        inline = [i for i, op in enumerate(ops) if i not in taken and op.nbytes() < self._inline_below]
+        if inline:
+            await self._charge(sum(ops[i].nbytes() for i in inline))
+            reason = "below_threshold" if device else None
+            for i in inline:
+                op = ops[i]
+                self._ops += 1
+                if not op.finished:
+                    self._count_cpu(op.nbytes(), reason)
+                    op.cpu()
+                results[i] = op.result()
+            taken.update(inline)
+        rest = [i for i in range(len(ops)) if i not in taken]
+        if not packed and not rest:
+            return results
 
         async def single(i):
             results[i] = await self._execute(ops[i])
 
         async def group(indexes):
-            done = await self._device.run_batch([ops[i] for i in indexes], self._cpu)
+            done = await device.run_batch([ops[i] for i in indexes], self._cpu)
             for i, result in zip(indexes, done):
                 results[i] = result
             self._ops += len(indexes)
             self._offloaded_ops += len(indexes)
 
         async with trio.open_nursery() as nursery:
-            size = max(2, self._device.max_batch if self._device else 2)
+            size = max(2, device.max_batch if device else 2)
             for start in range(0, len(packed), size):
                 chunk = packed[start : start + size]
                 if len(chunk) == 1:
                     nursery.start_soon(single, chunk[0])
                 else:
                     nursery.start_soon(group, chunk)
-            for i in range(len(ops)):
-                if i not in packed:
-                    nursery.start_soon(single, i)
+            for i in rest:
+                nursery.start_soon(single, i)
         return results
 
     # -- policy ----------------------------------------------------------
@@ -317,8 +376,8 @@ class Mover:
         if self.cpu_thread_threshold is not None and n >= self.cpu_thread_threshold:
             await trio.to_thread.run_sync(op.cpu)
             return op.result()
+        await self._charge(n)
         op.cpu()
-        await self._yield()
         return op.result()
 
     def _count_cpu(self, n: int, reason: str | None) -> None:
@@ -327,29 +386,31 @@ class Mover:
         self._cpu_ops += 1
         self._cpu_bytes += n
 
-    async def _yield(self) -> None:
-        # A full checkpoint (a trip through the scheduler) costs more than a
-        # 64 KiB memcpy, so inline CPU work yields to other tasks only once
-        # its time slice is used; cancellation is honoured on every call.
-        now = time.perf_counter()
-        if now - self._last_yield > YIELD_INTERVAL:
-            self._last_yield = now
-            await trio.lowlevel.checkpoint()
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
+    async def _charge(self, n: int) -> None:
+        """Draw ``n`` bytes of inline work from the credit; checkpoint when it runs out."""
+        self._credit -= max(n, CALL_CHARGE)
+        if self._credit < 0:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        self._credit = CHECKPOINT_CREDIT
+        await trio.lowlevel.checkpoint()
 
     # -- state -----------------------------------------------------------
 
     def stats(self) -> dict:
         """Counters for ``dmuserd status``: what ran where, and why not on the device."""
+        fallbacks = dict(self._fallbacks)
+        if self._device and self._inline_ops:
+            fallbacks["below_threshold"] = fallbacks.get("below_threshold", 0) + self._inline_ops
         out = {
             "engine": self.engine,
             "threshold": self.threshold,
-            "ops": self._ops,
+            "ops": self._ops + self._inline_ops,
             "offloaded_ops": self._offloaded_ops,
-            "cpu_ops": self._cpu_ops,
-            "cpu_bytes": self._cpu_bytes,
-            "fallbacks": dict(self._fallbacks),
+            "cpu_ops": self._cpu_ops + self._inline_ops,
+            "cpu_bytes": self._cpu_bytes + self._inline_bytes,
+            "fallbacks": fallbacks,
         }
         if self._device:
             c = self._device.counts

@@ -9,7 +9,10 @@ import textwrap
 import crc32c
 import trio
 
-from dmuserd.dsa_offload import open_mover
+import pytest
+
+from dmuserd.dsa_offload import DsaArgumentError, open_mover
+from dmuserd.dsa_offload._mover import CALL_CHARGE, CHECKPOINT_CREDIT
 
 WITHOUT_EXTENSION = textwrap.dedent("""
     import json, sys, trio
@@ -89,9 +92,35 @@ async def test_inline_cpu_work_still_lets_other_tasks_run():
 
 
 async def test_cancellation_is_honoured_on_the_inline_path():
+    # The documented rule: inline calls draw from a credit and the call that
+    # exhausts it checkpoints before copying, so a cancelled loop of small
+    # copies stops within CHECKPOINT_CREDIT // CALL_CHARGE calls, and the
+    # call that raised did not copy.
     mover = open_mover("cpu")
+    calls = 0
     with trio.CancelScope() as scope:
         scope.cancel()
-        await mover.copy(bytearray(10), bytes(10))
-        raise AssertionError("not cancelled")
+        while True:
+            dst = memoryview(bytearray(10))
+            await mover.copy(dst, b"x" * 10)
+            calls += 1
     assert scope.cancelled_caught
+    assert calls <= CHECKPOINT_CREDIT // CALL_CHARGE
+    assert bytes(dst) == bytes(10)
+
+
+async def test_inline_fast_path_errors_are_typed_and_write_nothing():
+    mover = open_mover("cpu")
+    dst = memoryview(bytearray(8))
+    with pytest.raises(DsaArgumentError, match="differ in length"):
+        await mover.copy(dst, b"123")
+    with pytest.raises(DsaArgumentError, match="writable"):
+        await mover.copy(memoryview(b"12345678"), b"abcdefgh")
+    with pytest.raises(DsaArgumentError, match="buffer protocol"):
+        await mover.copy(dst, 12345678)
+    with pytest.raises(DsaArgumentError, match="contiguous"):
+        await mover.copy(memoryview(bytearray(16))[::2], b"abcdefgh")
+    assert bytes(dst) == bytes(8)
+    await mover.copy(memoryview(bytearray(8)).cast("I"), b"abcdefgh")  # cast, then copied
+    stats = mover.stats()
+    assert stats["ops"] == stats["cpu_ops"] == 1 and stats["cpu_bytes"] == 8
