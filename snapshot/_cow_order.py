@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import sys
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 
-from dmuserd.snapshot._cow_format import CowFormatError, CowOp
+from dmuserd.snapshot._cow_format import METADATA_OPS, ORDERED_OPS, CowFormatError, CowOp, OpType
+from dmuserd.snapshot._cow_table import OpTable
+
+_META = frozenset(int(t) for t in METADATA_OPS)
+_ORDERED = frozenset(int(t) for t in ORDERED_OPS)
+_COPY = int(OpType.COPY)
 
 
 class SequenceData:
@@ -63,16 +68,35 @@ class SequenceData:
 def check_unique_blocks(data_ops: Sequence[CowOp]) -> None:
     """Reject two ops writing one new block (AOSP's reader and snapuserd
     disagree on which wins, so such a file has no single meaning)."""
-    ranked = sorted(data_ops, key=lambda op: (op.new_block, op.index))
-    for prev, cur in zip(ranked, ranked[1:]):
-        if prev.new_block + prev.blocks > cur.new_block:
-            first, second = sorted((prev, cur), key=lambda op: op.index)
+    table = OpTable.from_ops(data_ops, data_ops[0].block_size if data_ops else 4096)
+    check_unique_rows(table, range(len(data_ops)), op_of=data_ops.__getitem__)
+
+
+def check_unique_rows(table: OpTable, rows, *, op_of=None) -> array:
+    """:func:`check_unique_blocks` over ``rows`` of ``table``; returns those
+    rows sorted by new block (then row), packed.
+
+    The sort goes through one packed int per row (``new_block << 32 | row``),
+    not a tuple or an object per op.
+    """
+    op_of = op_of or table.op
+    nb, ty, fac = table.new_block, table.type, table.factor
+    keys = sorted([(nb[r] << 32) | r for r in rows])
+    ranked = array("I", [k & 0xFFFFFFFF for k in keys])
+    del keys
+    prev_end, prev = -1, -1
+    for r in ranked:
+        start = nb[r]
+        if start < prev_end:
+            first, second = sorted((op_of(prev), op_of(r)), key=lambda op: op.index)
             raise CowFormatError(
                 second.offset,
                 "duplicate-block",
-                f"op #{second.index} ({second.type.name.lower()}) writes new block {cur.new_block}, "
+                f"op #{second.index} ({second.type.name.lower()}) writes new block {start}, "
                 f"already written by op #{first.index} ({first.type.name.lower()}) at offset {first.offset}",
             )
+        prev_end, prev = start + (0 if ty[r] in _META else 1 << fac[r]), r
+    return ranked
 
 
 def merge_order(data_ops: Sequence[CowOp], sequence: SequenceData | None = None, *, version: int = 2) -> list[CowOp]:
@@ -81,41 +105,73 @@ def merge_order(data_ops: Sequence[CowOp], sequence: SequenceData | None = None,
     ``data_ops`` are the non-metadata ops in file order, already free of
     duplicate blocks; ``sequence`` the file's sequence data.
     """
+    table = OpTable.from_ops(data_ops, data_ops[0].block_size if data_ops else 4096)
+    rows = range(len(data_ops))
+    ranked = check_unique_rows(table, rows, op_of=data_ops.__getitem__)
+    order = merge_order_rows(table, rows, ranked, sequence, version=version, op_of=data_ops.__getitem__)
+    return [data_ops[r] for r in order]
+
+
+def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData | None = None, *,
+                     version: int = 2, op_of=None) -> array:
+    """:func:`merge_order` over ``rows`` (data ops, file order) of ``table``:
+    the rows in merge order, packed. ``ranked`` is ``rows`` sorted by new
+    block (:func:`check_unique_rows`)."""
+    op_of = op_of or table.op
+    nb, ty = table.new_block, table.type
+    starts = array("Q", [nb[r] for r in ranked])
     if sequence:
-        by_block = {op.new_block: op for op in data_ops}
-        named: set[int] = set()
-        first = []
+        named = bytearray(len(ranked))
+        first = array("I")
         for i, block in enumerate(sequence.blocks):
-            if block in named:
-                raise CowFormatError(sequence.offset_of(i), "sequence", f"sequence data names new block {block} twice")
-            op = by_block.get(block)
-            if op is None:
+            k = bisect_left(starts, block)
+            if k == len(starts) or starts[k] != block:
                 raise CowFormatError(
                     sequence.offset_of(i), "sequence", f"sequence data names new block {block}, which no op writes"
                 )
-            named.add(block)
-            first.append(op)
-        rest = [op for op in data_ops if op.new_block not in named]
+            if named[k]:
+                raise CowFormatError(sequence.offset_of(i), "sequence", f"sequence data names new block {block} twice")
+            named[k] = 1
+            first.append(ranked[k])
+        rest = array("I", [r for k, r in enumerate(ranked) if not named[k]])
+        del named
     else:
-        first = [op for op in data_ops if op.is_ordered]
-        rest = [op for op in data_ops if not op.is_ordered]
-    if sequence or version < 3:
-        rest.sort(key=lambda op: op.new_block)
-    order = first + rest
-    _check_order(order)
+        first = array("I", [r for r in rows if ty[r] in _ORDERED])
+        # v3 without sequence data keeps file order; the rest by ascending new block
+        rest = array("I", [r for r in (ranked if version < 3 else rows) if ty[r] not in _ORDERED])
+    order = first
+    order.extend(rest)
+    del rest
+    _check_order(table, order, ranked, starts, op_of)
     return order
 
 
-def _check_order(order: Sequence[CowOp]) -> None:
-    writer_of: dict[int, CowOp] = {}  # block -> op that overwrote it, ordered ops only
-    for op in order:
-        if not op.is_ordered:
+def _check_order(table: OpTable, order: array, ranked: array, starts: array, op_of) -> None:
+    ty, src, bs = table.type, table.source, table.block_size
+    # merge position of each ordered op (row -> position + 1), for "written earlier?"
+    position = array("I", bytes(4 * len(table)))
+    for k, r in enumerate(order):
+        if ty[r] not in _ORDERED:
+            break
+        position[r] = k + 1
+    for k, r in enumerate(order):
+        t = ty[r]
+        if t not in _ORDERED:
             # ordered ops all come first, so nothing after this can read
             # a block: only the mixing check remains.
             break
-        for block in op.source_blocks():
-            earlier = writer_of.get(block)
-            if earlier is not None and earlier is not op:
+        if t == _COPY:
+            reads = (src[r],)
+        else:
+            first, rem = divmod(src[r], bs)
+            reads = (first, first + 1) if rem else (first,)
+        for block in reads:
+            i = bisect_left(starts, block)
+            if i == len(starts) or starts[i] != block:
+                continue  # ordered ops write one block each: only one starting at ``block`` can
+            w = ranked[i]
+            if 0 < position[w] <= k:  # an ordered op earlier in the order (not this one)
+                op, earlier = op_of(r), op_of(w)
                 raise CowFormatError(
                     op.offset,
                     "source-overwritten",
@@ -123,17 +179,17 @@ def _check_order(order: Sequence[CowOp]) -> None:
                     f"{block}, which op #{earlier.index} (new block {earlier.new_block}) overwrites earlier "
                     "in merge order",
                 )
-        for block in range(op.new_block, op.new_block + op.blocks):
-            writer_of[block] = op
     seen_unordered = None
-    for op in order:
-        if not op.is_ordered:
-            seen_unordered = seen_unordered or op
+    for r in order:
+        if ty[r] not in _ORDERED:
+            if seen_unordered is None:
+                seen_unordered = r
         elif seen_unordered is not None:
+            op, other = op_of(r), op_of(seen_unordered)
             raise CowFormatError(
                 op.offset,
                 "ordered-after-unordered",
                 f"op #{op.index} ({op.type.name.lower()} to new block {op.new_block}) merges after "
-                f"op #{seen_unordered.index} ({seen_unordered.type.name.lower()}); ordered ops (copy, xor) "
+                f"op #{other.index} ({other.type.name.lower()}); ordered ops (copy, xor) "
                 "must all merge first",
             )

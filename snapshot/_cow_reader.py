@@ -19,6 +19,7 @@ header's (or a resume point's, read up to a label).
 from __future__ import annotations
 
 import os
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 
@@ -49,7 +50,8 @@ from dmuserd.snapshot._cow_format import (
     CowOp,
     OpType,
 )
-from dmuserd.snapshot._cow_order import SequenceData, check_unique_blocks, merge_order
+from dmuserd.snapshot._cow_order import SequenceData, check_unique_rows, merge_order_rows
+from dmuserd.snapshot._cow_table import OpTable
 
 _HEADER_SIZES = {1: (HEADER_SIZE_V1, HEADER_SIZE_V2), 2: (HEADER_SIZE_V2,), 3: (HEADER_SIZE_V3,)}
 _DATA_OPS_V3 = frozenset({OpType.COPY, OpType.REPLACE, OpType.ZERO, OpType.XOR})
@@ -104,15 +106,17 @@ class CowReader:
                 self._read_v3(label)
             else:
                 self._read_v2(label)
-            self.data_ops = [op for op in self.ops if not op.is_metadata]
-            check_unique_blocks(self.data_ops)
+            self._data_rows = self.table.data_rows()
+            self._ranked = check_unique_rows(self.table, self._data_rows)
             if base_size is not None:
                 self.check_base_size(base_size)
             if target_size is not None:
                 self.check_target_size(target_size)
-            self._merge_order = (
-                merge_order(self.data_ops, self._sequence, version=self.version) if check_merge else None
-            )
+            self._ops: list[CowOp] | None = None
+            self._data_ops: list[CowOp] | None = None
+            self._merge_order: array | None = None
+            if check_merge:
+                self.merge_order_rows()
         except CowFormatError as exc:
             os.close(self._fd)
             raise exc.with_path(self.path) from None
@@ -139,11 +143,37 @@ class CowReader:
     def sequence(self) -> list[int]:
         return self._sequence.blocks.tolist()
 
+    @property
+    def ops(self) -> list[CowOp]:
+        """Every op in file order, metadata included (built on first use from :attr:`table`)."""
+        if self._ops is None:
+            self._ops = [self.table.op(i) for i in range(len(self.table))]
+        return self._ops
+
+    @property
+    def data_ops(self) -> list[CowOp]:
+        """The ops that write blocks, in file order."""
+        if self._data_ops is None:
+            ops = self.ops
+            self._data_ops = [ops[r] for r in self._data_rows]
+        return self._data_ops
+
+    @property
+    def data_op_count(self) -> int:
+        return len(self._data_rows)
+
     def merge_order(self) -> list[CowOp]:
         """Every data op in merge order (the first ``num_merge_ops`` are merged)."""
+        ops = self.ops
+        return [ops[r] for r in self.merge_order_rows()]
+
+    def merge_order_rows(self) -> array:
+        """The rows of :attr:`table` in merge order, packed (what a merge works
+        from: no object per op)."""
         if self._merge_order is None:
-            self._merge_order = merge_order(self.data_ops, self._sequence, version=self.version)
-        return list(self._merge_order)
+            self._merge_order = merge_order_rows(self.table, self._data_rows, self._ranked, self._sequence,
+                                                 version=self.version)
+        return self._merge_order
 
     def iter_merge_ops(self, *, include_merged: bool = False) -> Iterator[CowOp]:
         """The ops still to merge, in order (all of them with ``include_merged``)."""
@@ -153,8 +183,8 @@ class CowReader:
 
     def counts(self) -> dict[str, int]:
         """Ops per type name, e.g. ``{"copy": 1, "replace": 1, ...}``."""
-        counter = Counter(op.type.name.lower() for op in self.ops)
-        return {t.name.lower(): counter.get(t.name.lower(), 0) for t in OpType if t != OpType.FOOTER}
+        counter = Counter(self.table.type)
+        return {t.name.lower(): counter.get(int(t), 0) for t in OpType if t != OpType.FOOTER}
 
     def read_raw(self, op: CowOp) -> bytes:
         """The stored (maybe compressed) bytes of a Replace/Xor/Sequence op."""
@@ -180,13 +210,18 @@ class CowReader:
     def check_base_size(self, base_size: int) -> None:
         """Reject Copy/Xor ops reading past the end of a base of ``base_size`` bytes."""
         bs = self.block_size
-        for op in self.data_ops:
-            if op.type == OpType.COPY and (op.source + 1) * bs > base_size:
-                reach = f"base block {op.source}"
-            elif op.type == OpType.XOR and op.source + bs > base_size:
-                reach = f"base bytes {op.source}..{op.source + bs - 1}"
+        t = self.table
+        ty, src = t.type, t.source
+        copy, xor = int(OpType.COPY), int(OpType.XOR)
+        for r in self._data_rows:
+            kind = ty[r]
+            if kind == copy and (src[r] + 1) * bs > base_size:
+                reach = f"base block {src[r]}"
+            elif kind == xor and src[r] + bs > base_size:
+                reach = f"base bytes {src[r]}..{src[r] + bs - 1}"
             else:
                 continue
+            op = t.op(r)
             raise CowFormatError(
                 op.offset,
                 "source-outside-base",
@@ -198,8 +233,11 @@ class CowReader:
     def check_target_size(self, target_size: int) -> None:
         """Reject ops writing past the end of a target of ``target_size`` bytes."""
         blocks = -(-target_size // self.block_size)
-        for op in self.data_ops:
-            if op.new_block + op.blocks > blocks:
+        t = self.table
+        nb, fac = t.new_block, t.factor
+        for r in self._data_rows:
+            if nb[r] + (1 << fac[r]) > blocks:
+                op = t.op(r)
                 raise CowFormatError(
                     op.offset,
                     "block-outside-target",
@@ -334,9 +372,9 @@ class CowReader:
                 )
         seq_raw = self._pread(4 * h.sequence_data_count, seq_off)
         self._sequence.extend(seq_raw, seq_off)
-        self.ops = []
+        table = self.table = OpTable(h.block_size)
         raw = self._pread(OP_SIZE_V3 * op_count, self.op_start)
-        bs = h.block_size
+        compression = int(self.compression)
         for index, (data_length, new_block, info) in enumerate(OP_V3.iter_unpack(raw)):
             offset = self.op_start + OP_SIZE_V3 * index
             type_value = info >> TYPE_SHIFT
@@ -366,10 +404,7 @@ class CowReader:
                 self._check_data_range(data_pos, data_length, index, offset, limit=size)
                 data_offset = data_pos
                 data_pos += data_length
-            self.ops.append(
-                CowOp(op_type, new_block, source, data_length, int(self.compression), index, offset,
-                      data_offset, bs << factor, bs)
-            )
+            table.append(op_type, new_block, source, data_length, compression, offset, data_offset, factor)
         self.data_end = data_pos
 
     # --- v1/v2 -------------------------------------------------------------
@@ -382,7 +417,7 @@ class CowReader:
         self.op_start = pos
         data_pos = pos + (cluster_ops * OP_SIZE_V2 if cluster_ops else OP_SIZE_V2)
         per_read = cluster_ops or 1
-        ops: list[CowOp] = []
+        ops = self.table = OpTable(bs)
         compression = None
         seen_data_op = False
         done = False
@@ -442,7 +477,7 @@ class CowReader:
                     self._sequence.extend(raw, data_offset)
                 elif not self._is_meta(op_type):
                     seen_data_op = True
-                ops.append(CowOp(op_type, new_block, source, data_length, comp, index, offset, data_offset, bs, bs))
+                ops.append(op_type, new_block, source, data_length, comp, offset, data_offset)
                 pos += OP_SIZE_V2 + (source if op_type == OpType.CLUSTER else 0 if cluster_ops else data_length)
                 data_pos += data_length + (
                     cluster_ops * OP_SIZE_V2 if op_type == OpType.CLUSTER else 0 if cluster_ops else OP_SIZE_V2
@@ -454,11 +489,9 @@ class CowReader:
                     if label is not None and source == label:
                         done = True
                         break
-        self.ops = ops
         self.compression = Compression(compression or 0)
-        self.data_end = max(
-            [op.data_offset + op.data_length for op in ops if op.data_offset is not None], default=self.data_start
-        )
+        self.data_end = max((o + n for o, n in zip(ops.data_offset, ops.data_length) if o >= 0),
+                            default=self.data_start)
         if label is not None:
             if not self.labels or self.labels[-1] != label:
                 raise CowFormatError(
@@ -472,10 +505,10 @@ class CowReader:
             )
         else:
             # With the footer known, data must end before it (AOSP's bound).
-            for op in ops:
-                if op.data_offset is not None:
-                    self._check_data_range(op.data_offset, op.data_length, op.index, op.offset,
-                                           limit=self.footer["offset"])
+            limit = self.footer["offset"]
+            for index, (data_offset, data_length) in enumerate(zip(ops.data_offset, ops.data_length)):
+                if data_offset >= 0:
+                    self._check_data_range(data_offset, data_length, index, ops.offset[index], limit=limit)
         # Where a writer resumes: the next op slot and the next data byte.
         self.next_op_pos = pos
         self.next_data_pos = data_pos

@@ -1,0 +1,84 @@
+"""A COW file's ops as packed columns: about 40 bytes an op, no object each.
+
+:class:`OpTable` is what the reader fills while it scans the op stream and
+what the merge works from: a merge of a million-op file must not hold a
+million Python objects (a :class:`~dmuserd.snapshot._cow_format.CowOp` and
+its ints cost about 300 bytes). :meth:`OpTable.op` builds the
+:class:`CowOp` of one row when a caller wants an object (error messages,
+``cow inspect``, the served view).
+
+Rows are in file order (row = the op's index in the stream); data ops are
+the rows whose type is not metadata.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from dmuserd.snapshot._cow_format import METADATA_OPS, CowOp, OpType
+
+_OPS = {int(t): t for t in OpType}
+_META = frozenset(int(t) for t in METADATA_OPS)
+
+
+class OpTable:
+    """Columns of the ops of one COW file (see the module doc).
+
+    ``data_offset`` is -1 for ops without data; ``factor`` the v3
+    compression factor (chunk = ``block_size << factor``).
+    """
+
+    __slots__ = ("block_size", "type", "compression", "factor", "new_block", "source", "data_length",
+                 "offset", "data_offset")
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.type = array("B")
+        self.compression = array("B")
+        self.factor = array("B")
+        self.new_block = array("Q")
+        self.source = array("Q")
+        self.data_length = array("I")
+        self.offset = array("Q")
+        self.data_offset = array("q")
+
+    def append(self, op_type: int, new_block: int, source: int, data_length: int, compression: int, offset: int,
+               data_offset: int | None, factor: int = 0) -> None:
+        self.type.append(op_type)
+        self.compression.append(compression)
+        self.factor.append(factor)
+        self.new_block.append(new_block)
+        self.source.append(source)
+        self.data_length.append(data_length)
+        self.offset.append(offset)
+        self.data_offset.append(-1 if data_offset is None else data_offset)
+
+    def __len__(self) -> int:
+        return len(self.type)
+
+    def op(self, row: int) -> CowOp:
+        """The :class:`CowOp` of row ``row``."""
+        data_offset = self.data_offset[row]
+        bs = self.block_size
+        return CowOp(_OPS[self.type[row]], self.new_block[row], self.source[row], self.data_length[row],
+                     self.compression[row], row, self.offset[row], None if data_offset < 0 else data_offset,
+                     bs << self.factor[row], bs)
+
+    def blocks(self, row: int) -> int:
+        """Blocks of the new partition row ``row`` writes (0 for metadata)."""
+        return 0 if self.type[row] in _META else 1 << self.factor[row]
+
+    def data_rows(self) -> array:
+        """The rows of data ops (not metadata), in file order."""
+        meta = _META
+        return array("I", (i for i, t in enumerate(self.type) if t not in meta))
+
+    @classmethod
+    def from_ops(cls, ops, block_size: int) -> "OpTable":
+        """A table of ``ops`` (:class:`CowOp`, any order: row ``k`` is ``ops[k]``)."""
+        table = cls(block_size)
+        for op in ops:
+            factor = (op.chunk_size // op.block_size).bit_length() - 1 if op.chunk_size > op.block_size else 0
+            table.append(op.type, op.new_block, op.source, op.data_length, op.compression, op.offset,
+                         op.data_offset, factor)
+        return table
