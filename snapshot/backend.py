@@ -15,8 +15,15 @@ unfinished COW file up to a label; ``cache`` the bytes of decompressed
 chunks kept; ``merged``: whether the first ``num_merge_ops`` ops of the
 merge order are already merged into the base (default: yes, as snapuserd
 assumes; ``no`` serves a pristine copy of the base, and cannot merge);
-``offload`` the data mover engine of an online merge (``auto``, ``dsa``,
-``emulated``, ``cpu``).
+``offload`` the data mover engine (``auto``, ``dsa``, ``emulated``, ``cpu``)
+for serving and for an online merge.
+
+Serving: each read is planned by :meth:`SnapshotView.gather` (base runs read
+straight into the reply) and completed by the target's data mover, one
+batch per read: Replace/Xor data and window blocks copied into place, zero
+runs filled. The mover's counters are ``describe()["mover"]``
+(``dmuserd status --json``: ``targets.NAME.mover``; a merge's own mover is
+``targets.NAME.merge.mover``).
 
 Online merge: :attr:`SnapshotBackend.merge` is the target's
 :class:`~dmuserd.snapshot.merge_control.MergeControl`. Once the merge is
@@ -75,6 +82,7 @@ class SnapshotBackend(Backend):
         try:
             self.merge = MergeControl(self.reader, self.view, base, cow, offload=offload,
                                       trust_progress=merged, unfinished=label is not None)
+            self.mover = _open_mover(offload)
         except BaseException:
             self.view.close()
             self.reader.close()
@@ -108,10 +116,9 @@ class SnapshotBackend(Backend):
             if length <= _INLINE_READ:
                 return view.read_base(offset, length)
             return await trio.to_thread.run_sync(view.read_base, offset, length)
-        if length <= _INLINE_READ and self._cheap(offset, length):
-            # base/zero/copy blocks of one small read: page-cache preads
-            return view.read(offset, length)
-        return await trio.to_thread.run_sync(view.read, offset, length)
+        # base/zero/copy blocks of one small read: page-cache preads, on the loop
+        inline = length <= _INLINE_READ and self._cheap(offset, length)
+        return await view.aread(offset, length, self.mover, in_thread=not inline)
 
     def _cheap(self, offset: int, length: int) -> bool:
         bs = self.view.block_size
@@ -128,8 +135,11 @@ class SnapshotBackend(Backend):
         )
 
     async def close(self) -> None:
-        self.view.close()
-        self.reader.close()
+        try:
+            await self.mover.aclose()
+        finally:
+            self.view.close()
+            self.reader.close()
 
     def describe(self) -> dict:
         return {
@@ -139,4 +149,16 @@ class SnapshotBackend(Backend):
             "compression": self.reader.compression.name.lower(),
             "ops": len(self.reader.data_ops),
             "merge": self.merge.describe(),
+            "mover": self.mover.stats(),
         }
+
+
+def _open_mover(offload: str):
+    """The serving mover; an engine that cannot open is a backend error saying what to use."""
+    from dmuserd.dsa_offload import DsaUnavailable, open_mover
+
+    try:
+        return open_mover(offload)
+    except DsaUnavailable as exc:
+        raise BackendError(f"backend 'snapshot' option offload={offload}: {exc}; "
+                           "use offload=auto (DSA where usable, else the CPU) or offload=cpu") from None

@@ -12,8 +12,19 @@ not a dict per block, so a multi-gigabyte partition costs a few bytes per
 op. Decompressed chunks go through a small LRU cache (bounded in bytes):
 reads of neighbouring blocks of one v3 chunk decompress it once.
 
-The view is synchronous and thread-safe (``os.pread``, a locked cache), so
-async callers run it in a worker thread.
+Reads are planned by ranges, not per block: the requested blocks are walked
+op by op (a bisect finds the first), runs of base blocks that read
+consecutive base blocks (unchanged, merged, or Copy ops with consecutive
+sources) become one ``preadv`` straight into the reply buffer, and what is
+in memory (decompressed Replace data, Xor results, window blocks) and zero
+runs become data-mover requests (``("copy", dst, src)``, ``("fill", dst,
+b"\0")``). :meth:`gather` does the I/O part (synchronous, thread-safe:
+``os.preadv``, a locked cache; async callers run it in a worker thread) and
+returns the requests; :meth:`aread` runs them through a
+:class:`~dmuserd.dsa_offload.Mover` as one batch (small ones stay on the
+CPU, big or many go to DSA), :meth:`read` on the CPU directly. Base data
+goes from the page cache into the reply by the kernel's copy; the mover
+does the copies in memory.
 
 During an online merge the base changes under the view. Blocks of an
 ordered window (Copy/Xor ops, whose sources the window itself may
@@ -34,11 +45,25 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 
+from dmuserd.dsa_offload import _cpu as _cpu_moves
+
 from dmuserd.snapshot._cow_format import CowOp, OpType
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot._cow_writer import xor_bytes
 
 DEFAULT_CACHE_BYTES = 32 << 20
+
+# Kinds of the pieces a read is planned in (see SnapshotView._segments).
+_BASE, _ZERO, _MEMORY, _DATA = range(4)
+
+
+def run_on_cpu(requests) -> None:
+    """Carry out :meth:`SnapshotView.gather`'s requests on the CPU, here and now."""
+    for name, dst, src in requests:
+        if name == "copy":
+            _cpu_moves.copy(dst, memoryview(src))
+        else:
+            _cpu_moves.fill(dst, _cpu_moves.expand_pattern(src))
 
 
 class SnapshotView:
@@ -75,7 +100,9 @@ class SnapshotView:
         ops = sorted(reader.data_ops, key=lambda op: op.new_block)
         self._ops = ops
         self._starts = array("Q", (op.new_block for op in ops))
+        self._ends = array("Q", (op.new_block + op.blocks for op in ops))
         self._merged = bytearray((self.num_blocks + 7) // 8)
+        self._any_merged = False
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = cache_bytes
@@ -107,6 +134,7 @@ class SnapshotView:
         for block in blocks:
             if 0 <= block < self.num_blocks:
                 self._merged[block >> 3] |= 1 << (block & 7)
+                self._any_merged = True
 
     def is_merged(self, block: int) -> bool:
         return bool(self._merged[block >> 3] & (1 << (block & 7)))
@@ -155,76 +183,132 @@ class SnapshotView:
         """The target bytes of new block ``block`` (a whole block)."""
         if not 0 <= block < self.num_blocks:
             raise IndexError(f"block {block} is outside the {self.num_blocks}-block target")
-        epoch, window = self._enter()
-        try:
-            if window is not None and block in window:
-                return window[block]
-            base_block = self._base_block_for(block)
-            if base_block is not None:
-                return self._read_base(base_block * self.block_size, self.block_size)
-            return self._op_block(block)
-        finally:
-            self._leave(epoch)
+        bs = self.block_size
+        return self.read(block * bs, min(bs, self.size - block * bs)).ljust(bs, b"\0")
 
     def read(self, offset: int, length: int) -> bytes:
-        """``length`` target bytes at ``offset`` (any alignment, within ``size``)."""
+        """``length`` target bytes at ``offset`` (any alignment, within ``size``), on the CPU."""
+        data, requests = self.gather(offset, length)
+        run_on_cpu(requests)
+        return bytes(data)
+
+    async def aread(self, offset: int, length: int, mover, *, in_thread: bool = True) -> memoryview:
+        """:meth:`read`, with the in-memory copies and zero fills done by ``mover``.
+
+        The I/O (base preads, decompression) runs in a worker thread unless
+        ``in_thread`` is False (the caller knows it is cheap); the mover
+        then places the data as one batch.
+        """
+        if in_thread:
+            import trio
+
+            data, requests = await trio.to_thread.run_sync(self.gather, offset, length)
+        else:
+            data, requests = self.gather(offset, length)
+        if requests:
+            await mover.batch(requests)
+        return data
+
+    def gather(self, offset: int, length: int) -> tuple[memoryview, list[tuple]]:
+        """Start a read: a new buffer with the base parts read into it, and the
+        mover requests that complete it (see the module docstring).
+
+        Returns ``(data, requests)``; ``data`` (``length`` bytes at
+        ``offset``) holds the target bytes once every request has run.
+        """
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"read of {length} bytes at {offset} is outside the {self.size}-byte target")
         if not length:
-            return b""
-        epoch, window = self._enter()
-        try:
-            return self._read(offset, length, window)
-        finally:
-            self._leave(epoch)
-
-    def _read(self, offset: int, length: int, window: dict[int, bytes] | None) -> bytes:
+            return memoryview(b""), []
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        out = bytearray()
-        run_start, run_len = -1, 0  # a run of base blocks read with one pread
-        for block in range(first, last + 1):
-            if window is not None and block in window:
-                if run_len:
-                    out += self._read_base(run_start * bs, run_len * bs)
-                    run_len = 0
-                out += window[block]
-                continue
-            base_block = self._base_block_for(block)
-            if base_block is not None and run_len and run_start + run_len == base_block:
-                run_len += 1
-                continue
-            if run_len:
-                out += self._read_base(run_start * bs, run_len * bs)
-                run_len = 0
-            if base_block is not None:
-                run_start, run_len = base_block, 1
-            else:
-                out += self._op_block(block)
-        if run_len:
-            out += self._read_base(run_start * bs, run_len * bs)
+        out = memoryview(bytearray((last - first + 1) * bs))
+        requests: list[tuple] = []
+        epoch, window = self._enter()
+        try:
+            for kind, at, count, arg in self._segments(first, last + 1, window):
+                dst = out[(at - first) * bs : (at - first + count) * bs]
+                if kind == _BASE:
+                    self._pread_into(dst, arg * bs)
+                elif kind == _ZERO:
+                    requests.append(("fill", dst, b"\0"))
+                elif kind == _MEMORY:
+                    requests.append(("copy", dst, arg))
+                else:  # _DATA: blocks of one op's decompressed chunk
+                    op, within = arg
+                    data = memoryview(self._chunk(op))[within * bs : (within + count) * bs]
+                    if op.type == OpType.XOR:
+                        data = xor_bytes(data, self._read_base(op.source + within * bs, count * bs))
+                    requests.append(("copy", dst, data))
+        finally:
+            self._leave(epoch)
         skip = offset - first * bs
-        return bytes(out[skip : skip + length])
+        return out[skip : skip + length], requests
 
-    def _base_block_for(self, block: int) -> int | None:
-        """The base block holding new block ``block`` as is, or None."""
-        if self.is_merged(block):
-            return block
-        found = self.op_for_block(block)
-        if found is None:
-            return block
-        op = found[0]
-        return op.source if op.type == OpType.COPY else None
+    def _segments(self, start: int, stop: int, window: dict[int, bytes] | None):
+        """New blocks ``start..stop-1`` as coalesced pieces ``(kind, block, count, arg)``:
+        ``_BASE`` (arg: first base block), ``_ZERO``, ``_MEMORY`` (arg: the
+        bytes), ``_DATA`` (arg: ``(op, index of the first block in its chunk)``)."""
+        out: list[list] = []
 
-    def _op_block(self, block: int) -> bytes:
-        op, within = self.op_for_block(block)
-        bs = self.block_size
-        if op.type == OpType.ZERO:
-            return self._zero
-        data = self._chunk(op)[within * bs : (within + 1) * bs]
-        if op.type == OpType.XOR:
-            return xor_bytes(data, self._read_base(op.source, bs))
-        return data
+        def put(kind, block, count, arg):
+            if out:
+                prev = out[-1]
+                if prev[0] == kind and prev[1] + prev[2] == block and (
+                    kind == _ZERO or (kind == _BASE and prev[3] + prev[2] == arg)
+                ):
+                    prev[2] += count
+                    return
+            out.append([kind, block, count, arg])
+
+        ops, starts, ends = self._ops, self._starts, self._ends
+        i = bisect_right(starts, start) - 1
+        if i < 0 or ends[i] <= start:
+            i += 1
+        n = len(ops)
+        block = start
+        merged = self._any_merged
+        while block < stop:
+            if i >= n or starts[i] > block:  # no op here: the base block as is
+                end = stop if i >= n else min(starts[i], stop)
+                put(_BASE, block, end - block, block)
+                block = end
+                continue
+            op = ops[i]
+            end = min(ends[i], stop)
+            i += 1
+            b = block
+            while b < end:
+                if merged and self.is_merged(b):
+                    put(_BASE, b, 1, b)
+                    b += 1
+                    continue
+                kind = op.type
+                if window is not None and b in window:
+                    put(_MEMORY, b, 1, window[b])
+                    b += 1
+                elif kind == OpType.COPY:
+                    put(_BASE, b, 1, op.source + (b - op.new_block))
+                    b += 1
+                elif kind == OpType.ZERO:
+                    run = end - b if not merged else 1
+                    put(_ZERO, b, run, None)
+                    b += run
+                else:  # Replace, Xor: the op's blocks from b on, in one piece
+                    run = end - b if not merged and (window is None or kind == OpType.REPLACE) else 1
+                    put(_DATA, b, run, (op, b - op.new_block))
+                    b += run
+            block = end
+        return out
+
+    def _pread_into(self, dst: memoryview, offset: int) -> None:
+        """Base bytes into ``dst``; past the base's end stays zero (a grown target)."""
+        done, n = 0, len(dst)
+        while done < n and offset + done < self.base_size:
+            got = os.preadv(self._base_fd, [dst[done:]], offset + done)
+            if not got:
+                break
+            done += got
 
     def _chunk(self, op: CowOp) -> bytes:
         with self._lock:
