@@ -226,10 +226,22 @@ class SnapshotView:
         requests: list[tuple] = []
         epoch, window = self._enter()
         try:
-            for kind, at, count, arg in self._segments(first, last + 1, window):
+            segments = self._segments(first, last + 1, window)
+            # Unchanged blocks are most of a typical read: when they are at
+            # least half of the span they cover, one preadv reads the span
+            # (what lies between is overwritten below) instead of one per run.
+            same = [seg for seg in segments if seg[0] == _BASE and seg[1] == seg[3]]
+            span = None
+            if len(same) > 1:
+                lo, hi = same[0][1], same[-1][1] + same[-1][2]
+                if 2 * sum(seg[2] for seg in same) >= hi - lo:
+                    span = (lo, hi)
+                    self._pread_into(out[(lo - first) * bs : (hi - first) * bs], lo * bs)
+            for kind, at, count, arg in segments:
                 dst = out[(at - first) * bs : (at - first + count) * bs]
                 if kind == _BASE:
-                    self._pread_into(dst, arg * bs)
+                    if span is None or at != arg or not span[0] <= at < span[1]:
+                        self._pread_into(dst, arg * bs)
                 elif kind == _ZERO:
                     requests.append(("fill", dst, b"\0"))
                 elif kind == _MEMORY:
