@@ -5,24 +5,36 @@ order. What makes it safe to interrupt at any instant
 (``../shared/specs/android-cow.md``, "Merge order"):
 
 * **Ordered ops (Copy/Xor)** merge in windows of at most
-  ``ScratchLayout.capacity`` blocks. The window's new contents are computed
-  from the base before any of it is overwritten. When an op of the window
-  reads a block the window writes (a Copy chain inside the window, an Xor
-  of its own block), the window first goes to the COW file's scratch area
-  (entries, data, our CRC), is synced, then the state byte becomes 2 and is
-  synced: from then on a crash is recovered by writing the window again.
-  A window without such overlap needs no scratch copy: its sources stay
-  intact until it is committed, so it can be recomputed.
+  ``ScratchLayout.capacity`` blocks (510 with the default 2 MiB scratch
+  space, snapuserd's read-ahead window). The window's new contents are
+  computed from the base before any of it is overwritten. When an op of the
+  window reads a block the window writes (a Copy chain inside the window,
+  an Xor of its own block), the window first goes to the COW file's scratch
+  area (entries, our CRC, data: one write), is synced, then the state byte
+  becomes 2 and is synced: from then on a crash is recovered by writing the
+  window again. A window without such overlap needs no scratch copy: its
+  sources stay intact until it is committed, so it can be recomputed.
 * **Commit**: after the base is synced, one write of the header (with
   ``num_merge_ops`` advanced) and the state byte (back to 1), then a sync of
   the COW file. Both live in its first sector.
 * **Replace/Zero ops** do not read the base: they are written in batches of
   256 ops, the base synced, then committed. Replaying a batch is harmless.
 
-Bulk moves (gathering blocks into contiguous runs), zero fills and the
-verification CRCs go through the data mover; blocking file I/O runs in
-worker threads. All file access goes through :class:`MergeIO`, so a test
-can stand in a storage that loses unsynced writes at a crash.
+Where the time goes, and why it is cheap: a window (or batch) is one
+buffer. Copy sources are read straight into it (one ``preadv`` per run of
+consecutive source blocks), Xor and Replace data straight from the COW file
+(one ``preadv`` per stretch of stored data, the op records between the
+chunks read into a throw-away buffer), compressed chunks decompressed into
+it; Xor is applied once per run of Xor ops (one big-int XOR, not one per
+block); zeros are the fresh buffer's. The base gets one ``pwritev`` per run
+of consecutive new blocks, is read back into a second buffer the same way
+and compared with the data mover (one operation per window; offloaded on
+DSA). Ops are read from the reader's packed :class:`OpTable` by row: no
+object per op. Syncs are ``fdatasync`` (sizes never change).
+
+Blocking file I/O runs in worker threads, one call per step. All file
+access goes through :class:`MergeIO`, so a test can stand in a storage that
+loses unsynced writes at a crash.
 
 Online merges hand in :class:`MergeHooks` to publish each window before the
 base is written and to mark blocks merged after each commit.
@@ -37,11 +49,12 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
-from dmuserd.snapshot._cow_format import CowHeader, CowOp, OpType
+from dmuserd.snapshot import _compression
+from dmuserd.snapshot._cow_format import CowFormatError, CowHeader, CowOp, OpType
 from dmuserd.snapshot._cow_reader import CowReader
-from dmuserd.snapshot._cow_writer import xor_bytes
-from dmuserd.snapshot._merge_scratch import STATE_DONE, STATE_IN_PROGRESS, STATE_NONE, ScratchLayout
+from dmuserd.snapshot._cow_table import OpTable
 from dmuserd.snapshot._merge_errors import MergeResumeError, MergeVerifyError
+from dmuserd.snapshot._merge_scratch import STATE_DONE, STATE_IN_PROGRESS, STATE_NONE, ScratchLayout
 
 log = structlog.get_logger("dmuserd.snapshot.merge")
 
@@ -49,10 +62,32 @@ log = structlog.get_logger("dmuserd.snapshot.merge")
 COMMIT_EVERY = 256
 #: Replace/Zero data gathered before it is written out (bounds memory)
 WRITE_CHUNK = 8 << 20
+#: stored chunks this close together in the COW file are read with one call
+#: (the bytes between them, op records, go to a throw-away buffer)
+READ_GAP = 4096
+#: at most this many bytes per coalesced read of COW data
+READ_SPAN = 8 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_COPY, _XOR, _REPLACE, _ZERO = int(OpType.COPY), int(OpType.XOR), int(OpType.REPLACE), int(OpType.ZERO)
+_ORDERED = frozenset((_COPY, _XOR))
+_JUNK = memoryview(bytearray(READ_GAP))  # where skipped bytes are read to (never looked at)
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """``views`` without their first ``n`` bytes (after a short transfer)."""
+    while n:
+        if n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        else:
+            views = [views[0][n:], *views[1:]]
+            n = 0
+    return views
 
 
 class MergeIO:
-    """The merge's file access: ``pread``/``pwrite``/``fsync`` on ``"base"`` and ``"cow"``.
+    """The merge's file access on ``"base"`` and ``"cow"``: ``pread``,
+    ``pwrite``, scatter/gather ``preadv``/``pwritev`` and ``fsync``.
 
     Blocking calls, made from worker threads. The descriptors stay the
     caller's.
@@ -62,20 +97,31 @@ class MergeIO:
         self.fds = {"base": base_fd, "cow": cow_fd}
 
     def pread(self, which: str, length: int, offset: int) -> bytes:
-        data = os.pread(self.fds[which], length, offset)
-        while len(data) < length:
-            more = os.pread(self.fds[which], length - len(data), offset + len(data))
-            if not more:
-                raise MergeResumeError(f"the {which} file ends at {offset + len(data)}, "
-                                       f"a read of {length} bytes at {offset} needs more; was it truncated?")
-            data += more
-        return data
+        buf = bytearray(length)
+        self.preadv(which, [memoryview(buf)], offset)
+        return bytes(buf)
+
+    def preadv(self, which: str, views: list[memoryview], offset: int) -> None:
+        """Fill ``views`` (writable) with the file's bytes from ``offset`` on."""
+        fd = self.fds[which]
+        want = sum(len(v) for v in views)
+        while views:
+            n = os.preadv(fd, views[:_IOV_MAX], offset)
+            if not n:
+                got = want - sum(len(v) for v in views)
+                raise MergeResumeError(f"the {which} file ends at {offset}, a read of {want} bytes at "
+                                       f"{offset - got} needs more; was it truncated?")
+            views, offset = _advance(views, n), offset + n
 
     def pwrite(self, which: str, data, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fds[which], view, offset)
-            view, offset = view[n:], offset + n
+        self.pwritev(which, [memoryview(data)], offset)
+
+    def pwritev(self, which: str, views: list[memoryview], offset: int) -> None:
+        """Write ``views`` back to back from ``offset`` on."""
+        fd = self.fds[which]
+        while views:
+            n = os.pwritev(fd, views[:_IOV_MAX], offset)
+            views, offset = _advance(views, n), offset + n
 
     def fsync(self, which: str) -> None:
         os.fdatasync(self.fds[which])  # the sizes never change: data is what must be durable
@@ -84,11 +130,13 @@ class MergeIO:
 class MergeHooks:
     """What an online merge needs to hear; the defaults (offline) do nothing."""
 
-    async def window_ready(self, blocks: dict[int, bytes]) -> None:
-        """New contents of blocks about to be overwritten (await until readers see them)."""
+    async def window_ready(self, new_blocks: list[int], data: bytes) -> None:
+        """New contents of blocks about to be overwritten (block ``new_blocks[i]``
+        is ``data[i * block_size:][:block_size]``; copy what you keep: the
+        buffer is the engine's); await until readers see them."""
 
-    def committed(self, ops: list[CowOp], merged_ops: int) -> None:
-        """``ops`` are merged and durable; ``merged_ops`` ops of the order are done."""
+    def committed(self, first: int, end: int) -> None:
+        """Ops ``first..end-1`` of the merge order are merged and durable."""
 
     async def checkpoint(self) -> None:
         """Between two steps: where a merge may pause."""
@@ -96,9 +144,14 @@ class MergeHooks:
 
 @dataclass
 class MergePlan:
-    """The ops of one COW file in merge order, checked for an in-place merge."""
+    """The ops of one COW file in merge order, checked for an in-place merge.
 
-    order: list[CowOp]
+    ``order`` holds rows of ``table`` (packed), not op objects: a plan costs
+    about 50 bytes an op (the table's columns, the order, the progress sums).
+    """
+
+    table: OpTable
+    order: array  # rows of ``table`` in merge order
     ordered: int  # how many ops at the front are Copy/Xor
     layout: ScratchLayout
     block_size: int
@@ -106,11 +159,12 @@ class MergePlan:
     prefix: array = field(default_factory=lambda: array("Q"))  # blocks merged after i ops (packed)
 
     def __post_init__(self) -> None:
+        fac = self.table.factor
         total = 0
-        self.prefix = array("Q", [0])
-        for op in self.order:
-            total += op.blocks
-            self.prefix.append(total)
+        prefix = self.prefix = array("Q", [0])
+        for r in self.order:
+            total += 1 << fac[r]
+            prefix.append(total)
 
     @property
     def total_ops(self) -> int:
@@ -120,6 +174,17 @@ class MergePlan:
     def total_blocks(self) -> int:
         return self.prefix[-1]
 
+    def op(self, k: int) -> CowOp:
+        """The ``k``-th op of the merge order, as an object."""
+        return self.table.op(self.order[k])
+
+    def new_blocks(self, first: int, end: int):
+        """The new blocks ops ``first..end-1`` of the order write."""
+        nb, fac, order = self.table.new_block, self.table.factor, self.order
+        for k in range(first, end):
+            r = order[k]
+            yield from range(nb[r], nb[r] + (1 << fac[r]))
+
     def percent(self, merged_ops: int) -> float:
         if not self.total_blocks:
             return 100.0
@@ -128,9 +193,13 @@ class MergePlan:
 
 @dataclass
 class PendingWindow:
-    """A durable scratch window found at resume: it is written again first."""
+    """A durable scratch window found at resume: it is written again first.
 
-    ops: list[CowOp]
+    It holds ops ``first..first+len(blocks)-1`` of the merge order, whose
+    new blocks are ``blocks``."""
+
+    first: int
+    blocks: list[int]
     data: bytes
     crc: int | None = None  # the CRC-32C recorded with it (None: no record, snapuserd's window)
 
@@ -140,7 +209,7 @@ def check_window(pending: PendingWindow, layout: ScratchLayout, path, crc: int) 
     data) is not the one recorded with it (windows without a record pass)."""
     if pending.crc is not None and crc != pending.crc:
         raise MergeResumeError(f"{path}: the scratch window's data (offset {layout.data_offset}, "
-                               f"{len(pending.ops)} blocks) fails its CRC ({crc:#010x}, recorded "
+                               f"{len(pending.blocks)} blocks) fails its CRC ({crc:#010x}, recorded "
                                f"{pending.crc:#010x}); the scratch area is damaged")
 
 
@@ -180,21 +249,22 @@ def read_state(io: MergeIO, reader: CowReader, plan: MergePlan, *, crc=None) -> 
     if state in (STATE_NONE, STATE_IN_PROGRESS):
         return MergeState(done)
     if state != STATE_DONE:
-        raise MergeResumeError(f"{path}: the merge state byte at offset {layout.state_offset} is {state} "
-                               "(0, 1 or 2 expected); the scratch area is damaged")
-    meta = io.pread("cow", layout.tag_offset - layout.meta_offset, layout.meta_offset)
-    blocks = layout.parse_entries(meta)
+        raise MergeResumeError(f"{path}: the scratch window's state byte (offset {layout.state_offset}) is "
+                               f"{state}, not 0, 1 or 2; the file is damaged")
+    blocks = layout.parse_entries(io.pread("cow", layout.data_offset - layout.meta_offset, layout.meta_offset))
     if isinstance(blocks, str):
         raise MergeResumeError(f"{path}: the scratch window at offset {layout.meta_offset} is damaged: {blocks}")
-    ops = plan.order[done : done + len(blocks)]
-    if len(ops) != len(blocks) or any(not op.is_ordered or op.new_block != b for op, b in zip(ops, blocks)):
+    nb, ty, order = plan.table.new_block, plan.table.type, plan.order
+    end = done + len(blocks)
+    if end > plan.total_ops or any(ty[order[done + i]] not in _ORDERED or nb[order[done + i]] != b
+                                   for i, b in enumerate(blocks)):
         raise MergeResumeError(
             f"{path}: the scratch window names new blocks {blocks[:4]}{'...' if len(blocks) > 4 else ''}, "
             f"but the next ops to merge (from op {done}) write "
-            f"{[op.new_block for op in plan.order[done : done + min(4, len(blocks))]]}; "
+            f"{[nb[order[k]] for k in range(done, min(done + 4, end, plan.total_ops))]}; "
             "the window or num_merge_ops is damaged")
     data = io.pread("cow", len(blocks) * layout.block_size, layout.data_offset)
-    pending = PendingWindow(ops, data, layout.parse_tag(io.pread("cow", 8, layout.tag_offset)))
+    pending = PendingWindow(done, blocks, data, layout.parse_tag(io.pread("cow", 8, layout.tag_offset)))
     if crc is not None:
         check_window(pending, layout, path, crc(data, crc(layout.entries_bytes(blocks))))
     return MergeState(done, pending)
@@ -216,6 +286,8 @@ class MergeEngine:
         self.on_progress = on_progress
         self.bs = plan.block_size
         self._header = CowHeader(**{**plan.header.__dict__, "num_merge_ops": state.merged_ops})
+        self._raw_ok = _compression.stores_raw_when_equal(reader.compression, reader.version)
+        self.stats = {"windows": 0, "scratch_windows": 0, "batches": 0, "syncs": 0}
 
     async def run(self) -> int:
         """Merge what is left; returns how many ops this run merged."""
@@ -223,17 +295,17 @@ class MergeEngine:
         if self._pending is not None:
             window, self._pending = self._pending, None
             layout = self.plan.layout
-            entries = layout.entries_bytes(op.new_block for op in window.ops)
+            entries = layout.entries_bytes(window.blocks)
             crc = await self.mover.crc32c(window.data, await self.mover.crc32c(entries))
             check_window(window, layout, self.reader.path, crc)
-            log.info("merge resumes a scratch window", path=self.reader.path, ops=len(window.ops),
+            log.info("merge resumes a scratch window", path=self.reader.path, ops=len(window.blocks),
                      merged_ops=self.merged_ops)
-            await self._apply_window(window.ops, window.data)
+            await self._apply_window(window.blocks, bytearray(window.data))
         self._progress()
-        order = self.plan.order
-        while self.merged_ops < len(order):
+        total, ordered = self.plan.total_ops, self.plan.ordered
+        while self.merged_ops < total:
             await self.hooks.checkpoint()
-            if order[self.merged_ops].is_ordered:
+            if self.merged_ops < ordered:
                 await self._ordered_window()
             else:
                 await self._unordered_batch()
@@ -246,148 +318,213 @@ class MergeEngine:
     # --- ordered ops -------------------------------------------------------
 
     async def _ordered_window(self) -> None:
-        order, layout = self.plan.order, self.plan.layout
-        end = self.merged_ops
-        while end < len(order) and end - self.merged_ops < layout.capacity and order[end].is_ordered:
-            end += 1
-        ops = order[self.merged_ops : end]
-        sources = await trio.to_thread.run_sync(self._window_sources, ops)
-        bs = self.bs
-        data = bytearray(len(ops) * bs)
-        view = memoryview(data)
-        await self._move([("copy", view[i * bs : (i + 1) * bs], src) for i, src in enumerate(sources)])
-        targets = {op.new_block for op in ops}
-        if any(block in targets for op in ops for block in op.source_blocks()):
-            entries = layout.entries_bytes(op.new_block for op in ops)
+        first = self.merged_ops
+        end = min(first + self.plan.layout.capacity, self.plan.ordered)
+        blocks, data, overlap = await trio.to_thread.run_sync(self._read_window, first, end)
+        if overlap:
+            layout = self.plan.layout
+            entries = layout.entries_bytes(blocks)
             crc = await self.mover.crc32c(data, await self.mover.crc32c(entries))
             await trio.to_thread.run_sync(self._write_scratch, entries, data, crc)
-        await self._apply_window(ops, bytes(data))
+        await self._apply_window(blocks, data)
 
-    def _window_sources(self, ops: list[CowOp]) -> list[bytes]:
-        """New contents of a window's blocks, read before any is overwritten."""
-        out = []
-        for op in ops:
-            if op.type == OpType.COPY:
-                out.append(self.io.pread("base", self.bs, op.source * self.bs))
+    def _read_window(self, first: int, end: int) -> tuple[list[int], bytearray, bool]:
+        """New contents of ordered ops ``first..end-1``, read before any is
+        overwritten: (their new blocks, the data in op order, whether an op
+        reads a block of the window)."""
+        t, order, bs = self.plan.table, self.plan.order, self.bs
+        ty, src, nb = t.type, t.source, t.new_block
+        n = end - first
+        rows = order[first:end]
+        blocks = [nb[r] for r in rows]
+        data = bytearray(n * bs)
+        view = memoryview(data)
+        io = self.io
+        xor_runs = []
+        k = 0
+        while k < n:
+            r = rows[k]
+            kind, s0 = ty[r], src[r]
+            step = 1 if kind == _COPY else bs  # Copy: a block number; Xor: a byte offset
+            j = k + 1
+            while j < n and ty[rows[j]] == kind and src[rows[j]] == s0 + (j - k) * step:
+                j += 1
+            # the base bytes: the data of a Copy, what an Xor applies to
+            io.preadv("base", [view[k * bs : j * bs]], s0 * bs if kind == _COPY else s0)
+            if kind == _XOR:
+                xor_runs.append((k, j))
+            k = j
+        for k, j in xor_runs:
+            delta = bytearray((j - k) * bs)
+            self._read_chunks([(rows[i], memoryview(delta)[(i - k) * bs : (i - k + 1) * bs]) for i in range(k, j)])
+            span = view[k * bs : j * bs]
+            span[:] = (int.from_bytes(span, "little") ^ int.from_bytes(delta, "little")).to_bytes(len(span), "little")
+        targets = set(blocks)
+        overlap = False
+        for r in rows:
+            s = src[r]
+            if ty[r] == _COPY:
+                hit = s in targets
             else:
-                out.append(xor_bytes(self.reader.read_data(op), self.io.pread("base", self.bs, op.source)))
-        return out
+                b, rem = divmod(s, bs)
+                hit = b in targets or (rem and b + 1 in targets)
+            if hit:
+                overlap = True
+                break
+        return blocks, data, overlap
 
     def _write_scratch(self, entries: bytes, data, crc: int) -> None:
+        """The window to the scratch area (entries, tag and data in one write),
+        synced, then the state byte 2, synced."""
         layout, io = self.plan.layout, self.io
-        io.pwrite("cow", entries, layout.meta_offset)
-        io.pwrite("cow", data, layout.data_offset)
-        io.pwrite("cow", layout.tag_bytes(crc), layout.tag_offset)
+        pad = bytes(layout.tag_offset - layout.meta_offset - len(entries))
+        io.pwritev("cow", [memoryview(entries), memoryview(pad), memoryview(layout.tag_bytes(crc)),
+                           memoryview(data)], layout.meta_offset)
         io.fsync("cow")
         io.pwrite("cow", bytes([STATE_DONE]), layout.state_offset)
         io.fsync("cow")
+        self.stats["scratch_windows"] += 1
+        self.stats["syncs"] += 2
 
-    async def _apply_window(self, ops: list[CowOp], data: bytes) -> None:
-        bs = self.bs
-        view = memoryview(data)
-        blocks = {op.new_block: bytes(view[i * bs : (i + 1) * bs]) for i, op in enumerate(ops)}
-        await self.hooks.window_ready(blocks)
-        await self._write_segments([(op.new_block, 1, view[i * bs : (i + 1) * bs]) for i, op in enumerate(ops)])
-        await trio.to_thread.run_sync(self.io.fsync, "base")
-        await self._commit(ops)
+    async def _apply_window(self, blocks: list[int], data: bytearray) -> None:
+        await self.hooks.window_ready(blocks, data)
+        await self._write_pieces(data, [(b, 1, i) for i, b in enumerate(blocks)])
+        self.stats["windows"] += 1
+        await self._commit(len(blocks))
 
     # --- Replace / Zero -------------------------------------------------------
 
     async def _unordered_batch(self) -> None:
-        order = self.plan.order
-        ops = order[self.merged_ops : self.merged_ops + COMMIT_EVERY]
-        segments: list[tuple[int, int, bytes | None]] = []
-        size = 0
-        for op in ops:
-            if op.type == OpType.ZERO:
-                segments.append((op.new_block, op.blocks, None))
-            elif op.type == OpType.REPLACE:
-                segments.append((op.new_block, op.blocks, op))
-            else:  # the order put every ordered op first; the plan checked it
-                raise AssertionError(f"op #{op.index} ({op.type.name}) after the ordered ops")
-            size += op.blocks * self.bs
-            if size >= WRITE_CHUNK:
-                await self._write_segments(await self._load(segments))
-                segments, size = [], 0
-        if segments:
-            await self._write_segments(await self._load(segments))
-        await trio.to_thread.run_sync(self.io.fsync, "base")
-        await self._commit(ops)
+        t, order, bs = self.plan.table, self.plan.order, self.bs
+        nb, fac = t.new_block, t.factor
+        first = self.merged_ops
+        end = min(first + COMMIT_EVERY, self.plan.total_ops)
+        k = first
+        while k < end:
+            # a piece of the batch whose data fits WRITE_CHUNK (at least one op)
+            j, size = k, 0
+            while j < end and (j == k or size + (bs << fac[order[j]]) <= WRITE_CHUNK):
+                size += bs << fac[order[j]]
+                j += 1
+            data = bytearray(size)  # zeros: Zero ops need nothing more
+            pieces, fill, pos = [], [], 0
+            view = memoryview(data)
+            for i in range(k, j):
+                r = order[i]
+                n = 1 << fac[r]
+                pieces.append((nb[r], n, pos))
+                if t.type[r] == _REPLACE:
+                    fill.append((r, view[pos * bs : (pos + n) * bs]))
+                pos += n
+            if fill:
+                await trio.to_thread.run_sync(self._read_chunks, fill)
+            await self._write_pieces(data, pieces)
+            k = j
+        self.stats["batches"] += 1
+        await self._commit(end - first)
 
-    async def _load(self, segments):
-        """Replace data decompressed (in a worker thread), zeros left as None."""
-        def load():
-            return [(b, n, None if op is None else self.reader.read_data(op)) for b, n, op in segments]
-
-        return await trio.to_thread.run_sync(load)
+    def _read_chunks(self, items: list[tuple[int, memoryview]]) -> None:
+        """Fill each ``(row, view)`` with the decompressed data of Replace/Xor
+        row ``row``: stored chunks lying close together are read with one
+        ``preadv``, raw ones straight into their views."""
+        t, io = self.plan.table, self.io
+        doff, dlen, fac = t.data_offset, t.data_length, t.factor
+        bs, raw_ok = self.bs, self._raw_ok
+        i, n = 0, len(items)
+        while i < n:
+            iov: list[memoryview] = []
+            packed: list[tuple[bytearray, int, memoryview]] = []  # compressed: (buffer, row, where it goes)
+            start = pos = doff[items[i][0]]
+            while i < n:
+                r, dest = items[i]
+                off, length = doff[r], dlen[r]
+                if iov and (off < pos or off - pos > READ_GAP or off + length - start > READ_SPAN):
+                    break
+                if off > pos:
+                    iov.append(_JUNK[: off - pos])  # op records between the chunks
+                if raw_ok and length == bs << fac[r]:
+                    iov.append(dest)
+                else:
+                    buf = bytearray(length)
+                    iov.append(memoryview(buf))
+                    packed.append((buf, r, dest))
+                pos = off + length
+                i += 1
+            io.preadv("cow", iov, start)
+            for buf, r, dest in packed:
+                try:
+                    dest[:] = _compression.decompress(self.reader.compression, self.reader.version, buf,
+                                                      len(dest), offset=doff[r])
+                except CowFormatError as exc:
+                    raise exc.with_path(self.reader.path) from None
 
     # --- writing the base ---------------------------------------------------------
 
-    async def _write_segments(self, segments) -> None:
-        """Write ``(new_block, blocks, data or None for zeros)`` to the base,
-        gathered into contiguous runs by the mover, and verify by CRC."""
+    async def _write_pieces(self, data: bytearray, pieces: list[tuple[int, int, int]]) -> None:
+        """Write ``(new_block, blocks, position in data)`` pieces of ``data`` to
+        the base (one ``pwritev`` per run of consecutive new blocks), read
+        them back and compare."""
         bs = self.bs
-        segments = sorted(segments, key=lambda s: s[0])
-        runs: list[tuple[int, bytearray]] = []
-        i = 0
-        while i < len(segments):
-            j, end = i, segments[i][0] + segments[i][1]
-            while j + 1 < len(segments) and segments[j + 1][0] == end:
-                j += 1
-                end += segments[j][1]
-            first = segments[i][0]
-            buf = bytearray((end - first) * bs)
-            view = memoryview(buf)
-            requests = []
-            for block, n, data in segments[i : j + 1]:
-                piece = view[(block - first) * bs : (block - first + n) * bs]
-                requests.append(("fill", piece, 0) if data is None else ("copy", piece, data))
-            await self._move(requests)
-            runs.append((first, buf))
-            i = j + 1
+        pieces = sorted(pieces)
+        runs: list[tuple[int, list[list[int]]]] = []  # (first block, [[position, blocks], ...])
+        run_end = -1
+        for block, n, pos in pieces:
+            if block == run_end:
+                spans = runs[-1][1]
+                last = spans[-1]
+                if last[0] + last[1] == pos:
+                    last[1] += n
+                else:
+                    spans.append([pos, n])
+            else:
+                runs.append((block, [[pos, n]]))
+            run_end = block + n
+
+        def views(buf):
+            v = memoryview(buf)
+            return [(block * bs, [v[p * bs : (p + m) * bs] for p, m in spans]) for block, spans in runs]
 
         def write():
-            for first, buf in runs:
-                self.io.pwrite("base", buf, first * bs)
+            for offset, iov in views(data):
+                self.io.pwritev("base", iov, offset)
 
-        await trio.to_thread.run_sync(write)
-        if self.verify:
-            await self._verify(runs)
+        if not self.verify:
+            await trio.to_thread.run_sync(write)
+            return
+        back = bytearray(len(data))
 
-    async def _verify(self, runs) -> None:
-        bs = self.bs
-        back = await trio.to_thread.run_sync(lambda: [self.io.pread("base", len(buf), first * bs) for first, buf in runs])
-        crcs = await self._move([("crc32c", buf) for _, buf in runs] + [("crc32c", b) for b in back])
-        half = len(runs)
-        for k, (first, buf) in enumerate(runs):
-            if crcs[k] != crcs[half + k]:
-                raise MergeVerifyError(
-                    f"the base reads back differently from what the merge wrote at blocks {first}.."
-                    f"{first + len(buf) // bs - 1} (CRC-32C {crcs[half + k]:#010x}, wrote {crcs[k]:#010x}); "
-                    "the base storage is failing or something else writes to it: stop and check it")
+        def write_and_read_back():
+            write()
+            for offset, iov in views(back):
+                self.io.preadv("base", iov, offset)
 
-    async def _move(self, requests: list[tuple]) -> list:
-        """Run independent mover operations: as one batch on a device (small
-        ones travel in BATCH descriptors), one call each on the CPU engine,
-        where a batch would only add a task per operation."""
-        if self.mover.queue is not None:
-            return await self.mover.batch(requests)
-        mover = self.mover
-        return [await getattr(mover, name)(*args) for name, *args in requests]
+        await trio.to_thread.run_sync(write_and_read_back)
+        where = await self.mover.compare(data, back)
+        if where is not None:
+            pos = where // bs
+            block = next(b + (pos - p) for b, n, p in pieces if p <= pos < p + n)
+            raise MergeVerifyError(
+                f"the base reads back differently from what the merge wrote at block {block} (byte {where % bs} "
+                "of it); the base storage is failing or something else writes to it: stop and check it")
 
     # --- commit ---------------------------------------------------------------------
 
-    async def _commit(self, ops: list[CowOp]) -> None:
-        self._header.num_merge_ops = self.merged_ops + len(ops)
+    async def _commit(self, count: int) -> None:
+        """Sync the base, then advance ``num_merge_ops`` by ``count`` (state
+        byte back to 1) and sync the COW file."""
+        first = self.merged_ops
+        self._header.num_merge_ops = first + count
         record = self._header.pack()
         if self.plan.layout.capacity:
             record += bytes([STATE_IN_PROGRESS])
 
         def commit():
+            self.io.fsync("base")
             self.io.pwrite("cow", record, 0)
             self.io.fsync("cow")
 
         await trio.to_thread.run_sync(commit)
-        self.merged_ops += len(ops)
-        self.hooks.committed(ops, self.merged_ops)
+        self.stats["syncs"] += 2
+        self.merged_ops += count
+        self.hooks.committed(first, self.merged_ops)
         self._progress()

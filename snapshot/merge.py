@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import structlog
 import trio
 
-from dmuserd.snapshot._cow_format import CowFormatError
+from dmuserd.snapshot._cow_format import ORDERED_OPS, CowFormatError
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot._merge_engine import MergeEngine, MergeHooks, MergeIO, MergePlan, read_state
 from dmuserd.snapshot._merge_errors import (
@@ -52,6 +52,7 @@ __all__ = [
 log = structlog.get_logger("dmuserd.snapshot.merge")
 
 _UNSAFE_ORDER = {"source-overwritten", "ordered-after-unordered"}
+_ORDERED = frozenset(int(t) for t in ORDERED_OPS)
 
 
 def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
@@ -63,7 +64,7 @@ def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
     path = reader.path
     refused = "; the base is untouched"
     try:
-        order = reader.merge_order()
+        order = reader.merge_order_rows()
     except CowFormatError as exc:
         if exc.rule not in _UNSAFE_ORDER:
             raise exc.with_path(path) from None
@@ -72,8 +73,12 @@ def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
             "(`dmuserd cow create` orders copies safely) or write the target with `dmuserd cow render`"
         ) from None
     bs = reader.block_size
-    for op in order:
-        if (op.new_block + op.blocks) * bs > base_size:
+    table = reader.table
+    nb, fac, ty = table.new_block, table.factor, table.type
+    limit = base_size // bs
+    for r in order:
+        if nb[r] + (1 << fac[r]) > limit:
+            op = table.op(r)
             raise MergeUnsafeError(
                 f"{path} cannot be merged in place: op #{op.index} ({op.type.name.lower()}) writes new block "
                 f"{op.new_block + op.blocks - 1}, past the end of the {base_size}-byte base{refused}; "
@@ -83,7 +88,7 @@ def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
     header = dataclasses.replace(reader.header)
     layout = ScratchLayout(header.header_size, header.buffer_size, bs)
     ordered = 0
-    while ordered < len(order) and order[ordered].is_ordered:
+    while ordered < len(order) and ty[order[ordered]] in _ORDERED:
         ordered += 1
     if ordered and not layout.capacity:
         raise MergeUnsafeError(
@@ -92,7 +97,7 @@ def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
             f"interrupted merge could not be recovered{refused}. Regenerate the COW file with scratch space "
             "(the default 2 MiB) or write the target with `dmuserd cow render`"
         )
-    return MergePlan(order, ordered, layout, bs, header)
+    return MergePlan(table, order, ordered, layout, bs, header)
 
 
 def lock_cow(fd: int, path) -> None:

@@ -87,9 +87,7 @@ class MergeControl:
             os.close(fd)
         self.merged_ops = state.merged_ops
         if state.pending is not None:
-            bs = self._plan.block_size
-            self.view.publish_window({op.new_block: state.pending.data[i * bs : (i + 1) * bs]
-                                      for i, op in enumerate(state.pending.ops)})
+            self.view.publish_window(_window(state.pending.blocks, state.pending.data, self._plan.block_size))
         if self.merged_ops >= self._plan.total_ops and state.pending is None:
             self.state = "merged"
 
@@ -145,7 +143,7 @@ class MergeControl:
             "state": self.state,
             "percent": self.percent(),
             "merged_ops": self.merged_ops,
-            "total_ops": plan.total_ops if plan else len(self.reader.data_ops),
+            "total_ops": plan.total_ops if plan else self.reader.data_op_count,
             "error": self.error,
             "parked": self.parked,
             # What the data mover did (engine, offloaded ops, CPU fallbacks by reason).
@@ -190,12 +188,13 @@ class _Hooks(MergeHooks):
     def __init__(self, control: MergeControl) -> None:
         self.control = control
 
-    async def window_ready(self, blocks: dict[int, bytes]) -> None:
+    async def window_ready(self, new_blocks: list[int], data) -> None:
+        blocks = _window(new_blocks, data, self.control._plan.block_size)
         await trio.to_thread.run_sync(self.control.view.publish_window, blocks)
 
-    def committed(self, ops, merged_ops: int) -> None:
-        self.control.view.retire_window(ops)
-        self.control.merged_ops = merged_ops
+    def committed(self, first: int, end: int) -> None:
+        self.control.view.retire_window(self.control._plan.new_blocks(first, end))
+        self.control.merged_ops = end
 
     async def checkpoint(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -206,6 +205,11 @@ class _Hooks(MergeHooks):
                 await control._resume.wait()
             finally:
                 control.parked = False
+
+
+def _window(new_blocks: list[int], data, bs: int) -> dict[int, bytes]:
+    """The view's window: new block -> its contents (copied out of ``data``)."""
+    return {block: bytes(data[i * bs : (i + 1) * bs]) for i, block in enumerate(new_blocks)}
 
 
 # --- the daemon's control command ---------------------------------------------------

@@ -153,7 +153,7 @@ class PowerCut(Exception):
 class PowerCutIO(MergeIO):
     """A :class:`MergeIO` whose storage loses unsynced writes at a power cut.
 
-    The ``crash_at``-th I/O call (pread, pwrite or fsync; counted from 1)
+    The ``crash_at``-th I/O call (a read, a write or an fsync; counted from 1)
     raises :class:`PowerCut` instead of running. Until an ``fsync`` of a
     file, its written blocks are "dirty": :meth:`power_cut` puts each dirty
     block back to what it held at the last sync, or (``keep_some``) keeps a
@@ -180,18 +180,20 @@ class PowerCutIO(MergeIO):
                 self.power_cut()
             raise PowerCut(f"power cut at I/O call {self.crash_at}")
 
-    def pread(self, which, length, offset):
+    # MergeIO's pread/pwrite go through these two, so every call is one tick
+    def preadv(self, which, views, offset):
         self._tick()
-        return super().pread(which, length, offset)
+        return super().preadv(which, views, offset)
 
-    def pwrite(self, which, data, offset):
+    def pwritev(self, which, views, offset):
         self._tick()
         s = self.SECTOR
         fd = self.fds[which]
-        for sector in range(offset // s, (offset + len(data) + s - 1) // s):
+        length = sum(len(v) for v in views)
+        for sector in range(offset // s, (offset + length + s - 1) // s):
             if sector not in self.dirty[which]:
                 self.dirty[which][sector] = os.pread(fd, s, sector * s)
-        super().pwrite(which, data, offset)
+        super().pwritev(which, views, offset)
 
     def fsync(self, which):
         self._tick()

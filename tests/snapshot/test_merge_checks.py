@@ -64,8 +64,8 @@ def test_plan_counts_ordered_ops_and_window_capacity(tmp_path):
     with CowReader(t["cow"], check_merge=False) as reader:
         plan = plan_merge(reader, 256 * BS)
         assert plan.ordered == t["counts"]["copy"] + t["counts"]["xor"]
-        assert all(op.is_ordered for op in plan.order[: plan.ordered])
-        assert not any(op.is_ordered for op in plan.order[plan.ordered :])
+        assert all(plan.op(k).is_ordered for k in range(plan.ordered))
+        assert not any(plan.op(k).is_ordered for k in range(plan.ordered, plan.total_ops))
     # snapuserd's figures for the default 2 MiB scratch: 8 KiB of metadata, 510 blocks
     layout = ScratchLayout(38, 2 << 20, BS)
     assert (layout.meta_size, layout.data_offset, layout.capacity) == (8192, 38 + 8192, 510)
@@ -166,9 +166,10 @@ def test_fuzz_scratch_window(tmp_path, meta, merged, crc, data):
         except MergeResumeError:
             return
     assert state.pending is not None and state.merged_ops == merged
-    window = [op.new_block for op in state.pending.ops]
-    assert window == [op.new_block for op in plan.order[merged : merged + len(window)]]
-    assert all(op.is_ordered for op in state.pending.ops)
+    window = state.pending.blocks
+    assert state.pending.first == merged
+    assert window == [plan.op(k).new_block for k in range(merged, merged + len(window))]
+    assert all(plan.op(k).is_ordered for k in range(merged, merged + len(window)))
 
 
 def test_cow_merge_command(tmp_path):
