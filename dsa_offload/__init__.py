@@ -9,6 +9,7 @@ software device behind the same submission code), ``cpu`` (no extension
 needed). ``auto`` is ``dsa`` where a usable queue opens, else ``cpu``.
 """
 
+from dmuserd.dsa_offload._blocking import MOVER, BlockingMover, run_with_mover
 from dmuserd.dsa_offload._discovery import WorkQueue, auto_choice, discover
 from dmuserd.dsa_offload._errors import DeltaRecordError, DsaArgumentError, DsaError, DsaUnavailable
 from dmuserd.dsa_offload._mover import BATCHABLE, DEFAULT_THRESHOLD, Mover
@@ -17,7 +18,7 @@ from dmuserd.dsa_offload._open import ENGINES, open_mover
 from dmuserd.dsa_offload._spec import Flag, Opcode, Status
 
 __all__ = [
-    "BATCHABLE", "DEFAULT_THRESHOLD", "ENGINES", "DeltaRecordError", "DsaArgumentError", "DsaError",
+    "BATCHABLE", "DEFAULT_THRESHOLD", "MOVER", "BlockingMover", "run_with_mover", "ENGINES", "DeltaRecordError", "DsaArgumentError", "DsaError",
     "DsaUnavailable", "Flag", "Mover", "Opcode", "Status", "WorkQueue", "auto_choice", "discover",
     "extension", "load_error", "open_mover",
 ]

@@ -44,6 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--compression-factor", type=int, default=None,
                    help="v3: largest Replace chunk in bytes, block size << 0..6 (default one block)")
     p.add_argument("--xor", action="store_true", help="store blocks similar to their base block as Xor ops")
+    offload_option(p)
+    p.add_argument("--json", action="store_true", help="print the counts and the mover's counters as JSON")
     p.set_defaults(func=_create)
 
     p = sub.add_parser("render", help="write the target image: base + COW")
@@ -52,6 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="the image to write")
     p.add_argument("--size", help="target size (default: the base's); K/M/G suffixes")
     p.add_argument("--label", type=int, help="apply the file only up to this label")
+    offload_option(p)
+    p.add_argument("--json", action="store_true", help="print the result and the mover's counters as JSON")
     p.set_defaults(func=_render)
 
     p = sub.add_parser("merge", help="merge a COW file into its base image in place (resumes an interrupted merge)",
@@ -59,7 +63,7 @@ def register(subparsers) -> None:
                        "that the base becomes the target. Run it again after an interruption to resume.")
     p.add_argument("--base", required=True, help="the old image (overwritten with the target)")
     p.add_argument("file", help="the COW file (its header records the merge's progress)")
-    _offload_option(p)
+    offload_option(p)
     p.add_argument("--no-verify", action="store_true", help="skip reading back and CRC-checking what was written")
     p.set_defaults(func=_merge)
 
@@ -67,6 +71,8 @@ def register(subparsers) -> None:
     p.add_argument("--base", required=True, help="the old image")
     p.add_argument("--target", required=True, help="the new image")
     p.add_argument("file", help="the COW file")
+    offload_option(p)
+    p.add_argument("--json", action="store_true", help="print the result and the mover's counters as JSON")
     p.set_defaults(func=_verify)
 
     merge = subparsers.add_parser(
@@ -85,10 +91,39 @@ def register(subparsers) -> None:
         p.set_defaults(func=_online_merge, action=action)
 
 
-def _offload_option(parser) -> None:
+def offload_option(parser) -> None:
+    """``--offload``: the data mover engine (cow and ota commands share it)."""
     parser.add_argument("--offload", choices=("auto", "dsa", "emulated", "cpu"), default="auto",
-                        help="data mover engine for block copies, zero fills and CRCs "
+                        help="data mover engine for block copies, zero fills, compares and CRCs "
                         "(auto: DSA when usable, else the CPU)")
+
+
+def run_offloaded(args: argparse.Namespace, fn, *fn_args, **fn_kwargs):
+    """Run blocking tool ``fn`` with the ``--offload`` mover passed as ``mover=``;
+    returns ``(its result, the mover's counters)``."""
+    from dmuserd.dsa_offload import MOVER, run_with_mover
+
+    return run_with_mover(args.offload, fn, *fn_args, mover=MOVER, **fn_kwargs)
+
+
+def mover_line(stats: dict) -> str:
+    """One line of what the mover did, for a command's summary."""
+    offloaded = stats.get("offloaded_bytes", 0)
+    line = (f"mover: {stats['engine']}, {stats['offloaded_ops']} ops offloaded ({offloaded} bytes), "
+            f"{stats['cpu_ops']} on the CPU ({stats['cpu_bytes']} bytes)")
+    if stats["fallbacks"]:
+        line += "; CPU because: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["fallbacks"].items()))
+    return line
+
+
+def _report(args: argparse.Namespace, text: str, result: dict, stats: dict) -> None:
+    import json
+
+    if args.json:
+        print(json.dumps({**result, "mover": stats}))
+    else:
+        print(text)
+        print(mover_line(stats))
 
 
 @_os_errors
@@ -152,14 +187,14 @@ def _create(args: argparse.Namespace) -> int:
     from dmuserd.snapshot._cow_tools import create_cow
 
     algorithm, level = parse_spec(args.compression)
-    stats = create_cow(
-        args.base, args.target, args.output, version=args.version, compression=algorithm,
+    stats, mover = run_offloaded(
+        args, create_cow, args.base, args.target, args.output, version=args.version, compression=algorithm,
         compression_level=level, block_size=args.block_size, xor=args.xor,
         compression_factor=args.compression_factor,
     )
     parts = ", ".join(f"{k} {stats[k]}" for k in ("copy", "xor", "zero", "replace", "unchanged"))
     broken = f"; {stats['cycles_broken']} copy cycles broken into replace" if stats["cycles_broken"] else ""
-    print(f"{args.output}: {parts} blocks{broken}")
+    _report(args, f"{args.output}: {parts} blocks{broken}", {"output": args.output, **stats}, mover)
     return 0
 
 
@@ -169,8 +204,8 @@ def _render(args: argparse.Namespace) -> int:
     from dmuserd.snapshot._cow_tools import render_cow
 
     size = None if args.size is None else parse_size(args.size, what="--size")
-    written = render_cow(args.base, args.file, args.output, size=size, label=args.label)
-    print(f"{args.output}: {written} bytes")
+    written, mover = run_offloaded(args, render_cow, args.base, args.file, args.output, size=size, label=args.label)
+    _report(args, f"{args.output}: {written} bytes", {"output": args.output, "bytes": written}, mover)
     return 0
 
 
@@ -223,9 +258,10 @@ def _online_merge(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from dmuserd.snapshot._cow_tools import verify_cow
 
-    block = verify_cow(args.base, args.target, args.file)
+    block, mover = run_offloaded(args, verify_cow, args.base, args.target, args.file)
     if block is None:
-        print(f"{args.file}: base + COW equals {args.target}")
-        return 0
-    print(f"{args.file}: base + COW differs from {args.target} at block {block}")
-    return 1
+        text = f"{args.file}: base + COW equals {args.target}"
+    else:
+        text = f"{args.file}: base + COW differs from {args.target} at block {block}"
+    _report(args, text, {"equal": block is None, "first_different_block": block}, mover)
+    return 0 if block is None else 1

@@ -159,6 +159,7 @@ def apply_payload(
     verify: bool = True,
     progress: bool | None = None,
     on_operation: Callable[[str, int], None] | None = None,
+    mover=None,
 ) -> list[PartitionResult]:
     """Write ``cow_dir/NAME.cow`` for each partition (all, or ``partitions``).
 
@@ -166,7 +167,9 @@ def apply_payload(
     ``verify`` checks each result's SHA-256 against ``new_partition_info``
     before it gets its final name. ``progress`` None: a tqdm bar when
     stderr is a terminal. ``on_operation(partition, index)`` is called after
-    each install operation is written and labelled.
+    each install operation is written and labelled. ``mover`` (a
+    :class:`~dmuserd.dsa_offload.BlockingMover`) assembles the blocks the
+    verification hashes; without one, the CPU does.
     """
     with Payload(payload_path) as payload:
         names = list(payload.partitions) if not partitions else list(dict.fromkeys(partitions))
@@ -187,6 +190,7 @@ def apply_payload(
             for part in parts:
                 bar.set_description(f"ota apply {part.partition_name}")
                 converter = _PartitionConverter(payload, part, sources.get(part.partition_name), settings)
+                converter.mover = mover
                 results.append(converter.run(cow_dir, verify, bar, on_operation))
         return results
 
@@ -262,6 +266,7 @@ class _PartitionConverter:
         self.new_blocks = -(-self.new_size // self.bs)
         self.old_size = part.old_partition_info.size if part.HasField("old_partition_info") else 0
         self.source = source
+        self.mover = None  # the data mover the verification reads through (None: the CPU)
         self.base = source if source is not None else os.devnull
 
     # --- driver ------------------------------------------------------------------
@@ -350,7 +355,7 @@ class _PartitionConverter:
             counts = {k: v for k, v in reader.counts().items() if v and k in ("copy", "xor", "replace", "zero")}
             if not verify:
                 return counts, ""
-            digest = render_sha256(reader, self.base, self.new_size)
+            digest = render_sha256(reader, self.base, self.new_size, mover=self.mover)
         want = self.part.new_partition_info.hash.hex()
         if digest != want:
             hint = ("the old image may not be the one the payload was made for"
@@ -534,12 +539,14 @@ def _last_label(path: str, max_label: int) -> int | None:
     return low
 
 
-def render_sha256(reader: CowReader, base, size: int, *, bar=None) -> str:
-    """SHA-256 of the partition ``base`` + the COW file of ``reader`` renders (``size`` bytes)."""
+def render_sha256(reader: CowReader, base, size: int, *, bar=None, mover=None) -> str:
+    """SHA-256 of the partition ``base`` + the COW file of ``reader`` renders (``size`` bytes).
+
+    ``mover``: a :class:`~dmuserd.dsa_offload.BlockingMover` placing the blocks (None: the CPU)."""
     digest = hashlib.sha256()
     with SnapshotView(reader, base, size=size) as view:
         for offset in range(0, size, _CHUNK):
-            chunk = view.read(offset, min(_CHUNK, size - offset))
+            chunk = view.read(offset, min(_CHUNK, size - offset), mover)
             digest.update(chunk)
             if bar is not None:
                 bar.update(len(chunk))

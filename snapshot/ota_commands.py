@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from dmuserd.daemon.cli import os_errors_as
+from dmuserd.snapshot.commands import offload_option
 
 
 _os_errors = os_errors_as("dmuserd.snapshot.payload:PayloadError")
@@ -49,6 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("payload", help="the payload.bin")
     p.add_argument("--cow-dir", required=True, metavar="OUT/", help="where the COW files go")
     _cow_options(p)
+    offload_option(p)
     p.set_defaults(func=_apply)
 
     p = sub.add_parser("serve", help="convert, then serve each new partition as a snapshot target")
@@ -70,6 +72,7 @@ def register(subparsers) -> None:
     where.add_argument("--cow-dir", metavar="OUT/", help="COW files NAME.cow, rendered over --source-dir")
     p.add_argument("--source-dir", metavar="OLD/", help="the old images, for --cow-dir")
     p.add_argument("--partitions", metavar="A,B", help="only these partitions (default: all)")
+    offload_option(p)
     p.set_defaults(func=_verify)
 
 
@@ -108,12 +111,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args, cow_dir):
+def _convert(args, cow_dir, mover=None):
     from dmuserd.snapshot.ota import apply_payload
 
     return apply_payload(
         args.payload, cow_dir=cow_dir, source_dir=args.source_dir, partitions=_partitions(args.partitions),
-        version=args.cow_version, compression=args.compression, verify=not args.no_verify,
+        version=args.cow_version, compression=args.compression, verify=not args.no_verify, mover=mover,
     )
 
 
@@ -126,8 +129,12 @@ def _result_line(result) -> str:
 
 @_os_errors
 def _apply(args: argparse.Namespace) -> int:
-    for result in _convert(args, args.cow_dir):
+    from dmuserd.snapshot.commands import mover_line, run_offloaded
+
+    results, stats = run_offloaded(args, _convert, args, args.cow_dir)
+    for result in results:
         print(_result_line(result))
+    print(mover_line(stats))
     return 0
 
 
@@ -158,6 +165,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 @_os_errors
 def _verify(args: argparse.Namespace) -> int:
+    from dmuserd.snapshot.commands import mover_line, run_offloaded
+
+    bad, stats = run_offloaded(args, _verify_all, args)
+    print(mover_line(stats))
+    return 1 if bad else 0
+
+
+def _verify_all(args: argparse.Namespace, mover) -> int:
+    """Check every partition; prints a line each and returns how many differ."""
     import os
 
     from dmuserd.snapshot._cow_reader import CowReader
@@ -182,13 +198,13 @@ def _verify(args: argparse.Namespace) -> int:
                     old = part.HasField("old_partition_info")
                     base = find_source(args.source_dir, name) if old else os.devnull
                     with CowReader(path) as reader:
-                        got, note = render_sha256(reader, base, size, bar=bar), ""
+                        got, note = render_sha256(reader, base, size, bar=bar, mover=mover), ""
                 if got == want:
                     print(f"{path}: {name} OK (sha256 {got})")
                 else:
                     bad += 1
-                    print(f"{path}: {name} DIFFERS: sha256 {got}{note}, new_partition_info.hash {want}")
-    return 1 if bad else 0
+                    print(f"{path}: {name} DIFFERS: sha256 {got}{note}, new_partition_info.hash {want}", flush=True)
+    return bad
 
 
 def _hash_image(image_dir: str, name: str, size: int, bar) -> tuple[str, str, str]:

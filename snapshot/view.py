@@ -186,10 +186,17 @@ class SnapshotView:
         bs = self.block_size
         return self.read(block * bs, min(bs, self.size - block * bs)).ljust(bs, b"\0")
 
-    def read(self, offset: int, length: int) -> bytes:
-        """``length`` target bytes at ``offset`` (any alignment, within ``size``), on the CPU."""
+    def read(self, offset: int, length: int, mover=None) -> bytes:
+        """``length`` target bytes at ``offset`` (any alignment, within ``size``).
+
+        ``mover``: a :class:`~dmuserd.dsa_offload.BlockingMover` to place the
+        data (a blocking tool's); without one, the CPU does, here.
+        """
         data, requests = self.gather(offset, length)
-        run_on_cpu(requests)
+        if mover is not None and requests:
+            mover.batch(requests)
+        else:
+            run_on_cpu(requests)
         return bytes(data)
 
     async def aread(self, offset: int, length: int, mover, *, in_thread: bool = True) -> memoryview:
