@@ -64,12 +64,14 @@ def create_cow(
     buffer_size: int = DEFAULT_BUFFER_SIZE,
     xor_max_diff: int | None = None,
     progress: bool | None = None,
+    mover=None,
 ) -> dict:
     """Write ``output``, a COW file turning ``base`` into ``target``.
 
     Returns counts: ops per type, ``unchanged`` blocks, ``cycles_broken``
     (ordered ops turned into Replace to break a cycle), ``target_bytes``.
-    ``xor_max_diff`` is how many bytes of a block may differ for an Xor
+    ``mover`` (a :class:`~dmuserd.dsa_offload.BlockingMover`) compares the
+    images chunk by chunk; without one, the CPU does. ``xor_max_diff`` is how many bytes of a block may differ for an Xor
     (default an eighth of the block). ``progress`` None: a tqdm bar when
     stderr is a terminal.
     """
@@ -83,7 +85,7 @@ def create_cow(
         with _progress(base_size + target_size, "cow create", progress) as bar:
             by_hash = _hash_base(base_fd, base_size, bs, bar)
             kinds, sources = _plan(base_fd, target_fd, base_size, target_size, bs, by_hash, xor,
-                                   bs // 8 if xor_max_diff is None else xor_max_diff, bar)
+                                   bs // 8 if xor_max_diff is None else xor_max_diff, bar, mover)
         del by_hash
         sequence, broken = _order(kinds, sources)
         stats = {t.name.lower(): kinds.count(int(t)) for t in (OpType.COPY, OpType.REPLACE, OpType.ZERO, OpType.XOR)}
@@ -117,7 +119,7 @@ def _hash_base(fd: int, size: int, bs: int, bar) -> dict[bytes, int]:
     return by_hash
 
 
-def _plan(base_fd, target_fd, base_size, target_size, bs, by_hash, xor, max_diff, bar):
+def _plan(base_fd, target_fd, base_size, target_size, bs, by_hash, xor, max_diff, bar, mover=None):
     """One op kind per target block, and the source block of each Copy."""
     nblocks = target_size // bs
     base_full = base_size // bs
@@ -131,7 +133,7 @@ def _plan(base_fd, target_fd, base_size, target_size, bs, by_hash, xor, max_diff
         tchunk = os.pread(target_fd, n * bs, start * bs)
         bchunk = os.pread(base_fd, n * bs, start * bs) if start < base_full else b""
         bar.update(n * bs)
-        if tchunk == bchunk:
+        if len(tchunk) == len(bchunk) and (mover.compare(tchunk, bchunk) is None if mover else tchunk == bchunk):
             continue  # the common case: a whole unchanged megabyte
         tview, bview = memoryview(tchunk), memoryview(bchunk)
         for i in range(n):
@@ -242,14 +244,17 @@ def _write(output, base_fd, target_fd, kinds, sources, sequence, bs, progress, o
 
 
 def render_cow(base, cow, output, *, size: int | None = None, label: int | None = None,
-               progress: bool | None = None) -> int:
-    """Write the target image (``base`` + ``cow``) to ``output``; returns its size."""
+               progress: bool | None = None, mover=None) -> int:
+    """Write the target image (``base`` + ``cow``) to ``output``; returns its size.
+
+    ``mover`` (a :class:`~dmuserd.dsa_offload.BlockingMover`) places the
+    blocks; without one, the CPU does."""
     with CowReader(cow, label=label) as reader, SnapshotView(reader, base, size=size) as view:
         fd = os.open(os.fspath(output), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             with _progress(view.size, "cow render", progress) as bar:
                 for offset in range(0, view.size, _CHUNK):
-                    data = view.read(offset, min(_CHUNK, view.size - offset))
+                    data = view.read(offset, min(_CHUNK, view.size - offset), mover)
                     os.pwrite(fd, data, offset)
                     bar.update(len(data))
             os.ftruncate(fd, view.size)
@@ -258,8 +263,12 @@ def render_cow(base, cow, output, *, size: int | None = None, label: int | None 
         return view.size
 
 
-def verify_cow(base, target, cow, *, label: int | None = None, progress: bool | None = None) -> int | None:
-    """The first block where ``base`` + ``cow`` differs from ``target``, or None."""
+def verify_cow(base, target, cow, *, label: int | None = None, progress: bool | None = None,
+               mover=None) -> int | None:
+    """The first block where ``base`` + ``cow`` differs from ``target``, or None.
+
+    ``mover`` (a :class:`~dmuserd.dsa_offload.BlockingMover`) assembles and
+    compares the data; without one, the CPU does."""
     target_fd = _open(target)
     try:
         size = os.fstat(target_fd).st_size
@@ -268,8 +277,12 @@ def verify_cow(base, target, cow, *, label: int | None = None, progress: bool | 
             with _progress(size, "cow verify", progress) as bar:
                 for offset in range(0, size, _CHUNK):
                     want = os.pread(target_fd, min(_CHUNK, size - offset), offset)
-                    got = view.read(offset, len(want))
-                    if got != want:
+                    got = view.read(offset, len(want), mover)
+                    if mover is not None:
+                        at = mover.compare(got, want)
+                        if at is not None:
+                            return (offset + at) // bs
+                    elif got != want:
                         for i in range(0, len(want), bs):
                             if got[i : i + bs] != want[i : i + bs]:
                                 return (offset + i) // bs
