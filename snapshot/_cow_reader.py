@@ -59,6 +59,15 @@ _NO_DATA = frozenset({OpType.COPY, OpType.ZERO, OpType.LABEL, OpType.CLUSTER})
 _WITH_DATA = frozenset({OpType.REPLACE, OpType.XOR, OpType.SEQUENCE})
 
 
+_V2_TYPES = frozenset(int(t) for t in OpType if t != OpType.FOOTER)
+_META_V2 = frozenset(int(t) for t in (OpType.LABEL, OpType.CLUSTER, OpType.SEQUENCE))
+_NO_DATA_INT = frozenset(int(t) for t in _NO_DATA)
+_WITH_DATA_INT = frozenset(int(t) for t in _WITH_DATA)
+_COMPRESSIONS = frozenset(int(c) for c in Compression)
+_FOOTER, _LABEL, _CLUSTER, _SEQUENCE = int(OpType.FOOTER), int(OpType.LABEL), int(OpType.CLUSTER), int(OpType.SEQUENCE)
+_XOR, _REPLACE = int(OpType.XOR), int(OpType.REPLACE)
+
+
 def _field(name: str) -> int:
     return HEADER_FIELD_OFFSET[name]
 
@@ -418,6 +427,7 @@ class CowReader:
         data_pos = pos + (cluster_ops * OP_SIZE_V2 if cluster_ops else OP_SIZE_V2)
         per_read = cluster_ops or 1
         ops = self.table = OpTable(bs)
+        data_start = self.data_start
         compression = None
         seen_data_op = False
         done = False
@@ -426,21 +436,21 @@ class CowReader:
             if to_add <= 0:
                 break
             buf = self._pread(to_add * OP_SIZE_V2, pos)
-            for j in range(to_add):
+            for type_value, comp, data_length, new_block, source in OP_V2.iter_unpack(buf):
                 offset = pos
-                type_value, comp, data_length, new_block, source = OP_V2.unpack_from(buf, j * OP_SIZE_V2)
                 index = len(ops)
                 if type_value == 0:
                     # an unused (zeroed) op slot: the stream of an unfinished
                     # file ends here
                     done = True
                     break
-                if type_value == OpType.FOOTER:
+                if type_value == _FOOTER:
                     self._read_footer(offset, comp, data_length, new_block, source, len(ops))
                     done = True
                     break
-                op_type = self._v2_type(type_value, index, offset)
-                if comp not in Compression._value2member_map_:
+                if type_value not in _V2_TYPES:
+                    self._v2_type(type_value, index, offset)  # raises
+                if comp not in _COMPRESSIONS:
                     raise CowFormatError(offset + 1, "compression", f"op #{index} has unknown compression {comp}")
                 if comp:
                     if compression is None:
@@ -452,39 +462,43 @@ class CowReader:
                             f"op #{index} is compressed with {Compression(comp).name.lower()}, earlier ops with "
                             f"{Compression(compression).name.lower()}; a file has one algorithm",
                         )
-                self._check_data_length(op_type, data_length, index, offset)
-                if op_type not in (OpType.LABEL,) and source > SOURCE_MASK:
+                if (data_length if type_value in _NO_DATA_INT else not data_length if type_value in _WITH_DATA_INT
+                        else False) or (type_value == _SEQUENCE and data_length % 4):
+                    self._check_data_length(OpType(type_value), data_length, index, offset)  # raises
+                if source > SOURCE_MASK and type_value != _LABEL:
                     raise CowFormatError(
                         offset + 12, "source-range", f"op #{index} has source {source}, more than 48 bits"
                     )
-                if not self._is_meta(op_type) and new_block > 0xFFFFFFFF:
+                meta = type_value in _META_V2
+                if not meta and new_block > 0xFFFFFFFF:
                     raise CowFormatError(
                         offset + 4, "new-block-range", f"op #{index} writes new block {new_block}, more than 32 bits"
                     )
                 data_offset = None
-                if op_type == OpType.XOR:
+                if type_value == _XOR:
                     data_offset = data_pos
-                elif op_type in (OpType.REPLACE, OpType.SEQUENCE):
+                elif type_value == _REPLACE or type_value == _SEQUENCE:
                     data_offset = source
-                if data_offset is not None:
-                    self._check_data_range(data_offset, data_length, index, offset, limit=size)
-                if op_type == OpType.SEQUENCE:
+                if data_offset is not None and (data_offset < data_start or data_offset + data_length > size):
+                    self._check_data_range(data_offset, data_length, index, offset, limit=size)  # raises
+                if type_value == _SEQUENCE:
                     if seen_data_op:
                         raise CowFormatError(
                             offset, "sequence", f"sequence op #{index} follows data ops; sequence data comes first"
                         )
                     raw = self.read_raw_at(data_offset, data_length)
                     self._sequence.extend(raw, data_offset)
-                elif not self._is_meta(op_type):
+                elif not meta:
                     seen_data_op = True
-                ops.append(op_type, new_block, source, data_length, comp, offset, data_offset)
-                pos += OP_SIZE_V2 + (source if op_type == OpType.CLUSTER else 0 if cluster_ops else data_length)
+                ops.append(type_value, new_block, source, data_length, comp, offset, data_offset)
+                cluster = type_value == _CLUSTER
+                pos += OP_SIZE_V2 + (source if cluster else 0 if cluster_ops else data_length)
                 data_pos += data_length + (
-                    cluster_ops * OP_SIZE_V2 if op_type == OpType.CLUSTER else 0 if cluster_ops else OP_SIZE_V2
+                    cluster_ops * OP_SIZE_V2 if cluster else 0 if cluster_ops else OP_SIZE_V2
                 )
-                if op_type == OpType.CLUSTER:
+                if cluster:
                     break
-                if op_type == OpType.LABEL:
+                if type_value == _LABEL:
                     self.labels.append(source)
                     if label is not None and source == label:
                         done = True
