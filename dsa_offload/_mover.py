@@ -13,7 +13,7 @@ checkpoints. CPU work done inline (below the offload threshold and below
 ``cpu_thread_threshold``) is as cheap as the memcpy it is, and a trio
 checkpoint, even ``checkpoint_if_cancelled``, costs a tenth of a 64 KiB
 copy; so inline work follows one documented rule instead: every inline
-call draws ``max(nbytes, CALL_CHARGE)`` from a credit of
+call draws ``nbytes + CALL_CHARGE`` from a credit of
 ``CHECKPOINT_CREDIT`` bytes, and the call that exhausts it takes a full
 checkpoint (yield to the scheduler, raise ``Cancelled`` if cancelled)
 *before* doing its work. So a cancelled task looping on small operations
@@ -48,6 +48,7 @@ DEFAULT_CPU_THREAD_THRESHOLD = 16 * 1024 * 1024
 # (bytes), each call drawing at least CALL_CHARGE: see the module docstring.
 CHECKPOINT_CREDIT = 8 << 20
 CALL_CHARGE = 8 << 10
+_NOGIL_COPY = _cpu.NOGIL_COPY
 
 
 def _view(buf, what: str, writable: bool = False) -> memoryview:
@@ -194,11 +195,11 @@ class Mover:
         if type(dst) is memoryview and dst.c_contiguous and (type(src) is not memoryview or src.c_contiguous):
             n = dst.nbytes
             if n < self._inline_below:
-                self._credit -= n if n > CALL_CHARGE else CALL_CHARGE
+                self._credit -= n + CALL_CHARGE
                 if self._credit < 0:
                     await self._checkpoint()
                 try:
-                    if n < _cpu.NOGIL_COPY:
+                    if n < _NOGIL_COPY:
                         dst[:] = src
                     else:
                         _cpu.copy(dst, src)
@@ -388,7 +389,7 @@ class Mover:
 
     async def _charge(self, n: int) -> None:
         """Draw ``n`` bytes of inline work from the credit; checkpoint when it runs out."""
-        self._credit -= max(n, CALL_CHARGE)
+        self._credit -= n + CALL_CHARGE
         if self._credit < 0:
             await self._checkpoint()
 
