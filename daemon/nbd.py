@@ -415,9 +415,16 @@ class SocketTransport:
         self.sock.setblocking(False)
         self._buffer = bytearray(RECEIVE_SIZE)
         self._view = memoryview(self._buffer)
+        # After an answer the peer's next request is not there yet (it waited
+        # for the answer): wait before reading instead of a recv that fails.
+        self._answered = False
 
-    async def receive_some(self, max_bytes: int) -> bytes:
+    async def receive_some(self, max_bytes: int):
+        """The next bytes, as a view of this transport's buffer (valid until the next call)."""
         view = self._view[: min(max_bytes, len(self._buffer))]
+        if self._answered:
+            self._answered = False
+            await trio.lowlevel.wait_readable(self.sock)
         while True:
             try:
                 n = self.sock.recv_into(view)
@@ -426,7 +433,7 @@ class SocketTransport:
                 continue
             except (ConnectionResetError, BrokenPipeError):
                 return b""
-            return bytes(view[:n])
+            return view[:n]
 
     async def send_all(self, buffers: list) -> None:
         views = buffers
@@ -438,6 +445,7 @@ class SocketTransport:
                 await trio.lowlevel.wait_writable(self.sock)
                 continue
             if sent == total:
+                self._answered = True
                 return
             skip, rest = sent, []
             for view in views:

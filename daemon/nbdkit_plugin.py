@@ -219,26 +219,62 @@ def can_cache(h):
 
 # -- the channels -------------------------------------------------------------------
 
-class _Channel:
-    """One connected channel and its answer-header buffer (reused by every request)."""
+# send(2) through ctypes.PyDLL: the call keeps the GIL. Sending a 40-byte
+# header never blocks on an idle channel (MSG_DONTWAIT makes sure), and
+# socket.sendmsg would drop and retake the GIL around it: with 32 nbdkit
+# threads contending, each retake is a futex wait and a context switch, and
+# this way a READ takes the GIL twice (the call, the answer) instead of three
+# times. Where ctypes or send() are unavailable, socket.sendmsg does it.
+try:
+    import ctypes
 
-    __slots__ = ("sock", "header", "hview")
+    _libc = ctypes.PyDLL(None, use_errno=True)
+    _c_send = _libc.send
+    _c_send.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _c_send.restype = ctypes.c_ssize_t
+except (ImportError, OSError, AttributeError):  # pragma: no cover - not glibc
+    ctypes = _c_send = None
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_MSG_WAITALL = socket.MSG_WAITALL
+_pack_into = _HEADER.pack_into
+_unpack_from = _HEADER.unpack_from
+
+
+class _Channel:
+    """One connected channel and its header buffer (reused by every request).
+
+    ``header`` is a ctypes array so that :func:`_send_header` can pass its
+    address to send(2); ``hview`` is a byte view of it for ``recv``.
+    """
+
+    __slots__ = ("sock", "fd", "header", "hview", "haddr", "recvmsg_into", "recv_into")
 
     def __init__(self, sock) -> None:
         self.sock = sock
-        self.header = bytearray(HEADER_SIZE)
-        self.hview = memoryview(self.header)
+        self.fd = sock.fileno()
+        if ctypes is not None:
+            self.header = (ctypes.c_char * HEADER_SIZE)()
+            self.haddr = ctypes.addressof(self.header)
+        else:  # pragma: no cover
+            self.header, self.haddr = bytearray(HEADER_SIZE), None
+        self.hview = memoryview(self.header).cast("B")
+        self.recvmsg_into = sock.recvmsg_into
+        self.recv_into = sock.recv_into
 
 
 # Idle connected channels. list.append/pop are atomic under the GIL.
 _pool: list = []
-_seq = iter(range(1 << 63))  # next() on a range iterator is atomic under the GIL
+_pop = _pool.pop
+_push = _pool.append
+_next_seq = iter(range(1 << 63)).__next__  # next() on a range iterator is atomic under the GIL
 
 
 def _connect():
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        # Big enough that a 32 MiB WRITE goes out in a few large pieces.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         sock.connect(cfg.channel)
     except OSError:
         sock.close()
@@ -249,7 +285,7 @@ def _connect():
 def _channel(deadline):
     """An idle channel, or a new one; waits for a daemon until ``deadline``."""
     try:
-        return _pool.pop(), deadline
+        return _pop(), deadline
     except IndexError:
         pass
     while True:
@@ -265,6 +301,21 @@ def _channel(deadline):
             time.sleep(RECONNECT_INTERVAL)
 
 
+def _send_header(chan):
+    """Send the 40 bytes in ``chan.header``, keeping the GIL when the socket takes them at once."""
+    sent = 0
+    if _c_send is not None:
+        sent = _c_send(chan.fd, chan.haddr, HEADER_SIZE, _SEND_FLAGS)
+        if sent == HEADER_SIZE:
+            return
+        if sent < 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                raise OSError(err, os.strerror(err))
+            sent = 0
+    chan.sock.sendall(chan.hview[sent:])
+
+
 def _send_rest(sock, buffers, sent):
     """Continue a ``sendmsg`` of ``buffers`` that sent only ``sent`` bytes."""
     views = [memoryview(b).cast("B") for b in buffers]
@@ -277,15 +328,21 @@ def _send_rest(sock, buffers, sent):
 
 
 def _receive(chan, data):
-    """Receive one answer: its header into ``chan.header``, a READ's data into ``data``."""
-    sock, hview = chan.sock, chan.hview
-    got = sock.recv_into(hview) if data is None else sock.recvmsg_into([hview, data])[0]
-    while 0 < got < HEADER_SIZE:
-        n = sock.recv_into(hview[got:])
-        got = got + n if n else 0
+    """Receive one answer: its header into ``chan.header``, a READ's data into ``data``.
+
+    The first ``recvmsg`` usually brings the whole answer (the daemon sends
+    header and data in one go); what is missing of a large READ is then
+    received in one more call with ``MSG_WAITALL``, straight into ``data``.
+    """
+    got = chan.recv_into(chan.hview) if data is None else chan.recvmsg_into([chan.hview, data])[0]
     if got == 0:
         raise _Broken("the daemon closed the channel")
-    answer = _HEADER.unpack(chan.header)
+    if got < HEADER_SIZE:
+        rest = chan.recv_into(chan.hview[got:], 0, _MSG_WAITALL)
+        if rest != HEADER_SIZE - got:
+            raise _Broken("the daemon closed the channel in an answer header")
+        got = HEADER_SIZE
+    answer = _unpack_from(chan.header)
     if data is None or answer[1] != _SUCCESS:
         if got > HEADER_SIZE:
             raise _Fail(errno.EIO, "the daemon sent data after an error answer")
@@ -295,7 +352,7 @@ def _receive(chan, data):
     if got < length:
         view = memoryview(data).cast("B")  # slices of it are views, never copies
         while got < length:
-            n = sock.recv_into(view[got:])
+            n = chan.recv_into(view[got:], 0, _MSG_WAITALL)
             if not n:
                 raise _Broken("the daemon closed the channel in a READ answer")
             got += n
@@ -307,17 +364,19 @@ def _request(kind, offset, length, flags, payload=None, into=None):
     if offset % SECTOR_SIZE or length % SECTOR_SIZE:
         raise _Fail(errno.EINVAL, f"offset {offset} / length {length} not aligned to {SECTOR_SIZE} bytes")
     sector = offset // SECTOR_SIZE
-    total = HEADER_SIZE + (length if payload is not None else 0)
     deadline = None
     while True:
         chan, deadline = _channel(deadline)
-        seq = next(_seq)
-        head = _HEADER.pack(seq, kind, flags, sector, length)
-        buffers = [head] if payload is None else [head, payload]
+        seq = _next_seq()
         try:
-            sent = chan.sock.sendmsg(buffers)
-            if sent != total:
-                _send_rest(chan.sock, buffers, sent)
+            _pack_into(chan.header, 0, seq, kind, flags, sector, length)
+            if payload is None:
+                _send_header(chan)
+            else:
+                buffers = [chan.hview, payload]
+                sent = chan.sock.sendmsg(buffers)
+                if sent != HEADER_SIZE + length:
+                    _send_rest(chan.sock, buffers, sent)
             answer = _receive(chan, into)
         except (OSError, _Broken) as exc:
             chan.sock.close()
@@ -331,7 +390,7 @@ def _request(kind, offset, length, flags, payload=None, into=None):
         if answer[0] != seq:
             chan.sock.close()
             raise _Fail(errno.EIO, f"the daemon answered seq {answer[0]}, expected {seq}")
-        _pool.append(chan)
+        _push(chan)
         if answer[1] == _SUCCESS:
             return
         if answer[1] == _UNSUPPORTED:
