@@ -81,7 +81,8 @@ def check_unique_rows(table: OpTable, rows, *, op_of=None) -> array:
     """
     op_of = op_of or table.op
     nb, ty, fac = table.new_block, table.type, table.factor
-    keys = sorted([(nb[r] << 32) | r for r in rows])
+    keys = [(nb[r] << 32) | r for r in rows]
+    keys.sort()  # in place: no second list
     ranked = array("I", [k & 0xFFFFFFFF for k in keys])
     del keys
     prev_end, prev = -1, -1

@@ -118,6 +118,9 @@ class MergeResult:
     merged_now: int  # ops this run merged
     total_blocks: int
     resumed_window: bool  # a durable scratch window was written again first
+    #: windows of ordered ops, those that went through the scratch area,
+    #: Replace/Zero batches, fdatasync calls
+    stats: dict = dataclasses.field(default_factory=dict)
 
 
 async def merge_cow(base, cow, *, offload: str = "auto", verify: bool = True, on_progress=None,
@@ -151,11 +154,13 @@ async def merge_cow(base, cow, *, offload: str = "auto", verify: bool = True, on
         if mover is None:
             kwargs = {} if threshold is None else {"threshold": threshold}
             async with open_mover(offload, **kwargs) as opened:
-                now = await MergeEngine(reader, plan, io, opened, state, verify=verify, on_progress=progress).run()
+                engine = MergeEngine(reader, plan, io, opened, state, verify=verify, on_progress=progress)
+                now = await engine.run()
         else:
-            now = await MergeEngine(reader, plan, io, mover, state, verify=verify, on_progress=progress).run()
-        log.info("merged", base=str(base), cow=str(cow), ops=plan.total_ops, this_run=now)
-        return MergeResult(plan.total_ops, before, now, plan.total_blocks, state.pending is not None)
+            engine = MergeEngine(reader, plan, io, mover, state, verify=verify, on_progress=progress)
+            now = await engine.run()
+        log.info("merged", base=str(base), cow=str(cow), ops=plan.total_ops, this_run=now, **engine.stats)
+        return MergeResult(plan.total_ops, before, now, plan.total_blocks, state.pending is not None, engine.stats)
     finally:
         for fd in fds:
             os.close(fd)

@@ -24,8 +24,21 @@ timing so that no earlier writeback is billed to it:
 * The anchor: ``dd bs=1M conv=notrunc,fsync`` writing a file holding the
   same number of changed bytes (the new blocks, page-cached) sequentially
   into a copy of the base: the raw copy rate of those bytes on this
-  filesystem. It runs before and after the merge; the faster of the two is
-  the anchor, so noise from the shared machine does not flatter the ratio.
+  filesystem. dd and the merge alternate (dd, merge, dd, merge, dd, each
+  merge on fresh copies); the fastest dd is the anchor and the fastest
+  merge the figure, and the notes list every run (the machine is shared).
+* ``merge_startup_seconds``: the same command rerun on the merged file
+  (interpreter start, imports, reading and checking the COW file), and
+  ``merge_engine_*`` the merge without it.
+* The sync floor: the merge reports its ``fdatasync`` calls (the
+  protocol's: 4 per window of up to 510 Copy/Xor ops that goes through the
+  scratch area, 2 per other window and per 256 Replace/Zero ops); times the
+  median cost of one 4 KiB write + ``fdatasync`` in the same directory,
+  that is what the protocol costs at the least, and ``dd_vs_sync_floor``
+  the best ``merge_vs_dd`` it allows on this machine.
+* Peak RSS at two sizes: the same kind of COW over a base a quarter of the
+  size is merged too, and ``rss_growth_bytes_per_op`` is the difference of
+  the peaks per op of difference.
 
 The merged base's SHA-256 must equal the target's, or the scenario fails:
 a benchmark of a wrong merge is worthless. Targets (issue #7): merge ≥ 0.5
@@ -37,6 +50,7 @@ since ``bench/run.py`` checks every ratio as a lower bound).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -182,34 +196,88 @@ def _sha256(path: str) -> str:
 
 
 def _child(args: list[str], tmp: str) -> tuple[float, float, str]:
-    """Run ``args`` as a fresh child: (wall seconds, its peak RSS in MiB, its stdout)."""
+    """Run ``args`` as a fresh child: (its wall seconds, its peak RSS in MiB, its stdout).
+
+    The wrapper times the child itself, so its own interpreter start is
+    billed to neither dd nor the merge."""
     out_path = os.path.join(tmp, "child.out")
     rss_path = os.path.join(tmp, "child.rss")
     with open(out_path, "w+") as out:
-        started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", _RSS_WRAPPER, rss_path, *args], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         proc.wait()
-        seconds = time.perf_counter() - started
         out.seek(0)
         text = out.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}: {text[-2000:]}")
     with open(rss_path) as f:
-        return seconds, int(f.read()) / 1024, text.strip()
+        rss, seconds = f.read().split()
+    return float(seconds), int(rss) / 1024, text.strip()
 
 
 # Linux keeps a process's peak RSS across execve, so a child forked from this
 # (large) benchmark process starts with our RSS as its peak. A small wrapper
-# process forks the real child instead and reports that child's own peak.
+# process forks the real child instead and reports that child's own peak and
+# wall time.
 _RSS_WRAPPER = """
-import os, subprocess, sys
+import os, subprocess, sys, time
+started = time.perf_counter()
 proc = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(proc.pid, 0)
+seconds = time.perf_counter() - started
 with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
+    f.write(f"{usage.ru_maxrss} {seconds}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
+
+
+def _sync_cost(tmp: str, rounds: int = 200) -> float:
+    """Median seconds of one ``pwrite`` of 4 KiB + ``fdatasync`` in ``tmp``:
+    the least a sync of the merge's protocol can cost on this filesystem."""
+    path = os.path.join(tmp, "sync.probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, bytes(1 << 20), 0)
+        os.fsync(fd)
+        block = random.Random(1).randbytes(BS)
+        times = []
+        for i in range(rounds):
+            started = time.perf_counter()
+            os.pwrite(fd, block, (i % 256) * BS)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _merge_run(made: dict, tmp: str) -> dict:
+    """One ``dmuserd cow merge`` of fresh copies of ``made``'s base and COW:
+    seconds, peak RSS, what the engine counted (from its ``merged`` log line)."""
+    p = made["paths"]
+    base, cow = os.path.join(tmp, "work.img"), os.path.join(tmp, "work.cow")
+    shutil.copyfile(p["base.img"], base)
+    shutil.copyfile(p["t.cow"], cow)
+    os.sync()
+    cmd = [sys.executable, "-m", "dmuserd", "cow", "merge", "--base", base, cow]
+    seconds, rss, out = _child(cmd, tmp)
+    said = re.search(r"merged (\d+) ops \((\d+) blocks\)", out)
+    if said is None or int(said[2]) != made["blocks"]:
+        raise RuntimeError(f"the merge did not report merging {made['blocks']} blocks: {out[-500:]!r}")
+    stats = {}
+    for line in out.splitlines():
+        if line.startswith("{") and '"merged"' in line:
+            stats = {k: v for k, v in json.loads(line).items() if k in ("windows", "scratch_windows", "batches", "syncs")}
+    merged_sha = _sha256(base)
+    if merged_sha != made["target_sha"]:
+        raise RuntimeError(
+            f"the merged base's SHA-256 {merged_sha} is not the target's {made['target_sha']}: the merge is wrong"
+        )
+    # the fixed cost in the merge's time: interpreter start, imports, reading and checking the COW file
+    startup, _, _ = _child(cmd, tmp)
+    return {"seconds": seconds, "rss": rss, "said": said[0], "stats": stats, "startup": startup, "ops": int(said[1])}
 
 
 def run(quick: bool) -> dict:
@@ -218,65 +286,85 @@ def run(quick: bool) -> dict:
     if shutil.which("dd") is None:
         raise Skip("dd is not installed")
     size = (256 if quick else 1024) << 20
-    merge_cmd = [sys.executable, "-m", "dmuserd", "cow", "merge"]
+    small_size = size // 4
     with tempfile.TemporaryDirectory(prefix="dmuserd-bench-merge-", dir="/var/tmp") as tmp:
-        made = _make_cow(tmp, size, seed=7)
-        p = made["paths"]
-        changed = made["blocks"] * BS
+        made = {}
+        for name, bytes_ in (("small", small_size), ("main", size)):
+            sub = os.path.join(tmp, name)
+            os.mkdir(sub)
+            made[name] = _make_cow(sub, bytes_, seed=7)
+            made[name]["target_sha"] = _sha256(made[name]["paths"]["target.img"])
+        m = made["main"]
+        p = m["paths"]
+        changed = m["blocks"] * BS
         assert os.path.getsize(p["changes.bin"]) == changed
-        target_sha = _sha256(p["target.img"])
         anchor_img = os.path.join(tmp, "anchor.img")
         shutil.copyfile(p["base.img"], anchor_img)
         dd = ["dd", f"if={p['changes.bin']}", f"of={anchor_img}", "bs=1M", "conv=notrunc,fsync", "status=none"]
 
+        dd_runs, merges = [], []
+        for _ in range(2):  # dd, merge, dd, merge, dd: the shared machine's noise shows as a range
+            os.sync()
+            dd_runs.append(_child(dd, tmp)[0])
+            merges.append(_merge_run(m, tmp))
         os.sync()
-        dd_before, _, _ = _child(dd, tmp)
-        os.sync()
-        merge_seconds, merge_rss, merge_out = _child([*merge_cmd, "--base", p["base.img"], p["t.cow"]], tmp)
-        os.sync()
-        dd_after, _, _ = _child(dd, tmp)
-        # the fixed cost in the merge's time: interpreter start, imports, opening the files
-        startup, _, _ = _child([*merge_cmd, "--base", p["base.img"], p["t.cow"]], tmp)
-
-        merged_sha = _sha256(p["base.img"])
-        if merged_sha != target_sha:
-            raise RuntimeError(
-                f"the merged base's SHA-256 {merged_sha} is not the target's {target_sha}: the merge is wrong"
-            )
+        dd_runs.append(_child(dd, tmp)[0])
+        small = _merge_run(made["small"], tmp)
+        sync_cost = _sync_cost(tmp)
         cow_bytes = os.path.getsize(p["t.cow"])
-    said = re.search(r"merged (\d+) ops \((\d+) blocks\)", merge_out)
-    if said is None or int(said[2]) != made["blocks"]:
-        raise RuntimeError(f"the merge did not report merging {made['blocks']} blocks: {merge_out[-500:]!r}")
 
-    dd_seconds = min(dd_before, dd_after)
+    dd_seconds = min(dd_runs)
+    best = min(merges, key=lambda r: r["seconds"])
+    merge_seconds = best["seconds"]
+    engine_seconds = max(merge_seconds - best["startup"], 1e-3)
+    syncs = best["stats"].get("syncs", 0)
     mb = changed / 1e6
+    rss_main, rss_small = max(r["rss"] for r in merges), small["rss"]
+    per_op = (rss_main - rss_small) * (1 << 20) / max(1, best["ops"] - small["ops"])
     figures = {
         "merge_mbps": round(mb / merge_seconds, 1),
         "merge_seconds": round(merge_seconds, 2),
-        "merge_peak_rss_mib": round(merge_rss, 1),
-        "merge_startup_seconds": round(startup, 2),
+        "merge_startup_seconds": round(best["startup"], 2),
+        "merge_engine_mbps": round(mb / engine_seconds, 1),
+        "merge_syncs": syncs,
+        "sync_floor_seconds": round(syncs * sync_cost, 3),
+        "merge_peak_rss_mib": round(rss_main, 1),
+        "merge_peak_rss_mib_quarter_size": round(rss_small, 1),
+        "rss_growth_bytes_per_op": round(per_op, 1),
     }
-    anchors = {"dd_fsync_mbps": round(mb / dd_seconds, 1), "dd_fsync_seconds": round(dd_seconds, 2)}
-    c = made["counts"]
+    anchors = {"dd_fsync_mbps": round(mb / dd_seconds, 1), "dd_fsync_seconds": round(dd_seconds, 3),
+               "fdatasync_4k_ms": round(sync_cost * 1e3, 3)}
+    c = m["counts"]
+    merge_list = ", ".join(f"{r['seconds']:.2f}" for r in merges)
+    dd_list = ", ".join(f"{d:.3f}" for d in dd_runs)
     return {
         "figures": figures,
         "anchors": anchors,
         "ratios": {
             "merge_vs_dd": round(dd_seconds / merge_seconds, 3),
-            "rss_limit_vs_peak_rss": round(RSS_LIMIT_MIB / merge_rss, 3),
+            "merge_engine_vs_dd": round(dd_seconds / engine_seconds, 3),
+            "dd_vs_sync_floor": round(dd_seconds / max(syncs * sync_cost, 1e-6), 3),
+            "rss_limit_vs_peak_rss": round(RSS_LIMIT_MIB / rss_main, 3),
         },
         "targets": TARGETS,
         "units": {
             "merge_mbps": "MB/s of changed bytes", "merge_seconds": "s", "merge_peak_rss_mib": "MiB",
-            "merge_startup_seconds": "s", "dd_fsync_mbps": "MB/s", "dd_fsync_seconds": "s",
+            "merge_startup_seconds": "s", "merge_engine_mbps": "MB/s of changed bytes (merge minus startup)",
+            "merge_syncs": "fdatasync calls", "sync_floor_seconds": "s (syncs x fdatasync_4k)",
+            "merge_peak_rss_mib_quarter_size": "MiB", "rss_growth_bytes_per_op": "B",
+            "dd_fsync_mbps": "MB/s", "dd_fsync_seconds": "s", "fdatasync_4k_ms": "ms (median)",
         },
         "notes": (
             f"{size >> 20} MiB base in /var/tmp; "
-            f"{changed / (1 << 20):.0f} MiB changed ({made['blocks']} blocks): {c['copy']} copy, {c['xor']} xor, "
+            f"{changed / (1 << 20):.0f} MiB changed ({m['blocks']} blocks): {c['copy']} copy, {c['xor']} xor, "
             f"{c['replace']} replace, {c['zero']} zero; v2 uncompressed COW of {cow_bytes >> 20} MiB; "
-            f"merge said: {said[0]}; "
-            f"dd runs {dd_before:.2f} s before and {dd_after:.2f} s after the merge (anchor: the faster); "
-            f"merge time includes {startup:.2f} s of interpreter start and imports (a rerun on the merged file); "
-            f"RSS limit {RSS_LIMIT_MIB} MiB; merged base SHA-256 equals the target's"
+            f"merge said: {best['said']}; engine: {best['stats']}; "
+            f"merge runs {merge_list} s (figures: the fastest), dd runs {dd_list} s (anchor: the fastest); "
+            f"merge time includes {best['startup']:.2f} s of interpreter start, imports and reading the COW "
+            f"(a rerun on the merged file; merge_engine_* leave it out); "
+            f"sync floor: the merge's {syncs} fdatasync calls (the protocol's minimum for these ops) at "
+            f"{sync_cost * 1e3:.2f} ms each, so dd_vs_sync_floor is the best merge_vs_dd this protocol allows here; "
+            f"peak RSS {rss_small:.1f} MiB at {small_size >> 20} MiB ({small['ops']} ops), {rss_main:.1f} MiB at "
+            f"{size >> 20} MiB ({best['ops']} ops); RSS limit {RSS_LIMIT_MIB} MiB; merged base SHA-256 equals the target's"
         ),
     }
