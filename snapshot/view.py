@@ -47,11 +47,15 @@ from collections import OrderedDict
 
 from dmuserd.dsa_offload import _cpu as _cpu_moves
 
-from dmuserd.snapshot._cow_format import CowOp, OpType
+from dmuserd.snapshot._compression import decompress
+from dmuserd.snapshot._cow_format import CowFormatError, CowOp, OpType
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot._cow_writer import xor_bytes
 
 DEFAULT_CACHE_BYTES = 32 << 20
+
+# Stored chunks at most this far apart, within this span, are read with one pread.
+_PREFETCH_GAP, _PREFETCH_SPAN = 16 << 10, 1 << 20
 
 # Kinds of the pieces a read is planned in (see SnapshotView._segments).
 _BASE, _ZERO, _MEMORY, _DATA = range(4)
@@ -244,6 +248,7 @@ class SnapshotView:
                 if 2 * sum(seg[2] for seg in same) >= hi - lo:
                     span = (lo, hi)
                     self._pread_into(out[(lo - first) * bs : (hi - first) * bs], lo * bs)
+            self._prefetch([seg[3][0] for seg in segments if seg[0] == _DATA])
             for kind, at, count, arg in segments:
                 dst = out[(at - first) * bs : (at - first + count) * bs]
                 if kind == _BASE:
@@ -257,7 +262,12 @@ class SnapshotView:
                     op, within = arg
                     data = memoryview(self._chunk(op))[within * bs : (within + count) * bs]
                     if op.type == OpType.XOR:
-                        data = xor_bytes(data, self._read_base(op.source + within * bs, count * bs))
+                        src = op.source + within * bs
+                        if span is not None and src == at * bs and span[0] <= at and at + count <= span[1]:
+                            base = bytes(dst)  # its own block, read with the span and not written since
+                        else:
+                            base = self._read_base(src, count * bs)
+                        data = xor_bytes(data, base)
                     requests.append(("copy", dst, data))
         finally:
             self._leave(epoch)
@@ -336,14 +346,48 @@ class SnapshotView:
                 self._cache.move_to_end(op.index)
                 return data
         data = self.reader.read_data(op)
+        self._cache_put(op.index, data)
+        return data
+
+    def _cache_put(self, index: int, data: bytes) -> None:
         with self._lock:
-            if op.index not in self._cache and len(data) <= self._cache_limit:
-                self._cache[op.index] = data
+            if index not in self._cache and len(data) <= self._cache_limit:
+                self._cache[index] = data
                 self._cache_bytes += len(data)
                 while self._cache_bytes > self._cache_limit:
                     _, old = self._cache.popitem(last=False)
                     self._cache_bytes -= len(old)
-        return data
+
+    def _prefetch(self, ops: list[CowOp]) -> None:
+        """Cache the chunks of ``ops`` reading neighbouring stored data with one
+        pread (a read's Replace ops are usually stored one after another)."""
+        if len(ops) < 2:
+            return
+        with self._lock:
+            todo = sorted({op.index: op for op in ops if op.index not in self._cache}.values(),
+                          key=lambda op: op.data_offset)
+        i = 0
+        while i < len(todo):
+            start = todo[i].data_offset
+            end = start + todo[i].data_length
+            j = i + 1
+            while (j < len(todo) and todo[j].data_offset - end <= _PREFETCH_GAP
+                   and todo[j].data_offset + todo[j].data_length - start <= _PREFETCH_SPAN):
+                end = max(end, todo[j].data_offset + todo[j].data_length)
+                j += 1
+            if j - i > 1:
+                raw = self.reader.read_raw_at(start, end - start)
+                if len(raw) == end - start:  # else the file shrank: _chunk reports it
+                    reader = self.reader
+                    for op in todo[i:j]:
+                        at = op.data_offset - start
+                        try:
+                            data = decompress(reader.compression, reader.version, raw[at : at + op.data_length],
+                                              op.chunk_size, offset=op.data_offset)
+                        except CowFormatError as exc:
+                            raise exc.with_path(reader.path) from None
+                        self._cache_put(op.index, data)
+            i = j
 
     def read_base(self, offset: int, length: int) -> bytes:
         """The base's bytes as they are (once merged, the target's); zeros past its end."""
