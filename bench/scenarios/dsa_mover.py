@@ -4,7 +4,8 @@ against a plain memcpy of the same buffers, and the emulator's round trip.
 The anchor is the cheapest copy Python can do, ``dst[:] = src`` on
 memoryviews (one memcpy), timed on the very buffers the engines copy, in
 two regimes: "hot" (one pair, cache-resident: memcpy at its fastest, so
-the mover's ~1 µs per call shows most) and "cold" (a ring past the LLC:
+the mover's per-call cost, ~0.3 µs, an async call and its
+checks, shows most) and "cold" (a ring past the LLC:
 data from DRAM, as a block device's is). The cpu engine should stay within
 10% of memcpy from 64 KiB up; the emulated
 engine pays a submission, a device thread and a completion per descriptor
