@@ -43,6 +43,7 @@ base is written and to mark blocks merged after each commit.
 from __future__ import annotations
 
 import os
+import time
 from array import array
 from dataclasses import dataclass, field
 
@@ -287,7 +288,7 @@ class MergeEngine:
         self.bs = plan.block_size
         self._header = CowHeader(**{**plan.header.__dict__, "num_merge_ops": state.merged_ops})
         self._raw_ok = _compression.stores_raw_when_equal(reader.compression, reader.version)
-        self.stats = {"windows": 0, "scratch_windows": 0, "batches": 0, "syncs": 0}
+        self.stats = {"windows": 0, "scratch_windows": 0, "batches": 0, "syncs": 0, "sync_seconds": 0.0}
 
     async def run(self) -> int:
         """Merge what is left; returns how many ops this run merged."""
@@ -321,12 +322,12 @@ class MergeEngine:
         first = self.merged_ops
         end = min(first + self.plan.layout.capacity, self.plan.ordered)
         blocks, data, overlap = await trio.to_thread.run_sync(self._read_window, first, end)
+        scratch = None
         if overlap:
-            layout = self.plan.layout
-            entries = layout.entries_bytes(blocks)
+            entries = self.plan.layout.entries_bytes(blocks)
             crc = await self.mover.crc32c(data, await self.mover.crc32c(entries))
-            await trio.to_thread.run_sync(self._write_scratch, entries, data, crc)
-        await self._apply_window(blocks, data)
+            scratch = lambda: self._write_scratch(entries, data, crc)  # noqa: E731
+        await self._apply_window(blocks, data, scratch)
 
     def _read_window(self, first: int, end: int) -> tuple[list[int], bytearray, bool]:
         """New contents of ordered ops ``first..end-1``, read before any is
@@ -380,15 +381,23 @@ class MergeEngine:
         pad = bytes(layout.tag_offset - layout.meta_offset - len(entries))
         io.pwritev("cow", [memoryview(entries), memoryview(pad), memoryview(layout.tag_bytes(crc)),
                            memoryview(data)], layout.meta_offset)
-        io.fsync("cow")
+        self._sync("cow")
         io.pwrite("cow", bytes([STATE_DONE]), layout.state_offset)
-        io.fsync("cow")
+        self._sync("cow")
         self.stats["scratch_windows"] += 1
-        self.stats["syncs"] += 2
 
-    async def _apply_window(self, blocks: list[int], data: bytearray) -> None:
+    def _sync(self, which: str) -> None:
+        started = time.perf_counter()
+        self.io.fsync(which)
+        self.stats["syncs"] += 1
+        self.stats["sync_seconds"] += time.perf_counter() - started
+
+    async def _apply_window(self, blocks: list[int], data: bytearray, scratch=None) -> None:
+        """Write a computed window: readers see it first (online), then
+        ``scratch()`` makes it durable in the scratch area (when it must),
+        then the base is written and committed."""
         await self.hooks.window_ready(blocks, data)
-        await self._write_pieces(data, [(b, 1, i) for i, b in enumerate(blocks)])
+        await self._write_pieces(data, [(b, 1, i) for i, b in enumerate(blocks)], before=scratch)
         self.stats["windows"] += 1
         await self._commit(len(blocks))
 
@@ -416,9 +425,7 @@ class MergeEngine:
                 if t.type[r] == _REPLACE:
                     fill.append((r, view[pos * bs : (pos + n) * bs]))
                 pos += n
-            if fill:
-                await trio.to_thread.run_sync(self._read_chunks, fill)
-            await self._write_pieces(data, pieces)
+            await self._write_pieces(data, pieces, before=(lambda fill=fill: self._read_chunks(fill)) if fill else None)
             k = j
         self.stats["batches"] += 1
         await self._commit(end - first)
@@ -460,10 +467,11 @@ class MergeEngine:
 
     # --- writing the base ---------------------------------------------------------
 
-    async def _write_pieces(self, data: bytearray, pieces: list[tuple[int, int, int]]) -> None:
+    async def _write_pieces(self, data: bytearray, pieces: list[tuple[int, int, int]], *, before=None) -> None:
         """Write ``(new_block, blocks, position in data)`` pieces of ``data`` to
         the base (one ``pwritev`` per run of consecutive new blocks), read
-        them back and compare."""
+        them back and compare. ``before()`` runs first, in the same worker
+        thread call (loading the data, writing the scratch window)."""
         bs = self.bs
         pieces = sorted(pieces)
         runs: list[tuple[int, list[list[int]]]] = []  # (first block, [[position, blocks], ...])
@@ -485,6 +493,8 @@ class MergeEngine:
             return [(block * bs, [v[p * bs : (p + m) * bs] for p, m in spans]) for block, spans in runs]
 
         def write():
+            if before is not None:
+                before()
             for offset, iov in views(data):
                 self.io.pwritev("base", iov, offset)
 
@@ -519,12 +529,11 @@ class MergeEngine:
             record += bytes([STATE_IN_PROGRESS])
 
         def commit():
-            self.io.fsync("base")
+            self._sync("base")
             self.io.pwrite("cow", record, 0)
-            self.io.fsync("cow")
+            self._sync("cow")
 
         await trio.to_thread.run_sync(commit)
-        self.stats["syncs"] += 2
         self.merged_ops += count
         self.hooks.committed(first, self.merged_ops)
         self._progress()
