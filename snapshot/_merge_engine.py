@@ -288,11 +288,16 @@ class MergeEngine:
         self.bs = plan.block_size
         self._header = CowHeader(**{**plan.header.__dict__, "num_merge_ops": state.merged_ops})
         self._raw_ok = _compression.stores_raw_when_equal(reader.compression, reader.version)
-        self.stats = {"windows": 0, "scratch_windows": 0, "batches": 0, "syncs": 0, "sync_seconds": 0.0}
+        #: what this run did: windows of ordered ops (and how many went through
+        #: the scratch area), Replace/Zero batches, fdatasync calls and the
+        #: seconds in them, the seconds of the whole run (set at its end)
+        self.stats = {"windows": 0, "scratch_windows": 0, "batches": 0, "syncs": 0, "sync_seconds": 0.0,
+                      "seconds": 0.0}
 
     async def run(self) -> int:
         """Merge what is left; returns how many ops this run merged."""
         start = self.merged_ops
+        started = time.perf_counter()
         if self._pending is not None:
             window, self._pending = self._pending, None
             layout = self.plan.layout
@@ -310,6 +315,7 @@ class MergeEngine:
                 await self._ordered_window()
             else:
                 await self._unordered_batch()
+        self.stats["seconds"] = time.perf_counter() - started
         return self.merged_ops - start
 
     def _progress(self) -> None:
