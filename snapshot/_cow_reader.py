@@ -82,9 +82,12 @@ class CowReader:
     checking the merge order (resuming a write does, like AOSP).
 
     Attributes: ``header`` (:class:`CowHeader`), ``version`` (major),
-    ``block_size``, ``compression`` (:class:`Compression`), ``ops`` (every
-    op in file order, metadata included, footer excluded), ``data_ops`` (the
-    ops that write blocks), ``labels`` (v2: label ops in order; v3: resume
+    ``block_size``, ``compression`` (:class:`Compression`), ``table`` (every
+    op in file order, metadata included, footer excluded, as packed columns:
+    :class:`OpTable`; row = op index), ``ops`` and ``data_ops`` (the same as
+    :class:`CowOp` objects, all of them / those that write blocks: built on
+    first use, since an object per op costs several times the table;
+    a merge works from :meth:`merge_order_rows` instead), ``labels`` (v2: label ops in order; v3: resume
     point labels), ``sequence`` (sequence data, new blocks), ``footer``
     (v2: ``{"ops_size", "num_ops", "offset"}`` or None), ``data_end`` (end of
     the last op's data, where a writer would continue); v2 also has
