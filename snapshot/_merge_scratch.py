@@ -30,6 +30,8 @@ decides when to write and sync them.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from dataclasses import dataclass
 
 STATE_NONE = 0
@@ -82,10 +84,14 @@ class ScratchLayout:
 
     def entries_bytes(self, new_blocks) -> bytes:
         """The entries for a window of ``new_blocks`` (in order), with the terminator."""
-        out = bytearray()
-        for i, block in enumerate(new_blocks):
-            out += ENTRY.pack(block, self.data_offset + i * self.block_size)
-        return bytes(out + bytes(ENTRY.size))
+        blocks = array("Q", new_blocks)
+        n, start, bs = len(blocks), self.data_offset, self.block_size
+        entries = array("Q", bytes(16 * (n + 1)))  # {new_block, file_offset} pairs, then a zero pair
+        entries[0 : 2 * n : 2] = blocks
+        entries[1 : 2 * n : 2] = array("Q", range(start, start + n * bs, bs))
+        if sys.byteorder == "big":
+            entries.byteswap()
+        return entries.tobytes()
 
     def tag_bytes(self, crc: int) -> bytes:
         return _TAG.pack(CRC_TAG, crc & 0xFFFFFFFF)
