@@ -9,6 +9,9 @@
  *             that trio waits on; reap() hands back what completed.
  *   Op        one submitted descriptor (or batch) and its completion record.
  *   Emulator  the software device (dsa_emu.c).
+ *   Inline    the mover's small CPU copies and fills in one C call, with
+ *             their counters and checkpoint credit; returns DONE (a Done),
+ *             an already-finished awaitable.
  *
  * Why a poller thread: user-space DSA has no interrupt, so something must
  * watch the status bytes; doing it on the trio thread would either stall
@@ -1036,6 +1039,294 @@ static PyTypeObject QueueType = {
     .tp_getset = Queue_getset,
 };
 
+/* ---- Inline: the mover's small CPU copies and fills in one C call ------ */
+
+/* Mover.copy and Mover.fill on work small enough to run inline cost a
+ * coroutine, a trio-free credit check and a memcpy in Python: ~0.3 us, a
+ * quarter of a cache-hot 64 KiB copy. Inline.copy / Inline.fill do the
+ * same work in one C call and return DONE, an already-finished awaitable,
+ * so `await mover.copy(dst, src)` creates no coroutine.
+ *
+ * Whatever they do not handle themselves they hand, arguments unchanged, to
+ * the Python method given at construction (which checks and names the
+ * problem, takes the checkpoint, or sends the work to a device or thread),
+ * and return its coroutine: any argument that is not a contiguous buffer
+ * (writable for dst) of equal lengths, work of `below` bytes or more, a
+ * fill pattern other than a byte value or 1/2/4/8 bytes, a closed mover,
+ * and the call whose charge would exhaust the checkpoint credit (the Python
+ * path then draws it, checkpoints and resets it: one rule, one counter).
+ * The counters, credit and limits are plain members the Python side reads
+ * and writes. Buffers are held (exported) only for the duration of the
+ * call; from `nogil` bytes the memcpy runs without the GIL. */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t credit; /* bytes of inline work left before a checkpoint */
+    Py_ssize_t charge; /* drawn per call on top of its bytes */
+    Py_ssize_t below;  /* inline only work smaller than this */
+    Py_ssize_t nogil;  /* release the GIL from this size */
+    Py_ssize_t ops, nbytes; /* inline calls done and their bytes (either path) */
+    char closed;
+    PyObject *slow_copy, *slow_fill;
+} InlineObject;
+
+/* The already-finished awaitable: __await__ returns itself, an iterator
+ * that is exhausted at once (StopIteration, value None). send/throw/close
+ * make it a collections.abc.Coroutine, so trio (start_soon,
+ * from_thread.run) accepts it like a coroutine object. Stateless: one
+ * shared instance. */
+typedef struct {
+    PyObject_HEAD
+} DoneObject;
+
+static PyObject *Done_self(PyObject *self) { return Py_NewRef(self); }
+static PyObject *Done_next(PyObject *self) { return NULL; /* StopIteration(None), no exception object */ }
+static PyObject *Done_send(PyObject *self, PyObject *value)
+{
+    PyErr_SetNone(PyExc_StopIteration);
+    return NULL;
+}
+static PyObject *Done_throw(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+        return NULL;
+    }
+    PyObject *typ = args[0], *val = nargs > 1 ? args[1] : Py_None;
+    if (PyExceptionInstance_Check(typ))
+        PyErr_SetObject(PyExceptionInstance_Class(typ), typ);
+    else if (PyExceptionClass_Check(typ))
+        PyErr_SetObject(typ, val == Py_None ? NULL : val);
+    else
+        PyErr_SetString(PyExc_TypeError, "exceptions must be classes or instances deriving from BaseException");
+    return NULL;
+}
+static PyObject *Done_close(PyObject *self, PyObject *unused) { Py_RETURN_NONE; }
+static PyObject *Done_repr(PyObject *self) { return PyUnicode_FromString("<dmuserd.dsa_offload._dsa.DONE>"); }
+
+static PyAsyncMethods Done_async = {.am_await = Done_self};
+
+static PyMethodDef Done_methods[] = {
+    {"send", (PyCFunction)Done_send, METH_O, "raise StopIteration: the work is already done"},
+    {"throw", (PyCFunction)(void (*)(void))Done_throw, METH_FASTCALL, "raise the given exception"},
+    {"close", (PyCFunction)Done_close, METH_NOARGS, "nothing to close"},
+    {NULL}};
+
+static PyTypeObject DoneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmuserd.dsa_offload._dsa.Done",
+    .tp_basicsize = sizeof(DoneObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An awaitable whose work is already finished (await gives None).",
+    .tp_as_async = &Done_async,
+    .tp_iter = Done_self,
+    .tp_iternext = Done_next,
+    .tp_methods = Done_methods,
+    .tp_repr = Done_repr,
+};
+
+static DoneObject done_singleton = {PyObject_HEAD_INIT(&DoneType)};
+#define DONE ((PyObject *)&done_singleton)
+
+static int Inline_init(InlineObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"slow_copy", "slow_fill", "credit", "charge", "nogil", "below", NULL};
+    PyObject *copy, *fill;
+    Py_ssize_t credit = 0, charge = 0, nogil = PY_SSIZE_T_MAX, below = PY_SSIZE_T_MAX;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$nnnn:Inline", kwlist, &copy, &fill, &credit, &charge, &nogil,
+                                     &below))
+        return -1;
+    if (!PyCallable_Check(copy) || !PyCallable_Check(fill)) {
+        PyErr_SetString(PyExc_TypeError, "Inline: slow_copy and slow_fill must be callable");
+        return -1;
+    }
+    Py_XSETREF(self->slow_copy, Py_NewRef(copy));
+    Py_XSETREF(self->slow_fill, Py_NewRef(fill));
+    self->credit = credit;
+    self->charge = charge;
+    self->nogil = nogil;
+    self->below = below;
+    return 0;
+}
+
+static int Inline_traverse(InlineObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->slow_copy);
+    Py_VISIT(self->slow_fill);
+    return 0;
+}
+
+static int Inline_clear(InlineObject *self)
+{
+    Py_CLEAR(self->slow_copy);
+    Py_CLEAR(self->slow_fill);
+    return 0;
+}
+
+static void Inline_dealloc(InlineObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Inline_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Draw the call's charge from the credit; 0 when it would run out (the
+ * Python path then charges, checkpoints and resets). */
+static inline int draw_credit(InlineObject *self, Py_ssize_t n)
+{
+    Py_ssize_t need = n + self->charge;
+    if (self->credit < need)
+        return 0;
+    self->credit -= need;
+    return 1;
+}
+
+static PyObject *slow(PyObject *fn, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (!fn) {
+        PyErr_SetString(PyExc_RuntimeError, "Inline used before __init__");
+        return NULL;
+    }
+    return PyObject_Vectorcall(fn, args, nargsf, kwnames);
+}
+
+static PyObject *Inline_copy(InlineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_buffer d, s;
+    if (nargs != 2 || kwnames || self->closed)
+        goto slow;
+    if (PyObject_GetBuffer(args[0], &d, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        goto slow;
+    }
+    if (d.len >= self->below) {
+        PyBuffer_Release(&d);
+        goto slow;
+    }
+    if (PyObject_GetBuffer(args[1], &s, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyBuffer_Release(&d);
+        goto slow;
+    }
+    if (s.len != d.len || !draw_credit(self, d.len)) {
+        PyBuffer_Release(&s);
+        PyBuffer_Release(&d);
+        goto slow;
+    }
+    if (d.len >= self->nogil) {
+        Py_BEGIN_ALLOW_THREADS
+        memmove(d.buf, s.buf, d.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        memmove(d.buf, s.buf, d.len);
+    }
+    self->ops++;
+    self->nbytes += d.len;
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&d);
+    return Py_NewRef(DONE);
+slow:
+    return slow(self->slow_copy, args, nargs, kwnames);
+}
+
+/* byte i of dst = pattern[i % 8], by doubling copies from the start. */
+static void fill_pattern(uint8_t *dst, Py_ssize_t n, const uint8_t pattern[8])
+{
+    uint64_t p;
+    memcpy(&p, pattern, 8);
+    if (p == 0x0101010101010101ull * pattern[0]) {
+        memset(dst, pattern[0], n);
+        return;
+    }
+    Py_ssize_t done = n < 256 ? n : 256;
+    for (Py_ssize_t i = 0; i < done; i++)
+        dst[i] = pattern[i & 7];
+    while (done < n) { /* every copy is a multiple of 8 long, so the phase holds */
+        Py_ssize_t step = done < n - done ? done : n - done;
+        memcpy(dst + done, dst, step);
+        done += step;
+    }
+}
+
+static PyObject *Inline_fill(InlineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    uint8_t pattern[8] = {0};
+    Py_buffer d;
+    if (nargs < 1 || nargs > 2 || kwnames || self->closed)
+        goto slow;
+    if (nargs == 2) {
+        PyObject *p = args[1];
+        if (PyBytes_CheckExact(p)) {
+            Py_ssize_t k = PyBytes_GET_SIZE(p);
+            if (k != 1 && k != 2 && k != 4 && k != 8)
+                goto slow;
+            for (int i = 0; i < 8; i++)
+                pattern[i] = (uint8_t)PyBytes_AS_STRING(p)[i % k];
+        } else if (PyLong_Check(p)) {
+            long v = PyLong_AsLong(p);
+            if (v < 0 || v > 255) {
+                PyErr_Clear();
+                goto slow;
+            }
+            memset(pattern, (int)v, 8);
+        } else {
+            goto slow;
+        }
+    }
+    if (PyObject_GetBuffer(args[0], &d, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        goto slow;
+    }
+    if (d.len == 0 || d.len >= self->below || !draw_credit(self, d.len)) {
+        PyBuffer_Release(&d);
+        goto slow;
+    }
+    if (d.len >= self->nogil) {
+        Py_BEGIN_ALLOW_THREADS
+        fill_pattern(d.buf, d.len, pattern);
+        Py_END_ALLOW_THREADS
+    } else {
+        fill_pattern(d.buf, d.len, pattern);
+    }
+    self->ops++;
+    self->nbytes += d.len;
+    PyBuffer_Release(&d);
+    return Py_NewRef(DONE);
+slow:
+    return slow(self->slow_fill, args, nargs, kwnames);
+}
+
+static PyMethodDef Inline_methods[] = {
+    {"copy", (PyCFunction)(void (*)(void))Inline_copy, METH_FASTCALL | METH_KEYWORDS,
+     "copy(dst, src) -> DONE after an inline memmove, else slow_copy(dst, src)"},
+    {"fill", (PyCFunction)(void (*)(void))Inline_fill, METH_FASTCALL | METH_KEYWORDS,
+     "fill(dst, pattern=b'\\0') -> DONE after an inline fill, else slow_fill(dst, pattern)"},
+    {NULL}};
+
+static PyMemberDef Inline_members[] = {
+    {"credit", T_PYSSIZET, offsetof(InlineObject, credit), 0, "bytes of inline work left before a checkpoint"},
+    {"charge", T_PYSSIZET, offsetof(InlineObject, charge), 0, "bytes drawn per call on top of its size"},
+    {"below", T_PYSSIZET, offsetof(InlineObject, below), 0, "inline only work smaller than this"},
+    {"nogil", T_PYSSIZET, offsetof(InlineObject, nogil), 0, "release the GIL from this size"},
+    {"ops", T_PYSSIZET, offsetof(InlineObject, ops), 0, "inline operations done"},
+    {"nbytes", T_PYSSIZET, offsetof(InlineObject, nbytes), 0, "bytes of inline operations done"},
+    {"closed", T_BOOL, offsetof(InlineObject, closed), 0, "hand every call to the Python path"},
+    {NULL}};
+
+static PyTypeObject InlineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmuserd.dsa_offload._dsa.Inline",
+    .tp_basicsize = sizeof(InlineObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Inline(slow_copy, slow_fill, *, credit=0, charge=0, nogil=max, below=max): the mover's inline copy and "
+              "fill in C, with their counters and checkpoint credit",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Inline_init,
+    .tp_dealloc = (destructor)Inline_dealloc,
+    .tp_traverse = (traverseproc)Inline_traverse,
+    .tp_clear = (inquiry)Inline_clear,
+    .tp_methods = Inline_methods,
+    .tp_members = Inline_members,
+};
+
 /* ---- module functions ------------------------------------------------- */
 
 static PyObject *build_descriptor(PyObject *self, PyObject *args, PyObject *kw)
@@ -1125,7 +1416,8 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_dsa", "DSA work 
 
 PyMODINIT_FUNC PyInit__dsa(void)
 {
-    if (PyType_Ready(&EmulatorType) < 0 || PyType_Ready(&OpType) < 0 || PyType_Ready(&QueueType) < 0)
+    if (PyType_Ready(&EmulatorType) < 0 || PyType_Ready(&OpType) < 0 || PyType_Ready(&QueueType) < 0 ||
+        PyType_Ready(&DoneType) < 0 || PyType_Ready(&InlineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
@@ -1133,6 +1425,8 @@ PyMODINIT_FUNC PyInit__dsa(void)
     if (PyModule_AddObjectRef(m, "Emulator", (PyObject *)&EmulatorType) < 0 ||
         PyModule_AddObjectRef(m, "Op", (PyObject *)&OpType) < 0 ||
         PyModule_AddObjectRef(m, "Queue", (PyObject *)&QueueType) < 0 ||
+        PyModule_AddObjectRef(m, "Inline", (PyObject *)&InlineType) < 0 ||
+        PyModule_AddObjectRef(m, "Done", (PyObject *)&DoneType) < 0 || PyModule_AddObjectRef(m, "DONE", DONE) < 0 ||
         PyModule_AddIntConstant(m, "PORTAL_SIZE", PORTAL_SIZE) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -23,10 +23,27 @@ calls (16 MiB of copying: about 0.3 ms from cache, 1.6 ms from DRAM),
 other tasks wait at most that long, and a call
 that raised ``Cancelled`` at that point did nothing. A single small call in
 a cancelled scope may complete, like a trio ``*_nowait`` operation.
+
+The inline fast path in C. Even the leanest ``async def`` costs about as
+much as that checkpoint, so when the extension is built, ``mover.copy`` and
+``mover.fill`` are the extension's ``Inline.copy``/``Inline.fill``: one C
+call that checks the buffers, draws the credit, does the memcpy/fill,
+counts it, and returns an already-finished awaitable (no coroutine).
+Anything it does not handle itself (bad or non-contiguous buffers, work of
+``_inline.below`` bytes or more, the call that would exhaust the credit, a
+closed mover) it hands unchanged to the Python methods below, which check,
+checkpoint and dispatch exactly as without the extension. The credit, the
+limits and the inline counters live in that one object (``self._inline``;
+a :class:`_InlineState` without the extension), so both paths follow one
+rule and :meth:`Mover.stats` stays exact. Because the work is done when the
+call returns, ``mover.copy(dst, src)`` copies even if never awaited; the
+result is still a ``collections.abc.Coroutine``, so trio's ``start_soon``
+and ``from_thread.run`` accept it.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Any, Sequence
 
@@ -51,6 +68,22 @@ DEFAULT_CPU_THREAD_THRESHOLD = 16 * 1024 * 1024
 CHECKPOINT_CREDIT = 16 << 20
 CALL_CHARGE = 8 << 10
 _NOGIL_COPY = _cpu.NOGIL_COPY
+
+
+class _InlineState:
+    """The inline path's state without the extension: what its ``Inline`` holds.
+
+    ``credit`` (bytes left before a checkpoint), ``below`` (inline only work
+    smaller than this), ``ops``/``nbytes`` (inline work done), ``closed``.
+    """
+
+    __slots__ = ("credit", "below", "ops", "nbytes", "closed")
+
+    def __init__(self) -> None:
+        self.credit = CHECKPOINT_CREDIT
+        self.below = sys.maxsize
+        self.ops = self.nbytes = 0
+        self.closed = False
 
 
 def _view(buf, what: str, writable: bool = False) -> memoryview:
@@ -141,15 +174,21 @@ class Mover:
         self.engine = engine
         self._threshold = threshold
         self._cpu_thread_threshold = cpu_thread_threshold
-        self._update_inline_limit()
         self.emulator = emulator  # the emulated device, for tests and stats
         # Plain ints, not a Counter: they are bumped on every call. The
-        # inline copy path counts only its own two (stats() adds them up).
+        # inline path counts only its own two (stats() adds them up).
         self._ops = self._offloaded_ops = self._cpu_ops = self._cpu_bytes = 0
-        self._inline_ops = self._inline_bytes = 0
         self._fallbacks: Counter[str] = Counter()
         self._closed = False
-        self._credit = CHECKPOINT_CREDIT
+        inline = getattr(extension(), "Inline", None)
+        if inline is None:
+            self._inline = _InlineState()
+        else:  # see "The inline fast path in C" in the module docstring
+            cls = type(self)
+            self._inline = inline(cls.copy.__get__(self), cls.fill.__get__(self), credit=CHECKPOINT_CREDIT,
+                                  charge=CALL_CHARGE, nogil=_NOGIL_COPY)
+            self.copy, self.fill = self._inline.copy, self._inline.fill
+        self._update_inline_limit()
 
     @property
     def threshold(self) -> int:
@@ -172,10 +211,11 @@ class Mover:
         self._update_inline_limit()
 
     def _update_inline_limit(self) -> None:
-        # Sizes below this copy inline on the CPU with no policy decision left.
-        inf = float("inf")
-        self._inline_below = min(self._threshold if self._device else inf,
-                                 inf if self._cpu_thread_threshold is None else self._cpu_thread_threshold)
+        # Sizes below this run inline on the CPU with no policy decision left.
+        top = sys.maxsize
+        self._inline.below = max(0, min(self._threshold if self._device else top,
+                                        top if self._cpu_thread_threshold is None else self._cpu_thread_threshold,
+                                        top))
 
     @property
     def queue(self):
@@ -188,17 +228,21 @@ class Mover:
         """Copy ``src`` into ``dst`` (same length; overlap allowed).
 
         Inline (small) copies check for cancellation by the credit rule of
-        the module docstring, not on every call.
+        the module docstring, not on every call. With the extension built,
+        ``mover.copy`` is its C ``Inline.copy``, which hands this method
+        whatever it does not do itself.
         """
-        # The hot path: a contiguous memoryview destination small enough to
-        # copy inline. The slice assignment itself checks writability, length
-        # and format (raising before it writes anything); when it refuses, the
-        # validating path below names the problem or casts the views.
+        # The hot path without the extension: a contiguous memoryview
+        # destination small enough to copy inline. The slice assignment
+        # itself checks writability, length and format (raising before it
+        # writes anything); when it refuses, the validating path below names
+        # the problem or casts the views.
+        inline = self._inline
         if type(dst) is memoryview and dst.c_contiguous and (type(src) is not memoryview or src.c_contiguous):
             n = dst.nbytes
-            if n < self._inline_below:
-                self._credit -= n + CALL_CHARGE
-                if self._credit < 0:
+            if n < inline.below:
+                inline.credit -= n + CALL_CHARGE
+                if inline.credit < 0:
                     await self._checkpoint()
                 try:
                     if n < _NOGIL_COPY:
@@ -208,22 +252,27 @@ class Mover:
                 except (TypeError, ValueError):
                     pass
                 else:
-                    self._inline_ops += 1
-                    self._inline_bytes += n
+                    inline.ops += 1
+                    inline.nbytes += n
                     return
         dst, src = _view(dst, "dst", True), _view(src, "src")
         _same_length("copy", dst, src)
         n = len(dst)
-        if n < self._inline_below:
+        if n < inline.below:
             await self._charge(n)
             _cpu.copy(dst, src)
-            self._inline_ops += 1
-            self._inline_bytes += n
+            inline.ops += 1
+            inline.nbytes += n
             return
         await self._execute(_ops.Copy(dst, src))
 
     async def fill(self, dst, pattern: bytes | int = b"\0") -> None:
-        """Fill ``dst`` with a 1, 2, 4 or 8-byte pattern (or a byte value)."""
+        """Fill ``dst`` with a 1, 2, 4 or 8-byte pattern (or a byte value).
+
+        With the extension built, ``mover.fill`` is its C ``Inline.fill``
+        (small fills, counted as inline work), which hands this method
+        whatever it does not do itself.
+        """
         await self._execute(_fill(dst, pattern))
 
     async def compare(self, a, b) -> int | None:
@@ -290,7 +339,7 @@ class Mover:
         taken = set(packed)
         # What runs on the CPU in this thread runs here, one after another:
         # a task per small operation would cost more than the operations.
-        inline = [i for i, op in enumerate(ops) if i not in taken and op.nbytes() < self._inline_below]
+        inline = [i for i, op in enumerate(ops) if i not in taken and op.nbytes() < self._inline.below]
         if inline:
             await self._charge(sum(ops[i].nbytes() for i in inline))
             reason = "below_threshold" if device else None
@@ -391,12 +440,13 @@ class Mover:
 
     async def _charge(self, n: int) -> None:
         """Draw ``n`` bytes of inline work from the credit; checkpoint when it runs out."""
-        self._credit -= n + CALL_CHARGE
-        if self._credit < 0:
+        inline = self._inline
+        inline.credit -= n + CALL_CHARGE
+        if inline.credit < 0:
             await self._checkpoint()
 
     async def _checkpoint(self) -> None:
-        self._credit = CHECKPOINT_CREDIT
+        self._inline.credit = CHECKPOINT_CREDIT
         await trio.lowlevel.checkpoint()
 
     # -- state -----------------------------------------------------------
@@ -404,15 +454,16 @@ class Mover:
     def stats(self) -> dict:
         """Counters for ``dmuserd status``: what ran where, and why not on the device."""
         fallbacks = dict(self._fallbacks)
-        if self._device and self._inline_ops:
-            fallbacks["below_threshold"] = fallbacks.get("below_threshold", 0) + self._inline_ops
+        inline_ops, inline_bytes = self._inline.ops, self._inline.nbytes
+        if self._device and inline_ops:
+            fallbacks["below_threshold"] = fallbacks.get("below_threshold", 0) + inline_ops
         out = {
             "engine": self.engine,
             "threshold": self.threshold,
-            "ops": self._ops + self._inline_ops,
+            "ops": self._ops + inline_ops,
             "offloaded_ops": self._offloaded_ops,
-            "cpu_ops": self._cpu_ops + self._inline_ops,
-            "cpu_bytes": self._cpu_bytes + self._inline_bytes,
+            "cpu_ops": self._cpu_ops + inline_ops,
+            "cpu_bytes": self._cpu_bytes + inline_bytes,
             "fallbacks": fallbacks,
         }
         if self._device:
@@ -431,13 +482,13 @@ class Mover:
         """Wait for in-flight descriptors (they may still write our buffers), then close."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._inline.closed = True
         if self._device:
             await self._device.aclose()
 
     def close(self) -> None:
         """Synchronous close: blocks until the device is done with every buffer."""
-        self._closed = True
+        self._closed = self._inline.closed = True
         if self._device:
             self._device.queue.close()
 
