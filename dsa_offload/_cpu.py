@@ -13,7 +13,7 @@ import struct
 
 import crc32c as _crc32c
 
-from dmuserd.dsa_offload._errors import DeltaRecordError
+from dmuserd.dsa_offload._errors import DeltaRecordError, DsaArgumentError
 from dmuserd.dsa_offload._native import extension
 from dmuserd.dsa_offload._spec import DELTA_ENTRY, DELTA_GRANULE, Status
 
@@ -88,11 +88,12 @@ def rotate(pattern: bytes, phase: int) -> bytes:
 
 def expand_pattern(pattern: bytes | int) -> bytes:
     """Accept 1, 2, 4 or 8 bytes (or a byte value) and return 8 bytes."""
-    if isinstance(pattern, int):
-        pattern = bytes([pattern])
-    pattern = bytes(pattern)
+    try:
+        pattern = bytes([pattern]) if isinstance(pattern, int) else bytes(pattern)
+    except (TypeError, ValueError) as exc:
+        raise DsaArgumentError(f"a fill pattern is a byte value (0-255) or 1, 2, 4 or 8 bytes, not {pattern!r}") from exc
     if len(pattern) not in (1, 2, 4, 8):
-        raise ValueError("a fill pattern is 1, 2, 4 or 8 bytes")
+        raise DsaArgumentError(f"a fill pattern is 1, 2, 4 or 8 bytes, not {len(pattern)}")
     return pattern * (8 // len(pattern))
 
 

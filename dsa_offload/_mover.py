@@ -400,17 +400,19 @@ class Mover:
     async def _execute(self, op: _ops.Operation):
         if self._closed:
             raise DsaArgumentError("the mover is closed")
-        self._ops += 1
         if op.finished:
             await trio.lowlevel.checkpoint_if_cancelled()
+            self._ops += 1
             return op.result()
-        if self._device is None:
-            return await self._cpu(op, None)
-        if op.nbytes() < self.threshold:
-            return await self._cpu(op, "below_threshold")
-        reason = self._device_reason(op)
-        if reason:
-            return await self._cpu(op, reason)
+        # Work done on the CPU is counted once done: a call cancelled at its
+        # checkpoint did nothing and counts nothing (as on the inline path).
+        reason = None if self._device is None else "below_threshold" if op.nbytes() < self.threshold \
+            else self._device_reason(op)
+        if self._device is None or reason:
+            result = await self._cpu(op, reason)
+            self._ops += 1
+            return result
+        self._ops += 1
         self._offloaded_ops += 1
         mt = self._device.max_transfer
         if not op.splittable or op.nbytes() <= mt:
@@ -424,12 +426,12 @@ class Mover:
     async def _cpu(self, op: _ops.Operation, reason: str | None):
         """Finish ``op`` on the CPU (``reason``: why not on the device)."""
         n = op.nbytes()
-        self._count_cpu(n, reason)
         if self.cpu_thread_threshold is not None and n >= self.cpu_thread_threshold:
             await trio.to_thread.run_sync(op.cpu)
-            return op.result()
-        await self._charge(n)
-        op.cpu()
+        else:
+            await self._charge(n)
+            op.cpu()
+        self._count_cpu(n, reason)
         return op.result()
 
     def _count_cpu(self, n: int, reason: str | None) -> None:

@@ -1,6 +1,7 @@
 """``dmuserd dsa info``: what DSA offload can do on this machine, and why not.
 
-Reports whether the C extension is built, the CPU's submission instructions,
+Reports whether the C extension is built (and so which code runs the
+mover's small copies and fills), the CPU's submission instructions,
 every work queue sysfs shows with the reasons it is or is not usable, and
 the engine ``open_mover("auto")`` would pick.
 """
@@ -32,6 +33,9 @@ def gather(sysfs: str | None = None, devdir: str | None = None) -> dict:
             "path": getattr(ext, "__file__", None),
             "error": _native.load_error(),
         },
+        # Which code runs the mover's small copies and fills (every engine's).
+        "inline": ("C (_dsa.Inline: copy and fill below the inline limit in one call)" if ext else
+                   "Python (the extension is not built: copy and fill run as async Python methods)"),
         "cpu": ext.cpu_features() if ext else None,
         "sysfs": _discovery.roots(sysfs, devdir)[0],
         "queues": [q.as_dict() for q in queues],
@@ -47,6 +51,7 @@ def info_command(args) -> int:
         return 0
     ext = report["extension"]
     print(f"extension: {'built (' + ext['path'] + ')' if ext['available'] else 'not available: ' + str(ext['error'])}")
+    print(f"inline copy/fill: {report['inline']}")
     if report["cpu"]:
         print("cpu: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["cpu"].items()))
     if not report["queues"]:
