@@ -7,6 +7,9 @@
 Engines: ``dsa`` (a real work queue), ``emulated`` (the C extension's
 software device behind the same submission code), ``cpu`` (no extension
 needed). ``auto`` is ``dsa`` where a usable queue opens, else ``cpu``.
+On every engine, copies and fills small enough to run inline on the CPU
+are one C call when the extension is built (``dmuserd dsa info`` says
+which), async Python methods otherwise; see ``_mover``.
 """
 
 from dmuserd.dsa_offload._blocking import MOVER, BlockingMover, run_with_mover
