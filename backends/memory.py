@@ -43,15 +43,14 @@ class MemoryBackend(Backend):
         index, start = divmod(offset, CHUNK)
         if start + length <= CHUNK:  # the common case: one chunk
             chunk = self._chunks.get(index)
-            return bytes(length) if chunk is None else bytes(chunk[start : start + length])
-        out = bytearray(length)
-        pos = 0
-        for index, start, stop in self._spans(offset, length):
-            chunk = self._chunks.get(index)
-            if chunk is not None:
-                out[pos : pos + stop - start] = memoryview(chunk)[start:stop]  # one copy, not two
-            pos += stop - start
-        return out
+            return bytes(length) if chunk is None else bytes(memoryview(chunk)[start : start + length])
+        # One copy into immutable bytes, which the dm-user model then takes
+        # without copying again (and no zero-filled buffer to copy into).
+        zeros = memoryview(_ZERO_CHUNK)
+        return b"".join(
+            zeros[: stop - start] if (chunk := self._chunks.get(index)) is None else memoryview(chunk)[start:stop]
+            for index, start, stop in self._spans(offset, length)
+        )
 
     async def write(self, offset, data, fua=False):
         view = memoryview(data).cast("B")

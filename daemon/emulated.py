@@ -53,6 +53,9 @@ from dmuserd.protocol import (
 
 log = structlog.get_logger("dmuserd.channel")
 
+_QUEUED, _DONE = BioState.QUEUED, BioState.DONE
+_READ = RequestType.READ
+
 
 class _Wakeup:
     """An event that can be waited on again and again."""
@@ -154,29 +157,26 @@ class EmulatedDmUser:
 
         Raises ``OSError(EIO)`` when the BIO fails, as the block layer would.
         """
-        done = None
-
-        def completed(_bio) -> None:
-            if done is not None:
-                done.set()
-
-        bio = Bio(kind, offset // SECTOR_SIZE, length, flags=flags, data=data, on_complete=completed)
+        bio = Bio(kind, offset // SECTOR_SIZE, length, flags, data)
         self._submitting = True
         try:
             self.target.submit(bio, trio.current_time())
         finally:
             self._submitting = False
         # Serve messages until ours has been taken by some channel.
-        while bio.state is BioState.QUEUED:
+        while bio.state is _QUEUED:
             if not await self._serve_inline():
                 self._readable.fire()  # the inline channel cannot: wake the others
                 break
-        if not bio.done:
+        if bio.state is not _DONE:
+            # Another channel owns it now. Nothing completes it before the
+            # await below (one thread), so the callback can be set this late.
             done = trio.Event()
+            bio.on_complete = lambda _bio: done.set()
             await done.wait()
         if bio.error:
             raise OSError(bio.error, f"dm-user {kind.name} at {offset}+{length} failed")
-        return bio.data if kind == RequestType.READ else None
+        return bio.data if kind == _READ else None
 
     async def _serve_inline(self) -> bool:
         """Read the next message on the inline channel, answer it; False if it could not."""
@@ -185,11 +185,13 @@ class EmulatedDmUser:
             return False
         try:
             # One whole message, with no await in between: see the module doc.
-            while (request := conn.next_event()) is NEED_DATA:
+            while True:
                 data = channel.read(conn.need_bytes)
                 if data is WOULD_BLOCK:
                     return False
                 conn.receive_data(data)
+                if (request := conn.next_event()) is not NEED_DATA:
+                    break
         except KernelError:
             return False
         except ProtocolError as exc:
