@@ -165,9 +165,15 @@ class EmulatedDmUser:
             self._submitting = False
         # Serve messages until ours has been taken by some channel.
         while bio.state is _QUEUED:
-            if not await self._serve_inline():
+            request = self._take_inline()
+            if request is None:
                 self._readable.fire()  # the inline channel cannot: wake the others
                 break
+            response = await self.dispatcher.handle(request)
+            channel = self._inline
+            if channel is not None and not channel.closed:  # else closing failed the message
+                for buffer in self._inline_conn.send_response(response):
+                    channel.write_all(buffer)
         if bio.state is not _DONE:
             # Another channel owns it now. Nothing completes it before the
             # await below (one thread), so the callback can be set this late.
@@ -178,29 +184,26 @@ class EmulatedDmUser:
             raise OSError(bio.error, f"dm-user {kind.name} at {offset}+{length} failed")
         return bio.data if kind == _READ else None
 
-    async def _serve_inline(self) -> bool:
-        """Read the next message on the inline channel, answer it; False if it could not."""
+    def _take_inline(self):
+        """Read the next whole message on the inline channel: its Request, or None if none can be read.
+
+        No ``await`` happens in here, so no other task's message interleaves
+        (see the module doc); the caller writes the whole response the same way.
+        """
         channel, conn = self._inline, self._inline_conn
         if channel is None or channel.closed:
-            return False
+            return None
         try:
-            # One whole message, with no await in between: see the module doc.
             while True:
                 data = channel.read(conn.need_bytes)
                 if data is WOULD_BLOCK:
-                    return False
+                    return None
                 conn.receive_data(data)
                 if (request := conn.next_event()) is not NEED_DATA:
-                    break
+                    return request
         except KernelError:
-            return False
+            return None
         except ProtocolError as exc:
             log.error("closing the inline channel: the kernel model broke the protocol", error=str(exc))
             channel.close()
-            return False
-        response = await self.dispatcher.handle(request)
-        if channel.closed:
-            return True  # torn down meanwhile: closing failed the message
-        for buffer in conn.send_response(response):
-            channel.write_all(buffer)
-        return True
+            return None

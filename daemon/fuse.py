@@ -35,6 +35,8 @@ from dmuserd.protocol import Flag, RequestType
 
 log = structlog.get_logger("dmuserd.fuse")
 
+_READ = RequestType.READ
+
 
 class FuseExportError(DmuserdError):
     """The FUSE export could not be set up (mountpoint busy, no /dev/fuse...)."""
@@ -302,7 +304,11 @@ class _OpsMixin:
 
     async def read(self, fh, off, size):
         try:
-            return await read_range(self._entry(fh), off, size)
+            entry = self._entry(fh)
+            if size and not (off % entry.block_size or size % entry.block_size) and off + size <= entry.size:
+                # Whole blocks, the usual case (a loop device's I/O): one coroutine less.
+                return await entry.device.submit(_READ, off, size)
+            return await read_range(entry, off, size)
         except OSError as exc:
             raise self.pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
