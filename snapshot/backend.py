@@ -22,8 +22,8 @@ Serving: each read is planned by :meth:`SnapshotView.gather` (base runs read
 straight into the reply) and completed by the target's data mover, one
 batch per read: Replace/Xor data and window blocks copied into place, zero
 runs filled. The mover's counters are ``describe()["mover"]``
-(``dmuserd status --json``: ``targets.NAME.mover``; a merge's own mover is
-``targets.NAME.merge.mover``).
+(``dmuserd status --json``: ``targets.NAME.mover``; the online merge uses
+the same mover, so ``targets.NAME.merge.mover`` shows the same counters).
 
 Online merge: :attr:`SnapshotBackend.merge` is the target's
 :class:`~dmuserd.snapshot.merge_control.MergeControl`. Once the merge is
@@ -80,9 +80,10 @@ class SnapshotBackend(Backend):
             raise
         self._paths = {"base": str(base), "cow": str(cow)}
         try:
-            self.merge = MergeControl(self.reader, self.view, base, cow, offload=offload,
-                                      trust_progress=merged, unfinished=label is not None)
             self.mover = _open_mover(offload)
+            # One mover for serving and merging (a dedicated DSA queue has room for one opener).
+            self.merge = MergeControl(self.reader, self.view, base, cow, offload=offload, mover=self.mover,
+                                      trust_progress=merged, unfinished=label is not None)
         except BaseException:
             self.view.close()
             self.reader.close()

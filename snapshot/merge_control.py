@@ -42,20 +42,23 @@ class MergeControl:
     """The online merge of one snapshot backend; see the module doc.
 
     ``reader``/``view`` are the backend's; ``base``/``cow`` the paths;
-    ``offload`` the data mover engine; ``trust_progress`` False when the
+    ``offload`` the data mover engine, or ``mover`` an open data mover to
+    share (the serving target's: a dedicated DSA queue takes one opener, so
+    serving and merging must not each open their own); ``trust_progress`` False when the
     backend was told the base holds no merge progress (``merged=no``),
     which forbids merging, as does ``unfinished`` (read up to a label). Reads the COW's merge state at once: a durable
     scratch window of an interrupted merge is served from memory right
     away, so reads are right before the merge resumes.
     """
 
-    def __init__(self, reader, view, base, cow, *, offload: str = "auto", trust_progress: bool = True,
+    def __init__(self, reader, view, base, cow, *, offload: str = "auto", mover=None, trust_progress: bool = True,
                  unfinished: bool = False) -> None:
         self.reader = reader
         self.view = view
         self.base = str(base)
         self.cow = str(cow)
         self.offload = offload
+        self._shared_mover = mover
         self._mover = None  # the data mover of the running (or last) merge
         self.state = "not-started"
         self.error: str | None = None
@@ -168,9 +171,13 @@ class MergeControl:
                                       f"{self.merged_ops}: something else merged it meanwhile; restart the target")
             log.info("online merge", cow=self.cow, base=self.base, merged_ops=self.merged_ops,
                      ops=self._plan.total_ops)
-            async with open_mover(self.offload) as mover:
-                self._mover = mover
-                await MergeEngine(self.reader, self._plan, io, mover, state, hooks=_Hooks(self)).run()
+            if self._shared_mover is not None:
+                self._mover = self._shared_mover
+                await MergeEngine(self.reader, self._plan, io, self._mover, state, hooks=_Hooks(self)).run()
+            else:
+                async with open_mover(self.offload) as mover:
+                    self._mover = mover
+                    await MergeEngine(self.reader, self._plan, io, mover, state, hooks=_Hooks(self)).run()
             self.state = "merged"
             log.info("online merge done", cow=self.cow, base=self.base)
         except (DmuserdError, OSError) as exc:
