@@ -90,7 +90,7 @@ class SnapshotBackend(Backend):
             raise
         structlog.get_logger().info(
             "snapshot opened", **self._paths, size=self.size, cow_version=self.reader.version,
-            compression=self.reader.compression.name.lower(), ops=len(self.reader.data_ops),
+            compression=self.reader.compression.name.lower(), ops=self.reader.data_op_count,
         )
 
     @classmethod
@@ -148,7 +148,7 @@ class SnapshotBackend(Backend):
             **self._paths,
             "cow_version": self.reader.version,
             "compression": self.reader.compression.name.lower(),
-            "ops": len(self.reader.data_ops),
+            "ops": self.reader.data_op_count,
             "merge": self.merge.describe(),
             "mover": self.mover.stats(),
         }
