@@ -68,6 +68,9 @@ class DaemonConnection:
     def __init__(self, *, max_io: int = DEFAULT_MAX_IO) -> None:
         self.max_io = max_io
         self._buffer = bytearray()
+        # A WRITE's payload that arrived as one immutable bytes, kept as it is
+        # (the model and our FUSE export hand over payloads that way).
+        self._whole_payload: bytes | None = None
         self._header: tuple | None = None  # the fields of a header whose payload is due
         # seq -> the request it answers, for requests handed out and not answered.
         self._outstanding: dict[int, Request] = {}
@@ -86,15 +89,22 @@ class DaemonConnection:
         """
         if self._header is None:
             return max(HEADER_SIZE - len(self._buffer), 1)
+        if self._whole_payload is not None:
+            return 1
         return max(self._header[4] - len(self._buffer), 1)  # the header's len
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet turned into a request."""
-        return len(self._buffer)
+        return len(self._buffer) + (0 if self._whole_payload is None else len(self._whole_payload))
 
     def receive_data(self, data) -> None:
         """Add bytes read from the channel (any chunk size, including empty)."""
+        header = self._header
+        if (header is not None and not self._buffer and self._whole_payload is None and type(data) is bytes
+                and len(data) == header[4]):
+            self._whole_payload = data  # exactly the payload due: no copy in, none out
+            return
         self._buffer += data
 
     def next_event(self):
@@ -116,9 +126,11 @@ class DaemonConnection:
         seq, rtype, flags, sector, length = header
         payload = None
         if rtype == _WRITE:
-            if len(buffer) < length:
+            if self._whole_payload is not None:
+                payload, self._whole_payload = self._whole_payload, None
+            elif len(buffer) < length:
                 return NEED_DATA
-            if len(buffer) == length:  # the usual case: one copy, not two
+            elif len(buffer) == length:  # one copy, not two
                 payload = bytes(buffer)
                 buffer.clear()
             else:

@@ -105,6 +105,21 @@ def test_need_data_until_write_payload_complete():
     assert request.payload == b"x" * 1023 + b"y"
 
 
+def test_write_payload_received_whole_is_taken_as_is():
+    conn = DaemonConnection()
+    payload = pattern(1024, 3)
+    conn.receive_data(pack(7, RequestType.WRITE, 0, 16, 1024))
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(payload)  # exactly the payload due, as bytes
+    conn.receive_data(pack(8, RequestType.READ, 0, 0, 512))  # the next message follows
+    assert conn.buffered == 1024 + 40
+    first = conn.next_event()
+    assert first.seq == 7 and first.payload is payload  # no copy
+    second = conn.next_event()
+    assert second.seq == 8 and second.type is RequestType.READ and second.payload is None
+    assert conn.next_event() is NEED_DATA and conn.buffered == 0
+
+
 def test_empty_receive_is_harmless():
     conn = DaemonConnection()
     conn.receive_data(b"")
