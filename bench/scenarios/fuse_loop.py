@@ -229,6 +229,20 @@ def _fio(device: str, name: str, args: list[str]) -> dict:
     return job
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fio_with_cpu(server: _Server, device: str, name: str, args: list[str]) -> tuple[dict, float]:
+    """Run a read job; return fio's read figures and the server's CPU seconds per second meanwhile."""
+    cpu0, t0 = _cpu_seconds(server.proc.pid), time.monotonic()
+    read = _fio(device, name, args)["read"]
+    return read, (_cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
+
+
 def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
     """Start ``server``, prefill, run both jobs; return (figures, extra info)."""
     device = None
@@ -239,12 +253,16 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
         prefill = _fio(device, "prefill", ["--rw=write", "--bs=1M", "--iodepth=8"])
         info["prefill_mb_s"] = round(prefill["write"]["bw_bytes"] / 1e6, 1)
         timed = [f"--ramp_time={ramp}", f"--runtime={runtime}", "--time_based"]
-        rand = _fio(device, "randread", JOBS["randread"] + timed)["read"]
-        seq = _fio(device, "seqread", JOBS["seqread"] + timed)["read"]
+        rand, rand_cpu = _fio_with_cpu(server, device, "randread", JOBS["randread"] + timed)
+        seq, seq_cpu = _fio_with_cpu(server, device, "seqread", JOBS["seqread"] + timed)
         figures = {
             "iops": round(rand["iops"]),
             "mb_s": round(seq["bw_bytes"] / 1e6, 1),
             "randread_clat_p99_us": round(rand["clat_ns"]["percentile"].get("99.000000", 0) / 1000, 1),
+            # The server's CPU per request (all its threads, user + system):
+            # less disturbed by other load on the machine than the rates.
+            "randread_cpu_us_per_req": round(rand_cpu / rand["iops"] * 1e6, 1) if rand["iops"] else None,
+            "seqread_cpu_us_per_req": round(seq_cpu / seq["iops"] * 1e6, 1) if seq["iops"] else None,
         }
         if isinstance(server, _Dmuserd):
             target = server.status()["targets"]["disk"]
@@ -321,7 +339,11 @@ def run(quick: bool) -> dict:
         if not any(p.startswith(str(workdir) + "/") for p in _mount_points()):
             shutil.rmtree(workdir, ignore_errors=True)
 
-    best = {name: {"iops": max(s["iops"] for s in runs), "mb_s": max(s["mb_s"] for s in runs)}
+    best = {name: {"iops": max(s["iops"] for s in runs), "mb_s": max(s["mb_s"] for s in runs),
+                   "randread_cpu": min((s["randread_cpu_us_per_req"] for s in runs if s["randread_cpu_us_per_req"]),
+                                       default=None),
+                   "seqread_cpu": min((s["seqread_cpu_us_per_req"] for s in runs if s["seqread_cpu_us_per_req"]),
+                                      default=None)}
             for name, runs in samples.items()}
     figures = {"dmuserd_4k_randread_iops": best["dmuserd"]["iops"],
                "dmuserd_1m_seqread_mb_s": best["dmuserd"]["mb_s"]}
@@ -337,6 +359,13 @@ def run(quick: bool) -> dict:
             ratios[f"throughput_vs_{name}"] = round(best["dmuserd"]["mb_s"] / best[name]["mb_s"], 3)
     for key in (*figures, *anchors):
         units[key] = "IOPS" if key.endswith("_iops") else "MB/s"
+    # CPU per request of each server: the anchors' over dmuserd's is what
+    # the rate ratios would be if each server had a core to itself.
+    cpu = {name: {"randread_4k": b["randread_cpu"], "seqread_1m": b["seqread_cpu"]} for name, b in best.items()}
+    for job in ("randread_4k", "seqread_1m"):
+        ours, bare = cpu["dmuserd"][job], cpu.get("bare_pyfuse3", {}).get(job)
+        if ours and bare:
+            ratios[f"cpu_per_request_{job}_bare_pyfuse3_over_dmuserd"] = round(bare / ours, 3)
 
     notes[:0] = [
         f"fio libaio --direct=1 on loop (--direct-io=on) over each server's FUSE file (1 GiB); "
@@ -353,6 +382,7 @@ def run(quick: bool) -> dict:
         "ratios": ratios,
         "targets": {k: v for k, v in TARGETS.items() if k in ratios},
         "units": units,
+        "cpu_us_per_request": cpu,
         "samples": samples,
         "notes": "; ".join(notes),
     }
