@@ -7,6 +7,8 @@ to tell it is serving (:meth:`ready`).
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import time
@@ -66,3 +68,24 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, all threads (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_fio(name: str, target: list[str], args: list[str]) -> dict:
+    """Run one fio job (``target``: its engine and file or URI options); return fio's job report."""
+    result = run_command(["fio", f"--name={name}", *target, "--output-format=json", *args], timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"fio {name} failed ({result.returncode}): {result.stderr.strip() or result.stdout[-500:]}")
+    text = result.stdout
+    job = json.loads(text[text.index("{"):])["jobs"][0]  # fio may print warnings before the JSON
+    if job.get("error"):
+        raise RuntimeError(f"fio {name}: error {job['error']}")
+    return job

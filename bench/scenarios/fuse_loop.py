@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import ServerProcess, log_tail, run_command
+from bench.servers import ServerProcess, cpu_seconds, run_command, run_fio
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s via loop → FUSE: dmuserd vs bare pyfuse3 vs qemu-storage-daemon"
 
@@ -216,31 +216,14 @@ def _detach_loop(device: str) -> None:
 
 
 def _fio(device: str, name: str, args: list[str]) -> dict:
-    cmd = ["fio", f"--name={name}", f"--filename={device}", "--ioengine=libaio", "--direct=1",
-           f"--size={REGION}", "--output-format=json", *args]
-    result = run_command(cmd, timeout=600)
-    if result.returncode != 0:
-        raise RuntimeError(f"fio {name} failed ({result.returncode}): {result.stderr.strip() or result.stdout[-500:]}")
-    text = result.stdout
-    report = json.loads(text[text.index("{"):])  # fio may print warnings before the JSON
-    job = report["jobs"][0]
-    if job.get("error"):
-        raise RuntimeError(f"fio {name}: error {job['error']}")
-    return job
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads (``/proc/PID/stat``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return run_fio(name, [f"--filename={device}", "--ioengine=libaio", "--direct=1", f"--size={REGION}"], args)
 
 
 def _fio_with_cpu(server: _Server, device: str, name: str, args: list[str]) -> tuple[dict, float]:
     """Run a read job; return fio's read figures and the server's CPU seconds per second meanwhile."""
-    cpu0, t0 = _cpu_seconds(server.proc.pid), time.monotonic()
+    cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
     read = _fio(device, name, args)["read"]
-    return read, (_cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
+    return read, (cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
 
 
 def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:

@@ -49,7 +49,7 @@ import tempfile
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import ServerProcess, log_tail, run_command
+from bench.servers import ServerProcess, cpu_seconds, run_command, run_fio
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd vs nbdkit python vs nbdkit memory"
 
@@ -156,26 +156,8 @@ class _Dmuserd(_Server):
                 pass
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _fio(uri: str, name: str, args: list[str]) -> dict:
-    cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", f"--size={REGION}",
-           "--output-format=json", *args]
-    result = run_command(cmd, timeout=600)
-    if result.returncode != 0:
-        raise RuntimeError(f"fio {name} failed ({result.returncode}): {result.stderr.strip() or result.stdout[-500:]}")
-    text = result.stdout
-    job = json.loads(text[text.index("{"):])["jobs"][0]
-    if job.get("error"):
-        raise RuntimeError(f"fio {name}: error {job['error']}")
-    return job
+    return run_fio(name, ["--ioengine=nbd", f"--uri={uri}", f"--size={REGION}"], args)
 
 
 def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
@@ -186,11 +168,11 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
         info["prefill_mb_s"] = round(prefill["write"]["bw_bytes"] / 1e6, 1)
         timed = [f"--ramp_time={ramp}", f"--runtime={runtime}", "--time_based"]
         pids = server.pids()
-        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         rand = _fio(server.uri, "randread", JOBS["randread"] + timed)["read"]
         requests = rand["total_ios"] or 1
         # CPU per randread request of each process (fio's ramp included, so a little high).
-        info["cpu_us_per_4k_read"] = {name: round((_cpu_seconds(pid) - before[name]) / requests * 1e6, 1)
+        info["cpu_us_per_4k_read"] = {name: round((cpu_seconds(pid) - before[name]) / requests * 1e6, 1)
                                       for name, pid in pids.items()}
         seq = _fio(server.uri, "seqread", JOBS["seqread"] + timed)["read"]
         figures = {
