@@ -35,6 +35,23 @@ def run(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kwargs)
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def daemon_status(control) -> dict:
+    """``dmuserd status --json`` of the daemon at control socket ``control``."""
+    return json.loads(run(*DMUSERD, "status", "--json", "--control-socket", control).stdout)
+
+
 class ServedDaemon:
     """A ``dmuserd serve`` subprocess with one FUSE-exported target."""
 
@@ -67,8 +84,7 @@ class ServedDaemon:
         return Path(self.log.name).read_text()
 
     def status(self) -> dict:
-        out = run(*DMUSERD, "status", "--json", "--control-socket", self.control)
-        return json.loads(out.stdout)
+        return daemon_status(self.control)
 
     def attach_loop(self, direct_io: bool = True) -> str:
         args = ["losetup", "--find", "--show"] + (["--direct-io=on"] if direct_io else []) + [self.path]
@@ -77,14 +93,7 @@ class ServedDaemon:
         return device
 
     def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
     def cleanup(self) -> None:
         for device in self.loops:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import DMUSERD, run
+from daemon_harness import DMUSERD, daemon_status, run, terminate
 
 
 def need_nbd_tools(*tools: str) -> None:
@@ -74,8 +74,7 @@ class NbdDaemon:
         return events
 
     def status(self) -> dict:
-        out = run(*DMUSERD, "status", "--json", "--control-socket", self.control)
-        return json.loads(out.stdout)
+        return daemon_status(self.control)
 
     def requests(self) -> dict:
         return self.status()["targets"]["disk"]["requests"]
@@ -86,14 +85,7 @@ class NbdDaemon:
         self.proc.wait()
 
     def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
 
 class NbdSession:
