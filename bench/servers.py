@@ -89,3 +89,27 @@ def run_fio(name: str, target: list[str], args: list[str]) -> dict:
     if job.get("error"):
         raise RuntimeError(f"fio {name}: error {job['error']}")
     return job
+
+
+def compare_rates(samples: dict[str, list[dict]], ours: str = "dmuserd") -> dict:
+    """Figures, anchors, ratios and units of a 4 KiB IOPS + 1 MiB MB/s scenario.
+
+    ``samples`` maps each server to its rounds (``{"iops": ..., "mb_s": ...}``);
+    each server's best round counts, since interference on a shared machine
+    only ever lowers a figure. Ratios are ``ours`` over each other server.
+    """
+    best = {name: {"iops": max(s["iops"] for s in runs), "mb_s": max(s["mb_s"] for s in runs)}
+            for name, runs in samples.items()}
+    figures = {f"{ours}_4k_randread_iops": best[ours]["iops"], f"{ours}_1m_seqread_mb_s": best[ours]["mb_s"]}
+    anchors, ratios = {}, {}
+    for name, figure in best.items():
+        if name == ours:
+            continue
+        anchors[f"{name}_4k_randread_iops"] = figure["iops"]
+        anchors[f"{name}_1m_seqread_mb_s"] = figure["mb_s"]
+        if figure["iops"]:
+            ratios[f"iops_vs_{name}"] = round(best[ours]["iops"] / figure["iops"], 3)
+        if figure["mb_s"]:
+            ratios[f"throughput_vs_{name}"] = round(best[ours]["mb_s"] / figure["mb_s"], 3)
+    units = {key: "IOPS" if key.endswith("_iops") else "MB/s" for key in (*figures, *anchors)}
+    return {"figures": figures, "anchors": anchors, "ratios": ratios, "units": units}

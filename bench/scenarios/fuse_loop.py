@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import ServerProcess, cpu_seconds, run_command, run_fio
+from bench.servers import ServerProcess, compare_rates, cpu_seconds, run_command, run_fio
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s via loop → FUSE: dmuserd vs bare pyfuse3 vs qemu-storage-daemon"
 
@@ -322,30 +322,14 @@ def run(quick: bool) -> dict:
         if not any(p.startswith(str(workdir) + "/") for p in _mount_points()):
             shutil.rmtree(workdir, ignore_errors=True)
 
-    best = {name: {"iops": max(s["iops"] for s in runs), "mb_s": max(s["mb_s"] for s in runs),
-                   "randread_cpu": min((s["randread_cpu_us_per_req"] for s in runs if s["randread_cpu_us_per_req"]),
-                                       default=None),
-                   "seqread_cpu": min((s["seqread_cpu_us_per_req"] for s in runs if s["seqread_cpu_us_per_req"]),
-                                      default=None)}
-            for name, runs in samples.items()}
-    figures = {"dmuserd_4k_randread_iops": best["dmuserd"]["iops"],
-               "dmuserd_1m_seqread_mb_s": best["dmuserd"]["mb_s"]}
-    anchors, ratios, units = {}, {}, {}
-    for name in servers:
-        if name == "dmuserd":
-            continue
-        anchors[f"{name}_4k_randread_iops"] = best[name]["iops"]
-        anchors[f"{name}_1m_seqread_mb_s"] = best[name]["mb_s"]
-        if best[name]["iops"]:
-            ratios[f"iops_vs_{name}"] = round(best["dmuserd"]["iops"] / best[name]["iops"], 3)
-        if best[name]["mb_s"]:
-            ratios[f"throughput_vs_{name}"] = round(best["dmuserd"]["mb_s"] / best[name]["mb_s"], 3)
-    for key in (*figures, *anchors):
-        units[key] = "IOPS" if key.endswith("_iops") else "MB/s"
+    compared = compare_rates(samples)
+    ratios = compared["ratios"]
     # CPU per request of each server: the anchors' over dmuserd's is what
     # the rate ratios would be if each server had a core to itself.
-    cpu = {name: {"randread_4k": b["randread_cpu"], "seqread_1m": b["seqread_cpu"]} for name, b in best.items()}
-    for job in ("randread_4k", "seqread_1m"):
+    cpu_keys = {"randread_4k": "randread_cpu_us_per_req", "seqread_1m": "seqread_cpu_us_per_req"}
+    cpu = {name: {job: min((s[key] for s in runs if s[key]), default=None) for job, key in cpu_keys.items()}
+           for name, runs in samples.items()}
+    for job in cpu_keys:
         ours, bare = cpu["dmuserd"][job], cpu.get("bare_pyfuse3", {}).get(job)
         if ours and bare:
             ratios[f"cpu_per_request_{job}_bare_pyfuse3_over_dmuserd"] = round(bare / ours, 3)
@@ -360,11 +344,8 @@ def run(quick: bool) -> dict:
         "prefill MB/s: " + ", ".join(f"{n} {i.get('prefill_mb_s')}" for n, i in infos.items()),
     ]
     return {
-        "figures": figures,
-        "anchors": anchors,
-        "ratios": ratios,
+        **compared,
         "targets": {k: v for k, v in TARGETS.items() if k in ratios},
-        "units": units,
         "cpu_us_per_request": cpu,
         "samples": samples,
         "notes": "; ".join(notes),

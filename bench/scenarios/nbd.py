@@ -49,7 +49,7 @@ import tempfile
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import ServerProcess, cpu_seconds, run_command, run_fio
+from bench.servers import ServerProcess, compare_rates, cpu_seconds, run_command, run_fio
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd vs nbdkit python vs nbdkit memory"
 
@@ -217,21 +217,7 @@ def run(quick: bool) -> dict:
                 infos[name] = info
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    best = {name: {"iops": max(s["iops"] for s in runs), "mb_s": max(s["mb_s"] for s in runs)}
-            for name, runs in samples.items()}
-    figures = {"dmuserd_4k_randread_iops": best["dmuserd"]["iops"],
-               "dmuserd_1m_seqread_mb_s": best["dmuserd"]["mb_s"]}
-    anchors, ratios = {}, {}
-    for name in SERVERS:
-        if name == "dmuserd":
-            continue
-        anchors[f"{name}_4k_randread_iops"] = best[name]["iops"]
-        anchors[f"{name}_1m_seqread_mb_s"] = best[name]["mb_s"]
-        if best[name]["iops"]:
-            ratios[f"iops_vs_{name}"] = round(best["dmuserd"]["iops"] / best[name]["iops"], 3)
-        if best[name]["mb_s"]:
-            ratios[f"throughput_vs_{name}"] = round(best["dmuserd"]["mb_s"] / best[name]["mb_s"], 3)
-    units = {key: "IOPS" if key.endswith("_iops") else "MB/s" for key in (*figures, *anchors)}
+    compared = compare_rates(samples)
     notes = [
         f"fio --ioengine=nbd (one connection) on a Unix socket; 1 GiB RAM disks, prefilled and read over the first "
         f"{REGION >> 20} MiB; randread 4k QD32, seqread 1M QD4; {ramp} s ramp + {runtime} s per job, "
@@ -242,11 +228,8 @@ def run(quick: bool) -> dict:
         "CPU µs per 4k read: " + ", ".join(f"{n} {i.get('cpu_us_per_4k_read')}" for n, i in infos.items()),
     ]
     return {
-        "figures": figures,
-        "anchors": anchors,
-        "ratios": ratios,
+        **compared,
         "targets": TARGETS,
-        "units": units,
         "samples": samples,
         "cpu_us_per_4k_read": {n: i.get("cpu_us_per_4k_read") for n, i in infos.items()},
         "notes": "; ".join(notes),
