@@ -196,27 +196,6 @@ async def test_a_cancelled_loop_of_small_calls_stops_within_the_documented_bound
     assert mover.stats()["cpu_ops"] == calls
 
 
-async def test_a_loop_of_fast_fills_lets_other_tasks_run(ext):
-    mover = open_mover("cpu")
-    dst = bytearray(65536)
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await trio.sleep(0)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ticker)
-        await trio.sleep(0)
-        start = ticks
-        for _ in range(10 * (CHECKPOINT_CREDIT // (65536 + CALL_CHARGE) + 1)):  # >= 10 checkpoints
-            await mover.fill(dst, 7)
-        assert ticks - start >= 5  # about one tick per checkpoint
-        nursery.cancel_scope.cancel()
-
-
 async def test_buffers_are_released_after_every_call(ext):
     mover = open_mover("cpu")
     dst, src = bytearray(100), bytearray(b"s" * 100)
