@@ -1,10 +1,5 @@
 """The CPU engine: works without the extension, agrees with the crc32c package, stays fair."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import crc32c
 import trio
@@ -13,13 +8,9 @@ import pytest
 
 from dmuserd.dsa_offload import DsaArgumentError, open_mover
 from dmuserd.dsa_offload._mover import CALL_CHARGE, CHECKPOINT_CREDIT
+from no_extension import run_without_extension
 
-WITHOUT_EXTENSION = textwrap.dedent("""
-    import json, sys, trio
-    sys.modules["dmuserd.dsa_offload._dsa"] = None  # as if it had never been built
-    from dmuserd.dsa_offload import auto_choice, open_mover
-    from dmuserd.dsa_offload.commands import gather
-
+WITHOUT_EXTENSION_MAIN = """
     async def main():
         mover = open_mover("auto")
         src = bytes(range(256)) * 1000
@@ -33,16 +24,11 @@ WITHOUT_EXTENSION = textwrap.dedent("""
             emulated = type(exc).__name__
         return {"engine": mover.engine, "copied": dst == src, "crc": crc, "emulated": emulated,
                 "info": gather()}
-
-    print(json.dumps(trio.run(main)))
-""")
+"""
 
 
 def test_everything_but_the_device_works_without_the_extension():
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "DMUSERD_LOG_LEVEL": "error"})
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_without_extension(WITHOUT_EXTENSION_MAIN)
     assert report["engine"] == "cpu" and report["copied"]
     assert report["crc"] == crc32c.crc32c(bytes(range(256)) * 1000, 5)
     assert report["emulated"] == "DsaUnavailable"

@@ -8,12 +8,8 @@ are the extension's C methods when it is built. Both share one state object
 """
 
 import collections.abc
-import json
-import os
 import random
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import trio
@@ -22,6 +18,7 @@ from hypothesis import strategies as st
 
 from dmuserd.dsa_offload import DsaArgumentError, Mover, open_mover
 from dmuserd.dsa_offload._mover import CALL_CHARGE, CHECKPOINT_CREDIT
+from no_extension import run_without_extension
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -244,12 +241,7 @@ async def test_a_closed_mover_refuses_fills_on_both_paths(ext):
         await Mover.fill(mover, bytearray(8))
 
 
-WITHOUT_EXTENSION = textwrap.dedent("""
-    import json, sys, trio
-    sys.modules["dmuserd.dsa_offload._dsa"] = None  # as if it had never been built
-    from dmuserd.dsa_offload import open_mover
-    from dmuserd.dsa_offload.commands import gather
-
+WITHOUT_EXTENSION_MAIN = """
     async def main():
         mover = open_mover("cpu")
         dst = bytearray(4096)
@@ -259,16 +251,11 @@ WITHOUT_EXTENSION = textwrap.dedent("""
         s = mover.stats()
         return {"inline": type(mover._inline).__name__, "filled": dst == b"ab" * 2048,
                 "counts": [s["ops"], s["cpu_ops"], s["cpu_bytes"]], "info": gather()}
-
-    print(json.dumps(trio.run(main)))
-""")
+"""
 
 
 def test_without_the_extension_the_python_path_counts_the_same_and_info_says_so():
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "DMUSERD_LOG_LEVEL": "error"})
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_without_extension(WITHOUT_EXTENSION_MAIN)
     assert report["inline"] == "_InlineState" and report["filled"]
     assert report["counts"] == [200, 200, 200 * 4096]
     assert "python" in report["info"]["inline"].lower()
