@@ -15,6 +15,14 @@ import time
 from pathlib import Path
 
 
+#: The two read jobs of the FUSE and NBD scenarios, the same for every server
+#: (4 KiB random reads at queue depth 32 → IOPS, 1 MiB sequential → MB/s).
+READ_JOBS = {
+    "randread": ["--rw=randread", "--bs=4k", "--iodepth=32", "--norandommap", "--randrepeat=0"],
+    "seqread": ["--rw=read", "--bs=1M", "--iodepth=4"],
+}
+
+
 def run_command(args: list[str], *, timeout: float = 120.0) -> subprocess.CompletedProcess:
     """Run a tool to completion, capturing its output; never raises on its exit code."""
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)

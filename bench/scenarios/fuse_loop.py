@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import ServerProcess, compare_rates, cpu_seconds, run_command, run_fio
+from bench.servers import READ_JOBS, ServerProcess, compare_rates, cpu_seconds, run_command, run_fio
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s via loop → FUSE: dmuserd vs bare pyfuse3 vs qemu-storage-daemon"
 
@@ -65,10 +65,6 @@ REGION = 256 << 20  # prefilled, and the span every read job covers
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
-JOBS = {
-    "randread": ["--rw=randread", "--bs=4k", "--iodepth=32", "--norandommap", "--randrepeat=0"],
-    "seqread": ["--rw=read", "--bs=1M", "--iodepth=4"],
-}
 SERVERS = ("bare_pyfuse3", "dmuserd", "qemu_storage_daemon")
 TARGETS = {"iops_vs_bare_pyfuse3": 0.9, "throughput_vs_bare_pyfuse3": 0.9}
 
@@ -236,8 +232,8 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
         prefill = _fio(device, "prefill", ["--rw=write", "--bs=1M", "--iodepth=8"])
         info["prefill_mb_s"] = round(prefill["write"]["bw_bytes"] / 1e6, 1)
         timed = [f"--ramp_time={ramp}", f"--runtime={runtime}", "--time_based"]
-        rand, rand_cpu = _fio_with_cpu(server, device, "randread", JOBS["randread"] + timed)
-        seq, seq_cpu = _fio_with_cpu(server, device, "seqread", JOBS["seqread"] + timed)
+        rand, rand_cpu = _fio_with_cpu(server, device, "randread", READ_JOBS["randread"] + timed)
+        seq, seq_cpu = _fio_with_cpu(server, device, "seqread", READ_JOBS["seqread"] + timed)
         figures = {
             "iops": round(rand["iops"]),
             "mb_s": round(seq["bw_bytes"] / 1e6, 1),

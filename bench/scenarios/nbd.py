@@ -49,7 +49,7 @@ import tempfile
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import ServerProcess, compare_rates, cpu_seconds, run_command, run_fio
+from bench.servers import READ_JOBS, ServerProcess, compare_rates, cpu_seconds, run_command, run_fio
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd vs nbdkit python vs nbdkit memory"
 
@@ -61,10 +61,6 @@ THREADS = 32
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
-JOBS = {
-    "randread": ["--rw=randread", "--bs=4k", "--iodepth=32", "--norandommap", "--randrepeat=0"],
-    "seqread": ["--rw=read", "--bs=1M", "--iodepth=4"],
-}
 SERVERS = ("nbdkit_python", "dmuserd", "nbdkit_memory")
 TARGETS = {"iops_vs_nbdkit_python": 0.8, "throughput_vs_nbdkit_python": 1.0}
 
@@ -169,12 +165,12 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
         timed = [f"--ramp_time={ramp}", f"--runtime={runtime}", "--time_based"]
         pids = server.pids()
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        rand = _fio(server.uri, "randread", JOBS["randread"] + timed)["read"]
+        rand = _fio(server.uri, "randread", READ_JOBS["randread"] + timed)["read"]
         requests = rand["total_ios"] or 1
         # CPU per randread request of each process (fio's ramp included, so a little high).
         info["cpu_us_per_4k_read"] = {name: round((cpu_seconds(pid) - before[name]) / requests * 1e6, 1)
                                       for name, pid in pids.items()}
-        seq = _fio(server.uri, "seqread", JOBS["seqread"] + timed)["read"]
+        seq = _fio(server.uri, "seqread", READ_JOBS["seqread"] + timed)["read"]
         figures = {
             "iops": round(rand["iops"]),
             "mb_s": round(seq["bw_bytes"] / 1e6, 1),

@@ -1,6 +1,5 @@
 """The CPU engine: works without the extension, agrees with the crc32c package, stays fair."""
 
-
 import crc32c
 import trio
 
