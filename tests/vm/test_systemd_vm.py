@@ -41,7 +41,8 @@ PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 
-def _run_in_vm(mode: str, timeout: int) -> str:
+def run_in_systemd_vm(script: Path, *args: str, timeout: int) -> str:
+    """Run ``bash script args`` under ``run-in-vm --systemd``; its output (skips where no VM can run)."""
     if os.geteuid() != 0:
         pytest.skip("needs root (run-in-vm, qemu)")
     if not RUN_IN_VM.exists():
@@ -52,7 +53,7 @@ def _run_in_vm(mode: str, timeout: int) -> str:
         pytest.skip("already inside run-in-vm: no nested VM")
     env = dict(os.environ, RUN_IN_VM_QUIET_ACCEL="1", DMUSERD=str(Path(sys.executable).parent / "dmuserd"))
     result = subprocess.run(
-        [str(RUN_IN_VM), "--systemd", "--timeout", str(timeout), "--", "bash", str(SCRIPT), mode],
+        [str(RUN_IN_VM), "--systemd", "--timeout", str(timeout), "--", "bash", str(script), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout + 60,
     )
     assert result.returncode == 0, f"run-in-vm exited {result.returncode}\n{result.stdout}\n{result.stderr}"
@@ -105,13 +106,13 @@ def _assert_journal(output: str) -> None:
 
 
 def test_systemd_units_in_vm():
-    output = _run_in_vm("basic", timeout=600)
+    output = run_in_systemd_vm(SCRIPT, "basic", timeout=600)
     _assert_all(output, BASIC_CHECKS)
     _assert_journal(output)
 
 
 @pytest.mark.slow
 def test_systemd_units_in_vm_full():
-    output = _run_in_vm("full", timeout=900)
+    output = run_in_systemd_vm(SCRIPT, "full", timeout=900)
     _assert_all(output, FULL_CHECKS)
     _assert_journal(output)
