@@ -44,3 +44,21 @@ def inherited_socket(address: str) -> socket.socket | None:
     if _inherited is None:
         _inherited = _collect()
     return _inherited.pop(os.path.abspath(address) if address.startswith("/") else address, None)
+
+
+def bind_private_unix(path: str) -> socket.socket:
+    """A Unix stream socket bound at ``path`` with mode 0600 from the start.
+
+    The umask is narrowed around ``bind()`` so the socket file never exists
+    with wider permissions, not even between bind and a chmod.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock

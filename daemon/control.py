@@ -32,19 +32,14 @@ def prepare_socket_path(path: str) -> None:
 
 
 async def serve_control(daemon, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    from dmuserd.daemon.activation import inherited_socket
+    from dmuserd.daemon.activation import bind_private_unix, inherited_socket
 
     inherited = inherited_socket(path)
     if inherited is not None:
         sock = trio.socket.from_stdlib_socket(inherited)
     else:
         prepare_socket_path(path)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            await sock.bind(path)
-        finally:
-            os.umask(old_umask)
+        sock = trio.socket.from_stdlib_socket(bind_private_unix(path))
         sock.listen(16)
     listener = trio.SocketListener(sock)
     log.info("control socket listening", path=path)

@@ -68,7 +68,7 @@ import structlog
 import trio
 
 from dmuserd.backends import Op
-from dmuserd.daemon.activation import inherited_socket
+from dmuserd.daemon.activation import bind_private_unix, inherited_socket
 from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, RECEIVE_SIZE, serve_channel
 from dmuserd.daemon.config import ConfigError, default_control_socket
 from dmuserd.protocol import DEFAULT_DAEMON_TIMEOUT_MS
@@ -360,12 +360,7 @@ def bind_nbd_socket(where: str) -> tuple[socket.socket, bool]:
                 raise NbdError(f"{address} is in use by another NBD server: stop it or choose another path")
             os.unlink(address)
         os.makedirs(os.path.dirname(address), exist_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(address)
-        finally:
-            os.umask(old_umask)
+        sock = bind_private_unix(address)
     else:
         host, port = address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -386,12 +381,7 @@ async def bind_channel_socket(state_dir: Path) -> trio.socket.SocketType:
         if _in_use(path):
             raise NbdError(f"another dmuserd daemon already serves {path}: stop it first")
         os.unlink(path)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old_umask)
+    sock = trio.socket.from_stdlib_socket(bind_private_unix(path))
     os.chmod(path, 0o600)
     sock.listen(128)
     return sock
