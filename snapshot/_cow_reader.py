@@ -19,9 +19,12 @@ header's (or a resume point's, read up to a label).
 from __future__ import annotations
 
 import os
+import re
 from array import array
 from collections import Counter
 from collections.abc import Iterator
+from itertools import compress
+from operator import add
 
 from dmuserd.snapshot import _compression
 from dmuserd.snapshot._cow_format import (
@@ -66,6 +69,10 @@ _WITH_DATA_INT = frozenset(int(t) for t in _WITH_DATA)
 _COMPRESSIONS = frozenset(int(c) for c in Compression)
 _FOOTER, _LABEL, _CLUSTER, _SEQUENCE = int(OpType.FOOTER), int(OpType.LABEL), int(OpType.CLUSTER), int(OpType.SEQUENCE)
 _XOR, _REPLACE = int(OpType.XOR), int(OpType.REPLACE)
+#: the first op of a run whose type is not copy, replace, zero or xor (v2: see ``_plain_v2``)
+_IS_COPY = bytes(int(t == int(OpType.COPY)) for t in range(256))  # op type -> 1 for copy (bytes.translate)
+_IS_XOR = bytes(int(t == _XOR) for t in range(256))
+_NOT_PLAIN = re.compile(b"[^" + bytes([int(OpType.COPY), int(OpType.REPLACE), int(OpType.ZERO), _XOR]) + b"]")
 
 
 def _field(name: str) -> int:
@@ -225,6 +232,11 @@ class CowReader:
         t = self.table
         ty, src = t.type, t.source
         copy, xor = int(OpType.COPY), int(OpType.XOR)
+        types = ty.tobytes()
+        # the farthest source of each kind first (C-level iterators); the op is looked for only past the end
+        if (max(compress(src, types.translate(_IS_COPY)), default=-1) + 1) * bs <= base_size and \
+                max(compress(src, types.translate(_IS_XOR)), default=-bs) + bs <= base_size:
+            return
         for r in self._data_rows:
             kind = ty[r]
             if kind == copy and (src[r] + 1) * bs > base_size:
@@ -439,6 +451,16 @@ class CowReader:
             if to_add <= 0:
                 break
             buf = self._pread(to_add * OP_SIZE_V2, pos)
+            if cluster_ops:
+                # the data ops before the cluster's metadata op, in bulk
+                match = _NOT_PLAIN.search(buf[::OP_SIZE_V2])
+                plain = to_add if match is None else match.start()
+                done_in_bulk = self._plain_v2(buf, plain, pos, data_pos, compression) if plain else None
+                if done_in_bulk is not None:
+                    data_pos, compression = done_in_bulk
+                    pos += plain * OP_SIZE_V2
+                    seen_data_op = True
+                    buf = buf[plain * OP_SIZE_V2 :]
             for type_value, comp, data_length, new_block, source in OP_V2.iter_unpack(buf):
                 offset = pos
                 index = len(ops)
@@ -507,8 +529,8 @@ class CowReader:
                         done = True
                         break
         self.compression = Compression(compression or 0)
-        self.data_end = max((o + n for o, n in zip(ops.data_offset, ops.data_length) if o >= 0),
-                            default=self.data_start)
+        # ops without data have data_offset -1 and data_length 0: they never win
+        self.data_end = max(self.data_start, max(map(add, ops.data_offset, ops.data_length), default=0))
         if label is not None:
             if not self.labels or self.labels[-1] != label:
                 raise CowFormatError(
@@ -521,14 +543,50 @@ class CowReader:
                 min(pos, size), "no-footer", "the op stream ends without a footer (an unfinished file?)"
             )
         else:
-            # With the footer known, data must end before it (AOSP's bound).
+            # With the footer known, data must end before it (AOSP's bound);
+            # each op's data starts in the data area (checked as it was read).
             limit = self.footer["offset"]
-            for index, (data_offset, data_length) in enumerate(zip(ops.data_offset, ops.data_length)):
-                if data_offset >= 0:
-                    self._check_data_range(data_offset, data_length, index, ops.offset[index], limit=limit)
+            if self.data_end > limit:
+                for index, (data_offset, data_length) in enumerate(zip(ops.data_offset, ops.data_length)):
+                    if data_offset >= 0:
+                        self._check_data_range(data_offset, data_length, index, ops.offset[index], limit=limit)
         # Where a writer resumes: the next op slot and the next data byte.
         self.next_op_pos = pos
         self.next_data_pos = data_pos
+
+    def _plain_v2(self, buf: bytes, count: int, pos: int, data_pos: int,
+                  compression: int | None) -> tuple[int, int | None] | None:
+        """Add the first ``count`` ops of ``buf`` (v2, clustered, read at ``pos``;
+        all copy/replace/zero/xor) to the table in bulk: columns, not an op at
+        a time. Returns the data stream position after them and the file's
+        compression, or None, adding nothing, when one of them breaks a rule
+        (the per-op path then reads them and names it)."""
+        types, comps, lengths, new_blocks, sources = zip(*OP_V2.iter_unpack(buf[: count * OP_SIZE_V2]))
+        used = set(comps)
+        used.discard(0)
+        if used:
+            if len(used) > 1 or not used <= _COMPRESSIONS or (compression is not None and used != {compression}):
+                return None
+            compression = used.pop()
+        if max(new_blocks) > 0xFFFFFFFF or max(sources) > SOURCE_MASK:
+            return None
+        data_offsets = array("q")
+        start, size = self.data_start, self.file_size
+        no_data, xor = -1, _XOR
+        for op_type, length, source in zip(types, lengths, sources):
+            if op_type == xor or op_type == _REPLACE:
+                where = data_pos if op_type == xor else source
+                if not length or where < start or where + length > size:
+                    return None
+                data_offsets.append(where)
+                data_pos += length
+            elif length:
+                return None
+            else:
+                data_offsets.append(no_data)
+        self.table.extend(types, new_blocks, sources, lengths, comps, range(pos, pos + count * OP_SIZE_V2, OP_SIZE_V2),
+                          data_offsets, bytes(count))
+        return data_pos, compression
 
     def read_raw_at(self, offset: int, length: int) -> bytes:
         return self._pread(length, offset)

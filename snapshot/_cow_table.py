@@ -14,11 +14,14 @@ the rows whose type is not metadata.
 from __future__ import annotations
 
 from array import array
+from itertools import compress
 
 from dmuserd.snapshot._cow_format import METADATA_OPS, CowOp, OpType
 
 _OPS = {int(t): t for t in OpType}
 _META = frozenset(int(t) for t in METADATA_OPS)
+#: op type -> 1 for a data op, 0 for metadata (``bytes.translate`` table)
+_IS_DATA = bytes(0 if t in _META else 1 for t in range(256))
 
 
 class OpTable:
@@ -53,6 +56,18 @@ class OpTable:
         self.offset.append(offset)
         self.data_offset.append(-1 if data_offset is None else data_offset)
 
+    def extend(self, op_type, new_block, source, data_length, compression, offset, data_offset, factor) -> None:
+        """Append many rows at once, a column each (any iterables of equal length):
+        what a reader that decoded a run of ops in bulk adds."""
+        self.type.extend(op_type)
+        self.compression.extend(compression)
+        self.factor.extend(factor)
+        self.new_block.extend(new_block)
+        self.source.extend(source)
+        self.data_length.extend(data_length)
+        self.offset.extend(offset)
+        self.data_offset.extend(data_offset)
+
     def __len__(self) -> int:
         return len(self.type)
 
@@ -70,8 +85,7 @@ class OpTable:
 
     def data_rows(self) -> array:
         """The rows of data ops (not metadata), in file order."""
-        meta = _META
-        return array("I", (i for i, t in enumerate(self.type) if t not in meta))
+        return array("I", compress(range(len(self.type)), self.type.tobytes().translate(_IS_DATA)))
 
     @classmethod
     def from_ops(cls, ops, block_size: int) -> "OpTable":

@@ -46,6 +46,7 @@ import os
 import time
 from array import array
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import structlog
 import trio
@@ -71,6 +72,7 @@ READ_SPAN = 8 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _COPY, _XOR, _REPLACE, _ZERO = int(OpType.COPY), int(OpType.XOR), int(OpType.REPLACE), int(OpType.ZERO)
 _ORDERED = frozenset((_COPY, _XOR))
+_XOR_BYTE = bytes([_XOR])
 _JUNK = memoryview(bytearray(READ_GAP))  # where skipped bytes are read to (never looked at)
 
 
@@ -84,6 +86,21 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
             views = [views[0][n:], *views[1:]]
             n = 0
     return views
+
+
+def _xor_blocks(span: memoryview, delta: bytearray, bs: int) -> None:
+    """XOR ``delta`` into ``span``, block by block, only over the bytes from
+    each block's first to its last non-zero delta byte: an Xor op's delta
+    is mostly zeros (that is why it was stored as one), so this converts
+    one block of delta to an int and touches a few bytes of ``span``."""
+    for p in range(0, len(delta), bs):
+        x = int.from_bytes(delta[p : p + bs], "little")
+        if not x:
+            continue
+        lo = ((x & -x).bit_length() - 1) >> 3  # the first non-zero byte
+        hi = (x.bit_length() + 7) >> 3  # past the last one
+        seg = span[p + lo : p + hi]
+        seg[:] = (int.from_bytes(seg, "little") ^ (x >> (lo << 3))).to_bytes(hi - lo, "little")
 
 
 class MergeIO:
@@ -160,12 +177,9 @@ class MergePlan:
     prefix: array = field(default_factory=lambda: array("Q"))  # blocks merged after i ops (packed)
 
     def __post_init__(self) -> None:
-        fac = self.table.factor
-        total = 0
         prefix = self.prefix = array("Q", [0])
-        for r in self.order:
-            total += 1 << fac[r]
-            prefix.append(total)
+        # blocks of op k: 1 << factor (C-level iterators: no Python loop per op)
+        prefix.extend(accumulate(map((1).__lshift__, map(self.table.factor.__getitem__, self.order))))
 
     @property
     def total_ops(self) -> int:
@@ -339,45 +353,38 @@ class MergeEngine:
         """New contents of ordered ops ``first..end-1``, read before any is
         overwritten: (their new blocks, the data in op order, whether an op
         reads a block of the window)."""
-        t, order, bs = self.plan.table, self.plan.order, self.bs
-        ty, src, nb = t.type, t.source, t.new_block
-        n = end - first
-        rows = order[first:end]
-        blocks = [nb[r] for r in rows]
+        t, bs, io = self.plan.table, self.bs, self.io
+        rows = self.plan.order[first:end]
+        n = len(rows)
+        blocks = list(map(t.new_block.__getitem__, rows))
+        kinds = bytes(map(t.type.__getitem__, rows))
+        # where each op's base bytes start: a Copy's source is a block number, an Xor's a byte offset
+        offsets = [s if k == _XOR else s * bs for k, s in zip(kinds, map(t.source.__getitem__, rows))]
         data = bytearray(n * bs)
         view = memoryview(data)
-        io = self.io
-        xor_runs = []
+        # the base bytes (a Copy's data, what an Xor applies to): one read per run of consecutive sources
         k = 0
         while k < n:
-            r = rows[k]
-            kind, s0 = ty[r], src[r]
-            step = 1 if kind == _COPY else bs  # Copy: a block number; Xor: a byte offset
-            j = k + 1
-            while j < n and ty[rows[j]] == kind and src[rows[j]] == s0 + (j - k) * step:
-                j += 1
-            # the base bytes: the data of a Copy, what an Xor applies to
-            io.preadv("base", [view[k * bs : j * bs]], s0 * bs if kind == _COPY else s0)
-            if kind == _XOR:
-                xor_runs.append((k, j))
+            j, at = k + 1, offsets[k] + bs
+            while j < n and offsets[j] == at:
+                j, at = j + 1, at + bs
+            io.preadv("base", [view[k * bs : j * bs]], offsets[k])
             k = j
-        for k, j in xor_runs:
-            delta = bytearray((j - k) * bs)
-            self._read_chunks([(rows[i], memoryview(delta)[(i - k) * bs : (i - k + 1) * bs]) for i in range(k, j)])
-            span = view[k * bs : j * bs]
-            span[:] = (int.from_bytes(span, "little") ^ int.from_bytes(delta, "little")).to_bytes(len(span), "little")
+        if _XOR_BYTE in kinds:
+            k = kinds.find(_XOR_BYTE)
+            while k >= 0:
+                j = k + 1
+                while j < n and kinds[j] == _XOR:
+                    j += 1
+                delta = bytearray((j - k) * bs)
+                dview = memoryview(delta)
+                self._read_chunks([(rows[i], dview[(i - k) * bs : (i - k + 1) * bs]) for i in range(k, j)])
+                _xor_blocks(view[k * bs : j * bs], delta, bs)
+                k = kinds.find(_XOR_BYTE, j)
+        # the blocks the window reads: a Copy's source block, the one or two an Xor's bytes lie in
         targets = set(blocks)
-        overlap = False
-        for r in rows:
-            s = src[r]
-            if ty[r] == _COPY:
-                hit = s in targets
-            else:
-                b, rem = divmod(s, bs)
-                hit = b in targets or (rem and b + 1 in targets)
-            if hit:
-                overlap = True
-                break
+        overlap = not targets.isdisjoint(o // bs for o in offsets) or not targets.isdisjoint(
+            (o + bs - 1) // bs for o in offsets)
         return blocks, data, overlap
 
     def _write_scratch(self, entries: bytes, data, crc: int) -> None:
