@@ -110,6 +110,19 @@ class Backend:
         """Return ``length`` bytes (any bytes-like object) starting at ``offset``."""
         raise Unsupported("read")
 
+    async def read_views(self, offset: int, length: int) -> list:
+        """Return the ``length`` bytes at ``offset`` as a list of buffers, in order.
+
+        For exports that hand the data on by scatter-gather (``sendmsg``,
+        ``vmsplice``) instead of joining it into one buffer first. Override
+        it where the data already lies in pieces (the ``memory`` backend's
+        chunks): the buffers may then be views of the backend's own memory,
+        valid until the next write to that range, so the caller must use
+        them before it lets another request run. The default is
+        ``[await self.read(offset, length)]``.
+        """
+        return [await self.read(offset, length)]
+
     async def readinto(self, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` from ``offset``. Override to avoid a copy."""
         data = await self.read(offset, len(buffer))

@@ -46,11 +46,18 @@ class MemoryBackend(Backend):
             return bytes(length) if chunk is None else bytes(memoryview(chunk)[start : start + length])
         # One copy into immutable bytes, which the dm-user model then takes
         # without copying again (and no zero-filled buffer to copy into).
+        return b"".join(self._views(offset, length))
+
+    async def read_views(self, offset, length):
+        # The chunks themselves, no copy: an export sends them by scatter-gather.
+        return self._views(offset, length)
+
+    def _views(self, offset, length) -> list:
         zeros = memoryview(_ZERO_CHUNK)
-        return b"".join(
+        return [
             zeros[: stop - start] if (chunk := self._chunks.get(index)) is None else memoryview(chunk)[start:stop]
             for index, start, stop in self._spans(offset, length)
-        )
+        ]
 
     async def write(self, offset, data, fua=False):
         view = memoryview(data).cast("B")

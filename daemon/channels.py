@@ -37,16 +37,19 @@ async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *,
     A transport whose peer sends one request at a time and waits for its
     answer (the NBD plugin's channels) says so with a true ``serial``
     attribute: its requests are answered in this task, saving a task and a
-    lock per request, which is most of this function's cost.
+    lock per request, which is most of this function's cost. A transport
+    with a true ``scatter`` attribute sends a READ's data as the backend's
+    pieces (:meth:`~dmuserd.backends.Backend.read_views`), unjoined.
     """
     conn = DaemonConnection()
     serial = getattr(transport, "serial", False)
+    scatter = getattr(transport, "scatter", False)
     send_lock = trio.Lock()
     chlog = log.bind(device=dispatcher.name, channel=name)
 
     async def answer(request: Request, token: object) -> None:
         try:
-            response = await dispatcher.handle(request)
+            response = await dispatcher.handle(request, scatter)
         finally:
             limiter.release_on_behalf_of(token)
         buffers = conn.send_response(response)

@@ -97,8 +97,13 @@ class Dispatcher:
         self._can_flush = _OP_FLUSH in caps
         self._served_types = frozenset(t for t, op in _OP_FOR_TYPE.items() if op in caps)
 
-    async def handle(self, req: Request) -> Response:
-        """Run one request; always returns a response, never raises."""
+    async def handle(self, req: Request, scatter: bool = False) -> Response:
+        """Run one request; always returns a response, never raises.
+
+        With ``scatter``, a READ's data is the backend's :meth:`read_views`
+        (a list of buffers, for a transport that sends them by scatter-gather
+        before it lets another request run) instead of one buffer.
+        """
         stats = self.stats
         stats.in_flight += 1
         try:
@@ -125,9 +130,14 @@ class Dispatcher:
                 if is_flush:
                     return Response(req.seq)
                 if kind == _READ_TYPE:
-                    data = await backend.read(offset, length)
-                    if len(data) != length:
-                        return self._error(req, f"backend returned {len(data)} bytes for a {length}-byte read")
+                    if scatter:
+                        data = await backend.read_views(offset, length)
+                        size = sum(memoryview(b).nbytes for b in data)
+                    else:
+                        data = await backend.read(offset, length)
+                        size = len(data)
+                    if size != length:
+                        return self._error(req, f"backend returned {size} bytes for a {length}-byte read")
                     stats.bytes_read += length
                     return Response(req.seq, _SUCCESS, data)
                 if kind == _WRITE_TYPE:

@@ -399,6 +399,8 @@ class SocketTransport:
 
     #: The plugin sends a request on a channel only once the previous one is answered.
     serial = True
+    #: READ data goes out as the backend's pieces, gathered by ``sendmsg``.
+    scatter = True
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = socket.socket(fileno=sock.detach())  # ours to close from now on

@@ -165,7 +165,8 @@ class DaemonConnection:
 
         The header echoes the request's flags, sector and len (as snapuserd
         does). A successful READ answer is two buffers, header then payload,
-        so a caller can hand both to ``writev``/``sendmsg`` without joining.
+        so a caller can hand both to ``writev``/``sendmsg`` without joining;
+        a payload given as a list of buffers is a header then each buffer.
         """
         seq, rtype, payload = response
         request = self._outstanding.get(seq)
@@ -176,11 +177,14 @@ class DaemonConnection:
             raise ProtocolError("type", rtype, "unknown response type")
         if kind == _SUCCESS and request.type == _READ:
             # Count bytes, not items (an array('I') or a cast memoryview is fine).
-            size = None if payload is None else payload.__len__() if type(payload) is bytes else memoryview(payload).nbytes
+            gather = type(payload) is list
+            size = (None if payload is None else payload.__len__() if type(payload) is bytes
+                    else sum(memoryview(b).nbytes for b in payload) if gather else memoryview(payload).nbytes)
             if size != request.len:
                 raise ProtocolError("payload", size, f"a READ response must carry exactly {request.len} bytes")
             del self._outstanding[seq]
-            return [_pack_header(seq, kind, request.flags, request.sector, request.len), payload]
+            header = _pack_header(seq, kind, request.flags, request.sector, request.len)
+            return [header, *payload] if gather else [header, payload]
         if payload is not None and memoryview(payload).nbytes:
             raise ProtocolError(
                 "payload", memoryview(payload).nbytes, f"a {kind.name} response to {request.type.name} carries no payload"

@@ -68,7 +68,11 @@ class Request(NamedTuple):
 
 
 class Response(NamedTuple):
-    """A daemon → kernel response. ``payload`` is set for a successful READ only."""
+    """A daemon → kernel response. ``payload`` is set for a successful READ only.
+
+    The payload is a bytes-like object, or a list of them that together are
+    the data (scatter-gather: sent one after the other, never joined).
+    """
 
     seq: int
     type: ResponseType = ResponseType.SUCCESS

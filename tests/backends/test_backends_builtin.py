@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from dmuserd.backends import BackendError, Op, from_spec, parse_size, parse_spec
+from dmuserd.backends import Backend, BackendError, Op, from_spec, parse_size, parse_spec
 from dmuserd.backends.file import FileBackend
 from dmuserd.backends.memory import CHUNK, MemoryBackend
 
@@ -50,6 +50,22 @@ async def test_memory_is_sparse_and_correct():
     await backend.write_zeroes(512, 1024)
     assert bytes(await backend.read(0, 2048)) == b"b" * 512 + bytes(1024) + b"b" * 512
     assert backend.capabilities == frozenset(Op)
+
+
+async def test_read_views_are_the_data_in_pieces():
+    backend = from_spec("memory:size=1M")
+    await backend.write(CHUNK - 512, b"a" * 1024)  # a hole, then data across two chunks
+    views = await backend.read_views(0, 3 * CHUNK)
+    assert len(views) == 3  # one per chunk, none joined
+    assert b"".join(views) == bytes(await backend.read(0, 3 * CHUNK))
+    assert b"".join(views) == bytes(CHUNK - 512) + b"a" * 1024 + bytes(2 * CHUNK - 512)
+
+    class ReadOnly(Backend):
+        async def read(self, offset, length):
+            return bytes([offset % 251]) * length
+
+    plain = ReadOnly(size=1 << 20)
+    assert await plain.read_views(7 * 512, 1024) == [bytes([7 * 512 % 251]) * 1024]
 
 
 async def test_zero_backend_is_read_only():

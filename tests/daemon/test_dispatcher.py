@@ -11,7 +11,7 @@ from dmuserd.backends import Backend
 from dmuserd.backends.memory import MemoryBackend
 from dmuserd.daemon.dispatcher import Dispatcher
 from dmuserd.daemon.emulated import EmulatedDmUser
-from dmuserd.protocol import Flag, RequestType
+from dmuserd.protocol import Flag, Request, RequestType, ResponseType
 
 
 class Recorder(MemoryBackend):
@@ -163,3 +163,27 @@ async def test_bounded_concurrency():
                 readers.start_soon(device.submit, RequestType.READ, (i % 256) * 512, 512)
         assert Slow.peak == 8
         nursery.cancel_scope.cancel()
+
+
+async def test_scattered_read_is_the_backends_pieces():
+    backend = MemoryBackend(1 << 20)
+    await backend.write(0, bytes(range(256)) * 2048)
+    dispatcher = Dispatcher(backend, name="t")
+    request = Request(3, RequestType.READ, Flag(0), 100, 256 * 1024)
+    joined = await dispatcher.handle(request)
+    scattered = await dispatcher.handle(request, scatter=True)
+    assert type(scattered.payload) is list and len(scattered.payload) > 1
+    assert b"".join(scattered.payload) == joined.payload == (bytes(range(256)) * 2048)[51200 : 51200 + 256 * 1024]
+    assert dispatcher.stats.bytes_read == 2 * 256 * 1024
+
+
+async def test_scattered_read_of_the_wrong_size_fails_alone():
+    class Short(MemoryBackend):
+        async def read_views(self, offset, length):
+            views = await super().read_views(offset, length)
+            return views[:-1] if offset == 0 else views
+
+    dispatcher = Dispatcher(Short(1 << 20), name="t")
+    response = await dispatcher.handle(Request(4, RequestType.READ, Flag(0), 0, 128 * 1024), scatter=True)
+    assert response.type == ResponseType.ERROR and dispatcher.stats.errors == 1
+    assert (await dispatcher.handle(Request(5, RequestType.READ, Flag(0), 8, 4096), scatter=True)).type == ResponseType.SUCCESS

@@ -153,6 +153,20 @@ def test_response_payload_counts_bytes_not_items():
     assert memoryview(buffers[1]).nbytes == 512
 
 
+def test_read_response_as_a_list_of_buffers_is_sent_unjoined():
+    conn = DaemonConnection()
+    conn.receive_data(pack(1, RequestType.READ, 0, 8, 1024) + pack(2, RequestType.READ, 0, 8, 1024))
+    conn.next_event(), conn.next_event()
+    pieces = [b"a" * 512, bytearray(b"b" * 256), memoryview(b"c" * 256)]
+    header, *rest = conn.send_response(Response(1, ResponseType.SUCCESS, pieces))
+    assert bytes(header) == pack(1, ResponseType.SUCCESS, 0, 8, 1024)
+    assert rest == pieces and all(a is b for a, b in zip(rest, pieces))
+    with pytest.raises(ProtocolError) as err:
+        conn.send_response(Response(2, ResponseType.SUCCESS, [b"a" * 512, b"b" * 511]))
+    assert err.value.field == "payload" and err.value.value == 1023
+    assert conn.outstanding == 1  # the refused answer leaves its request outstanding
+
+
 # -- malformed requests ------------------------------------------------------------
 
 BAD_REQUESTS = {
