@@ -32,9 +32,14 @@ and compared with the data mover (one operation per window; offloaded on
 DSA). Ops are read from the reader's packed :class:`OpTable` by row: no
 object per op. Syncs are ``fdatasync`` (sizes never change).
 
-Blocking file I/O runs in worker threads, one call per step. All file
-access goes through :class:`MergeIO`, so a test can stand in a storage that
-loses unsynced writes at a crash.
+Blocking file I/O runs in worker threads, one call per step: a step's
+commit is done at the start of the next step's first call (a batch: its
+reads, writes and read-back; a window: its reads), in the order the I/O
+always had, so a step costs one or two thread round trips, not two or
+three. A pause commits first (the ``settle`` of :meth:`MergeHooks.checkpoint`),
+and so does the end of the run. All file access goes through
+:class:`MergeIO`, so a test can stand in a storage that loses unsynced
+writes at a crash.
 
 Online merges hand in :class:`MergeHooks` to publish each window before the
 base is written and to mark blocks merged after each commit.
@@ -156,8 +161,11 @@ class MergeHooks:
     def committed(self, first: int, end: int) -> None:
         """Ops ``first..end-1`` of the merge order are merged and durable."""
 
-    async def checkpoint(self) -> None:
-        """Between two steps: where a merge may pause."""
+    async def checkpoint(self, settle) -> None:
+        """Between two steps: where a merge may pause. Before waiting in a
+        pause, ``await settle()``: it commits the step just written (the
+        engine commits a step in the same worker call as the next step's
+        reads, so one may still be due here)."""
 
 
 @dataclass
@@ -307,6 +315,10 @@ class MergeEngine:
         #: seconds in them, the seconds of the whole run (set at its end)
         self.stats = {"windows": 0, "scratch_windows": 0, "batches": 0, "syncs": 0, "sync_seconds": 0.0,
                       "seconds": 0.0}
+        #: ops of the last step, written, read back and compared, whose commit
+        #: is still to do: it runs first in the next worker call (one thread
+        #: round trip less per step), or at a pause, or at the end
+        self._due = 0
 
     async def run(self) -> int:
         """Merge what is left; returns how many ops this run merged."""
@@ -323,12 +335,13 @@ class MergeEngine:
             await self._apply_window(window.blocks, bytearray(window.data))
         self._progress()
         total, ordered = self.plan.total_ops, self.plan.ordered
-        while self.merged_ops < total:
-            await self.hooks.checkpoint()
-            if self.merged_ops < ordered:
+        while self.merged_ops + self._due < total:
+            await self.hooks.checkpoint(self._settle)
+            if self.merged_ops + self._due < ordered:
                 await self._ordered_window()
             else:
                 await self._unordered_batch()
+        await self._settle()
         self.stats["seconds"] = time.perf_counter() - started
         return self.merged_ops - start
 
@@ -339,9 +352,9 @@ class MergeEngine:
     # --- ordered ops -------------------------------------------------------
 
     async def _ordered_window(self) -> None:
-        first = self.merged_ops
+        first = self.merged_ops + self._due
         end = min(first + self.plan.layout.capacity, self.plan.ordered)
-        blocks, data, overlap = await trio.to_thread.run_sync(self._read_window, first, end)
+        blocks, data, overlap = await self._in_thread(self._read_window, first, end)
         scratch = None
         if overlap:
             entries = self.plan.layout.entries_bytes(blocks)
@@ -412,14 +425,14 @@ class MergeEngine:
         await self.hooks.window_ready(blocks, data)
         await self._write_pieces(data, [(b, 1, i) for i, b in enumerate(blocks)], before=scratch)
         self.stats["windows"] += 1
-        await self._commit(len(blocks))
+        self._due = len(blocks)
 
     # --- Replace / Zero -------------------------------------------------------
 
     async def _unordered_batch(self) -> None:
         t, order, bs = self.plan.table, self.plan.order, self.bs
         nb, fac = t.new_block, t.factor
-        first = self.merged_ops
+        first = self.merged_ops + self._due
         end = min(first + COMMIT_EVERY, self.plan.total_ops)
         k = first
         while k < end:
@@ -441,7 +454,7 @@ class MergeEngine:
             await self._write_pieces(data, pieces, before=(lambda fill=fill: self._read_chunks(fill)) if fill else None)
             k = j
         self.stats["batches"] += 1
-        await self._commit(end - first)
+        self._due = end - first
 
     def _read_chunks(self, items: list[tuple[int, memoryview]]) -> None:
         """Fill each ``(row, view)`` with the decompressed data of Replace/Xor
@@ -512,7 +525,7 @@ class MergeEngine:
                 self.io.pwritev("base", iov, offset)
 
         if not self.verify:
-            await trio.to_thread.run_sync(write)
+            await self._in_thread(write)
             return
         back = bytearray(len(data))
 
@@ -521,7 +534,7 @@ class MergeEngine:
             for offset, iov in views(back):
                 self.io.preadv("base", iov, offset)
 
-        await trio.to_thread.run_sync(write_and_read_back)
+        await self._in_thread(write_and_read_back)
         where = await self.mover.compare(data, back)
         if where is not None:
             pos = where // bs
@@ -532,21 +545,45 @@ class MergeEngine:
 
     # --- commit ---------------------------------------------------------------------
 
-    async def _commit(self, count: int) -> None:
+    def _commit_io(self, count: int) -> None:
         """Sync the base, then advance ``num_merge_ops`` by ``count`` (state
-        byte back to 1) and sync the COW file."""
-        first = self.merged_ops
-        self._header.num_merge_ops = first + count
+        byte back to 1) and sync the COW file. Blocking."""
+        self._header.num_merge_ops = self.merged_ops + count
         record = self._header.pack()
         if self.plan.layout.capacity:
             record += bytes([STATE_IN_PROGRESS])
+        self._sync("base")
+        self.io.pwrite("cow", record, 0)
+        self._sync("cow")
 
-        def commit():
-            self._sync("base")
-            self.io.pwrite("cow", record, 0)
-            self._sync("cow")
-
-        await trio.to_thread.run_sync(commit)
+    def _committed(self, count: int) -> None:
+        first = self.merged_ops
         self.merged_ops += count
         self.hooks.committed(first, self.merged_ops)
         self._progress()
+
+    async def _in_thread(self, fn, *args):
+        """``fn(*args)`` in a worker thread, after the due commit (same call:
+        the commit's I/O, then ``fn``'s, in the order they always had)."""
+        due = self._due
+        if not due:
+            return await trio.to_thread.run_sync(fn, *args)
+        self._due = 0
+
+        def commit_then():
+            self._commit_io(due)
+            try:
+                return fn(*args), None
+            except Exception as exc:  # noqa: BLE001 - raised below, once the commit is accounted for
+                return None, exc
+
+        result, exc = await trio.to_thread.run_sync(commit_then)
+        self._committed(due)
+        if exc is not None:
+            raise exc
+        return result
+
+    async def _settle(self) -> None:
+        """Commit the step written last, if its commit is still due."""
+        if self._due:
+            await self._in_thread(lambda: None)

@@ -203,9 +203,11 @@ class _Hooks(MergeHooks):
         self.control.view.retire_window(self.control._plan.new_blocks(first, end))
         self.control.merged_ops = end
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, settle) -> None:
         await trio.lowlevel.checkpoint()
         control = self.control
+        if control.state == "paused":
+            await settle()  # a pause holds with everything written committed
         while control.state == "paused":
             control.parked = True
             try:
