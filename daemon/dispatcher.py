@@ -48,6 +48,9 @@ _PREFLUSH, _FUA, _NOUNMAP = int(Flag.PREFLUSH), int(Flag.FUA), int(Flag.NOUNMAP)
 _READ_TYPE, _WRITE_TYPE, _FLUSH_TYPE = RequestType.READ, RequestType.WRITE, RequestType.FLUSH
 _OP_FLUSH, _OP_DISCARD, _OP_WRITE_ZEROES = Op.FLUSH, Op.DISCARD, Op.WRITE_ZEROES
 _SUCCESS = ResponseType.SUCCESS
+#: Smaller READs are copied into one buffer even for a scatter-gather
+#: transport: below this, building and checking a list costs more than the copy.
+SCATTER_MIN = 64 * 1024
 
 
 class Stats:
@@ -100,9 +103,10 @@ class Dispatcher:
     async def handle(self, req: Request, scatter: bool = False) -> Response:
         """Run one request; always returns a response, never raises.
 
-        With ``scatter``, a READ's data is the backend's :meth:`read_views`
-        (a list of buffers, for a transport that sends them by scatter-gather
-        before it lets another request run) instead of one buffer.
+        With ``scatter``, a READ of :data:`SCATTER_MIN` bytes or more gets the
+        backend's :meth:`read_views` (a list of buffers, for a transport that
+        sends them by scatter-gather before it lets another request run)
+        instead of one buffer.
         """
         stats = self.stats
         stats.in_flight += 1
@@ -130,7 +134,7 @@ class Dispatcher:
                 if is_flush:
                     return Response(req.seq)
                 if kind == _READ_TYPE:
-                    if scatter:
+                    if scatter and length >= SCATTER_MIN:
                         data = await backend.read_views(offset, length)
                         size = sum(memoryview(b).nbytes for b in data)
                     else:
