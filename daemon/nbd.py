@@ -400,6 +400,10 @@ class SocketTransport:
     #: The plugin sends a request on a channel only once the previous one is answered.
     serial = True
     #: READ data goes out as the backend's pieces, gathered by ``sendmsg``.
+    #: (Answers through a pipe the plugin passed, with large READ data
+    #: ``vmsplice``d, were measured too: the daemon saved its copy but the
+    #: plugin's reads of referenced pages cost more, and a 1 MiB answer never
+    #: fits a pipe of ``pipe-max-size`` (1 MiB) whole, so no gain overall.)
     scatter = True
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
