@@ -74,6 +74,9 @@ WRITE_CHUNK = 8 << 20
 READ_GAP = 4096
 #: at most this many bytes per coalesced read of COW data
 READ_SPAN = 8 << 20
+#: Xor deltas are read and applied this many ops at a time (a small buffer
+#: next to the window's: the process's peak RSS stays that of the window)
+XOR_PIECE = 32
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _COPY, _XOR, _REPLACE, _ZERO = int(OpType.COPY), int(OpType.XOR), int(OpType.REPLACE), int(OpType.ZERO)
 _ORDERED = frozenset((_COPY, _XOR))
@@ -386,8 +389,8 @@ class MergeEngine:
         if _XOR_BYTE in kinds:
             k = kinds.find(_XOR_BYTE)
             while k >= 0:
-                j = k + 1
-                while j < n and kinds[j] == _XOR:
+                j, stop = k + 1, min(n, k + XOR_PIECE)
+                while j < stop and kinds[j] == _XOR:
                     j += 1
                 delta = bytearray((j - k) * bs)
                 dview = memoryview(delta)
