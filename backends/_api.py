@@ -117,9 +117,11 @@ class Backend:
         ``vmsplice``) instead of joining it into one buffer first. Override
         it where the data already lies in pieces (the ``memory`` backend's
         chunks): the buffers may then be views of the backend's own memory,
-        valid until the next write to that range, so the caller must use
-        them before it lets another request run. The default is
-        ``[await self.read(offset, length)]``.
+        so a write to that range that runs before they are sent shows in
+        them. The caller sends them at once; a write that still gets in
+        between was in flight together with this read, and the client may
+        see either data then, as with any overlapping read and write. The
+        default is ``[await self.read(offset, length)]``.
         """
         return [await self.read(offset, length)]
 

@@ -105,8 +105,7 @@ class Dispatcher:
 
         With ``scatter``, a READ of :data:`SCATTER_MIN` bytes or more gets the
         backend's :meth:`read_views` (a list of buffers, for a transport that
-        sends them by scatter-gather before it lets another request run)
-        instead of one buffer.
+        sends them at once by scatter-gather) instead of one buffer.
         """
         stats = self.stats
         stats.in_flight += 1
