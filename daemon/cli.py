@@ -18,8 +18,6 @@ import functools
 import importlib
 import sys
 
-import structlog
-
 from dmuserd import __version__
 from dmuserd.daemon import logs
 
@@ -78,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             for leaf in leaves:
                 print(f"dmuserd: error: {leaf}", file=sys.stderr)
             return 1
+        import structlog
+
         structlog.get_logger().exception("unexpected error", error=repr(exc))
         print(
             f"dmuserd: internal error: {exc!r} (this is a bug; the log above has the details)",

@@ -12,6 +12,10 @@ Library code only calls ``structlog.get_logger()``; the command line calls
 The level comes from the ``level`` argument, else ``$DMUSERD_LOG_LEVEL``,
 else ``info``.
 
+structlog is imported by :func:`configure`, not by this module: the
+command line reads :data:`LEVELS` while building its parser, and
+``dmuserd --help`` should not pay for structlog (which imports asyncio).
+
 No payload bytes ever reach a log line: any ``bytes``/``bytearray``/
 ``memoryview`` value bound to an event (at the top level or inside a list,
 tuple or dict) is replaced by ``"<N bytes>"`` before rendering.
@@ -19,11 +23,8 @@ tuple or dict) is replaced by ``"<N bytes>"`` before rendering.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-
-import structlog
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -69,6 +70,8 @@ class _PriorityJSONRenderer:
     """Render JSON, prefixed with ``<N>`` for journald."""
 
     def __init__(self) -> None:
+        import structlog
+
         self._json = structlog.processors.JSONRenderer(sort_keys=False)
 
     def __call__(self, logger, method_name, event_dict):
@@ -87,6 +90,10 @@ def resolve_level(level: str | None = None) -> str:
 
 def configure(level: str | None = None, *, stream=None, force_json: bool | None = None) -> None:
     """Configure structlog for this process (safe to call again)."""
+    import logging
+
+    import structlog
+
     stream = stream or sys.stdout
     numeric = getattr(logging, resolve_level(level).upper())
     shared = [

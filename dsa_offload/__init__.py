@@ -10,18 +10,39 @@ needed). ``auto`` is ``dsa`` where a usable queue opens, else ``cpu``.
 On every engine, copies and fills small enough to run inline on the CPU
 are one C call when the extension is built (``dmuserd dsa info`` says
 which), async Python methods otherwise; see ``_mover``.
+
+The names below are loaded on first use (PEP 562 ``__getattr__``): the
+mover pulls in trio and crc32c, which a command that only builds its
+parser (``dmuserd --help``, ``dmuserd dsa info``) should not pay for.
 """
 
-from dmuserd.dsa_offload._blocking import MOVER, BlockingMover, run_with_mover
-from dmuserd.dsa_offload._discovery import WorkQueue, auto_choice, discover
-from dmuserd.dsa_offload._errors import DeltaRecordError, DsaArgumentError, DsaError, DsaUnavailable
-from dmuserd.dsa_offload._mover import BATCHABLE, DEFAULT_THRESHOLD, Mover
-from dmuserd.dsa_offload._native import extension, load_error
-from dmuserd.dsa_offload._open import ENGINES, open_mover
-from dmuserd.dsa_offload._spec import Flag, Opcode, Status
+from __future__ import annotations
 
-__all__ = [
-    "BATCHABLE", "DEFAULT_THRESHOLD", "MOVER", "BlockingMover", "run_with_mover", "ENGINES", "DeltaRecordError", "DsaArgumentError", "DsaError",
-    "DsaUnavailable", "Flag", "Mover", "Opcode", "Status", "WorkQueue", "auto_choice", "discover",
-    "extension", "load_error", "open_mover",
-]
+import importlib
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "MOVER": "_blocking", "BlockingMover": "_blocking", "run_with_mover": "_blocking",
+    "WorkQueue": "_discovery", "auto_choice": "_discovery", "discover": "_discovery",
+    "DeltaRecordError": "_errors", "DsaArgumentError": "_errors", "DsaError": "_errors",
+    "DsaUnavailable": "_errors",
+    "BATCHABLE": "_mover", "DEFAULT_THRESHOLD": "_mover", "Mover": "_mover",
+    "extension": "_native", "load_error": "_native",
+    "ENGINES": "_open", "open_mover": "_open",
+    "Flag": "_spec", "Opcode": "_spec", "Status": "_spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -25,7 +25,7 @@ import crc32c  # noqa: F401 - imported here once, not in every child
 import lz4.block  # noqa: F401
 import trio
 
-import dmuserd.dsa_offload  # noqa: F401
+from dmuserd.dsa_offload import open_mover  # noqa: F401 - loads the mover's modules once, not in every child
 from dmuserd.daemon import logs
 from dmuserd.errors import DmuserdError
 from dmuserd.snapshot.merge import merge_cow
