@@ -22,6 +22,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
+from itertools import compress
 
 from dmuserd.snapshot._cow_format import METADATA_OPS, ORDERED_OPS, CowFormatError, CowOp, OpType
 from dmuserd.snapshot._cow_table import OpTable
@@ -29,6 +30,8 @@ from dmuserd.snapshot._cow_table import OpTable
 _META = frozenset(int(t) for t in METADATA_OPS)
 _ORDERED = frozenset(int(t) for t in ORDERED_OPS)
 _COPY = int(OpType.COPY)
+#: op type -> 1 for an ordered op (copy, xor) (a ``bytes.translate`` table)
+_IS_ORDERED = bytes(1 if t in _ORDERED else 0 for t in range(256))
 
 
 class SequenceData:
@@ -117,38 +120,109 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
                      version: int = 2, op_of=None) -> array:
     """:func:`merge_order` over ``rows`` (data ops, file order) of ``table``:
     the rows in merge order, packed. ``ranked`` is ``rows`` sorted by new
-    block (:func:`check_unique_rows`)."""
+    block (:func:`check_unique_rows`).
+
+    Linear and mostly in C: sequence entries are looked up in a dict of new
+    blocks (not bisected one by one) and the checks are ``map``s over
+    packed columns. A file that breaks a rule is walked again the slow way
+    (:func:`_sequence_rows`, :func:`_raise_order`), which names the first
+    entry or op at fault, as the checks always did.
+    """
     op_of = op_of or table.op
     nb, ty = table.new_block, table.type
-    starts = array("Q", [nb[r] for r in ranked])
     if sequence:
+        # new block -> its index in ``ranked`` (a file's new blocks are unique: check_unique_rows)
+        where = dict(zip(map(nb.__getitem__, ranked), range(len(ranked))))
         named = bytearray(len(ranked))
-        first = array("I")
-        for i, block in enumerate(sequence.blocks):
-            k = bisect_left(starts, block)
-            if k == len(starts) or starts[k] != block:
-                raise CowFormatError(
-                    sequence.offset_of(i), "sequence", f"sequence data names new block {block}, which no op writes"
-                )
-            if named[k]:
-                raise CowFormatError(sequence.offset_of(i), "sequence", f"sequence data names new block {block} twice")
-            named[k] = 1
-            first.append(ranked[k])
-        rest = array("I", [r for k, r in enumerate(ranked) if not named[k]])
+        try:
+            ks = list(map(where.__getitem__, sequence.blocks))
+        except KeyError:
+            ks = None
+        del where
+        if ks is not None:
+            for k in ks:
+                named[k] = 1
+        if ks is None or named.count(1) != len(ks):  # an entry no op writes, or one named twice
+            _sequence_rows(nb, ranked, sequence)
+            raise AssertionError("merge_order_rows found a bad sequence entry that its walk did not")
+        first = array("I", map(ranked.__getitem__, ks))
+        del ks
+        rest = array("I", compress(ranked, named.translate(_NOT)))
         del named
     else:
-        first = array("I", [r for r in rows if ty[r] in _ORDERED])
+        first = array("I", compress(rows, bytes(map(ty.__getitem__, rows)).translate(_IS_ORDERED)))
         # v3 without sequence data keeps file order; the rest by ascending new block
-        rest = array("I", [r for r in (ranked if version < 3 else rows) if ty[r] not in _ORDERED])
+        others = ranked if version < 3 else rows
+        rest = array("I", compress(others, bytes(map(ty.__getitem__, others)).translate(_IS_UNORDERED)))
     order = first
     order.extend(rest)
     del rest
-    _check_order(table, order, ranked, starts, op_of)
+    _check_order(table, order, ranked, op_of)
     return order
 
 
-def _check_order(table: OpTable, order: array, ranked: array, starts: array, op_of) -> None:
+#: byte 0 -> 1, anything else -> 0; op type -> 1 for an op that is not ordered
+_NOT = bytes([1]) + bytes(255)
+_IS_UNORDERED = bytes(1 - b for b in _IS_ORDERED)
+
+
+def _sequence_rows(nb, ranked: array, sequence: SequenceData) -> array:
+    """The rows the sequence data names, in its order, found by bisection;
+    raises ``sequence`` for the first entry naming a block no op writes or
+    a block named before. (The slow walk: :func:`merge_order_rows` runs it
+    only to name the entry at fault.)"""
+    starts = array("Q", map(nb.__getitem__, ranked))
+    named = bytearray(len(ranked))
+    first = array("I")
+    for i, block in enumerate(sequence.blocks):
+        k = bisect_left(starts, block)
+        if k == len(starts) or starts[k] != block:
+            raise CowFormatError(
+                sequence.offset_of(i), "sequence", f"sequence data names new block {block}, which no op writes"
+            )
+        if named[k]:
+            raise CowFormatError(sequence.offset_of(i), "sequence", f"sequence data names new block {block} twice")
+        named[k] = 1
+        first.append(ranked[k])
+    return first
+
+
+def _check_order(table: OpTable, order: array, ranked: array, op_of) -> None:
+    """Check that ordered ops all come first and that none reads a block an
+    earlier one writes: one pass over the ordered ops with a set of the
+    blocks written so far (not a bisection per read). On a failure,
+    :func:`_raise_order` walks the order again to name the first op at fault."""
+    ty, src, bs, nb = table.type, table.source, table.block_size, table.new_block
+    flags = bytes(map(ty.__getitem__, order)).translate(_IS_ORDERED)
+    ordered = flags.find(0)
+    if ordered < 0:
+        ordered = len(flags)
+    elif flags.find(1, ordered) >= 0:  # an ordered op after a non-ordered one
+        _raise_order(table, order, ranked, op_of)
+    del flags
+    written: set[int] = set()  # new blocks of the ordered ops so far (they write one block each)
+    write = written.add
+    for r in order[:ordered]:
+        s = src[r]
+        if ty[r] == _COPY:
+            if s in written:
+                break
+        else:
+            block, rem = divmod(s, bs)
+            if block in written or (rem and block + 1 in written):
+                break
+        write(nb[r])
+    else:
+        return
+    _raise_order(table, order, ranked, op_of)
+
+
+def _raise_order(table: OpTable, order: array, ranked: array, op_of) -> None:
+    """Walk ``order`` op by op and raise the error :func:`_check_order` found
+    (``source-overwritten`` or ``ordered-after-unordered``) for the first op at
+    fault, the checks' order."""
     ty, src, bs = table.type, table.source, table.block_size
+    starts = array("Q", map(table.new_block.__getitem__, ranked))
     # merge position of each ordered op (row -> position + 1), for "written earlier?"
     position = array("I", bytes(4 * len(table)))
     for k, r in enumerate(order):
@@ -194,3 +268,4 @@ def _check_order(table: OpTable, order: array, ranked: array, starts: array, op_
                 f"op #{other.index} ({other.type.name.lower()}); ordered ops (copy, xor) "
                 "must all merge first",
             )
+    raise AssertionError("_check_order found a fault that its walk did not")
