@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import struct
 
-import crc32c as _crc32c
-
 from dmuserd.dsa_offload._errors import DeltaRecordError, DsaArgumentError
 from dmuserd.dsa_offload._native import extension
 from dmuserd.dsa_offload._spec import DELTA_ENTRY, DELTA_GRANULE, Status
@@ -76,7 +74,14 @@ def pattern_difference(buf: memoryview, pattern: bytes) -> int | None:
 
 
 def crc32c(buf: memoryview, seed: int = 0) -> int:
-    """CRC-32C with the crc32c package's (and DSA's) seed convention."""
+    """CRC-32C with the crc32c package's (and DSA's) seed convention.
+
+    The package is imported on first use, not with this module: its import
+    reads its own version through ``importlib.metadata`` (~10 ms), which a
+    command that computes no CRC (most merges that resume nothing, every
+    ``--help``) should not pay."""
+    import crc32c as _crc32c
+
     return _crc32c.crc32c(buf, seed)
 
 

@@ -122,17 +122,18 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
     the rows in merge order, packed. ``ranked`` is ``rows`` sorted by new
     block (:func:`check_unique_rows`).
 
-    Linear and mostly in C: sequence entries are looked up in a dict of new
-    blocks (not bisected one by one) and the checks are ``map``s over
-    packed columns. A file that breaks a rule is walked again the slow way
-    (:func:`_sequence_rows`, :func:`_raise_order`), which names the first
-    entry or op at fault, as the checks always did.
+    Linear: sequence entries are looked up in a dict of new blocks (not
+    bisected one by one; the dict lives only while the order is built) and
+    :func:`_check_order` makes one pass with a set. A file that breaks a
+    rule is walked again the slow way (:func:`_sequence_rows`,
+    :func:`_raise_order`), which names the first entry or op at fault, as
+    the checks always did.
     """
     op_of = op_of or table.op
     nb, ty = table.new_block, table.type
     if sequence:
         # new block -> its index in ``ranked`` (a file's new blocks are unique: check_unique_rows)
-        where = dict(zip(map(nb.__getitem__, ranked), range(len(ranked))))
+        where = {nb[r]: k for k, r in enumerate(ranked)}
         named = bytearray(len(ranked))
         try:
             ks = list(map(where.__getitem__, sequence.blocks))
@@ -145,15 +146,15 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
         if ks is None or named.count(1) != len(ks):  # an entry no op writes, or one named twice
             _sequence_rows(nb, ranked, sequence)
             raise AssertionError("merge_order_rows found a bad sequence entry that its walk did not")
-        first = array("I", map(ranked.__getitem__, ks))
+        first = array("I", [ranked[k] for k in ks])
         del ks
         rest = array("I", compress(ranked, named.translate(_NOT)))
         del named
     else:
-        first = array("I", compress(rows, bytes(map(ty.__getitem__, rows)).translate(_IS_ORDERED)))
+        first = array("I", compress(rows, bytes([ty[r] for r in rows]).translate(_IS_ORDERED)))
         # v3 without sequence data keeps file order; the rest by ascending new block
         others = ranked if version < 3 else rows
-        rest = array("I", compress(others, bytes(map(ty.__getitem__, others)).translate(_IS_UNORDERED)))
+        rest = array("I", compress(others, bytes([ty[r] for r in others]).translate(_IS_UNORDERED)))
     order = first
     order.extend(rest)
     del rest
@@ -193,7 +194,7 @@ def _check_order(table: OpTable, order: array, ranked: array, op_of) -> None:
     blocks written so far (not a bisection per read). On a failure,
     :func:`_raise_order` walks the order again to name the first op at fault."""
     ty, src, bs, nb = table.type, table.source, table.block_size, table.new_block
-    flags = bytes(map(ty.__getitem__, order)).translate(_IS_ORDERED)
+    flags = bytes([ty[r] for r in order]).translate(_IS_ORDERED)
     ordered = flags.find(0)
     if ordered < 0:
         ordered = len(flags)

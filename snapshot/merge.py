@@ -52,7 +52,8 @@ __all__ = [
 log = structlog.get_logger("dmuserd.snapshot.merge")
 
 _UNSAFE_ORDER = {"source-overwritten", "ordered-after-unordered"}
-_ORDERED = frozenset(int(t) for t in ORDERED_OPS)
+#: op type -> 1 for Copy/Xor (a ``bytes.translate`` table)
+_IS_ORDERED = bytes(int(t in {int(o) for o in ORDERED_OPS}) for t in range(256))
 
 
 def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
@@ -76,7 +77,9 @@ def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
     table = reader.table
     nb, fac, ty = table.new_block, table.factor, table.type
     limit = base_size // bs
-    for r in order:
+    # a bound first: no op starts past the table's largest new block nor covers more than its largest
+    # factor allows (C-level max); the op is looked for only when the bound passes the end
+    for r in order if max(nb, default=0) + (1 << max(fac, default=0)) > limit else ():
         if nb[r] + (1 << fac[r]) > limit:
             op = table.op(r)
             raise MergeUnsafeError(
@@ -87,9 +90,10 @@ def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
     reader.check_base_size(base_size)
     header = dataclasses.replace(reader.header)
     layout = ScratchLayout(header.header_size, header.buffer_size, bs)
-    ordered = 0
-    while ordered < len(order) and ty[order[ordered]] in _ORDERED:
-        ordered += 1
+    # the Copy/Xor ops at the front of the order (merge_order_rows checked that no other op comes between)
+    ordered = bytes([ty[r] for r in order]).translate(_IS_ORDERED).find(0)
+    if ordered < 0:
+        ordered = len(order)
     if ordered and not layout.capacity:
         raise MergeUnsafeError(
             f"{path} cannot be merged in place: it has {ordered} copy/xor ops but only {header.buffer_size} "
