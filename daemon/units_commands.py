@@ -27,12 +27,17 @@ from dmuserd.errors import DmuserdError
 SHIPPED_EXEC = "/usr/local/bin/dmuserd"
 UNIT_SUFFIXES = (".service", ".socket")
 EXAMPLE_CONFIGS = ("demo.toml", "nbd-example.toml")
-#: The locked-down unit hides home directories (ProtectHome=yes); a dmuserd
-#: installed there (a virtualenv in /root, a pyenv Python) needs them read-only.
-HOME_DIRS = ("/home", "/root", "/run/user")
-HOME_DROPIN = ("dmuserd-nbd@.service.d", "50-install-units-home.conf",
-               "# Written by dmuserd install-units: {what} lives under a home directory.\n"
-               "[Service]\nProtectHome=read-only\n")
+#: What the locked-down unit hides, and the setting that shows it again: a
+#: dmuserd installed there (a virtualenv in /root, a pyenv Python, a clone in
+#: /tmp) could not even be started. ProtectSystem=strict keeps it read-only.
+HIDDEN_DIRS = (
+    (("/home", "/root", "/run/user"), "ProtectHome=read-only", "a home directory"),  # ProtectHome=yes
+    (("/tmp", "/var/tmp"), "PrivateTmp=no", "a temporary directory"),  # PrivateTmp=yes
+)
+DROPIN_DIR = "dmuserd-nbd@.service.d"
+DROPIN_NAME = "50-install-units-paths.conf"
+#: Earlier names of that drop-in, removed on reinstall.
+OLD_DROPIN_NAMES = ("50-install-units-home.conf",)
 
 
 class UnitInstallError(DmuserdError):
@@ -98,8 +103,16 @@ def interpreter_paths(executable: str) -> list[str]:
     return paths
 
 
-def under_home(path: str) -> bool:
-    return any(path == home or path.startswith(home + "/") for home in HOME_DIRS)
+def sandbox_dropin(paths: list[str]) -> str | None:
+    """The drop-in that lets the locked-down unit run ``paths``, or None if it needs none."""
+    lines = []
+    for dirs, setting, what in HIDDEN_DIRS:
+        hidden = [p for p in paths if any(p == d or p.startswith(d + "/") for d in dirs)]
+        if hidden:
+            lines.append(f"# {hidden[0]} lives in {what}, which the unit hides otherwise.\n{setting}\n")
+    if not lines:
+        return None
+    return "# Written by dmuserd install-units.\n[Service]\n" + "".join(lines)
 
 
 def install(root: str = "/", unit_dir: str = "/etc/systemd/system", config_dir: str = "/etc/dmuserd",
@@ -129,16 +142,16 @@ def install(root: str = "/", unit_dir: str = "/etc/systemd/system", config_dir: 
             shutil.copyfile(source / name, dest)
             dest.chmod(0o644)
             written_configs.append(dest)
-        in_home = [p for p in interpreter_paths(executable) if under_home(p)]
-        dropin_dir = unit_target / HOME_DROPIN[0]
-        if in_home:
+        dropin_text = sandbox_dropin(interpreter_paths(executable))
+        dropin_dir = unit_target / DROPIN_DIR
+        for name in (DROPIN_NAME, *OLD_DROPIN_NAMES):
+            (dropin_dir / name).unlink(missing_ok=True)
+        if dropin_text:
             dropin_dir.mkdir(exist_ok=True)
-            dropin = dropin_dir / HOME_DROPIN[1]
-            dropin.write_text(HOME_DROPIN[2].format(what=in_home[0]))
+            dropin = dropin_dir / DROPIN_NAME
+            dropin.write_text(dropin_text)
             dropin.chmod(0o644)
             written_units.append(dropin)
-        elif (dropin_dir / HOME_DROPIN[1]).exists():
-            (dropin_dir / HOME_DROPIN[1]).unlink()
     except PermissionError as exc:
         raise UnitInstallError(f"cannot write {exc.filename}: run as root (or use --root DIR to stage the files)") from None
     except OSError as exc:

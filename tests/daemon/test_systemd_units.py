@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -142,18 +143,46 @@ def test_install_units_never_overwrites_a_config(tmp_path):
 
 
 def test_install_units_relaxes_protecthome_for_a_dmuserd_in_a_home(tmp_path):
-    home = Path("/root")
     script = Path(VENV_DMUSERD)
     result = subprocess.run(DMUSERD + ["install-units", "--root", str(tmp_path), "--exec", str(script)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    dropin = tmp_path / "etc/systemd/system/dmuserd-nbd@.service.d/50-install-units-home.conf"
+    dropin = tmp_path / "etc/systemd/system/dmuserd-nbd@.service.d/50-install-units-paths.conf"
     interpreter = os.path.realpath(script.read_text().splitlines()[0][2:].split()[0])
-    in_home = any(p == str(home) or p.startswith(("/home/", "/root/", "/run/user/"))
-                  for p in (os.path.realpath(script), interpreter))
-    assert dropin.exists() == in_home
+    paths = (os.path.realpath(script), interpreter)
+    in_home = any(p.startswith(("/home/", "/root/", "/run/user/")) for p in paths)
+    in_tmp = any(p.startswith(("/tmp/", "/var/tmp/")) for p in paths)
+    assert dropin.exists() == (in_home or in_tmp)
     if in_home:
         assert settings(dropin)["ProtectHome"] == ["read-only"]
+
+
+def test_install_units_shows_tmp_to_a_dmuserd_in_tmp(tmp_path):
+    """A clone in /tmp (PrivateTmp=yes hides it) gets PrivateTmp=no; reinstalling elsewhere removes it."""
+    staged = Path(tempfile.mkdtemp(prefix="dmuserd-units-", dir="/tmp"))
+    try:
+        script = staged / "dmuserd"
+        script.write_text("#!/usr/bin/python3\n")
+        script.chmod(0o755)
+        root = tmp_path / "root"
+        dropin_dir = root / "etc/systemd/system/dmuserd-nbd@.service.d"
+        dropin_dir.mkdir(parents=True)
+        (dropin_dir / "50-install-units-home.conf").write_text("[Service]\nProtectHome=read-only\n")
+        result = subprocess.run(DMUSERD + ["install-units", "--root", str(root), "--exec", str(script)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        dropin = dropin_dir / "50-install-units-paths.conf"
+        assert settings(dropin)["PrivateTmp"] == ["no"]
+        assert "ProtectHome" not in settings(dropin)  # /usr/bin/python3 is in no home
+        assert not (dropin_dir / "50-install-units-home.conf").exists()  # the old name is gone
+        assert f"installed {dropin}" in result.stdout
+
+        result = subprocess.run(DMUSERD + ["install-units", "--root", str(root), "--exec", "/opt/dmuserd/bin/dmuserd"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert not dropin.exists()
+    finally:
+        shutil.rmtree(staged)
 
 
 def test_install_units_error_is_one_line(tmp_path):
