@@ -52,8 +52,9 @@ __all__ = [
 log = structlog.get_logger("dmuserd.snapshot.merge")
 
 _UNSAFE_ORDER = {"source-overwritten", "ordered-after-unordered"}
+_ORDERED = frozenset(int(t) for t in ORDERED_OPS)
 #: op type -> 1 for Copy/Xor (a ``bytes.translate`` table)
-_IS_ORDERED = bytes(int(t in {int(o) for o in ORDERED_OPS}) for t in range(256))
+_IS_ORDERED = bytes(int(t in _ORDERED) for t in range(256))
 
 
 def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
