@@ -13,6 +13,12 @@ the same ``min_tasks``/``max_tasks``. Run it with the venv's python::
 
     python bench/anchors/bare_pyfuse3.py --size 1G /mnt/empty-dir
 
+With ``--memory-backend`` the file is held by dmuserd's ``memory`` backend
+instead, and ``read``/``write`` await its ``read``/``write`` directly: no
+dm-user model, no dispatcher. That is the floor of *any* FUSE server that
+calls a Python async backend per request, i.e. the most dmuserd's FUSE
+export could reach with its model and dispatcher costing nothing.
+
 It unmounts and exits on SIGTERM or SIGINT.
 """
 
@@ -37,6 +43,8 @@ MAX_TASKS = 160
 
 
 class BareFile(pyfuse3.Operations):
+    """The file in a bytearray."""
+
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
@@ -115,19 +123,40 @@ class BareFile(pyfuse3.Operations):
         return len(buf)
 
 
+class BackendFile(BareFile):
+    """The file in dmuserd's memory backend, called straight from the handlers."""
+
+    def __init__(self, size: int) -> None:
+        pyfuse3.Operations.__init__(self)
+        from dmuserd.backends.memory import MemoryBackend
+
+        self.size = size
+        self.backend = MemoryBackend(size, 512)
+        self.mounted_at = time.time_ns()
+
+    async def read(self, fh, off, size):
+        return await self.backend.read(off, max(0, min(size, self.size - off)))
+
+    async def write(self, fh, off, buf):
+        if off + len(buf) > self.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        await self.backend.write(off, buf)
+        return len(buf)
+
+
 def parse_size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     text = text.strip().upper().removesuffix("B").removesuffix("I")
     return int(text[:-1]) * units[text[-1]] if text[-1:] in units and text[-1:] else int(text)
 
 
-async def serve(mountpoint: str, size: int) -> None:
+async def serve(mountpoint: str, size: int, file_class=BareFile) -> None:
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=bare_pyfuse3", "subtype=bare_pyfuse3"}
     if os.geteuid() == 0:
         options.add("allow_other")
-    pyfuse3.init(BareFile(size), mountpoint, options)
+    pyfuse3.init(file_class(size), mountpoint, options)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -142,9 +171,11 @@ async def serve(mountpoint: str, size: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1G", help="file size (default 1G)")
+    parser.add_argument("--memory-backend", action="store_true",
+                        help="hold the data in dmuserd's memory backend and call it from the handlers")
     parser.add_argument("mountpoint", help="an empty directory")
     args = parser.parse_args(argv)
-    trio.run(serve, args.mountpoint, parse_size(args.size))
+    trio.run(serve, args.mountpoint, parse_size(args.size), BackendFile if args.memory_backend else BareFile)
     return 0
 
 

@@ -20,6 +20,13 @@ What is measured
       from memory too. A C server: the ratios against it are reported, with
       no target. If ``qemu-storage-daemon`` is not installed this anchor is
       left out (and said so in the notes); the scenario still runs.
+    * ``pyfuse3_memory_backend`` (anchor): the bare server with
+      ``--memory-backend``: its handlers await dmuserd's ``memory`` backend
+      directly, with no dm-user model and no dispatcher. Its rates over the
+      bare server's (``backend_call_ceiling_*``) are the most that *any*
+      design calling a Python backend per request can reach against the
+      bare server, so they say what the 0.9 targets leave for dmuserd's own
+      layers on this machine.
 
 How
     For each server in turn: start it, wait for its mount, attach
@@ -65,7 +72,7 @@ REGION = 256 << 20  # prefilled, and the span every read job covers
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
-SERVERS = ("bare_pyfuse3", "dmuserd", "qemu_storage_daemon")
+SERVERS = ("bare_pyfuse3", "dmuserd", "pyfuse3_memory_backend", "qemu_storage_daemon")
 TARGETS = {"iops_vs_bare_pyfuse3": 0.9, "throughput_vs_bare_pyfuse3": 0.9}
 
 
@@ -163,6 +170,13 @@ class _BarePyfuse3(_Server):
 
     def command(self) -> list[str]:
         return [sys.executable, str(BARE_ANCHOR), "--size", str(DEVICE_SIZE), self.mountpoint]
+
+
+class _Pyfuse3MemoryBackend(_BarePyfuse3):
+    name = "pyfuse3_memory_backend"
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--memory-backend"]
 
 
 class _QemuStorageDaemon(_Server):
@@ -307,6 +321,7 @@ def run(quick: bool) -> dict:
                 server = {
                     "bare_pyfuse3": lambda: _BarePyfuse3(rdir),
                     "dmuserd": lambda: _Dmuserd(rdir),
+                    "pyfuse3_memory_backend": lambda: _Pyfuse3MemoryBackend(rdir),
                     "qemu_storage_daemon": lambda: _QemuStorageDaemon(rdir, image_dir),
                 }[name]()
                 figures, info = _measure(server, ramp, runtime)
@@ -330,11 +345,18 @@ def run(quick: bool) -> dict:
         if ours and bare:
             ratios[f"cpu_per_request_{job}_bare_pyfuse3_over_dmuserd"] = round(bare / ours, 3)
 
+    floor, bare = compared["anchors"], "bare_pyfuse3"
+    for figure, what in (("4k_randread_iops", "iops"), ("1m_seqread_mb_s", "throughput")):
+        if floor.get(f"pyfuse3_memory_backend_{figure}") and floor.get(f"{bare}_{figure}"):
+            ratios[f"backend_call_ceiling_{what}_vs_{bare}"] = round(
+                floor[f"pyfuse3_memory_backend_{figure}"] / floor[f"{bare}_{figure}"], 3)
+
     notes[:0] = [
         f"fio libaio --direct=1 on loop (--direct-io=on) over each server's FUSE file (1 GiB); "
         f"prefilled and read over the first {REGION >> 20} MiB; randread 4k QD32, seqread 1M QD4; "
         f"{ramp} s ramp + {runtime} s per job, {rounds} round(s), best round kept",
         "dmuserd: memory backend through the in-process dm-user model; bare_pyfuse3: bench/anchors/bare_pyfuse3.py; "
+        "pyfuse3_memory_backend: the bare server awaiting dmuserd's memory backend in its handlers; "
         "qemu_storage_daemon: driver=file image on tmpfs, FUSE export",
         "loop direct I/O: " + ", ".join(f"{n} {'on' if i.get('loop_dio') else 'OFF'}" for n, i in infos.items()),
         "prefill MB/s: " + ", ".join(f"{n} {i.get('prefill_mb_s')}" for n, i in infos.items()),
