@@ -99,6 +99,18 @@ def run_fio(name: str, target: list[str], args: list[str]) -> dict:
     return job
 
 
+def served_requests(status: dict, target: str = "disk") -> int:
+    """The requests ``target`` served, from ``dmuserd status --json``.
+
+    Raises if it counted errors or unsupported requests: a benchmark of a
+    device that failed requests measures nothing worth reporting.
+    """
+    counters = status["targets"][target]
+    if counters["errors"] or counters["unsupported"]:
+        raise RuntimeError(f"dmuserd counted {counters['errors']} errors, {counters['unsupported']} unsupported")
+    return counters["total_requests"]
+
+
 def compare_rates(samples: dict[str, list[dict]], ours: str = "dmuserd") -> dict:
     """Figures, anchors, ratios and units of a 4 KiB IOPS + 1 MiB MB/s scenario.
 

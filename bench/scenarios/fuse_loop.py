@@ -61,7 +61,7 @@ import time
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import READ_JOBS, ServerProcess, compare_rates, cpu_seconds, run_command, run_fio
+from bench.servers import READ_JOBS, ServerProcess, compare_rates, cpu_seconds, run_command, run_fio, served_requests
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s via loop → FUSE: dmuserd vs bare pyfuse3 vs qemu-storage-daemon"
 
@@ -258,10 +258,7 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
             "seqread_cpu_us_per_req": round(seq_cpu / seq["iops"] * 1e6, 1) if seq["iops"] else None,
         }
         if isinstance(server, _Dmuserd):
-            target = server.status()["targets"]["disk"]
-            if target["errors"] or target["unsupported"]:
-                raise RuntimeError(f"dmuserd counted {target['errors']} errors, {target['unsupported']} unsupported")
-            info["requests"] = target["total_requests"]
+            info["requests"] = served_requests(server.status())
         return figures, info
     finally:
         if device:

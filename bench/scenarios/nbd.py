@@ -49,7 +49,7 @@ import tempfile
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import READ_JOBS, ServerProcess, compare_rates, cpu_seconds, run_command, run_fio
+from bench.servers import READ_JOBS, ServerProcess, compare_rates, cpu_seconds, run_command, run_fio, served_requests
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd vs nbdkit python vs nbdkit memory"
 
@@ -177,10 +177,7 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
             "randread_clat_p99_us": round(rand["clat_ns"]["percentile"].get("99.000000", 0) / 1000, 1),
         }
         if isinstance(server, _Dmuserd):
-            target = server.status()["targets"]["disk"]
-            if target["errors"] or target["unsupported"]:
-                raise RuntimeError(f"dmuserd counted {target['errors']} errors, {target['unsupported']} unsupported")
-            info["requests"] = target["total_requests"]
+            info["requests"] = served_requests(server.status())
         return figures, info
     finally:
         server.stop()
