@@ -14,7 +14,20 @@ What is measured
       the targets are ``iops_vs_nbdkit_python`` ≥ 0.8 and
       ``throughput_vs_nbdkit_python`` ≥ 1.0;
     * ``nbdkit_memory`` (anchor, no target): nbdkit's C ``memory`` plugin,
-      the ceiling of nbdkit itself on this machine.
+      the ceiling of nbdkit itself on this machine;
+    * ``plugin_hop_floor`` (anchor, no target): nbdkit with dmuserd's own
+      plugin, its channels answered by
+      :file:`bench/anchors/dmuser_memory_responder.c`, a RAM disk in C
+      with nothing between socket and disk: the most any daemon behind the
+      plugin can deliver with 1 MiB reads, where the time goes into moving
+      data. ``hop_floor_throughput_vs_nbdkit_python`` is the price of the
+      hop itself (the exact dm-user wire format on a Unix socket: one more
+      copy of every byte), the best dmuserd's ``throughput_vs_nbdkit_python``
+      can be; ``throughput_vs_plugin_hop_floor`` is how close the daemon
+      comes to it. Not a floor for 4 KiB reads (its IOPS are reported, with
+      no ratio): answers that come back at once make nbdkit's 32 threads
+      fight over its GIL, and nbdkit's CPU per request doubles. Not run
+      (noted) without a C compiler.
 
     Every server runs nbdkit with the same ``--threads`` (:data:`THREADS`).
 
@@ -45,11 +58,22 @@ import os
 import shutil
 import signal
 import sys
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from bench.run import Skip
-from bench.servers import READ_JOBS, ServerProcess, compare_rates, cpu_seconds, run_command, run_fio, served_requests
+from bench.servers import (
+    READ_JOBS,
+    ServerProcess,
+    compare_rates,
+    cpu_seconds,
+    log_tail,
+    run_command,
+    run_fio,
+    served_requests,
+)
 
 TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd vs nbdkit python vs nbdkit memory"
 
@@ -61,7 +85,10 @@ THREADS = 32
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
-SERVERS = ("nbdkit_python", "dmuserd", "nbdkit_memory")
+RESPONDER_SOURCE = REPO / "bench" / "anchors" / "dmuser_memory_responder.c"
+PLUGIN = REPO / "daemon" / "nbdkit_plugin.py"
+
+SERVERS = ("nbdkit_python", "dmuserd", "nbdkit_memory", "plugin_hop_floor")
 TARGETS = {"iops_vs_nbdkit_python": 0.8, "throughput_vs_nbdkit_python": 1.0}
 
 
@@ -109,6 +136,55 @@ class _NbdkitMemory(_Nbdkit):
 
     def plugin(self) -> list[str]:
         return ["memory", str(DEVICE_SIZE)]
+
+
+class _PluginHopFloor(_Nbdkit):
+    """nbdkit + dmuserd's plugin, its channels answered by the C responder."""
+
+    name = "plugin_hop_floor"
+
+    def __init__(self, workdir: Path, responder: Path) -> None:
+        super().__init__(workdir)
+        self.responder = responder
+        self.channel = workdir / "channel.sock"
+        self.responder_proc: subprocess.Popen | None = None
+
+    def plugin(self) -> list[str]:
+        return ["python", str(PLUGIN), f"channel={self.channel}", f"size={DEVICE_SIZE}", "block_size=512",
+                "caps=read,write,flush", "timeout=4"]
+
+    def start(self) -> None:
+        with open(self.workdir / "responder.log", "wb") as log:
+            self.responder_proc = subprocess.Popen([str(self.responder), str(self.channel), str(DEVICE_SIZE)],
+                                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                                   start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.channel.exists():
+            if self.responder_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the C responder did not start: {log_tail(self.workdir / 'responder.log')}")
+            time.sleep(0.02)
+        super().start()
+
+    def pids(self) -> dict[str, int]:
+        return {"nbdkit": self.proc.pid, "responder": self.responder_proc.pid}
+
+    def stop(self) -> None:
+        super().stop()
+        if self.responder_proc is not None:
+            self.responder_proc.kill()
+            self.responder_proc.wait()
+
+
+def _build_responder(workdir: Path) -> Path | None:
+    """Compile the C responder into ``workdir``; None when there is no C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    binary = workdir / "dmuser_memory_responder"
+    result = run_command([cc, "-O2", "-o", str(binary), str(RESPONDER_SOURCE)])
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling {RESPONDER_SOURCE.name} failed: {result.stderr.strip()}")
+    return binary
 
 
 class _Dmuserd(_Server):
@@ -196,13 +272,16 @@ def _check_tools() -> None:
 def run(quick: bool) -> dict:
     _check_tools()
     ramp, runtime, rounds = (1, 4, 1) if quick else (2, 15, 2)
-    samples: dict[str, list[dict]] = {s: [] for s in SERVERS}
     infos: dict[str, dict] = {}
     workdir = Path(tempfile.mkdtemp(prefix="dmuserd-bench-nbd-"))
-    classes = {"nbdkit_python": _NbdkitPython, "dmuserd": _Dmuserd, "nbdkit_memory": _NbdkitMemory}
     try:
+        responder = _build_responder(workdir)
+        classes = {"nbdkit_python": _NbdkitPython, "dmuserd": _Dmuserd, "nbdkit_memory": _NbdkitMemory,
+                   "plugin_hop_floor": lambda rdir: _PluginHopFloor(rdir, responder)}
+        servers = [name for name in SERVERS if name != "plugin_hop_floor" or responder is not None]
+        samples: dict[str, list[dict]] = {s: [] for s in servers}
         for round_ in range(rounds):
-            for name in SERVERS:
+            for name in servers:
                 rdir = workdir / f"r{round_}-{name}"
                 rdir.mkdir()
                 figures, info = _measure(classes[name](rdir), ramp, runtime)
@@ -211,12 +290,21 @@ def run(quick: bool) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     compared = compare_rates(samples)
+    if responder is not None:
+        # A floor for 1 MiB reads only: with 4 KiB ones, answers that come back at once make nbdkit's 32
+        # threads fight over its GIL (nbdkit's CPU per request doubles), so its IOPS bound nothing.
+        del compared["ratios"]["iops_vs_plugin_hop_floor"]
+        floor, python = (compared["anchors"][f"{name}_1m_seqread_mb_s"] for name in ("plugin_hop_floor", "nbdkit_python"))
+        if python:
+            compared["ratios"]["hop_floor_throughput_vs_nbdkit_python"] = round(floor / python, 3)
     notes = [
         f"fio --ioengine=nbd (one connection) on a Unix socket; 1 GiB RAM disks, prefilled and read over the first "
         f"{REGION >> 20} MiB; randread 4k QD32, seqread 1M QD4; {ramp} s ramp + {runtime} s per job, "
         f"{rounds} round(s), best kept; nbdkit --threads {THREADS} for every server",
         "dmuserd: memory backend behind nbdkit + daemon/nbdkit_plugin.py; nbdkit_python: "
-        "bench/anchors/nbdkit_trivial_memory.py; nbdkit_memory: nbdkit's C memory plugin",
+        "bench/anchors/nbdkit_trivial_memory.py; nbdkit_memory: nbdkit's C memory plugin; plugin_hop_floor: "
+        + ("nbdkit + daemon/nbdkit_plugin.py answered by bench/anchors/dmuser_memory_responder.c"
+           if responder is not None else "not run (no C compiler)"),
         "prefill MB/s: " + ", ".join(f"{n} {i.get('prefill_mb_s')}" for n, i in infos.items()),
         "CPU µs per 4k read: " + ", ".join(f"{n} {i.get('cpu_us_per_4k_read')}" for n, i in infos.items()),
     ]
