@@ -4,7 +4,8 @@ These are the CPU engine, the fallback when the device cannot do a piece of
 work, and the reference the device results are tested against. They need
 no extension: copies are memoryview slice assignments (memcpy), CRCs come
 from the ``crc32c`` package, comparisons use bytearray equality (memcmp)
-chunk by chunk.
+chunk by chunk. Where the extension is built, large copies and every
+comparison go through it instead (no GIL, and no copy to compare).
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ def fill(dst: memoryview, pattern: bytes) -> None:
 
 
 def first_difference(a: memoryview, b: memoryview) -> int | None:
-    """Offset of the first byte where ``a`` and ``b`` differ, or None."""
+    """Offset of the first byte where ``a`` and ``b`` differ, or None.
+
+    Through the extension when built: memcmp in place, without the GIL.
+    Without it, each chunk of ``a`` is copied once to compare it."""
+    ext = extension()
+    if ext is not None:
+        offset = ext.first_difference(a, b)
+        return None if offset < 0 else offset
     n = len(a)
     for start in range(0, n, _CHUNK):
         end = min(n, start + _CHUNK)

@@ -1,11 +1,16 @@
 """The CPU engine: works without the extension, agrees with the crc32c package, stays fair."""
 
+import random
+
 import crc32c
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pytest
 
-from dmuserd.dsa_offload import DsaArgumentError, open_mover
+from dmuserd.dsa_offload import DsaArgumentError, _cpu, open_mover
+from dmuserd.dsa_offload._native import extension
 from dmuserd.dsa_offload._mover import CALL_CHARGE, CHECKPOINT_CREDIT
 from no_extension import run_without_extension
 
@@ -112,3 +117,58 @@ async def test_inline_fast_path_errors_are_typed_and_write_nothing():
     await mover.copy(memoryview(bytearray(8)).cast("I"), b"abcdefgh")  # cast, then copied
     stats = mover.stats()
     assert stats["ops"] == stats["cpu_ops"] == 1 and stats["cpu_bytes"] == 8
+
+
+def _first_difference_reference(a: bytes, b: bytes):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+@given(size=st.sampled_from([0, 1, 4095, 65535, 65536, 65537, 200_000]) | st.integers(0, 200_000),
+       seed=st.integers(0, 2**32 - 1), draw=st.data())
+@settings(max_examples=80, deadline=None)
+def test_first_difference_finds_the_first_differing_byte(size, seed, draw):
+    """The extension's memcmp path and the pure-Python path agree with a byte-by-byte scan
+    (buffers around the 64 KiB chunk and GIL boundaries included)."""
+    data = random.Random(seed).randbytes(size)
+    other = bytearray(data)
+    if size:
+        for at in draw.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=3), label="flips"):
+            other[at] ^= 0x5A
+    want = _first_difference_reference(data, other)
+    assert _cpu.first_difference(memoryview(data), memoryview(data)) is None
+    assert _cpu.first_difference(memoryview(data), memoryview(other)) == want
+
+
+@pytest.mark.parametrize("at", [None, 0, 1, 65535, 65536, 65537, 131071, 131072, 199_999])
+def test_first_difference_at_chunk_boundaries(at):
+    data = random.Random(at).randbytes(200_000)
+    other = bytearray(data)
+    if at is not None:
+        other[at] ^= 1
+        if at < len(other) - 1:
+            other[-1] ^= 1  # a later difference must not be reported instead
+    assert _cpu.first_difference(memoryview(data), memoryview(other)) == at
+
+
+def test_first_difference_without_the_extension_agrees():
+    report = run_without_extension("""
+        async def main():
+            from dmuserd.dsa_offload import _cpu
+            a = bytes(range(256)) * 1024
+            found = []
+            for at in (None, 0, 65535, 65536, len(a) - 1):
+                b = bytearray(a)
+                if at is not None:
+                    b[at] ^= 1
+                found.append(_cpu.first_difference(memoryview(a), memoryview(b)))
+            return {"found": found}
+    """)
+    assert report["found"] == [None, 0, 65535, 65536, 256 * 1024 - 1]
+
+
+def test_first_difference_refuses_unequal_lengths():
+    ext = extension()
+    if ext is None:
+        pytest.skip("the C extension is not built here (no compiler when installing)")
+    with pytest.raises(ValueError, match="equal lengths"):
+        ext.first_difference(b"ab", b"a")
