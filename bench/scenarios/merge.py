@@ -46,7 +46,10 @@ timing so that no earlier writeback is billed to it:
   write from a ready buffer. Any merge that keeps the crash-safety protocol
   (the scratch window written and synced before the base, the base synced
   before each commit, a commit every 256 Replace/Zero ops) makes at least
-  those writes and syncs, so ``dd_vs_protocol_floor`` is the best
+  those writes and syncs: the protocol as issue #7 and snapuserd have it
+  puts every window of Copy/Xor ops through the scratch area, and this
+  merge skips that only for windows that read no block they write, so the
+  recording is at most what the protocol asks. ``dd_vs_protocol_floor`` is the best
   ``merge_vs_dd`` it could reach here, and ``merge_vs_protocol_floor`` says
   how close dmuserd's merge comes to it.
 * Peak RSS at two sizes: the same kind of COW over a base a quarter of the
