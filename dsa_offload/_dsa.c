@@ -1371,17 +1371,25 @@ static PyObject *address_of(PyObject *self, PyObject *arg)
     return r;
 }
 
+/* Parse two buffers of equal length (``format`` as PyArg_ParseTuple's, naming
+ * the function); 0 when parsed, else -1 with an exception set and nothing held. */
+static int two_equal_buffers(PyObject *args, const char *format, Py_buffer *x, Py_buffer *y)
+{
+    if (!PyArg_ParseTuple(args, format, x, y))
+        return -1;
+    if (x->len == y->len)
+        return 0;
+    PyBuffer_Release(x);
+    PyBuffer_Release(y);
+    PyErr_Format(PyExc_ValueError, "%s needs equal lengths", strchr(format, ':') + 1);
+    return -1;
+}
+
 static PyObject *memmove_nogil(PyObject *self, PyObject *args)
 {
     Py_buffer d, s;
-    if (!PyArg_ParseTuple(args, "w*y*:memmove", &d, &s))
+    if (two_equal_buffers(args, "w*y*:memmove", &d, &s))
         return NULL;
-    if (d.len != s.len) {
-        PyBuffer_Release(&d);
-        PyBuffer_Release(&s);
-        PyErr_SetString(PyExc_ValueError, "memmove needs equal lengths");
-        return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     memmove(d.buf, s.buf, d.len);
     Py_END_ALLOW_THREADS
@@ -1396,14 +1404,8 @@ static PyObject *memmove_nogil(PyObject *self, PyObject *args)
 static PyObject *first_difference(PyObject *self, PyObject *args)
 {
     Py_buffer a, b;
-    if (!PyArg_ParseTuple(args, "y*y*:first_difference", &a, &b))
+    if (two_equal_buffers(args, "y*y*:first_difference", &a, &b))
         return NULL;
-    if (a.len != b.len) {
-        PyBuffer_Release(&a);
-        PyBuffer_Release(&b);
-        PyErr_SetString(PyExc_ValueError, "first_difference needs equal lengths");
-        return NULL;
-    }
     const unsigned char *pa = a.buf, *pb = b.buf;
     Py_ssize_t n = a.len, found = -1;
     const Py_ssize_t chunk = 64 * 1024;
