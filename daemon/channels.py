@@ -9,8 +9,15 @@ has two methods::
     async def send_all(self, buffers: list) -> None          # one response
 
 :func:`serve_channel` runs requests concurrently, bounded by a shared
-:class:`trio.CapacityLimiter` (128 by default, as dm-user), and writes each
-response whole before the next one starts, so responses never interleave.
+:class:`trio.CapacityLimiter` (128 by default, the size of dm-user's
+reserve) and by :data:`MAX_IN_FLIGHT_PER_CHANNEL` per channel (so one
+channel cannot take every slot), and writes each response whole before the
+next one starts, so responses never interleave.
+
+A channel is an input surface (:mod:`dmuserd.daemon.guard`): bytes that break
+the protocol end that channel, counted as a rejection with the field at
+fault; any other exception ends it too, counted and logged, and goes no
+further. The daemon and its other channels never see it.
 """
 
 from __future__ import annotations
@@ -18,21 +25,27 @@ from __future__ import annotations
 import structlog
 import trio
 
-from dmuserd.protocol import NEED_DATA, DaemonConnection, ProtocolError, Request
+from dmuserd.daemon.guard import Peer
+from dmuserd.protocol import NEED_DATA, DaemonConnection, ProtocolError, Request, Response, ResponseType
 
 log = structlog.get_logger("dmuserd.channel")
 
-#: dm-user keeps at most 128 messages outstanding per target.
+#: Requests in flight per target by default (dm-user's reserve is sized for 128).
 DEFAULT_MAX_IN_FLIGHT = 128
+#: Requests one channel may have in flight at once, whatever the target's limit.
+MAX_IN_FLIGHT_PER_CHANNEL = 64
 #: Large enough for a header plus the largest payload the kernel sends in one go.
 RECEIVE_SIZE = 1 << 20
 
 
-async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *, name: str = "") -> None:
-    """Serve ``transport`` until it ends (EOF) or breaks the protocol.
+async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *, name: str = "",
+                        surface: str = "channel", peer: Peer | None = None) -> None:
+    """Serve ``transport`` until it ends (EOF), breaks the protocol or fails.
 
     Requests still running when the transport ends are finished and their
-    responses sent, as far as the transport still takes them.
+    responses sent, as far as the transport still takes them. Nothing the
+    peer sends makes this raise: the channel ends, and
+    ``dispatcher.guard`` counts why under ``surface``.
 
     A transport whose peer sends one request at a time and waits for its
     answer (the NBD plugin's channels) says so with a true ``serial``
@@ -41,10 +54,17 @@ async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *,
     with a true ``scatter`` attribute sends a READ's data as the backend's
     pieces (:meth:`~dmuserd.backends.Backend.read_views`), unjoined.
     """
+    with dispatcher.guard.isolate(surface, peer, device=dispatcher.name, channel=name):
+        await _serve(transport, dispatcher, limiter, name, surface, peer)
+
+
+async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str, surface: str,
+                 peer: Peer | None) -> None:
     conn = DaemonConnection()
     serial = getattr(transport, "serial", False)
     scatter = getattr(transport, "scatter", False)
     send_lock = trio.Lock()
+    own = trio.CapacityLimiter(MAX_IN_FLIGHT_PER_CHANNEL)
     chlog = log.bind(device=dispatcher.name, channel=name)
 
     async def answer(request: Request, token: object) -> None:
@@ -52,7 +72,15 @@ async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *,
             response = await dispatcher.handle(request, scatter)
         finally:
             limiter.release_on_behalf_of(token)
-        buffers = conn.send_response(response)
+            if not serial:
+                own.release_on_behalf_of(token)
+        try:
+            buffers = conn.send_response(response)
+        except ProtocolError as exc:
+            # The dispatcher answered something the protocol cannot carry (a
+            # bug): the peer gets ERROR for this request, the channel goes on.
+            dispatcher.guard.failed("dispatcher", exc, device=dispatcher.name, channel=name, seq=request.seq)
+            buffers = conn.send_response(Response(request.seq, ResponseType.ERROR))
         try:
             if serial:
                 await transport.send_all(buffers)
@@ -74,14 +102,23 @@ async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *,
                     # A token per request: requests of different channels can
                     # be equal (same seq and range), so they cannot borrow.
                     token = object()
-                    try:
-                        limiter.acquire_on_behalf_of_nowait(token)
-                    except trio.WouldBlock:
-                        await limiter.acquire_on_behalf_of(token)
                     if serial:
+                        await _acquire(limiter, token)
                         await answer(request, token)
                     else:
+                        await _acquire(own, token)
+                        await _acquire(limiter, token)
                         nursery.start_soon(answer, request, token)
             except ProtocolError as exc:
-                chlog.error("closing channel: the peer broke the protocol", error=str(exc))
+                # The stream has lost its framing: end this channel after
+                # answering what it holds.
+                dispatcher.guard.reject(surface, f"protocol-{exc.field}", str(exc), peer,
+                                        device=dispatcher.name, channel=name)
                 break
+
+
+async def _acquire(limiter: trio.CapacityLimiter, token: object) -> None:
+    try:
+        limiter.acquire_on_behalf_of_nowait(token)
+    except trio.WouldBlock:
+        await limiter.acquire_on_behalf_of(token)

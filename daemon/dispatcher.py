@@ -14,8 +14,14 @@ Rules it enforces, so backends never have to:
   backend as ``write(..., fua=True)``, which must be durable on return;
 * a FLUSH completes only after every write that completed before it was
   issued is durable: the backend's ``flush()`` covers all completed writes;
-* a backend exception fails that one request with ERROR and a log line.
-  The device stays up.
+* a FLUSH (or a zero-length PREFLUSH WRITE) to a backend that cannot
+  flush succeeds when the backend takes no writes at all (nothing can be
+  pending: a read-only snapshot, say), and is UNSUPPORTED otherwise;
+* a backend exception fails that one request with ERROR and a log line, and
+  so does a READ answer whose byte size is not the request's (counted in
+  bytes, whatever the buffer's item size). The device stays up; nothing in
+  :meth:`Dispatcher.handle` can raise (a bug there is counted by the
+  target's :class:`~dmuserd.daemon.guard.Guard` and fails the request).
 
 Requests run concurrently; the caller bounds how many (see
 :class:`~dmuserd.daemon.channels.ChannelServer`).
@@ -28,6 +34,7 @@ import time
 import structlog
 
 from dmuserd.backends import Backend, Op, Unsupported
+from dmuserd.daemon.guard import Guard
 from dmuserd.protocol import SECTOR_SIZE, Flag, Request, RequestType, Response, ResponseType
 
 log = structlog.get_logger("dmuserd.dispatch")
@@ -43,6 +50,10 @@ _OP_FOR_TYPE = {
 
 
 _STAT_NAMES = {t: t.name.lower() for t in _OP_FOR_TYPE}
+#: Request types dmuserd does not serve (WRITE_SAME, the zone types) count here.
+_OTHER = "other"
+#: Operations that leave something for a flush to make durable.
+_WRITING_OPS = frozenset({Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES})
 _PREFLUSH, _FUA, _NOUNMAP = int(Flag.PREFLUSH), int(Flag.FUA), int(Flag.NOUNMAP)
 # Enum members looked up once: an attribute of an enum class costs ~0.1 µs.
 _READ_TYPE, _WRITE_TYPE, _FLUSH_TYPE = RequestType.READ, RequestType.WRITE, RequestType.FLUSH
@@ -57,7 +68,7 @@ class Stats:
     """Counters for ``dmuserd status`` and the systemd STATUS line."""
 
     def __init__(self) -> None:
-        self.requests = {t.name.lower(): 0 for t in _OP_FOR_TYPE} | {"flush": 0}
+        self.requests = {t.name.lower(): 0 for t in _OP_FOR_TYPE} | {"flush": 0, _OTHER: 0}
         self.bytes_read = 0
         self.bytes_written = 0
         self.errors = 0
@@ -85,10 +96,12 @@ class Stats:
 class Dispatcher:
     """Serve requests for one target from its backend."""
 
-    def __init__(self, backend: Backend, *, name: str = "disk") -> None:
+    def __init__(self, backend: Backend, *, name: str = "disk", guard: Guard | None = None) -> None:
         self.backend = backend
         self.name = name
         self.stats = Stats()
+        #: Counts and logs what this target's channels refuse (the daemon's, shared by its targets).
+        self.guard = guard if guard is not None else Guard()
         self._log = log.bind(device=name)
         self.refresh_capabilities()
 
@@ -98,6 +111,8 @@ class Dispatcher:
         # Looked up per request by type (an int hash) rather than by Op
         # (an Enum, hashed in Python).
         self._can_flush = _OP_FLUSH in caps
+        # A backend that takes no writes has nothing to make durable: a flush succeeds.
+        self._flush_is_noop = not self._can_flush and not (caps & _WRITING_OPS)
         self._served_types = frozenset(t for t, op in _OP_FOR_TYPE.items() if op in caps)
 
     async def handle(self, req: Request, scatter: bool = False) -> Response:
@@ -110,55 +125,65 @@ class Dispatcher:
         stats = self.stats
         stats.in_flight += 1
         try:
-            backend = self.backend
-            kind = req.type
-            flags = int(req.flags)  # int arithmetic: IntFlag operators build new enum members
-            is_flush = kind == _FLUSH_TYPE or (kind == _WRITE_TYPE and req.len == 0)
-            op = _OP_FLUSH if is_flush else _OP_FOR_TYPE.get(kind)
-            stats.requests["flush" if is_flush else _STAT_NAMES[kind]] += 1
-            if op is None:
-                return self._unsupported(req, f"{kind.name} is not a block operation dmuserd serves")
-            if not (self._can_flush if is_flush else kind in self._served_types) or (
-                    flags & _PREFLUSH and not self._can_flush and not is_flush):
-                return self._unsupported(req, f"the backend does not support {op.value}")
-            if not is_flush:
-                offset = req.sector * SECTOR_SIZE
-                length = req.len
-                block = backend.block_size
-                if offset % block or length % block or offset + length > backend.size:
-                    return self._error(req, self._range_problem(req))
-            try:
-                if flags & _PREFLUSH or is_flush:
-                    await backend.flush()
-                if is_flush:
-                    return Response(req.seq)
-                if kind == _READ_TYPE:
-                    if scatter and length >= SCATTER_MIN:
-                        data = await backend.read_views(offset, length)
-                        size = sum(memoryview(b).nbytes for b in data)
-                    else:
-                        data = await backend.read(offset, length)
-                        size = len(data)
-                    if size != length:
-                        return self._error(req, f"backend returned {size} bytes for a {length}-byte read")
-                    stats.bytes_read += length
-                    return Response(req.seq, _SUCCESS, data)
-                if kind == _WRITE_TYPE:
-                    await backend.write(offset, req.payload, bool(flags & _FUA))
-                    stats.bytes_written += length
-                elif op == _OP_DISCARD:
-                    await backend.discard(offset, length)
-                elif op == _OP_WRITE_ZEROES:
-                    await backend.write_zeroes(offset, length, not (flags & _NOUNMAP))
-                if flags & _FUA and kind != _WRITE_TYPE and self._can_flush:
-                    await backend.flush()
-                return Response(req.seq)
-            except Unsupported as exc:
-                return self._unsupported(req, str(exc))
-            except Exception as exc:  # noqa: BLE001 - one failing request fails alone
-                return self._error(req, f"backend raised {type(exc).__name__}: {exc}")
+            return await self._handle(req, scatter)
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail this one request only
+            self.guard.failed("dispatcher", exc, device=self.name, seq=req.seq)
+            return self._error(req, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             stats.in_flight -= 1
+
+    async def _handle(self, req: Request, scatter: bool) -> Response:
+        stats = self.stats
+        backend = self.backend
+        kind = req.type
+        flags = int(req.flags)  # int arithmetic: IntFlag operators build new enum members
+        is_flush = kind == _FLUSH_TYPE or (kind == _WRITE_TYPE and req.len == 0)
+        op = _OP_FLUSH if is_flush else _OP_FOR_TYPE.get(kind)
+        stats.requests["flush" if is_flush else _STAT_NAMES.get(kind, _OTHER)] += 1
+        if op is None:
+            return self._unsupported(req, f"{kind.name} is not a block operation dmuserd serves")
+        if is_flush and self._flush_is_noop:
+            return Response(req.seq)
+        if not (self._can_flush if is_flush else kind in self._served_types) or (
+                flags & _PREFLUSH and not self._can_flush and not is_flush):
+            return self._unsupported(req, f"the backend does not support {op.value}")
+        if not is_flush:
+            offset = req.sector * SECTOR_SIZE
+            length = req.len
+            block = backend.block_size
+            if offset % block or length % block or offset + length > backend.size:
+                return self._error(req, self._range_problem(req))
+        try:
+            if flags & _PREFLUSH or is_flush:
+                await backend.flush()
+            if is_flush:
+                return Response(req.seq)
+            if kind == _READ_TYPE:
+                if scatter and length >= SCATTER_MIN:
+                    data = await backend.read_views(offset, length)
+                    size = sum(memoryview(b).nbytes for b in data)
+                else:
+                    data = await backend.read(offset, length)
+                    # bytes is the usual answer; anything else counts in bytes, not items.
+                    size = len(data) if type(data) is bytes else memoryview(data).nbytes
+                if size != length:
+                    return self._error(req, f"backend returned {size} bytes for a {length}-byte read")
+                stats.bytes_read += length
+                return Response(req.seq, _SUCCESS, data)
+            if kind == _WRITE_TYPE:
+                await backend.write(offset, req.payload, bool(flags & _FUA))
+                stats.bytes_written += length
+            elif op == _OP_DISCARD:
+                await backend.discard(offset, length)
+            elif op == _OP_WRITE_ZEROES:
+                await backend.write_zeroes(offset, length, not (flags & _NOUNMAP))
+            if flags & _FUA and kind != _WRITE_TYPE and self._can_flush:
+                await backend.flush()
+            return Response(req.seq)
+        except Unsupported as exc:
+            return self._unsupported(req, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one failing request fails alone
+            return self._error(req, f"backend raised {type(exc).__name__}: {exc}")
 
     def _range_problem(self, req: Request) -> str:
         block = self.backend.block_size

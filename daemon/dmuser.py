@@ -252,7 +252,7 @@ class DmUserDevice:
         delay = 0.05
         while True:
             try:
-                await serve_channel(channel, self.dispatcher, self.limiter, name=label)
+                await serve_channel(channel, self.dispatcher, self.limiter, name=label, surface="dm-user-channel")
             finally:
                 channel.close()
             if channel.removed:

@@ -137,7 +137,8 @@ class EmulatedDmUser:
                 nursery.start_soon(self._run_timers)
                 for index, channel in enumerate(channels):
                     transport = ModelChannelTransport(channel, self._readable)
-                    nursery.start_soon(functools.partial(serve_channel, transport, self.dispatcher, self.limiter, name=f"model{index}"))
+                    nursery.start_soon(functools.partial(serve_channel, transport, self.dispatcher, self.limiter,
+                                                          name=f"model{index}", surface="dm-user-model"))
                 task_status.started()
         finally:
             inline, self._inline = self._inline, None

@@ -60,7 +60,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,6 +70,7 @@ from dmuserd.backends import Op
 from dmuserd.daemon.activation import bind_private_unix, inherited_socket
 from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, RECEIVE_SIZE, serve_channel
 from dmuserd.daemon.config import ConfigError, default_control_socket
+from dmuserd.daemon.guard import Peer
 from dmuserd.protocol import DEFAULT_DAEMON_TIMEOUT_MS
 
 log = structlog.get_logger("dmuserd.nbd")
@@ -88,7 +88,10 @@ STOP_TIMEOUT = 10.0
 #: Restarts of a crashing nbdkit allowed in a row before the export gives up.
 MAX_RESTARTS = 5
 SOCKET_BUFFER = 4 * 1024 * 1024
-_UCRED = struct.Struct("3i")
+#: Channels served at once per export (each holds a receive buffer of RECEIVE_SIZE).
+MAX_CHANNELS = 256
+#: The input surface of the channel socket (:mod:`dmuserd.daemon.guard`).
+SURFACE = "nbd-channel"
 
 
 class NbdError(ConfigError):
@@ -454,12 +457,6 @@ class SocketTransport:
             views, total = rest, total - sent
 
 
-def peer_allowed(sock) -> tuple[bool, tuple[int, int, int]]:
-    """(allowed, (pid, uid, gid)) from ``SO_PEERCRED``: same uid as us, or root."""
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return uid in (0, os.geteuid()), (pid, uid, gid)
-
-
 # -- the export ------------------------------------------------------------------------------
 
 
@@ -581,23 +578,35 @@ class NbdExport:
             self.listener.close()
 
     async def _accept_channels(self, sock) -> None:
+        """Accept the plugin's channels: at most :data:`MAX_CHANNELS` at once, same uid or root only.
+
+        Over the limit the next connection waits in the listen backlog until
+        a channel ends (the plugin's request waits with it), so a peer that
+        opens channels without end cannot make the daemon hold more.
+        """
         path = str(self.state_dir / CHANNEL_NAME)
+        slots = trio.Semaphore(MAX_CHANNELS)
+        guard = self.target.dispatcher.guard
         try:
             async with trio.open_nursery() as nursery:
                 while True:
+                    await slots.acquire()
                     conn, _ = await sock.accept()
-                    allowed, (pid, uid, gid) = peer_allowed(conn)
-                    if not allowed:
-                        self.log.warning("refused a channel from another user (SO_PEERCRED)",
-                                         peer_pid=pid, peer_uid=uid, peer_gid=gid, allowed_uids=sorted({0, os.geteuid()}))
+                    peer = Peer.of(conn)
+                    if peer is None or peer.uid not in (0, os.geteuid()):
+                        guard.reject(SURFACE, "peer-not-allowed",
+                                     f"channel from uid {peer.uid if peer else '?'}: only uid 0 and "
+                                     f"{os.geteuid()} may serve as the kernel side", peer,
+                                     device=self.target.name)
                         conn.close()
+                        slots.release()
                         continue
                     try:
                         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
                     except OSError:
                         pass
                     self._channels += 1
-                    nursery.start_soon(self._serve, conn, f"nbd{self._channels}")
+                    nursery.start_soon(self._serve, conn, f"nbd{self._channels}", peer, slots)
         finally:
             sock.close()
             try:
@@ -605,10 +614,14 @@ class NbdExport:
             except OSError:
                 pass
 
-    async def _serve(self, conn, name: str) -> None:
-        transport = SocketTransport(conn)
-        with transport.sock:
-            await serve_channel(transport, self.target.dispatcher, self.limiter, name=name)
+    async def _serve(self, conn, name: str, peer: Peer, slots: trio.Semaphore) -> None:
+        try:
+            transport = SocketTransport(conn)
+            with transport.sock:
+                await serve_channel(transport, self.target.dispatcher, self.limiter, name=name,
+                                    surface=SURFACE, peer=peer)
+        finally:
+            slots.release()
 
 
 async def start_export(daemon, target, export, nursery) -> None:

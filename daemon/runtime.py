@@ -32,6 +32,7 @@ from dmuserd.backends import Backend, Op, backend_class, create
 from dmuserd.daemon.config import ConfigError, DaemonSpec, TargetSpec
 from dmuserd.daemon.dispatcher import Dispatcher
 from dmuserd.daemon.emulated import EmulatedDmUser
+from dmuserd.daemon.guard import Guard
 
 log = structlog.get_logger("dmuserd.daemon")
 
@@ -48,11 +49,11 @@ STOP_GRACE_SECONDS = 10.0
 class Target:
     """One served device."""
 
-    def __init__(self, spec: TargetSpec, backend: Backend) -> None:
+    def __init__(self, spec: TargetSpec, backend: Backend, guard: Guard | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.backend = backend
-        self.dispatcher = Dispatcher(backend, name=spec.name)
+        self.dispatcher = Dispatcher(backend, name=spec.name, guard=guard)
         self.device: EmulatedDmUser | None = None
         self.endpoints: dict[str, str] = {}
 
@@ -77,6 +78,8 @@ class Daemon:
         self.nursery: trio.Nursery | None = None
         self.started_at = time.time()
         self.stopping = False
+        #: Every input surface's guard: what each refused, by reason (``status`` → ``rejected_inputs``).
+        self.guard = Guard()
         self._cancel = trio.CancelScope()
 
     def _build_targets(self) -> None:
@@ -86,7 +89,7 @@ class Daemon:
                 raise ConfigError(f"two targets are named {spec.name!r}: target names must be unique")
             seen.add(spec.name)
         for spec in self.spec.targets:
-            self.targets[spec.name] = Target(spec, create(spec.backend, self._backend_options(spec)))
+            self.targets[spec.name] = Target(spec, create(spec.backend, self._backend_options(spec)), self.guard)
 
     def _backend_options(self, spec: TargetSpec) -> dict:
         """The target's backend options, with daemon-wide settings where it leaves them out."""
@@ -151,7 +154,8 @@ class Daemon:
         if any(e.kind == "fuse" for e in spec.exports):
             raise ConfigError(f"target {spec.name!r}: FUSE exports cannot be added to a running daemon")
         starters = {e.kind: _export_starter(e) for e in spec.exports}
-        target = Target(spec, backend if backend is not None else create(spec.backend, self._backend_options(spec)))
+        target = Target(spec, backend if backend is not None else create(spec.backend, self._backend_options(spec)),
+                        self.guard)
         target.done = trio.Event()
 
         async def hold(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -191,7 +195,7 @@ class Daemon:
     async def _start_fuse(self, nursery, mountpoint: str) -> None:
         from dmuserd.daemon.fuse import FuseExport
 
-        self.fuse = FuseExport(mountpoint)
+        self.fuse = FuseExport(mountpoint, self.guard)
         for target in self.targets.values():
             if any(e.kind == "fuse" for e in target.spec.exports):
                 channels = int(next(e for e in target.spec.exports if e.kind == "fuse").options.get("channels", 4))
@@ -262,6 +266,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 1),
             "stopping": self.stopping,
             "targets": {name: t.status() for name, t in self.targets.items()},
+            "rejected_inputs": self.guard.as_dict(),
         }
 
 

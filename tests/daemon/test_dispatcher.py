@@ -108,12 +108,42 @@ async def test_out_of_range_and_misaligned_fail_alone(kind, offset, length, why)
 async def test_unsupported_ops_fail_and_are_counted():
     async with trio.open_nursery() as nursery:
         dev = await _device(nursery, ReadOnly())
-        for kind in (RequestType.WRITE, RequestType.DISCARD, RequestType.WRITE_ZEROES, RequestType.FLUSH):
+        for kind in (RequestType.WRITE, RequestType.DISCARD, RequestType.WRITE_ZEROES):
             data = b"x" * 512 if kind == RequestType.WRITE else None
             with pytest.raises(OSError):
-                await dev.submit(kind, 0, 512 if kind != RequestType.FLUSH else 0, data=data)
-        assert dev.dispatcher.stats.unsupported == 4
+                await dev.submit(kind, 0, 512, data=data)
+        assert dev.dispatcher.stats.unsupported == 3
         assert dev.dispatcher.stats.errors == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_flush_of_a_backend_that_takes_no_writes_succeeds():
+    """Nothing can be pending on a read-only backend: fsync must not fail with EIO."""
+    async with trio.open_nursery() as nursery:
+        dev = await _device(nursery, ReadOnly())
+        await dev.submit(RequestType.FLUSH, 0, 0)
+        await dev.submit(RequestType.WRITE, 0, 0, data=b"", flags=Flag.PREFLUSH)  # the 6.1 kernel's flush
+        assert dev.dispatcher.stats.requests["flush"] == 2
+        assert dev.dispatcher.stats.unsupported == dev.dispatcher.stats.errors == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_flush_of_a_writable_backend_without_flush_is_unsupported():
+    class NoFlush(Backend):
+        def __init__(self):
+            super().__init__(size=1 << 20)
+
+        async def read(self, offset, length):
+            return bytes(length)
+
+        async def write(self, offset, data, fua=False):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        dev = await _device(nursery, NoFlush())
+        with pytest.raises(OSError):
+            await dev.submit(RequestType.WRITE, 0, 0, data=b"", flags=Flag.PREFLUSH)
+        assert dev.dispatcher.stats.unsupported == 1
         nursery.cancel_scope.cancel()
 
 

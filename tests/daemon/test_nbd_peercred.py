@@ -57,8 +57,10 @@ def test_channel_from_another_uid_is_refused(nbd_session):
     # With CAP_DAC_OVERRIDE it connects, and the daemon hangs up unanswered.
     out = _as_nobody(channel, "dac_override")
     assert out in ("answer: 0", "closed: 32", "closed: 104"), out  # EOF, EPIPE or ECONNRESET: no answer
-    refusals = [e for e in daemon.log_events() if e.get("event", "").startswith("refused a channel from another user")]
-    assert refusals and refusals[0]["peer_uid"] == NOBODY
+    refusals = [e for e in daemon.log_events()
+                if e.get("event") == "input rejected" and e.get("reason") == "peer-not-allowed"]
+    assert refusals and refusals[0]["peer_uid"] == NOBODY and refusals[0]["surface"] == "nbd-channel"
+    assert daemon.status()["rejected_inputs"]["nbd-channel"]["peer-not-allowed"] == 1
     # The same request from root is answered (a 40-byte header, then the data).
     result = subprocess.run([PYTHON, "-c", CLIENT, str(channel)], capture_output=True, text=True, timeout=30)
     assert result.stdout.startswith("answer:") and int(result.stdout.split()[1]) >= 40, result
