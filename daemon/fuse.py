@@ -17,12 +17,17 @@ fallocate          PUNCH_HOLE → DISCARD, ZERO_RANGE → WRITE_ZEROES
                    :mod:`dmuserd.daemon.fuse_fallocate`)
 =================  ===========================================================
 
-A failed BIO is EIO to the caller; the file and the device stay up.
+A failed BIO is EIO to the caller; the file and the device stay up. Each
+request is an input surface (``fuse``, :mod:`dmuserd.daemon.guard`): an
+operation that fails with anything but an ``OSError`` (a bug) answers EIO,
+is counted and logged, and pyfuse3 never sees the exception (it would end
+the whole mount).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import time
@@ -30,10 +35,14 @@ import time
 import structlog
 import trio
 
+from dmuserd.daemon.guard import Guard
 from dmuserd.errors import DmuserdError
 from dmuserd.protocol import Flag, RequestType
 
 log = structlog.get_logger("dmuserd.fuse")
+
+#: The input surface of FUSE requests (:mod:`dmuserd.daemon.guard`).
+SURFACE = "fuse"
 
 _READ = RequestType.READ
 
@@ -67,8 +76,9 @@ class _File:
 class FuseExport:
     """One FUSE mount holding a file per target."""
 
-    def __init__(self, mountpoint: str) -> None:
+    def __init__(self, mountpoint: str, guard: Guard | None = None) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
+        self.guard = guard if guard is not None else Guard()
         self._files: dict[int, _File] = {}
         self._by_name: dict[bytes, _File] = {}
         self.mounted = False
@@ -145,6 +155,13 @@ class FuseExport:
         self._nursery.start_soon(self._fallocate, fa, req, inode, mode, offset, length)
 
     async def _fallocate(self, fa, req, inode, mode, offset, length) -> None:
+        err = errno.EIO
+        with self.guard.isolate(SURFACE, op="fallocate", mode=mode, offset=offset, length=length):
+            err = await self._fallocate_errno(fa, inode, mode, offset, length)
+        fa.reply(req, err)
+
+    async def _fallocate_errno(self, fa, inode, mode, offset, length) -> int:
+        """The errno a fallocate gets (0 for success)."""
         err = 0
         try:
             entry = self._files.get(inode)
@@ -161,7 +178,7 @@ class FuseExport:
             # mode 0 / KEEP_SIZE alone: preallocation within the size is a no-op.
         except OSError as exc:
             err = exc.errno or errno.EIO
-        fa.reply(req, err)
+        return err
 
     async def _deallocate(self, entry: _File, kind, offset: int, length: int, flags: int) -> None:
         end = min(offset + length, entry.size)
@@ -207,6 +224,24 @@ async def write_range(entry: _File, offset: int, data, flags: int = 0) -> int:
         block[offset - start : offset - start + length] = data
         await entry.device.submit(RequestType.WRITE, start, stop - start, data=bytes(block), flags=flags)
     return length
+
+
+def _request(method):
+    """One FUSE request: an ``OSError`` is its errno, anything else a counted EIO (see the module doc)."""
+
+    @functools.wraps(method)
+    async def request(self, *args):
+        try:
+            return await method(self, *args)
+        except self.pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise self.pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception as exc:  # noqa: BLE001 - pyfuse3 would end the mount
+            self.export.guard.failed(SURFACE, exc, op=method.__name__)
+            raise self.pyfuse3.FUSEError(errno.EIO) from None
+
+    return request
 
 
 class _Operations:
@@ -257,25 +292,30 @@ class _OpsMixin:
         except KeyError:
             raise self.pyfuse3.FUSEError(errno.ENOENT) from None
 
+    @_request
     async def getattr(self, inode, ctx=None):
         return self._attrs(inode)
 
+    @_request
     async def setattr(self, inode, attr, fields, fh, ctx):
         if inode != self.pyfuse3.ROOT_INODE and fields.update_size and attr.st_size != self._entry(inode).size:
             raise self.pyfuse3.FUSEError(errno.EPERM)  # a device's size is fixed
         return self._attrs(inode)
 
+    @_request
     async def lookup(self, parent_inode, name, ctx=None):
         entry = self.export._by_name.get(bytes(name))
         if parent_inode != self.pyfuse3.ROOT_INODE or entry is None:
             raise self.pyfuse3.FUSEError(errno.ENOENT)
         return self._attrs(entry.inode)
 
+    @_request
     async def opendir(self, inode, ctx):
         if inode != self.pyfuse3.ROOT_INODE:
             raise self.pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_request
     async def readdir(self, fh, start_id, token):
         entries = sorted(self.export._files.values(), key=lambda e: e.inode)
         for entry in entries:
@@ -284,9 +324,11 @@ class _OpsMixin:
             if not self.pyfuse3.readdir_reply(token, entry.name.encode(), self._attrs(entry.inode), entry.inode):
                 break
 
+    @_request
     async def releasedir(self, fh):
         pass
 
+    @_request
     async def open(self, inode, flags, ctx):
         self._entry(inode)
         info = self.pyfuse3.FileInfo(fh=inode)
@@ -296,36 +338,33 @@ class _OpsMixin:
         info.keep_cache = False
         return info
 
+    @_request
     async def release(self, fh):
         pass
 
+    @_request
     async def flush(self, fh):
         pass
 
+    @_request
     async def read(self, fh, off, size):
-        try:
-            entry = self._entry(fh)
-            if size and not (off % entry.block_size or size % entry.block_size) and off + size <= entry.size:
-                # Whole blocks, the usual case (a loop device's I/O): one coroutine less.
-                return await entry.device.submit(_READ, off, size)
-            return await read_range(entry, off, size)
-        except OSError as exc:
-            raise self.pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        entry = self._entry(fh)
+        if size and not (off % entry.block_size or size % entry.block_size) and off + size <= entry.size:
+            # Whole blocks, the usual case (a loop device's I/O): one coroutine less.
+            return await entry.device.submit(_READ, off, size)
+        return await read_range(entry, off, size)
 
+    @_request
     async def write(self, fh, off, buf):
-        try:
-            return await write_range(self._entry(fh), off, buf)
-        except OSError as exc:
-            raise self.pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        return await write_range(self._entry(fh), off, buf)
 
+    @_request
     async def fsync(self, fh, datasync):
         entry = self._entry(fh)
-        try:
-            # What the 6.1 kernel sends for a flush: WRITE, len 0, PREFLUSH.
-            await entry.device.submit(RequestType.WRITE, 0, 0, data=b"", flags=Flag.PREFLUSH)
-        except OSError as exc:
-            raise self.pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        # What the 6.1 kernel sends for a flush: WRITE, len 0, PREFLUSH.
+        await entry.device.submit(RequestType.WRITE, 0, 0, data=b"", flags=Flag.PREFLUSH)
 
+    @_request
     async def statfs(self, ctx):
         stats = self.pyfuse3.StatvfsData()
         total = sum(e.size for e in self.export._files.values())
