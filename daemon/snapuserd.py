@@ -44,6 +44,8 @@ import trio
 
 log = structlog.get_logger("dmuserd.snapuserd")
 
+#: The input surface of snapuserd's clients (:mod:`dmuserd.daemon.guard`).
+SURFACE = "control-snapuserd"
 #: snapuserd's kMaxPacketSize: a message is one recv() of at most this many bytes.
 MAX_MESSAGE = 512
 #: ``supports,<feature>`` features we have.
@@ -107,19 +109,38 @@ def parse_message(data: bytes) -> list[str]:
     return text.split(",")
 
 
-async def serve_client(daemon, stream, first: bytes) -> None:
-    """Serve one snapuserd client; ``first`` is its first message."""
+async def serve_client(daemon, stream, first: bytes, peer=None) -> None:
+    """Serve one snapuserd client; ``first`` is its first message.
+
+    A request that fails in an unexpected way (a bug) is answered ``fail``
+    and ends this connection, counted by the daemon's guard; the client sees
+    what snapuserd's clients see for any failed request.
+    """
+    import trio
+
     message = first
     while message:
-        reply, keep_open = await handle_message(daemon, message)
-        if reply is not None:
-            await stream.send_all(reply.encode())
-        if not keep_open:
+        try:
+            reply, keep_open = await handle_message(daemon, message, peer)
+        except Exception as exc:  # noqa: BLE001 - one client's request fails alone
+            daemon.guard.failed(SURFACE, exc, peer, request=_printable(message))
+            reply, keep_open = "fail", False
+        try:
+            if reply is not None:
+                await stream.send_all(reply.encode())
+            if not keep_open:
+                return
+            message = await stream.receive_some(MAX_MESSAGE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
-        message = await stream.receive_some(MAX_MESSAGE)
 
 
-async def handle_message(daemon, data: bytes) -> tuple[str | None, bool]:
+def _printable(data: bytes, limit: int = 80) -> str:
+    """A request as a log field: ASCII, at most ``limit`` characters."""
+    return data[:limit].decode("ascii", errors="backslashreplace")
+
+
+async def handle_message(daemon, data: bytes, peer=None) -> tuple[str | None, bool]:
     """Answer one message: ``(reply or None, keep the connection open)``."""
     words = parse_message(data)
     op, args = words[0], words[1:]
@@ -153,11 +174,13 @@ async def handle_message(daemon, data: bytes) -> tuple[str | None, bool]:
         "initiate_merge": (1, _initiate_merge),
     }
     if op not in handler_ops:
-        log.warning("snapuserd: unknown request", request=",".join(words)[:80])
+        daemon.guard.reject(SURFACE, "unknown-request", "not a snapuserd request: answered fail, closed",
+                            peer, request=_printable(data))
         return "fail", False
     count, function = handler_ops[op]
     if len(args) != count:
-        log.error("snapuserd: malformed request", op=op, parts=len(words), expected=count + 1)
+        daemon.guard.reject(SURFACE, "malformed-request", f"{op} takes {count} argument(s), got {len(args)}",
+                            peer, request=_printable(data))
         return ("snapshot-merge-failed" if op == "getstatus" else "fail"), True
     async with state.lock:
         return await function(daemon, state, *args), True
