@@ -107,4 +107,9 @@ def _status(args) -> int:
             print(f"    merge {merge.get('state')}: {merge.get('percent', 0):.1f}% "
                   f"({merge.get('merged_ops')} of {merge.get('total_ops')} ops)"
                   + (f"; error: {merge['error']}" if merge.get("error") else ""))
+    rejected = status.get("rejected_inputs") or {}
+    if rejected:
+        print("  rejected inputs (see the daemon's log for who sent them):")
+        for surface, reasons in rejected.items():
+            print(f"    {surface}: " + ", ".join(f"{reason} {count}" for reason, count in reasons.items()))
     return 0

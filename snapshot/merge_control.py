@@ -233,7 +233,7 @@ async def merge_command(daemon, request: dict) -> dict:
     action, name = request.get("action"), request.get("target")
     if action not in ACTIONS:
         raise CommandError(f"merge: action must be one of {', '.join(ACTIONS)}, not {action!r}")
-    target = daemon.targets.get(name)
+    target = daemon.targets.get(name) if isinstance(name, str) else None
     if target is None:
         raise CommandError(f"merge: no target {name!r} (targets: {', '.join(sorted(daemon.targets)) or 'none'})")
     control = getattr(target.backend, "merge", None)

@@ -171,3 +171,11 @@ def test_a_channel_breaking_the_protocol_ends_alone(served, nbd_session, header,
     with _channel(nbd_session) as sock:
         sock.sendall(HEADER.pack(7, RequestType.READ, 0, 0, 512))
         assert _answer(sock)[:2] == (7, ResponseType.SUCCESS)
+
+
+def test_status_text_lists_rejected_inputs(served):
+    from daemon_harness import DMUSERD, run
+
+    _ask(served, b'{"cmd": "nope"}\n')
+    text = run(*DMUSERD, "status", "--control-socket", served.control).stdout
+    assert "rejected inputs" in text and "control-json: unknown-command 1" in text
