@@ -90,6 +90,8 @@ MAX_RESTARTS = 5
 SOCKET_BUFFER = 4 * 1024 * 1024
 #: Channels served at once per export (each holds a receive buffer of RECEIVE_SIZE).
 MAX_CHANNELS = 256
+#: accept() errors that pass: out of descriptors or memory, or a peer gone before we took it.
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.ECONNABORTED})
 #: The input surface of the channel socket (:mod:`dmuserd.daemon.guard`).
 SURFACE = "nbd-channel"
 
@@ -591,7 +593,16 @@ class NbdExport:
             async with trio.open_nursery() as nursery:
                 while True:
                     await slots.acquire()
-                    conn, _ = await sock.accept()
+                    try:
+                        conn, _ = await sock.accept()
+                    except OSError as exc:
+                        slots.release()
+                        if exc.errno not in _ACCEPT_RETRY:
+                            raise
+                        # Out of descriptors or memory for now (as trio.serve_listeners does): wait, retry.
+                        self.log.error("accepting a channel failed; retrying", error=exc.strerror)
+                        await trio.sleep(0.1)
+                        continue
                     peer = Peer.of(conn)
                     if peer is None or peer.uid not in (0, os.geteuid()):
                         guard.reject(SURFACE, "peer-not-allowed",

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +181,30 @@ def test_status_text_lists_rejected_inputs(served):
     _ask(served, b'{"cmd": "nope"}\n')
     text = run(*DMUSERD, "status", "--control-socket", served.control).stdout
     assert "rejected inputs" in text and "control-json: unknown-command 1" in text
+
+
+def test_running_out_of_descriptors_does_not_end_the_export(served, nbd_session):
+    """accept() failing with EMFILE (a peer opening channels without end) waits and retries."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("prlimit"):
+        pytest.skip("prlimit (util-linux) is missing")
+    open_fds = len(list((Path("/proc") / str(served.proc.pid) / "fd").iterdir()))
+    subprocess.run(["prlimit", f"--pid={served.proc.pid}", f"--nofile={open_fds + 8}"], check=True)
+    held = []
+    try:
+        for _ in range(30):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(nbd_session.state_dir / "ch.sock"))
+            held.append(sock)
+        deadline = time.monotonic() + 10
+        while "accepting a channel failed" not in served.log_text():
+            assert time.monotonic() < deadline, "the daemon never ran out of descriptors"
+            time.sleep(0.05)
+    finally:
+        for sock in held:
+            sock.close()
+    with _channel(nbd_session) as sock:
+        sock.sendall(HEADER.pack(9, RequestType.READ, 0, 0, 512))
+        assert _answer(sock)[:2] == (9, ResponseType.SUCCESS)
