@@ -34,11 +34,21 @@ _F = descriptor_pb2.FieldDescriptorProto
 _OPT, _REP = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
 _U32, _U64, _I64 = _F.TYPE_UINT32, _F.TYPE_UINT64, _F.TYPE_INT64
 _BYTES, _STR, _BOOL, _MSG = _F.TYPE_BYTES, _F.TYPE_STRING, _F.TYPE_BOOL, _F.TYPE_MESSAGE
+_FIXED32 = _F.TYPE_FIXED32
 
 SCHEMA: dict[str, list[tuple]] = {
     "Extent": [
         ("start_block", 1, _U64, _OPT, None, None),
         ("num_blocks", 2, _U64, _OPT, None, None),
+    ],
+    # Signatures.Signature in AOSP (a nested message there: the wire format is the same)
+    "Signature": [
+        ("version", 1, _U32, _OPT, None, None),
+        ("data", 2, _BYTES, _OPT, None, None),
+        ("unpadded_signature_size", 3, _FIXED32, _OPT, None, None),
+    ],
+    "Signatures": [
+        ("signatures", 1, _MSG, _REP, "Signature", None),
     ],
     "PartitionInfo": [
         ("size", 1, _U64, _OPT, None, None),
@@ -66,6 +76,13 @@ SCHEMA: dict[str, list[tuple]] = {
         ("old_partition_info", 6, _MSG, _OPT, "PartitionInfo", None),
         ("new_partition_info", 7, _MSG, _OPT, "PartitionInfo", None),
         ("operations", 8, _MSG, _REP, "InstallOperation", None),
+        ("hash_tree_data_extent", 10, _MSG, _OPT, "Extent", None),
+        ("hash_tree_extent", 11, _MSG, _OPT, "Extent", None),
+        ("hash_tree_algorithm", 12, _STR, _OPT, None, None),
+        ("hash_tree_salt", 13, _BYTES, _OPT, None, None),
+        ("fec_data_extent", 14, _MSG, _OPT, "Extent", None),
+        ("fec_extent", 15, _MSG, _OPT, "Extent", None),
+        ("fec_roots", 16, _U32, _OPT, None, "2"),
         ("merge_operations", 18, _MSG, _REP, "CowMergeOperation", None),
         ("estimate_cow_size", 19, _U64, _OPT, None, None),
         ("estimate_op_count_max", 20, _U64, _OPT, None, None),
@@ -116,3 +133,5 @@ CowMergeOperation = _CLASSES["CowMergeOperation"]
 PartitionUpdate = _CLASSES["PartitionUpdate"]
 DynamicPartitionMetadata = _CLASSES["DynamicPartitionMetadata"]
 DeltaArchiveManifest = _CLASSES["DeltaArchiveManifest"]
+Signature = _CLASSES["Signature"]
+Signatures = _CLASSES["Signatures"]

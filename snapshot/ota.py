@@ -195,6 +195,35 @@ def apply_payload(
         return results
 
 
+def check_payload(payload_path, *, cert=None, whole: bool = True, progress: bool | None = None) -> list[str]:
+    """Check a payload (or OTA zip) before use; one line per thing checked or not.
+
+    With an OTA zip, its ``payload_properties.txt`` sizes and hashes (the
+    whole-file hash only with ``whole``); with ``cert``, both signatures
+    (:mod:`~dmuserd.snapshot._payload_signature`). Raises
+    :class:`PayloadError` at the first mismatch.
+    """
+    from dmuserd.snapshot import _ota_zip, _payload_signature
+
+    lines = []
+    with Payload(payload_path) as payload:
+        location = payload.location
+        if location.package is not None:
+            checked = _ota_zip.check_metadata(location, payload.read, payload.metadata_size)
+            if whole:
+                with progress_bar(location.size, progress, desc="payload hash", unit="B") as bar:
+                    checked += _ota_zip.check_file(location, payload.read, bar=bar)
+            lines.append(f"{_ota_zip.PROPERTIES_NAME}: " + (", ".join(checked) + " match" if checked else
+                                                            "missing or empty: the payload's hashes are not checked"))
+        if cert is None:
+            lines.append("signatures: not checked (pass --cert with the signer's certificate to check them)")
+        else:
+            with progress_bar(payload.data_size, progress, desc="signature", unit="B") as bar:
+                _payload_signature.verify(payload, cert, bar=bar)
+            lines.append(f"signatures: metadata and payload signatures verified against {cert}")
+    return lines
+
+
 def check_supported(part) -> None:
     """Refuse, before anything is written, an operation dmuserd cannot apply."""
     for i, op in enumerate(part.operations):

@@ -30,7 +30,23 @@ def _cow_options(p: argparse.ArgumentParser) -> None:
                    help="none, gz, brotli, lz4 or zstd, optionally ',LEVEL' "
                         "(default: the payload's vabc_compression_param, else none)")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip checking each converted partition against new_partition_info.hash")
+                   help="skip checking each converted partition against new_partition_info.hash, and an OTA "
+                        "zip's payload against its FILE_HASH")
+    _cert_option(p)
+
+
+def _cert_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cert", metavar="CERT.pem",
+                   help="the signer's X.509 certificate (PEM or DER) or public key: check the payload's "
+                        "signatures (without it they are not checked, and the command says so)")
+
+
+def _check(args, *, whole: bool) -> None:
+    """Check the package and signatures; print one line per check."""
+    from dmuserd.snapshot.ota import check_payload
+
+    for line in check_payload(args.payload, cert=args.cert, whole=whole):
+        print(line, flush=True)
 
 
 def register(subparsers) -> None:
@@ -42,19 +58,19 @@ def register(subparsers) -> None:
     sub = ota.add_subparsers(dest="ota_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("inspect", help="list a payload's partitions, sizes and operation counts")
-    p.add_argument("payload", help="the payload.bin")
+    p.add_argument("payload", help="the payload.bin or the OTA zip holding it")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("apply", help="write COW_DIR/NAME.cow for each partition")
-    p.add_argument("payload", help="the payload.bin")
+    p.add_argument("payload", help="the payload.bin or the OTA zip holding it")
     p.add_argument("--cow-dir", required=True, metavar="OUT/", help="where the COW files go")
     _cow_options(p)
     offload_option(p)
     p.set_defaults(func=_apply)
 
     p = sub.add_parser("serve", help="convert, then serve each new partition as a snapshot target")
-    p.add_argument("payload", help="the payload.bin")
+    p.add_argument("payload", help="the payload.bin or the OTA zip holding it")
     p.add_argument("--export", action="append", default=[], metavar="KIND:WHERE", required=True,
                    help="fuse:DIR (one file per partition), nbd:SOCKET...; {name} in WHERE becomes the "
                         "partition name (repeatable)")
@@ -65,13 +81,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("verify", help="check images, served files or COW files against new_partition_info.hash")
-    p.add_argument("payload", help="the payload.bin")
+    p.add_argument("payload", help="the payload.bin or the OTA zip holding it")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--image-dir", metavar="DIR",
                        help="new images or served files, NAME or NAME.img (a FUSE export's directory)")
     where.add_argument("--cow-dir", metavar="OUT/", help="COW files NAME.cow, rendered over --source-dir")
     p.add_argument("--source-dir", metavar="OLD/", help="the old images, for --cow-dir")
     p.add_argument("--partitions", metavar="A,B", help="only these partitions (default: all)")
+    _cert_option(p)
     offload_option(p)
     p.set_defaults(func=_verify)
 
@@ -87,7 +104,19 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    lines = [
+    lines = []
+    package = info.get("package")
+    if package:
+        meta = package["metadata"]
+        lines.append(f"OTA package: {package['path']}; payload.bin {package['payload_size']} bytes at offset "
+                     f"{package['payload_offset']}")
+        for key, label in (("ota-type", "OTA type"), ("pre-build", "Pre-build"), ("post-build", "Post-build"),
+                           ("pre-device", "Device"), ("post-timestamp", "Post timestamp")):
+            if key in meta:
+                lines.append(f"  {label}: {meta[key]}")
+        props = package["properties"]
+        lines.append("  payload_properties.txt: " + (", ".join(f"{k}={v}" for k, v in props.items()) or "none"))
+    lines += [
         f"Payload: {info['path']} ({info['kind']}, version {info['major_version']}, minor {info['minor_version']})",
         f"Block size: {info['block_size']}",
         f"Manifest: {info['manifest_size']} bytes; metadata signature {info['metadata_signature_size']} bytes; "
@@ -105,6 +134,11 @@ def _inspect(args: argparse.Namespace) -> int:
         lines.append(f"  {part['operations']} operations ({ops}); {part['data_bytes']} bytes of data")
         if part["merge_operations"]:
             lines.append("  merge operations: " + ", ".join(f"{k} {v}" for k, v in part["merge_operations"].items()))
+        if part["verity"]:
+            v = part["verity"]
+            lines.append(f"  verity: hash tree {v['hash_tree_algorithm'] or 'none'} ({v['hash_tree_blocks']} blocks), "
+                         f"FEC {v['fec_roots'] if v['fec_roots'] is not None else 'none'} roots "
+                         f"({v['fec_blocks']} blocks)")
         if part["unsupported"]:
             lines.append("  unsupported by dmuserd: " + ", ".join(part["unsupported"]))
     print("\n".join(lines))
@@ -131,6 +165,7 @@ def _result_line(result) -> str:
 def _apply(args: argparse.Namespace) -> int:
     from dmuserd.snapshot.commands import mover_line, run_offloaded
 
+    _check(args, whole=not args.no_verify)
     results, stats = run_offloaded(args, _convert, args, args.cow_dir)
     for result in results:
         print(_result_line(result))
@@ -148,6 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dmuserd.daemon.config import DaemonSpec, default_control_socket, make_target
     from dmuserd.daemon.service import run_until_signal
 
+    _check(args, whole=not args.no_verify)
     with contextlib.ExitStack() as stack:
         cow_dir = args.cow_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dmuserd-ota-"))
         results = _convert(args, cow_dir)
@@ -167,6 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from dmuserd.snapshot.commands import mover_line, run_offloaded
 
+    _check(args, whole=True)
     bad, stats = run_offloaded(args, _verify_all, args)
     print(mover_line(stats))
     return 1 if bad else 0

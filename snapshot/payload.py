@@ -340,15 +340,20 @@ class Payload:
     """
 
     def __init__(self, path) -> None:
+        from dmuserd.snapshot._ota_zip import locate_payload
+
         self.path = os.fspath(path)
+        #: where the payload's bytes are: the whole file, or a stored entry of an OTA zip
+        self.location = locate_payload(self.path)
+        self._base = self.location.offset
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise PayloadError(f"cannot open payload {self.path}: {exc.strerror}; check the path") from None
         try:
-            size = os.fstat(self._fd).st_size
-            self.header = parse_header(os.pread(self._fd, HEADER_SIZE, 0), file_size=size)
-            self.manifest_raw = os.pread(self._fd, self.header.manifest_size, HEADER_SIZE)
+            size = self.location.size
+            self.header = parse_header(self.read(0, HEADER_SIZE), file_size=size)
+            self.manifest_raw = self.read(HEADER_SIZE, self.header.manifest_size)
             self.data_size = size - self.header.data_offset
             self.manifest = parse_manifest(self.manifest_raw, data_size=self.data_size)
         except PayloadFormatError as exc:
@@ -359,6 +364,16 @@ class Payload:
             raise
         self.block_size = self.manifest.block_size
         self.partitions = {p.partition_name: p for p in self.manifest.partitions}
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of the payload (fewer at its end)."""
+        length = max(0, min(length, self.location.size - offset))
+        return os.pread(self._fd, length, self._base + offset)
+
+    @property
+    def metadata_size(self) -> int:
+        """Header and manifest: what the metadata signature and METADATA_HASH cover."""
+        return HEADER_SIZE + self.header.manifest_size
 
     @property
     def is_full(self) -> bool:
@@ -375,7 +390,7 @@ class Payload:
 
     def read_blob(self, partition: str, index: int, op) -> bytes:
         """The data blob of operation ``index``, its SHA-256 checked when the manifest has one."""
-        data = os.pread(self._fd, op.data_length, self.header.data_offset + op.data_offset)
+        data = self.read(self.header.data_offset + op.data_offset, op.data_length)
         if len(data) != op.data_length:
             raise PayloadFormatError(op_where(partition, index), "blob-range", "the blob is cut short by the file end",
                                      path=self.path)
@@ -436,6 +451,13 @@ def describe(payload: Payload) -> dict:
             "cow_version": dpm.cow_version or None,
             "compression_factor": dpm.compression_factor or None,
         },
+        "package": None if payload.location.package is None else {
+            "path": payload.location.package.path,
+            "payload_offset": payload.location.offset,
+            "payload_size": payload.location.size,
+            "properties": dict(payload.location.package.properties),
+            "metadata": dict(payload.location.package.metadata),
+        },
         "partitions": [],
     }
     for part in m.partitions:
@@ -457,6 +479,12 @@ def describe(payload: Payload) -> dict:
             "operations": len(part.operations),
             "operation_types": ops,
             "merge_operations": merges,
+            "verity": None if not part.HasField("hash_tree_extent") and not part.HasField("fec_extent") else {
+                "hash_tree_algorithm": part.hash_tree_algorithm or None,
+                "hash_tree_blocks": part.hash_tree_extent.num_blocks if part.HasField("hash_tree_extent") else 0,
+                "fec_roots": part.fec_roots if part.HasField("fec_extent") else None,
+                "fec_blocks": part.fec_extent.num_blocks if part.HasField("fec_extent") else 0,
+            },
             "data_bytes": sum(op.data_length for op in part.operations),
             "unsupported": sorted({OpType(op.type).name for op in part.operations
                                    if OpType(op.type) not in SUPPORTED_OPS}),

@@ -51,11 +51,92 @@ def ext(start: int, num: int):
     return proto.Extent(start_block=start, num_blocks=num)
 
 
-def write_payload(path, manifest, blobs: list[bytes]) -> None:
-    """A payload.bin: header, ``manifest``, no metadata signature, ``blobs`` in order."""
+def write_payload(path, manifest, blobs: list[bytes], *, key=None) -> None:
+    """A payload.bin: header, ``manifest``, the metadata signature, ``blobs`` in order, the payload signature.
+
+    Signed (as AOSP's payload signer does, PKCS#1 v1.5 over SHA-256) when a
+    ``key`` (a ``cryptography`` private key) is given, else unsigned.
+    """
+    data = b"".join(blobs)
+    if key is None:
+        raw = manifest.SerializeToString()
+        with open(path, "wb") as f:
+            f.write(struct.pack(">4sQQI", b"CrAU", 2, len(raw), 0) + raw + data)
+        return
+    # The signature blobs' size is known before signing: a signature is as long as the key.
+    size = len(_signatures(bytes(key.key_size // 8)))
+    manifest.signatures_offset, manifest.signatures_size = len(data), size
     raw = manifest.SerializeToString()
+    metadata = struct.pack(">4sQQI", b"CrAU", 2, len(raw), size) + raw
+    metadata_signature = _signatures(_sign(key, metadata))
+    payload_signature = _signatures(_sign(key, metadata + data))
+    assert len(metadata_signature) == len(payload_signature) == size
     with open(path, "wb") as f:
-        f.write(struct.pack(">4sQQI", b"CrAU", 2, len(raw), 0) + raw + b"".join(blobs))
+        f.write(metadata + metadata_signature + data + payload_signature)
+
+
+def _signatures(signature: bytes) -> bytes:
+    message = proto.Signatures()
+    message.signatures.add(data=signature, unpadded_signature_size=len(signature))
+    return message.SerializeToString()
+
+
+def _sign(key, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    return key.sign(hashlib.sha256(data).digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+def signing_key(directory: Path):
+    """A fresh RSA-2048 key and ``directory/cert.pem``, its self-signed certificate (as AOSP's testkey)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dmuserd test key")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    path = Path(directory) / "cert.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, path
+
+
+def ota_zip(zip_path, payload_path, *, metadata: dict | None = None, properties: dict | None = None) -> Path:
+    """An OTA package as ota_from_target_files lays it out: payload.bin stored, its properties, the metadata.
+
+    ``properties`` overrides what payload_properties.txt says (to make a bad one).
+    """
+    import base64
+    import zipfile
+
+    payload = Path(payload_path).read_bytes()
+    manifest_size = struct.unpack_from(">Q", payload, 12)[0]
+    metadata_size = 24 + manifest_size
+    props = {
+        "FILE_HASH": base64.b64encode(hashlib.sha256(payload).digest()).decode(),
+        "FILE_SIZE": str(len(payload)),
+        "METADATA_HASH": base64.b64encode(hashlib.sha256(payload[:metadata_size]).digest()).decode(),
+        "METADATA_SIZE": str(metadata_size),
+        **(properties or {}),
+    }
+    meta = {"ota-type": "AB", "pre-build": "dmuserd/test/old:14/OLD/1:user/release-keys",
+            "post-build": "dmuserd/test/new:14/NEW/2:user/release-keys", "pre-device": "test",
+            **(metadata or {})}
+    with zipfile.ZipFile(zip_path, "w") as z:
+        z.writestr("META-INF/com/android/metadata", "".join(f"{k}={v}\n" for k, v in meta.items()),
+                   compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("care_map.pb", b"\x00" * 10, compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("payload_properties.txt", "".join(f"{k}={v}\n" for k, v in props.items()),
+                   compress_type=zipfile.ZIP_STORED)
+        z.writestr("payload.bin", payload, compress_type=zipfile.ZIP_STORED)
+    return Path(zip_path)
 
 
 class PartitionBuilder:
@@ -140,7 +221,7 @@ def synthetic_images() -> tuple[bytes, bytes]:
 
 
 def synthetic_payload(path, *, merge_ops: bool = True, extra=None, old_hash: bool = True,
-                      src_hashes: bool = True, vabc: dict | None = None) -> tuple[bytes, bytes]:
+                      src_hashes: bool = True, vabc: dict | None = None, key=None) -> tuple[bytes, bytes]:
     """Write a delta payload with one partition, ``system``, covering every
     supported operation type; with ``merge_ops`` the merge operations a
     VABC generator would add (COW_COPY for the shift, COW_XOR for the
@@ -177,5 +258,5 @@ def synthetic_payload(path, *, merge_ops: bool = True, extra=None, old_hash: boo
         b.merge(MergeOpType.COW_XOR, (15, 1), (15, 1), 200)
     if extra is not None:
         extra(b)
-    write_payload(path, manifest, blobs)
+    write_payload(path, manifest, blobs, key=key)
     return old, new
