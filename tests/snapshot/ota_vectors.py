@@ -260,3 +260,24 @@ def synthetic_payload(path, *, merge_ops: bool = True, extra=None, old_hash: boo
         extra(b)
     write_payload(path, manifest, blobs, key=key)
     return old, new
+
+
+def delta_payload(path, parts: dict, *, partial: bool = False, key=None) -> None:
+    """A delta payload turning each ``parts[name] = (old, new)`` image into its new one, block by block:
+    SOURCE_COPY where a block is unchanged, ZERO where it became zeros, SOURCE_BSDIFF from the same
+    old block otherwise (REPLACE past the old image's end). ``partial`` marks it a partial update."""
+    manifest = proto.DeltaArchiveManifest(block_size=BS, minor_version=8, partial_update=partial or None)
+    blobs: list[bytes] = []
+    for name, (old, new) in parts.items():
+        b = PartitionBuilder(manifest, name, old, new, blobs)
+        for i in range(len(new) // BS):
+            block, before = new[i * BS : (i + 1) * BS], old[i * BS : (i + 1) * BS]
+            if block == before:
+                b.op(OpType.SOURCE_COPY, [(i, 1)], [(i, 1)])
+            elif block == bytes(BS):
+                b.op(OpType.ZERO, [(i, 1)])
+            elif len(before) == BS:
+                b.bsdiff([(i, 1)], [(i, 1)])
+            else:
+                b.replace([(i, 1)])
+    write_payload(path, manifest, blobs, key=key)
