@@ -1,4 +1,4 @@
-"""Turn an operation's blob into new bytes: REPLACE_BZ/XZ and bsdiff patches.
+"""Turn an operation's blob into new bytes: REPLACE_BZ/XZ and every diff format.
 
 Every decompression is bounded by what the operation's destination can
 hold, so a hostile blob cannot make us allocate more than that (plus one
@@ -14,6 +14,12 @@ Both have the same 32-byte header after the magic: control length, diff
 length and new size, as bsdiff's sign-magnitude little-endian int64. The
 patch itself (control triples applied to the source) is the ``bsdiff4``
 library's core, not reimplemented here.
+
+:func:`apply_diff` is the one entry for every diff operation: the bsdiff
+containers here, PUFFDIFF (:mod:`~dmuserd.snapshot._puffin`), ZUCCHINI
+(:mod:`~dmuserd.snapshot._zucchini`) and LZ4DIFF_* (:mod:`~dmuserd.snapshot._lz4diff`),
+each a module of its own imported when a payload first needs it. Each
+raises a :class:`DataError` for a patch it cannot apply.
 """
 
 from __future__ import annotations
@@ -119,3 +125,25 @@ def bspatch(patch: bytes, source: bytes, size: int) -> bytes:
     if len(out) != size:
         raise DataError(f"bsdiff patch produced {len(out)} bytes, expected {size}")
     return out
+
+
+def apply_diff(op_type: OpType, patch: bytes, source: bytes, size: int) -> bytes:
+    """The new bytes of a diff operation: ``patch`` applied to the concatenated ``source`` extents.
+
+    The result must fill the destination extents exactly (``size`` bytes).
+    """
+    if op_type in (OpType.SOURCE_BSDIFF, OpType.BROTLI_BSDIFF):
+        return bspatch(patch, source, size)
+    if op_type == OpType.PUFFDIFF:
+        from dmuserd.snapshot._puffin import puffpatch
+
+        return puffpatch(patch, source, size)
+    if op_type == OpType.ZUCCHINI:
+        from dmuserd.snapshot._zucchini import zucchini_apply
+
+        return zucchini_apply(patch, source, size)
+    if op_type in (OpType.LZ4DIFF_BSDIFF, OpType.LZ4DIFF_PUFFDIFF):
+        from dmuserd.snapshot._lz4diff import lz4patch
+
+        return lz4patch(patch, source, size)
+    raise DataError(f"{op_type.name} is not a diff operation")

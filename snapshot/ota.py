@@ -49,7 +49,7 @@ from dmuserd.snapshot._cow_format import OpType as CowOpType
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot._cow_tools import _order as order_copies
 from dmuserd.snapshot._cow_writer import CowWriter, xor_bytes
-from dmuserd.snapshot._payload_data import DataError, bspatch, replace_data
+from dmuserd.snapshot._payload_data import DataError, apply_diff, replace_data
 from dmuserd.snapshot.payload import (
     SUPPORTED_OPS,
     MergeOpType,
@@ -68,7 +68,8 @@ log = structlog.get_logger("dmuserd.ota")
 #: how a partition's old image is named in ``--source-dir`` (first found wins)
 SOURCE_NAMES = ("{name}.img", "{name}")
 _CHUNK = 1 << 20
-_DIFF_OPS = (OpType.SOURCE_BSDIFF, OpType.BROTLI_BSDIFF)
+_DIFF_OPS = (OpType.SOURCE_BSDIFF, OpType.BROTLI_BSDIFF, OpType.PUFFDIFF, OpType.ZUCCHINI, OpType.LZ4DIFF_BSDIFF,
+             OpType.LZ4DIFF_PUFFDIFF)
 _REPLACE_OPS = (OpType.REPLACE, OpType.REPLACE_BZ, OpType.REPLACE_XZ)
 
 
@@ -229,10 +230,10 @@ def check_supported(part) -> None:
     for i, op in enumerate(part.operations):
         op_type = OpType(op.type)
         if op_type not in SUPPORTED_OPS:
+            known = ", ".join(t.name for t in sorted(SUPPORTED_OPS))
             raise UnsupportedOperationError(
                 f"{op_where(part.partition_name, i)}: unsupported operation {op_type.name}; dmuserd applies "
-                "REPLACE, REPLACE_BZ, REPLACE_XZ, ZERO, DISCARD, SOURCE_COPY, SOURCE_BSDIFF and BROTLI_BSDIFF "
-                "(generate the payload without puffdiff/zucchini/lz4diff, or apply it with update_engine)"
+                f"{known} (apply this payload with update_engine)"
             )
 
 
@@ -518,7 +519,7 @@ class _PartitionConverter:
             else:
                 source = self._source_extents(src_fd, op)
                 self.payload.check_source(self.name, index, op, source, self.source)
-                data = bspatch(blob, source, dst_bytes)
+                data = apply_diff(op_type, blob, source, dst_bytes)
         except DataError as exc:
             raise self._fail(op_where(self.name, index), "blob-data", str(exc)) from None
         view = memoryview(data)
