@@ -38,20 +38,60 @@ when its daemon died is re-sent whole: READ, WRITE, WRITE_ZEROES, DISCARD
 and FLUSH are idempotent at block level, and a client only counts a write
 as done when its answer came back, so no acknowledged write is lost.
 
+Ending by itself. nbdkit outlives its daemon on purpose, but not its
+purpose: a watch thread (started in ``after_fork``, nbdkit's place for
+threads) holds one idle connection to the daemon's channel socket, so the
+daemon counts as *attached* until that connection ends, and counts the
+clients (``open``/``close``). While no daemon is attached, nbdkit shuts
+itself down (``nbdkit.shutdown()``) when
+
+* its NBD socket is gone: the path no longer names the socket it was
+  started on (unlinked, its directory deleted, another socket bound
+  there). Only for a socket the daemon bound (``nbd_socket=``): a socket
+  systemd passed is systemd's, which removes and re-creates its file itself
+  (``RemoveOnStop=``) and keeps it listening for the next daemon, and whose
+  path nbdkit may not even see (``PrivateTmp=``);
+* ``nbdkit.json`` no longer names it: no daemon can find it any more, and
+  the next one starts an nbdkit of its own;
+* no client has been connected either for ``idle_exit`` seconds.
+
+While a daemon is attached none of this applies: that daemon supervises
+nbdkit and would start a new one. On the way out the watch removes, in this
+order, the NBD socket (if it still is this nbdkit's), ``nbdkit.json`` and the
+registry record: up to the second a starting daemon re-attaches (and should
+nbdkit go under it, starts a new one as after any nbdkit exit); after it a
+starting daemon starts a new nbdkit and finds the path free. ``cleanup``
+(nbdkit exits for any other reason, e.g. SIGTERM) removes ``nbdkit.json``
+and the record too.
+
+The registry record (``REGISTRY/PID.json``, for ``dmuserd nbd list`` and
+``stop``) says which export this nbdkit serves, since when, whether a daemon
+is attached, how many clients are connected and since when it is idle; the
+watch rewrites it when that changes.
+
 Parameters (``nbdkit python nbdkit_plugin.py KEY=VALUE ...``; the daemon
 passes them, see :mod:`dmuserd.daemon.nbd`): ``channel`` (the daemon's
 channel socket), ``size``, ``block_size``, ``caps`` (comma-separated
 backend operations: read, write, flush, discard, write_zeroes),
-``timeout`` (seconds).
+``timeout`` (seconds); for the watch (each optional): ``state`` (the
+export's ``nbdkit.json``), ``nbd_socket`` (the NBD socket's path, when the
+daemon bound it), ``idle_exit`` (seconds, default 0: never), ``registry``
+(the directory of records) and ``export`` (the export's address, for the
+record).
 """
 
 from __future__ import annotations
 
 import errno
+import io
+import json
 import os
+import select
 import socket
+import stat
 import struct
 import sys
+import threading
 import time
 
 import nbdkit  # provided by nbdkit's python plugin
@@ -66,6 +106,8 @@ PREFERRED_BLOCK = 4096
 RECONNECT_INTERVAL = 0.02
 #: Socket buffer size asked for on each channel (large READ/WRITE payloads).
 SOCKET_BUFFER = 4 * 1024 * 1024
+#: How often the watch looks for a daemon, at the clients and at the NBD socket.
+WATCH_INTERVAL = 1.0
 
 
 def _load_protocol():
@@ -117,6 +159,11 @@ class _Config:
     block_size = 512
     caps: frozenset = frozenset()
     timeout = protocol.DEFAULT_DAEMON_TIMEOUT_MS / 1000
+    state = ""
+    nbd_socket = ""
+    idle_exit = 0.0
+    registry = ""
+    export = ""
 
 
 cfg = _Config()
@@ -148,9 +195,13 @@ def config(key, value):
         cfg.caps = frozenset(c for c in value.split(",") if c)
     elif key == "timeout":
         cfg.timeout = float(value)
+    elif key == "idle_exit":
+        cfg.idle_exit = float(value)
+    elif key in ("state", "nbd_socket", "registry", "export"):
+        setattr(cfg, key, value)
     else:
-        raise ValueError(f"dmuserd plugin: unknown parameter {key}={value!r} "
-                         "(known: channel, size, block_size, caps, timeout)")
+        raise ValueError(f"dmuserd plugin: unknown parameter {key}={value!r} (known: channel, size, "
+                         "block_size, caps, timeout, state, nbd_socket, idle_exit, registry, export)")
 
 
 def config_complete():
@@ -166,7 +217,14 @@ def thread_model():
 
 
 def open(readonly):  # noqa: A001 - nbdkit's callback name
+    with _watch.lock:
+        _watch.clients += 1
     return 1  # every connection shares the channel pool
+
+
+def close(h):
+    with _watch.lock:
+        _watch.clients -= 1
 
 
 def get_size(h):
@@ -433,3 +491,173 @@ def zero(h, count, offset, flags):
     if flags & nbdkit.FLAG_FUA:
         dm_flags |= _FUA
     _run(_WRITE_ZEROES, offset, count, dm_flags)
+
+
+# -- the watch: a kept nbdkit ends once it has outlived its purpose -----------------------
+
+
+class _Watch:
+    """What the watch thread and the callbacks share (see the module docstring)."""
+
+    lock = threading.Lock()
+    clients = 0  # NBD connections open now (changed under ``lock``)
+    daemon = None  # our idle connection to the attached daemon, if one is
+    socket_id = None  # (st_dev, st_ino) of ``cfg.nbd_socket`` when the watch started
+    started = 0.0  # wall clock
+    starttime = 0  # clock ticks since boot (/proc/self/stat), which tells this process from a later one of the same pid
+    thread = None
+    wake_r = wake_w = -1  # ``cleanup`` writes to wake_w to end the thread's wait
+
+
+_watch = _Watch()
+
+
+def after_fork():
+    """Start the watch thread, when it has something to do (the daemon always gives it work)."""
+    if not (cfg.state or cfg.nbd_socket or cfg.idle_exit or cfg.registry):
+        return
+    _watch.started = time.time()
+    with io.open("/proc/self/stat") as f:
+        _watch.starttime = int(f.read().rpartition(")")[2].split()[19])
+    _watch.socket_id = _socket_id()
+    _watch.wake_r, _watch.wake_w = os.pipe2(os.O_CLOEXEC)
+    _watch.thread = threading.Thread(target=_watch_loop, name="dmuserd-watch", daemon=True)
+    _watch.thread.start()
+
+
+def cleanup():
+    """nbdkit exits (SIGTERM, or the watch's own shutdown): end the watch, forget this nbdkit."""
+    if _watch.thread is None:
+        return
+    if _watch.thread is not threading.current_thread():
+        os.write(_watch.wake_w, b"x")
+        _watch.thread.join(2 * WATCH_INTERVAL)
+    _forget(unlink_socket=False)
+
+
+def _watch_loop():
+    idle_since = None  # monotonic time since when no daemon is attached and no client connected
+    recorded = None
+    while True:
+        if _watch.daemon is None:
+            _watch.daemon = _attach()
+        now = time.monotonic()
+        clients = _watch.clients
+        if _watch.daemon is not None or clients:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = now
+        reason = None if _watch.daemon is not None else _purpose_gone(idle_since, now)
+        if reason is not None:
+            _say(f"exiting: {reason}")
+            _forget(unlink_socket=True)
+            nbdkit.shutdown()
+            return
+        state = (_watch.daemon is not None, clients, idle_since)
+        if state != recorded:
+            _write_record(*state, now)
+            recorded = state
+        if not _wait():
+            return
+
+
+def _attach():
+    """A connection to the daemon listening on the channel socket (kept idle), or None if none listens."""
+    try:
+        return _connect().sock
+    except OSError:
+        return None
+
+
+def _wait():
+    """Wait one interval, or until the attached daemon leaves; False when ``cleanup`` ends the watch."""
+    poller = select.poll()
+    poller.register(_watch.wake_r, select.POLLIN)
+    if _watch.daemon is not None:
+        poller.register(_watch.daemon, select.POLLIN)  # the daemon never speaks first: EOF, it left
+    for fd, _ in poller.poll(WATCH_INTERVAL * 1000):
+        if fd == _watch.wake_r:
+            return False
+        _watch.daemon.close()
+        _watch.daemon = None
+    return True
+
+
+def _purpose_gone(idle_since, now):
+    """Why this nbdkit, with no daemon attached, should end now (see the module docstring), or None."""
+    if cfg.state and not _names_us(cfg.state):
+        return f"{cfg.state} does not name this nbdkit (pid {os.getpid()}): no daemon can re-attach to it"
+    if cfg.nbd_socket and _watch.socket_id is not None and _socket_id() != _watch.socket_id:
+        return f"its NBD socket {cfg.nbd_socket} is gone (removed, or replaced)"
+    if cfg.idle_exit and idle_since is not None and now - idle_since >= cfg.idle_exit:
+        return f"no daemon attached and no client connected for {cfg.idle_exit:g} s (idle-exit)"
+    return None
+
+
+def _socket_id():
+    """(st_dev, st_ino) of the socket at ``cfg.nbd_socket``, or None if no socket is there."""
+    try:
+        st = os.stat(cfg.nbd_socket)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _names_us(path):
+    """Whether the JSON file at ``path`` (``nbdkit.json``) names this process."""
+    try:
+        with io.open(path) as f:
+            return json.load(f).get("pid") == os.getpid()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _record_path():
+    return os.path.join(cfg.registry, f"{os.getpid()}.json")
+
+
+def _write_record(attached, clients, idle_since, now):
+    """(Re)write this nbdkit's registry record, atomically (``dmuserd nbd list`` reads it)."""
+    if not cfg.registry:
+        return
+    record = {
+        "pid": os.getpid(), "starttime": _watch.starttime, "export": cfg.export, "started": _watch.started,
+        "state_dir": os.path.dirname(cfg.channel), "socket": cfg.nbd_socket or None, "idle_exit": cfg.idle_exit,
+        "daemon_attached": attached, "clients": clients,
+        "idle_since": None if idle_since is None else time.time() - (now - idle_since),
+    }
+    path = _record_path()
+    try:
+        os.makedirs(cfg.registry, mode=0o700, exist_ok=True)
+        with io.open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        _say(f"cannot write the registry record {path} ({exc}); `dmuserd nbd list` will not show this nbdkit")
+
+
+def _forget(unlink_socket):
+    """Remove what names this nbdkit: its NBD socket (if asked and still ours), nbdkit.json, the record.
+
+    The order matters, see the module docstring.
+    """
+    paths = []
+    if unlink_socket and cfg.nbd_socket and _watch.socket_id is not None and _socket_id() == _watch.socket_id:
+        paths.append(cfg.nbd_socket)
+    if cfg.state and _names_us(cfg.state):
+        paths.append(cfg.state)
+    if cfg.registry:
+        paths.append(_record_path())
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _say(f"cannot remove {path}: {exc}")
+
+
+def _say(message):
+    """A line in nbdkit's stderr: the export's ``nbdkit.log``."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    print(f"{when} dmuserd plugin (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
