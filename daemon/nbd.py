@@ -19,6 +19,13 @@ Files (the *state directory*, 0700, owned by the daemon's user):
 * ``nbdkit.json`` which nbdkit serves this export (pid, start time, the
   parameters it was started with), ``nbdkit.log`` its stderr.
 
+Each nbdkit also keeps a record of itself in the *registry*,
+``/run/dmuserd/nbd/PID.json`` (:func:`registry_dir`; ``$XDG_RUNTIME_DIR/dmuserd/nbd``
+for other users, ``$DMUSERD_NBD_REGISTRY`` if set), through which
+``dmuserd nbd list`` and ``dmuserd nbd stop`` (:mod:`~dmuserd.daemon.nbd_commands`)
+find the state directories, wherever their sockets are. Records of exited
+processes are ignored and removed.
+
 The NBD socket itself is bound by the daemon (or taken over from systemd,
 :func:`~dmuserd.daemon.activation.inherited_socket`) and handed to nbdkit by
 socket activation (``LISTEN_FDS``), so it accepts clients before nbdkit even
@@ -40,6 +47,25 @@ and remove the NBD socket. Under systemd, nbdkit is started in its own scope
 (``systemd-run --scope``) so that stopping the unit's cgroup does not take it
 along.
 
+A kept nbdkit ends by itself once it has outlived its purpose (the plugin's
+watch thread; details in its docstring). While no daemon is attached to its
+channel socket, it exits
+
+* when its NBD socket's path is gone (unlinked, its directory deleted) -- only
+  for a socket the daemon bound: systemd's socket (``systemd_socket``) is
+  left to systemd, which removes and re-creates the file itself and keeps
+  the socket listening for the next daemon;
+* when ``nbdkit.json`` no longer names it (no daemon could re-attach);
+* after ``idle-exit`` seconds (default :data:`DEFAULT_IDLE_EXIT`, 10 minutes)
+  without a daemon and without a client: a restart takes seconds, a daemon
+  stopped for good leaves nothing behind for long.
+
+It then removes its socket (unless systemd's), ``nbdkit.json`` and its
+record, so the next daemon starts a new nbdkit. A daemon that re-attached at that very moment
+sees nbdkit exit and starts a new one, as after any nbdkit exit.
+``dmuserd nbd stop SOCKET|--all`` ends kept ones at once (not one a daemon is
+attached to: that daemon would start another).
+
 Why not :class:`~dmuserd.protocol.KernelTarget` in the plugin: the model
 reproduces what the kernel does when its daemon goes away (in-flight
 messages fail with EIO, new ones fail at once once the daemon terminated);
@@ -49,7 +75,8 @@ timeout default is the model's (``DEFAULT_DAEMON_TIMEOUT_MS``).
 
 Options (``nbd:SOCKET,key=value``): ``timeout`` (seconds), ``threads``
 (nbdkit worker threads per client connection, default 32), ``on-stop``
-(``keep`` or ``stop``).
+(``keep`` or ``stop``), ``idle-exit`` (seconds a kept nbdkit waits for a
+daemon, default 600; 0: never).
 """
 
 from __future__ import annotations
@@ -87,6 +114,12 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 #: Restarts of a crashing nbdkit allowed in a row before the export gives up.
 MAX_RESTARTS = 5
+#: How long a kept nbdkit waits for a daemon (with no client connected) before it
+#: exits (``idle-exit=``). A restart, even by hand, takes seconds; an ad-hoc
+#: ``serve`` stopped with Ctrl-C should not leave an nbdkit for more than minutes.
+DEFAULT_IDLE_EXIT = 600.0
+#: Overrides where nbdkit processes register themselves (:func:`registry_dir`).
+REGISTRY_ENV = "DMUSERD_NBD_REGISTRY"
 SOCKET_BUFFER = 4 * 1024 * 1024
 #: Channels served at once per export (each holds a receive buffer of RECEIVE_SIZE).
 MAX_CHANNELS = 256
@@ -110,6 +143,8 @@ class Settings:
     caps: str
     timeout: float
     threads: int
+    # A default, so that the nbdkit.json of an nbdkit started before this field still reads.
+    idle_exit: float = DEFAULT_IDLE_EXIT
 
 
 @dataclass
@@ -145,6 +180,44 @@ def state_dir_for(where: str) -> Path:
     return Path(default_control_socket()).parent / f"nbd-tcp-{safe}-{port}"
 
 
+def export_address(where: str) -> str:
+    """``where`` as ``dmuserd nbd list`` shows it and ``nbd stop`` takes it: an absolute path or tcp:HOST:PORT."""
+    kind, address = parse_where(where)
+    if kind == "unix":
+        return address
+    host, port = address
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+def registry_dir() -> Path:
+    """Where every nbdkit of an export keeps its record (``PID.json``, written by the plugin).
+
+    ``nbd/`` beside the default control socket (``/run/dmuserd/nbd`` for root),
+    or ``$DMUSERD_NBD_REGISTRY``. The state directories live next to each
+    export's socket, anywhere: this is how ``dmuserd nbd list`` finds them.
+    """
+    return Path(os.environ.get(REGISTRY_ENV) or Path(default_control_socket()).parent / "nbd")
+
+
+def read_registry(registry: Path | None = None) -> list[dict]:
+    """The records of the nbdkit processes that run; the records of exited ones are removed."""
+    registry = registry_dir() if registry is None else registry
+    records = []
+    for path in sorted(registry.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            alive = _starttime(int(record["pid"])) == int(record["starttime"])
+        except FileNotFoundError:
+            continue  # it exited just now
+        except (ValueError, KeyError, TypeError):
+            alive = False  # names no process
+        if alive:
+            records.append(record)
+        else:
+            path.unlink(missing_ok=True)
+    return records
+
+
 def _option(export, key: str, default, convert, check, what: str):
     raw = export.options.get(key)
     if raw is None:
@@ -159,16 +232,18 @@ def _option(export, key: str, default, convert, check, what: str):
 
 
 def settings_for(target, export) -> Settings:
-    unknown = set(export.options) - {"timeout", "threads", "on-stop"}
+    unknown = set(export.options) - {"timeout", "threads", "on-stop", "idle-exit"}
     if unknown:
         raise NbdError(f"export {export}: unknown option(s) {', '.join(sorted(unknown))} "
-                       "(known: timeout=SECONDS, threads=N, on-stop=keep|stop)")
+                       "(known: timeout=SECONDS, threads=N, on-stop=keep|stop, idle-exit=SECONDS)")
     backend = target.backend
     caps = ",".join(sorted(op.value for op in backend.capabilities))
     timeout = _option(export, "timeout", DEFAULT_DAEMON_TIMEOUT_MS / 1000, float,
                       lambda v: 0 <= v <= 3600, "a number of seconds (0 to 3600)")
     threads = _option(export, "threads", DEFAULT_THREADS, int, lambda v: 1 <= v <= 128, "a thread count (1 to 128)")
-    return Settings(export.where, backend.size, backend.block_size, caps, timeout, threads)
+    idle_exit = _option(export, "idle-exit", DEFAULT_IDLE_EXIT, float, lambda v: 0 <= v < float("inf"),
+                        "a number of seconds (0: never)")
+    return Settings(export.where, backend.size, backend.block_size, caps, timeout, threads, idle_exit)
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -221,7 +296,12 @@ def _write_running(state_dir: Path, running: Running) -> None:
     os.replace(tmp, state_dir / STATE_NAME)
 
 
-def _nbdkit_command(settings: Settings, state_dir: Path) -> list[str]:
+def _nbdkit_command(settings: Settings, state_dir: Path, systemd_socket: bool = False) -> list[str]:
+    """nbdkit and the plugin's parameters, including what its watch needs to end a kept nbdkit.
+
+    The watch checks the NBD socket's path only where the daemon bound it: a
+    socket systemd passed is systemd's (see the plugin's docstring).
+    """
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise NbdError("nbdkit is not installed: apt-get install nbdkit nbdkit-plugin-python")
@@ -230,7 +310,12 @@ def _nbdkit_command(settings: Settings, state_dir: Path) -> list[str]:
         "python", str(PLUGIN),
         f"channel={state_dir / CHANNEL_NAME}", f"size={settings.size}",
         f"block_size={settings.block_size}", f"caps={settings.caps}", f"timeout={settings.timeout}",
+        f"state={state_dir / STATE_NAME}", f"idle_exit={settings.idle_exit}", f"registry={registry_dir()}",
+        f"export={export_address(settings.where)}",
     ]
+    kind, address = parse_where(settings.where)
+    if kind == "unix" and not systemd_socket:
+        command.append(f"nbd_socket={address}")
     return command
 
 
@@ -242,13 +327,14 @@ def _nbdkit_command(settings: Settings, state_dir: Path) -> list[str]:
 _KEEPER = 'sh -c \'LISTEN_PID=$$; export LISTEN_PID; exec "$@"\' nbdkit "$@"; exit $?'
 
 
-def spawn_nbdkit(settings: Settings, state_dir: Path, listener: socket.socket) -> int:
+def spawn_nbdkit(settings: Settings, state_dir: Path, listener: socket.socket, systemd_socket: bool = False) -> int:
     """Start nbdkit (under a keeper shell, see :data:`_KEEPER`) serving ``listener``.
 
+    ``systemd_socket``: ``listener`` came from systemd (nbdkit leaves its path alone).
     Returns the keeper's pid; nbdkit writes its own to ``nbdkit.pid`` when it
     accepts clients.
     """
-    command = ["/bin/sh", "-c", _KEEPER, "keeper", *_nbdkit_command(settings, state_dir)]
+    command = ["/bin/sh", "-c", _KEEPER, "keeper", *_nbdkit_command(settings, state_dir, systemd_socket)]
     # Under systemd, a scope of its own keeps nbdkit and its keeper alive when
     # the unit's cgroup is stopped (systemctl restart/stop, KillMode=control-group).
     # systemd-run --scope execs the keeper: the pid stays the same.
@@ -521,7 +607,7 @@ class NbdExport:
     async def _start_nbdkit(self) -> None:
         if self.listener is None:
             self.listener, self.systemd_socket = bind_nbd_socket(self.export.where)
-        keeper = spawn_nbdkit(self.settings, self.state_dir, self.listener)
+        keeper = spawn_nbdkit(self.settings, self.state_dir, self.listener, self.systemd_socket)
         # Ready when nbdkit has written its pidfile: it has loaded the plugin
         # and accepts (the socket itself listens already).
         pid = None
@@ -575,7 +661,9 @@ class NbdExport:
                 except OSError:
                     pass
         elif self.pid is not None and _alive(self.pid):
-            self.log.info("leaving nbdkit running for the next daemon (on-stop=keep)", pid=self.pid)
+            running = read_running(self.state_dir)  # its own settings: it may predate this daemon
+            self.log.info("leaving nbdkit running for the next daemon (on-stop=keep)", pid=self.pid,
+                          idle_exit_s=(running.settings if running else self.settings).idle_exit)
         if self.listener is not None:
             self.listener.close()
 
