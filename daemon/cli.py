@@ -24,6 +24,7 @@ from dmuserd.daemon import logs
 COMMAND_MODULES = [
     "dmuserd.daemon.commands",
     "dmuserd.daemon.dm_commands",
+    "dmuserd.daemon.nbd_commands",
     "dmuserd.dsa_offload.commands",
     "dmuserd.snapshot.commands",
     "dmuserd.snapshot.ota_commands",
