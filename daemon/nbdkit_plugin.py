@@ -61,8 +61,9 @@ order, the NBD socket (if it still is this nbdkit's), ``nbdkit.json`` and the
 registry record: up to the second a starting daemon re-attaches (and should
 nbdkit go under it, starts a new one as after any nbdkit exit); after it a
 starting daemon starts a new nbdkit and finds the path free. ``cleanup``
-(nbdkit exits for any other reason, e.g. SIGTERM) removes ``nbdkit.json``
-and the record too.
+(nbdkit exits for any other reason, e.g. SIGTERM from ``dmuserd nbd stop``)
+removes them too, the socket only if no daemon is attached: an attached
+daemon starts a new nbdkit on that same socket.
 
 The registry record (``REGISTRY/PID.json``, for ``dmuserd nbd list`` and
 ``stop``) says which export this nbdkit serves, since when, whether a daemon
@@ -532,7 +533,7 @@ def cleanup():
     if _watch.thread is not threading.current_thread():
         os.write(_watch.wake_w, b"x")
         _watch.thread.join(2 * WATCH_INTERVAL)
-    _forget(unlink_socket=False)
+    _forget(unlink_socket=_watch.daemon is None)
 
 
 def _watch_loop():

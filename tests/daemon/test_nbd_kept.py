@@ -184,6 +184,7 @@ def test_nbd_list_shows_a_kept_one_and_nbd_stop_stops_it(nbd_session, registry):
     assert not nbdkit_alive(nbdkit)
     assert listed() == []
     assert not (nbd_session.state_dir / "nbdkit.json").exists()
+    assert not nbd_session.socket.exists()
     assert nbd_cli("stop", socket).returncode == 1  # nothing left to stop
 
 
