@@ -599,7 +599,7 @@ class NbdExport:
             raise NbdError(
                 f"nbdkit (pid {running.pid}) still serves {self.export.where} with size {old.size} and block "
                 f"size {old.block_size}, but this backend has size {new.size} and block size {new.block_size}: "
-                f"serve the same backend, or stop that nbdkit first (kill {running.pid})")
+                f"serve the same backend, or stop that nbdkit first (dmuserd nbd stop {self.export.where})")
         if old != new:
             self.log.warning("the running nbdkit keeps the settings it was started with until it restarts",
                              running=asdict(old), wanted=asdict(new))

@@ -44,6 +44,8 @@ class NbdDaemon:
             DMUSERD + ["serve", "--name", name, "--backend", backend,
                        "--export", f"nbd:{session.socket}{options}", "--control-socket", str(self.control)],
             stdout=self.log, stderr=subprocess.STDOUT,
+            # Kept nbdkits register in the test's directory (unless the test chose one), not in /run.
+            env={"DMUSERD_NBD_REGISTRY": str(session.workdir / "nbd-registry"), **os.environ},
         )
 
     def wait_ready(self, timeout: float = 30.0) -> "NbdDaemon":
