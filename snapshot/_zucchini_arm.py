@@ -13,10 +13,7 @@ displacements, as in zucchini.
 
 from __future__ import annotations
 
-import bisect
-from typing import Callable, Iterator
-
-from dmuserd.snapshot._zucchini import ZucchiniError
+from typing import Iterator
 
 _M32 = 0xFFFFFFFF
 _INVALID = 0xFFFFFFFE
@@ -204,7 +201,7 @@ _A64_TYPES = {
 }
 
 
-def _fetch(data, pos: int, width: int, halves: bool) -> int:
+def fetch(data, pos: int, width: int, halves: bool) -> int:
     if width == 2:
         return data[pos] | data[pos + 1] << 8
     if halves:
@@ -212,7 +209,7 @@ def _fetch(data, pos: int, width: int, halves: bool) -> int:
     return int.from_bytes(data[pos : pos + 4], "little")
 
 
-def _store(buf: bytearray, pos: int, width: int, halves: bool, code: int) -> None:
+def store(buf: bytearray, pos: int, width: int, halves: bool, code: int) -> None:
     if halves:
         code = ((code & 0xFFFF) << 16) | (code >> 16)
     buf[pos : pos + width] = code.to_bytes(width, "little")
@@ -264,21 +261,17 @@ def is_thumb2(data, offset: int, size: int, addr: int) -> bool:
     return always < len(high) * 0.4
 
 
-def scan(data, gaps, mode: int, translator, in_exec: Callable[[int, list[int]], bool],
-         exec_starts: list[int]) -> list[tuple[int, int]]:
-    """(address type, location) of the branches in ``gaps`` whose targets are in executable sections."""
-    out = []
-    a64 = mode == MODE_A64
-    for lo, hi in gaps:
-        if mode == MODE_T32:
-            found = _scan_t32(data, lo, hi, translator)
-        else:
-            found = _scan_words(data, lo, hi, a64, translator)
-        for addr_type, location, target_rva in found:
-            target = translator.rva_to_offset(target_rva)
-            if target != _INVALID and in_exec(target, exec_starts):
-                out.append((addr_type, location))
-    return out
+def code_width(a64: bool, addr_type: int) -> tuple[int, bool]:
+    """Bytes of the instruction and whether it is two THUMB2 halfwords (high one first)."""
+    entry = (_A64_TYPES if a64 else _A32_TYPES)[addr_type]
+    return entry[4], entry[5]
+
+
+def scan_gap(data, lo: int, hi: int, mode: int, units) -> list[tuple[int, int, int]]:
+    """(address type, location, target RVA) of the branches in ``[lo, hi)``, scanning as zucchini does."""
+    if mode == MODE_T32:
+        return list(_scan_t32(data, lo, hi, units))
+    return list(_scan_words(data, lo, hi, mode == MODE_A64, units))
 
 
 def _scan_words(data, lo: int, hi: int, a64: bool, translator) -> Iterator[tuple[int, int, int]]:
@@ -327,38 +320,3 @@ def _scan_t32(data, lo: int, hi: int, translator) -> Iterator[tuple[int, int, in
         if found is not None:
             yield found
         pos += size
-
-
-def read_refs(data, locations: list[int], lo: int, hi: int, a64: bool, addr_type: int,
-              translator) -> Iterator[tuple[int, int]]:
-    """(location, target offset) of the type's branches at ``locations`` in ``[lo, hi)``."""
-    _d, _e, _a, _b, width, halves, _f = (_A64_TYPES if a64 else _A32_TYPES)[addr_type]
-    size = len(data)
-    i = bisect.bisect_left(locations, lo)
-    while i < len(locations) and locations[i] < hi:
-        loc = locations[i]
-        i += 1
-        if loc + width > size:
-            raise ZucchiniError(f"a branch at old offset {loc} runs past the {size}-byte ELF image")
-        code = _fetch(data, loc, width, halves)
-        target_rva = read_target(a64, addr_type, translator.offset_to_rva(loc), code)
-        if target_rva is not None:
-            target = translator.rva_to_offset(target_rva)
-            if target != _INVALID:
-                yield loc, target
-
-
-def writer(buf: bytearray, base: int, length: int, what: str, a64: bool, addr_type: int,
-           translator) -> Callable[[int, int], None]:
-    _d, _e, _a, _b, width, halves, _f = (_A64_TYPES if a64 else _A32_TYPES)[addr_type]
-
-    def put(location: int, target: int) -> None:
-        if location < 0 or location + width > length:
-            raise ZucchiniError(f"{what}: a branch at new offset {location} runs past the "
-                                f"{length}-byte new element")
-        code = _fetch(buf, base + location, width, halves)
-        new_code = write_target(a64, addr_type, translator.offset_to_rva(location),
-                                translator.offset_to_rva(target), code)
-        if new_code is not None:
-            _store(buf, base + location, width, halves, new_code)
-    return put

@@ -17,8 +17,8 @@ little-endian, executable or shared object) through its section headers:
 Each kind is a "reference type" in a "pool" of targets (reloc 0, abs32 1,
 rel32 2). The apply step (``_zucchini_refs``) reads references in the old
 element and writes corrected ones into the new element with these readers
-and writers. The scan of executable sections is the hot loop: it runs in C
-(``_zucchini_scan``) when the extension is built, else in Python here.
+and writers. The hot loops (scanning executable sections, reading targets,
+correcting references) are in ``_zucchini_kernel``, in C when built.
 
 Everything read from an image is bounds-checked; an image zucchini would not
 accept raises :class:`ZucchiniError` naming what is wrong.
@@ -27,9 +27,9 @@ accept raises :class:`ZucchiniError` naming what is wrong.
 from __future__ import annotations
 
 import bisect
-import re
 import struct
-from typing import Callable, Iterator, NamedTuple
+from array import array
+from typing import Iterator, NamedTuple
 
 from dmuserd.snapshot._zucchini import (
     EXE_ELF_AARCH32,
@@ -39,11 +39,7 @@ from dmuserd.snapshot._zucchini import (
     ZucchiniError,
 )
 from dmuserd.snapshot import _zucchini_arm as arm
-
-try:
-    from dmuserd.snapshot import _zucchini_scan as _native
-except ImportError:  # the optional extension is not built: the Python scans below
-    _native = None
+from dmuserd.snapshot import _zucchini_kernel as kernel
 
 INVALID_RVA = INVALID_OFFSET = 0xFFFFFFFE
 OFFSET_BOUND = RVA_BOUND = 0x7FFFFFFF
@@ -130,62 +126,16 @@ class Translator:
         rva_bound = max((u[2] + u[3] for u in units), default=0)
         if not (offset_bound < OFFSET_BOUND and rva_bound <= OFFSET_BOUND - offset_bound):
             raise NotParsed("addresses reach too far")
-        self.fake_offset_begin = offset_bound
-        self.by_offset = by_offset
-        self.off_starts = [u[0] for u in by_offset]
-        self.by_rva = sorted(units, key=lambda u: u[2])
-        self.rva_starts = [u[2] for u in self.by_rva]
-
-    def _rva_unit(self, rva: int):
-        i = bisect.bisect_right(self.rva_starts, rva)
-        if i:
-            u = self.by_rva[i - 1]
-            if rva - u[2] < u[3]:
-                return u
-        return None
-
-    def offset_to_rva(self, offset: int) -> int:
-        if offset >= self.fake_offset_begin:
-            rva = offset - self.fake_offset_begin
-            u = self._rva_unit(rva)
-            if u is not None and u[3] > u[1] and rva - u[2] >= u[1]:
-                return rva
-            return INVALID_RVA
-        i = bisect.bisect_right(self.off_starts, offset)
-        if i:
-            u = self.by_offset[i - 1]
-            if offset - u[0] < u[1]:
-                return offset - u[0] + u[2]
-        return INVALID_RVA
-
-    def rva_to_offset(self, rva: int) -> int:
-        u = self._rva_unit(rva)
-        if u is None:
-            return INVALID_OFFSET
-        delta = rva - u[2]
-        return delta + u[0] if delta < u[1] else self.fake_offset_begin + rva
-
-    def rva_valid(self, rva: int) -> bool:
-        return rva != INVALID_RVA and self._rva_unit(rva) is not None
-
-    def flat(self) -> tuple[list[int], int]:
-        """The units sorted by RVA as a flat list (for the C scanner) and the fake offset start."""
-        return [v for u in self.by_rva for v in u], self.fake_offset_begin
+        flat = array("I", [v for u in sorted(units, key=lambda u: u[2]) for v in u])
+        self.units = kernel.Units(flat, offset_bound)
 
 
 class Group(NamedTuple):
-    """A reference type: its tags, a reader over an old offset range, a writer factory for the new element."""
+    """A reference type: its tag (an index into ``groups()``), its pool and its kernel kind."""
 
     type_tag: int
     pool: int
-    read: Callable[[int, int], Iterator[tuple[int, int]]]
-    writer: Callable[[bytearray, int, int, str], Callable[[int, int], None]]
-
-
-def _check_write(pos: int, width: int, length: int, what: str, kind: str) -> None:
-    if pos < 0 or pos + width > length:
-        raise ZucchiniError(f"{what}: a {kind} reference at new offset {pos} runs past the "
-                            f"{length}-byte new element")
+    kind: int
 
 
 class ElfImage:
@@ -277,7 +227,7 @@ class ElfImage:
                 units.append([sh_offset, sh_size, sh_addr, sh_size])
             if judgement & _BOUND:
                 offset_bound = max(offset_bound, sh_offset + sh_size)
-        self.translator = Translator(units)
+        self.units = Translator(units).units
         self.sections = sections
         self.judgements = judgements
         self.size = offset_bound
@@ -312,117 +262,66 @@ class ElfImage:
         self.reloc_starts = [d[0] for d in self.reloc_dims]
 
     def _find_abs32(self) -> None:
-        locations = sorted(t for _, t in self.read_relocs(0, self.size))
+        locations = array("I", sorted(t for _, t in self.read_relocs(0, self.size)))
         # abs32 targets must translate to offsets
-        kept = [loc for loc, _ in self._abs32_refs(locations, 0, len(locations))]
+        kept, _ = kernel.read_refs(self.abs32_kind, self.data, locations, self.units)
         # bodies must not overlap: keep the first of each overlapping run
-        out: list[int] = []
+        out = array("I")
         width = self.width
         for loc in kept:
             if not out or loc - out[-1] >= width:
                 out.append(loc)
         self.abs32 = out
 
-    def _gaps(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        """The stretches of ``[lo, hi)`` between abs32 reference bodies."""
+    @property
+    def abs32_kind(self) -> int:
+        return kernel.ABS32_8 if self.bits64 else kernel.ABS32_4
+
+    def _gaps(self, lo: int, hi: int) -> array:
+        """The stretches of ``[lo, hi)`` between abs32 reference bodies, as (lo, hi) pairs."""
         abs32, width = self.abs32, self.width
+        out = array("I")
         i = bisect.bisect_left(abs32, lo)
         cur = lo
         if i:
             cur = max(cur, abs32[i - 1] + width)
         while i < len(abs32) and abs32[i] < hi:
             if abs32[i] > cur:
-                yield cur, abs32[i]
+                out.extend((cur, abs32[i]))
             cur = abs32[i] + width
             i += 1
         if cur < hi:
-            yield cur, hi
+            out.extend((cur, hi))
+        return out
 
     def _find_rel32(self) -> None:
         if self.exe_type in (EXE_ELF_X86, EXE_ELF_X64):
-            locations: list[int] = []
+            found = array("I")
             for offset, size, addr in self.exec_sections:
-                gaps = list(self._gaps(offset, offset + size))
-                if _native is not None:
-                    units, fake = self.translator.flat()
-                    locations.extend(_native.scan_intel(self.data, gaps, self.exe_type == EXE_ELF_X64,
-                                                        units, fake, addr, addr + size))
-                else:
-                    locations.extend(self._scan_intel(gaps, addr, addr + size))
-            locations.sort()
-            self.rel32 = {0: locations}
-        else:
-            table: dict[int, list[int]] = {}
-            exec_starts = [s[0] for s in self.exec_sections]
-            for offset, size, addr in self.exec_sections:
-                gaps = list(self._gaps(offset, offset + size))
-                if self.exe_type == EXE_ELF_AARCH32:
-                    thumb = arm.is_thumb2(self.data, offset, size, addr)
-                    mode = arm.MODE_T32 if thumb else arm.MODE_A32
-                else:
-                    mode = arm.MODE_A64
-                if _native is not None:
-                    units, fake = self.translator.flat()
-                    found = _native.scan_arm(self.data, gaps, mode, units, fake,
-                                             [(s[0], s[1]) for s in self.exec_sections])
-                else:
-                    found = arm.scan(self.data, gaps, mode, self.translator, self._in_exec_section, exec_starts)
-                for addr_type, location in found:
-                    table.setdefault(addr_type, []).append(location)
-            for locations in table.values():
-                locations.sort()
-            self.rel32 = table
-
-    def _in_exec_section(self, offset: int, exec_starts: list[int]) -> bool:
-        i = bisect.bisect_right(exec_starts, offset)
-        if not i:
-            return False
-        s = self.exec_sections[i - 1]
-        return s[0] <= offset and offset - s[0] < s[1]
-
-    _X86_CAND = re.compile(rb"(?=[\xe8\xe9]|\x0f[\x80-\x8f])", re.S)
-    _X64_CAND = re.compile(rb"(?=[\xe8\xe9]|\x0f[\x80-\x8f]|\xff[\x15\x25]|[\x89\x8b\x8d][\x05\x0d\x15\x1d\x25\x2d\x35\x3d])",
-                           re.S)
-
-    def _scan_intel(self, gaps: list[tuple[int, int]], start_rva: int, end_rva: int) -> list[int]:
-        """x86/x86-64 rel32 operands in the gaps, as zucchini's Rel32FinderX86/X64 finds them."""
-        data, tr = self.data, self.translator
-        x64 = self.exe_type == EXE_ELF_X64
-        pattern = self._X64_CAND if x64 else self._X86_CAND
-        out = []
-        for lo, hi in gaps:
-            pos = lo
-            for m in pattern.finditer(data, lo, hi):
-                cur = m.start()
-                if cur < pos:
-                    continue
-                b0 = data[cur]
-                if b0 == 0xE8 or b0 == 0xE9:
-                    if cur + 5 > hi:
-                        continue
-                    op, outside = 1, False
-                elif cur + 6 > hi:
-                    continue
-                elif b0 == 0x0F:
-                    op, outside = 2, False
-                else:
-                    op, outside = 2, True
-                location = cur + op
-                disp = int.from_bytes(data[location : location + 4], "little")
-                target = (tr.offset_to_rva(location) + 4 + disp) & _M32
-                if tr.rva_valid(target) and (outside or start_rva <= target < end_rva):
-                    out.append(location)
-                    pos = location + 4
-        return out
+                found.extend(kernel.scan_intel(self.data, self._gaps(offset, offset + size),
+                                               self.exe_type == EXE_ELF_X64, self.units, addr, addr + size))
+            self.rel32 = {0: array("I", sorted(found))}
+            return
+        exec_ranges = array("I", [v for s in self.exec_sections for v in s[:2]])
+        table: dict[int, list[int]] = {}
+        for offset, size, addr in self.exec_sections:
+            if self.exe_type == EXE_ELF_AARCH32:
+                mode = arm.MODE_T32 if arm.is_thumb2(self.data, offset, size, addr) else arm.MODE_A32
+            else:
+                mode = arm.MODE_A64
+            found = kernel.scan_arm(self.data, self._gaps(offset, offset + size), mode, self.units, exec_ranges)
+            for i in range(0, len(found), 2):
+                table.setdefault(found[i], []).append(found[i + 1])
+        self.rel32 = {t: array("I", sorted(v)) for t, v in table.items()}
 
     # -- readers ---------------------------------------------------------------
 
     def read_relocs(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        """Reloc references with ``r_offset`` in ``[lo, hi)``: (entry offset, target offset)."""
+        """Reloc references with entries in ``[lo, hi)``: (entry offset, target offset), as RelocReaderElf."""
         dims = self.reloc_dims
         if not dims:
             return
-        data, tr, width, size = self.data, self.translator, self.width, self.size
+        data, units, width, size = self.data, self.units, self.width, self.size
         idx = bisect.bisect_right(self.reloc_starts, lo)
         if idx:
             idx -= 1
@@ -460,99 +359,56 @@ class ElfImage:
             cursor += entsize
             if not ok:
                 continue
-            target = tr.rva_to_offset(r_offset)
+            target = units.rva_to_offset(r_offset)
             if target == INVALID_OFFSET or target > size or size - target < width:
                 continue
             yield location, target
 
-    def _abs32_refs(self, locations: list[int], i: int, end: int) -> Iterator[tuple[int, int]]:
-        data, size, width, tr = self.data, self.size, self.width, self.translator
-        for k in range(i, end):
-            loc = locations[k]
-            if not (loc < size and size - loc >= width):
-                continue
-            value = int.from_bytes(data[loc : loc + width], "little")
-            if value >= RVA_BOUND:
-                continue
-            target = tr.rva_to_offset(value)
-            if target != INVALID_OFFSET:
-                yield loc, target
-
-    def read_abs32(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        abs32, width = self.abs32, self.width
-        ends = []
-        for bound in (lo, hi):
-            i = bisect.bisect_left(abs32, bound)
-            if i and bound - abs32[i - 1] < width:
-                raise ZucchiniError(f"an equivalence boundary at old offset {bound} cuts the abs32 reference "
-                                    f"at {abs32[i - 1]}")
-            ends.append(i)
-        return self._abs32_refs(abs32, ends[0], ends[1])
-
-    def read_rel32_intel(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
-        locations = self.rel32.get(0, [])
-        data, tr = self.data, self.translator
-        i = bisect.bisect_left(locations, lo)
-        while i < len(locations) and locations[i] < hi:
-            loc = locations[i]
-            i += 1
-            disp = int.from_bytes(data[loc : loc + 4], "little")
-            yield loc, tr.rva_to_offset((tr.offset_to_rva(loc) + 4 + disp) & _M32)
-
-    # -- writers ---------------------------------------------------------------
-
-    def reloc_writer(self, buf: bytearray, base: int, length: int, what: str) -> Callable[[int, int], None]:
-        tr = self.translator
-        fmt, width = ("<Q", 16) if self.bits64 else ("<I", 8)
-
-        def put(location: int, target: int) -> None:
-            _check_write(location, width, length, what, "reloc")
-            struct.pack_into(fmt, buf, base + location, tr.offset_to_rva(target))
-        return put
-
-    def abs32_writer(self, buf: bytearray, base: int, length: int, what: str) -> Callable[[int, int], None]:
-        tr = self.translator
-        fmt, width = ("<Q", 8) if self.bits64 else ("<I", 4)
-
-        def put(location: int, target: int) -> None:
-            rva = tr.offset_to_rva(target)
-            if rva != INVALID_RVA and location < length and length - location >= width:
-                struct.pack_into(fmt, buf, base + location, rva)
-        return put
-
-    def rel32_writer_intel(self, buf: bytearray, base: int, length: int, what: str) -> Callable[[int, int], None]:
-        tr = self.translator
-
-        def put(location: int, target: int) -> None:
-            code = (tr.offset_to_rva(target) - (tr.offset_to_rva(location) + 4)) & _M32
-            _check_write(location, 4, length, what, "rel32")
-            struct.pack_into("<I", buf, base + location, code)
-        return put
-
     def groups(self) -> list[Group]:
         """The reference types, indexed by type tag, as zucchini's MakeReferenceGroups lists them."""
-        out = [Group(0, POOL_RELOC, self.read_relocs, self.reloc_writer),
-               Group(1, POOL_ABS32, self.read_abs32, self.abs32_writer)]
+        out = [Group(0, POOL_RELOC, kernel.RELOC64 if self.bits64 else kernel.RELOC32),
+               Group(1, POOL_ABS32, self.abs32_kind)]
         if self.exe_type in (EXE_ELF_X86, EXE_ELF_X64):
-            out.append(Group(2, POOL_REL32, self.read_rel32_intel, self.rel32_writer_intel))
+            out.append(Group(2, POOL_REL32, kernel.REL32_X86))
         else:
-            for addr_type in arm.addr_types(self.exe_type == EXE_ELF_AARCH64):
-                out.append(Group(2 + addr_type, POOL_REL32, self._arm_reader(addr_type), self._arm_writer(addr_type)))
+            a64 = self.exe_type == EXE_ELF_AARCH64
+            for t in arm.addr_types(a64):
+                out.append(Group(2 + t, POOL_REL32, (kernel.A64_KIND if a64 else kernel.ARM_KIND) + t))
         return out
 
-    def _arm_reader(self, addr_type: int) -> Callable[[int, int], Iterator[tuple[int, int]]]:
-        a64 = self.exe_type == EXE_ELF_AARCH64
+    def all_refs(self, group: Group) -> tuple[array, array]:
+        """(locations, targets) of every reference of ``group`` in the image, by location."""
+        if group.type_tag == 0:
+            refs = list(self.read_relocs(0, self.size))
+            return array("I", [r[0] for r in refs]), array("I", [r[1] for r in refs])
+        if group.type_tag == 1:
+            return kernel.read_refs(group.kind, self.data, self.abs32, self.units)
+        return kernel.read_refs(group.kind, self.data, self.rel32.get(group.type_tag - 2, array("I")), self.units)
 
-        def read(lo: int, hi: int) -> Iterator[tuple[int, int]]:
-            return arm.read_refs(self.data, self.rel32.get(addr_type, []), lo, hi, a64, addr_type, self.translator)
-        return read
-
-    def _arm_writer(self, addr_type: int) -> Callable[[bytearray, int, int, str], Callable[[int, int], None]]:
-        a64 = self.exe_type == EXE_ELF_AARCH64
-
-        def make(buf: bytearray, base: int, length: int, what: str) -> Callable[[int, int], None]:
-            return arm.writer(buf, base, length, what, a64, addr_type, self.translator)
-        return make
+    def refs_in_blocks(self, group: Group, equivalences) -> tuple[array, array, array]:
+        """The references in each equivalence's old block, in patch order, with runs (begin, end, shift)."""
+        runs = array("q")
+        if group.type_tag == 0:
+            locs, targets = array("I"), array("I")
+            for eq in equivalences:
+                begin = len(locs)
+                for loc, target in self.read_relocs(eq.src, eq.src + eq.length):
+                    locs.append(loc)
+                    targets.append(target)
+                runs.extend((begin, len(locs), eq.dst - eq.src))
+            return locs, targets, runs
+        locs, targets = self.all_refs(group)
+        abs32, width = self.abs32, self.width
+        for eq in equivalences:
+            lo, hi = eq.src, eq.src + eq.length
+            if group.type_tag == 1:
+                for bound in (lo, hi):
+                    i = bisect.bisect_left(abs32, bound)
+                    if i and bound - abs32[i - 1] < width:
+                        raise ZucchiniError(f"an equivalence boundary at old offset {bound} cuts the abs32 "
+                                            f"reference at {abs32[i - 1]}")
+            runs.extend((bisect.bisect_left(locs, lo), bisect.bisect_left(locs, hi), eq.dst - eq.src))
+        return locs, targets, runs
 
 
 def disassemble(exe_type: int, data: memoryview, full: bool, what: str) -> ElfImage:

@@ -22,15 +22,15 @@ The disassemblers are in ``_zucchini_elf``; this module only needs their
 
 from __future__ import annotations
 
-import bisect
+from array import array
 from typing import TYPE_CHECKING
 
+from dmuserd.snapshot import _zucchini_kernel as kernel
 from dmuserd.snapshot._zucchini import ZucchiniError, decode_targets, exe_type_name
 
 if TYPE_CHECKING:
     from dmuserd.snapshot._zucchini import ElementPatch
 
-OFFSET_BOUND = 0x7FFFFFFF
 
 
 _THRESHOLD = 16
@@ -143,7 +143,12 @@ def _heap_sort(a: list, first: int, last: int) -> None:
 
 
 class OffsetMapper:
-    """Old-to-new offsets through the equivalences, pruned so each old byte is in at most one block."""
+    """Old-to-new offsets through the equivalences, pruned so each old byte is in at most one block.
+
+    Pruning sorts the blocks by old offset and trims overlaps, the longer
+    block winning (zucchini's PruneEquivalencesAndSortBySource); the kernels
+    take the result as three arrays (old start, new start, old end).
+    """
 
     def __init__(self, equivalences, old_size: int, new_size: int) -> None:
         self.old_size, self.new_size = old_size, new_size
@@ -181,43 +186,9 @@ class OffsetMapper:
                 red[1] += delta
             i += 1
         kept = [e for e in eqs if e[2]]
-        self.src = [e[0] for e in kept]
-        self.dst = [e[1] for e in kept]
-        self.end = [e[0] + e[2] for e in kept]
-
-    def project_all(self, offsets: list[int]) -> list[int]:
-        """Sorted old offsets that a block covers, moved into the new element; the others dropped."""
-        out = []
-        src, dst, end = self.src, self.dst, self.end
-        i, n = 0, len(src)
-        for off in offsets:
-            while i < n and end[i] <= off:
-                i += 1
-            if i < n and src[i] <= off:
-                out.append(off - src[i] + dst[i])
-        return out
-
-    def extended_project(self, offset: int) -> int:
-        """Any old offset's predicted new offset (the nearest block's shift, clamped into the new element)."""
-        if offset < self.old_size:
-            src, end = self.src, self.end
-            pos = bisect.bisect_right(src, offset)
-            if pos and (pos == len(src) or offset < end[pos - 1] or offset - end[pos - 1] < src[pos] - offset):
-                pos -= 1
-            value = offset - src[pos] + self.dst[pos]
-            return min(max(0, value), self.new_size - 1)
-        delta = offset - self.old_size
-        if delta < OFFSET_BOUND - self.new_size:
-            return self.new_size + delta
-        return OFFSET_BOUND - 1
-
-
-def nearest_key(targets: list[int], offset: int) -> int:
-    """The index of the target nearest ``offset`` (the lower on a tie)."""
-    pos = bisect.bisect_left(targets, offset)
-    if pos and (pos == len(targets) or targets[pos] - offset >= offset - targets[pos - 1]):
-        pos -= 1
-    return pos
+        self.src = array("I", [e[0] for e in kept])
+        self.dst = array("I", [e[1] for e in kept])
+        self.end = array("I", [e[0] + e[2] for e in kept])
 
 
 def correct_references(element: ElementPatch, old: memoryview, new: bytearray) -> None:
@@ -233,36 +204,31 @@ def correct_references(element: ElementPatch, old: memoryview, new: bytearray) -
         raise ZucchiniError(f"{what}: the ELF images are {old_dis.size} and {new_dis.size} bytes, "
                             f"the element {element.old_length} and {element.new_length}")
     mapper = OffsetMapper(element.equivalences, element.old_length, element.new_length)
-    deltas = element.reference_deltas
+    deltas = array("i", element.reference_deltas)
     next_delta = 0
-    old_groups = old_dis.groups()
     new_groups = new_dis.groups()
     pools: dict[int, list] = {}
-    for group in old_groups:
+    for group in old_dis.groups():
         pools.setdefault(group.pool, []).append(group)
-    for pool in sorted(pools):
-        sub = pools[pool]
-        old_targets: set[int] = set()
-        for group in sub:
-            old_targets.update(t for _, t in group.read(0, old_dis.size))
-        targets = set(mapper.project_all(sorted(old_targets)))
-        targets.update(decode_targets(element, pool))
-        targets_list = sorted(targets)
-        count = len(targets_list)
-        for group in sub:
-            writer = new_groups[group.type_tag].writer(new, element.new_offset, element.new_length, what)
-            for eq in element.equivalences:
-                shift = eq.dst - eq.src
-                for location, target in group.read(eq.src, eq.src + eq.length):
-                    if next_delta >= len(deltas):
-                        raise ZucchiniError(f"{what}: the reference delta stream ends after {len(deltas)} "
-                                            f"references, the old element has more")
-                    key = nearest_key(targets_list, mapper.extended_project(target)) + deltas[next_delta]
-                    if not 0 <= key < count:
-                        raise ZucchiniError(f"{what}: reference delta {next_delta} ({deltas[next_delta]}) "
-                                            f"points outside pool {pool}'s {count} targets")
-                    next_delta += 1
-                    writer(location + shift, targets_list[key])
+    try:
+        for pool in sorted(pools):
+            sub = pools[pool]
+            old_targets: set[int] = set()
+            for group in sub:
+                old_targets.update(old_dis.all_refs(group)[1])
+            targets = set(kernel.project_all(array("I", sorted(old_targets)), mapper.src, mapper.dst, mapper.end))
+            targets.update(decode_targets(element, pool))
+            pool_targets = array("I", sorted(targets))
+            for group in sub:
+                locs, old_of, runs = old_dis.refs_in_blocks(group, element.equivalences)
+                next_delta = kernel.correct_group(
+                    new_groups[group.type_tag].kind, new, element.new_offset, element.new_length, locs, old_of,
+                    runs, mapper.src, mapper.dst, mapper.end, element.old_length, element.new_length,
+                    pool_targets, deltas, next_delta, new_dis.units)
+    except ValueError as exc:
+        if isinstance(exc, ZucchiniError):
+            raise
+        raise ZucchiniError(f"{what}: {exc}") from None
     if next_delta != len(deltas):
         raise ZucchiniError(f"{what}: {len(deltas) - next_delta} reference deltas are left over after "
                             f"the {next_delta} references")
