@@ -21,8 +21,8 @@ def snapshot_files(tmp_path_factory):
 
     Returns a dict of names to paths: ``base``, ``target``, ``cow`` (valid),
     ``other`` (an image the size of base), ``garbage`` (random bytes),
-    ``empty``, ``fifo`` is deliberately absent (opening one blocks; see the
-    snapuserd storm).
+    ``empty``, ``fifo`` (a named pipe: opening it blocks until a writer
+    comes), ``dir`` (their directory).
     """
     from dmuserd.snapshot._cow_tools import create_cow
 
@@ -37,8 +37,9 @@ def snapshot_files(tmp_path_factory):
     (d / "other.img").write_bytes(bytes(1 * MiB))
     (d / "garbage.cow").write_bytes(os.urandom(64 * 1024))
     (d / "empty.cow").write_bytes(b"")
+    os.mkfifo(d / "fifo")
     return {"base": d / "base.img", "target": d / "target.img", "cow": d / "s.cow", "other": d / "other.img",
-            "garbage": d / "garbage.cow", "empty": d / "empty.cow", "dir": d}
+            "garbage": d / "garbage.cow", "empty": d / "empty.cow", "fifo": d / "fifo", "dir": d}
 
 
 @pytest.fixture

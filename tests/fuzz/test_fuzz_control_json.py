@@ -143,7 +143,7 @@ def test_control_json_storm(control_daemon):
     before = daemon.rejected()
     hostile = []
 
-    @storm_settings(ci=60, fuzz=4000)
+    @storm_settings(ci=250, fuzz=4000)
     @given(connections())
     # the review's killer: RecursionError in json.loads took the daemon down
     @example(([b'{"cmd":"status","x":' + b"[" * 10_000 + b"]" * 10_000 + b"}\n"], "shutdown"))
@@ -226,7 +226,7 @@ def test_control_many_connections(control_daemon):
     """Crowds of simultaneous connections, some silent, some half-closed, some reset."""
     daemon = control_daemon
 
-    @storm_settings(ci=6, fuzz=200)
+    @storm_settings(ci=12, fuzz=200)
     @given(crowds())
     @example([(b"", "hold")] * 80)  # past any connection limit, all silent
     def storm(crowd):
