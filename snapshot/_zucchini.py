@@ -43,10 +43,13 @@ range that cuts a reference), we raise instead.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
+from array import array
 from typing import NamedTuple
 
+from dmuserd.snapshot import _zucchini_kernel as _kernel
 from dmuserd.snapshot._payload_data import DataError
 
 MAGIC = b"Zucc"
@@ -129,8 +132,8 @@ class ElementPatch(NamedTuple):
     exe_type: int
     equivalences: list[Equivalence]
     extra_data: memoryview
-    raw_delta: list[tuple[int, int]]
-    reference_deltas: list[int]
+    raw_delta: tuple[array, bytes]
+    reference_deltas: array
     extra_targets: dict[int, tuple[memoryview, int]]
 
 
@@ -174,87 +177,67 @@ class _Source:
         self.pos += size
         return sub
 
-    def varuint(self, field: str) -> int:
-        """A u32 varint as zucchini decodes it (at most 5 bytes; bits past 32 dropped)."""
-        data, pos, end = self.data, self.pos, self.end
-        value = shift = 0
-        while pos < end:
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                self.pos = pos
-                return value & _U32_MAX
-            shift += 7
-            if shift >= 32:
-                raise self.fail(field, "is a varint longer than 5 bytes")
-        raise self.fail(field, "is a varint cut short by the end of its stream")
 
-    def varint(self, field: str) -> int:
-        """A signed (zigzag) i32 varint."""
-        raw = self.varuint(field)
-        return ~(raw >> 1) if raw & 1 else raw >> 1
-
-
-def _range_is_bounded(begin: int, size: int, bound: int) -> bool:
-    return begin < bound and size <= bound - begin
+def _decode(stream: _Source, signed: bool, field: str) -> array:
+    """Every varint of a sub-stream (they must all decode)."""
+    values, bad = _kernel.decode_varints(stream.data[stream.pos : stream.end], signed)
+    if bad >= 0:
+        raise stream.fail(f"{field} {len(values)}", "is a varint cut short or longer than 5 bytes",
+                          stream.pos + bad)
+    return values
 
 
 def _parse_equivalences(src: _Source, old_length: int, new_length: int) -> list[Equivalence]:
-    """The equivalences, read in lockstep from their three streams, each checked in bounds and order."""
+    """The equivalences from their three streams (read in lockstep), each checked in bounds and order."""
     src_skip = src.buffer("equivalence source skips")
     dst_skip = src.buffer("equivalence destination skips")
     copy_count = src.buffer("equivalence lengths")
+    lengths = _decode(copy_count, False, "equivalence length")
+    src_skips = _decode(src_skip, True, "equivalence source skip")
+    dst_skips = _decode(dst_skip, False, "equivalence destination skip")
+    n = min(len(lengths), len(src_skips), len(dst_skips))
+    for stream, values, name in ((src_skip, src_skips, "source skips"), (dst_skip, dst_skips, "destination skips"),
+                                 (copy_count, lengths, "lengths")):
+        if len(values) != n:
+            raise stream.fail(f"equivalence {name}", f"have {len(values) - n} values past the {n} "
+                              "equivalences the other streams describe")
     out: list[Equivalence] = []
     prev_src = prev_dst = 0
-    while not (src_skip.empty() or dst_skip.empty() or copy_count.empty()):
-        n = len(out)
-        length = copy_count.varuint(f"equivalence {n} length")
-        at = src_skip.pos
-        src_offset = prev_src + src_skip.varint(f"equivalence {n} source skip")
-        if not 0 <= src_offset <= _U32_MAX or src_offset + length > _U32_MAX:
-            raise src_skip.fail(f"equivalence {n} source offset", f"{src_offset} (+{length}) overflows", at)
-        at = dst_skip.pos
-        dst_offset = prev_dst + dst_skip.varuint(f"equivalence {n} destination skip")
+    for i in range(n):
+        length = lengths[i]
+        src_offset = prev_src + src_skips[i]
+        dst_offset = prev_dst + dst_skips[i]
+        if src_offset < 0 or src_offset + length > _U32_MAX:
+            raise src_skip.fail(f"equivalence {i} source offset", f"{src_offset} (+{length}) overflows")
         if dst_offset + length > _U32_MAX:
-            raise dst_skip.fail(f"equivalence {n} destination offset", f"{dst_offset} (+{length}) overflows", at)
-        if not _range_is_bounded(src_offset, length, old_length):
-            raise src_skip.fail(f"equivalence {n}", f"old block {src_offset}+{length} is outside the "
-                                f"{old_length}-byte old element", at)
-        if not _range_is_bounded(dst_offset, length, new_length):
-            raise dst_skip.fail(f"equivalence {n}", f"new block {dst_offset}+{length} is outside the "
-                                f"{new_length}-byte new element", at)
+            raise dst_skip.fail(f"equivalence {i} destination offset", f"{dst_offset} (+{length}) overflows")
+        if not (src_offset < old_length and length <= old_length - src_offset):
+            raise src_skip.fail(f"equivalence {i}", f"old block {src_offset}+{length} is outside the "
+                                f"{old_length}-byte old element")
+        if not (dst_offset < new_length and length <= new_length - dst_offset):
+            raise dst_skip.fail(f"equivalence {i}", f"new block {dst_offset}+{length} is outside the "
+                                f"{new_length}-byte new element")
         prev_src, prev_dst = src_offset + length, dst_offset + length
         out.append(Equivalence(src_offset, dst_offset, length))
-    for stream, name in ((src_skip, "source skips"), (dst_skip, "destination skips"), (copy_count, "lengths")):
-        if not stream.empty():
-            raise stream.fail(f"equivalence {name}", f"have {stream.end - stream.pos} bytes past the "
-                              f"{len(out)} equivalences the other streams describe")
     return out
 
 
-def _parse_raw_delta(src: _Source) -> list[tuple[int, int]]:
+def _parse_raw_delta(src: _Source) -> tuple[array, bytes]:
+    """Copy offsets (strictly increasing) and their byte differences (never 0)."""
     skips = src.buffer("raw delta skips")
     diffs = src.buffer("raw delta differences")
-    out: list[tuple[int, int]] = []
-    next_offset = 0
-    while not (skips.empty() or diffs.empty()):
-        n = len(out)
-        at = skips.pos
-        copy_offset = next_offset + skips.varuint(f"raw delta {n} skip")
-        if copy_offset >= _U32_MAX:
-            raise skips.fail(f"raw delta {n} copy offset", f"{copy_offset} overflows", at)
-        diff = diffs.data[diffs.pos]
-        if diff == 0:
-            raise diffs.fail(f"raw delta {n} difference", "is 0")
-        diffs.pos += 1
-        out.append((copy_offset, diff))
-        next_offset = copy_offset + 1
-    for stream, name in ((skips, "skips"), (diffs, "differences")):
-        if not stream.empty():
-            raise stream.fail(f"raw delta {name}", f"have {stream.end - stream.pos} bytes past the "
-                              f"{len(out)} deltas the other stream describes")
-    return out
+    skip_values = _decode(skips, False, "raw delta skip")
+    diff_bytes = bytes(diffs.data[diffs.pos : diffs.end])
+    if len(skip_values) != len(diff_bytes):
+        longer = skips if len(skip_values) > len(diff_bytes) else diffs
+        raise longer.fail("raw delta streams", f"describe {len(skip_values)} and {len(diff_bytes)} deltas")
+    zero = diff_bytes.find(0)
+    if zero >= 0:
+        raise diffs.fail(f"raw delta {zero} difference", "is 0", diffs.pos + zero)
+    offsets = array("q", itertools.accumulate(v + 1 for v in skip_values))
+    if offsets and offsets[-1] - 1 >= _U32_MAX:
+        raise skips.fail("raw delta copy offsets", f"reach {offsets[-1] - 1}, past 32 bits")
+    return array("I", (o - 1 for o in offsets)), diff_bytes
 
 
 def _parse_element(src: _Source, index: int) -> ElementPatch:
@@ -275,10 +258,7 @@ def _parse_element(src: _Source, index: int) -> ElementPatch:
         raise extra.fail("extra data", f"has {extra.end - extra.pos} bytes; the equivalences leave "
                          f"{new_length - covered} of the {new_length}-byte new element", extra.pos - 4)
     raw_delta = _parse_raw_delta(src)
-    refs = src.buffer("reference delta")
-    reference_deltas = []
-    while not refs.empty():
-        reference_deltas.append(refs.varint(f"reference delta {len(reference_deltas)}"))
+    reference_deltas = _decode(src.buffer("reference delta"), True, "reference delta")
     pool_count = src.u32("pool count")
     extra_targets: dict[int, tuple[memoryview, int]] = {}
     for i in range(pool_count):
@@ -335,18 +315,13 @@ def decode_targets(element: ElementPatch, pool: int) -> list[int]:
     if pool not in element.extra_targets:
         return []
     raw, where = element.extra_targets[pool]
-    src = _Source(memoryview(raw), 0, len(raw), f"element {element.index}")
-    out: list[int] = []
-    nxt = 0
-    while not src.empty():
-        at = src.pos
-        target = nxt + src.varuint(f"pool {pool} extra target {len(out)}")
-        if target >= _U32_MAX:
-            raise ZucchiniError(f"zucchini patch: element {element.index}: pool {pool} extra target "
-                                f"{len(out)} {target} overflows (patch offset {where + at})")
-        out.append(target)
-        nxt = target + 1
-    return out
+    stream = _Source(memoryview(raw), 0, len(raw), f"element {element.index}")
+    values = _decode(stream, False, f"pool {pool} extra target")
+    targets = list(itertools.accumulate(v + 1 for v in values))
+    if targets and targets[-1] - 1 >= _U32_MAX:
+        raise ZucchiniError(f"zucchini patch: element {element.index}: pool {pool} extra targets reach "
+                            f"{targets[-1] - 1}, past 32 bits (patch offset {where})")
+    return [t - 1 for t in targets]
 
 
 def _apply_equivalences(element: ElementPatch, old: memoryview, new: bytearray) -> None:
@@ -368,7 +343,8 @@ def _apply_raw_delta(element: ElementPatch, new: bytearray) -> None:
     eqs = element.equivalences
     i = covered = 0
     base = element.new_offset
-    for copy_offset, diff in element.raw_delta:
+    offsets, diffs = element.raw_delta
+    for copy_offset, diff in zip(offsets, diffs):
         while i < len(eqs) and covered + eqs[i].length <= copy_offset:
             covered += eqs[i].length
             i += 1

@@ -180,6 +180,34 @@ def py_read_refs(kind: int, data, locations: array, units: Units) -> tuple[array
     return locs, targets
 
 
+def py_decode_varints(data, signed: bool) -> tuple[array, int]:
+    """A whole stream of zucchini varints: (values, offset of the first bad one or -1).
+
+    A varint is at most 5 bytes, little-endian groups of 7 bits; bits past 32
+    are dropped as zucchini's decoder drops them. Signed ones are zigzag
+    coded; they come back as int32 in an ``array('i')``.
+    """
+    out = array("i" if signed else "I")
+    pos, end = 0, len(data)
+    while pos < end:
+        at = pos
+        value = shift = 0
+        while True:
+            if pos == end:
+                return out, at
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift >= 32:
+                return out, at
+        value &= _M32
+        out.append((~(value >> 1) if value & 1 else value >> 1) if signed else value)
+    return out, -1
+
+
 def py_project_all(offsets: array, msrc: array, mdst: array, mend: array) -> array:
     """Sorted old offsets that a (pruned) equivalence covers, moved to the new element; the others dropped."""
     out = array("I")
@@ -264,27 +292,43 @@ def _write(kind: int, buf: bytearray, base: int, length: int, location: int, tar
 # -- dispatch: the C kernel when built, else the Python one -------------------------------
 
 
+def _u32(raw: bytes) -> array:
+    out = array("I")
+    out.frombytes(raw)
+    return out
+
+
 def scan_intel(data, gaps: array, x64: bool, units: Units, start_rva: int, end_rva: int) -> array:
     if native is not None:
-        return native.scan_intel(data, gaps, x64, units.flat, units.fake, start_rva, end_rva)
+        return _u32(native.scan_intel(data, gaps, x64, units.flat, units.fake, start_rva, end_rva))
     return py_scan_intel(data, gaps, x64, units, start_rva, end_rva)
 
 
 def scan_arm(data, gaps: array, mode: int, units: Units, exec_ranges: array) -> array:
     if native is not None:
-        return native.scan_arm(data, gaps, mode, units.flat, units.fake, exec_ranges)
+        return _u32(native.scan_arm(data, gaps, mode, units.flat, units.fake, exec_ranges))
     return py_scan_arm(data, gaps, mode, units, exec_ranges)
 
 
 def read_refs(kind: int, data, locations: array, units: Units) -> tuple[array, array]:
     if native is not None:
-        return native.read_refs(kind, data, locations, units.flat, units.fake)
+        locs, targets = native.read_refs(kind, data, locations, units.flat, units.fake)
+        return _u32(locs), _u32(targets)
     return py_read_refs(kind, data, locations, units)
+
+
+def decode_varints(data, signed: bool) -> tuple[array, int]:
+    if native is not None:
+        raw, bad = native.decode_varints(data, signed)
+        out = array("i" if signed else "I")
+        out.frombytes(raw)
+        return out, bad
+    return py_decode_varints(data, signed)
 
 
 def project_all(offsets: array, msrc: array, mdst: array, mend: array) -> array:
     if native is not None:
-        return native.project_all(offsets, msrc, mdst, mend)
+        return _u32(native.project_all(offsets, msrc, mdst, mend))
     return py_project_all(offsets, msrc, mdst, mend)
 
 
