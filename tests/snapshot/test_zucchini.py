@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import struct
+import sys
 import subprocess
 import tempfile
 import zlib
@@ -695,3 +696,104 @@ def test_prune_order_matches_gcc_std_sort(tmp_path):
             items = [[k, i] for i, k in enumerate(keys)]
             _zucchini_refs._heap_sort(items, 0, len(items))
             assert [str(i) for _, i in items] == want
+
+
+# -- the C kernels against the Python ones -----------------------------------------------
+
+from array import array  # noqa: E402
+
+from dmuserd.snapshot import _zucchini_kernel as kernel  # noqa: E402
+
+
+def need_native():
+    if kernel.native is None:
+        pytest.skip("the optional C extension dmuserd.snapshot._zucchini_native is not built")
+
+
+def both_kernels(fn):
+    """``fn()`` with the C kernels and with the Python ones (whatever each returns or raises)."""
+    results = []
+    saved = kernel.native
+    for native in (saved, None):
+        kernel.native = native
+        try:
+            results.append(("ok", fn()))
+        except ZucchiniError as exc:
+            results.append(("error", str(exc)))
+        finally:
+            kernel.native = saved
+    return results
+
+
+@pytest.mark.parametrize("exe_type,arch", _SYNTH, ids=[a for _, a in _SYNTH])
+@settings(deadline=None, max_examples=15)
+@given(seed=st.integers(0, 2**32), ops=_OPS)
+def test_c_and_python_kernels_agree_on_synthetic_elf(exe_type, arch, seed, ops):
+    need_native()
+    need_tool()
+    old, new = synthetic_pair(exe_type, arch, seed, 300)
+    patch = tool_gen(old, new)
+    c, py = both_kernels(lambda: zucchini_apply(patch, old, len(new)))
+    assert c == py == ("ok", new)
+    bad = _mutate(patch, ops)
+    c, py = both_kernels(lambda: zucchini_apply(bad, old, len(new)))
+    assert c == py
+
+
+def test_c_and_python_kernels_agree_on_a_real_elf():
+    need_native()
+    need_tool()
+    old_path, new_path, _ = REAL_PAIRS[1]
+    if not os.path.exists(old_path):
+        pytest.skip(f"{old_path} is not on this machine")
+    old, new = Path(old_path).read_bytes(), Path(new_path).read_bytes()
+    patch = tool_gen(old, new)
+    c, py = both_kernels(lambda: zucchini_apply(patch, old, len(new)))
+    assert c == py == ("ok", new)
+
+
+@FUZZ
+@given(data=st.binary(min_size=8, max_size=600), seed=st.integers(0, 2**32))
+def test_c_and_python_scans_and_reads_agree_on_random_bytes(data, seed):
+    need_native()
+    rnd = random.Random(seed)
+    n = len(data)
+    # two units (one with dangling RVAs) over random stretches of the image
+    a, b = sorted(rnd.sample(range(n + 1), 2))
+    units = kernel.Units(array("I", [a, b - a, 0x1000 + a, b - a, b, n - b, 0x9000, n - b + rnd.randrange(64)]), n)
+    cuts = sorted(rnd.randrange(n + 1) for _ in range(4))
+    gaps = array("I", cuts)
+    exec_ranges = array("I", [a, b - a])
+    py_native = kernel.native
+    for x64 in (False, True):
+        assert kernel.py_scan_intel(data, gaps, x64, units, 0x1000 + a, 0x1000 + b) == \
+            kernel._u32(py_native.scan_intel(data, gaps, x64, units.flat, units.fake, 0x1000 + a, 0x1000 + b))
+    for mode in range(3):
+        assert kernel.py_scan_arm(data, gaps, mode, units, exec_ranges) == \
+            kernel._u32(py_native.scan_arm(data, gaps, mode, units.flat, units.fake, exec_ranges))
+    locations = array("I", sorted(rnd.randrange(n - 4) for _ in range(20)))
+    for kind in range(kernel.ABS32_4, 13):
+        want = kernel.py_read_refs(kind, data, locations, units)
+        got = py_native.read_refs(kind, data, locations, units.flat, units.fake)
+        assert (kernel._u32(got[0]), kernel._u32(got[1])) == want
+    for signed in (False, True):
+        values, bad = py_native.decode_varints(data, signed)
+        want = kernel.py_decode_varints(data, signed)
+        assert (array("i" if signed else "I", values), bad) == want
+
+
+def test_apply_without_the_extension_matches(tmp_path):
+    """A fresh Python that cannot import the C extension applies the AOSP ELF sample exactly."""
+    folder = SAMPLES / "elf_x86_64_small_change"
+    if not folder.exists():
+        pytest.skip(f"{folder} is missing")
+    script = ("import sys\nsys.modules['dmuserd.snapshot._zucchini_native'] = None\n"
+              "from dmuserd.snapshot import _zucchini_kernel\nassert _zucchini_kernel.native is None\n"
+              "from dmuserd.snapshot._zucchini import zucchini_apply\n"
+              f"d = {str(folder)!r}\n"
+              "new = open(d + '/new.bin', 'rb').read()\n"
+              "out = zucchini_apply(open(d + '/patch.zucchini', 'rb').read(), open(d + '/old.bin', 'rb').read(),"
+              " len(new))\nprint(out == new)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
