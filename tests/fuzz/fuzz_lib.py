@@ -466,10 +466,10 @@ class FuzzDaemon:
         except Hang as exc:
             tail = self._restart(f"hang: {exc}")
             raise Hang(f"{exc}\nthe daemon's log ends:\n{tail}") from None
-        except OSError as exc:
-            # A socket of the daemon refused us or is gone: is it going down?
-            if self._exits_soon():
-                self._died(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            # A socket refused us, an answer was missing or wrong: is the daemon going down?
+            if self._exits_soon(10.0 if isinstance(exc, OSError) else 2.0):
+                self._died(f"seen first: {type(exc).__name__}: {str(exc)[:300]}")
             raise
         self.after_example()
         return result
