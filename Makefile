@@ -13,7 +13,7 @@ MARKS := -m "not slow"
 endif
 PACKAGE_SOURCES := __init__.py protocol daemon backends snapshot dsa_offload
 
-.PHONY: all system venv test demo bench bench-quick install clean
+.PHONY: all system venv test fuzz demo bench bench-quick install clean
 
 all: venv
 
@@ -45,6 +45,11 @@ test: $(STAMP)
 	@$(PY) -m pytest $(MARKS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; \
 	exit $$rc
+
+# The storms of tests/fuzz with many more examples than `make test` gives
+# them (minutes); DMUSERD_FUZZ_SCALE=10 for ten times as many.
+fuzz: $(STAMP)
+	DMUSERD_FUZZ_PROFILE=fuzz $(PY) -m pytest tests/fuzz $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/dmuserd demo
