@@ -40,12 +40,19 @@ built (an optional extension); the pure-Python step, the reference in tests,
 uses ``bytes.translate`` for the GF multiplications and big-int XOR.
 Hashing is ``hashlib``'s (OpenSSL), fast enough from Python.
 
+Use::
+
+    params = VerityParams.from_partition(part, block_size=bs, partition_size=part.new_partition_info.size)
+    if params is not None:          # after the partition's operations
+        for start_block, data in verity_writes(params, read_blocks):
+            ...                     # write data (whole blocks) at start_block, in this order
+
 The caller reads the partition: ``read_blocks(start, count)`` returns
 ``count`` whole blocks from block ``start`` (of the partition for
 :func:`verity_writes`, of the input for :func:`hash_tree` and :func:`fec`).
 Everything that comes from a payload is checked up front by
-:class:`VerityParams`; what is wrong raises :class:`VerityError` naming the
-field.
+:class:`VerityParams`; what is wrong raises :class:`VerityError` (a
+:class:`DataError`) naming the partition and field.
 """
 
 from __future__ import annotations
@@ -83,6 +90,9 @@ _HASHES: dict[str, Callable] = {
     "blake2b-256": lambda data=b"": hashlib.blake2b(data, digest_size=32),
 }
 
+#: the largest hash tree we build: it is held in memory (update_engine holds it too). 512 MiB is the
+#: tree of a 64 GiB partition with sha256, 32 GiB with sha512; OTA partitions are far smaller.
+MAX_TREE_BYTES = 512 << 20
 #: blocks read per call while hashing (1 MiB of 4 KiB blocks)
 _HASH_READ_BLOCKS = 256
 #: parity state kept per FEC tile; the pure-Python step, paying per call, wants larger tiles
@@ -144,12 +154,12 @@ class HashTree:
     root_digest: bytes
 
 
-def _read(read_blocks: ReadBlocks, start: int, count: int, block_size: int, what: str):
-    data = read_blocks(start, count)
+def _read(read_blocks: ReadBlocks, start: int, count: int, block_size: int, what: str) -> memoryview:
+    data = memoryview(read_blocks(start, count)).cast("B")
     if len(data) != count * block_size:
         raise VerityError(f"{what}: reading {count} blocks at block {start} returned {len(data)} bytes, "
                           f"not {count * block_size}")
-    return memoryview(data).cast("B")
+    return data
 
 
 class _Hasher:
@@ -181,13 +191,17 @@ def hash_tree(read_blocks: ReadBlocks, data_blocks: int, block_size: int, algori
               salt: bytes) -> HashTree:
     """The dm-verity hash tree of blocks ``0 .. data_blocks - 1`` of ``read_blocks``.
 
-    Memory: the tree (about ``data_blocks * hash size`` bytes) and 1 MiB of data.
+    Memory: the tree (about ``data_blocks * hash size`` bytes, at most
+    :data:`MAX_TREE_BYTES`) and 1 MiB of data.
     """
     hasher = _Hasher(algorithm, salt, block_size)
     _check_block_size(block_size, hasher.hash_size)
     if data_blocks <= 0:
         raise VerityError(f"a hash tree needs data blocks, not {data_blocks}")
     sizes = _level_blocks(data_blocks, block_size, hasher.hash_size)
+    if sum(sizes) * block_size > MAX_TREE_BYTES:
+        raise VerityError(f"the hash tree of {data_blocks} blocks takes {sum(sizes) * block_size} bytes, "
+                          f"more than the {MAX_TREE_BYTES} dmuserd builds in memory")
     level = bytearray()
     for start in range(0, data_blocks, _HASH_READ_BLOCKS):
         count = min(_HASH_READ_BLOCKS, data_blocks - start)
@@ -308,27 +322,32 @@ def _check_roots(roots: int) -> None:
 def fec(read_blocks: ReadBlocks, data_blocks: int, roots: int, *, native: bool | None = None) -> Iterator[bytes]:
     """libfec's parity of 4096-byte blocks ``0 .. data_blocks - 1`` of ``read_blocks``, in order, in pieces.
 
-    The pieces, end to end, are ``fec_blocks(data_blocks, roots)`` blocks.
-    ``native`` picks the C step (True), the Python one (False) or the C step
-    when built (None).
+    The pieces, end to end, are ``fec_blocks(data_blocks, roots)`` blocks;
+    the arguments are checked now, the data read as the pieces are asked
+    for. ``native`` picks the C step (True; RuntimeError when it is not
+    built), the Python one (False) or the C step when built (None).
     """
     _check_roots(roots)
     if data_blocks <= 0:
         raise VerityError(f"FEC needs data blocks, not {data_blocks}")
     if native and _verity_rs is None:
-        raise VerityError("the C extension dmuserd.snapshot._verity_rs is not built")
+        raise RuntimeError("the C extension dmuserd.snapshot._verity_rs is not built")
     use_c = _verity_rs is not None if native is None else native
-    tile_class, budget = (_CTile, _TILE_STATE_BYTES) if use_c else (_PyTile, _TILE_STATE_BYTES_PY)
-    code = _RsCode(roots)
-    columns = RS_SIZE - roots
+    return _fec_tiles(read_blocks, data_blocks, _RsCode(roots), _CTile if use_c else _PyTile,
+                      _TILE_STATE_BYTES if use_c else _TILE_STATE_BYTES_PY)
+
+
+def _fec_tiles(read_blocks: ReadBlocks, data_blocks: int, code: _RsCode, tile_class, budget: int) -> Iterator[bytes]:
+    """The parity, a tile of rounds at a time: each column of the tile is a run of blocks."""
+    columns = RS_SIZE - code.roots
     rounds = -(-data_blocks // columns)
-    tile_rounds = max(1, budget // (roots * FEC_BLOCK_SIZE))
+    tile_rounds = max(1, budget // (code.roots * FEC_BLOCK_SIZE))
     for first in range(0, rounds, tile_rounds):
         count = min(tile_rounds, rounds - first)
         tile = tile_class(code, count * FEC_BLOCK_SIZE)
         for j in range(columns):
             start = j * rounds + first
-            have = max(0, min(count, data_blocks - start))
+            have = max(0, min(count, data_blocks - start))  # blocks past the data read as zeros
             tile.feed(_read(read_blocks, start, have, FEC_BLOCK_SIZE, "FEC data") if have else b"")
         yield tile.parity()
 
@@ -380,7 +399,7 @@ class VerityParams:
     at or after the end of its data; the tree extent has exactly the blocks
     the tree needs, the FEC extent exactly the blocks the FEC needs; the
     algorithm is one HashTreeBuilder knows; roots are 2..24; FEC blocks are
-    4096 bytes.
+    4096 bytes. One rule is ours: the tree is at most :data:`MAX_TREE_BYTES`.
     """
 
     partition: str
@@ -413,6 +432,9 @@ class VerityParams:
         if spec.tree.count != need:
             raise VerityError(f"{where}: hash_tree_extent ({spec.tree}) has {spec.tree.count} blocks; the "
                               f"{spec.algorithm} tree of hash_tree_data_extent ({spec.data}) takes {need}")
+        if need * self.block_size > MAX_TREE_BYTES:
+            raise VerityError(f"{where}: the hash tree of hash_tree_data_extent ({spec.data}) takes "
+                              f"{need * self.block_size} bytes, more than the {MAX_TREE_BYTES} dmuserd builds in memory")
 
     def _check_fec(self, where: str, spec: FecSpec) -> None:
         if self.block_size != FEC_BLOCK_SIZE:

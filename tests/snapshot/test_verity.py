@@ -216,8 +216,8 @@ def test_without_the_extension_python_step_runs():
         data = hashlib.shake_256(b"x").digest(300 * 4096)
         out = b"".join(V.fec(lambda s, c: data[s * 4096:(s + c) * 4096], 300, 5))
         try:
-            next(V.fec(lambda s, c: b"", 300, 5, native=True))
-        except V.VerityError as exc:
+            V.fec(lambda s, c: b"", 300, 5, native=True)
+        except RuntimeError as exc:
             print("refused:", exc)
         print(hashlib.sha256(out).hexdigest())
     """)
@@ -272,8 +272,8 @@ def test_reader_returning_the_wrong_length_is_a_verity_error():
     (lambda: V.hash_tree(reader(b""), 1, BS, "md5", b""), "'md5' is not one of"),
     (lambda: V.hash_tree(reader(b""), 1, 48, "sha256", b""), "block size 48"),
     (lambda: V.hash_tree(reader(b""), 1, 64, "sha256", b""), "block size 64"),
-    (lambda: list(V.fec(reader(b""), 0, 2)), "needs data blocks"),
-    (lambda: list(V.fec(reader(b""), 1, 1)), "fec_roots 1 is outside 2..24"),
+    (lambda: V.fec(reader(b""), 0, 2), "needs data blocks"),        # checked at the call, not at next()
+    (lambda: V.fec(reader(b""), 1, 1), "fec_roots 1 is outside 2..24"),
     (lambda: V.fec_blocks(10, 25), "fec_roots 25"),
 ])
 def test_bad_arguments_raise_verity_error(call, match):
@@ -483,3 +483,14 @@ def test_fuzz_near_valid_fields(case):
         assert not untouched
         return
     check_writes(params, BS)
+
+
+def test_tree_larger_than_the_memory_bound_is_refused():
+    """A manifest can claim a huge partition; its tree would be held in memory, so it is bounded."""
+    blocks = (V.MAX_TREE_BYTES // 32) * 4096 // BS + 4096  # a little past the bound with sha256
+    need = V.hash_tree_blocks(blocks, BS, "sha256")
+    assert need * BS > V.MAX_TREE_BYTES
+    with pytest.raises(V.VerityError, match="more than the 536870912 dmuserd builds in memory"):
+        params_of(make_update(data=(0, blocks), tree=(blocks, need), fec=None), blocks + need)
+    with pytest.raises(V.VerityError, match="more than the"):
+        V.hash_tree(lambda s, c: pytest.fail("read before the bound was checked"), blocks, BS, "sha256", b"")
