@@ -119,7 +119,7 @@ def test_three_levels_match_veritysetup():
 
 
 @needs_veritysetup
-@ORACLE
+@settings(ORACLE, max_examples=15)
 @given(blocks=st.integers(2, 400), seed=st.integers(0, 2**32), spare=st.integers(0, 5), roots=st.integers(2, 24),
        algorithm=st.sampled_from(["sha1", "sha256", "SHA256"]))
 def test_verity_writes_render_veritysetup_layout(blocks, seed, spare, roots, algorithm):
@@ -187,7 +187,7 @@ def test_blake2b_256_is_standard_blake2b_with_32_byte_digest():
 
 
 @pytest.mark.skipif(not HAVE_C, reason="the C extension dmuserd.snapshot._verity_rs is not built")
-@settings(deadline=None, max_examples=60)
+@settings(deadline=None, max_examples=40)
 @given(blocks=st.integers(1, 800), roots=st.integers(2, 24), seed=st.integers(0, 2**32))
 def test_c_step_matches_python_step(blocks, roots, seed):
     data = hashlib.shake_256(seed.to_bytes(8, "little")).digest(blocks * BS)
