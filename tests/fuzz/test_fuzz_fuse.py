@@ -174,7 +174,8 @@ def test_fuse_storm(fuse_daemon):
 
     @storm_settings(ci=120, fuzz=3000)
     @given(sessions())
-    @example([[["O_RDWR", "O_DIRECT"], [["pread", SIZE - 1, 4096], ["pwrite", SIZE - 512, 4096, 7],
+    @example([[["O_RDWR", "O_DIRECT"], [["pread", SIZE - 1, 4096], ["pread", SIZE - 4096, 8192],
+                                        ["pwrite", SIZE - 512, 4096, 7],
                                         ["fallocate", 0x10, SIZE - 4096, 8192], ["fsync"], ["fstat"]]]])
     @example([[["O_RDWR"], [["fallocate", m, SCRATCH + 100, 5000] for m in (0, 1, 2, 3, 0x10, 0x11, 0x8, 0x20, 0x40,
                                                                             0x80, 0x13, -1)] + [["fstat"]]]])
