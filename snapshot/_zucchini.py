@@ -340,19 +340,15 @@ def _apply_equivalences(element: ElementPatch, old: memoryview, new: bytearray) 
 
 def _apply_raw_delta(element: ElementPatch, new: bytearray) -> None:
     """Add each raw delta to the byte at its offset in the concatenated copied blocks."""
-    eqs = element.equivalences
-    i = covered = 0
-    base = element.new_offset
     offsets, diffs = element.raw_delta
-    for copy_offset, diff in zip(offsets, diffs):
-        while i < len(eqs) and covered + eqs[i].length <= copy_offset:
-            covered += eqs[i].length
-            i += 1
-        if i == len(eqs):
-            raise ZucchiniError(f"zucchini patch: element {element.index}: raw delta at copy offset "
-                                f"{copy_offset} is past the {covered} bytes the equivalences copy")
-        pos = base + eqs[i].dst + copy_offset - covered
-        new[pos] = (new[pos] + diff) & 0xFF
+    if not diffs:
+        return
+    eq_dst = array("I", [e.dst for e in element.equivalences])
+    eq_len = array("I", [e.length for e in element.equivalences])
+    bad = _kernel.apply_raw_delta(new, element.new_offset, element.new_length, eq_dst, eq_len, offsets, diffs)
+    if bad >= 0:
+        raise ZucchiniError(f"zucchini patch: element {element.index}: raw delta {bad} at copy offset "
+                            f"{offsets[bad]} is past the {sum(eq_len)} bytes the equivalences copy")
 
 
 def _apply_references(element: ElementPatch, old: memoryview, new: bytearray) -> None:

@@ -208,6 +208,27 @@ def py_decode_varints(data, signed: bool) -> tuple[array, int]:
     return out, -1
 
 
+def py_apply_raw_delta(buf: bytearray, base: int, length: int, eq_dst: array, eq_len: array, offsets: array,
+                       diffs: bytes) -> int:
+    """Add ``diffs[k]`` to the byte at copy offset ``offsets[k]`` of the concatenated copied blocks.
+
+    The blocks (new offsets ``eq_dst``, lengths ``eq_len``, in patch order)
+    belong to the element at ``base``. Returns -1, or the index of the first
+    delta past the bytes the blocks copy.
+    """
+    i = covered = 0
+    neq = len(eq_dst)
+    for k, (offset, diff) in enumerate(zip(offsets, diffs)):
+        while i < neq and covered + eq_len[i] <= offset:
+            covered += eq_len[i]
+            i += 1
+        if i == neq:
+            return k
+        pos = base + eq_dst[i] + offset - covered
+        buf[pos] = (buf[pos] + diff) & 0xFF
+    return -1
+
+
 def py_project_all(offsets: array, msrc: array, mdst: array, mend: array) -> array:
     """Sorted old offsets that a (pruned) equivalence covers, moved to the new element; the others dropped."""
     out = array("I")
@@ -324,6 +345,13 @@ def decode_varints(data, signed: bool) -> tuple[array, int]:
         out.frombytes(raw)
         return out, bad
     return py_decode_varints(data, signed)
+
+
+def apply_raw_delta(buf: bytearray, base: int, length: int, eq_dst: array, eq_len: array, offsets: array,
+                    diffs: bytes) -> int:
+    if native is not None:
+        return native.apply_raw_delta(buf, base, length, eq_dst, eq_len, offsets, diffs)
+    return py_apply_raw_delta(buf, base, length, eq_dst, eq_len, offsets, diffs)
 
 
 def project_all(offsets: array, msrc: array, mdst: array, mend: array) -> array:

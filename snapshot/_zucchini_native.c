@@ -866,7 +866,52 @@ done:
     return out;
 }
 
+/* Raw delta: add diffs[i] to the byte at copy offset offsets[i] of the
+ * concatenated copied blocks (eq_dst, eq_len in patch order) of the element
+ * at base. Returns -1, or the index of the first delta past the copied bytes. */
+static PyObject *apply_raw_delta(PyObject *self, PyObject *args) {
+    Py_buffer buf, dst, len, offs, diffs;
+    unsigned long long base, length;
+    if (!PyArg_ParseTuple(args, "w*KKy*y*y*y*", &buf, &base, &length, &dst, &len, &offs, &diffs))
+        return NULL;
+    PyObject *out = NULL;
+    if (dst.len % 4 || dst.len != len.len || offs.len % 4 || offs.len / 4 != diffs.len ||
+        base > (unsigned long long)buf.len || length > (unsigned long long)buf.len - base) {
+        PyErr_SetString(PyExc_ValueError, "apply_raw_delta: inconsistent arguments");
+        goto done;
+    }
+    uint8_t *b = (uint8_t *)buf.buf + base;
+    const uint32_t *ed = dst.buf, *el = len.buf, *o = offs.buf;
+    const uint8_t *df = diffs.buf;
+    size_t neq = (size_t)dst.len / 4, n = (size_t)diffs.len, i = 0;
+    uint64_t covered = 0;
+    Py_ssize_t bad = -1;
+    for (size_t k = 0; k < n; k++) {
+        while (i < neq && covered + el[i] <= o[k])
+            covered += el[i++];
+        if (i == neq) {
+            bad = (Py_ssize_t)k;
+            break;
+        }
+        uint64_t pos = (uint64_t)ed[i] + o[k] - covered;
+        if (pos >= length) {
+            PyErr_SetString(PyExc_ValueError, "apply_raw_delta: an equivalence is outside the element");
+            goto done;
+        }
+        b[pos] = (uint8_t)(b[pos] + df[k]);
+    }
+    out = PyLong_FromSsize_t(bad);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&len);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&diffs);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"apply_raw_delta", apply_raw_delta, METH_VARARGS, "Add the raw delta to the copied bytes of an element."},
     {"decode_varints", decode_varints, METH_VARARGS, "A stream of zucchini varints as packed uint32 values."},
     {"scan_intel", scan_intel, METH_VARARGS, "x86/x86-64 rel32 locations in the gaps (see _zucchini_kernel)."},
     {"scan_arm", scan_arm, METH_VARARGS, "ARM/THUMB2/AArch64 (type, location) pairs in the gaps."},
