@@ -3,9 +3,9 @@
  *   puff_deflate(data, start_bit, end_bit, limit) -> bytes
  *       the puffed form of the deflate blocks in bits [start_bit, end_bit) of
  *       data, at most limit bytes; blocks are read while 8 bits are left.
- *   locate(data, start_bit) -> [(offset, length), ...]
+ *   locate(data, start_bit) -> ([(offset, length), ...], end_bit)
  *       the compressed blocks of the raw deflate stream at start_bit, up to
- *       its final block (stored blocks left out).
+ *       its final block (stored blocks left out), and the bit after it.
  *   huff_deflate(puff, out, start_bit, bit_length) -> None
  *       re-encodes one puff, ORing its bits into the bytearray out from
  *       start_bit; never past start_bit + bit_length.
@@ -243,7 +243,7 @@ static inline int put_literal(pw_t *w, uint8_t byte, err_t *e) {
 
 static int put_bytes_run(pw_t *w, const uint8_t *p, size_t n, err_t *e) {
     if (!n) return 0;
-    if (room(w, 3 + n, e)) return -1;
+    if (room(w, (n <= 127 ? 1 : 3) + n, e)) return -1;
     w->run_at = w->len;
     w->len += n <= 127 ? 1 : 3;
     memcpy(w->b + w->len, p, n);
@@ -255,7 +255,7 @@ static int put_bytes_run(pw_t *w, const uint8_t *p, size_t n, err_t *e) {
 
 static inline int put_lendist(pw_t *w, unsigned len, unsigned dist, err_t *e) {
     flush_run(w);
-    if (room(w, 4, e)) return -1;
+    if (room(w, len < 130 ? 3 : 4, e)) return -1;
     if (len < 130) {
         w->b[w->len++] = (uint8_t)(0x80 | (len - 3));
     } else {
@@ -564,16 +564,15 @@ static PyObject *py_locate(PyObject *self, PyObject *args) {
     free(t);
     if (rc) {
         PyErr_SetString(PyExc_ValueError, e.msg);
-    } else if ((result = PyList_New((Py_ssize_t)blocks.n))) {
-        for (size_t i = 0; i < blocks.n; i++) {
+    } else {
+        PyObject *list = PyList_New((Py_ssize_t)blocks.n);
+        for (size_t i = 0; list && i < blocks.n; i++) {
             PyObject *item = Py_BuildValue("(KK)", (unsigned long long)blocks.v[i][0],
                                            (unsigned long long)blocks.v[i][1]);
-            if (!item) {
-                Py_CLEAR(result);
-                break;
-            }
-            PyList_SET_ITEM(result, (Py_ssize_t)i, item);
+            if (!item) Py_CLEAR(list);
+            else PyList_SET_ITEM(list, (Py_ssize_t)i, item);
         }
+        if (list) result = Py_BuildValue("(NK)", list, (unsigned long long)at_bit(&r));
     }
     free(blocks.v);
 done:
@@ -766,6 +765,8 @@ static int huff_blocks(puff_t *q, writer_t *w, encoder_t *dyn, err_t *e) {
                 w->byte += b;
                 kind = next_item(q, &a, &b, e);
                 if (kind < 0) return -1;
+            } else if (kind == ITEM_EOB) { /* an empty stored block */
+                if (put(w, 16, 0, e) || put(w, 16, 0xFFFF, e)) return -1;
             }
             if (kind != ITEM_EOB)
                 return FAIL(e, "puff stored block ends without its end of block at byte %zu", q->i);
@@ -852,7 +853,7 @@ static PyMethodDef methods[] = {
     {"puff_deflate", py_puff_deflate, METH_VARARGS,
      "puff_deflate(data, start_bit, end_bit, limit) -> bytes: the puffed form of the deflate bits"},
     {"locate", py_locate, METH_VARARGS,
-     "locate(data, start_bit) -> [(offset, length)]: the compressed blocks of the deflate stream there"},
+     "locate(data, start_bit) -> ([(offset, length)], end_bit): the compressed blocks of the deflate stream there"},
     {"huff_deflate", py_huff_deflate, METH_VARARGS,
      "huff_deflate(puff, out, start_bit, bit_length): OR the re-encoded deflate into the bytearray out"},
     {NULL, NULL, 0, NULL},

@@ -317,16 +317,11 @@ class _Bits:
 class _PuffWriter:
     """The puffed form of one deflate extent, as puffin's BufferPuffWriter lays it out."""
 
-    __slots__ = ("out", "run", "limit")
+    __slots__ = ("out", "run")
 
-    def __init__(self, limit: int):
+    def __init__(self):
         self.out = bytearray()
         self.run = bytearray()
-        self.limit = limit
-
-    def _room(self, n: int) -> None:
-        if len(self.out) + len(self.run) + (3 if self.run else 0) + n > self.limit:
-            raise ValueError(f"puffs to more than the {self.limit} bytes expected")
 
     def flush(self) -> None:
         n = len(self.run)
@@ -342,15 +337,12 @@ class _PuffWriter:
         self.run.append(byte)
         if len(self.run) == _MAX_RUN:
             self.flush()
-            self._room(0)
 
     def literals(self, data: bytes) -> None:
-        self._room(3 + len(data))
         self.run += data  # only stored blocks: at most 65535, after a flush
 
     def lendist(self, length: int, distance: int) -> None:
         self.flush()
-        self._room(4)
         if length < 130:
             self.out.append(0x80 | (length - 3))
         else:
@@ -359,13 +351,11 @@ class _PuffWriter:
 
     def metadata(self, md: bytes) -> None:
         self.flush()
-        self._room(2 + len(md))
         self.out += (len(md) - 1).to_bytes(2, "big")
         self.out += md
 
     def end_of_block(self) -> None:
         self.flush()
-        self._room(2)
         self.out += b"\xff\x81"
 
 
@@ -416,8 +406,8 @@ def _dynamic_header(bits: _Bits, md: bytearray) -> tuple[_Decoder, _Decoder]:
 
 
 def _py_inflate(data, start_bit: int, end_bit: int, writer: _PuffWriter | None,
-                blocks: list[tuple[int, int]] | None) -> None:
-    """Walk the deflate blocks of bits [start_bit, end_bit) as puffin's Puffer does.
+                blocks: list[tuple[int, int]] | None) -> int:
+    """Walk the deflate blocks of bits [start_bit, end_bit) as puffin's Puffer does; the bit where it stopped.
 
     With ``blocks`` (locating), stop after the final block and record each
     compressed block's extent; otherwise keep reading blocks while a byte's
@@ -425,7 +415,7 @@ def _py_inflate(data, start_bit: int, end_bit: int, writer: _PuffWriter | None,
     """
     b0 = start_bit >> 3
     bits = _Bits(bytes(data[b0 : (end_bit + 7) >> 3]), start_bit & 7, b0 * 8)
-    w = writer if writer is not None else _PuffWriter(1 << 62)
+    w = writer if writer is not None else _PuffWriter()
     while bits.left() >= 8:
         block_start = bits.pos
         final = bits.take(1, "block header")
@@ -449,7 +439,7 @@ def _py_inflate(data, start_bit: int, end_bit: int, writer: _PuffWriter | None,
             bits.pos += length * 8
             w.end_of_block()
             if blocks is not None and final:
-                return
+                return bits.base + bits.pos
             continue
         if btype == 1:
             w.metadata(bytes((header,)))
@@ -487,20 +477,23 @@ def _py_inflate(data, start_bit: int, end_bit: int, writer: _PuffWriter | None,
             else:
                 raise ValueError(f"literal/length symbol {sym} at bit {bits.base + bits.pos} does not exist")
         if blocks is not None and final:
-            return
+            return bits.base + bits.pos
     w.flush()
+    return bits.base + bits.pos
 
 
 def _py_puff_deflate(data, start_bit: int, end_bit: int, limit: int) -> bytes:
-    writer = _PuffWriter(limit)
+    writer = _PuffWriter()
     _py_inflate(data, start_bit, end_bit, writer, None)
+    if len(writer.out) > limit:  # the C engine stops as soon as it passes the limit
+        raise ValueError(f"puffs to more than the {limit} bytes expected")
     return bytes(writer.out)
 
 
-def _py_locate(data, start_bit: int) -> list[tuple[int, int]]:
+def _py_locate(data, start_bit: int) -> tuple[list[tuple[int, int]], int]:
     blocks: list[tuple[int, int]] = []
-    _py_inflate(data, start_bit, len(data) * 8, None, blocks)
-    return blocks
+    end = _py_inflate(data, start_bit, len(data) * 8, None, blocks)
+    return blocks, end
 
 
 class _BitWriter:
@@ -598,6 +591,9 @@ def _py_huff_deflate(puff: bytes, out: bytearray, start_bit: int, bit_length: in
                 w.put(16, n ^ 0xFFFF)
                 w.put_bytes(puff[a : a + n])
                 kind, _, _ = item()
+            elif kind == "eob":  # an empty stored block
+                w.put(16, 0)
+                w.put(16, 0xFFFF)
             if kind != "eob":
                 raise ValueError(f"puff stored block ends without its end of block at byte {i}")
             continue
@@ -694,7 +690,7 @@ class _Engine:
         self.name = name
         self.puff_deflate = puff_deflate  # (data, start_bit, end_bit, limit) -> bytes
         self.huff_deflate = huff_deflate  # (puff, out: bytearray, start_bit, bit_length) -> None
-        self.locate = locate  # (data, start_bit) -> [(offset, length)]
+        self.locate = locate  # (data, start_bit) -> ([(offset, length)], the bit after the final block)
 
 
 PYTHON_ENGINE = _Engine("python", _py_puff_deflate, _py_huff_deflate, _py_locate)
@@ -724,6 +720,17 @@ def _check_deflates(deflates: Sequence[BitExtent], data_bits: int, what: str) ->
         end = d.end
     if end > data_bits:
         raise PuffinError(f"{what} deflate {len(deflates) - 1} ends at bit {end}, past the data's {data_bits} bits")
+
+
+def _puff_bound(bits: int) -> int:
+    """The most a deflate extent of ``bits`` bits puffs to.
+
+    Every puffed item costs at most two bytes per deflate bit it stands for
+    (a 1-bit literal is one byte plus its share of a run header; a match of
+    two 1-bit codes is four bytes; a block's metadata is at most one byte per
+    header bit plus 16): this bounds what a hostile header can make us allocate.
+    """
+    return 2 * bits + 64
 
 
 def _gap(prev_end: int, start: int) -> tuple[int, int]:
@@ -770,7 +777,7 @@ def _puff_stream(data, deflates: Sequence[BitExtent], expect: StreamInfo | None,
                                   f"puts it at byte {pos}")
             limit = want.length
         else:
-            limit = 2 * d.length + 64  # a puff never needs 2 bytes per deflate bit
+            limit = _puff_bound(d.length)
         try:
             puffed = engine.puff_deflate(view, d.offset, d.end, limit)
         except ValueError as exc:
@@ -806,9 +813,10 @@ def locate_deflates(data: bytes, start_bit: int = 0) -> list[BitExtent]:
     if not 0 <= start_bit <= len(data) * 8:
         raise PuffinError(f"deflate start bit {start_bit} is outside the data's {len(data) * 8} bits")
     try:
-        return [BitExtent(o, n) for o, n in engine.locate(memoryview(data), start_bit)]
+        blocks, _ = engine.locate(memoryview(data), start_bit)
     except ValueError as exc:
         raise PuffinError(f"deflate stream at bit {start_bit}: {exc}") from None
+    return [BitExtent(o, n) for o, n in blocks]
 
 
 def _huff_size(puffed_size: int, puffs: Sequence[ByteExtent], deflates: Sequence[BitExtent], what: str) -> int:
@@ -826,6 +834,9 @@ def _huff_size(puffed_size: int, puffs: Sequence[ByteExtent], deflates: Sequence
         if p.offset != pos or p.length < 0:
             raise PuffinError(f"{what}puff {i} is at byte {p.offset}; its deflate at bit {d.offset} puts it "
                               f"at byte {pos}")
+        if p.length > _puff_bound(d.length):
+            raise PuffinError(f"{what}puff {i} of {p.length} bytes is more than a {d.length}-bit deflate can "
+                              f"puff to")
         pos = p.end
         prev_end = d.end
     tail = puffed_size - pos
@@ -909,15 +920,15 @@ def puffpatch(patch: bytes, source: bytes, size: int) -> bytes:
             raise PuffinError(f"PUFFDIFF inner patch: {exc}") from None
     else:
         apply = _zucchini_apply()
-        # the zucchini patch holds at most the new bytes plus their bookkeeping
-        raw = decompress(2, bytes(inner), 16 * (dst.puff_length + src.puff_length) + (1 << 20),
-                         "PUFFDIFF zucchini patch")
         try:
+            # the zucchini patch holds at most the new bytes plus their bookkeeping
+            raw = decompress(2, bytes(inner), 16 * (dst.puff_length + src.puff_length) + (1 << 20),
+                             "PUFFDIFF zucchini patch")
             puffed_dst = apply(raw, puffed_src, dst.puff_length)
         except PuffinError:
             raise
         except DataError as exc:
-            raise PuffinError(f"PUFFDIFF inner zucchini patch: {exc}") from None
+            raise PuffinError(f"PUFFDIFF inner patch: {exc}") from None
         if len(puffed_dst) != dst.puff_length:
             raise PuffinError(f"PUFFDIFF zucchini patch made {len(puffed_dst)} bytes, expected {dst.puff_length}")
     return _huff_stream(puffed_dst, dst.puffs, dst.deflates, "PUFFDIFF destination: ")
