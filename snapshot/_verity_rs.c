@@ -16,7 +16,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#include <string.h>
 
 #define MAX_ROOTS 24
 
@@ -43,7 +42,7 @@ static void step(uint8_t *p, const uint8_t *d, Py_ssize_t count, const uint8_t *
     }
 }
 
-static PyObject *feed(PyObject *self, PyObject *args)
+static PyObject *feed(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer state, column, table;
     int roots;
