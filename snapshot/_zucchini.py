@@ -234,10 +234,11 @@ def _parse_raw_delta(src: _Source) -> tuple[array, bytes]:
     zero = diff_bytes.find(0)
     if zero >= 0:
         raise diffs.fail(f"raw delta {zero} difference", "is 0", diffs.pos + zero)
-    offsets = array("q", itertools.accumulate(v + 1 for v in skip_values))
+    # copy offset k = skips 0..k summed, plus k (each delta moves past its byte)
+    offsets = array("q", itertools.accumulate(map((1).__add__, skip_values)))
     if offsets and offsets[-1] - 1 >= _U32_MAX:
         raise skips.fail("raw delta copy offsets", f"reach {offsets[-1] - 1}, past 32 bits")
-    return array("I", (o - 1 for o in offsets)), diff_bytes
+    return array("I", map((-1).__add__, offsets)), diff_bytes
 
 
 def _parse_element(src: _Source, index: int) -> ElementPatch:

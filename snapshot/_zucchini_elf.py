@@ -398,16 +398,19 @@ class ElfImage:
                 runs.extend((begin, len(locs), eq.dst - eq.src))
             return locs, targets, runs
         locs, targets = self.all_refs(group)
-        abs32, width = self.abs32, self.width
-        for eq in equivalences:
-            lo, hi = eq.src, eq.src + eq.length
-            if group.type_tag == 1:
-                for bound in (lo, hi):
-                    i = bisect.bisect_left(abs32, bound)
-                    if i and bound - abs32[i - 1] < width:
-                        raise ZucchiniError(f"an equivalence boundary at old offset {bound} cuts the abs32 "
-                                            f"reference at {abs32[i - 1]}")
-            runs.extend((bisect.bisect_left(locs, lo), bisect.bisect_left(locs, hi), eq.dst - eq.src))
+        src = array("I", [eq.src for eq in equivalences])
+        end = array("I", [eq.src + eq.length for eq in equivalences])
+        if group.type_tag == 1:
+            # zucchini stops if a block boundary cuts an abs32 reference's body
+            abs32, width = self.abs32, self.width
+            for bounds in (src, end):
+                starts = kernel.block_runs(abs32, bounds, bounds, bounds)
+                for k in range(0, len(starts), 3):
+                    i = starts[k]
+                    if i and bounds[k // 3] - abs32[i - 1] < width:
+                        raise ZucchiniError(f"an equivalence boundary at old offset {bounds[k // 3]} cuts the "
+                                            f"abs32 reference at {abs32[i - 1]}")
+        runs = kernel.block_runs(locs, src, end, array("I", [eq.dst for eq in equivalences]))
         return locs, targets, runs
 
 

@@ -229,6 +229,14 @@ def py_apply_raw_delta(buf: bytearray, base: int, length: int, eq_dst: array, eq
     return -1
 
 
+def py_block_runs(locs: array, src: array, end: array, dst: array) -> array:
+    """Per equivalence, the slice of the sorted ``locs`` in [src, end) and the shift dst - src."""
+    runs = array("q")
+    for s, e, d in zip(src, end, dst):
+        runs.extend((bisect.bisect_left(locs, s), bisect.bisect_left(locs, e), d - s))
+    return runs
+
+
 def py_project_all(offsets: array, msrc: array, mdst: array, mend: array) -> array:
     """Sorted old offsets that a (pruned) equivalence covers, moved to the new element; the others dropped."""
     out = array("I")
@@ -352,6 +360,14 @@ def apply_raw_delta(buf: bytearray, base: int, length: int, eq_dst: array, eq_le
     if native is not None:
         return native.apply_raw_delta(buf, base, length, eq_dst, eq_len, offsets, diffs)
     return py_apply_raw_delta(buf, base, length, eq_dst, eq_len, offsets, diffs)
+
+
+def block_runs(locs: array, src: array, end: array, dst: array) -> array:
+    if native is not None:
+        out = array("q")
+        out.frombytes(native.block_runs(locs, src, end, dst))
+        return out
+    return py_block_runs(locs, src, end, dst)
 
 
 def project_all(offsets: array, msrc: array, mdst: array, mend: array) -> array:

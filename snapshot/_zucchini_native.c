@@ -910,7 +910,38 @@ done:
     return out;
 }
 
+/* Per equivalence (old start, old end, shift): the slice of the sorted
+ * locations in [start, end), as int64 (begin, end, shift) triples. */
+static PyObject *block_runs(PyObject *self, PyObject *args) {
+    Py_buffer locs, src, end, dst;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*", &locs, &src, &end, &dst))
+        return NULL;
+    PyObject *out = NULL;
+    if (locs.len % 4 || src.len % 4 || src.len != end.len || src.len != dst.len) {
+        PyErr_SetString(PyExc_ValueError, "block_runs: arrays must be uint32, the equivalences of one length");
+        goto done;
+    }
+    size_t n = (size_t)locs.len / 4, m = (size_t)src.len / 4;
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(m * 24));
+    if (!out)
+        goto done;
+    int64_t *r = (int64_t *)PyBytes_AS_STRING(out);
+    const uint32_t *l = locs.buf, *s = src.buf, *e = end.buf, *d = dst.buf;
+    for (size_t i = 0; i < m; i++) {
+        r[3 * i] = (int64_t)lower(l, n, s[i]);
+        r[3 * i + 1] = (int64_t)lower(l, n, e[i]);
+        r[3 * i + 2] = (int64_t)d[i] - (int64_t)s[i];
+    }
+done:
+    PyBuffer_Release(&locs);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&end);
+    PyBuffer_Release(&dst);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"block_runs", block_runs, METH_VARARGS, "Slices of sorted locations per equivalence old block."},
     {"apply_raw_delta", apply_raw_delta, METH_VARARGS, "Add the raw delta to the copied bytes of an element."},
     {"decode_varints", decode_varints, METH_VARARGS, "A stream of zucchini varints as packed uint32 values."},
     {"scan_intel", scan_intel, METH_VARARGS, "x86/x86-64 rel32 locations in the gaps (see _zucchini_kernel)."},

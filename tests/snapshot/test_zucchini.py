@@ -776,6 +776,12 @@ def test_c_and_python_scans_and_reads_agree_on_random_bytes(data, seed):
         want = kernel.py_read_refs(kind, data, locations, units)
         got = py_native.read_refs(kind, data, locations, units.flat, units.fake)
         assert (kernel._u32(got[0]), kernel._u32(got[1])) == want
+    src = array("I", sorted(rnd.randrange(n) for _ in range(5)))
+    end = array("I", [x + rnd.randrange(50) for x in src])
+    dst = array("I", [rnd.randrange(n) for _ in src])
+    runs = array("q")
+    runs.frombytes(py_native.block_runs(locations, src, end, dst))
+    assert runs == kernel.py_block_runs(locations, src, end, dst)
     for signed in (False, True):
         values, bad = py_native.decode_varints(data, signed)
         want = kernel.py_decode_varints(data, signed)
