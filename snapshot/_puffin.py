@@ -46,6 +46,7 @@ the tests compare it with.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -265,14 +266,14 @@ class _Encoder:
         self.lens = lens
 
 
-_FIXED_DECODE: tuple[_Decoder, _Decoder] | None = None
-
-
+@functools.cache
 def _fixed_decoders() -> tuple[_Decoder, _Decoder]:
-    global _FIXED_DECODE
-    if _FIXED_DECODE is None:
-        _FIXED_DECODE = (_Decoder(_FIXED_LIT, "fixed literal/length"), _Decoder(_FIXED_DIST, "fixed distance"))
-    return _FIXED_DECODE
+    return _Decoder(_FIXED_LIT, "fixed literal/length"), _Decoder(_FIXED_DIST, "fixed distance")
+
+
+@functools.cache
+def _fixed_encoders() -> tuple[_Encoder, _Encoder]:
+    return _Encoder(_FIXED_LIT, "fixed literal/length"), _Encoder(_FIXED_DIST, "fixed distance")
 
 
 # --------------------------------------------------------------------------
@@ -598,8 +599,7 @@ def _py_huff_deflate(puff: bytes, out: bytearray, start_bit: int, bit_length: in
                 raise ValueError(f"puff stored block ends without its end of block at byte {i}")
             continue
         if btype == 1:
-            lit = _Encoder(_FIXED_LIT, "fixed literal/length")
-            dist = _Encoder(_FIXED_DIST, "fixed distance")
+            lit, dist = _fixed_encoders()
         elif btype == 2:
             lit, dist = _encode_dynamic_header(md, w, i - mlen)
         else:
@@ -713,13 +713,13 @@ def _check_deflates(deflates: Sequence[BitExtent], data_bits: int, what: str) ->
     end = 0
     for i, d in enumerate(deflates):
         if d.offset < 0 or d.length < 0:
-            raise PuffinError(f"{what} deflate {i} ({d.offset}, {d.length}) is negative")
+            raise PuffinError(f"{what}deflate {i} ({d.offset}, {d.length}) is negative")
         if d.offset < end:
-            raise PuffinError(f"{what} deflate {i} at bit {d.offset} starts before deflate {i - 1} ends "
+            raise PuffinError(f"{what}deflate {i} at bit {d.offset} starts before deflate {i - 1} ends "
                               f"(bit {end})")
         end = d.end
     if end > data_bits:
-        raise PuffinError(f"{what} deflate {len(deflates) - 1} ends at bit {end}, past the data's {data_bits} bits")
+        raise PuffinError(f"{what}deflate {len(deflates) - 1} ends at bit {end}, past the data's {data_bits} bits")
 
 
 def _puff_bound(bits: int) -> int:
@@ -773,7 +773,7 @@ def _puff_stream(data, deflates: Sequence[BitExtent], expect: StreamInfo | None,
         if expect is not None:
             want = expect.puffs[i]
             if want.offset != pos:
-                raise PuffinError(f"{what} puff {i} is at byte {want.offset}; its deflate at bit {d.offset} "
+                raise PuffinError(f"{what}puff {i} is at byte {want.offset}; its deflate at bit {d.offset} "
                                   f"puts it at byte {pos}")
             limit = want.length
         else:
@@ -781,9 +781,9 @@ def _puff_stream(data, deflates: Sequence[BitExtent], expect: StreamInfo | None,
         try:
             puffed = engine.puff_deflate(view, d.offset, d.end, limit)
         except ValueError as exc:
-            raise PuffinError(f"{what} deflate {i} (bit {d.offset}, {d.length} bits): {exc}") from None
+            raise PuffinError(f"{what}deflate {i} (bit {d.offset}, {d.length} bits): {exc}") from None
         if expect is not None and len(puffed) != limit:
-            raise PuffinError(f"{what} deflate {i} puffs to {len(puffed)} bytes, its puff extent says {limit}")
+            raise PuffinError(f"{what}deflate {i} puffs to {len(puffed)} bytes, its puff extent says {limit}")
         puffs.append(ByteExtent(pos, len(puffed)))
         parts.append(puffed)
         pos += len(puffed)
@@ -910,7 +910,7 @@ def puffpatch(patch: bytes, source: bytes, size: int) -> bytes:
     dst_size = _huff_size(dst.puff_length, dst.puffs, dst.deflates, "PUFFDIFF destination: ")
     if dst_size != size:
         raise PuffinError(f"PUFFDIFF patch makes {dst_size} bytes, its destination holds {size}")
-    puffed_src, _ = _puff_stream(memoryview(source)[:src_size], src.deflates, src, "PUFFDIFF source")
+    puffed_src, _ = _puff_stream(memoryview(source)[:src_size], src.deflates, src, "PUFFDIFF source ")
     if header.type == PatchType.BSDIFF:
         try:
             puffed_dst = bspatch(bytes(inner), puffed_src, dst.puff_length)
