@@ -18,9 +18,16 @@ partition of a ``payload.bin`` (``../shared/specs/ota-payload.md``):
   label 0;
 * then each install operation in order, followed by a label with the next
   operation's index: REPLACE/REPLACE_BZ/REPLACE_XZ → Replace; ZERO/DISCARD
-  → Zero; SOURCE_BSDIFF/BROTLI_BSDIFF → the patch applied to the source
-  extents, written as Xor ops against the source where a ``COW_XOR`` merge
-  operation says so, as Replace ops elsewhere; SOURCE_COPY → nothing more.
+  → Zero; the diff operations (SOURCE_BSDIFF, BROTLI_BSDIFF, PUFFDIFF,
+  ZUCCHINI, LZ4DIFF_BSDIFF, LZ4DIFF_PUFFDIFF; one module per format, see
+  :func:`~dmuserd.snapshot._payload_data.apply_diff`) → the patch applied
+  to the source extents, written as Xor ops against the source where a
+  ``COW_XOR`` merge operation says so, as Replace ops elsewhere;
+  SOURCE_COPY → nothing more;
+* last, for a partition with dm-verity fields, the hash tree and the FEC
+  that update_engine computes on the device after the data
+  (:mod:`~dmuserd.snapshot._verity`), computed from the partition the
+  operations made and written as Replace ops, with a label of their own.
 
 The file is written under a hidden temporary name in the output directory
 (``.NAME.cow.KEY.partial``, KEY naming the payload and the COW settings),
@@ -178,8 +185,10 @@ def apply_payload(
         settings = cow_settings(payload, version=version, compression=compression)
         # everything that can be refused up front is, before any file is written
         sources = {}
+        verity = {}
         for part in parts:
             check_supported(part)
+            verity[part.partition_name] = verity_params(payload, part)
             if part.HasField("old_partition_info"):
                 sources[part.partition_name] = find_source(source_dir, part.partition_name)
         for part in parts:
@@ -190,7 +199,8 @@ def apply_payload(
         with progress_bar(sum(len(p.operations) for p in parts), progress) as bar:
             for part in parts:
                 bar.set_description(f"ota apply {part.partition_name}")
-                converter = _PartitionConverter(payload, part, sources.get(part.partition_name), settings)
+                converter = _PartitionConverter(payload, part, sources.get(part.partition_name), settings,
+                                                verity[part.partition_name])
                 converter.mover = mover
                 results.append(converter.run(cow_dir, verify, bar, on_operation))
         return results
@@ -223,6 +233,18 @@ def check_payload(payload_path, *, cert=None, whole: bool = True, progress: bool
                 _payload_signature.verify(payload, cert, bar=bar)
             lines.append(f"signatures: metadata and payload signatures verified against {cert}")
     return lines
+
+
+def verity_params(payload: Payload, part):
+    """The partition's dm-verity fields, checked (None when it has no hash tree and no FEC)."""
+    from dmuserd.snapshot._verity import VerityError, VerityParams
+
+    try:
+        return VerityParams.from_partition(part, block_size=payload.block_size,
+                                           partition_size=part.new_partition_info.size)
+    except VerityError as exc:
+        raise PayloadFormatError(f"partition {part.partition_name!r}", "verity", str(exc),
+                                 path=payload.path) from None
 
 
 def check_supported(part) -> None:
@@ -286,8 +308,9 @@ def _fsync_dir(path) -> None:
 class _PartitionConverter:
     """One partition's install operations → one COW file."""
 
-    def __init__(self, payload: Payload, part, source: str | None, settings: CowSettings) -> None:
+    def __init__(self, payload: Payload, part, source: str | None, settings: CowSettings, verity=None) -> None:
         self.payload = payload
+        self.verity = verity  # VerityParams, or None
         self.part = part
         self.name = part.partition_name
         self.settings = settings
@@ -316,7 +339,9 @@ class _PartitionConverter:
         try:
             if self.source is not None:
                 src_fd = self._open_source()
-            resume_at = _last_label(temp, len(self.part.operations)) if os.path.exists(temp) else None
+            ops = len(self.part.operations)
+            last = ops + (self.verity is not None)  # the verity blocks get a label of their own
+            resume_at = _last_label(temp, last) if os.path.exists(temp) else None
             if resume_at is None:
                 plan = self._plan()
                 writer = CowWriter(temp, version=self.settings.version, compression=self.settings.compression,
@@ -332,9 +357,9 @@ class _PartitionConverter:
                 writer = CowWriter.resume(temp, resume_at, compression=self.settings.compression,
                                           compression_level=self.settings.level)
                 start = resume_at
-            bar.update(start)  # operations done before the interruption
+            bar.update(min(start, ops))  # operations done before the interruption
             xor_map = plan[3]
-            for index in range(start, len(self.part.operations)):
+            for index in range(start, ops):
                 self._write_operation(writer, src_fd, index, xor_map)
                 writer.add_label(index + 1)
                 bar.update(1)
@@ -342,6 +367,10 @@ class _PartitionConverter:
                     on_operation(self.name, index)
             writer.finalize()
             writer = None
+            if self.verity is not None and start <= ops:
+                writer = self._write_verity(temp)
+                writer.finalize()
+                writer = None
             counts, digest = self._check(temp, verify)
             os.replace(temp, final)
             _fsync_dir(cow_dir)
@@ -363,6 +392,29 @@ class _PartitionConverter:
                  resumed_at=resume_at, **counts)
         return PartitionResult(self.name, final, self.base, self.new_size, digest, len(self.part.operations),
                                resume_at, counts)
+
+    def _write_verity(self, temp: str) -> CowWriter:
+        """Append the hash tree and FEC (computed from the partition the operations made) as Replace ops.
+
+        update_engine computes them on the device after the data operations
+        (``VerityWriterAndroid``); here they are computed from the finished
+        file rendered over the old image, then written after the last
+        operation's label with a label of their own.
+        """
+        from dmuserd.snapshot._verity import verity_writes
+
+        bs = self.bs
+        ops = len(self.part.operations)
+        log.info("computing the dm-verity hash tree and FEC", partition=self.name)
+        with CowReader(temp, base_size=self.old_size, target_size=self.new_size, check_merge=False) as reader, \
+                SnapshotView(reader, self.base, size=self.new_size) as view:
+            writes = list(verity_writes(self.verity, lambda start, count: view.read(start * bs, count * bs)))
+        writer = CowWriter.resume(temp, ops, compression=self.settings.compression,
+                                  compression_level=self.settings.level)
+        for block, data in writes:
+            writer.add_replace(block, data)
+        writer.add_label(ops + 1)
+        return writer
 
     def _open_source(self) -> int:
         try:

@@ -15,9 +15,9 @@ writing a block twice, and the merge operations. What it finds is a
 hashes are checked when the bytes are read (:meth:`Payload.read_blob`,
 :meth:`Payload.check_source`): :class:`PayloadHashError`.
 
-Unsupported operation types (PUFFDIFF, ZUCCHINI, LZ4DIFF_*, and the
-obsolete MOVE/BSDIFF) parse fine, so ``dmuserd ota inspect`` shows them;
-converting them raises :class:`UnsupportedOperationError`.
+Unsupported operation types (the obsolete MOVE/BSDIFF) parse fine, so
+``dmuserd ota inspect`` shows them; converting them raises
+:class:`UnsupportedOperationError`.
 
 :func:`parse_header` and :func:`parse_manifest` work on bytes, so they can
 be fuzzed without files.
@@ -81,7 +81,8 @@ SOURCE_OPS = frozenset({OpType.MOVE, OpType.BSDIFF, OpType.SOURCE_COPY, OpType.S
                         OpType.BROTLI_BSDIFF, OpType.ZUCCHINI, OpType.LZ4DIFF_BSDIFF, OpType.LZ4DIFF_PUFFDIFF})
 #: what dmuserd can turn into COW ops
 SUPPORTED_OPS = frozenset({OpType.REPLACE, OpType.REPLACE_BZ, OpType.REPLACE_XZ, OpType.ZERO, OpType.DISCARD,
-                           OpType.SOURCE_COPY, OpType.SOURCE_BSDIFF, OpType.BROTLI_BSDIFF})
+                           OpType.SOURCE_COPY, OpType.SOURCE_BSDIFF, OpType.BROTLI_BSDIFF, OpType.PUFFDIFF,
+                           OpType.ZUCCHINI, OpType.LZ4DIFF_BSDIFF, OpType.LZ4DIFF_PUFFDIFF})
 
 
 # --- errors -------------------------------------------------------------------

@@ -146,15 +146,15 @@ def test_missing_or_short_source_image(tmp_path):
     assert_no_output(out)
 
 
-@pytest.mark.parametrize("op_type", [OpType.PUFFDIFF, OpType.ZUCCHINI, OpType.LZ4DIFF_BSDIFF,
-                                     OpType.LZ4DIFF_PUFFDIFF])
+@pytest.mark.parametrize("op_type", [OpType.MOVE, OpType.BSDIFF])
 def test_unsupported_operations_are_named(tmp_path, op_type):
+    """The obsolete in-place MOVE and BSDIFF (minor version 1 payloads) are refused up front."""
     old, new = synthetic_images()
     manifest = proto.DeltaArchiveManifest(block_size=4096)
     blobs: list[bytes] = []
     b = PartitionBuilder(manifest, "vendor", old, new, blobs)
     b.op(OpType.ZERO, [(6, 2)])
-    b.op(op_type, [(11, 1)], [(11, 1)], b"opaque diff")
+    b.op(op_type, [(11, 1)], [(11, 1)], b"opaque diff" if op_type == OpType.BSDIFF else None)
     write_payload(tmp_path / "u.bin", manifest, blobs)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "vendor.img").write_bytes(old)
@@ -165,6 +165,24 @@ def test_unsupported_operations_are_named(tmp_path, op_type):
     # the payload itself is fine: inspect shows it, with the operation flagged
     shown = subprocess.run(DMUSERD + ["ota", "inspect", tmp_path / "u.bin"], capture_output=True, text=True)
     assert shown.returncode == 0 and f"unsupported by dmuserd: {op_type.name}" in shown.stdout
+
+
+@pytest.mark.parametrize("op_type", [OpType.PUFFDIFF, OpType.ZUCCHINI, OpType.LZ4DIFF_BSDIFF,
+                                     OpType.LZ4DIFF_PUFFDIFF])
+def test_a_diff_blob_that_is_not_its_format_names_the_operation(tmp_path, op_type):
+    old, new = synthetic_images()
+    manifest = proto.DeltaArchiveManifest(block_size=4096)
+    blobs: list[bytes] = []
+    b = PartitionBuilder(manifest, "vendor", old, new, blobs)
+    b.op(OpType.ZERO, [(6, 2)])
+    b.op(op_type, [(11, 1)], [(11, 1)], b"opaque diff")
+    write_payload(tmp_path / "u.bin", manifest, blobs)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "vendor.img").write_bytes(old)
+    with pytest.raises(PayloadFormatError) as info:
+        apply_payload(tmp_path / "u.bin", cow_dir=tmp_path / "out", source_dir=tmp_path / "old")
+    assert "partition 'vendor' operation #1" in str(info.value) and info.value.rule == "blob-data"
+    assert_no_output(tmp_path / "out")
 
 
 def test_operations_writing_one_block_twice_are_refused(tmp_path):
