@@ -53,13 +53,7 @@ def decompress(kind: int, data: bytes, limit: int, what: str) -> bytes:
         if len(out) <= limit and not d.eof:
             raise DataError(f"{what}: the bzip2 stream is cut short")
     elif kind == _BROTLI:
-        d = brotli.Decompressor()
-        try:
-            out = d.process(data, output_buffer_limit=limit + 1)
-        except brotli.error as exc:
-            raise DataError(f"{what}: bad brotli data ({exc})") from None
-        if len(out) <= limit and not d.is_finished():
-            raise DataError(f"{what}: the brotli stream is cut short")
+        out = _brotli(data, limit, what)
     elif kind == "xz":
         d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
         try:
@@ -73,6 +67,44 @@ def decompress(kind: int, data: bytes, limit: int, what: str) -> bytes:
     if len(out) > limit:
         raise DataError(f"{what}: decodes to more than the {limit} bytes expected")
     return out
+
+
+#: brotli input fed per call; where a stream ends inside a piece, that piece goes byte by byte
+_BROTLI_PIECE = 1 << 16
+
+
+def _brotli(data, limit: int, what: str) -> bytes:
+    """One brotli stream from the start of ``data``; bytes after its end are ignored.
+
+    AOSP's bsdiff writes a few bytes after a brotli stream's end (seen: 2 to
+    3 after the extra stream of puffin's inner patches), and its bspatch
+    reads only the stream, as bzip2 and xz readers stop at theirs. Python's
+    decoder refuses input past the end instead of saying where the end was:
+    so the input goes in by pieces, and the piece the stream ends in goes
+    again byte by byte, stopping when the decoder says it has finished.
+    """
+    view = memoryview(data)
+    d, out, fed = brotli.Decompressor(), bytearray(), 0
+    try:
+        while fed < len(view) and not d.is_finished() and len(out) <= limit:
+            piece = view[fed : fed + _BROTLI_PIECE]
+            try:
+                out += d.process(piece, output_buffer_limit=limit + 1 - len(out))
+            except brotli.error:
+                # The end (or damage) is in this piece: decode again up to it, then byte by byte.
+                d = brotli.Decompressor()
+                out = bytearray(d.process(view[:fed], output_buffer_limit=limit + 1)) if fed else bytearray()
+                for k in range(len(piece)):
+                    if d.is_finished() or len(out) > limit:
+                        break
+                    out += d.process(piece[k : k + 1], output_buffer_limit=limit + 1 - len(out))
+                break
+            fed += len(piece)
+    except brotli.error as exc:
+        raise DataError(f"{what}: bad brotli data ({exc})") from None
+    if len(out) <= limit and not d.is_finished():
+        raise DataError(f"{what}: the brotli stream is cut short")
+    return bytes(out)
 
 
 def replace_data(op_type: OpType, blob: bytes, size: int) -> bytes:
