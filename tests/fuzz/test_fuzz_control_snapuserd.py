@@ -52,7 +52,7 @@ def messages(files: dict, workdir: str):
                             st.sampled_from(MISC[:4]))
     text = st.one_of(init_like, init_like, worded, per_handler, st.sampled_from([",", ",,,,", "init,,,,",
                                                                                  "query,", "\n", "\x00"]))
-    encoded = text.map(lambda t: t.encode("utf-8", "surrogateescape"))
+    encoded = text.map(lambda t: t.encode("utf-8", "surrogatepass"))
     raw = st.binary(min_size=1, max_size=600)
     huge = st.builds(lambda op, n: op.encode() + b"," + b"A" * n, st.sampled_from(["init", "getstatus", "query"]),
                      st.sampled_from([500, 505, 511, 512, 513, 4096, 70_000]))
@@ -117,6 +117,12 @@ def _say_all(daemon, msgs, end) -> None:
     assert replies.startswith(b'{"ok": false') or all(32 <= c < 127 for c in replies), bytes(replies[:200])
 
 
+def _conversation(daemon, msgs, end) -> None:
+    """One conversation, then the handlers it may have made are deleted (each example starts afresh)."""
+    _say_all(daemon, msgs, end)
+    _say_all(daemon, [f"delete,{misc}".encode() for misc in MISC[:4]], "shutdown")
+
+
 def test_control_snapuserd_storm(control_daemon, snapshot_files):
     daemon = control_daemon
     before = daemon.rejected()
@@ -130,12 +136,13 @@ def test_control_snapuserd_storm(control_daemon, snapshot_files):
     @example(([f"init,snap_a,{cow}\x00,{base},".encode()], "shutdown"))  # a NUL in a path
     @example(([f"init,snap_a,{cow},{base},{base}\x00".encode()], "shutdown"))
     @example(([f"init,snap_a,{files['fifo']},{base},".encode(), b"getstatus,snap_a"], "shutdown"))  # a named pipe
+    @example(([f"init,snap_a,{cow},{files['dir']},".encode()], "shutdown"))  # a directory as the base
     @example(([b"init,snap_a,,,"], "shutdown"))
     @example(([b"frobnicate"], "shutdown"))  # unknown: "fail", then closed
     @example(([b"query," + b"A" * 70_000], "shutdown"))
     def storm(conversation):
         msgs, end = conversation
-        daemon.run_example(_say_all, daemon, msgs, end)
+        daemon.run_example(_conversation, daemon, msgs, end)
 
     storm()
     # Whatever the storm did, the handlers it left can be deleted and the
