@@ -26,7 +26,15 @@ import structlog
 import trio
 
 from dmuserd.daemon.guard import Peer
-from dmuserd.protocol import NEED_DATA, DaemonConnection, ProtocolError, Request, Response, ResponseType
+from dmuserd.protocol import (
+    NEED_DATA,
+    DaemonConnection,
+    OversizedRequest,
+    ProtocolError,
+    Request,
+    Response,
+    ResponseType,
+)
 
 log = structlog.get_logger("dmuserd.channel")
 
@@ -69,7 +77,10 @@ async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str
 
     async def answer(request: Request, token: object) -> None:
         try:
-            response = await dispatcher.handle(request, scatter)
+            if type(request) is OversizedRequest:  # counted when it arrived: ERROR for this one request
+                response = Response(request.seq, ResponseType.ERROR)
+            else:
+                response = await dispatcher.handle(request, scatter)
         finally:
             limiter.release_on_behalf_of(token)
             if not serial:
@@ -99,6 +110,12 @@ async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str
             conn.receive_data(data)
             try:
                 while (request := conn.next_event()) is not NEED_DATA:
+                    if type(request) is OversizedRequest:
+                        # Longer than the daemon's buffers (the kernel has no limit).
+                        dispatcher.guard.reject(surface, "io-too-large",
+                                                f"{request.type.name} of {request.len} bytes, over the "
+                                                f"{conn.max_io}-byte limit: answered ERROR", peer,
+                                                device=dispatcher.name, channel=name, seq=request.seq)
                     # A token per request: requests of different channels can
                     # be equal (same seq and range), so they cannot borrow.
                     token = object()

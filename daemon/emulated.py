@@ -6,8 +6,10 @@ does with a real dm-user device: it submits BIOs to a
 channels, reading each message's bytes from a channel, decoding them with
 :class:`~dmuserd.protocol.DaemonConnection`, and writing the response's
 bytes back on that channel. So what a FUSE user sees is dm-user's
-behaviour: sequence numbers, the 128-message limit, per-channel ownership,
-the daemon timeout.
+behaviour: sequence numbers, per-channel ownership, the daemon timeout, no
+cap on the messages outstanding in the kernel. What bounds the requests in
+the dispatcher is the daemon's own limiter (``max_in_flight``), shared by
+every channel of the device, inline and background alike.
 
 Two kinds of channel serve the target, because handing every BIO to another
 task costs more than serving it (a task switch, an event, a wake-up of every
@@ -22,8 +24,9 @@ idle reader):
 * ``channels`` **background channels** served by
   :func:`~dmuserd.daemon.channels.serve_channel` (the very code that serves
   ``/dev/dm-user/NAME`` and the NBD plugin's sockets). They take what no
-  submitter is there to serve: BIOs mapped later from the backlog over the
-  128-message limit, and anything queued while the inline channel is gone.
+  submitter serves: messages queued while every slot of the limiter is
+  taken (they read them and wait for a slot), and anything queued while the
+  inline channel is gone.
 
 Everything runs in the trio thread; the model's callbacks only set events.
 """
@@ -31,9 +34,7 @@ Everything runs in the trio thread; the model's callbacks only set events.
 from __future__ import annotations
 
 import errno
-import functools
 
-import structlog
 import trio
 
 from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, serve_channel
@@ -47,11 +48,12 @@ from dmuserd.protocol import (
     DaemonConnection,
     KernelError,
     KernelTarget,
+    OversizedRequest,
     ProtocolError,
     RequestType,
+    Response,
+    ResponseType,
 )
-
-log = structlog.get_logger("dmuserd.channel")
 
 _QUEUED, _DONE = BioState.QUEUED, BioState.DONE
 _READ = RequestType.READ
@@ -108,11 +110,8 @@ class EmulatedDmUser:
         self.channel_count = channels
         self._readable = _Wakeup()
         self._timers = _Wakeup()
-        # The target's limit on outstanding messages (dm-user's 128 by default)
-        # is what bounds the requests in the dispatcher, inline and background
-        # alike: a message is outstanding until its response is written.
-        self.target = KernelTarget(daemon_timeout=daemon_timeout, on_queue=self._on_queue,
-                                   max_outstanding=max_in_flight)
+        self.target = KernelTarget(daemon_timeout=daemon_timeout, on_queue=self._on_queue)
+        #: The bound on requests in the dispatcher (the kernel has none).
         self.limiter = trio.CapacityLimiter(max_in_flight)
         self._inline: Channel | None = None
         self._inline_conn = DaemonConnection()
@@ -136,15 +135,33 @@ class EmulatedDmUser:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_timers)
                 for index, channel in enumerate(channels):
-                    transport = ModelChannelTransport(channel, self._readable)
-                    nursery.start_soon(functools.partial(serve_channel, transport, self.dispatcher, self.limiter,
-                                                          name=f"model{index}", surface="dm-user-model"))
+                    nursery.start_soon(self._serve_background, channel, f"model{index}")
                 task_status.started()
         finally:
             inline, self._inline = self._inline, None
-            inline.close()
+            if inline is not None:
+                inline.close()
             for channel in channels:
+                channel.close()  # (a no-op for those closed already)
+
+    async def _serve_background(self, channel: Channel, name: str) -> None:
+        """Serve one background channel until the target is removed.
+
+        A channel that broke (bytes it could not frame, counted by the
+        guard) is closed, so that what it held fails with EIO as when a
+        daemon's channel closes, and a fresh one takes its place: what
+        ``/dev/dm-user`` exports do too.
+        """
+        try:
+            while True:
+                await serve_channel(ModelChannelTransport(channel, self._readable), self.dispatcher, self.limiter,
+                                    name=name, surface="dm-user-model")
+                if self.target.destroyed:
+                    return
                 channel.close()
+                channel = self.target.open_channel()
+        finally:
+            channel.close()
 
     async def _run_timers(self) -> None:
         while True:
@@ -166,15 +183,18 @@ class EmulatedDmUser:
             self._submitting = False
         # Serve messages until ours has been taken by some channel.
         while bio.state is _QUEUED:
-            request = self._take_inline()
-            if request is None:
-                self._readable.fire()  # the inline channel cannot: wake the others
+            token = object()
+            try:
+                self.limiter.acquire_on_behalf_of_nowait(token)
+            except trio.WouldBlock:
+                self._readable.fire()  # every slot is taken: a background channel reads it and waits for one
                 break
-            response = await self.dispatcher.handle(request)
-            channel = self._inline
-            if channel is not None and not channel.closed:  # else closing failed the message
-                for buffer in self._inline_conn.send_response(response):
-                    channel.write_all(buffer)
+            try:
+                if not await self._serve_inline():
+                    self._readable.fire()  # the inline channel cannot: wake the others
+                    break
+            finally:
+                self.limiter.release_on_behalf_of(token)
         if bio.state is not _DONE:
             # Another channel owns it now. Nothing completes it before the
             # await below (one thread), so the callback can be set this late.
@@ -185,8 +205,30 @@ class EmulatedDmUser:
             raise OSError(bio.error, f"dm-user {kind.name} at {offset}+{length} failed")
         return bio.data if kind == _READ else None
 
+    async def _serve_inline(self) -> bool:
+        """Read, serve and answer the message at the head of the queue on the inline channel.
+
+        False if the inline channel cannot read one (nothing queued, or the
+        channel is gone).
+        """
+        request = self._take_inline()
+        if request is None:
+            return False
+        channel, conn = self._inline, self._inline_conn  # the request's (replaced only after it, if at all)
+        if type(request) is OversizedRequest:
+            self.dispatcher.guard.reject("dm-user-model", "io-too-large",
+                                         f"{request.type.name} of {request.len} bytes: answered ERROR", None,
+                                         device=self.dispatcher.name, channel="inline", seq=request.seq)
+            response = Response(request.seq, ResponseType.ERROR)
+        else:
+            response = await self.dispatcher.handle(request)
+        if not channel.closed:  # else closing failed the message
+            for buffer in conn.send_response(response):
+                channel.write_all(buffer)
+        return True
+
     def _take_inline(self):
-        """Read the next whole message on the inline channel: its Request, or None if none can be read.
+        """Read the next whole message on the inline channel: its event, or None if none can be read.
 
         No ``await`` happens in here, so no other task's message interleaves
         (see the module doc); the caller writes the whole response the same way.
@@ -205,6 +247,12 @@ class EmulatedDmUser:
         except KernelError:
             return None
         except ProtocolError as exc:
-            log.error("closing the inline channel: the kernel model broke the protocol", error=str(exc))
+            # Bytes no kernel sends (a BIO no block layer builds): the channel
+            # is replaced, as a background one is, failing what it held.
+            self.dispatcher.guard.reject("dm-user-model", f"protocol-{exc.field}", str(exc), None,
+                                         device=self.dispatcher.name, channel="inline")
             channel.close()
+            self._inline, self._inline_conn = None, DaemonConnection()
+            if not self.target.destroyed:
+                self._inline = self.target.open_channel()
             return None

@@ -1,8 +1,10 @@
 """dm-user, sans I/O: bytes in, typed events out.
 
 * the numbers: :class:`RequestType`, :class:`ResponseType`, :class:`Flag`,
-  :data:`HEADER_SIZE`, :data:`SECTOR_SIZE`, :data:`MAX_OUTSTANDING`;
-* the message: :class:`Header`, :class:`Request`, :class:`Response`;
+  :data:`HEADER_SIZE`, :data:`SECTOR_SIZE`, :data:`FORWARDED_FLAGS`,
+  :data:`MESSAGE_POOL_RESERVE`;
+* the message: :class:`Header`, :class:`Request`, :class:`OversizedRequest`,
+  :class:`Response`;
 * the daemon's side of a channel: :class:`DaemonConnection`;
 * the kernel's side: :class:`KernelTarget` (a model of ``dm-user.c``) with
   its :class:`Channel` and :class:`Bio`.
@@ -15,9 +17,10 @@ from dmuserd.protocol._connection import DEFAULT_MAX_IO, NEED_DATA, DaemonConnec
 from dmuserd.protocol._constants import (
     ALL_FLAGS,
     DEFAULT_DAEMON_TIMEOUT_MS,
+    FORWARDED_FLAGS,
     FORWARDED_TYPES,
     HEADER_SIZE,
-    MAX_OUTSTANDING,
+    MESSAGE_POOL_RESERVE,
     SECTOR_SIZE,
     Flag,
     RequestType,
@@ -25,15 +28,16 @@ from dmuserd.protocol._constants import (
 )
 from dmuserd.protocol._errors import KernelError, ProtocolError
 from dmuserd.protocol._kernel import WOULD_BLOCK, Bio, BioState, Channel, KernelTarget
-from dmuserd.protocol._message import Header, Request, Response
+from dmuserd.protocol._message import Header, OversizedRequest, Request, Response
 
 __all__ = [
     "ALL_FLAGS",
     "DEFAULT_DAEMON_TIMEOUT_MS",
     "DEFAULT_MAX_IO",
+    "FORWARDED_FLAGS",
     "FORWARDED_TYPES",
     "HEADER_SIZE",
-    "MAX_OUTSTANDING",
+    "MESSAGE_POOL_RESERVE",
     "NEED_DATA",
     "SECTOR_SIZE",
     "WOULD_BLOCK",
@@ -45,6 +49,7 @@ __all__ = [
     "Header",
     "KernelError",
     "KernelTarget",
+    "OversizedRequest",
     "ProtocolError",
     "Request",
     "RequestType",

@@ -21,6 +21,27 @@ The connection checks what the kernel would not: a request's ``type`` and
 this connection handed out and not answered yet, and a successful READ
 response must carry exactly ``len`` bytes. Each violation raises
 :class:`ProtocolError` naming the field and the value.
+
+A READ or WRITE longer than ``max_io`` breaks nothing: the kernel has no
+I/O size limit, only the daemon's buffers have one. It comes out as an
+:class:`OversizedRequest`, which the daemon answers with ERROR; a WRITE's
+payload is dropped as it streams in, never buffered.
+
+Where the stream is decides what :meth:`DaemonConnection.next_event` does:
+
+========  ===================================  =============================================
+state     the bytes it takes                   what follows
+========  ===================================  =============================================
+HEADER    a 40-byte header                     a :class:`Request` (any type but WRITE);
+                                               PAYLOAD (a WRITE); DISCARD (an oversized
+                                               WRITE); an :class:`OversizedRequest` (an
+                                               oversized READ)
+PAYLOAD   the WRITE's ``len`` bytes, kept      a :class:`Request` carrying them; HEADER
+DISCARD   the oversized WRITE's ``len``        an :class:`OversizedRequest`; HEADER
+          bytes, dropped as they arrive
+========  ===================================  =============================================
+
+(PAYLOAD is ``_header`` set, DISCARD is ``_oversized`` set, HEADER neither.)
 """
 
 from __future__ import annotations
@@ -34,7 +55,7 @@ from dmuserd.protocol._constants import (
     ResponseType,
 )
 from dmuserd.protocol._errors import ProtocolError
-from dmuserd.protocol._message import Header, Request, _pack_header, _unpack_header
+from dmuserd.protocol._message import Header, OversizedRequest, Request, _pack_header, _unpack_header
 
 
 class _NeedData:
@@ -45,8 +66,9 @@ class _NeedData:
 #: Returned by :meth:`DaemonConnection.next_event` when more bytes are needed.
 NEED_DATA = _NeedData()
 
-#: Largest READ/WRITE the daemon accepts by default (the NBD export's maximum
-#: block size; the kernel's BIOs are far smaller).
+#: Largest READ/WRITE the daemon serves by default (the NBD export's maximum
+#: block size). A longer one is an :class:`OversizedRequest`, not an error:
+#: the kernel sets no limit (one O_DIRECT BIO may span hundreds of MiB).
 DEFAULT_MAX_IO = 32 * 1024 * 1024
 
 _U64_MAX = (1 << 64) - 1
@@ -60,6 +82,15 @@ _FLAGS: dict[int, Flag] = {}
 _READ, _WRITE, _SUCCESS = RequestType.READ, RequestType.WRITE, ResponseType.SUCCESS
 _IO_TYPES = (int(_READ), int(_WRITE))
 _UNKNOWN_FLAGS = ~ALL_FLAGS
+_OVERSIZED = OversizedRequest
+
+
+def _flag(flags: int) -> Flag:
+    """The :class:`Flag` of a header's flags, built once per distinct value."""
+    flag = _FLAGS.get(flags)
+    if flag is None:
+        flag = _FLAGS[flags] = Flag(flags)
+    return flag
 
 
 class DaemonConnection:
@@ -71,7 +102,9 @@ class DaemonConnection:
         # A WRITE's payload that arrived as one immutable bytes, kept as it is
         # (the model and our FUSE export hand over payloads that way).
         self._whole_payload: bytes | None = None
-        self._header: tuple | None = None  # the fields of a header whose payload is due
+        self._header: tuple | None = None  # PAYLOAD: the fields of a header whose payload is due
+        self._oversized: tuple | None = None  # DISCARD: the fields of an oversized request
+        self._discard = 0  # DISCARD: bytes of its payload still to drop
         # seq -> the request it answers, for requests handed out and not answered.
         self._outstanding: dict[int, Request] = {}
 
@@ -85,8 +118,12 @@ class DaemonConnection:
         """Bytes still missing for the next request, as far as known (at least 1).
 
         A transport that reads exactly what is needed (the kernel model, a
-        channel read into a fixed buffer) asks for this much next.
+        channel read into a fixed buffer) asks for this much next. While an
+        oversized WRITE's payload is dropped it is at most ``max_io``, so
+        such a transport holds one bounded piece at a time.
         """
+        if self._oversized is not None:
+            return max(min(self._discard, self.max_io), 1)
         if self._header is None:
             return max(HEADER_SIZE - len(self._buffer), 1)
         if self._whole_payload is not None:
@@ -100,6 +137,8 @@ class DaemonConnection:
 
     def receive_data(self, data) -> None:
         """Add bytes read from the channel (any chunk size, including empty)."""
+        if self._discard:
+            data = self._drop(data)
         header = self._header
         if (header is not None and not self._buffer and self._whole_payload is None and type(data) is bytes
                 and len(data) == header[4]):
@@ -107,8 +146,17 @@ class DaemonConnection:
             return
         self._buffer += data
 
+    def _drop(self, data) -> memoryview:
+        """DISCARD: drop what ``data`` holds of the oversized payload; return the bytes after it."""
+        view = memoryview(data).cast("B")
+        dropped = min(len(view), self._discard)
+        self._discard -= dropped
+        return view[dropped:]
+
     def next_event(self):
-        """Return the next complete :class:`Request`, or :data:`NEED_DATA`."""
+        """Return the next complete :class:`Request` or :class:`OversizedRequest`, or :data:`NEED_DATA`."""
+        if self._oversized is not None:
+            return NEED_DATA if self._discard else self._hand_out_oversized()
         buffer = self._buffer
         header = self._header
         if header is None:
@@ -120,7 +168,9 @@ class DaemonConnection:
             if (rtype not in _REQUEST_TYPES or flags & _UNKNOWN_FLAGS or seq in self._outstanding
                     or length % SECTOR_SIZE or (length > self.max_io and rtype in _IO_TYPES)
                     or sector > _MAX_SECTOR or sector * SECTOR_SIZE + length > _U64_MAX):
-                self._check_request_header(Header._make(header))
+                self._check_request_header(Header._make(header))  # returns only if merely oversized
+                del buffer[:HEADER_SIZE]
+                return self._begin_oversized(header)
             self._header = header
             del buffer[:HEADER_SIZE]
         seq, rtype, flags, sector, length = header
@@ -137,15 +187,32 @@ class DaemonConnection:
                 payload = bytes(buffer[:length])
                 del buffer[:length]
         self._header = None
-        flag = _FLAGS.get(flags)
-        if flag is None:
-            flag = _FLAGS[flags] = Flag(flags)
-        request = Request(seq, _REQUEST_TYPES[rtype], flag, sector, length, payload)
+        request = Request(seq, _REQUEST_TYPES[rtype], _flag(flags), sector, length, payload)
         self._outstanding[seq] = request
         return request
 
+    def _begin_oversized(self, header: tuple):
+        """An oversized READ is handed out now; an oversized WRITE once its payload is dropped."""
+        self._oversized = header
+        if header[1] == _WRITE:
+            buffer = self._buffer
+            dropped = min(len(buffer), header[4])
+            del buffer[:dropped]
+            self._discard = header[4] - dropped
+        return self.next_event()
+
+    def _hand_out_oversized(self) -> OversizedRequest:
+        seq, rtype, flags, sector, length = self._oversized
+        self._oversized = None
+        event = OversizedRequest(seq, _REQUEST_TYPES[rtype], _flag(flags), sector, length)
+        self._outstanding[seq] = event
+        return event
+
     def _check_request_header(self, header: Header) -> None:
-        """Raise :class:`ProtocolError` naming the first field the daemon cannot take."""
+        """Raise :class:`ProtocolError` naming the first field the daemon cannot take.
+
+        Returns if the header is sound and only longer than ``max_io``.
+        """
         if header.type not in _REQUEST_TYPES:
             raise ProtocolError("type", header.type, "unknown request type")
         if header.flags & ~ALL_FLAGS:
@@ -154,10 +221,10 @@ class DaemonConnection:
             raise ProtocolError("seq", header.seq, "a request with this seq is still outstanding")
         if header.len % SECTOR_SIZE:
             raise ProtocolError("len", header.len, f"not a multiple of the {SECTOR_SIZE}-byte sector")
-        if header.type in (RequestType.READ, RequestType.WRITE) and header.len > self.max_io:
-            raise ProtocolError("len", header.len, f"larger than the {self.max_io}-byte I/O limit")
         if header.sector > _MAX_SECTOR or header.sector * SECTOR_SIZE + header.len > _U64_MAX:
             raise ProtocolError("sector", header.sector, "the request's end lies beyond 2**64 bytes")
+        if header.type in _IO_TYPES and header.len > self.max_io:
+            return  # an OversizedRequest
         raise AssertionError(f"no check refused {header}")  # the fast test and these disagree
 
     def send_response(self, response) -> list:
@@ -175,6 +242,9 @@ class DaemonConnection:
         kind = _RESPONSE_TYPES.get(rtype)
         if kind is None:
             raise ProtocolError("type", rtype, "unknown response type")
+        if kind == _SUCCESS and type(request) is _OVERSIZED:
+            raise ProtocolError("type", rtype, f"the {request.type.name} was {request.len} bytes, over the "
+                                               f"{self.max_io}-byte limit: it can only be answered with ERROR")
         if kind == _SUCCESS and request.type == _READ:
             # Count bytes, not items (an array('I') or a cast memoryview is fine).
             gather = type(payload) is list

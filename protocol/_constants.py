@@ -8,8 +8,12 @@ import enum
 HEADER_SIZE = 40
 #: ``sector`` counts 512-byte units whatever the device's block size.
 SECTOR_SIZE = 512
-#: The kernel keeps at most this many messages outstanding per target.
-MAX_OUTSTANDING = 128
+#: ``MAX_OUTSTANDING_MESSAGES``: the messages dm-user.c keeps in reserve per
+#: target (its mempool's size). A reserve, not a cap: ``mempool_alloc(GFP_NOIO)``
+#: does not fail there, so any number of messages may be outstanding, and a
+#: daemon bounds its own concurrency (dmuserd: ``DEFAULT_MAX_IN_FLIGHT`` in
+#: ``daemon/channels.py``).
+MESSAGE_POOL_RESERVE = 128
 #: How long I/O waits for the first daemon before failing (module parameter).
 DEFAULT_DAEMON_TIMEOUT_MS = 4000
 
@@ -43,7 +47,12 @@ class ResponseType(enum.IntEnum):
 
 
 class Flag(enum.IntFlag):
-    """Request flag bits (the kernel kills a BIO carrying any other bit)."""
+    """Request flag bits of the UAPI header.
+
+    The kernel forwards only :data:`FORWARDED_FLAGS`: a BIO carrying
+    CGROUP_PUNT, HIPRI, DRV, SWAP (or anything ``bio_flags_to_user_flags()``
+    does not map) is killed before it becomes a message.
+    """
 
     FAILFAST_DEV = 0x1
     FAILFAST_TRANSPORT = 0x2
@@ -71,6 +80,10 @@ ALL_FLAGS = 0
 for _flag in Flag:
     ALL_FLAGS |= _flag.value
 del _flag
+
+#: The flags ``bio_flags_to_user_flags()`` maps (the first 14 and NOUNMAP):
+#: the only ones a message from the kernel ever carries.
+FORWARDED_FLAGS = ALL_FLAGS & ~int(Flag.CGROUP_PUNT | Flag.HIPRI | Flag.DRV | Flag.SWAP)
 
 #: Request types the kernel actually forwards to user space.
 FORWARDED_TYPES = frozenset(

@@ -15,12 +15,24 @@ Nothing here sleeps or blocks. Every call that depends on time takes
 
 The life of a BIO::
 
-    submit ──► backlog (over 128 outstanding) ──► queued ──► taken by a
-    channel's read ──► answered by that channel's write ──► done
+    submit ──► queued (a message, with its seq) ──► taken by a channel's
+    read ──► answered by that channel's write ──► done
 
-A BIO ends with ``bio.error`` = 0 (success) or an errno (always ``EIO``, as
-the block layer reports it). Its ``on_complete`` callback, if set, runs
-once, at that moment.
+There is no limit on the messages outstanding: dm-user.c's 128-message
+mempool (:data:`MESSAGE_POOL_RESERVE`) is a reserve that
+``mempool_alloc(GFP_NOIO)`` never lets fail, so ``user_map`` never requeues.
+A daemon bounds its own concurrency.
+
+A BIO of a type the target does not forward, or carrying a flag
+``bio_flags_to_user_flags()`` does not map (CGROUP_PUNT, HIPRI, DRV, SWAP,
+anything unknown), is killed at submit: never a message, no seq. Like every
+failure it ends with ``bio.error`` = ``EIO`` (``DM_MAPIO_KILL`` completes it
+with ``BLK_STS_IOERR``); success is 0. Its ``on_complete`` callback, if set,
+runs once, at that moment.
+
+Before a daemon holds the target open, each message waits for one from the
+moment it was mapped (``daemon_timeout``, dm-user.c's per-message delayed
+work) and fails then only if no channel is open at that moment.
 
 One quirk of dm-user.c is kept on purpose: a BIO queued before any daemon
 attached whose timeout then expired *while* a channel was open (so it was
@@ -39,12 +51,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from dmuserd.protocol._constants import (
-    ALL_FLAGS,
     DEFAULT_DAEMON_TIMEOUT_MS,
+    FORWARDED_FLAGS,
     FORWARDED_TYPES,
     HEADER_SIZE,
-    MAX_OUTSTANDING,
-    SECTOR_SIZE,
     RequestType,
     ResponseType,
 )
@@ -53,6 +63,7 @@ from dmuserd.protocol._errors import KernelError
 _HEADER = struct.Struct("<5Q")
 _READ, _WRITE = RequestType.READ, RequestType.WRITE
 _SUCCESS = int(ResponseType.SUCCESS)
+_NOT_FORWARDED_FLAGS = ~FORWARDED_FLAGS
 
 
 class _WouldBlock:
@@ -65,7 +76,7 @@ WOULD_BLOCK = _WouldBlock()
 
 
 class BioState(enum.Enum):
-    BACKLOG = "backlog"  # over the outstanding limit: not yet a message
+    NEW = "new"  # not submitted yet
     QUEUED = "queued"  # a message waiting for a channel to read it
     READING = "reading"  # a channel has read part of it
     AWAITING = "awaiting"  # fully read; its channel owes a response
@@ -92,7 +103,7 @@ class Bio:
     data: bytearray | bytes | memoryview | None = None
     on_complete: Callable[["Bio"], None] | None = None
     seq: int | None = None
-    state: BioState = BioState.BACKLOG
+    state: BioState = BioState.NEW
     error: int | None = None
     deadline: float | None = None
     #: bytes of the message (header, then write payload) a channel has read
@@ -121,7 +132,7 @@ class Bio:
 
 
 # Enum members looked up once: an attribute of an enum class costs ~0.1 µs.
-_BACKLOG, _QUEUED, _READING = BioState.BACKLOG, BioState.QUEUED, BioState.READING
+_QUEUED, _READING = BioState.QUEUED, BioState.READING
 _AWAITING, _ANSWERING, _DONE = BioState.AWAITING, BioState.ANSWERING, BioState.DONE
 
 
@@ -137,30 +148,23 @@ class KernelTarget:
         self,
         *,
         daemon_timeout: float = DEFAULT_DAEMON_TIMEOUT_MS / 1000,
-        max_outstanding: int = MAX_OUTSTANDING,
         on_queue: Callable[[], None] | None = None,
     ) -> None:
         self.daemon_timeout = daemon_timeout
-        self.max_outstanding = max_outstanding
         self.on_queue = on_queue
         self.next_seq = 0
         self.destroyed = False
         #: set when the last channel closed; never cleared (as in dm-user.c)
         self.daemon_terminated = False
         self.channels: set[Channel] = set()
-        self._backlog: deque[Bio] = deque()
         self._queue: deque[Bio] = deque()
         self._outstanding = 0
-        # The latest time a caller told us; requeued BIOs are mapped then.
-        self._now = 0.0
-        # Set while the backlog is being mapped (keeps _finish from recursing).
-        self._pumping = False
 
     # -- the block layer's side -------------------------------------------
 
     @property
     def outstanding(self) -> int:
-        """Messages allocated (queued, being read, or awaiting an answer)."""
+        """Messages allocated (queued, being read, or awaiting an answer): any number."""
         return self._outstanding
 
     @property
@@ -172,30 +176,22 @@ class KernelTarget:
     def queued(self) -> int:
         return len(self._queue)
 
-    @property
-    def backlog(self) -> int:
-        return len(self._backlog)
-
     def submit(self, bio: Bio, now: float) -> Bio:
-        """Hand a BIO to the target (``user_map``)."""
-        if now > self._now:
-            self._now = now
+        """Hand a BIO to the target (``user_map``): it becomes a message, or is killed."""
         kind = bio.type
         if kind == _WRITE:
-            if bio.data is None or len(bio.data) != bio.length:
-                raise ValueError("a WRITE bio needs data of exactly its length")
+            if bio.data is None or _nbytes(bio.data) != bio.length:
+                raise ValueError("a WRITE bio needs data of exactly its length in bytes")
         elif kind == _READ and bio.data is not None:
             view = memoryview(bio.data)
             if view.nbytes != bio.length or view.readonly:
                 raise ValueError("a READ bio's data must be a writable buffer of exactly its length")
         if self.destroyed:
             self._complete(bio, errno.EIO)
-        elif kind not in FORWARDED_TYPES or bio.flags & ~ALL_FLAGS:
-            # DM_MAPIO_KILL: zone ops and unknown flags never reach user space.
+        elif kind not in FORWARDED_TYPES or bio.flags & _NOT_FORWARDED_FLAGS:
+            # bio_type_to_user_type() or bio_flags_to_user_flags() said
+            # -EOPNOTSUPP: DM_MAPIO_KILL, and dm core ends the BIO with an I/O error.
             self._complete(bio, errno.EIO)
-        elif self._outstanding >= self.max_outstanding:
-            bio.state = _BACKLOG
-            self._backlog.append(bio)
         else:
             self._map(bio, now)
         return bio
@@ -218,8 +214,11 @@ class KernelTarget:
             self.on_queue()
 
     def advance(self, now: float) -> list[Bio]:
-        """Let time pass: fail queued BIOs whose wait for a daemon ran out."""
-        self._now = max(self._now, now)
+        """Let time pass: fail queued BIOs whose wait for a daemon ran out.
+
+        A timer that fires while a channel is open does nothing and is spent:
+        it is never armed again for that message.
+        """
         failed = []
         for bio in list(self._queue):
             if bio.deadline is not None and bio.deadline <= now:
@@ -244,7 +243,6 @@ class KernelTarget:
         counts references, and DM's no longer counts), and all of them when
         the last channel closes.
         """
-        self._now = max(self._now, now)
         if self.destroyed:
             return
         self.destroyed = True
@@ -296,8 +294,6 @@ class KernelTarget:
         for bio in list(self._queue):
             if bio.state is BioState.QUEUED and not (bio.delayed and bio.deadline is None):
                 self._fail_queued(bio)
-        while self._backlog:
-            self._complete(self._backlog.popleft(), errno.EIO)
 
     def _take(self) -> Bio:
         bio = self._queue.popleft()
@@ -305,22 +301,9 @@ class KernelTarget:
         return bio
 
     def _finish(self, bio: Bio, error: int) -> None:
-        """A message ends: free its slot and map the next backlogged BIO."""
+        """A message ends: its BIO completes and the message is freed."""
         self._outstanding -= 1
         self._complete(bio, error)
-        self._pump_backlog()
-
-    def _pump_backlog(self) -> None:
-        # The block layer resubmits requeued BIOs as slots free up. Mapping one
-        # may fail it at once (which frees its slot again): loop, don't recurse.
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while self._backlog and self._outstanding < self.max_outstanding and not self.destroyed:
-                self._map(self._backlog.popleft(), self._now)
-        finally:
-            self._pumping = False
 
     def _complete(self, bio: Bio, error: int) -> None:
         bio.state = _DONE
@@ -389,7 +372,7 @@ class Channel:
             if start == 0 and size >= bio.length and type(data) is bytes:
                 out = data  # immutable: the whole payload needs no copy
             else:
-                out = bytes(memoryview(data)[start : start + size])
+                out = bytes(_byte_view(data)[start : start + size])
         posn = bio.posn_to_user = posn + len(out)
         if posn == (HEADER_SIZE + bio.length if bio.type == _WRITE else HEADER_SIZE):
             self._reading = None
@@ -398,11 +381,12 @@ class Channel:
         return out
 
     def readinto(self, buffer) -> int:
-        """``read()`` into a buffer; returns the count (or raises, or WOULD_BLOCK)."""
-        data = self.read(len(buffer))
+        """``read()`` into a buffer; returns the count in bytes (or raises, or WOULD_BLOCK)."""
+        view = _byte_view(buffer)
+        data = self.read(len(view))
         if data is WOULD_BLOCK:
             return data
-        buffer[: len(data)] = data
+        view[: len(data)] = data
         return len(data)
 
     def write(self, data) -> int:
@@ -415,9 +399,7 @@ class Channel:
             self._check_open()
         if self._from_user_error:
             raise KernelError(self._from_user_error, "this channel is in an error state")
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view = _byte_view(data)
         taken = 0
         bio = self._answering
         if bio is None:
@@ -478,7 +460,7 @@ class Channel:
         if type(data) is bytes:  # the usual case: whole in one write
             if not data or (taken := self.write(data)) == len(data):
                 return
-        view = memoryview(data).cast("B")[taken:]
+        view = _byte_view(data)[taken:]
         while len(view):
             view = view[self.write(view) :]
 
@@ -503,3 +485,13 @@ class Channel:
             raise KernelError(errno.EBADF, "the channel is closed")
 
 
+def _byte_view(data) -> memoryview:
+    """``data`` as a flat view of bytes: lengths and offsets count bytes, never items."""
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _nbytes(data) -> int:
+    return len(data) if type(data) is bytes else memoryview(data).nbytes

@@ -67,6 +67,29 @@ class Request(NamedTuple):
         return head + self.payload if self.payload is not None else head
 
 
+class OversizedRequest(NamedTuple):
+    """A READ or WRITE longer than the connection's ``max_io``: answer it with ERROR.
+
+    The kernel has no I/O size limit (large O_DIRECT or io_uring I/O), the
+    daemon's buffers do. Such a request ends neither the channel nor the
+    stream: the connection hands it out, outstanding like any request, once
+    the whole message is in (a WRITE's payload is dropped as it streams in,
+    never buffered), and the daemon answers ERROR (or UNSUPPORTED) for this
+    one request. SUCCESS is refused: the data was never kept.
+    """
+
+    seq: int
+    type: RequestType
+    flags: Flag
+    sector: int
+    len: int
+
+    @property
+    def offset(self) -> int:
+        """Byte offset on the device."""
+        return self.sector * SECTOR_SIZE
+
+
 class Response(NamedTuple):
     """A daemon → kernel response. ``payload`` is set for a successful READ only.
 

@@ -44,7 +44,7 @@ SPEC_FLAGS = {
 def test_constants_match_spec():
     assert HEADER_SIZE == 40
     assert p.SECTOR_SIZE == 512
-    assert p.MAX_OUTSTANDING == 128
+    assert p.MESSAGE_POOL_RESERVE == 128
     assert p.DEFAULT_DAEMON_TIMEOUT_MS == 4000
 
 
@@ -68,9 +68,9 @@ def test_forwarded_types_exclude_zone_ops():
 def test_public_api_names_stable():
     expected = {
         "ALL_FLAGS", "DEFAULT_DAEMON_TIMEOUT_MS", "DEFAULT_MAX_IO", "FORWARDED_TYPES",
-        "HEADER_SIZE", "MAX_OUTSTANDING", "NEED_DATA", "SECTOR_SIZE", "WOULD_BLOCK",
-        "Bio", "BioState", "Channel", "DaemonConnection", "Flag", "Header",
-        "KernelError", "KernelTarget", "ProtocolError", "Request", "RequestType",
+        "HEADER_SIZE", "MESSAGE_POOL_RESERVE", "NEED_DATA", "SECTOR_SIZE", "WOULD_BLOCK",
+        "FORWARDED_FLAGS", "Bio", "BioState", "Channel", "DaemonConnection", "Flag", "Header",
+        "KernelError", "KernelTarget", "OversizedRequest", "ProtocolError", "Request", "RequestType",
         "Response", "ResponseType",
     }  # fmt: skip
     assert expected <= set(p.__all__)

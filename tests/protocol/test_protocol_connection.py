@@ -1,4 +1,5 @@
-"""DaemonConnection: framing under any chunking, and typed errors for bad input."""
+"""DaemonConnection: framing under any chunking, typed errors for bad input,
+and oversized requests that fail alone."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from dmuserd.protocol import (
     DEFAULT_MAX_IO,
     FORWARDED_TYPES,
     NEED_DATA,
+    HEADER_SIZE,
     DaemonConnection,
     Flag,
+    OversizedRequest,
     ProtocolError,
     Request,
     RequestType,
@@ -174,8 +177,8 @@ BAD_REQUESTS = {
     "unknown type u64 max": (pack(1, U64_MAX, 0, 0, 0), "type", U64_MAX),
     "unknown flag bit 0x80000": (pack(1, 0, 0x80000, 0, 512), "flags", 0x80000),
     "unknown flag bit 1<<63 with known ones": (pack(1, 0, (1 << 63) | 0x8, 0, 512), "flags", (1 << 63) | 0x8),
-    "write len beyond max_io": (pack(1, 1, 0, 0, DEFAULT_MAX_IO + 512), "len", DEFAULT_MAX_IO + 512),
-    "read len beyond max_io": (pack(1, 0, 0, 0, DEFAULT_MAX_IO + 512), "len", DEFAULT_MAX_IO + 512),
+    "oversized write with an unknown flag": (pack(1, 1, 0x80000, 0, DEFAULT_MAX_IO + 512), "flags", 0x80000),
+    "oversized read not a multiple of 512": (pack(1, 0, 0, 0, DEFAULT_MAX_IO + 100), "len", DEFAULT_MAX_IO + 100),
     "absurd write len u64 max": (pack(1, 1, 0, 0, U64_MAX), "len", U64_MAX),
     "len not a multiple of 512": (pack(1, 0, 0, 0, 100), "len", 100),
     "write len not a multiple of 512": (pack(1, 1, 0, 0, 513), "len", 513),
@@ -207,13 +210,60 @@ def test_truncated_header_needs_data_then_bad_data_raises(raw, field, value):
     assert (info.value.field, info.value.value) == (field, value)
 
 
-def test_max_io_is_configurable():
+# -- oversized requests: an event, not an error ----------------------------------------
+
+
+def test_max_io_is_configurable_and_longer_io_is_an_oversized_request():
     conn = DaemonConnection(max_io=4096)
-    conn.receive_data(pack(1, RequestType.WRITE, 0, 0, 4096) + bytes(4096) + pack(2, RequestType.WRITE, 0, 0, 8192))
-    assert conn.next_event().len == 4096
-    with pytest.raises(ProtocolError) as info:
-        conn.next_event()
-    assert (info.value.field, info.value.value) == ("len", 8192)
+    conn.receive_data(pack(1, RequestType.WRITE, 0, 0, 4096) + bytes(4096) + pack(2, RequestType.READ, 0x8, 16, 8192))
+    assert type(conn.next_event()) is Request
+    event = conn.next_event()
+    assert event == OversizedRequest(2, RequestType.READ, Flag.SYNC, 16, 8192)
+    assert event.offset == 16 * 512
+    assert conn.outstanding == 2 and conn.next_event() is NEED_DATA
+
+
+def test_oversized_write_payload_is_dropped_as_it_streams_in():
+    conn = DaemonConnection(max_io=4096)
+    conn.receive_data(pack(7, RequestType.WRITE, 0, 0, 64 * 1024) + bytes(1000))
+    assert conn.next_event() is NEED_DATA and conn.buffered == 0
+    sent = 1000
+    while sent < 64 * 1024:
+        assert conn.need_bytes == min(64 * 1024 - sent, 4096)  # a bounded piece at a time
+        piece = min(3000, 64 * 1024 - sent)
+        conn.receive_data(memoryview(bytes(piece)))
+        sent += piece
+        assert conn.buffered == 0  # never kept
+        if sent < 64 * 1024:
+            assert conn.next_event() is NEED_DATA
+    assert conn.next_event() == OversizedRequest(7, RequestType.WRITE, Flag(0), 0, 64 * 1024)
+    assert conn.outstanding == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(0, 1 << 16), max_size=30), at=st.integers(0, 3))
+def test_oversized_write_in_any_split_leaves_the_stream_framed(cuts, at):
+    normal = [Request(i, RequestType.WRITE, Flag(0), i, 1024, pattern(1024, i)) for i in range(4)]
+    huge = Request(99, RequestType.WRITE, Flag.FUA, 64, 20 * 1024, pattern(20 * 1024, 9))
+    stream = b"".join(r.encode() for r in normal[:at]) + huge.encode() + b"".join(r.encode() for r in normal[at:])
+    conn = DaemonConnection(max_io=4096)
+    events = feed_all(conn, split(stream, cuts))
+    oversized = OversizedRequest(99, RequestType.WRITE, Flag.FUA, 64, 20 * 1024)
+    assert events == [*normal[:at], oversized, *normal[at:]]
+
+
+def test_oversized_request_answered_with_error_never_success():
+    conn = DaemonConnection(max_io=4096)
+    conn.receive_data(pack(1, RequestType.WRITE, 0, 8, 8192) + bytes(8192) + pack(2, RequestType.READ, 0, 0, 8192))
+    write, read = conn.next_event(), conn.next_event()
+    for event, payload in ((write, None), (read, bytes(8192))):
+        with pytest.raises(ProtocolError) as info:
+            conn.send_response(Response(event.seq, ResponseType.SUCCESS, payload))
+        assert info.value.field == "type" and "ERROR" in str(info.value)
+    assert conn.outstanding == 2  # refused answers leave both outstanding
+    assert conn.send_response(Response(1, ResponseType.ERROR)) == [pack(1, ResponseType.ERROR, 0, 8, 8192)]
+    assert len(conn.send_response(Response(2, ResponseType.UNSUPPORTED))[0]) == HEADER_SIZE
+    assert conn.outstanding == 0
 
 
 def test_discard_len_not_bounded_by_max_io():
@@ -284,8 +334,11 @@ def test_empty_payload_on_non_read_is_accepted(served):
 VALID_EVENT_TYPES = set(RequestType)
 
 
-def _check_clean(event):
-    assert isinstance(event, Request)
+def _check_clean(event, max_io):
+    if type(event) is OversizedRequest:
+        assert event.type in (RequestType.READ, RequestType.WRITE) and event.len > max_io
+        return
+    assert type(event) is Request
     assert event.type in VALID_EVENT_TYPES
     assert not int(event.flags) & ~ALL_FLAGS
     assert event.len % 512 == 0
@@ -300,7 +353,7 @@ def _fuzz(conn, chunks):
         for chunk in chunks:
             conn.receive_data(chunk)
             while (event := conn.next_event()) is not NEED_DATA:
-                _check_clean(event)
+                _check_clean(event, conn.max_io)
     except ProtocolError as exc:
         assert exc.field in {"type", "len", "seq", "flags", "payload", "header", "sector"}
 

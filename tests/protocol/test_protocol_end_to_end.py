@@ -1,8 +1,14 @@
 """End to end: KernelTarget channels pumped into DaemonConnections serving a
-tiny in-memory backend, several channels, random chunk sizes, random order."""
+tiny in-memory backend, several channels, random chunk sizes, random order.
+
+The daemon bounds its own concurrency (``max_in_flight``: the kernel has no
+cap), and with a small ``max_io`` the longer READs and WRITEs come out as
+:class:`OversizedRequest` and fail alone, the stream going on.
+"""
 
 from __future__ import annotations
 
+import errno
 import random
 
 import pytest
@@ -16,6 +22,7 @@ from dmuserd.protocol import (
     DaemonConnection,
     Flag,
     KernelTarget,
+    OversizedRequest,
     RequestType,
     Response,
     ResponseType,
@@ -28,9 +35,9 @@ DEVICE = SECTORS * 512
 class Worker:
     """One daemon thread: its channel, its connection, its unsent answers."""
 
-    def __init__(self, target: KernelTarget, backend: bytearray, rng: random.Random) -> None:
+    def __init__(self, target: KernelTarget, backend: bytearray, rng: random.Random, max_io: int) -> None:
         self.channel = target.open_channel()
-        self.conn = DaemonConnection(max_io=DEVICE)
+        self.conn = DaemonConnection(max_io=max_io)
         self.backend = backend
         self.rng = rng
         self.pending: list[list] = []  # answers computed, not yet queued for writing
@@ -47,6 +54,9 @@ class Worker:
         return True
 
     def serve(self, request) -> Response:
+        if type(request) is OversizedRequest:
+            assert request.len > self.conn.max_io
+            return Response(request.seq, ResponseType.ERROR)
         start, end = request.offset, request.offset + request.len
         assert end <= DEVICE
         if request.type is RequestType.READ:
@@ -73,12 +83,12 @@ class Worker:
         return True
 
 
-def run(seed: int, n_channels: int, n_bios: int, max_outstanding: int) -> None:
+def run(seed: int, n_channels: int, n_bios: int, max_in_flight: int, max_io: int = DEVICE) -> None:
     rng = random.Random(seed)
-    target = KernelTarget(max_outstanding=max_outstanding)
+    target = KernelTarget()
     backend = bytearray(DEVICE)
     shadow = bytearray(DEVICE)  # what the device must hold once all is done
-    workers = [Worker(target, backend, rng) for _ in range(n_channels)]
+    workers = [Worker(target, backend, rng, max_io) for _ in range(n_channels)]
     in_flight: list[tuple[Bio, range, bytes | None]] = []
     checked = []
     completions = []
@@ -104,7 +114,8 @@ def run(seed: int, n_channels: int, n_bios: int, max_outstanding: int) -> None:
             data = rng.randbytes(len(span))
             flags = int(Flag.FUA) if kind == "fua" else 0
             bio, expect = Bio(RequestType.WRITE, sector, len(span), flags=flags, data=data), None
-            shadow[span.start : span.stop] = data
+            if len(span) <= max_io:  # an oversized write fails and changes nothing
+                shadow[span.start : span.stop] = data
         bio.on_complete = completions.append
         in_flight.append((bio, span, expect))
         target.submit(bio, now=0.0)
@@ -120,17 +131,20 @@ def run(seed: int, n_channels: int, n_bios: int, max_outstanding: int) -> None:
             submit()
         else:
             worker = rng.choice(workers)
-            [worker.read, worker.queue_one, worker.write][rng.randrange(3)]()
+            step = [worker.read, worker.queue_one, worker.write][rng.randrange(3)]
+            if step != worker.read or sum(w.conn.outstanding for w in workers) < max_in_flight:
+                step()
+        assert sum(w.conn.outstanding for w in workers) <= max_in_flight
         for entry in [e for e in in_flight if e[0].done]:
             bio, _, expect = entry
-            assert bio.error == 0, bio
-            if expect is not None:
+            assert bio.error == (errno.EIO if bio.length > max_io else 0), bio
+            if expect is not None and not bio.error:
                 assert bytes(bio.data) == expect
             checked.append(bio)
             in_flight.remove(entry)
     assert backend == shadow
     assert len(checked) == n_bios == len(completions) == len({id(b) for b in completions})
-    assert target.outstanding == 0 and target.backlog == 0 and target.queued == 0
+    assert target.outstanding == 0 and target.queued == 0
     assert all(w.conn.outstanding == 0 and w.channel.awaiting == 0 for w in workers)
     for w in workers:
         w.channel.close()
@@ -142,12 +156,18 @@ def run(seed: int, n_channels: int, n_bios: int, max_outstanding: int) -> None:
     seed=st.integers(0, 2**32),
     n_channels=st.integers(1, 4),
     n_bios=st.integers(1, 60),
-    max_outstanding=st.sampled_from([1, 3, 128]),
+    max_in_flight=st.sampled_from([1, 3, 128]),
+    max_io=st.sampled_from([DEVICE, 2048]),
 )
-def test_end_to_end_random(seed, n_channels, n_bios, max_outstanding):
-    run(seed, n_channels, n_bios, max_outstanding)
+def test_end_to_end_random(seed, n_channels, n_bios, max_in_flight, max_io):
+    run(seed, n_channels, n_bios, max_in_flight, max_io)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_end_to_end_many_bios_default_limit(seed):
-    run(seed, n_channels=4, n_bios=400, max_outstanding=128)
+    run(seed, n_channels=4, n_bios=400, max_in_flight=128)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_end_to_end_oversized_requests_fail_alone(seed):
+    run(seed, n_channels=3, n_bios=300, max_in_flight=16, max_io=2048)

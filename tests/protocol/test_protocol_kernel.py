@@ -11,8 +11,9 @@ import errno
 import pytest
 
 from dmuserd.protocol import (
+    FORWARDED_FLAGS,
     HEADER_SIZE,
-    MAX_OUTSTANDING,
+    MESSAGE_POOL_RESERVE,
     WOULD_BLOCK,
     Bio,
     BioState,
@@ -379,62 +380,35 @@ def test_zero_length_write_during_read_payload_is_harmless(target, chan):
     assert bio.done and bio.error == 0
 
 
-# -- the 128-message limit --------------------------------------------------------------------
+# -- no cap on outstanding messages (the mempool is a reserve) ------------------------------------
 
 
-def test_outstanding_limit_129th_waits_in_backlog(target, chan):
-    bios = [target.submit(read_bio(sector=i, length=512), now=0) for i in range(MAX_OUTSTANDING + 1)]
-    assert target.outstanding == MAX_OUTSTANDING
-    assert target.backlog == 1
-    last = bios[-1]
-    assert last.state is BioState.BACKLOG and last.seq is None and not last.done
-    seqs = [unpack(chan.read(40))[0] for _ in range(MAX_OUTSTANDING)]
-    assert seqs == list(range(MAX_OUTSTANDING))
-    assert chan.read(40) is WOULD_BLOCK  # the 129th is not a message yet
-
-
-def test_backlog_mapped_with_new_seq_once_one_completes(target, chan):
-    bios = [target.submit(read_bio(sector=i, length=512), now=0) for i in range(MAX_OUTSTANDING + 2)]
-    for _ in range(MAX_OUTSTANDING):
-        read_message(chan)
-    chan.write_all(ok(17, pattern(512)))
-    first_waiting = bios[MAX_OUTSTANDING]
-    assert first_waiting.seq == MAX_OUTSTANDING and first_waiting.state is BioState.QUEUED
-    assert bios[MAX_OUTSTANDING + 1].state is BioState.BACKLOG
-    assert target.outstanding == MAX_OUTSTANDING and target.backlog == 1
-    assert unpack(chan.read(40)) == (MAX_OUTSTANDING, READ, 0, MAX_OUTSTANDING, 512)
-
-
-def test_backlog_is_back_pressure_not_error(target, chan):
-    n = 3 * MAX_OUTSTANDING + 5
+def test_every_bio_becomes_a_message_however_many_are_outstanding(target, chan):
+    n = 3 * MESSAGE_POOL_RESERVE + 5
     bios = [target.submit(read_bio(sector=i, length=512), now=0) for i in range(n)]
-    served = 0
-    while served < n:
-        seqs = []
-        while (raw := chan.read(40)) is not WOULD_BLOCK:
-            seqs.append(unpack(raw)[0])
-        assert seqs and target.outstanding <= MAX_OUTSTANDING
-        for seq in reversed(seqs):
-            chan.write_all(ok(seq, pattern(512, seq & 0xFF)))
-            served += 1
-    assert all(b.done and b.error == 0 for b in bios)
-    assert sorted(b.seq for b in bios) == list(range(n))
-    assert target.outstanding == 0 and target.backlog == 0
+    assert target.outstanding == n and target.queued == n
+    assert all(b.state is BioState.QUEUED for b in bios)
+    seqs = [unpack(chan.read(40))[0] for _ in range(n)]  # all taken before any answer
+    assert seqs == list(range(n))
+    assert chan.read(40) is WOULD_BLOCK
+    for seq in reversed(seqs):
+        chan.write_all(ok(seq, pattern(512, seq & 0xFF)))
+    assert all(b.done and b.error == 0 and bytes(b.data) == pattern(512, b.seq & 0xFF) for b in bios)
+    assert target.outstanding == 0
 
 
-def test_error_completion_also_frees_a_slot(target, chan):
-    target.max_outstanding = 2
-    bios = [target.submit(Bio(FLUSH, 0, 0), now=0) for _ in range(3)]
+def test_error_completion_frees_the_message(target, chan):
+    bio = target.submit(Bio(FLUSH, 0, 0), now=0)
     read_message(chan)
     chan.write(pack(0, ERROR))
-    assert bios[2].seq == 2 and bios[2].state is BioState.QUEUED
+    assert bio.error == errno.EIO and target.outstanding == 0
 
 
-def test_closing_last_channel_with_huge_backlog_does_not_recurse(target, chan):
+def test_closing_last_channel_with_many_queued_does_not_recurse(target, chan):
     bios = [target.submit(read_bio(sector=i, length=512), now=0) for i in range(5000)]
     chan.close()
     assert all(b.done and b.error == errno.EIO for b in bios)
-    assert target.outstanding == 0 and target.backlog == 0 and target.queued == 0
+    assert target.outstanding == 0 and target.queued == 0
 
 
 # -- closing a channel -------------------------------------------------------------------------------
@@ -581,6 +555,7 @@ def test_spent_timer_message_not_failed_on_last_detach(target):
     target.advance(5.0)
     chan.close()
     assert not bio.done and bio.state is BioState.QUEUED
+    assert target.advance(100.0) == [] and target.next_deadline() is None  # not re-armed
     late = target.open_channel()  # a new daemon can still serve it
     read_message(late)
     late.write_all(ok(0, pattern(4096)))
@@ -633,8 +608,7 @@ def test_not_last_detach_keeps_queue(target):
     read_message(b)
 
 
-def test_backlog_after_last_detach_fails_not_hangs(target):
-    target.max_outstanding = 2
+def test_everything_queued_fails_on_last_detach(target):
     chan = target.open_channel()
     bios = [target.submit(Bio(FLUSH, 0, 0), now=0.0) for _ in range(6)]
     read_message(chan)
@@ -703,8 +677,7 @@ def test_destroy_with_one_channel_fails_queued_at_once(target, chan):
     assert bio.done and bio.error == errno.EIO
 
 
-def test_destroy_backlog_fails(target):
-    target.max_outstanding = 1
+def test_destroy_fails_everything_queued(target):
     bios = [target.submit(Bio(FLUSH, 0, 0), now=0.0) for _ in range(3)]
     target.destroy(now=0.0)
     assert all(b.error == errno.EIO for b in bios)
@@ -748,6 +721,20 @@ def test_unknown_flags_killed_at_submit(target, chan, flags):
     assert chan.read(40) is WOULD_BLOCK
 
 
+UNMAPPED_FLAGS = [Flag.CGROUP_PUNT, Flag.HIPRI, Flag.DRV, Flag.SWAP]
+
+
+@pytest.mark.parametrize("flag", UNMAPPED_FLAGS, ids=lambda f: f.name)
+@pytest.mark.parametrize("make", [read_bio, write_bio], ids=["read", "write"])
+def test_uapi_flags_the_kernel_does_not_map_are_killed(target, flag, make):
+    # bio_flags_to_user_flags() maps 15 flags; a BIO with any other is
+    # DM_MAPIO_KILL: no message, no seq, no timer, even with no daemon.
+    bio = target.submit(make(flags=int(flag | Flag.SYNC)), now=0.0)
+    assert bio.done and bio.error == errno.EIO and bio.seq is None
+    assert target.next_seq == 0 and target.outstanding == 0 and target.next_deadline() is None
+    assert target.open_channel().read(40) is WOULD_BLOCK
+
+
 @pytest.mark.parametrize(
     "kind",
     [RequestType.FLUSH, RequestType.DISCARD, RequestType.SECURE_ERASE, RequestType.WRITE_SAME, RequestType.WRITE_ZEROES],
@@ -768,9 +755,10 @@ def test_flush_as_write_preflush_len0(target, chan):
     assert bio.error == 0
 
 
-def test_all_known_flags_forwarded(target, chan):
-    target.submit(read_bio(flags=0x7FFFF), now=0.0)
-    assert unpack(chan.read(40))[2] == 0x7FFFF
+def test_every_mapped_flag_forwarded(target, chan):
+    assert FORWARDED_FLAGS == 0x3FFF | int(Flag.NOUNMAP)  # the first 14 and NOUNMAP
+    target.submit(read_bio(flags=FORWARDED_FLAGS), now=0.0)
+    assert unpack(chan.read(40))[2] == FORWARDED_FLAGS
 
 
 # -- misuse of the model, callbacks ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmuserd.protocol import (
-    MAX_OUTSTANDING,
+    MESSAGE_POOL_RESERVE,
     WOULD_BLOCK,
     Bio,
     BioState,
@@ -139,14 +139,14 @@ def test_interleaved_channels_any_order(specs, n_channels, data):
 
 
 @settings(max_examples=30, deadline=None)
-@given(total=st.integers(MAX_OUTSTANDING + 1, 3 * MAX_OUTSTANDING), seed=st.integers(0, 2**32))
-def test_backlog_preserves_exactly_once(total, seed):
+@given(total=st.integers(MESSAGE_POOL_RESERVE + 1, 3 * MESSAGE_POOL_RESERVE), seed=st.integers(0, 2**32))
+def test_beyond_the_reserve_exactly_once(total, seed):
     rng = random.Random(seed)
     target = KernelTarget()
     chan = target.open_channel()
     completions = []
     bios = [target.submit(Bio(RequestType.FLUSH, 0, 0, on_complete=completions.append), now=0.0) for _ in range(total)]
-    assert target.outstanding == MAX_OUTSTANDING and target.backlog == total - MAX_OUTSTANDING
+    assert target.outstanding == total and target.queued == total
     awaiting = []
     while len(completions) < total:
         while (raw := chan.read(40)) is not WOULD_BLOCK:
@@ -155,7 +155,7 @@ def test_backlog_preserves_exactly_once(total, seed):
         for seq in awaiting[: rng.randint(1, len(awaiting))]:
             assert chan.write(pack(seq, ResponseType.SUCCESS)) == 40
             awaiting.remove(seq)
-        assert target.outstanding <= MAX_OUTSTANDING
+        assert target.outstanding == total - len(completions)
     assert len({id(b) for b in completions}) == total
     assert all(b.error == 0 for b in bios)
     assert sorted(b.seq for b in bios) == list(range(total))
