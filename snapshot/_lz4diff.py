@@ -397,9 +397,6 @@ def _check_destination_blocks(dst: CompressedFile, size: int, postfix: bool) -> 
                 raise Lz4DiffError(f"LZ4DIFF dst_info: algo type {dst.algorithm} "
                                    f"({_ALGORITHMS.get(dst.algorithm, 'unknown')}) cannot recompress "
                                    f"block {i}: only LZ4 and LZ4HC can")
-            if b.compressed_length > _INT_MAX:
-                raise Lz4DiffError(f"LZ4DIFF dst block {i}: compressed_length {b.compressed_length} "
-                                   "exceeds liblz4's int")
             block_out = b.compressed_length
         else:
             block_out = b.uncompressed_length
@@ -411,6 +408,8 @@ def _check_destination_blocks(dst: CompressedFile, size: int, postfix: bool) -> 
         if written > size:
             raise Lz4DiffError(f"LZ4DIFF dst block {i}: the blocks up to it write {written} bytes, "
                                f"the destination holds {size}")
+        if b.compressed and b.compressed_length > _INT_MAX:
+            raise Lz4DiffError(f"LZ4DIFF dst block {i}: compressed_length {b.compressed_length} exceeds liblz4's int")
     return uncompressed, written
 
 
