@@ -1048,17 +1048,22 @@ static PyTypeObject QueueType = {
  * work in one C call (~0.04 us on top) and return DONE, an already-finished
  * awaitable, so `await mover.copy(dst, src)` creates no coroutine.
  *
- * Whatever they do not handle themselves they hand, arguments unchanged, to
- * the Python method given at construction (which checks and names the
- * problem, takes the checkpoint, or sends the work to a device or thread),
- * and return its coroutine: any argument that is not a contiguous buffer
- * (writable for dst) of equal lengths, work of `below` bytes or more, a
- * fill pattern other than a byte value or 1/2/4/8 bytes, a closed mover,
- * and the call whose charge would exhaust the checkpoint credit (the Python
- * path then draws it, checkpoints and resets it: one rule, one counter).
- * The counters, credit and limits are plain members the Python side reads
- * and writes. Buffers are held (exported) only for the duration of the
- * call; from `nogil` bytes the memcpy runs without the GIL. */
+ * Inline is the Mover's base class when the extension is built, so
+ * `mover.copy` is this C method through ordinary class lookup (the class is
+ * chosen when _mover is imported; nothing is replaced at run time).
+ * Whatever these methods do not handle themselves they hand, arguments
+ * unchanged, to the subclass's Python method of the same role, `_copy_py` /
+ * `_fill_py` (which checks and names the problem, takes the checkpoint, or
+ * sends the work to a device or thread), and return its coroutine: any
+ * argument that is not a contiguous buffer (writable for dst) of equal
+ * lengths, work of `_below` bytes or more, a fill pattern other than a byte
+ * value or 1/2/4/8 bytes, a closed mover, and the call whose charge would
+ * exhaust the checkpoint credit (the Python path then draws it, checkpoints
+ * and resets it: one rule, one counter). The counters, credit and limits
+ * are members the Python side reads and writes (underscored: they are the
+ * mover's internals, not its API). Buffers are held (exported) only for
+ * the duration of the call; from `_nogil` bytes the memcpy runs without
+ * the GIL. */
 
 typedef struct {
     PyObject_HEAD
@@ -1068,7 +1073,6 @@ typedef struct {
     Py_ssize_t nogil;  /* release the GIL from this size */
     Py_ssize_t ops, nbytes; /* inline calls done and their bytes (either path) */
     char closed;
-    PyObject *slow_copy, *slow_fill;
 } InlineObject;
 
 /* The already-finished awaitable: __await__ returns itself, an iterator
@@ -1130,44 +1134,15 @@ static DoneObject done_singleton = {PyObject_HEAD_INIT(&DoneType)};
 
 static int Inline_init(InlineObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"slow_copy", "slow_fill", "credit", "charge", "nogil", "below", NULL};
-    PyObject *copy, *fill;
+    static char *kwlist[] = {"credit", "charge", "nogil", "below", NULL};
     Py_ssize_t credit = 0, charge = 0, nogil = PY_SSIZE_T_MAX, below = PY_SSIZE_T_MAX;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$nnnn:Inline", kwlist, &copy, &fill, &credit, &charge, &nogil,
-                                     &below))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$nnnn:Inline", kwlist, &credit, &charge, &nogil, &below))
         return -1;
-    if (!PyCallable_Check(copy) || !PyCallable_Check(fill)) {
-        PyErr_SetString(PyExc_TypeError, "Inline: slow_copy and slow_fill must be callable");
-        return -1;
-    }
-    Py_XSETREF(self->slow_copy, Py_NewRef(copy));
-    Py_XSETREF(self->slow_fill, Py_NewRef(fill));
     self->credit = credit;
     self->charge = charge;
     self->nogil = nogil;
     self->below = below;
     return 0;
-}
-
-static int Inline_traverse(InlineObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->slow_copy);
-    Py_VISIT(self->slow_fill);
-    return 0;
-}
-
-static int Inline_clear(InlineObject *self)
-{
-    Py_CLEAR(self->slow_copy);
-    Py_CLEAR(self->slow_fill);
-    return 0;
-}
-
-static void Inline_dealloc(InlineObject *self)
-{
-    PyObject_GC_UnTrack(self);
-    Inline_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 /* Draw the call's charge from the credit; 0 when it would run out (the
@@ -1181,14 +1156,18 @@ static inline int draw_credit(InlineObject *self, Py_ssize_t n)
     return 1;
 }
 
-static PyObject *slow(PyObject *fn, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+/* The subclass's Python method `name`, called with the arguments unchanged. */
+static PyObject *slow(InlineObject *self, PyObject *name, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    if (!fn) {
-        PyErr_SetString(PyExc_RuntimeError, "Inline used before __init__");
+    PyObject *method = PyObject_GetAttr((PyObject *)self, name);
+    if (!method)
         return NULL;
-    }
-    return PyObject_Vectorcall(fn, args, nargsf, kwnames);
+    PyObject *r = PyObject_Vectorcall(method, args, nargsf, kwnames);
+    Py_DECREF(method);
+    return r;
 }
+
+static PyObject *str_copy_py, *str_fill_py; /* "_copy_py", "_fill_py", interned at import */
 
 static PyObject *Inline_copy(InlineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -1226,7 +1205,7 @@ static PyObject *Inline_copy(InlineObject *self, PyObject *const *args, Py_ssize
     PyBuffer_Release(&d);
     return Py_NewRef(DONE);
 slow:
-    return slow(self->slow_copy, args, nargs, kwnames);
+    return slow(self, str_copy_py, args, nargs, kwnames);
 }
 
 /* byte i of dst = pattern[i % 8], by doubling copies from the start. */
@@ -1293,37 +1272,34 @@ static PyObject *Inline_fill(InlineObject *self, PyObject *const *args, Py_ssize
     PyBuffer_Release(&d);
     return Py_NewRef(DONE);
 slow:
-    return slow(self->slow_fill, args, nargs, kwnames);
+    return slow(self, str_fill_py, args, nargs, kwnames);
 }
 
 static PyMethodDef Inline_methods[] = {
     {"copy", (PyCFunction)(void (*)(void))Inline_copy, METH_FASTCALL | METH_KEYWORDS,
-     "copy(dst, src) -> DONE after an inline memmove, else slow_copy(dst, src)"},
+     "copy(dst, src) -> DONE after an inline memmove, else self._copy_py(dst, src)"},
     {"fill", (PyCFunction)(void (*)(void))Inline_fill, METH_FASTCALL | METH_KEYWORDS,
-     "fill(dst, pattern=b'\\0') -> DONE after an inline fill, else slow_fill(dst, pattern)"},
+     "fill(dst, pattern=b'\\0') -> DONE after an inline fill, else self._fill_py(dst, pattern)"},
     {NULL}};
 
 static PyMemberDef Inline_members[] = {
-    {"credit", T_PYSSIZET, offsetof(InlineObject, credit), 0, "bytes of inline work left before a checkpoint"},
-    {"charge", T_PYSSIZET, offsetof(InlineObject, charge), 0, "bytes drawn per call on top of its size"},
-    {"below", T_PYSSIZET, offsetof(InlineObject, below), 0, "inline only work smaller than this"},
-    {"nogil", T_PYSSIZET, offsetof(InlineObject, nogil), 0, "release the GIL from this size"},
-    {"ops", T_PYSSIZET, offsetof(InlineObject, ops), 0, "inline operations done"},
-    {"nbytes", T_PYSSIZET, offsetof(InlineObject, nbytes), 0, "bytes of inline operations done"},
-    {"closed", T_BOOL, offsetof(InlineObject, closed), 0, "hand every call to the Python path"},
+    {"_credit", T_PYSSIZET, offsetof(InlineObject, credit), 0, "bytes of inline work left before a checkpoint"},
+    {"_call_charge", T_PYSSIZET, offsetof(InlineObject, charge), 0, "bytes drawn per call on top of its size"},
+    {"_below", T_PYSSIZET, offsetof(InlineObject, below), 0, "inline only work smaller than this"},
+    {"_nogil", T_PYSSIZET, offsetof(InlineObject, nogil), 0, "release the GIL from this size"},
+    {"_inline_ops", T_PYSSIZET, offsetof(InlineObject, ops), 0, "inline operations done"},
+    {"_inline_nbytes", T_PYSSIZET, offsetof(InlineObject, nbytes), 0, "bytes of inline operations done"},
+    {"_closed", T_BOOL, offsetof(InlineObject, closed), 0, "hand every call to the Python path"},
     {NULL}};
 
 static PyTypeObject InlineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmuserd.dsa_offload._dsa.Inline",
     .tp_basicsize = sizeof(InlineObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Inline(slow_copy, slow_fill, *, credit=0, charge=0, nogil=max, below=max): the mover's inline copy and "
-              "fill in C, with their counters and checkpoint credit",
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Inline(*, credit=0, charge=0, nogil=max, below=max): the mover's base class, its inline copy and "
+              "fill in C, with their counters and checkpoint credit; a subclass supplies _copy_py and _fill_py",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Inline_init,
-    .tp_dealloc = (destructor)Inline_dealloc,
-    .tp_traverse = (traverseproc)Inline_traverse,
-    .tp_clear = (inquiry)Inline_clear,
     .tp_methods = Inline_methods,
     .tp_members = Inline_members,
 };
@@ -1458,6 +1434,10 @@ PyMODINIT_FUNC PyInit__dsa(void)
 {
     if (PyType_Ready(&EmulatorType) < 0 || PyType_Ready(&OpType) < 0 || PyType_Ready(&QueueType) < 0 ||
         PyType_Ready(&DoneType) < 0 || PyType_Ready(&InlineType) < 0)
+        return NULL;
+    str_copy_py = PyUnicode_InternFromString("_copy_py");
+    str_fill_py = PyUnicode_InternFromString("_fill_py");
+    if (!str_copy_py || !str_fill_py)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)

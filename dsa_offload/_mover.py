@@ -25,20 +25,23 @@ that raised ``Cancelled`` at that point did nothing. A single small call in
 a cancelled scope may complete, like a trio ``*_nowait`` operation.
 
 The inline fast path in C. Even the leanest ``async def`` costs about as
-much as that checkpoint, so when the extension is built, ``mover.copy`` and
-``mover.fill`` are the extension's ``Inline.copy``/``Inline.fill``: one C
-call that checks the buffers, draws the credit, does the memcpy/fill,
-counts it, and returns an already-finished awaitable (no coroutine).
-Anything it does not handle itself (bad or non-contiguous buffers, work of
-``_inline.below`` bytes or more, the call that would exhaust the credit, a
-closed mover) it hands unchanged to the Python methods below, which check,
-checkpoint and dispatch exactly as without the extension. The credit, the
-limits and the inline counters live in that one object (``self._inline``;
-a :class:`_InlineState` without the extension), so both paths follow one
-rule and :meth:`Mover.stats` stays exact. Because the work is done when the
-call returns, ``mover.copy(dst, src)`` copies even if never awaited; the
-result is still a ``collections.abc.Coroutine``, so trio's ``start_soon``
-and ``from_thread.run`` accept it.
+much as that checkpoint, so when the extension is built :class:`Mover`
+derives from the extension's ``Inline`` type, and ``mover.copy`` and
+``mover.fill`` are its C methods: one C call that checks the buffers,
+draws the credit, does the memcpy/fill, counts it, and returns an
+already-finished awaitable (no coroutine). Anything it does not handle
+itself (bad or non-contiguous buffers, work of ``_below`` bytes or more,
+the call that would exhaust the credit, a closed mover) it hands unchanged
+to the Python methods ``_copy_py`` / ``_fill_py``, which check, checkpoint
+and dispatch exactly as without the extension (then they *are*
+``copy``/``fill``: :class:`_InlineState` is the base class instead). The
+credit, the limits and the inline counters are members of that base, so
+both paths follow one rule and :meth:`Mover.stats` stays exact. The base
+class is chosen once, when this module is imported; no method is replaced
+at run time. Because the work is done when the call returns,
+``mover.copy(dst, src)`` copies even if never awaited; the result is still
+a ``collections.abc.Coroutine``, so trio's ``start_soon`` and
+``from_thread.run`` accept it.
 """
 
 from __future__ import annotations
@@ -71,19 +74,27 @@ _NOGIL_COPY = _cpu.NOGIL_COPY
 
 
 class _InlineState:
-    """The inline path's state without the extension: what its ``Inline`` holds.
+    """The inline path's state without the extension: what ``_dsa.Inline`` holds.
 
-    ``credit`` (bytes left before a checkpoint), ``below`` (inline only work
-    smaller than this), ``ops``/``nbytes`` (inline work done), ``closed``.
+    ``_credit`` (bytes left before a checkpoint), ``_call_charge`` (drawn per call
+    on top of its size), ``_below`` (inline only work smaller than this),
+    ``_nogil`` (unused here: the slice assignment holds the GIL),
+    ``_inline_ops``/``_inline_nbytes`` (inline work done), ``_closed``.
     """
 
-    __slots__ = ("credit", "below", "ops", "nbytes", "closed")
+    __slots__ = ("_credit", "_call_charge", "_below", "_nogil", "_inline_ops", "_inline_nbytes", "_closed", "__dict__",
+                 "__weakref__")
 
-    def __init__(self) -> None:
-        self.credit = CHECKPOINT_CREDIT
-        self.below = sys.maxsize
-        self.ops = self.nbytes = 0
-        self.closed = False
+    def __init__(self, *, credit: int = 0, charge: int = 0, nogil: int = sys.maxsize, below: int = sys.maxsize) -> None:
+        self._credit, self._call_charge, self._nogil, self._below = credit, charge, nogil, below
+        self._inline_ops = self._inline_nbytes = 0
+        self._closed = False
+
+
+#: The mover's base class: the extension's C fast path, or the same state in Python.
+_InlineBase = getattr(extension(), "Inline", None) or _InlineState
+#: True when ``mover.copy``/``mover.fill`` are the C methods.
+C_INLINE = _InlineBase is not _InlineState
 
 
 def _view(buf, what: str, writable: bool = False) -> memoryview:
@@ -165,7 +176,7 @@ BATCHABLE = {"copy": _copy, "fill": _fill, "compare": _compare, "compare_pattern
              "crc32c": _crc32c, "copy_crc32c": _copy_crc32c, "dualcast": _dualcast}
 
 
-class Mover:
+class Mover(_InlineBase):
     """Async data mover; make one with :func:`dmuserd.dsa_offload.open_mover`."""
 
     def __init__(self, device: Device | None, *, engine: str, threshold: int = DEFAULT_THRESHOLD,
@@ -179,15 +190,8 @@ class Mover:
         # inline path counts only its own two (stats() adds them up).
         self._ops = self._offloaded_ops = self._cpu_ops = self._cpu_bytes = 0
         self._fallbacks: Counter[str] = Counter()
-        self._closed = False
-        inline = getattr(extension(), "Inline", None)
-        if inline is None:
-            self._inline = _InlineState()
-        else:  # see "The inline fast path in C" in the module docstring
-            cls = type(self)
-            self._inline = inline(cls.copy.__get__(self), cls.fill.__get__(self), credit=CHECKPOINT_CREDIT,
-                                  charge=CALL_CHARGE, nogil=_NOGIL_COPY)
-            self.copy, self.fill = self._inline.copy, self._inline.fill
+        # The inline state (see "The inline fast path in C" in the module docstring).
+        _InlineBase.__init__(self, credit=CHECKPOINT_CREDIT, charge=CALL_CHARGE, nogil=_NOGIL_COPY)
         self._update_inline_limit()
 
     @property
@@ -213,9 +217,8 @@ class Mover:
     def _update_inline_limit(self) -> None:
         # Sizes below this run inline on the CPU with no policy decision left.
         top = sys.maxsize
-        self._inline.below = max(0, min(self._threshold if self._device else top,
-                                        top if self._cpu_thread_threshold is None else self._cpu_thread_threshold,
-                                        top))
+        self._below = max(0, min(self._threshold if self._device else top,
+                              top if self._cpu_thread_threshold is None else self._cpu_thread_threshold, top))
 
     @property
     def queue(self):
@@ -224,25 +227,24 @@ class Mover:
 
     # -- the operations --------------------------------------------------
 
-    async def copy(self, dst, src) -> None:
+    async def _copy_py(self, dst, src) -> None:
         """Copy ``src`` into ``dst`` (same length; overlap allowed).
 
         Inline (small) copies check for cancellation by the credit rule of
         the module docstring, not on every call. With the extension built,
         ``mover.copy`` is its C ``Inline.copy``, which hands this method
-        whatever it does not do itself.
+        whatever it does not do itself; without it this is ``copy``.
         """
         # The hot path without the extension: a contiguous memoryview
         # destination small enough to copy inline. The slice assignment
         # itself checks writability, length and format (raising before it
         # writes anything); when it refuses, the validating path below names
         # the problem or casts the views.
-        inline = self._inline
         if type(dst) is memoryview and dst.c_contiguous and (type(src) is not memoryview or src.c_contiguous):
             n = dst.nbytes
-            if n < inline.below:
-                inline.credit -= n + CALL_CHARGE
-                if inline.credit < 0:
+            if n < self._below:
+                self._credit -= n + CALL_CHARGE
+                if self._credit < 0:
                     await self._checkpoint()
                 try:
                     if n < _NOGIL_COPY:
@@ -252,28 +254,31 @@ class Mover:
                 except (TypeError, ValueError):
                     pass
                 else:
-                    inline.ops += 1
-                    inline.nbytes += n
+                    self._inline_ops += 1
+                    self._inline_nbytes += n
                     return
         dst, src = _view(dst, "dst", True), _view(src, "src")
         _same_length("copy", dst, src)
         n = len(dst)
-        if n < inline.below:
+        if n < self._below:
             await self._charge(n)
             _cpu.copy(dst, src)
-            inline.ops += 1
-            inline.nbytes += n
+            self._inline_ops += 1
+            self._inline_nbytes += n
             return
         await self._execute(_ops.Copy(dst, src))
 
-    async def fill(self, dst, pattern: bytes | int = b"\0") -> None:
+    async def _fill_py(self, dst, pattern: bytes | int = b"\0") -> None:
         """Fill ``dst`` with a 1, 2, 4 or 8-byte pattern (or a byte value).
 
         With the extension built, ``mover.fill`` is its C ``Inline.fill``
         (small fills, counted as inline work), which hands this method
-        whatever it does not do itself.
+        whatever it does not do itself; without it this is ``fill``.
         """
         await self._execute(_fill(dst, pattern))
+
+    if not C_INLINE:  # decided once, at import: the Python methods are the public ones
+        copy, fill = _copy_py, _fill_py
 
     async def compare(self, a, b) -> int | None:
         """Offset of the first differing byte, or None when equal."""
@@ -339,7 +344,7 @@ class Mover:
         taken = set(packed)
         # What runs on the CPU in this thread runs here, one after another:
         # a task per small operation would cost more than the operations.
-        inline = [i for i, op in enumerate(ops) if i not in taken and op.nbytes() < self._inline.below]
+        inline = [i for i, op in enumerate(ops) if i not in taken and op.nbytes() < self._below]
         if inline:
             await self._charge(sum(ops[i].nbytes() for i in inline))
             reason = "below_threshold" if device else None
@@ -442,13 +447,12 @@ class Mover:
 
     async def _charge(self, n: int) -> None:
         """Draw ``n`` bytes of inline work from the credit; checkpoint when it runs out."""
-        inline = self._inline
-        inline.credit -= n + CALL_CHARGE
-        if inline.credit < 0:
+        self._credit -= n + CALL_CHARGE
+        if self._credit < 0:
             await self._checkpoint()
 
     async def _checkpoint(self) -> None:
-        self._inline.credit = CHECKPOINT_CREDIT
+        self._credit = CHECKPOINT_CREDIT
         await trio.lowlevel.checkpoint()
 
     # -- state -----------------------------------------------------------
@@ -456,7 +460,7 @@ class Mover:
     def stats(self) -> dict:
         """Counters for ``dmuserd status``: what ran where, and why not on the device."""
         fallbacks = dict(self._fallbacks)
-        inline_ops, inline_bytes = self._inline.ops, self._inline.nbytes
+        inline_ops, inline_bytes = self._inline_ops, self._inline_nbytes
         if self._device and inline_ops:
             fallbacks["below_threshold"] = fallbacks.get("below_threshold", 0) + inline_ops
         out = {
@@ -484,13 +488,13 @@ class Mover:
         """Wait for in-flight descriptors (they may still write our buffers), then close."""
         if self._closed:
             return
-        self._closed = self._inline.closed = True
+        self._closed = True
         if self._device:
             await self._device.aclose()
 
     def close(self) -> None:
         """Synchronous close: blocks until the device is done with every buffer."""
-        self._closed = self._inline.closed = True
+        self._closed = True
         if self._device:
             self._device.queue.close()
 

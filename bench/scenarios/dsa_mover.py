@@ -155,7 +155,7 @@ async def _measure(quick: bool) -> dict:
         anchors["memcpy_4k_call_us"] = round(per_call["memcpy"], 3)
         figures["cpu_copy4k_overhead_us"] = round(per_call["copy"] - per_call["memcpy"], 3)
         figures["cpu_fill4k_us"] = round(per_call["fill"], 3)
-        figures["cpu_inline_path"] = "C" if type(cpu._inline).__name__ == "Inline" else "Python"
+        figures["cpu_inline_path"] = "C" if any(t.__name__ == "Inline" for t in type(cpu).__mro__) else "Python"
         for key in ("cpu_call_overhead_us", "memcpy_4k_call_us", "cpu_copy4k_overhead_us", "cpu_fill4k_us"):
             units[key] = "µs"
     finally:
