@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "dmuserd.dsa_offload.commands",
     "dmuserd.snapshot.commands",
     "dmuserd.snapshot.ota_commands",
+    "dmuserd.daemon.image_commands",
     "dmuserd.daemon.units_commands",
 ]
 

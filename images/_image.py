@@ -176,3 +176,25 @@ class RawImage(Image):
         if self.start:
             info["start"] = self.start
         return info
+
+
+def write_atomically(output, write) -> None:
+    """Run ``write(fd)`` on a temporary file next to ``output``, fsync it, rename it into place."""
+    output = os.fspath(output)
+    directory = os.path.dirname(os.path.abspath(output))
+    temp = os.path.join(directory, f".{os.path.basename(output)}.{os.getpid()}.partial")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        write(fd)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(temp, output)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -35,7 +35,8 @@ import zlib
 from array import array
 from bisect import bisect_right
 
-from dmuserd.images._image import Image, ImageError, ImageFormatError, fill_pattern, fill_zeros
+from dmuserd.images._image import (Image, ImageError, ImageFormatError, fill_pattern, fill_zeros,
+                                   write_atomically)
 
 MAGIC = 0xED26FF3A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -253,7 +254,7 @@ def unsparse(image: SparseImage, output, *, check_crc: bool = True, bar=None) ->
             if check_crc:
                 check(first + count)
 
-    _write_atomically(output, write)
+    write_atomically(output, write)
     return image.size
 
 
@@ -331,27 +332,5 @@ def write_sparse(source: Image, output, *, block_size: int = 4096, holes: bool =
                                   total_chunks, 0), 0)
         os.ftruncate(fd, pos)
 
-    _write_atomically(output, write)
+    write_atomically(output, write)
     return counts
-
-
-def _write_atomically(output, write) -> None:
-    """Run ``write(fd)`` on a temporary file next to ``output``, fsync it, rename it into place."""
-    output = os.fspath(output)
-    directory = os.path.dirname(os.path.abspath(output))
-    temp = os.path.join(directory, f".{os.path.basename(output)}.{os.getpid()}.partial")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        write(fd)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(temp, output)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
