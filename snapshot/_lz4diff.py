@@ -50,11 +50,13 @@ Applying it (:func:`lz4patch`), step by step as update_engine does:
    last block. A shorter result is padded with zeros, after the data, or
    before it with ``zero_padding_enabled``. A block that is not compressed
    is copied from the buffer.
-4. If any destination block has a ``postfix_bspatch``, every block must
-   come out at ``compressed_length`` bytes, and each block with a patch is
-   checked against its ``sha256_hash`` (when present: the hash of the
-   generator's recompression, so a mismatch means our LZ4 compresses
-   differently from the generator's) and then bspatched.
+4. If any destination block has a ``postfix_bspatch``, each block's output
+   (and the tail) must be that block's ``compressed_length``, and each
+   block with a patch is checked against its ``sha256_hash`` (when present:
+   the hash of the generator's recompression, so a mismatch means our LZ4
+   compresses differently from the generator's) and then bspatched. An
+   empty output is passed over, as update_engine's check lets it through
+   (:class:`_Postfix`).
 
 The plain ``lz4.block.compress`` of the ``lz4`` package is not enough for
 step 3: destSize compression picks its hash table by the size of all the
@@ -85,7 +87,7 @@ import ctypes.util
 import functools
 import hashlib
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -267,41 +269,33 @@ def _fn(lib: ctypes.CDLL, name: str, restype, argtypes):
     return fn
 
 
-def _library_candidates() -> list[tuple[str, str]]:
+def _library_candidates() -> Iterator[tuple[str, str]]:
     """(path, description) of the liblz4 builds to try, the ``lz4`` package's own first."""
-    found = []
     try:
         import lz4
         import lz4.block._block as block_ext
 
-        found.append((block_ext.__file__, f"bundled with python-lz4 {lz4.__version__}"))
+        yield block_ext.__file__, f"bundled with python-lz4 {lz4.__version__}"
     except (ImportError, AttributeError):
         pass
     system = ctypes.util.find_library("lz4")
     if system:
-        found.append((system, f"system {system}"))
-    return found
+        yield system, f"system {system}"
 
 
 @functools.cache
-def _load(path: str, origin: str) -> _Lz4 | None:
-    try:
-        return _Lz4(ctypes.CDLL(path), origin)
-    except (OSError, AttributeError):
-        return None
-
-
 def lz4_library(prefer: str | None = None) -> _Lz4:
-    """The liblz4 in use (first of :func:`_library_candidates` exporting every function needed).
+    """The liblz4 in use: the first of :func:`_library_candidates` exporting every function needed.
 
     ``prefer`` (a path) picks one candidate; tests use it to compare builds.
     """
     for path, origin in _library_candidates():
         if prefer is not None and path != prefer:
             continue
-        lib = _load(path, origin)
-        if lib is not None:
-            return lib
+        try:
+            return _Lz4(ctypes.CDLL(path), origin)
+        except (OSError, AttributeError):
+            continue
     raise Lz4DiffError("LZ4DIFF: no liblz4 exporting LZ4_decompress_safe_partial, LZ4_compress_destSize and "
                        "LZ4_compress_HC_destSize (neither the lz4 package's extension nor a system liblz4)")
 
@@ -382,8 +376,13 @@ def _decompress_source(lib: _Lz4, src: CompressedFile, source: bytes) -> bytes:
     return bytes(out)
 
 
-def _check_destination_blocks(dst: CompressedFile, size: int, postfix: bool) -> tuple[int, int]:
-    """(bytes of uncompressed data the blocks stand for, bytes they write), checked against ``size``."""
+def _check_destination_blocks(dst: CompressedFile, size: int) -> tuple[int, int]:
+    """(bytes of uncompressed data the blocks stand for, bytes they write), checked against ``size``.
+
+    A compressed block writes ``compressed_length`` bytes, a stored one
+    ``uncompressed_length`` (update_engine copies that much, whatever
+    ``compressed_length`` says); postfix patches never change a length.
+    """
     uncompressed = written = 0
     for i, b in enumerate(dst.blocks):
         if b.uncompressed_offset != uncompressed:
@@ -397,14 +396,8 @@ def _check_destination_blocks(dst: CompressedFile, size: int, postfix: bool) -> 
                 raise Lz4DiffError(f"LZ4DIFF dst_info: algo type {dst.algorithm} "
                                    f"({_ALGORITHMS.get(dst.algorithm, 'unknown')}) cannot recompress "
                                    f"block {i}: only LZ4 and LZ4HC can")
-            block_out = b.compressed_length
-        else:
-            block_out = b.uncompressed_length
-            if postfix and block_out != b.compressed_length:
-                raise Lz4DiffError(f"LZ4DIFF dst block {i}: stored block of uncompressed_length {block_out} with "
-                                   f"compressed_length {b.compressed_length} (with postfix patches they must match)")
         uncompressed += b.uncompressed_length
-        written += block_out
+        written += b.compressed_length if b.compressed else b.uncompressed_length
         if written > size:
             raise Lz4DiffError(f"LZ4DIFF dst block {i}: the blocks up to it write {written} bytes, "
                                f"the destination holds {size}")
@@ -442,8 +435,7 @@ def _default_puffpatch() -> PuffPatch:
     return puffpatch
 
 
-def _recompress(lib: _Lz4, dst: CompressedFile, data: bytes, uncompressed: int, size: int,
-                postfix: bool) -> bytes:
+def _recompress(lib: _Lz4, dst: CompressedFile, data: bytes, uncompressed: int, size: int) -> bytes:
     """The destination: ``data``'s blocks compressed again (and postfix-patched), then its tail."""
     out = bytearray(size)
     view = memoryview(out)
@@ -451,6 +443,7 @@ def _recompress(lib: _Lz4, dst: CompressedFile, data: bytes, uncompressed: int, 
     out_base = ctypes.addressof(target) if target is not None else 0
     data_base = _address(data)
     hc_state = ctypes.create_string_buffer(lib.hc_state_size) if dst.algorithm == LZ4HC else None
+    postfix = _Postfix(lib, dst.blocks) if any(b.postfix_bspatch for b in dst.blocks) else None
     consumed = ctypes.c_int()
     pos = 0
     for i, b in enumerate(dst.blocks):
@@ -476,27 +469,59 @@ def _recompress(lib: _Lz4, dst: CompressedFile, data: bytes, uncompressed: int, 
                     view[pos : pos + length - written] = bytes(length - written)
                 else:
                     view[pos + written : pos + length] = bytes(length - written)
-        if postfix and b.postfix_bspatch:
-            _apply_postfix(lib, i, b, view[pos : pos + length])
+        if postfix:
+            postfix(view[pos : pos + length], f"dst block {i}")
         pos += length
     del target
     view[pos:] = data[uncompressed : uncompressed + size - pos]
+    if postfix:
+        postfix(view[pos:], "the data after the last block")
     view.release()
     return bytes(out)
 
 
-def _apply_postfix(lib: _Lz4, index: int, b: Block, block: memoryview) -> None:
-    """Check a recompressed block against the generator's hash and patch it in place."""
-    recompressed = bytes(block)
-    if b.sha256_hash and hashlib.sha256(recompressed).digest() != b.sha256_hash:
-        raise Lz4DiffError(f"LZ4DIFF dst block {index}: recompressed with {lib.name}, sha256 "
-                           f"{hashlib.sha256(recompressed).hexdigest()} is not the generator's "
-                           f"{b.sha256_hash.hex()} (another LZ4 version or compressor made the patch)")
-    try:
-        fixed = bspatch(b.postfix_bspatch, recompressed, len(recompressed))
-    except DataError as exc:
-        raise Lz4DiffError(f"LZ4DIFF dst block {index} postfix_bspatch: {exc}") from exc
-    block[:] = fixed
+class _Postfix:
+    """update_engine's postfix step: a filter over the pieces recompression writes, patching in place.
+
+    It pairs pieces (each block's output, then the tail) with the blocks'
+    info in order, as update_engine's does: a piece must be its block's
+    ``compressed_length``; a block with a ``postfix_bspatch`` is checked
+    against its ``sha256_hash`` (when present) and patched. One quirk is
+    kept because it changes the output: update_engine's length check fails
+    by returning 0, which for an empty piece reads as "all 0 bytes written",
+    so an empty piece is passed over and the next piece meets the same
+    block. The one case handled differently: an empty piece meeting an
+    empty block whose postfix patch does not apply is refused here, where
+    update_engine would pass over it.
+    """
+
+    def __init__(self, lib: _Lz4, blocks: tuple[Block, ...]) -> None:
+        self.lib, self.blocks, self.next = lib, blocks, 0
+
+    def __call__(self, piece: memoryview, what: str) -> None:
+        if self.next >= len(self.blocks):
+            return
+        i, b = self.next, self.blocks[self.next]
+        if len(piece) != b.compressed_length:
+            if not piece:
+                return
+            raise Lz4DiffError(f"LZ4DIFF {what} makes {len(piece)} bytes, dst block {i}'s compressed_length is "
+                               f"{b.compressed_length}: with postfix patches they must match")
+        self.next += 1
+        if not b.postfix_bspatch:
+            return
+        recompressed = bytes(piece)
+        digest = hashlib.sha256(recompressed).digest()
+        if b.sha256_hash and digest != b.sha256_hash:
+            if not piece:
+                return
+            raise Lz4DiffError(f"LZ4DIFF dst block {i}: recompressed with {self.lib.name}, sha256 {digest.hex()} "
+                               f"is not the generator's {b.sha256_hash.hex()} (another LZ4 version or compressor "
+                               "made the patch)")
+        try:
+            piece[:] = bspatch(b.postfix_bspatch, recompressed, len(recompressed))
+        except DataError as exc:
+            raise Lz4DiffError(f"LZ4DIFF dst block {i} postfix_bspatch: {exc}") from exc
 
 
 def lz4patch(patch: bytes, source: bytes, size: int, *, puffpatch: PuffPatch | None = None) -> bytes:
@@ -512,11 +537,10 @@ def lz4patch(patch: bytes, source: bytes, size: int, *, puffpatch: PuffPatch | N
     header = parse_lz4diff(patch)
     source = bytes(source)
     _check_source_blocks(header.src, len(source))
-    postfix = any(b.postfix_bspatch for b in header.dst.blocks)
-    uncompressed, written = _check_destination_blocks(header.dst, size, postfix)
+    uncompressed, written = _check_destination_blocks(header.dst, size)
     lib = lz4_library()
     decompressed = _decompress_source(lib, header.src, source)
     # the inner patch makes the blocks' data and then the tail that fills the destination
     new = _apply_inner(header, decompressed, uncompressed + size - written, puffpatch)
     del decompressed
-    return _recompress(lib, header.dst, new, uncompressed, size, postfix)
+    return _recompress(lib, header.dst, new, uncompressed, size)

@@ -294,6 +294,9 @@ def _raw_pair(kind: str) -> tuple[bytes, bytes]:
     if kind == "stored":  # incompressible stretches become stored blocks among LZ4 ones
         noise = random.Random(3).randbytes
         return noise(13_000) + base[:60_000] + noise(9_000), noise(13_000) + _edit(base[:60_000], 4) + noise(9_000)
+    if kind == "small":  # a short file ending in a stored block
+        small = _text(21, 40_000)
+        return small, _edit(small, 7) + bytes(random.Random(8).randbytes(1500))
     if kind == "zip":  # lz4diff_tool tries puffdiff on ZIP archives and keeps it when smaller
         return _zip(base), _zip(_edit(base, 5))
     raise AssertionError(kind)
@@ -310,6 +313,7 @@ TOOL_CASES = {
     "declared_fast_actual_hc_zeropad": ("text", "lz4hc:9", "lz4hc:9", "lz4hc:9", "lz4", True),
     "stored_blocks": ("stored", "lz4", "lz4hc:6", "lz4", "lz4hc:6", False),
     "zip_puffdiff": ("zip", "lz4", "lz4", "lz4", "lz4", False),
+    "small_postfix_zeropad": ("small", "lz4", "lz4", "lz4", "lz4hc:9", True),
 }
 
 
@@ -373,7 +377,7 @@ def test_tool_case_byte_exact(name, tool_cases):
     src, dst, patch, op, where = tool_cases(name)
     assert op == "LZ4DIFF_BSDIFF"
     parsed = parse_lz4diff(patch)
-    mismatch = name.startswith("declared")
+    mismatch = TOOL_CASES[name][2] != TOOL_CASES[name][4]  # compressed with one thing, declared another
     assert any(b.postfix_bspatch for b in parsed.dst.blocks) is mismatch
     if name == "stored_blocks":
         assert any(not b.compressed for b in parsed.src.blocks) and any(b.compressed for b in parsed.src.blocks)
@@ -515,6 +519,50 @@ def test_stored_destination_ignores_its_algorithm(tool_cases):
     assert lz4patch(rebuilt, src, len(dst_data)) == dst_data
 
 
+_FIELDS = ("uncompressed_offset", "uncompressed_length", "compressed_length")
+_edits = st.lists(st.one_of(
+    st.tuples(st.sampled_from(["src_info", "dst_info"]), st.integers(0, 20), st.sampled_from(_FIELDS),
+              st.sampled_from([-4097, -4096, -100, -1, 1, 2, 100, 4096])),
+    st.tuples(st.sampled_from(["src_info", "dst_info"]), st.just("flip padding")),
+    st.tuples(st.sampled_from(["src_info", "dst_info"]), st.integers(0, 20), st.just("drop")),
+    st.tuples(st.just("dst_info"), st.sampled_from([1, 2]), st.sampled_from([0, 1, 3, 9, 12, 13, -1])),
+    st.tuples(st.just("dst_info"), st.integers(0, 20), st.just("drop postfix")),
+), min_size=1, max_size=3)
+
+
+def _apply_edits(h, edits) -> None:
+    for edit in edits:
+        info = getattr(h, edit[0])
+        blocks = info.block_info
+        if edit[1] == "flip padding":
+            info.zero_padding_enabled = not info.zero_padding_enabled
+        elif len(edit) == 3 and isinstance(edit[1], int) and edit[1] < len(blocks):
+            if edit[2] == "drop":
+                del blocks[edit[1]]
+            else:
+                blocks[edit[1]].postfix_bspatch = b""
+        elif len(edit) == 4 and edit[1] < len(blocks):
+            _, i, field, delta = edit
+            setattr(blocks[i], field, max(0, getattr(blocks[i], field) + delta))
+        elif len(edit) == 3 and edit[1] in (1, 2):
+            info.algo.type, info.algo.level = edit[1], edit[2]
+
+
+@needs_tool
+@settings(FUZZ, max_examples=60)
+@given(edits=_edits)
+def test_fuzz_edited_headers_against_aosp(edits, tool_cases):
+    """Either both apply a patch with a few fields nudged, to the same bytes, or both refuse it."""
+    src, dst, patch, _, where = tool_cases("small_postfix_zeropad")
+    patch = edited(patch, lambda h: _apply_edits(h, edits))
+    expected = _tool_patch(where, src, patch)
+    if expected is None:
+        with pytest.raises(Lz4DiffError):
+            lz4patch(patch, src, len(dst))
+    else:
+        assert lz4patch(patch, src, len(expected)) == expected
+
+
 @needs_tool
 @pytest.mark.parametrize("edit,message", REFUSED_EDITS, ids=lambda e: getattr(e, "__name__", "").strip("_"))
 def test_edited_header_refused_as_aosp(edit, message, tool_cases):
@@ -654,20 +702,46 @@ def test_hostile_patch_refused_by_name(patch, message):
         lz4patch(patch, BASE_SOURCE, BASE_SIZE)
 
 
-def test_postfix_mode_requires_stored_blocks_to_match():
-    def edit(h):
-        h.dst_info.block_info.add(uncompressed_offset=DST0 + DST1, uncompressed_length=100, compressed_length=101)
-        h.dst_info.block_info[0].postfix_bspatch = b"BSDIFF40"
+def _postfix_mode(h):
+    """Block 0 gets a postfix patch that changes nothing: the destination is then checked piece by piece."""
+    h.dst_info.block_info[0].postfix_bspatch = _identity_bsdiff(4096)
 
-    with pytest.raises(Lz4DiffError, match=r"dst block 2: stored block of uncompressed_length 100 with "
-                                           r"compressed_length 101 \(with postfix patches they must match\)"):
+
+def test_postfix_mode_requires_pieces_to_match_blocks():
+    def edit(h):
+        _postfix_mode(h)
+        h.dst_info.block_info.add(uncompressed_offset=DST0 + DST1, uncompressed_length=100, compressed_length=101)
+
+    assert lz4patch(_with(_postfix_mode), BASE_SOURCE, BASE_SIZE) == BASE_OUT
+    with pytest.raises(Lz4DiffError, match=r"dst block 2 makes 100 bytes, dst block 2's compressed_length is 101: "
+                                           r"with postfix patches they must match"):
         lz4patch(_with(edit), BASE_SOURCE, BASE_SIZE)
+    tail = len(BASE_DATA) - DST0 - DST1
+    with pytest.raises(Lz4DiffError, match=rf"the data after the last block makes {tail} bytes, dst block 2's "
+                                           r"compressed_length is 5"):
+        lz4patch(_with(lambda h: (_postfix_mode(h), h.dst_info.block_info.add(
+            uncompressed_offset=DST0 + DST1, uncompressed_length=0, compressed_length=5))), BASE_SOURCE, BASE_SIZE)
+
+
+def _empty_piece_then_tail(h):
+    """An empty stored block: update_engine passes its piece over, and the tail meets its info instead."""
+    _postfix_mode(h)
+    h.dst_info.block_info.add(uncompressed_offset=DST0 + DST1, uncompressed_length=0,
+                              compressed_length=len(BASE_DATA) - DST0 - DST1)
+
+
+def test_empty_piece_is_passed_over(tmp_path):
+    patch = _with(_empty_piece_then_tail)
+    assert lz4patch(patch, BASE_SOURCE, BASE_SIZE) == BASE_OUT
+    if not _cannot_run(LZ4DIFF_TOOL):
+        assert _tool_patch(tmp_path, BASE_SOURCE, patch) == BASE_OUT
 
 
 def test_size_is_the_destination():
     with pytest.raises(Lz4DiffError, match=rf"bsdiff patch makes {N} bytes, its destination extents hold {N - 1}"):
         lz4patch(BASE_PATCH, BASE_SOURCE, BASE_SIZE - 1)
-    with pytest.raises(Lz4DiffError, match=r"dst block 1: the blocks up to it write 8192 bytes, the destination holds 5000"):
+    with pytest.raises(Lz4DiffError, match=r"dst block 1: the blocks up to it write 8192 bytes, "
+                                           r"the destination holds 5000"):
         lz4patch(BASE_PATCH, BASE_SOURCE, 5000)
 
 
@@ -703,7 +777,8 @@ def test_recompression_failure_is_named(monkeypatch):
         decompress_safe_partial = real.decompress_safe_partial
 
     monkeypatch.setattr(_lz4diff, "lz4_library", lambda: Refusing)
-    with pytest.raises(Lz4DiffError, match=rf"dst block 0: LZ4HC recompression of the {DST0 + DST1} bytes from offset 0 "
+    with pytest.raises(Lz4DiffError, match=rf"dst block 0: LZ4HC recompression of the {DST0 + DST1} bytes "
+                                           r"from offset 0 "
                                            r"into 4096 failed \(a refusing liblz4 returned 0\)"):
         lz4patch(BASE_PATCH, BASE_SOURCE, BASE_SIZE)
 
@@ -744,14 +819,16 @@ def test_fuzz_mutated_patch(flips):
     _applies_or_refuses(bytes(patch), BASE_SOURCE, BASE_SIZE)
 
 
-_numbers = st.one_of(st.integers(0, 40_000), st.sampled_from([0, 1, 4095, 4096, 2**31 - 1, 2**31, 2**32, 2**63, 2**64 - 1]))
+_numbers = st.one_of(st.integers(0, 40_000),
+                     st.sampled_from([0, 1, 4095, 4096, 2**31 - 1, 2**31, 2**32, 2**63, 2**64 - 1]))
 _blocks = st.lists(st.tuples(_numbers, _numbers, _numbers, st.sampled_from([b"", b"x", bytes(32)]),
                              st.sampled_from([b"", b"BSDIFF40", b"x"])), max_size=4)
 
 
 @FUZZ
 @given(src=_blocks, dst=_blocks, algo=st.integers(-1, 3), level=st.integers(-2**31, 2**31 - 1),
-       inner=st.integers(-1, 2), pads=st.tuples(st.booleans(), st.booleans()), size=_numbers.filter(lambda n: n < 10**6))
+       inner=st.integers(-1, 2), pads=st.tuples(st.booleans(), st.booleans()),
+       size=_numbers.filter(lambda n: n < 10**6))
 def test_fuzz_header_fields(src, dst, algo, level, inner, pads, size):
     header = Lz4diffHeader()
     for info, blocks in ((header.src_info, src), (header.dst_info, dst)):
@@ -762,3 +839,11 @@ def test_fuzz_header_fields(src, dst, algo, level, inner, pads, size):
     header.dst_info.algo.type, header.dst_info.algo.level = algo, level
     header.inner_type = inner
     _applies_or_refuses(join(header, _identity_bsdiff(30_000)), BASE_SOURCE, size)
+
+
+def test_without_a_usable_liblz4(monkeypatch):
+    """No candidate loads, or one lacks the functions: a typed error, not an OSError or AttributeError."""
+    monkeypatch.setattr(_lz4diff, "_library_candidates",
+                        lambda: iter([("/nonexistent/liblz4.so.1", "missing"), ("libc.so.6", "not liblz4")]))
+    with pytest.raises(Lz4DiffError, match=r"no liblz4 exporting LZ4_decompress_safe_partial"):
+        lz4_library.__wrapped__()
