@@ -35,7 +35,8 @@ Applying it (:func:`lz4patch`), step by step as update_engine does:
    ``zero_padding_enabled``, after skipping the leading zero bytes of its
    first 4 KiB), decoded with LZ4's *partial* decoder, which stops once the
    block's ``uncompressed_length`` bytes are out, so the zeros that pad a
-   cluster after its data are never read; any other block is stored as is.
+   cluster after its data are not read (unless the header claims more data
+   than the block holds); any other block is stored as is.
    The source algorithm is not used: decoding is the same for LZ4 and LZ4HC.
 2. Apply the inner patch to the decompressed source: bsdiff
    (:func:`~dmuserd.snapshot._payload_data.bspatch`) or puffin
@@ -60,9 +61,8 @@ Applying it (:func:`lz4patch`), step by step as update_engine does:
 
 The plain ``lz4.block.compress`` of the ``lz4`` package is not enough for
 step 3: destSize compression picks its hash table by the size of all the
-input it is given and ends its block differently, so on the AOSP samples a
-plain compression of the same bytes differs in about a third of the
-clusters. The three liblz4 functions update_engine calls (partial decoding,
+input it is given and ends its block differently: on the LZ4 AOSP sample,
+a plain compression of the same bytes differs in 7 of the 22 clusters. The three liblz4 functions update_engine calls (partial decoding,
 the two destSize compressors) are not in that package's Python API, so they
 are called through ctypes in the liblz4 that the package's own extension is
 built with (the system's ``liblz4.so.1`` if that one does not export them).
@@ -77,7 +77,11 @@ much a block may decompress to; here an LZ4 block must declare at most 255
 times its compressed length (the most LZ4 can encode), so the buffers stay
 within 255 times the source (step 1) and the destination size (steps 2-3).
 Everything update_engine refuses (or crashes or misbehaves on) raises
-:class:`Lz4DiffError`, naming the side, the block index and the field.
+:class:`Lz4DiffError`, naming the side, the block index and the field. A
+few patches update_engine would take are refused too, none of which a
+generator makes: an LZ4 block declaring more than that bound, a compressed
+length past liblz4's int range, an empty block meeting a postfix patch that
+does not apply (:class:`_Postfix`).
 """
 
 from __future__ import annotations
@@ -354,10 +358,9 @@ def _decompress_source(lib: _Lz4, src: CompressedFile, source: bytes) -> bytes:
             offset += b.compressed_length
             continue
         margin = 0
-        if src.zero_padding:
-            limit = min(_PADDING_SCAN, len(cluster))
-            while margin < limit and cluster[margin] == 0:
-                margin += 1
+        if src.zero_padding:  # the leading zeros of the cluster's first 4 KiB
+            head = cluster[:_PADDING_SCAN]
+            margin = len(head) - len(head.lstrip(b"\0"))
         want = b.uncompressed_length
         if want > _INT_MAX or b.compressed_length > _INT_MAX:
             raise Lz4DiffError(f"LZ4DIFF src block {i}: lengths {b.compressed_length}/{want} exceed liblz4's int")
