@@ -192,7 +192,7 @@ def _other_liblz4() -> str | None:
     import ctypes.util
 
     path = ctypes.util.find_library("lz4")
-    return path if path and lz4_library().origin.find(path) < 0 else None
+    return path if path and path not in lz4_library().origin else None
 
 
 @needs_samples
