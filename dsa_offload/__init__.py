@@ -29,7 +29,8 @@ _EXPORTS = {
     "BATCHABLE": "_mover", "DEFAULT_THRESHOLD": "_mover", "Mover": "_mover",
     "extension": "_native", "load_error": "_native",
     "ENGINES": "_open", "open_mover": "_open",
-    "Flag": "_spec", "Opcode": "_spec", "Status": "_spec",
+    "Flag": "_spec", "GenCap": "_spec", "Opcode": "_spec", "Status": "_spec",
+    "Capabilities": "_caps",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,6 +11,7 @@ queue is full, a fault keeps coming back, or the device reports an error.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from collections import Counter
 from typing import Awaitable, Callable
@@ -18,10 +19,11 @@ from typing import Awaitable, Callable
 import structlog
 import trio
 
+from dmuserd.dsa_offload._caps import Capabilities
 from dmuserd.dsa_offload._completion import Completions
 from dmuserd.dsa_offload._errors import DeltaRecordError
 from dmuserd.dsa_offload._ops import Operation
-from dmuserd.dsa_offload._spec import STATUS_MASK, WRITE_FAULT, Flag, Opcode, Status, status_name
+from dmuserd.dsa_offload._spec import STATUS_MASK, WRITE_FAULT, Opcode, Status, status_name
 
 log = structlog.get_logger()
 
@@ -67,6 +69,10 @@ class Fallback(Exception):
         self.reason = reason
 
 
+class _BatchRefused(Exception):
+    """Internal: the queue refused a BATCH descriptor; its members go singly."""
+
+
 class _FaultTracker:
     """One operation's faults: the same address again and again means give up."""
 
@@ -82,15 +88,41 @@ class _FaultTracker:
 
 
 class Device:
-    def __init__(self, queue, *, engine: str, block_on_fault: bool = False) -> None:
+    """One open work queue and what the mover may ask of it.
+
+    ``caps`` (:class:`Capabilities`) decide the optional descriptor flags
+    (cache control only where gen_cap has it, block on fault only where the
+    device and the queue allow it), which operations go to the device and
+    whether BATCH is used at all. ``broken`` says why the queue is not used
+    any more (None while it is); ``batch_refused`` why batches are not.
+    """
+
+    def __init__(self, queue, *, engine: str, caps: Capabilities, block_on_fault: bool = False) -> None:
         self.queue = queue
         self.engine = engine
+        self.caps = caps
         self.completions = Completions(queue)
         self.max_transfer = queue.max_transfer
         self.max_batch = queue.max_batch
-        self.flags = Flag.CACHE_CONTROL | (Flag.BLOCK_ON_FAULT if block_on_fault else 0)
+        if block_on_fault and not caps.block_on_fault:
+            log.info("block on fault asked for but not available on this queue; faults are touched and resubmitted",
+                     engine=engine)
+        self._flags = {int(op): caps.flags_for(op, block_on_fault) for op in Opcode}
         self.broken: str | None = None
+        self.batch_refused: str | None = None if caps.batch else "BATCH is not offered by the queue"
         self.counts: Counter[str] = Counter()
+
+    def supports(self, opcode: int) -> bool:
+        """Whether the queue takes this operation at all."""
+        return self.caps.supports(opcode)
+
+    @property
+    def batches(self) -> bool:
+        """Whether small operations may be packed into BATCH descriptors."""
+        return self.batch_refused is None and self.broken is None
+
+    def flags(self, opcode: int) -> int:
+        return self._flags.get(int(opcode), 0)
 
     # -- one operation ---------------------------------------------------
 
@@ -114,7 +146,7 @@ class Device:
         if self.broken:
             raise Fallback("queue_unusable")
         try:
-            handle = self.queue.submit(opcode, flags=int(self.flags), **args)
+            handle = self.queue.submit(opcode, flags=self.flags(opcode), **args)
         except OSError as exc:  # a forked child that could not reopen, typically
             self.broken = f"{type(exc).__name__}: {exc}"
             log.warning("dsa queue unusable; using the CPU", engine=self.engine, error=self.broken, pid=os.getpid())
@@ -155,12 +187,14 @@ class Device:
 
     async def run_batch(self, ops: list[Operation], cpu: Callable[[Operation, str], Awaitable]) -> list:
         """Submit small operations as one BATCH descriptor; finish failed members singly."""
-        members = [(int(op.opcode), {"flags": int(self.flags), **op.device_args(self.max_transfer)}) for op in ops]
+        members = [(int(op.opcode), {"flags": self.flags(op.opcode), **op.device_args(self.max_transfer)}) for op in ops]
         sizes = [m[1].get("size", 0) for m in members]
         faults = _FaultTracker()
         while True:
             try:
                 handle = self._submit_batch(members)
+            except _BatchRefused:
+                return [await self.run(op, cpu) for op in ops]
             except Fallback as exc:
                 return [await cpu(op, exc.reason) for op in ops]
             await self.completions.wait(handle)
@@ -196,7 +230,16 @@ class Device:
         try:
             handle = self.queue.submit_batch(members)
         except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                # write() answers EINVAL to a BATCH where user submission is
+                # not safe (the kernel's cdev.c): no batches on this queue,
+                # which is otherwise fine.
+                self.batch_refused = f"the kernel refused BATCH: {exc}"
+                log.warning("dsa queue refuses BATCH; members go one descriptor each", engine=self.engine,
+                            error=str(exc))
+                raise _BatchRefused from exc
             self.broken = f"{type(exc).__name__}: {exc}"
+            log.warning("dsa queue unusable; using the CPU", engine=self.engine, error=self.broken, pid=os.getpid())
             raise Fallback("queue_unusable") from exc
         if handle is None:
             raise Fallback("queue_full")

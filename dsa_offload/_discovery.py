@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from dmuserd.dsa_offload._caps import Capabilities, has_sys_rawio
 from dmuserd.dsa_offload._native import extension, load_error
 
 SYSFS = "/sys/bus/dsa/devices"
@@ -35,6 +36,9 @@ class WorkQueue:
     submission: str
     usable: bool
     reasons: tuple[str, ...]
+    gen_cap: int | None = None
+    op_config: int | None = None
+    version: int | None = None
 
     @classmethod
     def from_native(cls, d: dict) -> WorkQueue:
@@ -44,16 +48,35 @@ class WorkQueue:
             values = [v for v in (d.get(key), dev.get(key)) if isinstance(v, int) and v > 0]
             return min(values) if values else None
 
+        submission = d["submission"]
+        if submission != "write" and not (dev.get("op_cap") or 0) >> 1 & 1 and has_sys_rawio() is False:
+            # BATCH hidden from op_cap: a part where user submission is not
+            # safe, whose portal only a CAP_SYS_RAWIO process may map.
+            submission = "write"
         return cls(
             name=d["name"], path=d["path"], mode=d.get("mode"), state=d.get("state"), type=d.get("type"),
             size=d.get("size"), threshold=d.get("threshold"), max_transfer_size=limit("max_transfer_size"),
             max_batch_size=limit("max_batch_size"), block_on_fault=d.get("block_on_fault"),
             pasid_enabled=dev.get("pasid_enabled") == 1, op_cap=dev.get("op_cap") or 0, device=dev["name"],
-            submission=d["submission"], usable=d["usable"], reasons=tuple(d["reasons"]),
+            submission=submission, usable=d["usable"], reasons=tuple(d["reasons"]),
+            gen_cap=dev.get("gen_cap") if isinstance(dev.get("gen_cap"), int) else None,
+            op_config=d.get("op_config"), version=dev.get("version") if isinstance(dev.get("version"), int) else None,
         )
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the queue takes: gen_cap, op_cap narrowed by op_config, its block-on-fault setting."""
+        return Capabilities(gen_cap=self.gen_cap, op_cap=self.op_cap, op_config=self.op_config,
+                            wq_block_on_fault=self.block_on_fault == 1)
+
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"op_cap": hex(self.op_cap), "reasons": list(self.reasons)}
+        out = dataclasses.asdict(self) | {"op_cap": hex(self.op_cap), "reasons": list(self.reasons)}
+        out |= {"gen_cap": None if self.gen_cap is None else hex(self.gen_cap),
+                "op_config": None if self.op_config is None else hex(self.op_config),
+                "version": None if self.version is None else hex(self.version),
+                "capabilities": self.capabilities.as_dict(),
+                "implications": self.capabilities.implications(rawio=has_sys_rawio())}
+        return out
 
 
 def roots(sysfs: str | None = None, devdir: str | None = None) -> tuple[str, str]:

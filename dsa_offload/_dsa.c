@@ -74,16 +74,34 @@ typedef struct {
     int opened; /* a dedicated queue admits one opener */
 } EmulatorObject;
 
+/* An opcode bitmap from a Python int (None: `dflt`). */
+static int bitmap_arg(PyObject *v, uint8_t out[32], const uint8_t *dflt)
+{
+    if (v == Py_None) {
+        memcpy(out, dflt, 32);
+        return 0;
+    }
+    PyObject *b = PyObject_CallMethod(v, "to_bytes", "is", 32, "little");
+    if (!b)
+        return -1;
+    memcpy(out, PyBytes_AS_STRING(b), 32);
+    Py_DECREF(b);
+    return 0;
+}
+
 static int Emulator_init(EmulatorObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"mode", "size", "max_transfer", "max_batch", "block_on_fault", "op_cap", "delay_us", NULL};
+    static char *kwlist[] = {"mode", "size", "max_transfer", "max_batch", "block_on_fault", "op_cap", "delay_us",
+                             "gen_cap", "op_config", "user_submission_safe", "enqcmds_retries", NULL};
     const char *mode = "dedicated";
-    unsigned size = 16, max_batch = 32, delay = 0;
+    unsigned size = 16, max_batch = 32, delay = 0, retries = 32;
     unsigned long long max_transfer = 2u << 20;
-    int bof = 0;
-    PyObject *op_cap = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|sIKIpOI:Emulator", kwlist, &mode, &size, &max_transfer, &max_batch,
-                                     &bof, &op_cap, &delay))
+    unsigned long long gen_cap = DSA_GENCAP_BLOCK_ON_FAULT | DSA_GENCAP_OVERLAP_COPY | DSA_GENCAP_CACHE_CONTROL_MEM |
+                                 DSA_GENCAP_CACHE_CONTROL_CACHE;
+    int bof = 0, safe = 1;
+    PyObject *op_cap = Py_None, *op_config = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|sIKIpOIKOpI:Emulator", kwlist, &mode, &size, &max_transfer, &max_batch,
+                                     &bof, &op_cap, &delay, &gen_cap, &op_config, &safe, &retries))
         return -1;
     if (strcmp(mode, "dedicated") && strcmp(mode, "shared")) {
         PyErr_SetString(PyExc_ValueError, "mode must be 'dedicated' or 'shared'");
@@ -94,19 +112,15 @@ static int Emulator_init(EmulatorObject *self, PyObject *args, PyObject *kw)
         return -1;
     }
     struct dsa_emu_config cfg = {.size = size, .shared = mode[0] == 's', .block_on_fault = bof,
-                                 .max_transfer = (uint32_t)max_transfer, .max_batch = max_batch};
-    if (op_cap == Py_None) {
-        memset(cfg.op_cap, 0, sizeof cfg.op_cap);
-        unsigned ops[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0x10, 0x11, 0x20};
-        for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
-            cfg.op_cap[ops[i] / 8] |= 1u << (ops[i] % 8);
-    } else {
-        PyObject *b = PyObject_CallMethod(op_cap, "to_bytes", "is", (int)sizeof cfg.op_cap, "little");
-        if (!b)
-            return -1;
-        memcpy(cfg.op_cap, PyBytes_AS_STRING(b), sizeof cfg.op_cap);
-        Py_DECREF(b);
-    }
+                                 .max_transfer = (uint32_t)max_transfer, .max_batch = max_batch, .gen_cap = gen_cap,
+                                 .user_submission_safe = safe, .enqcmds_retries = retries};
+    uint8_t every_op[32] = {0}, all[32];
+    unsigned ops[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0x10, 0x11, 0x20};
+    for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
+        every_op[ops[i] / 8] |= 1u << (ops[i] % 8);
+    memset(all, 0xff, sizeof all);
+    if (bitmap_arg(op_cap, cfg.op_cap, every_op) < 0 || bitmap_arg(op_config, cfg.op_config, all) < 0)
+        return -1;
     if (self->e)
         dsa_emu_destroy(self->e);
     self->e = dsa_emu_create(&cfg);
@@ -192,10 +206,10 @@ static PyObject *Emulator_stats(EmulatorObject *self, PyObject *unused)
     dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     struct dsa_emu_stats s;
     dsa_emu_stats(self->e, &s);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsI}", "descriptors", s.descriptors, "batches", s.batches, "members",
-                         s.members, "overflows", s.overflows, "retries", s.retries, "faults", s.faults, "cr_faults",
-                         s.cr_faults, "blocked", s.blocked, "max_occupancy", s.max_occupancy, "occupancy",
-                         s.occupancy);
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsI}", "descriptors", s.descriptors, "batches", s.batches,
+                         "members", s.members, "overflows", s.overflows, "retries", s.retries, "faults", s.faults,
+                         "cr_faults", s.cr_faults, "blocked", s.blocked, "max_occupancy", s.max_occupancy, "writes",
+                         s.writes, "write_errors", s.write_errors, "occupancy", s.occupancy);
 }
 
 static PyObject *Emulator_get_delay(EmulatorObject *self, void *c) { return PyLong_FromUnsignedLong(dsa_emu_delay(self->e)); }
@@ -221,6 +235,29 @@ static PyObject *Emulator_get_max_batch(EmulatorObject *self, void *c)
     return PyLong_FromUnsignedLong(dsa_emu_config(self->e)->max_batch);
 }
 static PyObject *Emulator_get_bof(EmulatorObject *self, void *c) { return PyBool_FromLong(dsa_emu_config(self->e)->block_on_fault); }
+static PyObject *Emulator_get_gen_cap(EmulatorObject *self, void *c)
+{
+    return PyLong_FromUnsignedLongLong(dsa_emu_config(self->e)->gen_cap);
+}
+static PyObject *bitmap_int(const uint8_t map[32])
+{
+    return _PyLong_FromByteArray(map, 32, 1 /* little endian */, 0);
+}
+/* op_cap as sysfs shows it: the kernel hides BATCH where user submission is not safe. */
+static PyObject *Emulator_get_op_cap(EmulatorObject *self, void *c)
+{
+    const struct dsa_emu_config *cfg = dsa_emu_config(self->e);
+    uint8_t map[32];
+    memcpy(map, cfg->op_cap, 32);
+    if (!cfg->user_submission_safe)
+        map[DSA_OP_BATCH / 8] &= ~(1u << (DSA_OP_BATCH % 8));
+    return bitmap_int(map);
+}
+static PyObject *Emulator_get_op_config(EmulatorObject *self, void *c) { return bitmap_int(dsa_emu_config(self->e)->op_config); }
+static PyObject *Emulator_get_safe(EmulatorObject *self, void *c)
+{
+    return PyBool_FromLong(dsa_emu_config(self->e)->user_submission_safe);
+}
 
 static PyMethodDef Emulator_methods[] = {
     {"set_fault", (PyCFunction)(void (*)(void))Emulator_set_fault, METH_VARARGS | METH_KEYWORDS,
@@ -240,7 +277,11 @@ static PyGetSetDef Emulator_getset[] = {
     {"size", (getter)Emulator_get_size, NULL, NULL, NULL},
     {"max_transfer", (getter)Emulator_get_max_transfer, NULL, NULL, NULL},
     {"max_batch", (getter)Emulator_get_max_batch, NULL, NULL, NULL},
-    {"block_on_fault", (getter)Emulator_get_bof, NULL, NULL, NULL},
+    {"block_on_fault", (getter)Emulator_get_bof, NULL, "the queue is configured with block-on-fault enabled", NULL},
+    {"gen_cap", (getter)Emulator_get_gen_cap, NULL, "GENCAP, as sysfs dsaN/gen_cap shows it", NULL},
+    {"op_cap", (getter)Emulator_get_op_cap, NULL, "supported opcodes as sysfs dsaN/op_cap shows them", NULL},
+    {"op_config", (getter)Emulator_get_op_config, NULL, "opcodes the queue accepts (sysfs wqN.M/op_config)", NULL},
+    {"user_submission_safe", (getter)Emulator_get_safe, NULL, "False: write() refuses BATCH (INTEL-SA-01084)", NULL},
     {NULL}};
 
 static PyTypeObject EmulatorType = {
@@ -248,7 +289,8 @@ static PyTypeObject EmulatorType = {
     .tp_basicsize = sizeof(EmulatorObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Emulator(mode='dedicated', size=16, max_transfer=2 MiB, max_batch=32, block_on_fault=False, "
-              "op_cap=None, delay_us=0): a software DSA work queue",
+              "op_cap=None, delay_us=0, gen_cap=BOF|overlap|cache control, op_config=None, "
+              "user_submission_safe=True, enqcmds_retries=32): a software DSA work queue",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Emulator_init,
     .tp_dealloc = (destructor)Emulator_dealloc,
@@ -573,8 +615,10 @@ static void *poller_main(void *arg)
 static int open_portal(QueueObject *q, int force_write)
 {
     const struct dsa_cpu *cpu = dsa_cpu_features();
-    if (q->emu) {
-        q->kind = KIND_EMULATED;
+    if (q->emu) { /* write(): through the emulator's model of the kernel's cdev */
+        q->kind = force_write ? KIND_WRITE : KIND_EMULATED;
+        if (force_write)
+            snprintf(q->portal_note, sizeof q->portal_note, "emulated write() (the kernel's cdev checks modelled)");
         return 0;
     }
     q->fd = open(q->path, O_RDWR | O_CLOEXEC);
@@ -744,9 +788,11 @@ static int queue_submit(QueueObject *q, OpObject *op, const struct dsa_desc *d)
             rc = dsa_enqcmd(slot, d);
             break;
         case KIND_WRITE: {
-            ssize_t w = write(q->fd, d, sizeof *d);
-            rc = w == (ssize_t)sizeof *d ? 0 : (errno == EAGAIN || errno == EBUSY || errno == ENOSPC) ? 1 : -1;
-            err = errno;
+            if (q->emu)
+                err = dsa_emu_cdev_write(q->emu->e, d);
+            else
+                err = write(q->fd, d, sizeof *d) == (ssize_t)sizeof *d ? 0 : errno;
+            rc = err == 0 ? 0 : (err == EAGAIN || err == EBUSY || err == ENOSPC) ? 1 : -1;
             break;
         }
         }
@@ -774,7 +820,7 @@ static int queue_submit(QueueObject *q, OpObject *op, const struct dsa_desc *d)
     Py_DECREF(op);
     if (rc < 0) {
         errno = err;
-        PyErr_SetFromErrnoWithFilename(PyExc_OSError, q->path);
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, q->path ? q->path : "emulated queue (write)");
     }
     return rc;
 }

@@ -336,7 +336,7 @@ class Mover(_InlineBase):
         results: list[Any] = [None] * len(ops)
         device = self._device
         packed: list[int] = []
-        if device:
+        if device and device.batches:
             small = [i for i, op in enumerate(ops) if 0 < op.nbytes() < self.threshold
                      and op.nbytes() <= device.max_transfer and self._device_reason(op) is None]
             if len(small) >= 2 and sum(ops[i].nbytes() for i in small) >= self.threshold:
@@ -386,6 +386,8 @@ class Mover(_InlineBase):
 
     def _device_reason(self, op: _ops.Operation) -> str | None:
         """Why the device must not take this operation (None: it may)."""
+        if not self._device.supports(op.opcode):
+            return "unsupported_op"
         ext = extension()
         if isinstance(op, _ops.Copy) and len(op.dst) > self._device.max_transfer:
             d, s, n = ext.address_of(op.dst), ext.address_of(op.src), len(op.dst)
@@ -479,7 +481,8 @@ class Mover(_InlineBase):
                                             "completion_record_faults", "batch_member_failures")}
             out["queue"] = {"kind": q.kind, "mode": q.mode, "size": q.size, "path": q.path, "in_flight": q.in_flight,
                             "retries": q.retries, "full": q.full, "generation": q.generation,
-                            "broken": self._device.broken}
+                            "broken": self._device.broken, "batch_refused": self._device.batch_refused,
+                            "capabilities": self._device.caps.as_dict()}
         if self.emulator is not None:
             out["emulator"] = self.emulator.stats()
         return out

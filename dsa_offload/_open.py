@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import structlog
 
+from dmuserd.dsa_offload._caps import Capabilities
 from dmuserd.dsa_offload._device import Device
 from dmuserd.dsa_offload._discovery import discover, usable_queues
 from dmuserd.dsa_offload._errors import DsaUnavailable
@@ -25,14 +26,18 @@ ENGINES = ("auto", "dsa", "emulated", "cpu")
 
 
 def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emulator=None,
-               emulator_options: dict | None = None, block_on_fault: bool = False,
+               emulator_options: dict | None = None, block_on_fault: bool = False, portal: str = "auto",
                cpu_thread_threshold: int | None = DEFAULT_CPU_THREAD_THRESHOLD,
                sysfs: str | None = None, devdir: str | None = None) -> Mover:
     """Open a :class:`Mover`; use it as ``async with open_mover(...) as mover``.
 
     ``emulator`` (an ``Emulator``) or ``emulator_options`` (its keyword
-    arguments: mode, size, max_transfer, max_batch, block_on_fault, delay_us)
-    configure the ``"emulated"`` engine.
+    arguments: mode, size, max_transfer, max_batch, block_on_fault, delay_us,
+    gen_cap, op_cap, op_config, user_submission_safe) configure the
+    ``"emulated"`` engine; ``portal="write"`` submits to it through its
+    model of the kernel's ``write()`` instead of the portal. The queue's
+    capabilities (sysfs, or the emulator's stand-in) decide which flags and
+    operations the mover uses.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -44,11 +49,12 @@ def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emul
         if ext is None:
             raise DsaUnavailable(f"the emulated engine needs the _dsa extension: {load_error()}")
         emu = emulator if emulator is not None else ext.Emulator(**(emulator_options or {}))
-        queue = ext.Queue(emulator=emu)
-        return Mover(Device(queue, engine="emulated", block_on_fault=block_on_fault), engine="emulated",
-                     emulator=emu, **common)
+        queue = ext.Queue(emulator=emu, portal=portal)
+        device = Device(queue, engine="emulated", caps=Capabilities.of_emulator(emu), block_on_fault=block_on_fault)
+        return Mover(device, engine="emulated", emulator=emu, **common)
     try:
-        return Mover(Device(_open_hardware(sysfs, devdir), engine="dsa", block_on_fault=block_on_fault),
+        queue, wq = _open_hardware(sysfs, devdir)
+        return Mover(Device(queue, engine="dsa", caps=wq.capabilities, block_on_fault=block_on_fault),
                      engine="dsa", **common)
     except DsaUnavailable as exc:
         if engine == "dsa":
@@ -71,6 +77,6 @@ def _open_hardware(sysfs: str | None, devdir: str | None):
             failures.append(f"{wq.name}: cannot open {wq.path}: {exc.strerror}")
             continue
         log.info("dsa work queue opened", queue=wq.name, mode=wq.mode, size=wq.size, submission=queue.kind,
-                 note=queue.portal_note or None)
-        return queue
+                 note=queue.portal_note or None, capabilities=wq.capabilities.as_dict())
+        return queue, wq
     raise DsaUnavailable("no usable DSA work queue" + (": " + "; ".join(failures) if failures else " found"))

@@ -64,6 +64,25 @@ class Status(enum.IntEnum):
     MISALIGNED_ADDRESS = 0x1C
 
 
+class GenCap(enum.IntFlag):
+    """Bits of the device's GENCAP register (sysfs ``dsaN/gen_cap``; the
+    kernel's ``union gen_cap_reg``) that decide which descriptor flags and
+    operations a queue can take."""
+
+    BLOCK_ON_FAULT = 1 << 0
+    OVERLAP_COPY = 1 << 1
+    CACHE_CONTROL_MEMORY = 1 << 2
+    CACHE_CONTROL_CACHE = 1 << 3
+    COMMAND_CAP = 1 << 4
+    DEST_READBACK = 1 << 8
+    DRAIN_READBACK = 1 << 9
+
+
+#: Operations that write memory: the ones CACHE_CONTROL (allocate the
+#: written lines in the cache) is meant for. Others never get the flag.
+WRITES_MEMORY = frozenset({Opcode.MEMMOVE, Opcode.MEMFILL, Opcode.CREATE_DELTA, Opcode.APPLY_DELTA, Opcode.DUALCAST,
+                           Opcode.COPY_CRC})
+
 WRITE_FAULT = 0x80  # or-ed into status 3 when the fault was on a write
 STATUS_MASK = 0x7F
 

@@ -2,8 +2,10 @@
 
 Reports whether the C extension is built (and so which code runs the
 mover's small copies and fills), the CPU's submission instructions,
-every work queue sysfs shows with the reasons it is or is not usable, and
-the engine ``open_mover("auto")`` would pick.
+every work queue sysfs shows with the reasons it is or is not usable, what
+was read about it (gen_cap, op_cap, op_config, block_on_fault) and what
+that implies (which operations are offloaded, batches, cache control, why
+``write()`` is used), and the engine ``open_mover("auto")`` would pick.
 """
 
 from __future__ import annotations
@@ -59,5 +61,13 @@ def info_command(args) -> int:
     for q in report["queues"]:
         verdict = f"usable via {q['submission']}" if q["usable"] else "unusable: " + "; ".join(q["reasons"])
         print(f"{q['name']} ({q['device']}, {q['mode']}, {q['type']}, {q['state']}, size {q['size']}): {verdict}")
+        caps = q["capabilities"]
+        print(f"  read: gen_cap {caps['gen_cap']}, op_cap {caps['op_cap']}, op_config {caps['op_config'] or 'absent'}, "
+              f"block_on_fault {q['block_on_fault']}")
+        print(f"  offloadable: {', '.join(caps['operations']) or 'nothing'}; batch {'yes' if caps['batch'] else 'no'}, "
+              f"cache control {'yes' if caps['cache_control'] else 'no'}, "
+              f"block on fault {'yes' if caps['block_on_fault'] else 'no'}")
+        for line in q["implications"]:
+            print(f"  - {line}")
     print(f"auto engine: {report['auto']['engine']} ({report['auto']['reason']})")
     return 0

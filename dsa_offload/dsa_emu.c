@@ -478,15 +478,22 @@ static void exec_body(struct dsa_emu *e, const struct dsa_desc *d, struct dsa_re
     unsigned op = dsa_desc_opcode(d);
     uint32_t flags = dsa_desc_flags(d);
     int known = op <= DSA_OP_DUALCAST || op == DSA_OP_CRCGEN || op == DSA_OP_COPY_CRC || op == DSA_OP_CACHE_FLUSH;
-    if (!known || !(e->cfg.op_cap[op / 8] & (1u << (op % 8))) || (in_batch && op == DSA_OP_BATCH)) {
+    int enabled = (e->cfg.op_cap[op / 8] & e->cfg.op_config[op / 8]) & (1u << (op % 8));
+    if (!known || !enabled || (in_batch && op == DSA_OP_BATCH)) {
         r->status = DSA_ST_BAD_OPCODE;
         return;
     }
     int crc_op = op == DSA_OP_CRCGEN || op == DSA_OP_COPY_CRC;
     uint32_t allowed = DSA_FLAGS_GENERIC | (crc_op ? DSA_FLAG_CRC_SEED_ADDR | DSA_FLAG_CRC_BYPASS_INV : 0);
     uint32_t bad = flags & ~allowed;
-    if (((flags & DSA_FLAG_BOF) && !e->cfg.block_on_fault))
+    uint64_t gen = e->cfg.gen_cap;
+    /* Block on fault needs the capability and the queue's configuration. */
+    if ((flags & DSA_FLAG_BOF) && !((gen & DSA_GENCAP_BLOCK_ON_FAULT) && e->cfg.block_on_fault))
         bad |= DSA_FLAG_BOF;
+    /* Cache control needs GENCAP's cache-control support (for cache flush: its own bit). */
+    if ((flags & DSA_FLAG_CACHE_CONTROL) &&
+        !(gen & (op == DSA_OP_CACHE_FLUSH ? DSA_GENCAP_CACHE_CONTROL_CACHE : DSA_GENCAP_CACHE_CONTROL_MEM)))
+        bad |= DSA_FLAG_CACHE_CONTROL;
     if ((flags & DSA_FLAG_RCR) && !(flags & DSA_FLAG_CRAV))
         bad |= DSA_FLAG_RCR;
     if (bad) {
@@ -529,6 +536,10 @@ static void exec_body(struct dsa_emu *e, const struct dsa_desc *d, struct dsa_re
         uint64_t src = d->src, dst = d->dst;
         s[ns++] = (struct stream){src, 0};
         s[ns++] = (struct stream){dst, 1};
+        if (overlaps(src, n, dst, n) && !(e->cfg.gen_cap & DSA_GENCAP_OVERLAP_COPY)) {
+            r->status = DSA_ST_OVERLAP; /* a device without overlapping-copy support */
+            return;
+        }
         if (dst > src && dst < src + n) { /* overlap: copy runs backwards */
             r->result = 1;
             st = backward_stop(e, s, ns, n, bof);
@@ -789,6 +800,38 @@ int dsa_emu_portal_write(struct dsa_emu *e, const struct dsa_desc *d)
     pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
     return 0;
+}
+
+/* What the kernel's write() on a WQ character device does with one
+ * descriptor (idxd_submit_user_descriptor in drivers/dma/idxd/cdev.c,
+ * kernel 6.10): refuse a BATCH when user submission is not safe on the part
+ * (INTEL-SA-01084) and a completion record that is not 32-byte aligned
+ * (EINVAL); on a dedicated queue MOVDIR64B it (posted: no feedback, so an
+ * overflow is only counted); on a shared queue ENQCMDS it, retrying
+ * enqcmds_retries times, then EAGAIN. Returns 0 or that errno. */
+int dsa_emu_cdev_write(struct dsa_emu *e, const struct dsa_desc *d)
+{
+    dsa_emu_after_fork(e);
+    int err = 0;
+    if (dsa_desc_opcode(d) == DSA_OP_BATCH && !e->cfg.user_submission_safe)
+        err = EINVAL;
+    else if (d->completion & 31)
+        err = EINVAL;
+    else if (!e->cfg.shared)
+        dsa_emu_portal_write(e, d);
+    else {
+        err = EAGAIN;
+        for (unsigned tries = 0; tries <= e->cfg.enqcmds_retries; tries++)
+            if (dsa_emu_portal_write(e, d) == 0) {
+                err = 0;
+                break;
+            }
+    }
+    pthread_mutex_lock(&e->mu);
+    e->st.writes++;
+    e->st.write_errors += err != 0;
+    pthread_mutex_unlock(&e->mu);
+    return err;
 }
 
 void dsa_emu_set_delay(struct dsa_emu *e, unsigned delay_us)

@@ -154,23 +154,35 @@ int dsa_enqcmd(void *portal, const void *desc); /* 1 = retry (queue full) */
 void dsa_umwait_until(volatile void *addr, uint64_t tsc_deadline);
 uint32_t dsa_crc32c(uint32_t seed, const void *data, size_t n); /* crc32c package convention */
 
+/* GENCAP register bits (the kernel's union gen_cap_reg; sysfs dsaN/gen_cap). */
+#define DSA_GENCAP_BLOCK_ON_FAULT (1ull << 0)
+#define DSA_GENCAP_OVERLAP_COPY (1ull << 1)
+#define DSA_GENCAP_CACHE_CONTROL_MEM (1ull << 2)
+#define DSA_GENCAP_CACHE_CONTROL_CACHE (1ull << 3)
+
 /* The emulated device (dsa_emu.c). */
 struct dsa_emu_config {
     unsigned size;           /* WQ size: descriptors accepted and not completed */
     int shared;              /* shared WQ: full answers retry; dedicated: overflow counted */
-    int block_on_fault;      /* WQ allows BLOCK_ON_FAULT */
+    int block_on_fault;      /* WQ configured with block-on-fault enabled */
     uint32_t max_transfer;
     uint32_t max_batch;
-    uint8_t op_cap[32];      /* bitmap of supported opcodes */
+    uint64_t gen_cap;        /* GENCAP: block on fault, overlapping copy, cache control */
+    uint8_t op_cap[32];      /* bitmap of opcodes the device supports */
+    uint8_t op_config[32];   /* bitmap of opcodes this WQ accepts (WQCFG op config) */
+    int user_submission_safe; /* the kernel's flag: without it write() refuses BATCH, sysfs hides it */
+    unsigned enqcmds_retries; /* the kernel's ENQCMDS attempts for a write() to a shared WQ */
 };
 struct dsa_emu_stats {
     uint64_t descriptors, batches, members, overflows, retries, faults, cr_faults, blocked, max_occupancy;
+    uint64_t writes, write_errors; /* write() calls to the modelled cdev, and those refused */
     unsigned occupancy;
 };
 struct dsa_emu;
 struct dsa_emu *dsa_emu_create(const struct dsa_emu_config *cfg);
 void dsa_emu_destroy(struct dsa_emu *e);
 int dsa_emu_portal_write(struct dsa_emu *e, const struct dsa_desc *d); /* 1 = retry */
+int dsa_emu_cdev_write(struct dsa_emu *e, const struct dsa_desc *d);   /* 0 or an errno, as cdev.c's write() */
 void dsa_emu_execute(struct dsa_emu *e, const struct dsa_desc *d);     /* synchronous */
 void dsa_emu_set_fault(struct dsa_emu *e, uint64_t addr, uint64_t len, int sticky);
 void dsa_emu_clear_faults(struct dsa_emu *e);

@@ -106,6 +106,23 @@ static long int_of(PyObject *d, const char *key, long dflt)
     return v && PyLong_Check(v) ? PyLong_AsLong(v) : dflt;
 }
 
+/* Whether bitmap `cap` (a Python int) has opcode `op`'s bit. */
+static int has_op(PyObject *cap, unsigned op)
+{
+    if (!cap || !PyLong_Check(cap))
+        return 0;
+    PyObject *sh = PyLong_FromUnsignedLong(op), *one = PyLong_FromLong(1);
+    PyObject *shifted = sh ? PyNumber_Rshift(cap, sh) : NULL;
+    PyObject *bit = shifted && one ? PyNumber_And(shifted, one) : NULL;
+    int set = bit ? PyObject_IsTrue(bit) == 1 : 0;
+    Py_XDECREF(sh);
+    Py_XDECREF(one);
+    Py_XDECREF(shifted);
+    Py_XDECREF(bit);
+    PyErr_Clear();
+    return set;
+}
+
 static PyObject *describe_wq(const char *root, const char *devroot, const char *wq)
 {
     char wqdir[1024], devdir[1024], cdev[1024], buf[512];
@@ -127,15 +144,37 @@ static PyObject *describe_wq(const char *root, const char *devroot, const char *
     for (const char **a = wq_attrs; *a; a++)
         put_attr(d, wqdir, *a, NULL);
     put_attr(d, wqdir, "name", "wq_name");
-    static const char *dev_attrs[] = {"version", "max_transfer_size", "max_batch_size", "gen_cap",
-                                      "pasid_enabled", "numa_node", NULL};
+    static const char *dev_attrs[] = {"version", "max_transfer_size", "max_batch_size", "pasid_enabled",
+                                      "numa_node", NULL};
     for (const char **a = dev_attrs; *a; a++)
         put_attr(dev, devdir, *a, NULL);
+    /* gen_cap is a 64-bit register ("%#llx"): parsed unsigned, None when absent. */
+    if (read_attr(devdir, "gen_cap", buf, sizeof buf) == 0) {
+        char *end;
+        unsigned long long g = strtoull(buf, &end, 16);
+        v = (*buf && !*end) ? PyLong_FromUnsignedLongLong(g) : PyUnicode_FromString(buf);
+    } else {
+        v = Py_NewRef(Py_None);
+    }
+    if (!v)
+        goto fail;
+    PyDict_SetItemString(dev, "gen_cap", v);
+    Py_DECREF(v);
     PyObject *cap = parse_op_cap(read_attr(devdir, "op_cap", buf, sizeof buf) == 0 ? buf : NULL);
     if (!cap)
         goto fail;
     PyDict_SetItemString(dev, "op_cap", cap);
     Py_DECREF(cap);
+    /* The queue's own operation set (op_config, DSA 2.0 kernels): None when absent. */
+    if (read_attr(wqdir, "op_config", buf, sizeof buf) == 0) {
+        v = parse_op_cap(buf);
+        if (!v)
+            goto fail;
+    } else {
+        v = Py_NewRef(Py_None);
+    }
+    PyDict_SetItemString(d, "op_config", v);
+    Py_DECREF(v);
     v = PyUnicode_FromFormat("dsa%d", dnum);
     PyDict_SetItemString(dev, "name", v);
     Py_XDECREF(v);
@@ -164,18 +203,10 @@ static PyObject *describe_wq(const char *root, const char *devroot, const char *
     int shared = str_is(d, "mode", "shared");
     if (shared && !cpu->enqcmd)
         add_reason(reasons, "shared queue needs ENQCMD, which this CPU lacks%s", "");
-    {
-        PyObject *capv = PyDict_GetItemString(dev, "op_cap");
-        PyObject *one = PyLong_FromLong(1), *sh = PyLong_FromLong(DSA_OP_MEMMOVE);
-        PyObject *bit = one && sh ? PyNumber_Lshift(one, sh) : NULL;
-        PyObject *and = bit ? PyNumber_And(capv, bit) : NULL;
-        if (and && !PyObject_IsTrue(and))
-            add_reason(reasons, "device does not advertise MEMMOVE in op_cap%s", "");
-        Py_XDECREF(one);
-        Py_XDECREF(sh);
-        Py_XDECREF(bit);
-        Py_XDECREF(and);
-    }
+    if (!has_op(PyDict_GetItemString(dev, "op_cap"), DSA_OP_MEMMOVE))
+        add_reason(reasons, "device does not advertise MEMMOVE in op_cap%s", "");
+    else if (PyDict_GetItemString(d, "op_config") != Py_None && !has_op(PyDict_GetItemString(d, "op_config"), DSA_OP_MEMMOVE))
+        add_reason(reasons, "queue's op_config does not allow MEMMOVE%s", "");
     if (access(cdev, F_OK) != 0)
         add_reason(reasons, "no character device %s", cdev);
     else if (access(cdev, R_OK | W_OK) != 0)

@@ -40,3 +40,16 @@ def test_info_text_explains(tmp_path, ext):
     assert "extension: built" in out
     assert "wq0.0" in out and "unusable: queue is not enabled" in out
     assert "auto engine: cpu" in out
+
+
+def test_info_shows_what_was_read_and_what_it_implies(tmp_path, ext):
+    hidden = "00000000,00000000,00000000,00000000,00000000,00000000,00000001,000303fd"  # no BATCH
+    sysfs, devdir = build(tmp_path, {"wq0.0": {}}, devices={"dsa0": {"op_cap": hidden, "gen_cap": "0x40915f0101"}},
+                          cdevs=("wq0.0",))
+    out = run_info("--sysfs", str(sysfs), "--devdir", str(devdir))
+    assert "read: gen_cap 0x40915f0101, op_cap 0x1000303fd, op_config absent, block_on_fault 0" in out
+    assert "offloadable: noop, drain, memmove" in out and "batch no, cache control no" in out
+    assert "no BATCH (the kernel hides BATCH where user submission is not safe" in out
+    report = json.loads(run_info("--json", "--sysfs", str(sysfs), "--devdir", str(devdir)))
+    caps = report["queues"][0]["capabilities"]
+    assert caps["batch"] is False and caps["cache_control"] is False and caps["gen_cap"] == "0x40915f0101"
