@@ -289,7 +289,11 @@ class FuzzDaemon:
         self.incarnation = 0
         self.proc: subprocess.Popen | None = None
         self.deaths: list[str] = []
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     # paths
 
