@@ -21,8 +21,9 @@ _CHUNK = 64 * 1024
 
 
 # From this size a copy drops the GIL (through the extension, when built),
-# so a copy run in a worker thread really leaves the trio loop free.
-NOGIL_COPY = 1 << 20
+# so a copy run in a worker thread (a device fallback from 256 KiB) really
+# leaves the trio loop free.
+NOGIL_COPY = 256 << 10
 
 
 def copy(dst: memoryview, src: memoryview) -> None:

@@ -4,8 +4,10 @@
 descriptor and reacts to each completion record: success advances it; a
 page fault advances it by ``bytes_completed``, touches the faulting page and
 resubmits the rest; a fault on the completion record's page touches that
-page and resubmits. It gives the rest to the CPU (and says why) when the
-queue is full, a fault keeps coming back, or the device reports an error.
+page and resubmits. Before each descriptor it waits for a slot: never more
+of our descriptors in flight than the queue's size. It gives the rest to
+the CPU (and says why) when a shared queue is full with others' work, a
+fault keeps coming back, or the device reports an error.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class Device:
                 self._react(op, first, None, faults)
             while not op.finished:
                 args = op.device_args(self.max_transfer)
+                await self._slot()
                 handle = self._submit(op.opcode, args)
                 await self.completions.wait(handle)
                 self.counts["completed"] += 1
@@ -141,6 +144,21 @@ class Device:
         except Fallback as exc:
             return await cpu(op, exc.reason)
         return op.result()
+
+    async def _slot(self) -> None:
+        """Wait until the queue has room for one more of our descriptors.
+
+        Our own descriptors in flight never exceed the queue's size: a
+        dedicated queue would drop the excess silently, and a shared one
+        refuse it. Waiting here instead of falling back keeps a large
+        operation, split into more pieces than the queue holds, on the
+        device (its pieces take turns). A shared queue that others filled
+        still refuses; that is a fallback (queue_full)."""
+        queue = self.queue
+        if queue.in_flight < queue.size or self.broken:
+            return
+        self.counts["slot_waits"] += 1
+        await self.completions.wait_until(lambda: queue.in_flight < queue.size or self.broken is not None)
 
     def _submit(self, opcode: int, args: dict):
         if self.broken:
@@ -192,6 +210,7 @@ class Device:
         faults = _FaultTracker()
         while True:
             try:
+                await self._slot()
                 handle = self._submit_batch(members)
             except _BatchRefused:
                 return [await self.run(op, cpu) for op in ops]

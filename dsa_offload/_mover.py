@@ -66,6 +66,11 @@ DEFAULT_THRESHOLD = 64 * 1024
 # the GIL) so the trio loop keeps serving; smaller work is cheaper inline
 # than a thread hand-off (see bench/scenarios/dsa_mover.py).
 DEFAULT_CPU_THREAD_THRESHOLD = 16 * 1024 * 1024
+# Work a device engine gives to the CPU instead (a fallback, an operation
+# the queue does not take, an overlapping copy) runs in a worker thread
+# from this size: it is the device's share, often large, and the loop must
+# keep serving meanwhile. Copies and compares this big drop the GIL.
+FALLBACK_THREAD_THRESHOLD = 256 * 1024
 # Inline CPU work takes a full checkpoint once it has used this much credit
 # (bytes), each call drawing at least CALL_CHARGE: see the module docstring.
 CHECKPOINT_CREDIT = 16 << 20
@@ -431,9 +436,14 @@ class Mover(_InlineBase):
         return op.combine(parts)
 
     async def _cpu(self, op: _ops.Operation, reason: str | None):
-        """Finish ``op`` on the CPU (``reason``: why not on the device)."""
+        """Finish ``op`` on the CPU (``reason``: why not on the device).
+
+        In a worker thread when it is big: from ``cpu_thread_threshold``
+        bytes, and on a device engine from ``FALLBACK_THREAD_THRESHOLD``
+        bytes of work the device was meant to do (a ``reason``)."""
         n = op.nbytes()
-        if self.cpu_thread_threshold is not None and n >= self.cpu_thread_threshold:
+        big = self.cpu_thread_threshold is not None and n >= self.cpu_thread_threshold
+        if big or (reason not in (None, "below_threshold") and n >= FALLBACK_THREAD_THRESHOLD):
             await trio.to_thread.run_sync(op.cpu)
         else:
             await self._charge(n)
@@ -478,7 +488,7 @@ class Mover(_InlineBase):
             c = self._device.counts
             q = self._device.queue
             out |= {key: c[key] for key in ("submitted", "completed", "batches", "offloaded_bytes", "faults",
-                                            "completion_record_faults", "batch_member_failures")}
+                                            "completion_record_faults", "batch_member_failures", "slot_waits")}
             out["queue"] = {"kind": q.kind, "mode": q.mode, "size": q.size, "path": q.path, "in_flight": q.in_flight,
                             "retries": q.retries, "full": q.full, "generation": q.generation,
                             "broken": self._device.broken, "batch_refused": self._device.batch_refused,
