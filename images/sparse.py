@@ -98,6 +98,8 @@ class SparseImage(Image):
             raise self._fail(4, "version", f"major version {major}; only {MAJOR_VERSION} exists")
         if file_hdr < HEADER.size:
             raise self._fail(8, "header-size", f"file_hdr_sz {file_hdr} is less than {HEADER.size}")
+        if file_hdr > src.size:
+            raise self._fail(8, "header-size", f"file_hdr_sz {file_hdr} runs past the end of the {src.size}-byte file")
         if chunk_hdr < CHUNK.size:
             raise self._fail(10, "chunk-header-size", f"chunk_hdr_sz {chunk_hdr} is less than {CHUNK.size}")
         if not blk_sz or blk_sz % 4:

@@ -9,7 +9,9 @@ does for a device it only reads: the COW file is the update, not a scratch
 area. The logical block size is 512 so reads at any sector work, even
 those not aligned to the COW's 4 KiB blocks.
 
-Options: ``base`` and ``cow`` (paths, required); ``size`` the target size
+Options: ``base`` and ``cow`` (paths, required; ``base`` may be an Android
+sparse image or any locator of :mod:`dmuserd.images`, such as
+``super.img::system_a``, which can be served but not merged); ``size`` the target size
 (not recorded in a COW file; default the base's); ``label`` to read an
 unfinished COW file up to a label; ``cache`` the bytes of decompressed
 chunks kept; ``merged``: whether the first ``num_merge_ops`` ops of the
@@ -37,6 +39,7 @@ import trio
 
 from dmuserd.backends import Backend, BackendError, Options
 from dmuserd.errors import DmuserdError
+from dmuserd.images import ImageError
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot.merge_control import MergeControl
 from dmuserd.snapshot.view import DEFAULT_CACHE_BYTES, SnapshotView
@@ -69,6 +72,9 @@ class SnapshotBackend(Backend):
         except OSError as exc:
             self.reader.close()
             raise BackendError(f"snapshot backend: cannot open the base image {base}: {exc.strerror}") from None
+        except ImageError as exc:  # a missing file, a bad sparse image or super partition
+            self.reader.close()
+            raise BackendError(f"snapshot backend: base image: {exc}") from None
         except BaseException:
             self.reader.close()
             raise

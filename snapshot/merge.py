@@ -138,7 +138,13 @@ async def merge_cow(base, cow, *, offload: str = "auto", verify: bool = True, on
     commit. ``io_class(base_fd, cow_fd)`` makes the :class:`MergeIO`.
     """
     from dmuserd.dsa_offload import open_mover
+    from dmuserd.images import not_raw_reason
 
+    reason = not_raw_reason(base)
+    if reason is not None:
+        raise MergeUnsafeError(f"{reason}: a merge writes its base in place, which only a raw image can take; "
+                               "unsparse it first (`dmuserd image unsparse`) or write the target with "
+                               "`dmuserd cow render`")
     reader = CowReader(cow, check_merge=False)
     fds: list[int] = []
     try:

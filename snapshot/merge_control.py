@@ -74,6 +74,11 @@ class MergeControl:
             self._unsafe = MergeUnsafeError(f"{self.cow} is read up to a label (an unfinished COW file); "
                                             "only a complete file can be merged")
             return
+        if getattr(view, "base_image", None) is not None:  # a sparse image, a super partition, a zip entry
+            self._unsafe = MergeUnsafeError(
+                f"the base {self.base} is read as a {view.base_image.kind} image, not a plain file: a merge writes "
+                "the base in place; serve a raw image (`dmuserd image unsparse`) to merge online")
+            return
         try:
             self._plan = plan_merge(reader, view.base_size)
         except MergeError as exc:

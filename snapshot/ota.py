@@ -128,18 +128,73 @@ def cow_settings(payload: Payload, *, version: int | None = None, compression: s
     return CowSettings(version, algorithm, level, factor)
 
 
-def find_source(source_dir, name: str) -> str:
-    """The old image of partition ``name`` in ``source_dir`` (``NAME.img`` or ``NAME``)."""
+def find_source(source_dir, name: str, slot: str | None = None) -> str:
+    """The old image of partition ``name``, as a locator of :mod:`dmuserd.images`.
+
+    ``source_dir`` is one source or a list of them, tried in order (first
+    found wins): a folder of images (``NAME.img`` or ``NAME``, raw or
+    Android sparse), a zip of such images (a factory image), or a super
+    image (raw or sparse), whose logical partition ``NAME_SLOT`` is taken.
+    With ``slot`` (``a``, ``b``: the slot the old build is in),
+    ``NAME_SLOT.img`` and ``NAME_SLOT`` are looked for first in folders and
+    zips too.
+    """
     if source_dir is None:
         raise SourceImageError(
-            f"partition {name!r} is a delta update: it needs the old image; pass --source-dir with "
-            f"{SOURCE_NAMES[0].format(name=name)} in it"
+            f"partition {name!r} is a delta update: it needs the old image; pass --source-dir (or --source): a "
+            f"folder with {SOURCE_NAMES[0].format(name=name)} in it, a factory-image zip or a super image"
         )
-    tried = [os.path.join(os.fspath(source_dir), pattern.format(name=name)) for pattern in SOURCE_NAMES]
-    for path in tried:
-        if os.path.exists(path):
-            return path
-    raise SourceImageError(f"partition {name!r}: no old image in {source_dir} (looked for {' and '.join(tried)})")
+    sources = [source_dir] if isinstance(source_dir, (str, os.PathLike)) else list(source_dir)
+    names = [pattern.format(name=f"{name}_{slot}") for pattern in SOURCE_NAMES] if slot else []
+    names += [pattern.format(name=name) for pattern in SOURCE_NAMES]
+    tried = []
+    for source in sources:
+        found, looked = _find_in_source(os.fspath(source), name, names, slot)
+        if found is not None:
+            return found
+        tried.append(looked)
+    raise SourceImageError(f"partition {name!r}: no old image in {'; nor in '.join(tried)}")
+
+
+def _find_in_source(source: str, name: str, names: list[str], slot: str | None) -> tuple[str | None, str]:
+    """``(locator, "")`` of partition ``name`` in one source, or ``(None, what was looked for)``."""
+    from dmuserd.images import SEP, open_image, split_locator
+    from dmuserd.images._zip import entry_names, is_zip
+    from dmuserd.images.lp import LpFormatError, SuperImage, slot_number, slot_suffix
+
+    head, members = split_locator(source)
+    if not members and os.path.isdir(head):
+        tried = [os.path.join(source, n) for n in names]
+        found = next((path for path in tried if os.path.exists(path)), None)
+        return found, f"{source} (looked for {' and '.join(tried)})"
+    with open_image(source) as image:
+        if is_zip(image):
+            entries = set(entry_names(image, source))
+            found = next((n for n in names if n in entries), None)
+            return (None if found is None else f"{source}{SEP}{found}"), f"the zip {source} (looked for " \
+                f"{', '.join(names)})"
+        try:
+            sup = SuperImage(image, source)
+        except LpFormatError as exc:
+            if exc.rule != "geometry-magic":
+                raise
+            raise SourceImageError(f"--source {source} is neither a folder, a zip of images nor a super image "
+                                   "(no LP geometry)") from None
+        meta = sup.metadata(slot if slot else 0)
+        have = [p.name for p in meta.partitions]
+        if slot:
+            wanted = f"{name}{slot_suffix(slot_number(slot))}"
+            if wanted in have:
+                return f"{source}{SEP}{wanted}", ""
+        elif name in have:
+            return f"{source}{SEP}{name}", ""
+        elif any(n in have for n in (f"{name}_a", f"{name}_b")):
+            raise SourceImageError(f"partition {name!r}: the super image {source} has it per slot "
+                                   f"({', '.join(n for n in have if n.startswith(name + '_'))}): pass --slot with "
+                                   "the slot the old build is in (a or b)")
+        want = f"{name}{slot_suffix(slot_number(slot))}" if slot else name
+        return None, f"the super image {source} (no partition {want!r} in slot {slot or 'a'}: it has " \
+            f"{', '.join(have) or 'none'})"
 
 
 @dataclass
@@ -168,10 +223,12 @@ def apply_payload(
     progress: bool | None = None,
     on_operation: Callable[[str, int], None] | None = None,
     mover=None,
+    slot: str | None = None,
 ) -> list[PartitionResult]:
     """Write ``cow_dir/NAME.cow`` for each partition (all, or ``partitions``).
 
-    ``source_dir`` holds the old images (needed for delta partitions).
+    ``source_dir`` holds the old images (needed for delta partitions): see
+    :func:`find_source`, with ``slot`` the slot the old build is in.
     ``verify`` checks each result's SHA-256 against ``new_partition_info``
     before it gets its final name. ``progress`` None: a tqdm bar when
     stderr is a terminal. ``on_operation(partition, index)`` is called after
@@ -190,7 +247,7 @@ def apply_payload(
             check_supported(part)
             verity[part.partition_name] = verity_params(payload, part)
             if part.HasField("old_partition_info"):
-                sources[part.partition_name] = find_source(source_dir, part.partition_name)
+                sources[part.partition_name] = find_source(source_dir, part.partition_name, slot)
         for part in parts:
             if part.partition_name in sources:
                 check_source_image(part, sources[part.partition_name])
@@ -264,15 +321,14 @@ def check_source_image(part, path: str) -> None:
     manifest has ``old_partition_info.hash``, be that image (one read, so a
     wrong image is refused before anything is written; operations'
     ``src_sha256_hash`` are checked again as they are applied)."""
+    from dmuserd.images import ImageError, open_image
+
     name, info = part.partition_name, part.old_partition_info
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise SourceImageError(f"partition {name!r}: cannot open the old image {path}: {exc.strerror}") from None
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
+        with open_image(path) as image:
+            size = image.size
+    except ImageError as exc:
+        raise SourceImageError(f"partition {name!r}: the old image: {exc}") from None
     if size < info.size:
         raise SourceImageError(
             f"partition {name!r}: the old image {path} is {size} bytes, the payload's old partition is "
@@ -334,11 +390,11 @@ class _PartitionConverter:
         for stale in glob.glob(pattern):
             if stale != temp:
                 os.unlink(stale)
-        src_fd = -1
+        src = None  # the old image (a dmuserd.images.Image), when the partition has one
         writer = None
         try:
             if self.source is not None:
-                src_fd = self._open_source()
+                src = self._open_source()
             ops = len(self.part.operations)
             last = ops + (self.verity is not None)  # the verity blocks get a label of their own
             resume_at = _last_label(temp, last) if os.path.exists(temp) else None
@@ -348,7 +404,7 @@ class _PartitionConverter:
                                    compression_level=self.settings.level, block_size=self.bs,
                                    compression_factor=self.settings.factor,
                                    op_count_max=max(1, self.new_blocks) if self.settings.version >= 3 else None)
-                self._write_upfront(writer, src_fd, plan)
+                self._write_upfront(writer, src, plan)
                 writer.add_label(0)
                 start = 0
             else:
@@ -360,7 +416,7 @@ class _PartitionConverter:
             bar.update(min(start, ops))  # operations done before the interruption
             xor_map = plan[3]
             for index in range(start, ops):
-                self._write_operation(writer, src_fd, index, xor_map)
+                self._write_operation(writer, src, index, xor_map)
                 writer.add_label(index + 1)
                 bar.update(1)
                 if on_operation is not None:
@@ -386,8 +442,8 @@ class _PartitionConverter:
                 os.unlink(temp)
             raise
         finally:
-            if src_fd >= 0:
-                os.close(src_fd)
+            if src is not None:
+                src.close()
         log.info("partition converted", partition=self.name, cow=final, ops=len(self.part.operations),
                  resumed_at=resume_at, **counts)
         return PartitionResult(self.name, final, self.base, self.new_size, digest, len(self.part.operations),
@@ -416,12 +472,14 @@ class _PartitionConverter:
         writer.add_label(ops + 1)
         return writer
 
-    def _open_source(self) -> int:
+    def _open_source(self):
+        """The old image as a :class:`dmuserd.images.Image` (raw, sparse, a super partition, a zip entry)."""
+        from dmuserd.images import ImageError, open_image
+
         try:
-            return os.open(self.source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise SourceImageError(f"partition {self.name!r}: cannot open the old image {self.source}: "
-                                   f"{exc.strerror}") from None
+            return open_image(self.source)
+        except ImageError as exc:
+            raise SourceImageError(f"partition {self.name!r}: the old image: {exc}") from None
 
     def _check(self, temp: str, verify: bool) -> tuple[dict, str]:
         """Read the finished file back (format and merge order) and hash what it renders."""
@@ -522,27 +580,27 @@ class _PartitionConverter:
         replaces = sorted((d, s) for d, s in source_copy.items() if d != s and d not in copy_dst)
         return sequence, copies, replaces, xor_map
 
-    def _read_source(self, fd: int, offset: int, length: int) -> bytes:
-        data = os.pread(fd, length, offset)
+    def _read_source(self, src, offset: int, length: int) -> bytes:
+        data = src.pread(length, offset) if offset + length <= src.size else b""
         if len(data) != length:
             raise SourceImageError(f"partition {self.name!r}: the old image {self.source} ends before byte "
                                    f"{offset + length}")
         return data
 
-    def _source_extents(self, fd: int, op) -> bytes:
+    def _source_extents(self, src, op) -> bytes:
         bs = self.bs
-        return b"".join(self._read_source(fd, e.start_block * bs, e.num_blocks * bs) for e in op.src_extents)
+        return b"".join(self._read_source(src, e.start_block * bs, e.num_blocks * bs) for e in op.src_extents)
 
-    def _write_upfront(self, writer: CowWriter, src_fd: int, plan) -> None:
+    def _write_upfront(self, writer: CowWriter, src, plan) -> None:
         sequence, copies, replaces, _xor = plan
         # the source blocks copied must be the ones the payload expects
         for i, op in enumerate(self.part.operations):
             if op.type == OpType.SOURCE_COPY and op.HasField("src_sha256_hash"):
-                self.payload.check_source(self.name, i, op, self._source_extents(src_fd, op), self.source)
+                self.payload.check_source(self.name, i, op, self._source_extents(src, op), self.source)
         if sequence:
             writer.add_sequence_data(sequence)
-        for dst, src in copies:
-            writer.add_copy(dst, src)
+        for dst, from_block in copies:
+            writer.add_copy(dst, from_block)
         bs = self.bs
         i = 0
         while i < len(replaces):  # runs of consecutive (dst, src) in one Replace
@@ -550,10 +608,10 @@ class _PartitionConverter:
             while (j < len(replaces) and j - i < _CHUNK // bs and replaces[j][0] == replaces[j - 1][0] + 1
                    and replaces[j][1] == replaces[j - 1][1] + 1):
                 j += 1
-            writer.add_replace(replaces[i][0], self._read_source(src_fd, replaces[i][1] * bs, (j - i) * bs))
+            writer.add_replace(replaces[i][0], self._read_source(src, replaces[i][1] * bs, (j - i) * bs))
             i = j
 
-    def _write_operation(self, writer: CowWriter, src_fd: int, index: int, xor_map: dict[int, int]) -> None:
+    def _write_operation(self, writer: CowWriter, src, index: int, xor_map: dict[int, int]) -> None:
         op = self.part.operations[index]
         op_type = OpType(op.type)
         bs = self.bs
@@ -569,7 +627,7 @@ class _PartitionConverter:
             if op_type in _REPLACE_OPS:
                 data = replace_data(op_type, blob, dst_bytes)
             else:
-                source = self._source_extents(src_fd, op)
+                source = self._source_extents(src, op)
                 self.payload.check_source(self.name, index, op, source, self.source)
                 data = apply_diff(op_type, blob, source, dst_bytes)
         except DataError as exc:
@@ -583,7 +641,7 @@ class _PartitionConverter:
                 offset = xor_map.get(block)
                 if offset is not None:
                     new = view[(pos + k) * bs : (pos + k + 1) * bs]
-                    writer.add_xor(block, xor_bytes(new, self._read_source(src_fd, offset, bs)), offset)
+                    writer.add_xor(block, xor_bytes(new, self._read_source(src, offset, bs)), offset)
                     k += 1
                     continue
                 j = k + 1
@@ -636,19 +694,20 @@ def render_sha256(reader: CowReader, base, size: int, *, bar=None, mover=None) -
 
 
 def file_sha256(path, size: int, *, bar=None) -> tuple[str, int]:
-    """SHA-256 of the first ``size`` bytes of a file or block device, and how many bytes it had."""
+    """SHA-256 of the first ``size`` bytes of an image, and how many bytes it had.
+
+    ``path``: a file or block device, or any locator of :mod:`dmuserd.images`
+    (an Android sparse image reads as the raw image it stands for).
+    """
+    from dmuserd.images import open_image
+
     digest = hashlib.sha256()
-    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
+    with open_image(path) as image:
         done = 0
-        while done < size:
-            chunk = os.pread(fd, min(_CHUNK, size - done), done)
-            if not chunk:
-                break
+        while done < min(size, image.size):
+            chunk = image.pread(min(_CHUNK, size - done, image.size - done), done)
             digest.update(chunk)
             done += len(chunk)
             if bar is not None:
                 bar.update(len(chunk))
-    finally:
-        os.close(fd)
     return digest.hexdigest(), done

@@ -20,9 +20,31 @@ def _partitions(text: str | None) -> list[str] | None:
     return [p for p in text.split(",") if p] if text else None
 
 
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", "--source-dir", dest="source_dir", action="append", metavar="OLD",
+                   help="the old build (needed for a delta payload): a folder of images NAME.img or NAME (raw or "
+                        "Android sparse), a factory-image zip of them, or a super image (raw or sparse); "
+                        "repeat it to look in several, in order")
+    p.add_argument("--slot", help="the slot the old build is in (a or b): a super image's partitions NAME_SLOT are "
+                                  "the old images, and the new partitions are NAME with the other slot's suffix")
+
+
+def served_name(name: str, slot: str | None) -> str:
+    """What a new partition is called: ``system`` with ``--slot a`` is ``system_b`` (the target slot)."""
+    if not slot:
+        return name
+    from dmuserd.images.lp import slot_number
+
+    number = slot_number(slot)
+    if number not in (0, 1):
+        from dmuserd.snapshot.payload import PayloadError
+
+        raise PayloadError(f"--slot {slot}: an A/B update goes from slot a to b or from b to a")
+    return f"{name}_{'b' if number == 0 else 'a'}"
+
+
 def _cow_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source-dir", metavar="OLD/",
-                   help="the old partition images, NAME.img or NAME (needed for a delta payload)")
+    _source_options(p)
     p.add_argument("--partitions", metavar="A,B", help="only these partitions (default: all)")
     p.add_argument("--cow-version", type=int, choices=(2, 3), default=None,
                    help="COW format version (default: the payload's cow_version, else 2)")
@@ -85,8 +107,8 @@ def register(subparsers) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--image-dir", metavar="DIR",
                        help="new images or served files, NAME or NAME.img (a FUSE export's directory)")
-    where.add_argument("--cow-dir", metavar="OUT/", help="COW files NAME.cow, rendered over --source-dir")
-    p.add_argument("--source-dir", metavar="OLD/", help="the old images, for --cow-dir")
+    where.add_argument("--cow-dir", metavar="OUT/", help="COW files NAME.cow, rendered over --source")
+    _source_options(p)
     p.add_argument("--partitions", metavar="A,B", help="only these partitions (default: all)")
     _cert_option(p)
     offload_option(p)
@@ -151,6 +173,7 @@ def _convert(args, cow_dir, mover=None):
     return apply_payload(
         args.payload, cow_dir=cow_dir, source_dir=args.source_dir, partitions=_partitions(args.partitions),
         version=args.cow_version, compression=args.compression, verify=not args.no_verify, mover=mover,
+        slot=args.slot,
     )
 
 
@@ -186,10 +209,11 @@ def _serve(args: argparse.Namespace) -> int:
     _check(args, whole=not args.no_verify)
     with contextlib.ExitStack() as stack:
         cow_dir = args.cow_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dmuserd-ota-"))
+        served_name(".", args.slot)  # a bad --slot is refused before the conversion
         results = _convert(args, cow_dir)
         targets = [
-            make_target(r.name, "snapshot", {"base": r.base, "cow": r.cow, "size": r.size},
-                        [e.replace("{name}", r.name) for e in args.export])
+            make_target(served_name(r.name, args.slot), "snapshot", {"base": r.base, "cow": r.cow, "size": r.size},
+                        [e.replace("{name}", served_name(r.name, args.slot)) for e in args.export])
             for r in results
         ]
         for result in results:
@@ -227,13 +251,13 @@ def _verify_all(args: argparse.Namespace, mover) -> int:
                 name = part.partition_name
                 size, want = part.new_partition_info.size, part.new_partition_info.hash.hex()
                 if args.image_dir:
-                    path, got, note = _hash_image(args.image_dir, name, size, bar)
+                    path, got, note = _hash_image(args.image_dir, served_name(name, args.slot), size, bar)
                 else:
                     path = os.path.join(args.cow_dir, f"{name}.cow")
                     if not os.path.exists(path):
                         raise PayloadError(f"partition {name!r}: no {path}; run `dmuserd ota apply` first")
                     old = part.HasField("old_partition_info")
-                    base = find_source(args.source_dir, name) if old else os.devnull
+                    base = find_source(args.source_dir, name, args.slot) if old else os.devnull
                     with CowReader(path) as reader:
                         got, note = render_sha256(reader, base, size, bar=bar, mover=mover), ""
                 if got == want:

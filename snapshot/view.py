@@ -74,7 +74,10 @@ class SnapshotView:
     """Target bytes of a COW file applied to a base image.
 
     ``reader`` is an open :class:`CowReader`; ``base`` a path or a readable
-    file descriptor (a descriptor stays the caller's). ``size`` is the
+    file descriptor (a descriptor stays the caller's), or any image of
+    :mod:`dmuserd.images`: a locator (``super.img::system_a``), or an open
+    :class:`~dmuserd.images.Image` (which stays the caller's). A path to an
+    Android sparse image reads as the raw image it stands for. ``size`` is the
     target size in bytes (the COW header does not record it), by default
     the base's. ``merged_ops`` marks the first ``merged_ops`` ops of the
     merge order as merged (pass ``reader.num_merge_ops`` when the base
@@ -87,13 +90,24 @@ class SnapshotView:
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.reader = reader
         self.block_size = reader.block_size
+        #: the base when it is not a plain file (a sparse image, a super partition, a zip entry): reads go
+        #: through :meth:`dmuserd.images.Image.readinto` instead of ``preadv``
+        self.base_image = None
+        self._opened = None  # the image this view opened (and closes)
         if isinstance(base, int):
-            self._base_fd, self._owns_base = base, False
+            self._base_fd = base
         else:
-            self._base_fd = os.open(os.fspath(base), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self._owns_base = True
+            from dmuserd.images import Image, RawImage, open_image
+
+            image = base if isinstance(base, Image) else open_image(base)
+            self._opened = None if image is base else image
+            if isinstance(image, RawImage) and image.start == 0:
+                self._base_fd = image.fd
+            else:
+                self._base_fd, self.base_image = -1, image
         try:
-            self.base_size = os.lseek(self._base_fd, 0, os.SEEK_END)  # block devices too
+            self.base_size = (self.base_image.size if self.base_image is not None
+                              else os.lseek(self._base_fd, 0, os.SEEK_END))  # block devices too
             self.size = self.base_size if size is None else size
             reader.check_base_size(self.base_size)
             reader.check_target_size(self.size)
@@ -332,6 +346,9 @@ class SnapshotView:
 
     def _pread_into(self, dst: memoryview, offset: int) -> None:
         """Base bytes into ``dst``; past the base's end stays zero (a grown target)."""
+        if self.base_image is not None:
+            self.base_image.readinto(dst, offset)
+            return
         done, n = 0, len(dst)
         while done < n and offset + done < self.base_size:
             got = os.preadv(self._base_fd, [dst[done:]], offset + done)
@@ -395,14 +412,17 @@ class SnapshotView:
 
     def _read_base(self, offset: int, length: int) -> bytes:
         """Base bytes; past the base's end (a grown target) reads zeros."""
+        if self.base_image is not None:
+            return self.base_image.pread(length, offset)
         data = os.pread(self._base_fd, length, offset) if offset < self.base_size else b""
         if len(data) < length:
             data += bytes(length - len(data))
         return data
 
     def close(self) -> None:
-        if self._owns_base and self._base_fd >= 0:
-            os.close(self._base_fd)
+        if self._opened is not None:
+            self._opened.close()
+        self._opened = self.base_image = None
         self._base_fd = -1
 
     def __enter__(self) -> "SnapshotView":
