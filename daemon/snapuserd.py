@@ -36,6 +36,7 @@ connection is closed, as snapuserd does.
 from __future__ import annotations
 
 import os
+import stat
 import weakref
 from dataclasses import dataclass, field
 
@@ -196,6 +197,8 @@ async def _init(daemon, state: SnapuserdState, misc: str, cow: str, backing: str
         return "fail"
     try:
         check_name(misc)
+        for path in (cow, backing, base_merge) if base_merge else (cow, backing):
+            _check_storage(path)
         if base_merge and not _same_storage(backing, base_merge):
             raise DmError(f"the merge base {base_merge} is not the backing device {backing}: "
                           "dmuserd merges into the device it reads the base from")
@@ -206,6 +209,24 @@ async def _init(daemon, state: SnapuserdState, misc: str, cow: str, backing: str
     state.handlers[misc] = Handler(misc, cow, backing, base_merge, backend)
     log.info("snapuserd init", misc=misc, cow=cow, backing=backing, sectors=backend.size // 512)
     return f"success,{backend.size // 512}"
+
+
+def _check_storage(path: str) -> None:
+    """``path`` must name a regular file or a block device (not a FIFO, a directory, a socket ...).
+
+    A client names these paths: opening a FIFO would block the opener for
+    good, and snapuserd's requests are served one at a time.
+    """
+    from dmuserd.errors import DmuserdError
+
+    if "\0" in path or not path:
+        raise DmuserdError(f"{path!r} is not a path")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DmuserdError(f"cannot stat {path}: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise DmuserdError(f"{path} is neither a regular file nor a block device")
 
 
 def _same_storage(a: str, b: str) -> bool:

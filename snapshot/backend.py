@@ -37,7 +37,7 @@ from __future__ import annotations
 import structlog
 import trio
 
-from dmuserd.backends import Backend, BackendError, Options
+from dmuserd.backends import Backend, BackendError, Op, Options
 from dmuserd.errors import DmuserdError
 from dmuserd.images import ImageError
 from dmuserd.snapshot._cow_reader import CowReader
@@ -79,7 +79,9 @@ class SnapshotBackend(Backend):
             self.reader.close()
             raise
         try:
-            super().__init__(size=self.view.size, block_size=512)
+            # Read-only: no WRITE in its capabilities (NBD clients see a read-only export, a
+            # flush has nothing to make durable); write() stays to say why to direct callers.
+            super().__init__(size=self.view.size, block_size=512, disabled_ops={Op.WRITE})
         except BackendError:
             self.view.close()
             self.reader.close()
