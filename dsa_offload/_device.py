@@ -33,6 +33,11 @@ log = structlog.get_logger()
 # the page in (or the device keeps losing it); stop trying.
 FAULT_RETRIES = 3
 
+# A descriptor not complete after this many seconds never will be (a hung
+# device, a queue disabled under us): the queue is given up. Generous: a
+# block-on-fault page request may wait for the disk.
+COMPLETION_TIMEOUT = 5.0
+
 _DELTA_STATUSES = (Status.DELTA_OFFSETS_NOT_INCREASING, Status.DELTA_OFFSET_OUT_OF_RANGE, Status.DELTA_RECORD_SIZE)
 
 
@@ -99,10 +104,12 @@ class Device:
     any more (None while it is); ``batch_refused`` why batches are not.
     """
 
-    def __init__(self, queue, *, engine: str, caps: Capabilities, block_on_fault: bool = False) -> None:
+    def __init__(self, queue, *, engine: str, caps: Capabilities, block_on_fault: bool = False,
+                 completion_timeout: float = COMPLETION_TIMEOUT) -> None:
         self.queue = queue
         self.engine = engine
         self.caps = caps
+        self.completion_timeout = completion_timeout
         self.completions = Completions(queue)
         self.max_transfer = queue.max_transfer
         self.max_batch = queue.max_batch
@@ -111,8 +118,12 @@ class Device:
                      engine=engine)
         self._flags = {int(op): caps.flags_for(op, block_on_fault) for op in Opcode}
         self.broken: str | None = None
+        self.broken_code = "queue_unusable"  # the fallback reason work gets once broken
+        self.hung = False  # a descriptor missed its deadline: nobody waits any more
         self.batch_refused: str | None = None if caps.batch else "BATCH is not offered by the queue"
         self.counts: Counter[str] = Counter()
+        if queue.check_device_error():
+            self._give_up("device_error", "the device reports a software error (SWERR)")
 
     def supports(self, opcode: int) -> bool:
         """Whether the queue takes this operation at all."""
@@ -126,6 +137,45 @@ class Device:
     def flags(self, opcode: int) -> int:
         return self._flags.get(int(opcode), 0)
 
+    # -- giving the queue up ---------------------------------------------
+
+    def _give_up(self, code: str, detail: str) -> None:
+        """Stop using the queue: new work goes to the CPU (fallback ``code``).
+
+        What is in flight stays in flight: its Ops keep their buffers
+        exported and their records allocated, so nothing the device may
+        still write is freed (``Queue.close`` strands them for good)."""
+        if self.broken is not None:
+            return
+        self.broken, self.broken_code = detail, code
+        self.counts[code + "s"] += 1
+        log.error("dsa queue given up; the data path goes on on the CPU", engine=self.engine, reason=detail,
+                  in_flight=self.queue.in_flight, pid=os.getpid())
+
+    def _unusable(self) -> bool:
+        if self.broken is None and self.queue.device_error:  # seen by the poller (a poll() on the WQ fd)
+            self._give_up("device_error", "the device reported a software error (SWERR)")
+        return self.broken is not None
+
+    async def _await(self, handle) -> None:
+        """Wait for ``handle`` to complete, at most ``completion_timeout`` seconds.
+
+        A device error (SWERR) stops new submissions but not this wait: the
+        descriptors in flight may still complete. A missed deadline means the
+        device is hung: the queue is given up, every waiter stops waiting
+        (raises Fallback) and its work goes on on the CPU."""
+        with trio.move_on_after(self.completion_timeout):
+            await self.completions.wait_until(lambda: handle.done or self.hung)
+        if handle.done:
+            self._unusable()  # notice a device error reported meanwhile
+            return
+        if not self.hung:
+            self.hung = True
+            self.broken = None  # the deadline is the stronger reason
+            self._give_up("completion_timeout", f"a descriptor did not complete within {self.completion_timeout} s")
+            self.queue.wake()  # the other waiters look again, and stop
+        raise Fallback("completion_timeout")
+
     # -- one operation ---------------------------------------------------
 
     async def run(self, op: Operation, cpu: Callable[[Operation, str], Awaitable], first: Record | None = None):
@@ -138,7 +188,7 @@ class Device:
                 args = op.device_args(self.max_transfer)
                 await self._slot()
                 handle = self._submit(op.opcode, args)
-                await self.completions.wait(handle)
+                await self._await(handle)
                 self.counts["completed"] += 1
                 self._react(op, Record.of(handle), args.get("size", 0), faults)
         except Fallback as exc:
@@ -155,14 +205,19 @@ class Device:
         device (its pieces take turns). A shared queue that others filled
         still refuses; that is a fallback (queue_full)."""
         queue = self.queue
-        if queue.in_flight < queue.size or self.broken:
+        if queue.in_flight < queue.size or self._unusable():
             return
         self.counts["slot_waits"] += 1
-        await self.completions.wait_until(lambda: queue.in_flight < queue.size or self.broken is not None)
+        with trio.move_on_after(self.completion_timeout) as scope:
+            await self.completions.wait_until(lambda: queue.in_flight < queue.size or self._unusable())
+        if scope.cancelled_caught and not self._unusable():
+            self.hung = True
+            self._give_up("completion_timeout", f"no descriptor completed within {self.completion_timeout} s")
+            queue.wake()
 
     def _submit(self, opcode: int, args: dict):
-        if self.broken:
-            raise Fallback("queue_unusable")
+        if self._unusable():
+            raise Fallback(self.broken_code)
         try:
             handle = self.queue.submit(opcode, flags=self.flags(opcode), **args)
         except OSError as exc:  # a forked child that could not reopen, typically
@@ -216,7 +271,10 @@ class Device:
                 return [await self.run(op, cpu) for op in ops]
             except Fallback as exc:
                 return [await cpu(op, exc.reason) for op in ops]
-            await self.completions.wait(handle)
+            try:
+                await self._await(handle)
+            except Fallback as exc:
+                return [await cpu(op, exc.reason) for op in ops]
             self.counts["completed"] += 1
             self.counts["batches"] += 1
             code = handle.status & STATUS_MASK
@@ -244,8 +302,8 @@ class Device:
         return results
 
     def _submit_batch(self, members):
-        if self.broken:
-            raise Fallback("queue_unusable")
+        if self._unusable():
+            raise Fallback(self.broken_code)
         try:
             handle = self.queue.submit_batch(members)
         except OSError as exc:
@@ -269,12 +327,23 @@ class Device:
         """One round trip through the device; nothing to do when it is full."""
         try:
             handle = self._submit(Opcode.NOOP, {})
+            await self._await(handle)
         except Fallback:
             await trio.lowlevel.checkpoint()
-            return
-        await self.completions.wait(handle)
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):  # the device may still write our buffers
-            await self.completions.wait_idle()
-        self.queue.close()
+        """Wait for what is in flight (the device may still write our
+        buffers), at most ``completion_timeout``; then close the queue.
+        What is still in flight then stays pinned for good."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(0 if self.hung else self.completion_timeout):
+                await self.completions.wait_until(lambda: self.queue.in_flight == 0)
+        self.close(0)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close the queue, waiting at most ``timeout`` (default: the completion deadline) for what is in flight."""
+        timeout = (0 if self.hung else self.completion_timeout) if timeout is None else timeout
+        stranded = self.queue.close(timeout=timeout)
+        if stranded:
+            log.error("dsa queue closed with descriptors in flight; their buffers stay pinned", engine=self.engine,
+                      stranded=stranded)

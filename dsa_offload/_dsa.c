@@ -34,6 +34,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -57,7 +58,10 @@ PyObject *dsa_discover(PyObject *self, PyObject *args, PyObject *kw);
 
 enum { KIND_MOVDIR64B, KIND_ENQCMD, KIND_WRITE, KIND_EMULATED };
 static const char *kind_names[] = {"movdir64b", "enqcmd", "write", "emulated"};
-enum { OP_NEW, OP_INFLIGHT, OP_COMPLETE, OP_REAPED, OP_ABANDONED };
+/* OP_STRANDED: still in flight when its queue was closed or given up on;
+ * its buffers stay exported and its record allocated for good (the device
+ * may still write them). */
+enum { OP_NEW, OP_INFLIGHT, OP_COMPLETE, OP_REAPED, OP_ABANDONED, OP_STRANDED };
 
 static uint64_t now_ns(void)
 {
@@ -179,6 +183,33 @@ static PyObject *Emulator_fault_next_records(EmulatorObject *self, PyObject *arg
     Py_RETURN_NONE;
 }
 
+static PyObject *Emulator_hang_next(EmulatorObject *self, PyObject *arg)
+{
+    dsa_emu_after_fork(self->e);
+    long n = PyLong_AsLong(arg);
+    if (n < 0 && PyErr_Occurred())
+        return NULL;
+    dsa_emu_hang_next(self->e, (unsigned)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Emulator_release_hung(EmulatorObject *self, PyObject *unused)
+{
+    dsa_emu_after_fork(self->e);
+    unsigned n;
+    Py_BEGIN_ALLOW_THREADS
+    n = dsa_emu_release_hung(self->e);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLong(n);
+}
+
+static PyObject *Emulator_raise_swerr(EmulatorObject *self, PyObject *unused)
+{
+    dsa_emu_after_fork(self->e);
+    dsa_emu_set_swerr(self->e, 1);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Emulator_execute(EmulatorObject *self, PyObject *arg)
 {
     dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
@@ -206,10 +237,10 @@ static PyObject *Emulator_stats(EmulatorObject *self, PyObject *unused)
     dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     struct dsa_emu_stats s;
     dsa_emu_stats(self->e, &s);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsI}", "descriptors", s.descriptors, "batches", s.batches,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsI}", "descriptors", s.descriptors, "batches", s.batches,
                          "members", s.members, "overflows", s.overflows, "retries", s.retries, "faults", s.faults,
                          "cr_faults", s.cr_faults, "blocked", s.blocked, "max_occupancy", s.max_occupancy, "writes",
-                         s.writes, "write_errors", s.write_errors, "occupancy", s.occupancy);
+                         s.writes, "write_errors", s.write_errors, "hung", s.hung, "occupancy", s.occupancy);
 }
 
 static PyObject *Emulator_get_delay(EmulatorObject *self, void *c) { return PyLong_FromUnsignedLong(dsa_emu_delay(self->e)); }
@@ -266,6 +297,12 @@ static PyMethodDef Emulator_methods[] = {
     {"touch", (PyCFunction)Emulator_touch, METH_O, "touch(addr): the OS brings that page in"},
     {"fault_next_records", (PyCFunction)Emulator_fault_next_records, METH_O,
      "fault_next_records(n): the next n completion records land on a non-present page"},
+    {"hang_next", (PyCFunction)Emulator_hang_next, METH_O,
+     "hang_next(n): the next n descriptors are accepted and never complete (until release_hung)"},
+    {"release_hung", (PyCFunction)Emulator_release_hung, METH_NOARGS,
+     "execute the hung descriptors now (a late completion); returns how many"},
+    {"raise_swerr", (PyCFunction)Emulator_raise_swerr, METH_NOARGS,
+     "the device logs a software error: poll() on the queue reports it from now on"},
     {"execute", (PyCFunction)Emulator_execute, METH_O,
      "execute(desc): run one 64-byte descriptor now, in this thread (test hook)"},
     {"stats", (PyCFunction)Emulator_stats, METH_NOARGS, "counters: descriptors, overflows, retries, faults..."},
@@ -355,6 +392,7 @@ REC_GETTER(record_address, PyLong_FromUnsignedLongLong((uintptr_t)r))
 
 static PyObject *Op_get_done(OpObject *op, void *c) { return PyBool_FromLong(op->state >= OP_REAPED); }
 static PyObject *Op_get_abandoned(OpObject *op, void *c) { return PyBool_FromLong(op->state == OP_ABANDONED); }
+static PyObject *Op_get_stranded(OpObject *op, void *c) { return PyBool_FromLong(op->state == OP_STRANDED); }
 static PyObject *Op_get_holds_buffers(OpObject *op, void *c) { return PyBool_FromLong(op->nviews > 0); }
 static PyObject *Op_get_opcode(OpObject *op, void *c) { return PyLong_FromUnsignedLong(op->opcode); }
 static PyObject *Op_get_latency_ns(OpObject *op, void *c)
@@ -386,6 +424,7 @@ static PyGetSetDef Op_getset[] = {
     {"record_address", (getter)Op_get_record_address, NULL, NULL, NULL},
     {"done", (getter)Op_get_done, NULL, "completion seen and reaped; buffers released", NULL},
     {"abandoned", (getter)Op_get_abandoned, NULL, "inherited across fork; never completes here", NULL},
+    {"stranded", (getter)Op_get_stranded, NULL, "in flight when the queue was closed: buffers stay pinned", NULL},
     {"holds_buffers", (getter)Op_get_holds_buffers, NULL, "the Python buffers are still exported", NULL},
     {"opcode", (getter)Op_get_opcode, NULL, NULL, NULL},
     {"latency_ns", (getter)Op_get_latency_ns, NULL, "submission to completion seen by the poller", NULL},
@@ -540,8 +579,26 @@ typedef struct {
     unsigned long long submitted, retries, full;
     uint32_t max_transfer, max_batch;
     int waitpkg;
+    int swerr;                    /* the device reported a software error (poller or check_device_error) */
+    int abandon;                  /* close: stop watching what is still in flight */
+    unsigned long stranded;       /* operations left in flight at close, pinned for good */
     char portal_note[160];
 } QueueObject;
+
+/* Whether the device reports a software error now. The kernel's poll() on
+ * the WQ character device answers POLLIN once the device has logged one
+ * (SWERR; drivers/dma/idxd/cdev.c, idxd_cdev_poll); the emulator keeps the
+ * same flag (Emulator.raise_swerr). Descriptors in flight may then never
+ * complete. */
+static int device_error_now(QueueObject *q)
+{
+    if (q->emu)
+        return dsa_emu_swerr(q->emu->e);
+    if (q->fd < 0)
+        return 0;
+    struct pollfd p = {.fd = q->fd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0 && (p.revents & POLLIN);
+}
 
 static void backoff(QueueObject *q, volatile uint8_t *watch, uint64_t idle_since, unsigned *sleeps)
 {
@@ -565,7 +622,7 @@ static void *poller_main(void *arg)
 {
     QueueObject *q = arg;
     prctl(PR_SET_TIMERSLACK, 1000UL); /* back-off sleeps are microseconds */
-    uint64_t idle_since = now_ns();
+    uint64_t idle_since = now_ns(), checked = 0;
     unsigned sleeps = 0;
     pthread_mutex_lock(&q->mu);
     for (;;) {
@@ -574,8 +631,8 @@ static void *poller_main(void *arg)
             idle_since = now_ns();
             sleeps = 0;
         }
-        if (!q->inflight)
-            break; /* stop, and nothing left to watch */
+        if (!q->inflight || q->abandon)
+            break; /* stop, and nothing left to watch (or told to leave it) */
         int moved = 0;
         uint64_t t = now_ns();
         for (OpObject **pp = &q->inflight; *pp;) {
@@ -592,7 +649,16 @@ static void *poller_main(void *arg)
                 pp = &op->next;
             }
         }
-        if (moved) {
+        /* While work is in flight, look for a device error once a millisecond. */
+        int error = 0;
+        if (!moved && !__atomic_load_n(&q->swerr, __ATOMIC_RELAXED) && t - checked > 1000000) {
+            checked = t;
+            if (device_error_now(q)) {
+                __atomic_store_n(&q->swerr, 1, __ATOMIC_RELEASE);
+                error = 1;
+            }
+        }
+        if (moved || error) {
             uint64_t one = 1;
             ssize_t w = write(q->efd, &one, sizeof one); /* wakes trio */
             (void)w;
@@ -952,34 +1018,47 @@ static PyObject *Queue_touch(QueueObject *q, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static void queue_close(QueueObject *q)
+/* Close the queue. Waits up to `timeout_ns` (negative: for ever) for what
+ * is in flight; whatever is still in flight then is stranded: its Op keeps
+ * its buffers exported and its record allocated for good (the reference
+ * the queue held is never dropped), because the device may still write
+ * them. Returns how many were stranded. */
+static unsigned long queue_close(QueueObject *q, int64_t timeout_ns)
 {
     if (q->closed)
-        return;
+        return 0;
     q->closed = 1;
     if (q->pid != getpid()) { /* a forked child that never reopened */
         q->inflight = q->done = NULL;
-        return;
+        return 0;
     }
+    unsigned long stranded = 0;
     if (q->poller_running) {
-        /* Records may still be written by the device: wait them out. */
+        uint64_t start = now_ns();
         Py_BEGIN_ALLOW_THREADS
-        for (;;) {
+        for (;;) { /* records may still be written by the device: wait them out */
             pthread_mutex_lock(&q->mu);
             unsigned n = q->in_flight;
             pthread_mutex_unlock(&q->mu);
-            if (!n)
+            if (!n || (timeout_ns >= 0 && (int64_t)(now_ns() - start) >= timeout_ns))
                 break;
             struct timespec ts = {0, 50000};
             nanosleep(&ts, NULL);
         }
         pthread_mutex_lock(&q->mu);
-        q->stop = 1;
+        q->stop = q->abandon = 1;
         pthread_cond_signal(&q->cv);
         pthread_mutex_unlock(&q->mu);
         pthread_join(q->poller, NULL);
         Py_END_ALLOW_THREADS
         q->poller_running = 0;
+        for (OpObject *op = q->inflight; op; op = op->next) {
+            op->state = OP_STRANDED; /* the queue's reference is kept: never freed */
+            stranded++;
+        }
+        q->inflight = NULL;
+        q->in_flight = 0;
+        q->stranded += stranded;
     }
     OpObject *done = q->done;
     q->done = NULL;
@@ -1001,17 +1080,47 @@ static void queue_close(QueueObject *q)
     q->fd = q->efd = -1;
     if (q->emu)
         q->emu->opened--;
+    return stranded;
 }
 
-static PyObject *Queue_close(QueueObject *q, PyObject *unused)
+static PyObject *Queue_close(QueueObject *q, PyObject *args, PyObject *kw)
 {
-    queue_close(q);
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:close", kwlist, &timeout))
+        return NULL;
+    int64_t ns = -1;
+    if (timeout != Py_None) {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred())
+            return NULL;
+        ns = t <= 0 ? 0 : (int64_t)(t * 1e9);
+    }
+    return PyLong_FromUnsignedLong(queue_close(q, ns));
+}
+
+/* Look for a device error now (a poll() on the WQ fd), and remember it. */
+static PyObject *Queue_check_device_error(QueueObject *q, PyObject *unused)
+{
+    if (!q->closed && q->pid == getpid() && !__atomic_load_n(&q->swerr, __ATOMIC_ACQUIRE) && device_error_now(q))
+        __atomic_store_n(&q->swerr, 1, __ATOMIC_RELEASE);
+    return PyBool_FromLong(__atomic_load_n(&q->swerr, __ATOMIC_ACQUIRE));
+}
+
+/* Wake whoever waits on the eventfd (a waiter must look at the queue's state again). */
+static PyObject *Queue_wake(QueueObject *q, PyObject *unused)
+{
+    if (q->efd >= 0 && q->pid == getpid()) {
+        uint64_t one = 1;
+        ssize_t w = write(q->efd, &one, sizeof one);
+        (void)w;
+    }
     Py_RETURN_NONE;
 }
 
 static void Queue_dealloc(QueueObject *q)
 {
-    queue_close(q);
+    queue_close(q, -1);
     Py_CLEAR(q->emu);
     free(q->path);
     Py_TYPE(q)->tp_free((PyObject *)q);
@@ -1041,6 +1150,8 @@ Q_GETTER(closed, PyBool_FromLong(q->closed))
 Q_GETTER(path, q->path ? PyUnicode_FromString(q->path) : Py_NewRef(Py_None))
 Q_GETTER(portal_note, PyUnicode_FromString(q->portal_note))
 Q_GETTER(emulator, Py_NewRef(q->emu ? (PyObject *)q->emu : Py_None))
+Q_GETTER(device_error, PyBool_FromLong(__atomic_load_n(&q->swerr, __ATOMIC_ACQUIRE)))
+Q_GETTER(stranded, PyLong_FromUnsignedLong(q->stranded))
 
 static PyGetSetDef Queue_getset[] = {
     {"in_flight", (getter)Queue_get_in_flight, NULL, "descriptors submitted and not yet seen complete", NULL},
@@ -1058,6 +1169,8 @@ static PyGetSetDef Queue_getset[] = {
     {"path", (getter)Queue_get_path, NULL, NULL, NULL},
     {"portal_note", (getter)Queue_get_portal_note, NULL, "why write() is used, if it is", NULL},
     {"emulator", (getter)Queue_get_emulator, NULL, NULL, NULL},
+    {"device_error", (getter)Queue_get_device_error, NULL, "the device reported a software error (seen so far)", NULL},
+    {"stranded", (getter)Queue_get_stranded, NULL, "operations left in flight at close: buffers pinned for good", NULL},
     {NULL}};
 
 static PyMethodDef Queue_methods[] = {
@@ -1069,7 +1182,12 @@ static PyMethodDef Queue_methods[] = {
     {"reap", (PyCFunction)Queue_reap, METH_NOARGS, "completed Ops since the last call; releases their buffers"},
     {"touch", (PyCFunction)Queue_touch, METH_VARARGS, "touch(addr, write=False): fault a page in"},
     {"fileno", (PyCFunction)Queue_fileno, METH_NOARGS, "the eventfd that becomes readable on completions"},
-    {"close", (PyCFunction)Queue_close, METH_NOARGS, "wait for in-flight work, then release everything"},
+    {"close", (PyCFunction)(void (*)(void))Queue_close, METH_VARARGS | METH_KEYWORDS,
+     "close(timeout=None): wait (up to timeout seconds) for in-flight work, then release everything; what is "
+     "still in flight stays pinned for good. Returns how many operations were left so."},
+    {"check_device_error", (PyCFunction)Queue_check_device_error, METH_NOARGS,
+     "poll() the WQ fd for a device error (SWERR) now; True once one was seen"},
+    {"wake", (PyCFunction)Queue_wake, METH_NOARGS, "make the completion fd readable (wakes a waiter)"},
     {NULL}};
 
 static PyTypeObject QueueType = {

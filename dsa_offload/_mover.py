@@ -488,10 +488,12 @@ class Mover(_InlineBase):
             c = self._device.counts
             q = self._device.queue
             out |= {key: c[key] for key in ("submitted", "completed", "batches", "offloaded_bytes", "faults",
-                                            "completion_record_faults", "batch_member_failures", "slot_waits")}
+                                            "completion_record_faults", "batch_member_failures", "slot_waits",
+                                            "completion_timeouts", "device_errors")}
             out["queue"] = {"kind": q.kind, "mode": q.mode, "size": q.size, "path": q.path, "in_flight": q.in_flight,
                             "retries": q.retries, "full": q.full, "generation": q.generation,
                             "broken": self._device.broken, "batch_refused": self._device.batch_refused,
+                            "device_error": q.device_error, "stranded": q.stranded,
                             "capabilities": self._device.caps.as_dict()}
         if self.emulator is not None:
             out["emulator"] = self.emulator.stats()
@@ -509,7 +511,7 @@ class Mover(_InlineBase):
         """Synchronous close: blocks until the device is done with every buffer."""
         self._closed = True
         if self._device:
-            self._device.queue.close()
+            self._device.close()
 
     async def __aenter__(self) -> Mover:
         return self

@@ -14,7 +14,7 @@ from __future__ import annotations
 import structlog
 
 from dmuserd.dsa_offload._caps import Capabilities
-from dmuserd.dsa_offload._device import Device
+from dmuserd.dsa_offload._device import COMPLETION_TIMEOUT, Device
 from dmuserd.dsa_offload._discovery import discover, usable_queues
 from dmuserd.dsa_offload._errors import DsaUnavailable
 from dmuserd.dsa_offload._mover import DEFAULT_CPU_THREAD_THRESHOLD, DEFAULT_THRESHOLD, Mover
@@ -27,6 +27,7 @@ ENGINES = ("auto", "dsa", "emulated", "cpu")
 
 def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emulator=None,
                emulator_options: dict | None = None, block_on_fault: bool = False, portal: str = "auto",
+               completion_timeout: float = COMPLETION_TIMEOUT,
                cpu_thread_threshold: int | None = DEFAULT_CPU_THREAD_THRESHOLD,
                sysfs: str | None = None, devdir: str | None = None) -> Mover:
     """Open a :class:`Mover`; use it as ``async with open_mover(...) as mover``.
@@ -37,7 +38,9 @@ def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emul
     ``"emulated"`` engine; ``portal="write"`` submits to it through its
     model of the kernel's ``write()`` instead of the portal. The queue's
     capabilities (sysfs, or the emulator's stand-in) decide which flags and
-    operations the mover uses.
+    operations the mover uses. A descriptor not complete within
+    ``completion_timeout`` seconds gives the queue up (its work goes on on
+    the CPU; its buffers stay pinned).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -50,12 +53,14 @@ def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emul
             raise DsaUnavailable(f"the emulated engine needs the _dsa extension: {load_error()}")
         emu = emulator if emulator is not None else ext.Emulator(**(emulator_options or {}))
         queue = ext.Queue(emulator=emu, portal=portal)
-        device = Device(queue, engine="emulated", caps=Capabilities.of_emulator(emu), block_on_fault=block_on_fault)
+        device = Device(queue, engine="emulated", caps=Capabilities.of_emulator(emu), block_on_fault=block_on_fault,
+                        completion_timeout=completion_timeout)
         return Mover(device, engine="emulated", emulator=emu, **common)
     try:
         queue, wq = _open_hardware(sysfs, devdir)
-        return Mover(Device(queue, engine="dsa", caps=wq.capabilities, block_on_fault=block_on_fault),
-                     engine="dsa", **common)
+        device = Device(queue, engine="dsa", caps=wq.capabilities, block_on_fault=block_on_fault,
+                        completion_timeout=completion_timeout)
+        return Mover(device, engine="dsa", **common)
     except DsaUnavailable as exc:
         if engine == "dsa":
             raise

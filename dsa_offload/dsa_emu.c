@@ -44,6 +44,10 @@ struct dsa_emu {
     struct range *faults;
     size_t nfaults, faults_cap;
     unsigned fault_next_records;
+    unsigned hang_next;              /* the next this many descriptors never complete */
+    struct dsa_desc *hung;           /* ... kept here until release_hung */
+    unsigned nhung, hung_cap;
+    int swerr;                       /* a logged software error: poll() reports it */
     unsigned delay_us;
     struct dsa_emu_stats st;
     pid_t pid;
@@ -701,6 +705,24 @@ static void *device_main(void *arg)
         e->head = (e->head + 1) % e->ring_cap;
         e->count--;
         unsigned delay = e->delay_us;
+        if (e->hang_next) { /* accepted, never completed: its slot stays taken */
+            e->hang_next--;
+            e->st.hung++;
+            if (e->nhung == e->hung_cap) {
+                unsigned cap = e->hung_cap ? e->hung_cap * 2 : 8;
+                struct dsa_desc *h = aligned_alloc(64, cap * sizeof *h);
+                if (h) {
+                    if (e->nhung)
+                        memcpy(h, e->hung, e->nhung * sizeof *h);
+                    free(e->hung);
+                    e->hung = h;
+                    e->hung_cap = cap;
+                }
+            }
+            if (e->nhung < e->hung_cap)
+                e->hung[e->nhung++] = d;
+            continue;
+        }
         pthread_mutex_unlock(&e->mu);
         if (delay) {
             struct timespec ts = {delay / 1000000, (long)(delay % 1000000) * 1000};
@@ -754,6 +776,7 @@ void dsa_emu_destroy(struct dsa_emu *e)
     }
     free(e->ring);
     free(e->faults);
+    free(e->hung);
     free(e);
 }
 
@@ -833,6 +856,38 @@ int dsa_emu_cdev_write(struct dsa_emu *e, const struct dsa_desc *d)
     pthread_mutex_unlock(&e->mu);
     return err;
 }
+
+void dsa_emu_hang_next(struct dsa_emu *e, unsigned n)
+{
+    pthread_mutex_lock(&e->mu);
+    e->hang_next = n;
+    pthread_mutex_unlock(&e->mu);
+}
+
+unsigned dsa_emu_release_hung(struct dsa_emu *e)
+{
+    pthread_mutex_lock(&e->mu);
+    struct dsa_desc *hung = e->hung;
+    unsigned n = e->nhung;
+    e->hung = NULL;
+    e->nhung = e->hung_cap = 0;
+    pthread_mutex_unlock(&e->mu);
+    for (unsigned i = 0; i < n; i++) {
+        dsa_emu_execute(e, &hung[i]);
+        pthread_mutex_lock(&e->mu);
+        e->occupancy--;
+        pthread_mutex_unlock(&e->mu);
+    }
+    free(hung);
+    return n;
+}
+
+void dsa_emu_set_swerr(struct dsa_emu *e, int on)
+{
+    __atomic_store_n(&e->swerr, on, __ATOMIC_RELEASE);
+}
+
+int dsa_emu_swerr(struct dsa_emu *e) { return __atomic_load_n(&e->swerr, __ATOMIC_ACQUIRE); }
 
 void dsa_emu_set_delay(struct dsa_emu *e, unsigned delay_us)
 {

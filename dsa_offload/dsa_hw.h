@@ -176,6 +176,7 @@ struct dsa_emu_config {
 struct dsa_emu_stats {
     uint64_t descriptors, batches, members, overflows, retries, faults, cr_faults, blocked, max_occupancy;
     uint64_t writes, write_errors; /* write() calls to the modelled cdev, and those refused */
+    uint64_t hung;                 /* descriptors accepted that never completed (hang_next) */
     unsigned occupancy;
 };
 struct dsa_emu;
@@ -193,5 +194,9 @@ unsigned dsa_emu_delay(struct dsa_emu *e);
 void dsa_emu_stats(struct dsa_emu *e, struct dsa_emu_stats *out);
 const struct dsa_emu_config *dsa_emu_config(struct dsa_emu *e);
 void dsa_emu_after_fork(struct dsa_emu *e);
+void dsa_emu_hang_next(struct dsa_emu *e, unsigned n);   /* the next n descriptors never complete */
+unsigned dsa_emu_release_hung(struct dsa_emu *e);        /* complete them now; returns how many */
+void dsa_emu_set_swerr(struct dsa_emu *e, int on);       /* the device logged a software error */
+int dsa_emu_swerr(struct dsa_emu *e);
 
 #endif
