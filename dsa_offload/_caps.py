@@ -106,8 +106,7 @@ class Capabilities:
                                "descriptors go through write() (kernel >= 6.10, or 6.1.91 and later 6.1)")
         if not self.cache_control:
             out.append("no cache control: copies land in memory, not in the cache")
-        if not self.overlap_copy:
-            out.append("no overlapping copies on the device")
+        out.append("overlapping copies run on the CPU (never split, never re-run from the start)")
         if not self.block_on_fault:
             why = "the device lacks it" if not self._gen(GenCap.BLOCK_ON_FAULT) else "the queue is not configured for it"
             out.append(f"no block on fault ({why}): page faults are resolved by touching the page and resubmitting")

@@ -236,17 +236,18 @@ class Device:
             self.counts["offloaded_bytes"] += size if size is not None else rec.bytes_completed
             op.advance(size if size is not None else op.nbytes(), rec)
             return
-        if code == Status.PAGE_FAULT:
-            self.counts["faults"] += 1
-            self.counts["offloaded_bytes"] += rec.bytes_completed
-            op.advance(0 if op.restart_on_fault else rec.bytes_completed, rec)
+        if code in (Status.PAGE_FAULT, Status.COMPLETION_RECORD_FAULT):
+            # Partial completion: what the record says was done is done (a
+            # backward memmove did its top), so the op resumes from exactly
+            # there, as accel-config's dsa_reprep_* do: never from the start
+            # (re-running an overlapping memmove would corrupt it). A fault
+            # on the record's own page reports the same fields (0x1a).
+            self.counts["faults" if code == Status.PAGE_FAULT else "completion_record_faults"] += 1
+            done = 0 if op.restart_on_fault else min(rec.bytes_completed, size if size is not None else op.nbytes())
+            self.counts["offloaded_bytes"] += done
+            op.advance(done, rec)
             faults.check(rec.fault_addr)
-            self.queue.touch(rec.fault_addr, bool(rec.status & WRITE_FAULT))
-            return
-        if code == Status.COMPLETION_RECORD_FAULT:
-            self.counts["completion_record_faults"] += 1
-            faults.check(rec.fault_addr)
-            self.queue.touch(rec.fault_addr, True)
+            self.queue.touch(rec.fault_addr, code == Status.COMPLETION_RECORD_FAULT or bool(rec.status & WRITE_FAULT))
             return
         if code == Status.PAGE_REQUEST_REJECTED:
             raise Fallback("fault_unresolved")
@@ -259,47 +260,65 @@ class Device:
     # -- batches ---------------------------------------------------------
 
     async def run_batch(self, ops: list[Operation], cpu: Callable[[Operation, str], Awaitable]) -> list:
-        """Submit small operations as one BATCH descriptor; finish failed members singly."""
-        members = [(int(op.opcode), {"flags": self.flags(op.opcode), **op.device_args(self.max_transfer)}) for op in ops]
-        sizes = [m[1].get("size", 0) for m in members]
+        """Submit small operations as BATCH descriptors; finish failed members singly.
+
+        A batch whose list (or record) hit a non-present page reports how
+        many members it completed: those are done (their own records say
+        how), the rest go again as a new batch from there (or singly when
+        one is left), as accel-config's dsa_reprep_batch resubmits from
+        ``descs_completed``; nothing that ran is run again."""
+        results: list = [None] * len(ops)
+        pending = list(range(len(ops)))  # members not yet run on the device
         faults = _FaultTracker()
-        while True:
+        while len(pending) >= 2:
+            members = [(int(ops[i].opcode), {"flags": self.flags(ops[i].opcode), **ops[i].device_args(self.max_transfer)})
+                       for i in pending]
             try:
                 await self._slot()
                 handle = self._submit_batch(members)
-            except _BatchRefused:
-                return [await self.run(op, cpu) for op in ops]
-            except Fallback as exc:
-                return [await cpu(op, exc.reason) for op in ops]
-            try:
                 await self._await(handle)
+            except _BatchRefused:
+                break
             except Fallback as exc:
-                return [await cpu(op, exc.reason) for op in ops]
+                for i in pending:
+                    results[i] = await cpu(ops[i], exc.reason)
+                return results
             self.counts["completed"] += 1
             self.counts["batches"] += 1
             code = handle.status & STATUS_MASK
-            if code not in (Status.BATCH_LIST_PAGE_FAULT, Status.COMPLETION_RECORD_FAULT):
-                break
-            # Our own descriptor list or record shares a non-present page: bring it in, resubmit.
-            self.counts["faults" if code == Status.BATCH_LIST_PAGE_FAULT else "completion_record_faults"] += 1
-            try:
-                faults.check(handle.fault_addr)
-            except Fallback:
-                break
-            self.queue.touch(handle.fault_addr, code == Status.COMPLETION_RECORD_FAULT)
-        if code not in (Status.SUCCESS, Status.BATCH_MEMBER_FAILED):
-            # The batch itself failed: nothing ran, each member starts over alone.
-            return [await self.run(op, cpu) for op in ops]
-        results = []
-        for op, fields, size in zip(ops, handle.members, sizes):
-            rec = Record.member(fields)
-            if rec.status_ok:
-                self._react(op, rec, size, _FaultTracker())
-                results.append(op.result() if op.finished else await self.run(op, cpu))
+            if code in (Status.SUCCESS, Status.BATCH_MEMBER_FAILED):
+                ran = len(pending)
+            elif code in (Status.BATCH_LIST_PAGE_FAULT, Status.COMPLETION_RECORD_FAULT):
+                ran = min(handle.bytes_completed, len(pending))  # descriptors completed
             else:
-                self.counts["batch_member_failures"] += 1
-                results.append(await self.run(op, cpu, first=rec))
+                ran = 0  # the batch itself was refused (count, alignment...): nothing ran
+            for i, member, fields in zip(pending[:ran], members, handle.members):
+                results[i] = await self._member_done(ops[i], fields, member[1].get("size", 0), cpu)
+            pending = pending[ran:]
+            if code in (Status.BATCH_LIST_PAGE_FAULT, Status.COMPLETION_RECORD_FAULT):
+                # Our own list or record shares a non-present page: bring it in, go on from there.
+                self.counts["faults" if code == Status.BATCH_LIST_PAGE_FAULT else "completion_record_faults"] += 1
+                try:
+                    faults.check(handle.fault_addr)
+                except Fallback:
+                    break
+                self.queue.touch(handle.fault_addr, code == Status.COMPLETION_RECORD_FAULT)
+                continue
+            break
+        for i in pending:  # what no batch ran: one descriptor each
+            results[i] = await self.run(ops[i], cpu)
         return results
+
+    async def _member_done(self, op: Operation, fields: dict, size: int, cpu):
+        """Apply a batch member's own record; finish the member singly if it is not done."""
+        rec = Record.member(fields)
+        if rec.code == Status.NONE:  # never ran (abandoned after a fence): run it alone
+            return await self.run(op, cpu)
+        if rec.status_ok:
+            self._react(op, rec, size, _FaultTracker())
+            return op.result() if op.finished else await self.run(op, cpu)
+        self.counts["batch_member_failures"] += 1
+        return await self.run(op, cpu, first=rec)
 
     def _submit_batch(self, members):
         if self._unusable():

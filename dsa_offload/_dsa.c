@@ -183,6 +183,16 @@ static PyObject *Emulator_fault_next_records(EmulatorObject *self, PyObject *arg
     Py_RETURN_NONE;
 }
 
+static PyObject *Emulator_fault_batch_list(EmulatorObject *self, PyObject *arg)
+{
+    dsa_emu_after_fork(self->e);
+    long n = PyLong_AsLong(arg);
+    if (n < 0 && PyErr_Occurred())
+        return NULL;
+    dsa_emu_fault_batch_list(self->e, (unsigned)n);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Emulator_hang_next(EmulatorObject *self, PyObject *arg)
 {
     dsa_emu_after_fork(self->e);
@@ -237,10 +247,11 @@ static PyObject *Emulator_stats(EmulatorObject *self, PyObject *unused)
     dsa_emu_after_fork(self->e); /* a forked child gets its own device (and lock) */
     struct dsa_emu_stats s;
     dsa_emu_stats(self->e, &s);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsI}", "descriptors", s.descriptors, "batches", s.batches,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsI}", "descriptors", s.descriptors, "batches", s.batches,
                          "members", s.members, "overflows", s.overflows, "retries", s.retries, "faults", s.faults,
                          "cr_faults", s.cr_faults, "blocked", s.blocked, "max_occupancy", s.max_occupancy, "writes",
-                         s.writes, "write_errors", s.write_errors, "hung", s.hung, "occupancy", s.occupancy);
+                         s.writes, "write_errors", s.write_errors, "hung", s.hung, "bytes", s.bytes, "occupancy",
+                         s.occupancy);
 }
 
 static PyObject *Emulator_get_delay(EmulatorObject *self, void *c) { return PyLong_FromUnsignedLong(dsa_emu_delay(self->e)); }
@@ -297,6 +308,8 @@ static PyMethodDef Emulator_methods[] = {
     {"touch", (PyCFunction)Emulator_touch, METH_O, "touch(addr): the OS brings that page in"},
     {"fault_next_records", (PyCFunction)Emulator_fault_next_records, METH_O,
      "fault_next_records(n): the next n completion records land on a non-present page"},
+    {"fault_batch_list", (PyCFunction)Emulator_fault_batch_list, METH_O,
+     "fault_batch_list(k): the next batch finds the page of its member k (and the rest of its list) not present"},
     {"hang_next", (PyCFunction)Emulator_hang_next, METH_O,
      "hang_next(n): the next n descriptors are accepted and never complete (until release_hung)"},
     {"release_hung", (PyCFunction)Emulator_release_hung, METH_NOARGS,

@@ -394,9 +394,13 @@ class Mover(_InlineBase):
         if not self._device.supports(op.opcode):
             return "unsupported_op"
         ext = extension()
-        if isinstance(op, _ops.Copy) and len(op.dst) > self._device.max_transfer:
+        if isinstance(op, _ops.Copy):
             d, s, n = ext.address_of(op.dst), ext.address_of(op.src), len(op.dst)
-            if d < s + n and s < d + n:  # overlapping pieces would clobber each other
+            if d < s + n and s < d + n:
+                # Overlapping copies stay on the CPU, as DTO does by default:
+                # pieces would clobber each other, a device without overlap
+                # support refuses them, and one re-run from the start after
+                # a partial completion would copy already-overwritten source.
                 return "overlap"
         if isinstance(op, _ops.Dualcast):
             addrs = [ext.address_of(v) for v in (op.dst1, op.dst2, op.src)]

@@ -207,8 +207,9 @@ class Crc32c(Operation):
         return {"src": self.buf[:n], "size": n, "crc_seed": self.seed}
 
     def advance(self, done, record):
-        self.seed = record.op_specific  # the CRC of what was done: next seed
-        self.buf = self.buf[done:]
+        if done:  # the record's CRC of what was done is the next seed (nothing done: the seed stands)
+            self.seed = record.op_specific
+            self.buf = self.buf[done:]
 
     def cpu(self):
         self.seed = _cpu.crc32c(self.buf, self.seed)

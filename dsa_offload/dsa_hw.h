@@ -177,6 +177,7 @@ struct dsa_emu_stats {
     uint64_t descriptors, batches, members, overflows, retries, faults, cr_faults, blocked, max_occupancy;
     uint64_t writes, write_errors; /* write() calls to the modelled cdev, and those refused */
     uint64_t hung;                 /* descriptors accepted that never completed (hang_next) */
+    uint64_t bytes;                /* bytes data operations got through (done work, counted once per run) */
     unsigned occupancy;
 };
 struct dsa_emu;
@@ -189,6 +190,7 @@ void dsa_emu_set_fault(struct dsa_emu *e, uint64_t addr, uint64_t len, int stick
 void dsa_emu_clear_faults(struct dsa_emu *e);
 void dsa_emu_touch(struct dsa_emu *e, uint64_t addr);
 void dsa_emu_fault_next_records(struct dsa_emu *e, unsigned n);
+void dsa_emu_fault_batch_list(struct dsa_emu *e, unsigned member); /* next batch: list page of `member` missing */
 void dsa_emu_set_delay(struct dsa_emu *e, unsigned delay_us);
 unsigned dsa_emu_delay(struct dsa_emu *e);
 void dsa_emu_stats(struct dsa_emu *e, struct dsa_emu_stats *out);
