@@ -9,7 +9,6 @@ import random
 import zipfile
 
 import pytest
-import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lp_writer import SuperBuilder
@@ -17,12 +16,6 @@ from lp_writer import SuperBuilder
 from dmuserd.images import ImageError, ImageFormatError, RawImage, not_raw_reason, open_image, split_locator
 from dmuserd.images._zip import SliceImage, _extracted
 from dmuserd.images.sparse import SparseImage, write_sparse
-
-
-@pytest.fixture(autouse=True)
-def _plain_logging():
-    """Tests that ran ``dmuserd`` in process before left structlog writing to their captured, now closed, output."""
-    structlog.reset_defaults()
 
 
 def _sparse_of(tmp_path, data: bytes, name: str) -> bytes:

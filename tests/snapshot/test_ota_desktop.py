@@ -25,6 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 from daemon_harness import DMUSERD, mounted, need_root_tools, run  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _plain_logging():
+    """In-process ``dmuserd`` runs point structlog at the test's captured output: reset it after each test."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 @pytest.fixture(scope="module")
 def material(tmp_path_factory):
     missing = desktop_vab.missing_tools()
