@@ -140,7 +140,8 @@ def exchange(path, chunks, *, end: str = "shutdown", hang: float = HANG_SECONDS)
     * ``"reset"``: close with SO_LINGER 0 (an RST: unread data is dropped).
 
     Returns ``(received bytes, whether the daemon closed first)``. A peer
-    that closes early (EPIPE, ECONNRESET) just ends the sending. Raises
+    that closes early (EPIPE, ECONNRESET) just ends the sending; what it
+    sent before is still read (``"shutdown"``). Raises
     :class:`Hang` when the daemon stays silent for ``hang`` seconds with
     the exchange unfinished.
     """
@@ -160,7 +161,9 @@ def exchange(path, chunks, *, end: str = "shutdown", hang: float = HANG_SECONDS)
                 try:
                     sent = sock.send(pending[0][:1 << 20])
                 except (BrokenPipeError, ConnectionResetError):
-                    peer_closed = True
+                    # The daemon closed the connection: nothing more goes out, but
+                    # what it answered before closing is still ours to read.
+                    pending = []
                     break
                 except BlockingIOError:
                     continue
