@@ -12,6 +12,10 @@ the daemon's blocked ``read()``s on the misc device fail with ENOTBLK.
 Both the command line (``dmuserd dm create``, synchronous) and the daemon
 (``create=1`` on a dm-user export, async) use these functions; the async
 ones run the same ``dmsetup`` commands with :func:`trio.run_process`.
+
+Attaching to a table that exists needs no ``dmsetup`` (Android has none):
+the daemon opens ``/dev/dm-user/NAME`` by path and reads the device's size
+from sysfs (:func:`table_size`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dmuserd.protocol import SECTOR_SIZE
 
 MISC_DIR = "/dev/dm-user"
 MAPPER_DIR = "/dev/mapper"
+#: Where the kernel lists block devices: ``dm-N/dm/name`` and ``dm-N/size``.
+SYS_BLOCK = "/sys/block"
 #: How long to wait for devtmpfs (or udev) to show /dev/dm-user/NAME.
 DEVICE_WAIT_SECONDS = 10.0
 
@@ -121,28 +127,32 @@ def remove_target(name: str) -> None:
         raise _remove_failed(name, proc.stderr)
 
 
-def _table_size(stdout: str) -> int:
-    sectors = 0
-    for line in stdout.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[2] == "user":
-            sectors += int(fields[1])
-    return sectors * SECTOR_SIZE
+def table_size(name: str, sys_block: str | None = None) -> int | None:
+    """The size in bytes of the device-mapper device ``name``, or None if sysfs lists none.
 
-
-def table_size(name: str) -> int | None:
-    """The size in bytes of the dm-user table ``name``, or None if there is none."""
-    proc = subprocess.run([_dmsetup(), "table", check_name(name)], capture_output=True, text=True)
-    return None if proc.returncode else _table_size(proc.stdout)
-
-
-async def table_size_async(name: str) -> int | None:
-    """:func:`table_size` for trio code."""
-    import trio
-
-    proc = await trio.run_process([_dmsetup(), "table", check_name(name)], capture_stdout=True,
-                                  capture_stderr=True, check=False)
-    return None if proc.returncode else _table_size(proc.stdout.decode(errors="replace"))
+    Found through ``sys_block/dm-N/dm/name`` and read from ``dm-N/size``
+    (512-byte sectors): no ``dmsetup``, no ioctl, nothing but sysfs, which
+    Android has too. The tables ``dmuserd dm create``, ``create=1`` and
+    Android's libsnapshot make name the device like its misc device; a
+    dm-user table whose device has another name is not found here (its size
+    is then unknown, and None says so).
+    """
+    check_name(name)
+    sys_block = sys_block or SYS_BLOCK
+    try:
+        entries = sorted(e for e in os.listdir(sys_block) if e.startswith("dm-"))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(sys_block, entry, "dm", "name")) as f:
+                if f.read().strip() != name:
+                    continue
+            with open(os.path.join(sys_block, entry, "size")) as f:
+                return int(f.read()) * SECTOR_SIZE
+        except (OSError, ValueError):
+            continue  # removed meanwhile, or not a dm device after all
+    return None
 
 
 async def create_user_target_async(name: str, size: int) -> None:

@@ -103,13 +103,13 @@ class Guest:
         thread.start()
         return thread, out
 
-    def start_daemon(self, name: str, argv: list[str], socket_path: str) -> None:
+    def start_daemon(self, name: str, argv: list[str], socket_path: str, env: dict | None = None) -> None:
         try:
             os.unlink(socket_path)
         except FileNotFoundError:
             pass
         log = open(self.path(f"{name}.log"), "w")
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)), **(env or {}))
         proc = subprocess.Popen([PY, "-m", "dmuserd", "--log-level", "info", *argv],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         self.daemons[name] = proc

@@ -1,7 +1,9 @@
 """Shared parts of the dm-user VM tests: the VM runner, the case layout, data patterns.
 
-Standard library only: the guest driver (:mod:`dmuser_guest`) imports it
-inside the VM, where every import costs ~8x.
+Standard library only at import: the guest drivers (:mod:`dmuser_guest`,
+:mod:`dmuser_edge_guest`) import it inside the VM, where every import costs
+~8x; what runs on the host only (:func:`make_snapshot`, :func:`run_guest`)
+imports the rest when called.
 
 The *cases* are the dm-user behaviours checked both on the real kernel (in
 the VM) and on the in-process model (:class:`~dmuserd.daemon.emulated.EmulatedDmUser`
@@ -62,6 +64,29 @@ def sha(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+SNAP_SIZE = 4 * MiB
+
+
+def make_snapshot(work: Path) -> dict:
+    """base.img, target.img and a COW turning one into the other (copies, replaces, zeros), made on the host."""
+    from dmuserd.snapshot._cow_tools import create_cow
+
+    base = bytearray(pattern(40, SNAP_SIZE))
+    target = bytearray(base)
+    bs = 4096
+    for block in range(0, SNAP_SIZE // bs, 7):  # replaced blocks
+        target[block * bs : (block + 1) * bs] = pattern(1000 + block, bs)
+    for block in range(3, 200, 11):  # copies of other base blocks
+        src = (block * 37) % (SNAP_SIZE // bs)
+        target[block * bs : (block + 1) * bs] = base[src * bs : (src + 1) * bs]
+    target[500 * bs : 520 * bs] = bytes(20 * bs)  # zeros
+    (work / "base.img").write_bytes(base)
+    (work / "target.img").write_bytes(target)
+    create_cow(work / "base.img", work / "target.img", work / "snap.cow", version=2, progress=False)
+    return {"base": str(work / "base.img"), "cow": str(work / "snap.cow"), "size": SNAP_SIZE,
+            "target_sha": sha(target), "base_sha": sha(base)}
+
+
 def vm_skip_reason() -> str | None:
     """Why the VM tests cannot run here, or None."""
     if not (KERNEL_DIR / "bzImage").exists():
@@ -81,3 +106,26 @@ def run_vm(argv: list[str], *, shares: list[Path], timeout: int) -> subprocess.C
     env = dict(os.environ, RUN_IN_VM_QUIET_ACCEL="1", PYTHONPATH=str(REPO / "tests" / "vm"))
     return subprocess.run(cmd + ["--", *argv], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout + 60)
+
+
+def run_guest(script: str, work: Path, plan: dict, timeout: int) -> dict:
+    """Run the guest driver ``tests/vm/<script>`` on ``work/plan.json`` in the VM; its results (host side)."""
+    import json
+    import sys
+
+    import pytest
+
+    reason = vm_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if os.geteuid() != 0:
+        pytest.skip("needs root (run-in-vm shares the root file system)")
+    (work / "plan.json").write_text(json.dumps(plan))
+    proc = run_vm([sys.executable, f"tests/vm/{script}", str(work)], shares=[work], timeout=timeout)
+    results_path = work / "results.json"
+    assert results_path.exists(), (f"the guest wrote no results (rc {proc.returncode}):\n"
+                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    results = json.loads(results_path.read_text())
+    results["vm"] = {"rc": proc.returncode, "stderr": proc.stderr[-4000:]}
+    results["logs"] = {p.name: p.read_text()[-4000:] for p in work.glob("d*.log")}
+    return results

@@ -11,8 +11,6 @@ outcomes. Under TCG the boot plus ~4 daemon starts take about 2-3 minutes.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
@@ -21,51 +19,13 @@ from dmuser_model_cases import run_model_cases
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
-SNAP_SIZE = 4 * lib.MiB
-
-
-def _make_snapshot(work) -> dict:
-    """base.img, target.img and a COW turning one into the other (copies, replaces, zeros)."""
-    from dmuserd.snapshot._cow_tools import create_cow
-
-    base = bytearray(lib.pattern(40, SNAP_SIZE))
-    target = bytearray(base)
-    bs = 4096
-    for block in range(0, SNAP_SIZE // bs, 7):  # replaced blocks
-        target[block * bs : (block + 1) * bs] = lib.pattern(1000 + block, bs)
-    for block in range(3, 200, 11):  # copies of other base blocks
-        src = (block * 37) % (SNAP_SIZE // bs)
-        target[block * bs : (block + 1) * bs] = base[src * bs : (src + 1) * bs]
-    target[500 * bs : 520 * bs] = bytes(20 * bs)  # zeros
-    (work / "base.img").write_bytes(base)
-    (work / "target.img").write_bytes(target)
-    create_cow(work / "base.img", work / "target.img", work / "snap.cow", version=2, progress=False)
-    return {"base": str(work / "base.img"), "cow": str(work / "snap.cow"), "size": SNAP_SIZE,
-            "target_sha": lib.sha(target), "base_sha": lib.sha(base)}
-
-
-def _run_guest(work, plan: dict, timeout: int) -> dict:
-    reason = lib.vm_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    if os.geteuid() != 0:
-        pytest.skip("needs root (run-in-vm shares the root file system)")
-    (work / "plan.json").write_text(json.dumps(plan))
-    proc = lib.run_vm([sys.executable, "tests/vm/dmuser_guest.py", str(work)], shares=[work], timeout=timeout)
-    results_path = work / "results.json"
-    assert results_path.exists(), f"the guest wrote no results (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    results = json.loads(results_path.read_text())
-    results["vm"] = {"rc": proc.returncode, "stderr": proc.stderr[-4000:]}
-    results["logs"] = {p.name: p.read_text()[-4000:] for p in work.glob("d*.log")}
-    return results
-
 
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory):
     work = tmp_path_factory.mktemp("dmuser_vm")
-    snap = _make_snapshot(work)
+    snap = lib.make_snapshot(work)
     plan = {"fio": {"bs": "8k", "size": "2M", "jobs": 4, "timeout": 300}, "snapuserd": snap}
-    results = _run_guest(work, plan, timeout=900)
+    results = lib.run_guest("dmuser_guest.py", work, plan, timeout=900)
     results["snap_plan"] = snap
     results["work"] = work
     return results
@@ -208,7 +168,8 @@ def test_snapuserd_protocol_drives_a_real_device(vm):
 @pytest.mark.slow
 def test_slow_longer_fio_verify_and_filesystem(tmp_path):
     """The same guest run with 64 MiB of fio verify over 4 jobs (~5 minutes under TCG)."""
-    results = _run_guest(tmp_path, {"fio": {"bs": "4k", "size": "16M", "jobs": 4, "timeout": 1200}}, timeout=1800)
+    results = lib.run_guest("dmuser_guest.py", tmp_path, {"fio": {"bs": "4k", "size": "16M", "jobs": 4, "timeout": 1200}},
+                            timeout=1800)
     assert results.get("done") and not results.get("errors"), _explain(results)
     assert results["fio"]["rc"] == 0 and all(j["error"] == 0 for j in results["fio"]["jobs"]), results["fio"]
     assert sum(j["write_ios"] for j in results["fio"]["jobs"]) == 4 * 16 * 256
