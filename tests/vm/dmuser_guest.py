@@ -15,6 +15,7 @@ import mmap
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -152,7 +153,7 @@ class Guest:
 
     def setup(self) -> None:
         self.set_timeout(lib.LONG_TIMEOUT_MS)
-        for name, size in (("t1", lib.T1_SIZE), ("t3", lib.T3_SIZE)):
+        for name, size in (("t1", lib.T1_SIZE), ("t3", lib.T3_SIZE), *lib.RAW_TABLES.items()):
             self.dm_create(name, size)
         made = self.sh(PY, "-m", "dmuserd", "dm", "create", "t2", "--size", str(lib.T2_SIZE))
         self.results["dm_create"] = [made.returncode, made.stdout.strip(), made.stderr[-500:]]
@@ -275,6 +276,70 @@ class Guest:
         finally:
             self.set_timeout(lib.LONG_TIMEOUT_MS)
 
+    @staticmethod
+    def _read_headers(fd: int, count: int) -> list:
+        """Read ``count`` request headers from a dm-user channel (in a thread: a read blocks)."""
+        headers = []
+
+        def run():
+            while len(headers) < count:
+                headers.append(struct.unpack("<5Q", os.read(fd, 40)))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(60)
+        return headers
+
+    @staticmethod
+    def _answer_read(fd: int, seq: int, data: bytes) -> None:
+        os.write(fd, struct.pack("<5Q", seq, 0, 0, 0, len(data)) + data)
+
+    def kernel_limits(self) -> None:
+        """Tables served by this script itself, no daemon: no cap on messages, per-message timers."""
+        c = self.results["cases"]
+        # beyond_reserve: a channel open first (no timers), then 200 reads at once
+        fd = os.open("/dev/dm-user/t5", os.O_RDWR)
+        reads = [self.io_in_thread("/dev/mapper/t5", i * lib.PROBE_LEN, lib.PROBE_LEN)
+                 for i in range(lib.BEYOND_RESERVE)]
+        headers = self._read_headers(fd, lib.BEYOND_RESERVE)
+        for header in headers:
+            self._answer_read(fd, header[0], bytes(header[4]))
+        os.close(fd)  # (what was not taken or answered fails now)
+        deadline = time.monotonic() + 60
+        for thread, _ in reads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        outcomes = {out.get("result", "hung") for _, out in reads}
+        c["beyond_reserve"] = {"result": outcomes.pop() if len(outcomes) == 1 else sorted(outcomes),
+                               "taken": len({h[0] for h in headers})}
+        self.set_timeout(lib.SHORT_TIMEOUT_MS)
+        try:
+            # timer_per_message: two reads, no daemon, queued SECOND_AFTER apart
+            first, first_out = self.io_in_thread("/dev/mapper/t6", 0, lib.PROBE_LEN)
+            time.sleep(lib.SECOND_AFTER)
+            second, second_out = self.io_in_thread("/dev/mapper/t6", lib.PROBE_LEN, lib.PROBE_LEN)
+            first.join(30)
+            pending = second.is_alive()
+            second.join(30)
+            c["timer_per_message"] = {"first": first_out.get("result", "hung"), "second_pending_then": pending,
+                                      "second": second_out.get("result", "hung")}
+            # spent_timer_not_rearmed: its timer fires while a channel is open; that channel closes
+            thread, out = self.io_in_thread("/dev/mapper/t7", 0, lib.PROBE_LEN)
+            time.sleep(lib.OPEN_AFTER)
+            fd = os.open("/dev/dm-user/t7", os.O_RDWR)
+            time.sleep(lib.HOLD_OPEN)
+            os.close(fd)
+            time.sleep(lib.CHECK_AFTER)
+            pending = thread.is_alive()
+            fd = os.open("/dev/dm-user/t7", os.O_RDWR)
+            for header in self._read_headers(fd, 1):
+                self._answer_read(fd, header[0], lib.pattern(lib.RAW_SEED, header[4]))
+            thread.join(30)
+            os.close(fd)
+            c["spent_timer_not_rearmed"] = {"pending_after_close": pending, **out} if not thread.is_alive() else {
+                "pending_after_close": pending, "result": "hung"}
+        finally:
+            self.set_timeout(lib.LONG_TIMEOUT_MS)
+
     def restart(self) -> None:
         c = self.results["cases"]
         thread, out = self.io_in_thread("/dev/mapper/t2", 0, lib.EARLY_LEN)
@@ -372,7 +437,7 @@ class Guest:
                 proc.kill()
         gone = self.sh(PY, "-m", "dmuserd", "dm", "remove", "t3")
         self.results["dm_remove"] = [gone.returncode, gone.stderr[-500:], os.path.exists("/dev/dm-user/t3")]
-        for name in ("t1", "t2", "t3", "t4", "snapt"):
+        for name in ("t1", "t2", "t3", "t4", "snapt", *lib.RAW_TABLES):
             self.sh("dmsetup", "remove", "--force", name)
 
     def run(self) -> None:
@@ -383,6 +448,7 @@ class Guest:
         self.step("cases_d1", self.cases_d1)
         self.step("kill_in_flight", self.kill_in_flight)
         self.step("timeout_case", self.timeout_case)
+        self.step("kernel_limits", self.kernel_limits)
         self.step("restart", self.restart)
         self.step("snapuserd", self.snapuserd)
         self.step("cleanup", self.cleanup)

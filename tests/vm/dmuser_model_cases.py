@@ -8,11 +8,16 @@ starts and "dies" or "stops" when it is cancelled (its channels close, as
 when the kernel closes a killed process's files). The model takes its time
 as an argument: where the kernel's timer would fire, :meth:`KernelTarget.advance`
 is called after the same wait.
+
+The cases the guest serves byte by byte itself (no daemon: many messages
+outstanding, each message's timer) run on a bare
+:class:`~dmuserd.protocol.KernelTarget`, at the guest's times.
 """
 
 from __future__ import annotations
 
 import errno
+import struct
 from pathlib import Path
 
 import trio
@@ -22,7 +27,9 @@ from dmuser_vm_backend import StallBackend
 from dmuserd.backends.file import FileBackend
 from dmuserd.daemon.dispatcher import Dispatcher
 from dmuserd.daemon.emulated import EmulatedDmUser
-from dmuserd.protocol import Flag, RequestType
+from dmuserd.protocol import WOULD_BLOCK, Bio, Flag, KernelTarget, RequestType
+
+_HEADER = struct.Struct("<5Q")
 
 
 async def _attach(nursery, device: EmulatedDmUser):
@@ -141,4 +148,62 @@ async def run_model_cases(work: Path) -> tuple[dict, dict]:
         cases["after_stop"] = await _io(t1, R, 0, lib.PROBE_LEN)
     for backend in (backend1, t2.dispatcher.backend, t3.dispatcher.backend):
         await backend.close()
+    cases.update(raw_model_cases())
     return cases, facts
+
+
+def _result(bio: Bio) -> str:
+    if not bio.done:
+        return "hung"
+    return "ok" if not bio.error else errno.errorcode[bio.error]
+
+
+def _probe(index: int = 0) -> Bio:
+    return Bio(RequestType.READ, index * lib.PROBE_LEN // 512, lib.PROBE_LEN)
+
+
+def _serve_reads(channel, data_for) -> list:
+    """Take every queued message on ``channel``, then answer each READ with ``data_for(length)``."""
+    headers = []
+    while (raw := channel.read(_HEADER.size)) is not WOULD_BLOCK:
+        headers.append(_HEADER.unpack(raw))
+    for seq, _kind, _flags, _sector, length in headers:
+        channel.write_all(_HEADER.pack(seq, 0, 0, 0, length) + data_for(length))
+    return headers
+
+
+def raw_model_cases() -> dict:
+    """``beyond_reserve``, ``timer_per_message``, ``spent_timer_not_rearmed`` on the model."""
+    cases = {}
+    target = KernelTarget(daemon_timeout=lib.LONG_TIMEOUT_MS / 1000)
+    channel = target.open_channel()
+    bios = [target.submit(_probe(i), now=0.0) for i in range(lib.BEYOND_RESERVE)]
+    headers = _serve_reads(channel, bytes)
+    channel.close()
+    outcomes = {_result(bio) for bio in bios}
+    cases["beyond_reserve"] = {"result": outcomes.pop() if len(outcomes) == 1 else sorted(outcomes),
+                               "taken": len({h[0] for h in headers})}
+
+    timeout = lib.SHORT_TIMEOUT_MS / 1000
+    target = KernelTarget(daemon_timeout=timeout)
+    first = target.submit(_probe(0), now=0.0)
+    second = target.submit(_probe(1), now=lib.SECOND_AFTER)
+    target.advance(timeout)
+    pending = not second.done
+    target.advance(lib.SECOND_AFTER + timeout)
+    cases["timer_per_message"] = {"first": _result(first), "second_pending_then": pending,
+                                  "second": _result(second)}
+
+    target = KernelTarget(daemon_timeout=timeout)
+    bio = target.submit(_probe(), now=0.0)
+    channel = target.open_channel()  # at OPEN_AFTER
+    target.advance(lib.OPEN_AFTER + lib.HOLD_OPEN)
+    channel.close()
+    target.advance(lib.OPEN_AFTER + lib.HOLD_OPEN + lib.CHECK_AFTER)
+    pending = not bio.done
+    _serve_reads(target.open_channel(), lambda length: lib.pattern(lib.RAW_SEED, length))
+    outcome = {"pending_after_close": pending, "result": _result(bio)}
+    if bio.done and not bio.error:
+        outcome["sha"] = lib.sha(bytes(bio.data))
+    cases["spent_timer_not_rearmed"] = outcome
+    return cases

@@ -29,6 +29,9 @@ MiB = 1 << 20
 T1_SIZE = 256 * MiB  # the main target (file backend with stall/fail ranges)
 T2_SIZE = 4 * MiB  # I/O queued before its daemon attaches
 T3_SIZE = 4 * MiB  # never served: I/O times out
+#: Served by the guest itself, byte by byte (no daemon): what the kernel does
+#: with many outstanding messages (T5), with each message's timer (T6, T7).
+RAW_TABLES = {"t5": 4 * MiB, "t6": 4 * MiB, "t7": 4 * MiB}
 
 PATTERN_OFF, PATTERN_LEN, PATTERN_SEED = 1 * MiB, 1 * MiB, 1
 DSYNC_OFF, DSYNC_LEN, DSYNC_SEED = 8 * MiB, 64 * 1024, 2
@@ -36,6 +39,14 @@ FAIL_OFF = 250 * MiB  # reads here fail in the backend (past what mkfs/e2fsck re
 STALL_OFF = 251 * MiB  # reads here stall in the backend until the daemon dies
 EARLY_LEN, EARLY_SEED = 64 * 1024, 7  # T2: read at 0, prefilled in its backing file
 PROBE_LEN = 4096
+#: More reads in flight at once than dm-user.c's message reserve (128).
+BEYOND_RESERVE = 200
+#: T6: the second read is queued this long after the first (both wait for a daemon).
+SECOND_AFTER = 0.5
+#: T7: a channel opens this long after the read was queued, stays open past its
+#: deadline, and closes; then the read is checked again this long after.
+OPEN_AFTER, HOLD_OPEN, CHECK_AFTER = 0.3, 1.5, 1.5
+RAW_SEED = 21
 
 #: The daemon-attach timeout while the VM tests run (a Python daemon needs a
 #: few seconds to start under TCG), and the short one of the timeout case.
@@ -53,6 +64,9 @@ CASES = (
     "before_attach",  # I/O queued before the daemon attached completes
     "restart_read",  # a new daemon serves the data the old one wrote
     "after_stop",  # the daemon stopped: new I/O fails
+    "beyond_reserve",  # 200 reads outstanding at once: all reach the daemon before one is answered
+    "timer_per_message",  # no daemon: each read fails at its own deadline, counted from its mapping
+    "spent_timer_not_rearmed",  # a read whose timer fired while a channel was open survives its closing
 )
 
 

@@ -89,6 +89,21 @@ def test_io_queued_before_the_daemon_attached_completes(vm):
     assert vm["cases"]["no_daemon_timeout"] == {"result": "EIO"}
 
 
+def test_no_cap_on_outstanding_messages(vm):
+    # dm-user.c's 128 messages are a mempool reserve: all 200 reads reach the
+    # channel before one is answered.
+    assert vm["cases"]["beyond_reserve"] == {"result": "ok", "taken": lib.BEYOND_RESERVE}
+
+
+def test_daemon_timeout_counts_per_message_and_fires_once(vm):
+    # Each message's timer runs from its mapping: the later read outlives the first.
+    assert vm["cases"]["timer_per_message"] == {"first": "EIO", "second_pending_then": True, "second": "EIO"}
+    # A timer that fired while a channel was open is spent: closing that
+    # channel later does not fail the read, a daemon attaching after serves it.
+    assert vm["cases"]["spent_timer_not_rearmed"] == {
+        "pending_after_close": True, "result": "ok", "sha": lib.sha(lib.pattern(lib.RAW_SEED, lib.PROBE_LEN))}
+
+
 def test_new_daemon_serves_what_the_killed_one_wrote(vm):
     assert vm["cases"]["restart_read"] == {"result": "ok", "sha": lib.sha(lib.pattern(lib.PATTERN_SEED, lib.PATTERN_LEN))}
     assert vm["d2_exit"] == 0
