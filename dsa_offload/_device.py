@@ -164,8 +164,14 @@ class Device:
         descriptors in flight may still complete. A missed deadline means the
         device is hung: the queue is given up, every waiter stops waiting
         (raises Fallback) and its work goes on on the CPU."""
-        with trio.move_on_after(self.completion_timeout):
-            await self.completions.wait_until(lambda: handle.done or self.hung)
+        try:
+            with trio.move_on_after(self.completion_timeout):
+                await self.completions.wait_until(lambda: handle.done or self.hung)
+        except trio.Cancelled:
+            # Nobody will wait for it now: its buffers are released as soon as
+            # the device is done with them (by the poller), not at a later reap.
+            self.queue.orphan(handle)
+            raise
         if handle.done:
             self._unusable()  # notice a device error reported meanwhile
             return

@@ -54,7 +54,7 @@
 PyObject *dsa_discover(PyObject *self, PyObject *args, PyObject *kw);
 
 #define PORTAL_SIZE 4096
-#define RETRIES 64 /* ENQCMD / write() attempts before calling the queue full */
+#define RETRIES 64 /* ENQCMD attempts before calling the queue full (write(): the kernel retries) */
 
 enum { KIND_MOVDIR64B, KIND_ENQCMD, KIND_WRITE, KIND_EMULATED };
 static const char *kind_names[] = {"movdir64b", "enqcmd", "write", "emulated"};
@@ -96,16 +96,17 @@ static int bitmap_arg(PyObject *v, uint8_t out[32], const uint8_t *dflt)
 static int Emulator_init(EmulatorObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"mode", "size", "max_transfer", "max_batch", "block_on_fault", "op_cap", "delay_us",
-                             "gen_cap", "op_config", "user_submission_safe", "enqcmds_retries", NULL};
+                             "gen_cap", "op_config", "user_submission_safe", "enqcmds_retries", "refuse_delay_us", NULL};
     const char *mode = "dedicated";
-    unsigned size = 16, max_batch = 32, delay = 0, retries = 32;
+    unsigned size = 16, max_batch = 32, delay = 0, retries = 32, refuse_delay = 0;
     unsigned long long max_transfer = 2u << 20;
     unsigned long long gen_cap = DSA_GENCAP_BLOCK_ON_FAULT | DSA_GENCAP_OVERLAP_COPY | DSA_GENCAP_CACHE_CONTROL_MEM |
                                  DSA_GENCAP_CACHE_CONTROL_CACHE;
     int bof = 0, safe = 1;
     PyObject *op_cap = Py_None, *op_config = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|sIKIpOIKOpI:Emulator", kwlist, &mode, &size, &max_transfer, &max_batch,
-                                     &bof, &op_cap, &delay, &gen_cap, &op_config, &safe, &retries))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|sIKIpOIKOpII:Emulator", kwlist, &mode, &size, &max_transfer,
+                                     &max_batch, &bof, &op_cap, &delay, &gen_cap, &op_config, &safe, &retries,
+                                     &refuse_delay))
         return -1;
     if (strcmp(mode, "dedicated") && strcmp(mode, "shared")) {
         PyErr_SetString(PyExc_ValueError, "mode must be 'dedicated' or 'shared'");
@@ -117,7 +118,8 @@ static int Emulator_init(EmulatorObject *self, PyObject *args, PyObject *kw)
     }
     struct dsa_emu_config cfg = {.size = size, .shared = mode[0] == 's', .block_on_fault = bof,
                                  .max_transfer = (uint32_t)max_transfer, .max_batch = max_batch, .gen_cap = gen_cap,
-                                 .user_submission_safe = safe, .enqcmds_retries = retries};
+                                 .user_submission_safe = safe, .enqcmds_retries = retries,
+                                 .refuse_delay_us = refuse_delay};
     uint8_t every_op[32] = {0}, all[32];
     unsigned ops[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0x10, 0x11, 0x20};
     for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
@@ -340,7 +342,7 @@ static PyTypeObject EmulatorType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Emulator(mode='dedicated', size=16, max_transfer=2 MiB, max_batch=32, block_on_fault=False, "
               "op_cap=None, delay_us=0, gen_cap=BOF|overlap|cache control, op_config=None, "
-              "user_submission_safe=True, enqcmds_retries=32): a software DSA work queue",
+              "user_submission_safe=True, enqcmds_retries=32, refuse_delay_us=0): a software DSA work queue",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Emulator_init,
     .tp_dealloc = (destructor)Emulator_dealloc,
@@ -360,6 +362,7 @@ typedef struct OpObject {
     Py_buffer *views;          /* held until the completion is reaped */
     unsigned nviews, cap_views;
     int state;
+    int orphan;                /* nobody waits for it: the poller releases its buffers on completion */
     unsigned opcode;
     uint64_t submitted_ns, completed_ns;
 } OpObject;
@@ -466,6 +469,7 @@ static OpObject *op_new(unsigned opcode, unsigned nmembers)
     op->views = NULL;
     op->nviews = op->cap_views = 0;
     op->state = OP_NEW;
+    op->orphan = 0;
     op->opcode = opcode;
     op->submitted_ns = op->completed_ns = 0;
     if (!op->rec || (nmembers && (!op->members || !op->member_recs))) {
@@ -595,6 +599,10 @@ typedef struct {
     int swerr;                    /* the device reported a software error (poller or check_device_error) */
     int abandon;                  /* close: stop watching what is still in flight */
     unsigned long stranded;       /* operations left in flight at close, pinned for good */
+    unsigned long long refused;   /* submissions the device did not take */
+    int soft_watch;               /* test knob: watch records by reading them (as UMWAIT does) without WAITPKG */
+    int reopen_errno;             /* a forked child's reopen failed with this */
+    OpObject *orphans;            /* completed ops nobody waits for: the poller releases their buffers */
     char portal_note[160];
 } QueueObject;
 
@@ -625,10 +633,33 @@ static void backoff(QueueObject *q, volatile uint8_t *watch, uint64_t idle_since
         dsa_umwait_until(watch, __rdtsc() + 100000);
         return;
     }
+    if (q->soft_watch) { /* what UMONITOR/UMWAIT do, by reading: ~100 us watching the record */
+        for (int i = 0; i < 10 && !*watch; i++) {
+            struct timespec ts = {0, 10000};
+            nanosleep(&ts, NULL);
+        }
+        return;
+    }
     unsigned us = 2u << (*sleeps < 6 ? *sleeps : 6); /* 2, 4, ... 128 µs */
     (*sleeps)++;
     struct timespec ts = {0, (long)us * 1000};
     nanosleep(&ts, NULL);
+}
+
+/* Release the buffers of completed ops whose waiters gave up (poller
+ * thread, GIL taken). Not during interpreter shutdown: the process is going. */
+static void release_orphans(OpObject *ops)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    if (Py_IsFinalizing())
+#else
+    if (_Py_IsFinalizing())
+#endif
+        return;
+    PyGILState_STATE g = PyGILState_Ensure();
+    for (OpObject *op = ops; op; op = op->next)
+        op_release(op);
+    PyGILState_Release(g);
 }
 
 static void *poller_main(void *arg)
@@ -648,18 +679,38 @@ static void *poller_main(void *arg)
             break; /* stop, and nothing left to watch (or told to leave it) */
         int moved = 0;
         uint64_t t = now_ns();
+        OpObject *orphans = NULL;
         for (OpObject **pp = &q->inflight; *pp;) {
             OpObject *op = *pp;
             if (__atomic_load_n(&op->rec->status, __ATOMIC_ACQUIRE)) {
                 *pp = op->next;
                 op->state = OP_COMPLETE;
                 op->completed_ns = t;
-                op->next = q->done;
-                q->done = op;
+                if (op->orphan) { /* its waiter was cancelled: release its buffers now, not at some later reap */
+                    op->next = orphans;
+                    orphans = op;
+                } else {
+                    op->next = q->done;
+                    q->done = op;
+                }
                 q->in_flight--;
                 moved++;
             } else {
                 pp = &op->next;
+            }
+        }
+        if (orphans) {
+            /* Only this thread holds these ops now (off every list), so they
+             * stay alive while it takes the GIL to release their buffers;
+             * then they join the done list for reap to drop. */
+            pthread_mutex_unlock(&q->mu);
+            release_orphans(orphans);
+            pthread_mutex_lock(&q->mu);
+            while (orphans) {
+                OpObject *next = orphans->next;
+                orphans->next = q->done;
+                q->done = orphans;
+                orphans = next;
             }
         }
         /* While work is in flight, look for a device error once a millisecond. */
@@ -695,6 +746,11 @@ static int open_portal(QueueObject *q, int force_write)
 {
     const struct dsa_cpu *cpu = dsa_cpu_features();
     if (q->emu) { /* write(): through the emulator's model of the kernel's cdev */
+        if (!dsa_emu_config(q->emu->e)->shared && q->emu->opened) {
+            errno = EBUSY; /* a dedicated queue admits one opener (a forked child: its parent holds it) */
+            return -1;
+        }
+        q->emu->opened++;
         q->kind = force_write ? KIND_WRITE : KIND_EMULATED;
         if (force_write)
             snprintf(q->portal_note, sizeof q->portal_note, "emulated write() (the kernel's cdev checks modelled)");
@@ -773,6 +829,7 @@ static int ensure_process(QueueObject *q)
         dsa_emu_after_fork(q->emu->e);
     if (open_portal(q, q->kind == KIND_WRITE) < 0 || start_poller(q) < 0) {
         q->closed = 1;
+        q->reopen_errno = errno ? errno : EIO;
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, q->path ? q->path : "emulated queue");
         return -1;
     }
@@ -781,13 +838,15 @@ static int ensure_process(QueueObject *q)
 
 static int Queue_init(QueueObject *q, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"path", "emulator", "mode", "size", "max_transfer", "max_batch", "portal", NULL};
+    static char *kwlist[] = {"path", "emulator", "mode", "size", "max_transfer", "max_batch", "portal", "soft_watch",
+                             NULL};
     const char *path = NULL, *mode = "dedicated", *portal = "auto";
     PyObject *emu = Py_None;
     unsigned size = 0, max_batch = 32;
     unsigned long long max_transfer = 2u << 20;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zOsIKIs:Queue", kwlist, &path, &emu, &mode, &size, &max_transfer,
-                                     &max_batch, &portal))
+    int soft_watch = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zOsIKIsp:Queue", kwlist, &path, &emu, &mode, &size, &max_transfer,
+                                     &max_batch, &portal, &soft_watch))
         return -1;
     q->efd = q->fd = -1;
     q->pid = getpid();
@@ -801,13 +860,7 @@ static int Queue_init(QueueObject *q, PyObject *args, PyObject *kw)
         }
         EmulatorObject *e = (EmulatorObject *)emu;
         const struct dsa_emu_config *cfg = dsa_emu_config(e->e);
-        if (!cfg->shared && e->opened) { /* as the kernel answers a second open */
-            errno = EBUSY;
-            PyErr_SetFromErrnoWithFilename(PyExc_OSError, "emulated dedicated queue");
-            return -1;
-        }
-        e->opened++;
-        q->emu = (EmulatorObject *)Py_NewRef(emu);
+        q->emu = (EmulatorObject *)Py_NewRef(emu); /* open_portal refuses a second opener of a dedicated queue */
         q->shared = cfg->shared;
         /* size= may claim more than the emulator has: how tests prove the
          * emulator catches a dedicated queue being overrun. */
@@ -825,7 +878,13 @@ static int Queue_init(QueueObject *q, PyObject *args, PyObject *kw)
         q->max_transfer = (uint32_t)max_transfer;
         q->max_batch = max_batch;
     }
-    if (open_portal(q, strcmp(portal, "write") == 0) < 0 || start_poller(q) < 0) {
+    q->soft_watch = soft_watch;
+    if (open_portal(q, strcmp(portal, "write") == 0) < 0) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path ? path : "emulated dedicated queue");
+        Py_CLEAR(q->emu); /* not opened: close() must not count it out */
+        return -1;
+    }
+    if (start_poller(q) < 0) {
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, path ? path : "emulated queue");
         return -1;
     }
@@ -833,8 +892,14 @@ static int Queue_init(QueueObject *q, PyObject *args, PyObject *kw)
 }
 
 /* Hand an Op to the device: reserve a slot (never more than `size` in
- * flight), publish it to the poller, write the portal. Returns 1 when the
- * queue is full, -1 on error with an exception set. */
+ * flight), write the portal, and only once the device took it publish it to
+ * the poller. Publishing after acceptance matters: the poller watches (with
+ * UMWAIT, reads) the record of an op on its list without the lock, so an op
+ * that was refused and freed must never have been on it. The portal write
+ * of write() and ENQCMD runs without the GIL: write() is a system call in
+ * which the kernel itself retries a full shared queue (enqcmds_retries), so
+ * it is tried once here; ENQCMD is retried RETRIES times. Returns 1 when the queue is full, -1 on
+ * error with an exception set. */
 static int queue_submit(QueueObject *q, OpObject *op, const struct dsa_desc *d)
 {
     pthread_mutex_lock(&q->mu);
@@ -844,16 +909,16 @@ static int queue_submit(QueueObject *q, OpObject *op, const struct dsa_desc *d)
         return 1;
     }
     q->in_flight++;
-    op->state = OP_INFLIGHT;
-    op->submitted_ns = now_ns();
-    Py_INCREF(op); /* the queue's reference: buffers live until reaped */
-    op->next = q->inflight;
-    q->inflight = op;
-    pthread_cond_signal(&q->cv);
     pthread_mutex_unlock(&q->mu);
+    op->submitted_ns = now_ns();
 
     int rc = 1, err = 0;
-    for (int tries = 0; tries < RETRIES; tries++) {
+    unsigned long long retries = 0;
+    int attempts = q->kind == KIND_WRITE ? 1 : RETRIES;
+    /* write() and ENQCMD retries can take a while: not with the GIL held.
+     * MOVDIR64B and the emulator's portal are a store and a lock. */
+    PyThreadState *released = q->kind == KIND_WRITE || q->kind == KIND_ENQCMD ? PyEval_SaveThread() : NULL;
+    for (int tries = 0; tries < attempts; tries++) {
         uint8_t *slot = q->portal ? q->portal + (q->slot++ % (PORTAL_SIZE / 64)) * 64 : NULL;
         switch (q->kind) {
         case KIND_EMULATED:
@@ -877,26 +942,26 @@ static int queue_submit(QueueObject *q, OpObject *op, const struct dsa_desc *d)
         }
         if (rc != 1)
             break;
-        q->retries++;
+        retries++;
         cpu_relax();
     }
-    if (rc == 0) {
-        q->submitted++;
-        return 0;
-    }
-    /* Not accepted: take it back (the device never saw it). */
+    if (released)
+        PyEval_RestoreThread(released);
+    q->retries += retries;
     pthread_mutex_lock(&q->mu);
-    for (OpObject **pp = &q->inflight; *pp; pp = &(*pp)->next)
-        if (*pp == op) {
-            *pp = op->next;
-            break;
-        }
-    q->in_flight--;
-    q->full += rc == 1;
+    if (rc == 0) { /* accepted: the queue's reference keeps the buffers until reaped */
+        Py_INCREF(op);
+        op->state = OP_INFLIGHT;
+        op->next = q->inflight;
+        q->inflight = op;
+        pthread_cond_signal(&q->cv);
+        q->submitted++;
+    } else { /* not accepted: give the slot back (the device never saw it) */
+        q->in_flight--;
+        q->full += rc == 1;
+        q->refused++;
+    }
     pthread_mutex_unlock(&q->mu);
-    op->state = OP_NEW;
-    op->next = NULL;
-    Py_DECREF(op);
     if (rc < 0) {
         errno = err;
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, q->path ? q->path : "emulated queue (write)");
@@ -906,6 +971,11 @@ static int queue_submit(QueueObject *q, OpObject *op, const struct dsa_desc *d)
 
 static int queue_usable(QueueObject *q)
 {
+    if (q->closed && q->reopen_errno) { /* this child could not reopen it: say why, again */
+        errno = q->reopen_errno;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, q->path ? q->path : "emulated queue");
+        return -1;
+    }
     if (q->closed) {
         PyErr_SetString(PyExc_ValueError, "queue is closed");
         return -1;
@@ -990,8 +1060,10 @@ static PyObject *Queue_submit_batch(QueueObject *q, PyObject *args, PyObject *kw
 
 static PyObject *Queue_reap(QueueObject *q, PyObject *unused)
 {
-    if (q->closed || ensure_process(q) < 0)
+    if (q->closed)
         return PyList_New(0);
+    if (ensure_process(q) < 0)
+        return NULL; /* a forked child whose reopen failed: that OSError, not an empty list with it set */
     uint64_t v;
     ssize_t r = read(q->efd, &v, sizeof v); /* drain the wakeup */
     (void)r;
@@ -1112,6 +1184,28 @@ static PyObject *Queue_close(QueueObject *q, PyObject *args, PyObject *kw)
     return PyLong_FromUnsignedLong(queue_close(q, ns));
 }
 
+/* The waiter of `op` stops waiting (cancelled): release its buffers as soon
+ * as the device is done with them, instead of at the next reap (which may
+ * never come). Already complete: now; still in flight: by the poller. */
+static PyObject *Queue_orphan(QueueObject *q, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &OpType)) {
+        PyErr_SetString(PyExc_TypeError, "orphan() takes an Op");
+        return NULL;
+    }
+    OpObject *op = (OpObject *)arg;
+    if (q->pid != getpid())
+        Py_RETURN_NONE;
+    pthread_mutex_lock(&q->mu);
+    int complete = op->state == OP_COMPLETE;
+    if (op->state == OP_INFLIGHT)
+        op->orphan = 1;
+    pthread_mutex_unlock(&q->mu);
+    if (complete) /* on the done list: the device is finished with it */
+        op_release(op);
+    Py_RETURN_NONE;
+}
+
 /* Look for a device error now (a poll() on the WQ fd), and remember it. */
 static PyObject *Queue_check_device_error(QueueObject *q, PyObject *unused)
 {
@@ -1165,6 +1259,7 @@ Q_GETTER(portal_note, PyUnicode_FromString(q->portal_note))
 Q_GETTER(emulator, Py_NewRef(q->emu ? (PyObject *)q->emu : Py_None))
 Q_GETTER(device_error, PyBool_FromLong(__atomic_load_n(&q->swerr, __ATOMIC_ACQUIRE)))
 Q_GETTER(stranded, PyLong_FromUnsignedLong(q->stranded))
+Q_GETTER(refused, PyLong_FromUnsignedLongLong(q->refused))
 
 static PyGetSetDef Queue_getset[] = {
     {"in_flight", (getter)Queue_get_in_flight, NULL, "descriptors submitted and not yet seen complete", NULL},
@@ -1184,6 +1279,7 @@ static PyGetSetDef Queue_getset[] = {
     {"emulator", (getter)Queue_get_emulator, NULL, NULL, NULL},
     {"device_error", (getter)Queue_get_device_error, NULL, "the device reported a software error (seen so far)", NULL},
     {"stranded", (getter)Queue_get_stranded, NULL, "operations left in flight at close: buffers pinned for good", NULL},
+    {"refused", (getter)Queue_get_refused, NULL, "submissions the device did not take (full, or an error)", NULL},
     {NULL}};
 
 static PyMethodDef Queue_methods[] = {
@@ -1201,6 +1297,8 @@ static PyMethodDef Queue_methods[] = {
     {"check_device_error", (PyCFunction)Queue_check_device_error, METH_NOARGS,
      "poll() the WQ fd for a device error (SWERR) now; True once one was seen"},
     {"wake", (PyCFunction)Queue_wake, METH_NOARGS, "make the completion fd readable (wakes a waiter)"},
+    {"orphan", (PyCFunction)Queue_orphan, METH_O,
+     "orphan(op): nobody waits for op any more; release its buffers once the device is done with it"},
     {NULL}};
 
 static PyTypeObject QueueType = {

@@ -848,6 +848,10 @@ int dsa_emu_portal_write(struct dsa_emu *e, const struct dsa_desc *d)
         if (e->cfg.shared) { /* ENQCMD's ZF=1 */
             e->st.retries++;
             pthread_mutex_unlock(&e->mu);
+            if (e->cfg.refuse_delay_us) {
+                struct timespec ts = {e->cfg.refuse_delay_us / 1000000, (long)(e->cfg.refuse_delay_us % 1000000) * 1000};
+                nanosleep(&ts, NULL);
+            }
             return 1;
         }
         /* Hardware would drop it silently; counting it lets tests fail. */

@@ -172,6 +172,7 @@ struct dsa_emu_config {
     uint8_t op_config[32];   /* bitmap of opcodes this WQ accepts (WQCFG op config) */
     int user_submission_safe; /* the kernel's flag: without it write() refuses BATCH, sysfs hides it */
     unsigned enqcmds_retries; /* the kernel's ENQCMDS attempts for a write() to a shared WQ */
+    unsigned refuse_delay_us; /* a refused portal write (shared queue full) takes this long (tests) */
 };
 struct dsa_emu_stats {
     uint64_t descriptors, batches, members, overflows, retries, faults, cr_faults, blocked, max_occupancy;

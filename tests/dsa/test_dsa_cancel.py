@@ -2,6 +2,7 @@
 
 import array
 import gc
+import time
 import weakref
 
 import pytest
@@ -9,7 +10,7 @@ import trio
 
 
 async def test_cancelled_copy_keeps_buffers_until_completion(make_mover):
-    mover = make_mover(threshold=1, delay_us=150_000)  # a slow device
+    mover = make_mover(threshold=1, delay_us=500_000)  # a slow device (slow enough for a loaded machine)
     src = array.array("B", range(256)) * 400
     dst = array.array("B", bytes(len(src)))
     src_ref, dst_ref = weakref.ref(src), weakref.ref(dst)
@@ -35,6 +36,27 @@ async def test_cancelled_copy_keeps_buffers_until_completion(make_mover):
     dst.append(1)  # resizable again: no longer exported
     gc.collect()
     assert src_ref() is None  # nothing but the device held it
+
+
+async def test_a_cancelled_copy_releases_its_buffers_when_the_device_is_done(make_mover):
+    """With nobody calling the mover again: the poller releases them.
+    (Before, they stayed exported until the next reap, which may never come.)"""
+    mover = make_mover(threshold=1, delay_us=50_000)
+    src = array.array("B", range(256)) * 400
+    dst = array.array("B", bytes(len(src)))
+    with trio.move_on_after(0.01) as scope:
+        await mover.copy(dst, src)
+    assert scope.cancelled_caught
+    await trio.lowlevel.checkpoint()  # trio lets go of the cancelled call's frames
+    with pytest.raises(BufferError):
+        dst.append(1)
+    deadline = time.monotonic() + 5
+    while mover.emulator.stats()["occupancy"] and time.monotonic() < deadline:
+        time.sleep(0.01)  # no trio checkpoint, no mover call: nothing reaps
+    time.sleep(0.05)
+    assert bytes(dst) == bytes(src)
+    dst.append(1)  # no longer exported
+    src.append(1)
 
 
 async def test_cancelled_waiter_hands_over_completion_reading(make_mover):
