@@ -251,6 +251,8 @@ async def test_the_daemon_bounds_requests_in_the_dispatcher_not_the_kernel(nurse
 
 @pytest.fixture
 def fifo(tmp_path):
+    """A FIFO standing in for ``/dev/dm-user/NAME`` (no poll either way: the reader thread blocks in read())."""
+    assert install_wake_handler()  # as DmUserDevice.run does: giving a channel up can wake its reader
     path = tmp_path / "channel"
     os.mkfifo(path)
     return str(path)
@@ -268,7 +270,6 @@ def _has_reader(path: str) -> bool:
 
 
 async def test_giving_up_a_channel_releases_its_file_while_the_reader_is_blocked(fifo):
-    assert install_wake_handler()
     channel = DevChannel(fifo, "fifo")
     with trio.fail_after(10):
         while channel._fd._reader is None:  # the thread is on its way into read()
