@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        logs.configure(args.log_level)
+        # A service (serve, demo, ota serve) logs to stdout, journald's stream under systemd;
+        # every other command keeps stdout for its result (text or --json) and logs to stderr.
+        logs.configure(args.log_level, stream=sys.stdout if getattr(args, "service", False) else sys.stderr)
     except ValueError as exc:
         print(f"dmuserd: {exc}", file=sys.stderr)
         return 2

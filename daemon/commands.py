@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     serve.add_argument("--offload", choices=("auto", "dsa", "emulated", "cpu"),
                        help="data mover engine for backends that move blocks (snapshot merges): "
                        "auto = DSA hardware if usable, else CPU")
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=_serve, service=True)
 
     demo = subparsers.add_parser(
         "demo",
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     demo.add_argument("--dir", default=None, help="working directory (default /run/dmuserd-demo)")
     demo.add_argument("--duration", type=float, default=None,
                       help="stop after this many seconds instead of waiting for Ctrl-C")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, service=True)
 
     status = subparsers.add_parser("status", help="show what a running daemon serves, with counters")
     status.add_argument("--control-socket", metavar="PATH", help="the daemon's control socket")

@@ -1,7 +1,9 @@
 """Logging set-up: structlog, configured once per process.
 
 Library code only calls ``structlog.get_logger()``; the command line calls
-:func:`configure` before doing anything. Output goes to stdout:
+:func:`configure` before doing anything. Output goes to the stream it is
+given: a service's stdout (journald's stream under systemd), stderr for
+commands whose stdout is their result:
 
 * a terminal gets readable, coloured lines;
 * anything else (a pipe, a file, journald) gets one JSON object per line.

@@ -1,19 +1,20 @@
-"""An OTA package (``ota.zip``): where its ``payload.bin`` lies, and what it says about it.
+"""An OTA package (``ota.zip``): where its ``payload.bin`` is, and what the package says about it.
 
-A build server's OTA is a zip holding ``payload.bin`` *stored* (not
+A build server's OTA is a zip holding ``payload.bin`` (*stored*, not
 compressed, so update_engine can stream it from any offset),
 ``payload_properties.txt`` (the payload's size and SHA-256, and those of its
 metadata, base64) and ``META-INF/com/android/metadata`` (``key=value``
 lines: the pre and post builds, the OTA type, ...). dmuserd reads the
-payload in place: :func:`locate_payload` gives the byte range of the stored
-entry in the zip file, and :class:`~dmuserd.snapshot.payload.Payload` reads
-from there. Nothing is extracted.
+payload in place through :mod:`dmuserd.images` (a stored zip entry is a
+range of the zip; a compressed one, which repackaged zips may have, is
+decompressed once to a temporary file). Nothing is extracted to the
+user's disk.
 
-A plain ``payload.bin`` works everywhere a zip does (its range is the whole
-file, with no properties).
+A plain ``payload.bin`` works everywhere a zip does (the whole file, with no
+properties).
 
 The zip comes from outside: every structure is checked, and what is wrong
-comes out as :class:`OtaPackageError` naming the entry and the rule.
+comes out as :class:`OtaPackageError` naming the file, the entry and the rule.
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 
+from dmuserd.images import Image, ImageError, RawImage
+from dmuserd.images._zip import SliceImage, is_zip, zip_entry
 from dmuserd.snapshot.payload import PayloadError
 
 PAYLOAD_NAME = "payload.bin"
 PROPERTIES_NAME = "payload_properties.txt"
 METADATA_NAME = "META-INF/com/android/metadata"
-_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes
-_LOCAL_MAGIC = b"PK\x03\x04"
 #: small text entries we read whole: no more than this
 MAX_TEXT_ENTRY = 1 << 20
 
@@ -42,75 +42,74 @@ class OtaPackageError(PayloadError):
 
 
 @dataclass(frozen=True)
-class PayloadLocation:
-    """Where a payload's bytes are: ``size`` bytes at ``offset`` of ``path``.
-
-    ``package`` is None for a bare ``payload.bin``; for a zip, its
-    ``properties`` and ``metadata`` (``{}`` when the entry is missing).
-    """
-
-    path: str
-    offset: int
-    size: int
-    package: "OtaPackage | None" = None
-
-
-@dataclass(frozen=True)
 class OtaPackage:
     path: str
     properties: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
 
 
-def is_zip(path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == _LOCAL_MAGIC
+@dataclass
+class PayloadLocation:
+    """A payload's bytes: ``image`` (``size`` bytes), in ``path``.
+
+    ``package`` is None for a bare ``payload.bin``; for a zip, its
+    ``properties`` and ``metadata`` (``{}`` when the entry is missing).
+    """
+
+    path: str
+    image: Image
+    package: OtaPackage | None = None
+
+    @property
+    def size(self) -> int:
+        return self.image.size
+
+    @property
+    def offset(self) -> int | None:
+        """Where the payload starts in ``path`` (None: a compressed entry, read from a temporary copy)."""
+        if self.package is None:
+            return 0
+        return self.image.start if isinstance(self.image, SliceImage) else None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (fewer at the end)."""
+        length = max(0, min(length, self.size - offset))
+        return self.image.pread(length, offset) if length else b""
+
+    def close(self) -> None:
+        self.image.close()
 
 
 def locate_payload(path) -> PayloadLocation:
-    """The payload inside ``path`` (an OTA zip) or ``path`` itself (a payload.bin)."""
+    """The payload inside ``path`` (an OTA zip) or ``path`` itself (a payload.bin); close it when done."""
     path = os.fspath(path)
     try:
-        size = os.stat(path).st_size
-        zipped = is_zip(path)
+        image = RawImage(path)
+    except ImageError as exc:
+        raise OtaPackageError(str(exc)) from None
     except OSError as exc:
         raise OtaPackageError(f"cannot open {path}: {exc.strerror}; check the path") from None
-    if not zipped:
-        return PayloadLocation(path, 0, size)
     try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-            try:
-                info = archive.getinfo(PAYLOAD_NAME)
-            except KeyError:
-                raise OtaPackageError(f"{path} is a zip without {PAYLOAD_NAME}: is it an A/B OTA package?") from None
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise OtaPackageError(
-                    f"{path}: {PAYLOAD_NAME} is compressed (zip method {info.compress_type}); OTA packages store it "
-                    f"uncompressed: extract it (unzip {path} {PAYLOAD_NAME}) and pass the payload.bin")
-            if info.flag_bits & 0x1:
-                raise OtaPackageError(f"{path}: {PAYLOAD_NAME} is encrypted in the zip")
-            offset = _data_offset(raw, info, size, path)
+        if not is_zip(image):
+            return PayloadLocation(path, image)
+        with zipfile.ZipFile(path) as archive:
+            if PAYLOAD_NAME not in archive.namelist():
+                raise OtaPackageError(f"{path} is a zip without {PAYLOAD_NAME}: is it an A/B OTA package?")
             package = OtaPackage(path, _key_values(archive, PROPERTIES_NAME, path),
                                  _key_values(archive, METADATA_NAME, path))
+        entry = zip_entry(image, PAYLOAD_NAME, path)  # owns image from here
+    except ImageError as exc:
+        raise OtaPackageError(str(exc)) from None
     except zipfile.BadZipFile as exc:
+        image.close()
         raise OtaPackageError(f"{path} is not a readable zip ({exc})") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, ValueError) as exc:
+        image.close()
         raise OtaPackageError(f"cannot read the zip {path}: {exc}") from None
-    return PayloadLocation(path, offset, info.file_size, package)
-
-
-def _data_offset(raw, info: zipfile.ZipInfo, file_size: int, path: str) -> int:
-    """Where a stored entry's bytes start: after its local header, name and extra field."""
-    raw.seek(info.header_offset)
-    header = raw.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_MAGIC:
-        raise OtaPackageError(f"{path}: the local header of {info.filename} at {info.header_offset} is missing")
-    name_len, extra_len = _LOCAL_HEADER.unpack(header)[-2:]
-    offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-    if offset + info.file_size > file_size:
-        raise OtaPackageError(f"{path}: {info.filename} ({info.file_size} bytes at {offset}) runs past the end of "
-                              f"the {file_size}-byte file")
-    return offset
+    except BaseException:
+        image.close()
+        raise
+    return PayloadLocation(path, entry, package)
 
 
 def _key_values(archive: zipfile.ZipFile, name: str, path: str) -> dict:

@@ -100,7 +100,7 @@ def register(subparsers) -> None:
                    help="keep the COW files here (default: a temporary directory removed at exit)")
     p.add_argument("--control-socket", metavar="PATH", help="control socket (default: /run/dmuserd/control.sock)")
     _cow_options(p)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, service=True)
 
     p = sub.add_parser("verify", help="check images, served files or COW files against new_partition_info.hash")
     p.add_argument("payload", help="the payload.bin or the OTA zip holding it")
@@ -130,8 +130,9 @@ def _inspect(args: argparse.Namespace) -> int:
     package = info.get("package")
     if package:
         meta = package["metadata"]
-        lines.append(f"OTA package: {package['path']}; payload.bin {package['payload_size']} bytes at offset "
-                     f"{package['payload_offset']}")
+        where = ("decompressed to a temporary file" if package["payload_offset"] is None
+                 else f"stored at offset {package['payload_offset']}")
+        lines.append(f"OTA package: {package['path']}; payload.bin {package['payload_size']} bytes, {where}")
         for key, label in (("ota-type", "OTA type"), ("pre-build", "Pre-build"), ("post-build", "Post-build"),
                            ("pre-device", "Device"), ("post-timestamp", "Post timestamp")):
             if key in meta:

@@ -344,13 +344,8 @@ class Payload:
         from dmuserd.snapshot._ota_zip import locate_payload
 
         self.path = os.fspath(path)
-        #: where the payload's bytes are: the whole file, or a stored entry of an OTA zip
+        #: where the payload's bytes are: the whole file, or the payload.bin entry of an OTA zip
         self.location = locate_payload(self.path)
-        self._base = self.location.offset
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise PayloadError(f"cannot open payload {self.path}: {exc.strerror}; check the path") from None
         try:
             size = self.location.size
             self.header = parse_header(self.read(0, HEADER_SIZE), file_size=size)
@@ -358,18 +353,17 @@ class Payload:
             self.data_size = size - self.header.data_offset
             self.manifest = parse_manifest(self.manifest_raw, data_size=self.data_size)
         except PayloadFormatError as exc:
-            os.close(self._fd)
+            self.location.close()
             raise exc.with_path(self.path) from None
         except BaseException:
-            os.close(self._fd)
+            self.location.close()
             raise
         self.block_size = self.manifest.block_size
         self.partitions = {p.partition_name: p for p in self.manifest.partitions}
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the payload (fewer at its end)."""
-        length = max(0, min(length, self.location.size - offset))
-        return os.pread(self._fd, length, self._base + offset)
+        return self.location.read(offset, length)
 
     @property
     def metadata_size(self) -> int:
@@ -419,9 +413,9 @@ class Payload:
             )
 
     def close(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if getattr(self, "location", None) is not None:
+            self.location.close()
+            self.location = None
 
     def __enter__(self) -> "Payload":
         return self

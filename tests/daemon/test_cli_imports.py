@@ -30,18 +30,19 @@ HEAVY = ("structlog", "structlog.dev", "structlog.stdlib", "asyncio", "trio", "c
          "dmuserd.dsa_offload._mover", "dmuserd.snapshot.merge")
 
 
-def modules_after(*args: str, cwd=None) -> tuple[set[str], str]:
+def modules_after(*args: str, cwd=None) -> tuple[set[str], str, str]:
+    """(modules imported, stdout, stderr) of a dmuserd command."""
     proc = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, cwd=cwd,
                           stdin=subprocess.DEVNULL, timeout=120)
     out, _, names = proc.stdout.rpartition("\nMODULES ")
     assert names, proc.stdout + proc.stderr
-    return set(names.split()), out
+    return set(names.split()), out, proc.stderr
 
 
 @pytest.mark.parametrize("args", [["--help"], ["cow", "merge", "--help"], ["cow", "--help"],
                                   ["merge", "start", "--help"], ["serve", "--help"], ["ota", "--help"]])
 def test_help_imports_nothing_heavy(args):
-    modules, out = modules_after(*args)
+    modules, out, _err = modules_after(*args)
     assert "usage: dmuserd" in out
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
@@ -78,11 +79,12 @@ def merge_case(tmp_path):
 
 def test_offline_merge_without_terminal_logs_json_and_skips_tqdm(merge_case):
     tmp, target = merge_case
-    modules, out = modules_after("cow", "merge", "--base", "base.img", "t.cow", "--offload", "cpu", cwd=tmp)
+    modules, out, err = modules_after("cow", "merge", "--base", "base.img", "t.cow", "--offload", "cpu", cwd=tmp)
     assert (tmp / "base.img").read_bytes() == target
     assert "tqdm" not in modules
     assert "structlog" in modules and "trio" in modules  # what the merge does use
-    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert not [line for line in out.splitlines() if line.startswith("{")]  # stdout is the result only
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert [e["event"] for e in events if e["event"].startswith("merge")] == ["merge", "merged"]
     assert all({"level", "timestamp"} <= set(e) for e in events)
     assert "t.cow: merged" in out
