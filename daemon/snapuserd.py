@@ -26,9 +26,12 @@ request                                         reply
 snapshot device's size is the answer, in 512-byte sectors) without serving
 it; the caller then creates the dm-user table of that size with the misc
 name ``<misc>``, and ``start`` attaches a target named ``<misc>`` to
-``/dev/dm-user/<misc>``. The merge writes into the backing device;
-``<base_merge>`` must name the same storage (snapuserd opens it for the
-merge's writes; dmuserd reads and merges through one path) and is checked.
+``/dev/dm-user/<misc>``. Blocks not merged yet are read from ``<backing>``;
+the merge reads and writes ``<base_merge>``, and merged blocks are served
+from it (libsnapshot names ``<p>-src`` and ``<p>-base``: two dm devices over
+the same blocks, which must be of the same size; the reply's sector count is
+``<base_merge>``'s, as snapuserd's). When both name the same file or device,
+one path serves both.
 ``delete`` detaches and forgets it. An unknown request gets ``fail`` and the
 connection is closed, as snapuserd does.
 """
@@ -71,6 +74,8 @@ class Handler:
     backing: str
     base_merge: str
     backend: object
+    #: the snapshot backend's options (``base_merge`` among them when it is a device of its own)
+    options: dict = field(default_factory=dict)
     started: bool = False
 
     @property
@@ -189,7 +194,7 @@ async def handle_message(daemon, data: bytes, peer=None) -> tuple[str | None, bo
 
 async def _init(daemon, state: SnapuserdState, misc: str, cow: str, backing: str, base_merge: str) -> str:
     from dmuserd.backends import create
-    from dmuserd.daemon.dmsetup import DmError, check_name
+    from dmuserd.daemon.dmsetup import check_name
     from dmuserd.errors import DmuserdError
 
     if misc in state.handlers:
@@ -199,16 +204,19 @@ async def _init(daemon, state: SnapuserdState, misc: str, cow: str, backing: str
         check_name(misc)
         for path in (cow, backing, base_merge) if base_merge else (cow, backing):
             _check_storage(path)
+        options = {"base": backing, "cow": cow}
         if base_merge and not _same_storage(backing, base_merge):
-            raise DmError(f"the merge base {base_merge} is not the backing device {backing}: "
-                          "dmuserd merges into the device it reads the base from")
-        backend = await trio.to_thread.run_sync(create, "snapshot", {"base": backing, "cow": cow})
+            options["base_merge"] = base_merge  # Android's <p>-base next to <p>-src: checked to be as big
+        backend = await trio.to_thread.run_sync(create, "snapshot", options)
     except (DmuserdError, OSError) as exc:
-        log.error("snapuserd init failed", misc=misc, cow=cow, backing=backing, error=str(exc))
+        log.error("snapuserd init failed", misc=misc, cow=cow, backing=backing, base_merge=base_merge,
+                  error=str(exc))
         return "fail"
-    state.handlers[misc] = Handler(misc, cow, backing, base_merge, backend)
-    log.info("snapuserd init", misc=misc, cow=cow, backing=backing, sectors=backend.size // 512)
-    return f"success,{backend.size // 512}"
+    state.handlers[misc] = Handler(misc, cow, backing, base_merge, backend, options)
+    # snapuserd's GetNumSectors: the merge device's size (the backing's is checked to be the same)
+    sectors = backend.view.base_size // 512
+    log.info("snapuserd init", misc=misc, cow=cow, backing=backing, base_merge=base_merge, sectors=sectors)
+    return f"success,{sectors}"
 
 
 def _check_storage(path: str) -> None:
@@ -230,6 +238,7 @@ def _check_storage(path: str) -> None:
 
 
 def _same_storage(a: str, b: str) -> bool:
+    """Whether two paths name one file or one block device (then no separate merge device is opened)."""
     try:
         sa, sb = os.stat(a), os.stat(b)
     except OSError as exc:
@@ -252,8 +261,7 @@ async def _start(daemon, state: SnapuserdState, misc: str) -> str:
     if misc in daemon.targets:
         log.error("snapuserd start: the daemon serves a target of that name already", misc=misc)
         return "fail"
-    spec = TargetSpec(misc, "snapshot", {"base": handler.backing, "cow": handler.cow},
-                      [ExportSpec("dm-user", misc, {})])
+    spec = TargetSpec(misc, "snapshot", dict(handler.options), [ExportSpec("dm-user", misc, {})])
     try:
         await daemon.add_target(spec, backend=handler.backend)
     except (DmuserdError, OSError) as exc:

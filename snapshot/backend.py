@@ -18,7 +18,11 @@ chunks kept; ``merged``: whether the first ``num_merge_ops`` ops of the
 merge order are already merged into the base (default: yes, as snapuserd
 assumes; ``no`` serves a pristine copy of the base, and cannot merge);
 ``offload`` the data mover engine (``auto``, ``dsa``, ``emulated``, ``cpu``)
-for serving and for an online merge.
+for serving and for an online merge; ``base_merge`` a separate device the
+online merge writes, holding the same blocks as ``base`` through another
+path (Android's ``<p>-base`` next to ``<p>-src``, snapuserd's
+``base_path_merge``): of the same size; merged blocks, and everything once
+merged, are read from it.
 
 Serving: each read is planned by :meth:`SnapshotView.gather` (base runs read
 straight into the reply) and completed by the target's data mover, one
@@ -42,7 +46,7 @@ from dmuserd.errors import DmuserdError
 from dmuserd.images import ImageError
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot.merge_control import MergeControl
-from dmuserd.snapshot.view import DEFAULT_CACHE_BYTES, SnapshotView
+from dmuserd.snapshot.view import DEFAULT_CACHE_BYTES, MergeBaseError, SnapshotView
 
 #: reads at most this big, touching no compressed chunk, stay on the event loop
 _INLINE_READ = 4096
@@ -59,7 +63,8 @@ class SnapshotBackend(Backend):
     daemon_options = ("offload",)
 
     def __init__(self, base, cow, *, size: int | None = None, label: int | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, merged: bool = True, offload: str = "auto") -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, merged: bool = True, offload: str = "auto",
+                 base_merge=None) -> None:
         try:
             self.reader = CowReader(cow, label=label)
         except OSError as exc:
@@ -67,11 +72,15 @@ class SnapshotBackend(Backend):
         try:
             self.view = SnapshotView(
                 self.reader, base, size=size, cache_bytes=cache_bytes,
-                merged_ops=self.reader.num_merge_ops if merged else 0,
+                merged_ops=self.reader.num_merge_ops if merged else 0, merge_base=base_merge,
             )
         except OSError as exc:
             self.reader.close()
-            raise BackendError(f"snapshot backend: cannot open the base image {base}: {exc.strerror}") from None
+            raise BackendError(f"snapshot backend: cannot open the base image {exc.filename or base}: "
+                               f"{exc.strerror}") from None
+        except MergeBaseError as exc:
+            self.reader.close()
+            raise BackendError(f"snapshot backend: base_merge: {exc}") from None
         except ImageError as exc:  # a missing file, a bad sparse image or super partition
             self.reader.close()
             raise BackendError(f"snapshot backend: base image: {exc}") from None
@@ -87,11 +96,14 @@ class SnapshotBackend(Backend):
             self.reader.close()
             raise
         self._paths = {"base": str(base), "cow": str(cow)}
+        if base_merge is not None:
+            self._paths["base_merge"] = str(base_merge)
         try:
             self.mover = _open_mover(offload)
             # One mover for serving and merging (a dedicated DSA queue has room for one opener).
             self.merge = MergeControl(self.reader, self.view, base, cow, offload=offload, mover=self.mover,
-                                      trust_progress=merged, unfinished=label is not None)
+                                      trust_progress=merged, unfinished=label is not None,
+                                      merge_base=base_merge)
         except BaseException:
             self.view.close()
             self.reader.close()
@@ -111,12 +123,14 @@ class SnapshotBackend(Backend):
         cache = opts.size("cache", DEFAULT_CACHE_BYTES)
         merged = opts.bool("merged", True)
         offload = opts.str("offload", "auto")
+        base_merge = opts.str("base_merge")
         opts.finish()
         from dmuserd.dsa_offload import ENGINES
 
         if offload not in ENGINES:
             raise BackendError(f"backend 'snapshot' option offload: {offload!r} is not one of {', '.join(ENGINES)}")
-        return cls(base, cow, size=size, label=label, cache_bytes=cache, merged=merged, offload=offload)
+        return cls(base, cow, size=size, label=label, cache_bytes=cache, merged=merged, offload=offload,
+                   base_merge=base_merge)
 
     async def read(self, offset: int, length: int):
         view = self.view

@@ -46,16 +46,19 @@ class MergeControl:
     share (the serving target's: a dedicated DSA queue takes one opener, so
     serving and merging must not each open their own); ``trust_progress`` False when the
     backend was told the base holds no merge progress (``merged=no``),
-    which forbids merging, as does ``unfinished`` (read up to a label). Reads the COW's merge state at once: a durable
+    which forbids merging, as does ``unfinished`` (read up to a label).
+    ``merge_base``: a separate device the merge reads and writes instead of
+    ``base`` (snapuserd's ``base_path_merge``: the same blocks as the base,
+    through another dm device; the view reads merged blocks from it). Reads the COW's merge state at once: a durable
     scratch window of an interrupted merge is served from memory right
     away, so reads are right before the merge resumes.
     """
 
     def __init__(self, reader, view, base, cow, *, offload: str = "auto", mover=None, trust_progress: bool = True,
-                 unfinished: bool = False) -> None:
+                 unfinished: bool = False, merge_base=None) -> None:
         self.reader = reader
         self.view = view
-        self.base = str(base)
+        self.base = str(base if merge_base is None else merge_base)  # what the merge writes
         self.cow = str(cow)
         self.offload = offload
         self._shared_mover = mover

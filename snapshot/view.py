@@ -35,6 +35,15 @@ registers in an epoch; a publish waits for the older epochs to drain, like
 an RCU grace period). :meth:`retire_window` marks the window merged and
 drops it. Replace/Zero blocks need none of this: their data never comes
 from the base, and no unmerged op reads the blocks they overwrite.
+
+A separate merge device (``merge_base``, snapuserd's ``base_path_merge``):
+Android maps the old partition twice, ``<p>-src`` (what the snapshot reads)
+and ``<p>-base`` (what the merge writes), two dm devices over the same
+blocks, each with its own page cache. A block the merge wrote is read from
+the merge device (a copy of it cached by the source device would be the
+old data), as is everything once the merge is done (:meth:`read_base`);
+blocks not merged yet come from the source device, which the merge never
+writes.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from collections import OrderedDict
 from dmuserd.dsa_offload import _cpu as _cpu_moves
 
 from dmuserd.snapshot._compression import decompress
-from dmuserd.snapshot._cow_format import CowFormatError, CowOp, OpType
+from dmuserd.snapshot._cow_format import CowError, CowFormatError, CowOp, OpType
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot._cow_writer import xor_bytes
 
@@ -58,7 +67,11 @@ DEFAULT_CACHE_BYTES = 32 << 20
 _PREFETCH_GAP, _PREFETCH_SPAN = 16 << 10, 1 << 20
 
 # Kinds of the pieces a read is planned in (see SnapshotView._segments).
-_BASE, _ZERO, _MEMORY, _DATA = range(4)
+_BASE, _ZERO, _MEMORY, _DATA, _MERGED = range(5)
+
+
+class MergeBaseError(CowError):
+    """A separate merge device that cannot stand for the base (another size, a non-raw base)."""
 
 
 def run_on_cpu(requests) -> None:
@@ -83,11 +96,13 @@ class SnapshotView:
     merge order as merged (pass ``reader.num_merge_ops`` when the base
     really holds the merge's progress). Ops are checked against the base
     and target sizes (:class:`CowFormatError` ``source-outside-base`` /
-    ``block-outside-target``).
+    ``block-outside-target``). ``merge_base``: the path of a separate
+    device the merge writes (see the module doc), the base's size; merged
+    blocks are read from it.
     """
 
     def __init__(self, reader: CowReader, base, *, size: int | None = None, merged_ops: int = 0,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, merge_base=None) -> None:
         self.reader = reader
         self.block_size = reader.block_size
         #: the base when it is not a plain file (a sparse image, a super partition, a zip entry): reads go
@@ -111,6 +126,9 @@ class SnapshotView:
             self.size = self.base_size if size is None else size
             reader.check_base_size(self.base_size)
             reader.check_target_size(self.size)
+            self._merge_fd = self._base_fd
+            if merge_base is not None:
+                self._open_merge_base(merge_base)
         except BaseException:
             self.close()
             raise
@@ -134,6 +152,19 @@ class SnapshotView:
         if merged_ops:
             for op in reader.merge_order()[:merged_ops]:
                 self.mark_merged(op)
+
+    def _open_merge_base(self, path) -> None:
+        """Open the separate merge device (read-only here: the merge opens it to write)."""
+        if self.base_image is not None:
+            raise MergeBaseError(f"the base is read as a {self.base_image.kind} image: "
+                                 "a separate merge device needs a plain base file or device")
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size != self.base_size:
+            os.close(fd)
+            raise MergeBaseError(f"the merge device {os.fspath(path)} has {size} bytes, the base "
+                                 f"{self.base_size}: they must be two views of the same blocks")
+        self._merge_fd = fd
 
     # --- lookup ------------------------------------------------------------
 
@@ -268,6 +299,8 @@ class SnapshotView:
                 if kind == _BASE:
                     if span is None or at != arg or not span[0] <= at < span[1]:
                         self._pread_into(dst, arg * bs)
+                elif kind == _MERGED:
+                    self._pread_into(dst, arg * bs, self._merge_fd)
                 elif kind == _ZERO:
                     requests.append(("fill", dst, b"\0"))
                 elif kind == _MEMORY:
@@ -298,7 +331,7 @@ class SnapshotView:
             if out:
                 prev = out[-1]
                 if prev[0] == kind and prev[1] + prev[2] == block and (
-                    kind == _ZERO or (kind == _BASE and prev[3] + prev[2] == arg)
+                    kind == _ZERO or (kind in (_BASE, _MERGED) and prev[3] + prev[2] == arg)
                 ):
                     prev[2] += count
                     return
@@ -311,6 +344,7 @@ class SnapshotView:
         n = len(ops)
         block = start
         merged = self._any_merged
+        merged_kind = _MERGED if self._merge_fd != self._base_fd else _BASE
         while block < stop:
             if i >= n or starts[i] > block:  # no op here: the base block as is
                 end = stop if i >= n else min(starts[i], stop)
@@ -323,7 +357,7 @@ class SnapshotView:
             b = block
             while b < end:
                 if merged and self.is_merged(b):
-                    put(_BASE, b, 1, b)
+                    put(merged_kind, b, 1, b)
                     b += 1
                     continue
                 kind = op.type
@@ -344,14 +378,15 @@ class SnapshotView:
             block = end
         return out
 
-    def _pread_into(self, dst: memoryview, offset: int) -> None:
-        """Base bytes into ``dst``; past the base's end stays zero (a grown target)."""
+    def _pread_into(self, dst: memoryview, offset: int, fd: int | None = None) -> None:
+        """Base bytes (or ``fd``'s) into ``dst``; past the base's end stays zero (a grown target)."""
         if self.base_image is not None:
             self.base_image.readinto(dst, offset)
             return
+        fd = self._base_fd if fd is None else fd
         done, n = 0, len(dst)
         while done < n and offset + done < self.base_size:
-            got = os.preadv(self._base_fd, [dst[done:]], offset + done)
+            got = os.preadv(fd, [dst[done:]], offset + done)
             if not got:
                 break
             done += got
@@ -407,19 +442,27 @@ class SnapshotView:
             i = j
 
     def read_base(self, offset: int, length: int) -> bytes:
-        """The base's bytes as they are (once merged, the target's); zeros past its end."""
-        return self._read_base(offset, length)
+        """The base's bytes as they are (once merged, the target's); zeros past its end.
 
-    def _read_base(self, offset: int, length: int) -> bytes:
-        """Base bytes; past the base's end (a grown target) reads zeros."""
+        Read from the merge device when there is a separate one: it is what the merge wrote.
+        """
+        return self._read_base(offset, length, self._merge_fd)
+
+    def _read_base(self, offset: int, length: int, fd: int | None = None) -> bytes:
+        """Base bytes (or ``fd``'s); past the base's end (a grown target) reads zeros."""
         if self.base_image is not None:
             return self.base_image.pread(length, offset)
-        data = os.pread(self._base_fd, length, offset) if offset < self.base_size else b""
+        fd = self._base_fd if fd is None else fd
+        data = os.pread(fd, length, offset) if offset < self.base_size else b""
         if len(data) < length:
             data += bytes(length - len(data))
         return data
 
     def close(self) -> None:
+        merge_fd = getattr(self, "_merge_fd", -1)
+        if merge_fd not in (-1, self._base_fd):
+            os.close(merge_fd)
+        self._merge_fd = -1
         if self._opened is not None:
             self._opened.close()
         self._opened = self.base_image = None

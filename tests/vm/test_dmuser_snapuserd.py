@@ -103,8 +103,14 @@ async def test_init_delete_and_failures(daemon, snapshot_files, tmp_path):
     assert await client.say("merge_percent") == "0.000000"  # nothing attached: snapuserd says 0
     assert await client.say(f"init,snap_b,{tmp_path / 'nope.cow'},{base},{base}") == "fail"
     other = tmp_path / "other.img"
-    other.write_bytes(bytes(SNAP_SIZE))
-    assert await client.say(f"init,snap_c,{cow},{base},{other}") == "fail"  # merge base elsewhere
+    other.write_bytes(base.read_bytes())
+    # a merge device of its own (libsnapshot's <p>-base next to <p>-src): the same size, accepted
+    assert await client.say(f"init,snap_c,{cow},{base},{other}") == f"success,{SNAP_SIZE // 512}"
+    assert snapuserd.state_of(daemon).handlers["snap_c"].backend.describe()["base_merge"] == str(other)
+    assert await client.say("delete,snap_c") == "success"
+    short = tmp_path / "short.img"
+    short.write_bytes(bytes(SNAP_SIZE - 4096))
+    assert await client.say(f"init,snap_c,{cow},{base},{short}") == "fail"  # not the same blocks
     assert await client.say(f"init,a/b,{cow},{base},{base}") == "fail"  # not a dm name
     assert await client.say(f"init,snap_d,{cow},{base}") == "fail"  # malformed
     # start needs /dev/dm-user/snap_a; on this host there is none (the VM test attaches)
