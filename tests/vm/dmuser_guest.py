@@ -340,6 +340,63 @@ class Guest:
         finally:
             self.set_timeout(lib.LONG_TIMEOUT_MS)
 
+    def swap_case(self) -> None:
+        """Swap on a dm-user device: every swap-out BIO carries REQ_SWAP, which dm-user kills.
+
+        The guest serves T8 itself (mkswap and swapon read and write it as
+        usual), then a process in a memory cgroup touches more memory than
+        the cgroup may hold. Its swap-outs never reach the channel: the
+        kernel logs "unsupported BIO type" for each, and the process is
+        killed for lack of memory instead.
+        """
+        fd = os.open("/dev/dm-user/t8", os.O_RDWR)
+        store = bytearray(lib.RAW_TABLES["t8"])
+        messages: list = []
+
+        def serve():  # ends when the table is removed (ENOTBLK) at cleanup
+            try:
+                while True:
+                    seq, kind, flags, sector, length = struct.unpack("<5Q", os.read(fd, 40))
+                    messages.append((kind, flags))
+                    start = sector * 512
+                    if kind == 1 and length:
+                        data = bytearray()
+                        while len(data) < length:
+                            data += os.read(fd, length - len(data))
+                        store[start : start + length] = data
+                    payload = bytes(store[start : start + length]) if kind == 0 else b""
+                    os.write(fd, struct.pack("<5Q", seq, 0, 0, 0, 0) + payload)
+            except OSError:
+                pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        out = self.results["swap"] = {"mkswap": self.sh("mkswap", "/dev/mapper/t8").returncode,
+                                      "swapon": self.sh("swapon", "/dev/mapper/t8").returncode}
+        if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            self.sh("mount", "-t", "cgroup2", "none", "/sys/fs/cgroup", check=True)
+        with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
+            f.write("+memory")
+        os.makedirs("/sys/fs/cgroup/swaphog", exist_ok=True)
+        with open("/sys/fs/cgroup/swaphog/memory.max", "w") as f:
+            f.write(str(lib.SWAP_LIMIT))
+        killed_before = self.sh("dmesg").stdout.count("unsupported BIO type")
+        before = len(messages)
+        hog = subprocess.Popen([PY, "-c", "import os\n"
+                                "open('/sys/fs/cgroup/swaphog/cgroup.procs', 'w').write(str(os.getpid()))\n"
+                                f"b = bytearray({lib.SWAP_HOG})\n"
+                                "for i in range(0, len(b), 4096): b[i] = 1\n"])
+        try:
+            out["hog_exit"] = hog.wait(180)
+        except subprocess.TimeoutExpired:
+            hog.kill()
+            out["hog_exit"] = "hung"
+        forwarded = [m for m in messages[before:] if m[0] == 1]
+        killed = self.sh("dmesg").stdout.count("unsupported BIO type") - killed_before
+        out["killed"] = killed
+        out["swapoff"] = self.sh("swapoff", "/dev/mapper/t8", timeout=120).returncode
+        self.results["cases"]["swap_write_killed"] = {"result": "killed" if killed else "not killed",
+                                                      "forwarded": len(forwarded)}
+
     def restart(self) -> None:
         c = self.results["cases"]
         thread, out = self.io_in_thread("/dev/mapper/t2", 0, lib.EARLY_LEN)
@@ -449,6 +506,7 @@ class Guest:
         self.step("kill_in_flight", self.kill_in_flight)
         self.step("timeout_case", self.timeout_case)
         self.step("kernel_limits", self.kernel_limits)
+        self.step("swap_case", self.swap_case)
         self.step("restart", self.restart)
         self.step("snapuserd", self.snapuserd)
         self.step("cleanup", self.cleanup)

@@ -173,7 +173,7 @@ def _serve_reads(channel, data_for) -> list:
 
 
 def raw_model_cases() -> dict:
-    """``beyond_reserve``, ``timer_per_message``, ``spent_timer_not_rearmed`` on the model."""
+    """``beyond_reserve``, ``timer_per_message``, ``spent_timer_not_rearmed``, ``swap_write_killed`` on the model."""
     cases = {}
     target = KernelTarget(daemon_timeout=lib.LONG_TIMEOUT_MS / 1000)
     channel = target.open_channel()
@@ -206,4 +206,12 @@ def raw_model_cases() -> dict:
     if bio.done and not bio.error:
         outcome["sha"] = lib.sha(bytes(bio.data))
     cases["spent_timer_not_rearmed"] = outcome
+
+    target = KernelTarget(daemon_timeout=lib.LONG_TIMEOUT_MS / 1000)
+    channel = target.open_channel()
+    bio = target.submit(Bio(RequestType.WRITE, 0, lib.PROBE_LEN, flags=int(Flag.SWAP), data=bytes(lib.PROBE_LEN)),
+                        now=0.0)
+    killed = bio.done and bio.error == errno.EIO and bio.seq is None
+    cases["swap_write_killed"] = {"result": "killed" if killed else _result(bio),
+                                  "forwarded": 0 if channel.read(_HEADER.size) is WOULD_BLOCK else 1}
     return cases

@@ -30,8 +30,9 @@ T1_SIZE = 256 * MiB  # the main target (file backend with stall/fail ranges)
 T2_SIZE = 4 * MiB  # I/O queued before its daemon attaches
 T3_SIZE = 4 * MiB  # never served: I/O times out
 #: Served by the guest itself, byte by byte (no daemon): what the kernel does
-#: with many outstanding messages (T5), with each message's timer (T6, T7).
-RAW_TABLES = {"t5": 4 * MiB, "t6": 4 * MiB, "t7": 4 * MiB}
+#: with many outstanding messages (T5), with each message's timer (T6, T7),
+#: with swap-out BIOs (T8, a swap device).
+RAW_TABLES = {"t5": 4 * MiB, "t6": 4 * MiB, "t7": 4 * MiB, "t8": 64 * MiB}
 
 PATTERN_OFF, PATTERN_LEN, PATTERN_SEED = 1 * MiB, 1 * MiB, 1
 DSYNC_OFF, DSYNC_LEN, DSYNC_SEED = 8 * MiB, 64 * 1024, 2
@@ -47,6 +48,8 @@ SECOND_AFTER = 0.5
 #: deadline, and closes; then the read is checked again this long after.
 OPEN_AFTER, HOLD_OPEN, CHECK_AFTER = 0.3, 1.5, 1.5
 RAW_SEED = 21
+#: T8: a process limited to SWAP_LIMIT of memory (a cgroup) touches SWAP_HOG bytes.
+SWAP_LIMIT, SWAP_HOG = 16 * MiB, 48 * MiB
 
 #: The daemon-attach timeout while the VM tests run (a Python daemon needs a
 #: few seconds to start under TCG), and the short one of the timeout case.
@@ -67,6 +70,7 @@ CASES = (
     "beyond_reserve",  # 200 reads outstanding at once: all reach the daemon before one is answered
     "timer_per_message",  # no daemon: each read fails at its own deadline, counted from its mapping
     "spent_timer_not_rearmed",  # a read whose timer fired while a channel was open survives its closing
+    "swap_write_killed",  # a swap-out BIO (REQ_SWAP) is killed by the kernel, never a message
 )
 
 

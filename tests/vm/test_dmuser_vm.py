@@ -104,6 +104,15 @@ def test_daemon_timeout_counts_per_message_and_fires_once(vm):
         "pending_after_close": True, "result": "ok", "sha": lib.sha(lib.pattern(lib.RAW_SEED, lib.PROBE_LEN))}
 
 
+def test_swap_out_bios_are_killed_never_forwarded(vm):
+    # REQ_SWAP is not among the flags bio_flags_to_user_flags() maps: every
+    # swap-out to a dm-user swap device is killed; the memory-bound process
+    # is killed instead of swapping.
+    assert vm["swap"]["mkswap"] == 0 and vm["swap"]["swapon"] == 0, vm["swap"]
+    assert vm["cases"]["swap_write_killed"] == {"result": "killed", "forwarded": 0}, vm["swap"]
+    assert vm["swap"]["hog_exit"] == -9 and vm["swap"]["swapoff"] == 0, vm["swap"]
+
+
 def test_new_daemon_serves_what_the_killed_one_wrote(vm):
     assert vm["cases"]["restart_read"] == {"result": "ok", "sha": lib.sha(lib.pattern(lib.PATTERN_SEED, lib.PATTERN_LEN))}
     assert vm["d2_exit"] == 0
