@@ -261,13 +261,19 @@ class Daemon:
                 log.error("closing backend failed", device=target.name, error=str(exc))
 
     def status(self) -> dict:
-        return {
+        from dmuserd.daemon import snapuserd
+
+        status = {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "stopping": self.stopping,
             "targets": {name: t.status() for name, t in self.targets.items()},
             "rejected_inputs": self.guard.as_dict(),
         }
+        handlers = snapuserd.status_of(self)  # snapuserd clients' handlers (update verification progress)
+        if handlers is not None:
+            status["snapuserd"] = handlers
+        return status
 
 
 def _export_starter(export):

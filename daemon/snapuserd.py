@@ -13,12 +13,13 @@ request                                         reply
 ``init,<misc>,<cow>,<backing>,<base_merge>``    ``success,<num_sectors>`` / ``fail``
 ``start,<misc>``                                ``success`` / ``fail``
 ``delete,<misc>``                               ``success`` / ``fail``
-``supports,<feature>``                          ``success`` for ``second_stage_socket_handoff``
+``supports,<feature>``                          ``fail`` (no feature: see :data:`FEATURES`)
 ``getstatus,<misc>``                            ``snapshot``, ``snapshot-merge``,
                                                 ``snapshot-merge-complete``, ``snapshot-merge-failed``
 ``initiate_merge,<misc>``                       ``success`` / ``fail``
 ``merge_percent``                               e.g. ``42.000000``
 ``pause_merge``, ``resume_merge``               ``success``
+``update-verify``                               ``success`` / ``fail``
 ``detach``, ``stop``                            no reply
 ==============================================  =========================================
 
@@ -34,6 +35,18 @@ the same blocks, which must be of the same size; the reply's sector count is
 one path serves both.
 ``delete`` detaches and forgets it. An unknown request gets ``fail`` and the
 connection is closed, as snapuserd does.
+
+``update-verify`` is snapuserd's post-OTA check (update_verifier asks it at
+boot, before the merge): when a handler starts on a COW whose merge has not
+begun, every block of its snapshot device is read through the snapshot (2
+readers interleaving 1 MiB pieces, as snapuserd's ``UpdateVerify``), which
+decompresses and checks every op the device needs; a read that fails makes
+the verification fail, named in the log. ``update-verify`` waits up to
+:data:`VERIFY_WAIT` seconds for the handlers' verifications (without
+blocking other clients) and answers ``success`` only when every handler is
+started and verified; with no handler at all it answers ``success``, and a
+handler that resumed a merge was not verified (snapuserd does not scan
+then): ``fail``. Progress is in ``dmuserd status`` (``snapuserd``).
 """
 
 from __future__ import annotations
@@ -52,8 +65,15 @@ log = structlog.get_logger("dmuserd.snapuserd")
 SURFACE = "control-snapuserd"
 #: snapuserd's kMaxPacketSize: a message is one recv() of at most this many bytes.
 MAX_MESSAGE = 512
-#: ``supports,<feature>`` features we have.
-FEATURES = frozenset({"second_stage_socket_handoff"})
+#: ``supports,<feature>`` features we have. Not ``second_stage_socket_handoff``:
+#: libsnapshot then hands the first-stage daemon's devices to a second one over
+#: the socket, which dmuserd does not do, so it must hear ``fail`` and keep this one.
+FEATURES: frozenset[str] = frozenset()
+#: how long ``update-verify`` waits for verifications under way (snapuserd's 10 s)
+VERIFY_WAIT = 10.0
+#: a verification reads the device in pieces of this size, with this many readers
+VERIFY_PIECE = 1 << 20
+VERIFY_READERS = 2
 
 # Replies of getstatus, by MergeControl.state.
 _STATUS = {
@@ -77,6 +97,12 @@ class Handler:
     #: the snapshot backend's options (``base_merge`` among them when it is a device of its own)
     options: dict = field(default_factory=dict)
     started: bool = False
+    #: update verification: "not-run", "running", "success", "failed", "skipped" (a resumed merge)
+    verify: str = "not-run"
+    verify_error: str | None = None
+    verified_bytes: int = 0
+    verify_done: trio.Event = field(default_factory=trio.Event)
+    verify_scope: trio.CancelScope | None = None
 
     @property
     def merge(self):
@@ -171,6 +197,8 @@ async def handle_message(daemon, data: bytes, peer=None) -> tuple[str | None, bo
     if op in ("pause_merge", "resume_merge"):
         _pause_or_resume(state, op == "pause_merge")
         return "success", True
+    if op == "update-verify":
+        return await _update_verify(state), True
     handler_ops = {
         "init": (4, _init),
         "start": (1, _start),
@@ -270,6 +298,7 @@ async def _start(daemon, state: SnapuserdState, misc: str) -> str:
         log.error("snapuserd start failed", misc=misc, error=str(exc))
         return "fail"
     handler.started = True
+    _start_verification(daemon, handler)
     return "success"
 
 
@@ -281,6 +310,8 @@ async def _delete(daemon, state: SnapuserdState, misc: str) -> str:
         return "success"  # snapuserd: after a merge the handler may be gone already
     if handler.merge is not None and handler.merge.state == "merged":
         state.merges_completed += 1
+    if handler.verify_scope is not None:
+        handler.verify_scope.cancel()  # its reads would fail on the closed backend
     try:
         if handler.started:
             await daemon.remove_target(misc)
@@ -348,3 +379,94 @@ def _pause_or_resume(state: SnapuserdState, pause: bool) -> None:
             merge.pause()
         elif not pause and merge.state == "paused":
             merge.resume()
+
+
+# --- update-verify ---------------------------------------------------------------
+
+
+def _start_verification(daemon, handler: Handler) -> None:
+    """Verify ``handler``'s device in the background, unless it resumes a merge (as snapuserd)."""
+    merge = handler.merge
+    if merge is not None and (merge.state != "not-started" or merge.merged_ops):
+        handler.verify = "skipped"
+        handler.verify_done.set()
+        log.info("snapuserd: merge resumed, update verification not run", misc=handler.misc)
+        return
+    handler.verify = "running"
+    handler.verify_scope = trio.CancelScope()
+    daemon.nursery.start_soon(_verify, handler)
+
+
+async def _verify(handler: Handler) -> None:
+    """Read every block of the snapshot device (see the module doc); the outcome is ``handler.verify``."""
+    backend = handler.backend
+    size = backend.size
+    started = trio.current_time()
+
+    async def reader(first: int) -> None:
+        for offset in range(first * VERIFY_PIECE, size, VERIFY_READERS * VERIFY_PIECE):
+            length = min(VERIFY_PIECE, size - offset)
+            try:
+                await backend.read(offset, length)
+            except Exception as exc:  # noqa: BLE001 - any failed read fails the verification, and says why
+                raise _VerifyFailed(f"read of {length} bytes at {offset} failed: {exc}") from None
+            handler.verified_bytes += length
+
+    try:
+        with handler.verify_scope:
+            async with trio.open_nursery() as nursery:
+                for first in range(VERIFY_READERS):
+                    nursery.start_soon(reader, first)
+            handler.verify = "success"
+            log.info("snapuserd: update verification passed", misc=handler.misc, bytes=size,
+                     seconds=round(trio.current_time() - started, 3))
+        if handler.verify == "running":  # cancelled: the handler was deleted
+            handler.verify, handler.verify_error = "failed", "the handler was deleted during the verification"
+    except* _VerifyFailed as group:
+        handler.verify, handler.verify_error = "failed", str(group.exceptions[0])
+        log.error("snapuserd: update verification failed", misc=handler.misc, error=handler.verify_error)
+    finally:
+        handler.verify_done.set()
+
+
+class _VerifyFailed(Exception):
+    """A read of the verification failed (the message says which)."""
+
+
+async def _update_verify(state: SnapuserdState) -> str:
+    """snapuserd's GetVerificationStatus: every handler started and verified (see the module doc)."""
+    handlers = list(state.handlers.values())
+    for handler in handlers:
+        if not handler.started:
+            log.error("snapuserd update-verify: a handler is not started", misc=handler.misc)
+            return "fail"
+    with trio.move_on_after(VERIFY_WAIT):
+        for handler in handlers:
+            await handler.verify_done.wait()
+    for handler in handlers:
+        if handler.verify != "success":
+            why = {"running": f"not done in {VERIFY_WAIT:g} s",
+                   "skipped": "not verified: its merge was resumed"}.get(handler.verify, handler.verify_error)
+            log.error("snapuserd update-verify: fail", misc=handler.misc, verify=handler.verify, why=why)
+            return "fail"
+    return "success"
+
+
+def status_of(daemon) -> dict | None:
+    """The snapuserd handlers of ``daemon`` for ``dmuserd status`` (None when no client ever came)."""
+    state = _STATES.get(daemon)
+    if state is None:
+        return None
+    return {
+        "terminating": state.terminating,
+        "merges_completed": state.merges_completed,
+        "handlers": {
+            name: {
+                "cow": h.cow, "backing": h.backing, "base_merge": h.base_merge, "started": h.started,
+                "merge": h.merge.state if h.merge is not None else None,
+                "verify": {"state": h.verify, "bytes": h.verified_bytes, "of": h.backend.size,
+                           "error": h.verify_error},
+            }
+            for name, h in state.handlers.items()
+        },
+    }
