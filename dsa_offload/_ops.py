@@ -181,6 +181,18 @@ class ComparePattern(_Search):
     def _skip(self, done):
         self.buf = self.buf[done:]
 
+    def advance(self, done, record):
+        super().advance(done, record)
+        if self.found is not None:
+            # Exact to the byte whatever the device's granularity: DML's
+            # software kernel reports the offset of the differing 8-byte
+            # granule, the spec the first differing byte. Look at most 8 bytes.
+            at = record.bytes_completed
+            for i in range(at, min(at + 8, len(self.buf))):
+                if self.buf[i] != self.pattern[(self.base + i) % 8]:
+                    self.found = self.base + i
+                    break
+
     def cpu(self):
         offset = _cpu.pattern_difference(self.buf, _cpu.rotate(self.pattern, self.base))
         self.found = None if offset is None else self.base + offset

@@ -110,6 +110,31 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const uin
 }
 #endif
 
+/* The CRC-32C register shifted most significant bit first (polynomial
+ * 0x1EDC6F41, no reflection, no inversion): the device's CRC with both
+ * bypass flags set. */
+static uint32_t msb_table[256];
+static pthread_once_t msb_once = PTHREAD_ONCE_INIT;
+
+static void msb_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i << 24;
+        for (int k = 0; k < 8; k++)
+            c = c & 0x80000000u ? c << 1 ^ 0x1EDC6F41u : c << 1;
+        msb_table[i] = c;
+    }
+}
+
+uint32_t dsa_crc32c_msb_first(uint32_t reg, const void *data, size_t n)
+{
+    pthread_once(&msb_once, msb_init);
+    const uint8_t *p = data;
+    while (n--)
+        reg = reg << 8 ^ msb_table[(reg >> 24 ^ *p++) & 0xff];
+    return reg;
+}
+
 uint32_t dsa_crc32c(uint32_t seed, const void *data, size_t n)
 {
     uint32_t crc = ~seed;

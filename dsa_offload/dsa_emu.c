@@ -16,8 +16,7 @@
  * operation, and its record arrives with status 0x1a and the fields of what
  * was done (how the kernel's event-log handler delivers it on DSA 2.0 is
  * to be confirmed on hardware); apply-delta validates the whole record
- * before writing; "bypass data reflection" CRC is answered with invalid
- * flags.
+ * before writing.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -335,11 +334,33 @@ static void fill(uint8_t *d, uint64_t pattern, uint64_t n)
         memcpy(d + i, &pattern, n - i);
 }
 
+static uint32_t reverse32(uint32_t v)
+{
+    v = (v & 0x55555555u) << 1 | (v >> 1 & 0x55555555u);
+    v = (v & 0x33333333u) << 2 | (v >> 2 & 0x33333333u);
+    v = (v & 0x0f0f0f0fu) << 4 | (v >> 4 & 0x0f0f0f0fu);
+    v = (v & 0x00ff00ffu) << 8 | (v >> 8 & 0x00ff00ffu);
+    return v << 16 | v >> 16;
+}
+
+/* CRC-32C as the device defines it (DML's software kernels spell it out):
+ * a register shifted most significant bit first through the polynomial
+ * 0x1EDC6F41. By default the seed is inverted and bit-reversed into the
+ * register, each data byte is bit-reversed (data reflection), and the
+ * result is bit-reversed and inverted: the common reflected CRC-32C, the
+ * crc32c package's convention. "Bypass CRC inversion and reflection" takes
+ * the seed as the register and returns the register as it is; "bypass data
+ * reflection" feeds the bytes as they are. */
 static uint32_t crc_for(const struct dsa_desc *d, uint32_t seed, const void *p, uint64_t n)
 {
-    if (dsa_desc_flags(d) & DSA_FLAG_CRC_BYPASS_INV)
-        return ~dsa_crc32c(~seed, p, n);
-    return dsa_crc32c(seed, p, n);
+    uint32_t flags = dsa_desc_flags(d);
+    int raw = (flags & DSA_FLAG_CRC_BYPASS_INV) != 0, bytes_as_is = (flags & DSA_FLAG_CRC_BYPASS_DATA_REFLECT) != 0;
+    uint32_t reg = raw ? seed : reverse32(~seed);
+    if (bytes_as_is)
+        reg = dsa_crc32c_msb_first(reg, p, n);
+    else /* reversed bytes, MSB first == bytes LSB first through the reflected register */
+        reg = reverse32(~dsa_crc32c(~reverse32(reg), p, n));
+    return raw ? reg : ~reverse32(reg);
 }
 
 static int size_ok(struct dsa_emu *e, uint32_t size) { return size > 0 && size <= e->cfg.max_transfer; }
@@ -371,13 +392,13 @@ static void exec_delta_create(struct dsa_emu *e, const struct dsa_desc *d, struc
      * software redoes the whole descriptor. */
     struct stream s[] = {{a, 0}, {b, 0}};
     struct stop st = forward_stop(e, s, 2, n, bof);
-    if (st.at == n) {
+    int faulted = st.at < n || st.rejected;
+    if (!faulted) { /* then the record it writes */
         struct stream w = {rec, 1};
         st = forward_stop(e, &w, 1, cap, bof);
-        if (st.at == cap)
-            st.at = n;
+        faulted = st.at < cap || st.rejected;
     }
-    if (st.at < n || st.rejected) {
+    if (faulted) {
         report_fault(e, r, &st, 0);
         return;
     }
@@ -422,13 +443,13 @@ static void exec_delta_apply(struct dsa_emu *e, const struct dsa_desc *d, struct
     }
     struct stream s[] = {{rec, 0}};
     struct stop st = forward_stop(e, s, 1, rsize, bof);
-    if (st.at == rsize) {
+    int faulted = st.at < rsize || st.rejected;
+    if (!faulted) { /* then the destination it writes */
         struct stream w = {dst, 1};
         st = forward_stop(e, &w, 1, n, bof);
-        if (st.at == n)
-            st.at = rsize;
+        faulted = st.at < n || st.rejected;
     }
-    if (st.at < rsize || st.rejected) {
+    if (faulted) {
         report_fault(e, r, &st, 0);
         return;
     }
@@ -484,7 +505,15 @@ static void exec_batch(struct dsa_emu *e, const struct dsa_desc *d, struct dsa_r
     /* The list is read as it is worked through: the members before a
      * non-present part of it run; the batch then completes with status 6
      * and "descriptors completed" = how many ran (software resubmits the
-     * rest from there, as accel-config's dsa_reprep_batch does). */
+     * rest from there, as accel-config's dsa_reprep_batch does).
+     *
+     * A member "fails" when its status is anything but Success, a false
+     * predicate (status 2, CHECK_RESULT) included: that is what makes
+     * compare-then-fence-then-copy conditional. A member with FENCE after a
+     * failed one is abandoned with everything after it (not run, no
+     * record); the batch then reports status 5 and the fenced member's
+     * index as descriptors completed. The record's result byte is 1 when a
+     * member failed, else 0. */
     int failed = 0;
     const struct dsa_desc *m = (const struct dsa_desc *)list;
     for (uint32_t i = 0; i < count; i++) {
@@ -497,15 +526,22 @@ static void exec_batch(struct dsa_emu *e, const struct dsa_desc *d, struct dsa_r
             r->result = failed ? 1 : 0;
             return;
         }
+        if ((dsa_desc_flags(&m[i]) & DSA_FLAG_FENCE) && failed) {
+            r->status = DSA_ST_BATCH_FAIL;
+            r->result = 1;
+            r->bytes_completed = i;
+            return;
+        }
         struct dsa_rec mr;
         exec_one(e, &m[i], &mr, 1);
         pthread_mutex_lock(&e->mu);
         e->st.members++;
         pthread_mutex_unlock(&e->mu);
-        if (mr.status != DSA_ST_SUCCESS && mr.status != DSA_ST_SUCCESS_PRED)
+        if (mr.status != DSA_ST_SUCCESS)
             failed++;
     }
     r->status = failed ? DSA_ST_BATCH_FAIL : DSA_ST_SUCCESS;
+    r->result = failed ? 1 : 0;
     r->bytes_completed = count;
 }
 
@@ -521,7 +557,8 @@ static void exec_body(struct dsa_emu *e, const struct dsa_desc *d, struct dsa_re
         return;
     }
     int crc_op = op == DSA_OP_CRCGEN || op == DSA_OP_COPY_CRC;
-    uint32_t allowed = DSA_FLAGS_GENERIC | (crc_op ? DSA_FLAG_CRC_SEED_ADDR | DSA_FLAG_CRC_BYPASS_INV : 0);
+    uint32_t allowed = DSA_FLAGS_GENERIC |
+                       (crc_op ? DSA_FLAG_CRC_SEED_ADDR | DSA_FLAG_CRC_BYPASS_INV | DSA_FLAG_CRC_BYPASS_DATA_REFLECT : 0);
     uint32_t bad = flags & ~allowed;
     uint64_t gen = e->cfg.gen_cap;
     /* Block on fault needs the capability and the queue's configuration. */

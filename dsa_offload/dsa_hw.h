@@ -153,6 +153,7 @@ void dsa_movdir64b(void *portal, const void *desc);
 int dsa_enqcmd(void *portal, const void *desc); /* 1 = retry (queue full) */
 void dsa_umwait_until(volatile void *addr, uint64_t tsc_deadline);
 uint32_t dsa_crc32c(uint32_t seed, const void *data, size_t n); /* crc32c package convention */
+uint32_t dsa_crc32c_msb_first(uint32_t reg, const void *data, size_t n); /* raw register, MSB first */
 
 /* GENCAP register bits (the kernel's union gen_cap_reg; sysfs dsaN/gen_cap). */
 #define DSA_GENCAP_BLOCK_ON_FAULT (1ull << 0)

@@ -79,16 +79,25 @@ def test_crc_matches_crc32c_package(run, seed):
     assert rec.op_specific == crc32c.crc32c(data, seed)
 
 
-def test_crc_seed_from_address_and_bypass_inversion(run):
+def test_crc_seed_from_address_and_bypass_flags(run):
     data = os.urandom(777)
     seed = struct.pack("<I", 0xCAFEBABE)
     rec = run.run(Opcode.CRCGEN, flags=RECORD_FLAGS | Flag.CRC_SEED_FROM_ADDRESS, src=run.addr(data),
                   size=777, crc_seed=0, seed_addr=run.addr(seed))
     assert rec.op_specific == crc32c.crc32c(data, 0xCAFEBABE)
-    # Without inversion: raw CRC register in and out.
+    # Bypassing inversion and reflection gives the register itself, MSB-first,
+    # as DML's software kernel defines it: the reflected register, bit-reversed.
+    # (This used to expect the reflected register, i.e. only the inversion bypassed.)
+    def rev32(v):
+        return int(f"{v:032b}"[::-1], 2)
+
     rec = run.run(Opcode.CRCGEN, flags=RECORD_FLAGS | Flag.CRC_BYPASS_INVERSION, src=run.addr(data), size=777,
                   crc_seed=0x11111111)
-    assert rec.op_specific == ~crc32c.crc32c(data, ~0x11111111 & 0xFFFFFFFF) & 0xFFFFFFFF
+    raw_reflected = ~crc32c.crc32c(data, ~rev32(0x11111111) & 0xFFFFFFFF) & 0xFFFFFFFF
+    assert rec.op_specific == rev32(raw_reflected)
+    # Bypassing data reflection is supported (it used to be answered with invalid flags).
+    rec = run.run(Opcode.CRCGEN, flags=RECORD_FLAGS | Flag.CRC_BYPASS_DATA_REFLECTION, src=run.addr(data), size=777)
+    assert rec.status == Status.SUCCESS
 
 
 def test_copy_crc_copies_and_checksums(run):
