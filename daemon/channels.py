@@ -77,8 +77,8 @@ async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str
 
     async def answer(request: Request, token: object) -> None:
         try:
-            if type(request) is OversizedRequest:  # counted when it arrived: ERROR for this one request
-                response = Response(request.seq, ResponseType.ERROR)
+            if type(request) is OversizedRequest:
+                response = refuse_oversized(dispatcher, request, surface, conn.max_io, peer, channel=name)
             else:
                 response = await dispatcher.handle(request, scatter)
         finally:
@@ -110,12 +110,6 @@ async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str
             conn.receive_data(data)
             try:
                 while (request := conn.next_event()) is not NEED_DATA:
-                    if type(request) is OversizedRequest:
-                        # Longer than the daemon's buffers (the kernel has no limit).
-                        dispatcher.guard.reject(surface, "io-too-large",
-                                                f"{request.type.name} of {request.len} bytes, over the "
-                                                f"{conn.max_io}-byte limit: answered ERROR", peer,
-                                                device=dispatcher.name, channel=name, seq=request.seq)
                     # A token per request: requests of different channels can
                     # be equal (same seq and range), so they cannot borrow.
                     token = object()
@@ -132,6 +126,14 @@ async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str
                 dispatcher.guard.reject(surface, f"protocol-{exc.field}", str(exc), peer,
                                         device=dispatcher.name, channel=name)
                 break
+
+
+def refuse_oversized(dispatcher, request, surface: str, max_io: int, peer: Peer | None = None, **context) -> Response:
+    """The ERROR answer to a READ/WRITE longer than the daemon's buffers (the kernel has no limit), counted."""
+    dispatcher.guard.reject(surface, "io-too-large", f"{request.type.name} of {request.len} bytes, over the "
+                            f"{max_io}-byte limit: answered ERROR", peer, device=dispatcher.name,
+                            seq=request.seq, **context)
+    return Response(request.seq, ResponseType.ERROR)
 
 
 async def _acquire(limiter: trio.CapacityLimiter, token: object) -> None:

@@ -37,7 +37,7 @@ import errno
 
 import trio
 
-from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, serve_channel
+from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, refuse_oversized, serve_channel
 from dmuserd.protocol import (
     NEED_DATA,
     SECTOR_SIZE,
@@ -51,8 +51,6 @@ from dmuserd.protocol import (
     OversizedRequest,
     ProtocolError,
     RequestType,
-    Response,
-    ResponseType,
 )
 
 _QUEUED, _DONE = BioState.QUEUED, BioState.DONE
@@ -216,10 +214,7 @@ class EmulatedDmUser:
             return False
         channel, conn = self._inline, self._inline_conn  # the request's (replaced only after it, if at all)
         if type(request) is OversizedRequest:
-            self.dispatcher.guard.reject("dm-user-model", "io-too-large",
-                                         f"{request.type.name} of {request.len} bytes: answered ERROR", None,
-                                         device=self.dispatcher.name, channel="inline", seq=request.seq)
-            response = Response(request.seq, ResponseType.ERROR)
+            response = refuse_oversized(self.dispatcher, request, "dm-user-model", conn.max_io, channel="inline")
         else:
             response = await self.dispatcher.handle(request)
         if not channel.closed:  # else closing failed the message

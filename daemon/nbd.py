@@ -93,7 +93,6 @@ from pathlib import Path
 import structlog
 import trio
 
-from dmuserd.backends import Op
 from dmuserd.daemon.activation import bind_private_unix, inherited_socket
 from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, RECEIVE_SIZE, serve_channel
 from dmuserd.daemon.config import ConfigError, default_control_socket
