@@ -2,12 +2,15 @@
 
 :meth:`Device.run` submits an operation's remaining work descriptor by
 descriptor and reacts to each completion record: success advances it; a
-page fault advances it by ``bytes_completed``, touches the faulting page and
-resubmits the rest; a fault on the completion record's page touches that
-page and resubmits. Before each descriptor it waits for a slot: never more
-of our descriptors in flight than the queue's size. It gives the rest to
-the CPU (and says why) when a shared queue is full with others' work, a
-fault keeps coming back, or the device reports an error.
+partial completion (a page fault, or a fault on the record's own page)
+advances it by exactly what the record says was done, touches the faulting
+page and resubmits the rest. Descriptor flags and operations are only those
+the queue takes (:class:`Capabilities`). Before each descriptor it waits for
+a slot: never more of our descriptors in flight than the queue's size. Each
+wait has a deadline. It gives the rest to the CPU (and says why) when a
+shared queue is full with others' work, a fault keeps coming back, the
+device reports an error, or the queue was given up (a missed deadline, a
+software error reported on the queue, a forked child that cannot reopen it).
 """
 
 from __future__ import annotations
@@ -139,12 +142,18 @@ class Device:
 
     # -- giving the queue up ---------------------------------------------
 
-    def _give_up(self, code: str, detail: str) -> None:
+    def _give_up(self, code: str, detail: str, *, hung: bool = False) -> None:
         """Stop using the queue: new work goes to the CPU (fallback ``code``).
 
         What is in flight stays in flight: its Ops keep their buffers
         exported and their records allocated, so nothing the device may
-        still write is freed (``Queue.close`` strands them for good)."""
+        still write is freed (``Queue.close`` strands them for good).
+        ``hung``: a descriptor missed its deadline; every waiter stops
+        waiting, and that reason replaces an earlier one."""
+        if hung and not self.hung:
+            self.hung = True
+            self.broken = None
+            self.queue.wake()  # the other waiters look again, and stop
         if self.broken is not None:
             return
         self.broken, self.broken_code = detail, code
@@ -172,14 +181,14 @@ class Device:
             # the device is done with them (by the poller), not at a later reap.
             self.queue.orphan(handle)
             raise
+        except OSError as exc:  # the queue's fd, in a forked child that could not reopen it
+            self._give_up("queue_unusable", f"{type(exc).__name__}: {exc}")
+            raise Fallback("queue_unusable") from exc
         if handle.done:
             self._unusable()  # notice a device error reported meanwhile
             return
-        if not self.hung:
-            self.hung = True
-            self.broken = None  # the deadline is the stronger reason
-            self._give_up("completion_timeout", f"a descriptor did not complete within {self.completion_timeout} s")
-            self.queue.wake()  # the other waiters look again, and stop
+        self._give_up("completion_timeout", f"a descriptor did not complete within {self.completion_timeout} s",
+                      hung=True)
         raise Fallback("completion_timeout")
 
     # -- one operation ---------------------------------------------------
@@ -214,12 +223,15 @@ class Device:
         if queue.in_flight < queue.size or self._unusable():
             return
         self.counts["slot_waits"] += 1
-        with trio.move_on_after(self.completion_timeout) as scope:
-            await self.completions.wait_until(lambda: queue.in_flight < queue.size or self._unusable())
+        try:
+            with trio.move_on_after(self.completion_timeout) as scope:
+                await self.completions.wait_until(lambda: queue.in_flight < queue.size or self._unusable())
+        except OSError as exc:
+            self._give_up("queue_unusable", f"{type(exc).__name__}: {exc}")
+            return
         if scope.cancelled_caught and not self._unusable():
-            self.hung = True
-            self._give_up("completion_timeout", f"no descriptor completed within {self.completion_timeout} s")
-            queue.wake()
+            self._give_up("completion_timeout", f"no descriptor completed within {self.completion_timeout} s",
+                          hung=True)
 
     def _submit(self, opcode: int, args: dict):
         if self._unusable():

@@ -3,10 +3,13 @@
 Policy: an operation smaller than ``threshold`` bytes runs on the CPU
 (submission and completion cost more than the copy); larger ones go to the
 device, split into pieces of at most the queue's ``max_transfer`` (pieces
-that are independent run in parallel); :meth:`Mover.batch` packs small
-operations into BATCH descriptors when together they are worth it. Work
-the device cannot finish (queue full, an unresolvable fault, an error) is
-finished on the CPU from where the device stopped, and counted.
+that are independent run in parallel, taking turns for the queue's slots);
+:meth:`Mover.batch` packs small operations into BATCH descriptors when
+together they are worth it and the queue takes BATCH. Operations the queue
+does not take and overlapping copies stay on the CPU. Work the device
+cannot finish (a shared queue full with others' work, an unresolvable
+fault, an error, a queue given up) is finished on the CPU from where the
+device stopped, and counted; from 256 KiB in a worker thread.
 
 Checkpoints. Work the device does is awaited, so those calls are full trio
 checkpoints. CPU work done inline (below the offload threshold and below
