@@ -42,6 +42,16 @@ class Skip(Exception):
     """A scenario cannot run on this machine; the message says why."""
 
 
+def best_seconds(fn, repeat: int) -> float:
+    """The shortest wall time of ``repeat`` calls of ``fn()`` (the least disturbed run)."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def scenario_names() -> list[str]:
     from bench import scenarios
 

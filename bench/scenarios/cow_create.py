@@ -17,7 +17,6 @@ import random
 import shutil
 import subprocess
 import tempfile
-import time
 
 TITLE = "cow create: MB/s of target scanned (1 GiB mixed changes; quick: 64 MiB)"
 
@@ -65,17 +64,8 @@ def _plain_read(path: str) -> None:
         os.close(fd)
 
 
-def _best_seconds(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def run(quick: bool) -> dict:
-    from bench.run import Skip
+    from bench.run import Skip, best_seconds
 
     from dmuserd.snapshot._cow_tools import create_cow, verify_cow
 
@@ -90,18 +80,18 @@ def run(quick: bool) -> dict:
         _plain_read(target)
         cow = os.path.join(tmp, "t.cow")
 
-        plain = _best_seconds(lambda: create_cow(base, target, cow, progress=False), repeat)
+        plain = best_seconds(lambda: create_cow(base, target, cow, progress=False), repeat)
         stats = create_cow(base, target, cow, progress=False)
-        heavy = _best_seconds(
+        heavy = best_seconds(
             lambda: create_cow(base, target, cow, version=3, compression="lz4", xor=True, progress=False), repeat
         )
         assert verify_cow(base, target, cow, progress=False) is None, "the benchmark COW file is wrong"
         cow_bytes = os.path.getsize(cow)
 
-        sha = _best_seconds(
+        sha = best_seconds(
             lambda: subprocess.run(["sha256sum", target], check=True, capture_output=True), repeat
         )
-        read = _best_seconds(lambda: _plain_read(target), repeat)
+        read = best_seconds(lambda: _plain_read(target), repeat)
 
     figures = {
         "cow_create_v2_mbps": round(mb / plain, 1),

@@ -28,21 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.run import best_seconds
+
 TITLE = "OTA formats: PUFFDIFF apply vs AOSP puffin, verity tree + FEC vs veritysetup (1 GiB; quick 64 MiB)"
 
 BS = 4096
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TOOLS = next((p for p in (SHARED / "tools" / "aosp" / "bin", Path("/work/shared/tools/aosp/bin")) if p.is_dir()),
              SHARED / "tools" / "aosp" / "bin")
-
-
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def _text(seed: int, lines: int) -> bytes:
@@ -127,12 +120,12 @@ def _puffdiff(quick: bool, repeat: int) -> dict:
                             "--source-dir", str(work / "old"), "--cow-dir", str(work / "cow"), *extra],
                            check=True, capture_output=True)
 
-        t_puffin = _best(puffin, repeat)
+        t_puffin = best_seconds(puffin, repeat)
         for i, (_old, _patch, new) in enumerate(ops):
             assert (work / f"out{i}").read_bytes() == new, "puffin's output differs from the new file"
-        t_engine = _best(engine, repeat)
-        t_apply = _best(apply, repeat)
-        t_apply_nv = _best(lambda: apply("--no-verify"), repeat)
+        t_engine = best_seconds(engine, repeat)
+        t_apply = best_seconds(apply, repeat)
+        t_apply_nv = best_seconds(lambda: apply("--no-verify"), repeat)
         mb = len(new_img) / 1e6
         patch_bytes = sum(len(p) for _o, p, _n in ops)
     return {
@@ -183,7 +176,7 @@ def _verity(quick: bool, repeat: int) -> dict:
 
         try:
             t_veritysetup = min(veritysetup() for _ in range(repeat))  # the copy is not timed
-            t_ours = _best(ours, repeat)
+            t_ours = best_seconds(ours, repeat)
         finally:
             os.close(fd)
         with open(image, "rb") as f:

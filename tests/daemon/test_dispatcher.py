@@ -7,6 +7,8 @@ import errno
 import pytest
 import trio
 
+from peak_backend import PeakReads
+
 from dmuserd.backends import Backend
 from dmuserd.backends.memory import MemoryBackend
 from dmuserd.daemon.dispatcher import Dispatcher
@@ -175,23 +177,14 @@ async def test_backend_exception_fails_one_request():
 async def test_bounded_concurrency():
     """No more than max_in_flight requests reach the backend at once."""
 
-    class Slow(MemoryBackend):
-        active = peak = 0
-
-        async def read(self, offset, length):
-            Slow.active += 1
-            Slow.peak = max(Slow.peak, Slow.active)
-            await trio.sleep(0.01)
-            Slow.active -= 1
-            return bytes(length)
-
+    backend = PeakReads()
     async with trio.open_nursery() as nursery:
-        device = EmulatedDmUser(Dispatcher(Slow(1 << 20), name="t"), channels=4, max_in_flight=8)
+        device = EmulatedDmUser(Dispatcher(backend, name="t"), channels=4, max_in_flight=8)
         await nursery.start(device.run)
         async with trio.open_nursery() as readers:
             for i in range(64):
                 readers.start_soon(device.submit, RequestType.READ, (i % 256) * 512, 512)
-        assert Slow.peak == 8
+        assert backend.peak == 8
         nursery.cancel_scope.cancel()
 
 

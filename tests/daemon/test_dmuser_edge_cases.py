@@ -19,6 +19,7 @@ from array import array
 
 import pytest
 import trio
+from peak_backend import PeakReads
 
 from dmuserd.backends import Backend, Op, create
 from dmuserd.backends.memory import MemoryBackend
@@ -218,17 +219,8 @@ async def test_flush_of_a_snapshot_target_succeeds(nursery, tmp_path):
 
 
 async def test_the_daemon_bounds_requests_in_the_dispatcher_not_the_kernel(nursery):
-    class Slow(MemoryBackend):
-        active = peak = 0
-
-        async def read(self, offset, length):
-            Slow.active += 1
-            Slow.peak = max(Slow.peak, Slow.active)
-            await trio.sleep(0.01)
-            Slow.active -= 1
-            return bytes(length)
-
-    device = await _device(nursery, Slow(1 * MiB), max_in_flight=4)
+    backend = PeakReads(1 * MiB)
+    device = await _device(nursery, backend, max_in_flight=4)
     most_outstanding = 0
 
     async def watch():
@@ -241,7 +233,7 @@ async def test_the_daemon_bounds_requests_in_the_dispatcher_not_the_kernel(nurse
     async with trio.open_nursery() as readers:
         for i in range(200):
             readers.start_soon(device.submit, R, i * 512, 512)
-    assert Slow.peak == 4
+    assert backend.peak == 4
     assert most_outstanding > 128  # beyond dm-user.c's reserve: messages wait in the kernel, not refused
     _no_leaks(device)
 

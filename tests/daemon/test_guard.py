@@ -12,6 +12,7 @@ import struct
 
 import pytest
 import trio
+from peak_backend import PeakReads
 
 from dmuserd.backends.memory import MemoryBackend
 from dmuserd.daemon.channels import MAX_IN_FLIGHT_PER_CHANNEL, serve_channel
@@ -66,21 +67,12 @@ class _Transport:
 
 
 async def test_a_channel_has_at_most_its_share_of_requests_in_flight():
-    class Slow(MemoryBackend):
-        active = peak = 0
-
-        async def read(self, offset, length):
-            Slow.active += 1
-            Slow.peak = max(Slow.peak, Slow.active)
-            await trio.sleep(0.01)
-            Slow.active -= 1
-            return bytes(length)
-
+    backend = PeakReads()
     requests = b"".join(HEADER.pack(seq, RequestType.READ, 0, seq, 512) for seq in range(3 * MAX_IN_FLIGHT_PER_CHANNEL))
     transport = _Transport(requests)
-    dispatcher = Dispatcher(Slow(1 << 20), name="t")
+    dispatcher = Dispatcher(backend, name="t")
     await serve_channel(transport, dispatcher, trio.CapacityLimiter(1000), name="c")
-    assert Slow.peak == MAX_IN_FLIGHT_PER_CHANNEL
+    assert backend.peak == MAX_IN_FLIGHT_PER_CHANNEL
     assert len(transport.answers()) == 3 * MAX_IN_FLIGHT_PER_CHANNEL
 
 
