@@ -30,6 +30,9 @@ def register(subparsers) -> None:
         "(init, start, initiate_merge, ...) as well as JSON: Android tooling sets devices up through it.")
     snap.add_argument("--socket", default="/run/dmuserd/snapuserd",
                       help="the control socket (default /run/dmuserd/snapuserd)")
+    snap.add_argument("--merge-threads", type=int, default=2, metavar="N",
+                      help="merges running at once, the others wait (snapuserd's "
+                      "ro.virtual_ab.num_merge_threads; default 2)")
     snap.set_defaults(func=_snapuserd)
 
 
@@ -52,11 +55,13 @@ def _remove(args) -> int:
 def _snapuserd(args) -> int:
     import trio
 
-    trio.run(_run_snapuserd, args.socket)
+    if args.merge_threads < 1:
+        raise SystemExit("dmuserd dm snapuserd: --merge-threads must be at least 1")
+    trio.run(_run_snapuserd, args.socket, args.merge_threads)
     return 0
 
 
-async def _run_snapuserd(socket_path: str) -> None:
+async def _run_snapuserd(socket_path: str, merge_threads: int = 2) -> None:
     """Serve until SIGINT/SIGTERM or snapuserd's ``stop`` request, then stop in order."""
     import signal
 
@@ -65,7 +70,10 @@ async def _run_snapuserd(socket_path: str) -> None:
     from dmuserd.daemon.config import DaemonSpec
     from dmuserd.daemon.runtime import Daemon
 
+    from dmuserd.daemon.snapuserd import state_of
+
     daemon = Daemon(DaemonSpec([]), control_socket=socket_path)
+    state_of(daemon).merge_threads = merge_threads
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 

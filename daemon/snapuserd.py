@@ -12,7 +12,7 @@ request                                         reply
 ``query``                                       ``active`` (``passive`` after ``detach``)
 ``init,<misc>,<cow>,<backing>,<base_merge>``    ``success,<num_sectors>`` / ``fail``
 ``start,<misc>``                                ``success`` / ``fail``
-``delete,<misc>``                               ``success`` / ``fail``
+``delete,<misc>``                               ``success`` (once the device is gone) / ``fail``
 ``supports,<feature>``                          ``fail`` (no feature: see :data:`FEATURES`)
 ``getstatus,<misc>``                            ``snapshot``, ``snapshot-merge``,
                                                 ``snapshot-merge-complete``, ``snapshot-merge-failed``
@@ -33,7 +33,12 @@ from it (libsnapshot names ``<p>-src`` and ``<p>-base``: two dm devices over
 the same blocks, which must be of the same size; the reply's sector count is
 ``<base_merge>``'s, as snapuserd's). When both name the same file or device,
 one path serves both.
-``delete`` detaches and forgets it. An unknown request gets ``fail`` and the
+``delete`` answers once the device is gone (libsnapshot removes the
+dm-user table first, then asks), serving it until then, and ``stop`` ends
+the daemon once every started device is gone: when a table is removed the
+handler goes with it (:func:`_watch_device`). ``initiate_merge`` queues the
+merge; at most ``merge_threads`` merges run (or are paused) at once, as
+snapuserd's ``num_merge_threads``. An unknown request gets ``fail`` and the
 connection is closed, as snapuserd does.
 
 ``update-verify`` is snapuserd's post-OTA check (update_verifier asks it at
@@ -69,6 +74,12 @@ MAX_MESSAGE = 512
 #: libsnapshot then hands the first-stage daemon's devices to a second one over
 #: the socket, which dmuserd does not do, so it must hear ``fail`` and keep this one.
 FEATURES: frozenset[str] = frozenset()
+#: how long ``delete`` waits for the device to go before answering ``fail``
+DELETE_WAIT = 10.0
+#: how long a merge is given to reach a step boundary when its device goes
+SETTLE_WAIT = 30.0
+#: how often a started device is checked for its table's removal
+WATCH_INTERVAL = 0.05
 #: how long ``update-verify`` waits for verifications under way (snapuserd's 10 s)
 VERIFY_WAIT = 10.0
 #: a verification reads the device in pieces of this size, with this many readers
@@ -103,6 +114,12 @@ class Handler:
     verified_bytes: int = 0
     verify_done: trio.Event = field(default_factory=trio.Event)
     verify_scope: trio.CancelScope | None = None
+    #: set once the started device is gone and the handler dropped
+    gone: trio.Event = field(default_factory=trio.Event)
+    #: initiate_merge accepted, waiting for a merge slot (num_merge_threads)
+    merge_queued: bool = False
+    #: the scope of the running merge's task (cancelled, after a pause took effect, when the device goes)
+    merge_scope: trio.CancelScope | None = None
 
     @property
     def merge(self):
@@ -120,6 +137,9 @@ class SnapuserdState:
     #: deleted handlers whose merge had completed (they count as 100% in merge_percent)
     merges_completed: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
+    #: snapuserd's ro.virtual_ab.num_merge_threads: merges running (or paused) at once
+    merge_threads: int = 2
+    merge_limiter: trio.CapacityLimiter | None = None
 
 
 _STATES: "weakref.WeakKeyDictionary[object, SnapuserdState]" = weakref.WeakKeyDictionary()
@@ -181,9 +201,10 @@ async def handle_message(daemon, data: bytes, peer=None) -> tuple[str | None, bo
     if op == "query":
         return ("passive" if state.terminating or daemon.stopping else "active"), True
     if op == "stop":
-        log.info("snapuserd stop: the daemon stops")
+        log.info("snapuserd stop: the daemon stops once its devices are gone",
+                 devices=sorted(h.misc for h in state.handlers.values() if h.started))
         state.terminating = True
-        daemon.nursery.start_soon(daemon.stop)
+        daemon.nursery.start_soon(_stop_when_devices_gone, daemon, state)
         return None, False
     if op == "detach":
         log.info("snapuserd detach: pausing merges, answering passive")
@@ -212,6 +233,8 @@ async def handle_message(daemon, data: bytes, peer=None) -> tuple[str | None, bo
                             peer, request=_printable(data))
         return "fail", False
     count, function = handler_ops[op]
+    if op == "delete" and len(args) == count:
+        return await _delete(daemon, state, *args), True  # waits for the device: takes the lock itself
     if len(args) != count:
         daemon.guard.reject(SURFACE, "malformed-request", f"{op} takes {count} argument(s), got {len(args)}",
                             peer, request=_printable(data))
@@ -298,30 +321,104 @@ async def _start(daemon, state: SnapuserdState, misc: str) -> str:
         log.error("snapuserd start failed", misc=misc, error=str(exc))
         return "fail"
     handler.started = True
+    daemon.nursery.start_soon(_watch_device, daemon, state, handler)
     _start_verification(daemon, handler)
     return "success"
 
 
 async def _delete(daemon, state: SnapuserdState, misc: str) -> str:
-    from dmuserd.errors import DmuserdError
+    """snapuserd's ``delete`` (libsnapshot's WaitForDeviceDelete): answer once the device is gone.
 
-    handler = state.handlers.pop(misc, None)
+    libsnapshot removes the dm-user table first; the export ends when the
+    kernel tells its channels so, and the handler goes with it
+    (:func:`_watch_device`). Until then the device is served as before:
+    this waits (up to :data:`DELETE_WAIT`, without the request lock, so
+    other clients are served) and answers ``fail`` if the table is still
+    there, leaving the device served. A handler never started is dropped
+    at once; an unknown one is ``success`` (gone already, as snapuserd).
+    """
+    handler = state.handlers.get(misc)
     if handler is None:
         return "success"  # snapuserd: after a merge the handler may be gone already
-    if handler.merge is not None and handler.merge.state == "merged":
-        state.merges_completed += 1
-    if handler.verify_scope is not None:
-        handler.verify_scope.cancel()  # its reads would fail on the closed backend
-    try:
-        if handler.started:
-            await daemon.remove_target(misc)
-        else:
-            await handler.backend.close()
-    except (DmuserdError, OSError) as exc:
-        log.error("snapuserd delete failed", misc=misc, error=str(exc))
+    if not handler.started:
+        async with state.lock:
+            if state.handlers.get(misc) is handler and not handler.started:
+                del state.handlers[misc]
+                await _close_handler(handler)
+        log.info("snapuserd delete", misc=misc)
+        return "success"
+    with trio.move_on_after(DELETE_WAIT):
+        await handler.gone.wait()
+    if not handler.gone.is_set():
+        log.error("snapuserd delete: the dm-user table is still there; the device stays served "
+                  "(remove the table first, as libsnapshot does)", misc=misc, waited_s=DELETE_WAIT)
         return "fail"
     log.info("snapuserd delete", misc=misc)
     return "success"
+
+
+async def _close_handler(handler: Handler) -> None:
+    """Close a handler's backend (its verification stopped first: its reads would fail)."""
+    if handler.verify_scope is not None:
+        handler.verify_scope.cancel()
+    try:
+        await handler.backend.close()
+    except Exception as exc:  # noqa: BLE001 - a close that fails is logged, the handler goes anyway
+        log.error("snapuserd: closing the backend failed", misc=handler.misc, error=str(exc))
+
+
+async def _watch_device(daemon, state: SnapuserdState, handler: Handler) -> None:
+    """Wait until ``handler``'s dm-user export ends (its table was removed), then drop the handler.
+
+    snapuserd's RunThread: when the device goes, its merge stops (paused
+    at a step boundary, durable), the target is removed and the handler
+    forgotten; a merge that had completed counts in ``merge_percent``.
+    """
+    target = daemon.targets.get(handler.misc)
+    while target is not None and "dm-user" in target.endpoints and daemon.targets.get(handler.misc) is target:
+        await trio.sleep(WATCH_INTERVAL)
+    await _settle_merge(handler)
+    async with state.lock:
+        if state.handlers.get(handler.misc) is handler:
+            del state.handlers[handler.misc]
+        if handler.merge is not None and handler.merge.state == "merged":
+            state.merges_completed += 1
+        if handler.verify_scope is not None:
+            handler.verify_scope.cancel()
+        if daemon.targets.get(handler.misc) is target and target is not None:
+            try:
+                await daemon.remove_target(handler.misc)  # flushes and closes the backend
+            except Exception as exc:  # noqa: BLE001 - the handler goes anyway
+                log.error("snapuserd: removing the target failed", misc=handler.misc, error=str(exc))
+    log.info("snapuserd: device gone, handler dropped", misc=handler.misc,
+             merge=handler.merge.state if handler.merge is not None else None)
+    handler.gone.set()
+
+
+async def _settle_merge(handler: Handler) -> None:
+    """Stop a running merge at its next step boundary (everything written committed), or a queued one."""
+    handler.merge_queued = False
+    merge = handler.merge
+    if merge is None or merge.state not in ("merging", "paused"):
+        return
+    if merge.state == "merging":
+        merge.pause()
+    with trio.move_on_after(SETTLE_WAIT):
+        while not merge.parked and merge.state == "paused":
+            await trio.sleep(WATCH_INTERVAL)
+    if handler.merge_scope is not None:
+        handler.merge_scope.cancel()  # its task ends (the COW says how far it got) and frees its slot
+
+
+async def _stop_when_devices_gone(daemon, state: SnapuserdState) -> None:
+    """snapuserd's ``stop``: the daemon ends once every started device is gone (their I/O served till then)."""
+    while any(h.started for h in state.handlers.values()):
+        await trio.sleep(WATCH_INTERVAL)
+    async with state.lock:
+        for misc, handler in list(state.handlers.items()):  # init-ed, never started: nothing serves them
+            del state.handlers[misc]
+            await _close_handler(handler)
+    await daemon.stop()
 
 
 async def _supports(daemon, state: SnapuserdState, feature: str) -> str:
@@ -334,10 +431,13 @@ async def _getstatus(daemon, state: SnapuserdState, misc: str) -> str:
         return "snapshot-merge-failed"
     if handler.merge is None:
         return "snapshot"
+    if handler.merge_queued:
+        return "snapshot-merge"  # accepted, waiting for a merge slot
     return _STATUS.get(handler.merge.state, "snapshot-merge-failed")
 
 
 async def _initiate_merge(daemon, state: SnapuserdState, misc: str) -> str:
+    """Queue the merge: at most ``state.merge_threads`` run (or are paused) at once, as snapuserd's MonitorMerge."""
     from dmuserd.errors import DmuserdError
 
     handler = state.handlers.get(misc)
@@ -348,15 +448,36 @@ async def _initiate_merge(daemon, state: SnapuserdState, misc: str) -> str:
     if merge is None:
         log.error("snapuserd initiate_merge: this backend cannot merge", misc=misc)
         return "fail"
-    if merge.state in ("merging", "paused", "merged"):
+    if handler.merge_queued or merge.state in ("merging", "paused", "merged"):
         return "success"  # snapuserd accepts a repeated request for a merge under way
     try:
-        merge.start(daemon.nursery)
+        merge.check_startable()
     except DmuserdError as exc:
         log.error("snapuserd initiate_merge failed", misc=misc, error=str(exc))
         return "fail"
-    log.info("snapuserd merge started", misc=misc)
+    if state.merge_limiter is None:
+        state.merge_limiter = trio.CapacityLimiter(max(1, state.merge_threads))
+    handler.merge_queued = True
+    daemon.nursery.start_soon(_run_merge, state, handler)
+    log.info("snapuserd merge queued", misc=misc, merge_threads=state.merge_limiter.total_tokens)
     return "success"
+
+
+async def _run_merge(state: SnapuserdState, handler: Handler) -> None:
+    """One merge, in a slot of ``state.merge_limiter`` from start to its end (merged or failed)."""
+    from dmuserd.errors import DmuserdError
+
+    async with state.merge_limiter:
+        if not handler.merge_queued or handler.gone.is_set():
+            return  # its device went while it waited
+        handler.merge_queued = False
+        try:
+            async with trio.open_nursery() as nursery:
+                handler.merge_scope = nursery.cancel_scope
+                handler.merge.start(nursery)
+                log.info("snapuserd merge started", misc=handler.misc)
+        except DmuserdError as exc:
+            log.error("snapuserd merge could not start", misc=handler.misc, error=str(exc))
 
 
 def _merge_percent(state: SnapuserdState) -> float:
@@ -460,10 +581,11 @@ def status_of(daemon) -> dict | None:
     return {
         "terminating": state.terminating,
         "merges_completed": state.merges_completed,
+        "merge_threads": state.merge_threads,
         "handlers": {
             name: {
                 "cow": h.cow, "backing": h.backing, "base_merge": h.base_merge, "started": h.started,
-                "merge": h.merge.state if h.merge is not None else None,
+                "merge": ("queued" if h.merge_queued else h.merge.state) if h.merge is not None else None,
                 "verify": {"state": h.verify, "bytes": h.verified_bytes, "of": h.backend.size,
                            "error": h.verify_error},
             }

@@ -113,6 +113,13 @@ class MergeControl:
 
     def start(self, nursery) -> None:
         """Start merging in the background (a task in ``nursery``)."""
+        self.check_startable()
+        self.state, self.error = "merging", None
+        self._resume.set()
+        nursery.start_soon(self._run)
+
+    def check_startable(self) -> None:
+        """Raise what :meth:`start` would refuse with now (a queued start is checked up front)."""
         if self.state in ("merging", "paused"):
             raise MergeStateError(f"the merge of {self.cow} is already {self.state}; "
                                   "pause, resume or wait for it")
@@ -125,9 +132,6 @@ class MergeControl:
                 f"this target was opened with merged=no (the base is taken to hold no merge progress), "
                 f"but {self.cow} records {self.reader.num_merge_ops} merged ops; serve it with merged=yes "
                 "(or without the option) to merge it")
-        self.state, self.error = "merging", None
-        self._resume.set()
-        nursery.start_soon(self._run)
 
     def pause(self) -> None:
         """Pause at the next step boundary (a no-op when already paused)."""

@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -145,22 +146,42 @@ class Guest:
             f.seek(block)
             original = f.read(4096)
         direct_io("/dev/mapper/snapt-base", block, 4096, original)
-        # libsnapshot: remove the dm-user table, then `delete` (WaitForDeviceDelete), then -base and -src
+        # `delete` answers once the device is gone (libsnapshot's WaitForDeviceDelete, after it removed the
+        # table); sent while the table is there, it waits and the device is served meanwhile
+        pending: dict = {}
+        waiter = threading.Thread(target=lambda: pending.update(reply=self.say(f"delete,{misc}")), daemon=True)
+        waiter.start()
+        time.sleep(1.0)
+        out["read_during_delete"] = direct_io(f"/dev/mapper/{misc}", 0, size)
+        out["delete_pending"] = waiter.is_alive()
         out["dmsetup_remove"] = sh("dmsetup", "remove", misc).returncode
-        self.say(f"delete,{misc}")
-        out["remove_base"] = sh("dmsetup", "remove", "snapt-base").returncode
-        out["remove_src"] = sh("dmsetup", "remove", "snapt-src").returncode
+        waiter.join(60)
+        out["delete_reply"] = pending.get("reply")
+        self.say(f"delete,{misc}")  # gone already: success
         out["loop_after_merge"] = direct_io(self.loop, 0, size)
+        # `stop` ends the daemon once its devices are gone: a second device (merged already) is served till then
+        misc2 = "snapt2-user-cow"
+        init = self.say(f"init,{misc2},{plan['cow']},/dev/mapper/snapt-src,/dev/mapper/snapt-base")
+        sectors = int(init.split(",")[1]) if init.startswith("success,") else 0
+        if sectors:
+            sh("dmsetup", "create", misc2, "--table", f"0 {sectors} user 0 {sectors} {misc2}", check=True)
+        self.say(f"start,{misc2}")
         self.say("stop", reply=False)
+        time.sleep(1.0)
+        out["read_after_stop"] = direct_io(f"/dev/mapper/{misc2}", 0, size)
+        out["alive_after_stop"] = self.daemon.poll() is None
+        out["dmsetup_remove2"] = sh("dmsetup", "remove", misc2).returncode
         try:
             out["exit"] = self.daemon.wait(60)
         except subprocess.TimeoutExpired:
             out["exit"] = "hung"
+        out["remove_base"] = sh("dmsetup", "remove", "snapt-base").returncode
+        out["remove_src"] = sh("dmsetup", "remove", "snapt-src").returncode
 
     def cleanup(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.kill()
-        for name in ("snapt-user-cow", "snapt-base", "snapt-src"):
+        for name in ("snapt-user-cow", "snapt2-user-cow", "snapt-base", "snapt-src"):
             sh("dmsetup", "remove", "--force", name)
         if self.loop:
             sh("losetup", "-d", self.loop)
