@@ -61,8 +61,11 @@ async def test_faults_at_many_positions_match_cpu(ext, make_mover, name, side):
         assert got == expected, f"{name} fault at {position}"
         assert dst_area == expect_area, f"{name} fault at {position}: output differs from the CPU engine"
         stats = mover.stats()
-        assert stats["faults"] > faults_before, "the fault was not taken"
-        faults_before = stats["faults"]
+        # Taken as a data fault, or as a record fault when the op's completion
+        # record happens to share the non-present page (heap layout).
+        taken = stats["faults"] + stats["completion_record_faults"]
+        assert taken > faults_before, "the fault was not taken"
+        faults_before = taken
         assert stats["fallbacks"] == {}  # all recovered on the device
         mover.emulator.clear_faults()
 
