@@ -186,6 +186,9 @@ class MergePlan:
     block_size: int
     header: CowHeader
     prefix: array = field(default_factory=lambda: array("Q"))  # blocks merged after i ops (packed)
+    #: the window goes to the merge journal beside the COW file (:mod:`._merge_journal`: the file has no
+    #: scratch space), ``layout`` being the journal's; MergeIO's ``"journal"`` file
+    journal: bool = False
 
     def __post_init__(self) -> None:
         prefix = self.prefix = array("Q", [0])
@@ -271,13 +274,28 @@ def read_state(io: MergeIO, reader: CowReader, plan: MergePlan, *, crc=None) -> 
     layout = plan.layout
     if not layout.capacity:
         return MergeState(done)
-    state = io.pread("cow", 1, layout.state_offset)[0]
+    where = "cow"
+    if plan.journal:
+        where = "journal"
+        if io.fds.get("journal", -1) < 0:
+            return MergeState(done)  # no journal yet: no window was ever made durable
+        from dmuserd.snapshot import _merge_journal as journal
+
+        path = journal.journal_path(path)
+        head = journal.read_head(io.pread("journal", journal.HEADER_SIZE + 1, 0),
+                                 journal.cow_identity(io.fds["cow"], hs), plan.block_size)
+        if not head.mine or head.state != STATE_DONE or head.first < done:
+            return MergeState(done)  # fresh, no durable window, or one already committed
+        if head.first > done:
+            raise MergeResumeError(f"{path}: the journal's window starts at op {head.first}, but the COW file "
+                                   f"records {done} merged ops; the journal or num_merge_ops is damaged")
+    state = io.pread(where, 1, layout.state_offset)[0]
     if state in (STATE_NONE, STATE_IN_PROGRESS):
         return MergeState(done)
     if state != STATE_DONE:
         raise MergeResumeError(f"{path}: the scratch window's state byte (offset {layout.state_offset}) is "
                                f"{state}, not 0, 1 or 2; the file is damaged")
-    blocks = layout.parse_entries(io.pread("cow", layout.data_offset - layout.meta_offset, layout.meta_offset))
+    blocks = layout.parse_entries(io.pread(where, layout.data_offset - layout.meta_offset, layout.meta_offset))
     if isinstance(blocks, str):
         raise MergeResumeError(f"{path}: the scratch window at offset {layout.meta_offset} is damaged: {blocks}")
     nb, ty, order = plan.table.new_block, plan.table.type, plan.order
@@ -289,8 +307,8 @@ def read_state(io: MergeIO, reader: CowReader, plan: MergePlan, *, crc=None) -> 
             f"but the next ops to merge (from op {done}) write "
             f"{[nb[order[k]] for k in range(done, min(done + 4, end, plan.total_ops))]}; "
             "the window or num_merge_ops is damaged")
-    data = io.pread("cow", len(blocks) * layout.block_size, layout.data_offset)
-    pending = PendingWindow(done, blocks, data, layout.parse_tag(io.pread("cow", 8, layout.tag_offset)))
+    data = io.pread(where, len(blocks) * layout.block_size, layout.data_offset)
+    pending = PendingWindow(done, blocks, data, layout.parse_tag(io.pread(where, 8, layout.tag_offset)))
     if crc is not None:
         check_window(pending, layout, path, crc(data, crc(layout.entries_bytes(blocks))))
     return MergeState(done, pending)
@@ -362,7 +380,7 @@ class MergeEngine:
         if overlap:
             entries = self.plan.layout.entries_bytes(blocks)
             crc = await self.mover.crc32c(data, await self.mover.crc32c(entries))
-            scratch = lambda: self._write_scratch(entries, data, crc)  # noqa: E731
+            scratch = lambda: self._write_scratch(entries, data, crc, first)  # noqa: E731
         await self._apply_window(blocks, data, scratch)
 
     def _read_window(self, first: int, end: int) -> tuple[list[int], bytearray, bool]:
@@ -403,16 +421,23 @@ class MergeEngine:
             (o + bs - 1) // bs for o in offsets)
         return blocks, data, overlap
 
-    def _write_scratch(self, entries: bytes, data, crc: int) -> None:
+    def _write_scratch(self, entries: bytes, data, crc: int, first: int) -> None:
         """The window to the scratch area (entries, tag and data in one write),
-        synced, then the state byte 2, synced."""
+        synced, then the state byte 2, synced. In the journal, the state byte
+        goes with ``first``, the window's first op (one sector)."""
         layout, io = self.plan.layout, self.io
+        where = "journal" if self.plan.journal else "cow"
         pad = bytes(layout.tag_offset - layout.meta_offset - len(entries))
-        io.pwritev("cow", [memoryview(entries), memoryview(pad), memoryview(layout.tag_bytes(crc)),
+        io.pwritev(where, [memoryview(entries), memoryview(pad), memoryview(layout.tag_bytes(crc)),
                            memoryview(data)], layout.meta_offset)
-        self._sync("cow")
-        io.pwrite("cow", bytes([STATE_DONE]), layout.state_offset)
-        self._sync("cow")
+        self._sync(where)
+        if self.plan.journal:
+            from dmuserd.snapshot._merge_journal import FIRST_OFFSET, state_bytes
+
+            io.pwrite(where, state_bytes(first, STATE_DONE), FIRST_OFFSET)
+        else:
+            io.pwrite(where, bytes([STATE_DONE]), layout.state_offset)
+        self._sync(where)
         self.stats["scratch_windows"] += 1
 
     def _sync(self, which: str) -> None:
@@ -553,11 +578,14 @@ class MergeEngine:
         byte back to 1) and sync the COW file. Blocking."""
         self._header.num_merge_ops = self.merged_ops + count
         record = self._header.pack()
-        if self.plan.layout.capacity:
+        if self.plan.layout.capacity and not self.plan.journal:
             record += bytes([STATE_IN_PROGRESS])
         self._sync("base")
         self.io.pwrite("cow", record, 0)
         self._sync("cow")
+        if self.plan.journal:
+            # not synced: a window left at state 2 is told stale by its first op (below num_merge_ops)
+            self.io.pwrite("journal", bytes([STATE_IN_PROGRESS]), self.plan.layout.state_offset)
 
     def _committed(self, count: int) -> None:
         first = self.merged_ops

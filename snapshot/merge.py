@@ -10,8 +10,10 @@ and ends with the same image (the protocol: :mod:`._merge_engine`).
 Before the base is touched, :func:`plan_merge` refuses a COW file that
 cannot be merged in place safely (:class:`MergeUnsafeError`): an ordered op
 (Copy/Xor) reading a block an earlier op overwrites, ordered ops after
-Replace/Zero ops, Copy/Xor ops but no scratch space to make them crash-safe,
-or ops writing past the end of the base. A damaged header or scratch window
+Replace/Zero ops, or ops writing past the end of the base. Copy/Xor ops in
+a file without scratch space (``buffer_size`` 0) are made crash-safe by a
+journal file beside it, ``<cow>.merge-journal`` (:mod:`._merge_journal`),
+removed when the merge completes; refused only when it cannot be written. A damaged header or scratch window
 at resume is a :class:`MergeResumeError`.
 
 Two merges of one COW file at once are refused (:class:`MergeBusyError`,
@@ -46,7 +48,7 @@ from dmuserd.snapshot._merge_scratch import ScratchLayout
 __all__ = [
     "MergeBusyError", "MergeError", "MergeHooks", "MergeIO", "MergePlan", "MergeResult", "MergeResumeError",
     "MergeStateError", "MergeUnsafeError", "MergeVerifyError", "lock_cow", "merge_cow", "merge_cow_offline",
-    "plan_merge", "read_state",
+    "open_plan_journal", "plan_merge", "read_state",
 ]
 
 log = structlog.get_logger("dmuserd.snapshot.merge")
@@ -57,8 +59,12 @@ _ORDERED = frozenset(int(t) for t in ORDERED_OPS)
 _IS_ORDERED = bytes(int(t in _ORDERED) for t in range(256))
 
 
-def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
+def plan_merge(reader: CowReader, base_size: int, *, journal: bool = True) -> MergePlan:
     """The checked merge plan of ``reader``'s file over a base of ``base_size`` bytes.
+
+    A file with Copy/Xor ops but no scratch space gets a plan whose windows
+    go to its merge journal (:mod:`._merge_journal`; the caller opens it
+    with :func:`open_plan_journal`), or is refused when ``journal`` is False.
 
     Raises :class:`MergeUnsafeError` (see the module doc) or
     :class:`CowFormatError` for a file that is broken in itself.
@@ -95,6 +101,11 @@ def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
     ordered = bytes([ty[r] for r in order]).translate(_IS_ORDERED).find(0)
     if ordered < 0:
         ordered = len(order)
+    if ordered and not layout.capacity and journal:
+        from dmuserd.snapshot._merge_journal import journal_layout
+
+        # no scratch space: the windows go to a journal file beside the COW file (opened by the caller)
+        return MergePlan(table, order, ordered, journal_layout(bs), bs, header, journal=True)
     if ordered and not layout.capacity:
         raise MergeUnsafeError(
             f"{path} cannot be merged in place: it has {ordered} copy/xor ops but only {header.buffer_size} "
@@ -103,6 +114,13 @@ def plan_merge(reader: CowReader, base_size: int) -> MergePlan:
             "(the default 2 MiB) or write the target with `dmuserd cow render`"
         )
     return MergePlan(table, order, ordered, layout, bs, header)
+
+
+def open_plan_journal(plan: MergePlan, cow, cow_fd: int) -> int:
+    """Open the merge journal a journal plan needs (:class:`MergeUnsafeError` naming where, if it cannot)."""
+    from dmuserd.snapshot._merge_journal import open_journal
+
+    return open_journal(cow, cow_fd, plan.header.header_size, plan.block_size)
 
 
 def lock_cow(fd: int, path) -> None:
@@ -157,6 +175,9 @@ async def merge_cow(base, cow, *, offload: str = "auto", verify: bool = True, on
         base_size = os.lseek(base_fd, 0, os.SEEK_END)
         plan = plan_merge(reader, base_size)
         io = io_class(base_fd, cow_fd)
+        if plan.journal:
+            fds.append(open_plan_journal(plan, cow, cow_fd))
+            io.fds["journal"] = fds[-1]
         state = await trio.to_thread.run_sync(read_state, io, reader, plan)
         before = state.merged_ops
         log.info("merge", base=str(base), cow=str(cow), ops=plan.total_ops, merged_ops=before,
@@ -170,6 +191,10 @@ async def merge_cow(base, cow, *, offload: str = "auto", verify: bool = True, on
         else:
             engine = MergeEngine(reader, plan, io, mover, state, verify=verify, on_progress=progress)
             now = await engine.run()
+        if plan.journal:
+            from dmuserd.snapshot._merge_journal import remove_journal
+
+            remove_journal(cow)
         log.info("merged", base=str(base), cow=str(cow), ops=plan.total_ops, this_run=now, **engine.stats)
         return MergeResult(plan.total_ops, before, now, plan.total_blocks, state.pending is not None, engine.stats)
     finally:

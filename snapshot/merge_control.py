@@ -31,7 +31,8 @@ import trio
 from dmuserd.errors import DmuserdError
 from dmuserd.snapshot._merge_engine import MergeEngine, MergeHooks, MergeIO, MergePlan, read_state
 from dmuserd.snapshot._merge_errors import MergeError, MergeStateError, MergeUnsafeError
-from dmuserd.snapshot.merge import lock_cow, plan_merge
+from dmuserd.snapshot._merge_journal import open_journal_readonly, probe_journal, remove_journal
+from dmuserd.snapshot.merge import lock_cow, open_plan_journal, plan_merge
 
 log = structlog.get_logger("dmuserd.snapshot.merge")
 
@@ -92,10 +93,16 @@ class MergeControl:
         from dmuserd.dsa_offload._cpu import crc32c
 
         fd = os.open(self.cow, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        journal_fd = open_journal_readonly(self.cow) if self._plan.journal else None
         try:
-            state = read_state(MergeIO(-1, fd), reader, self._plan, crc=crc32c)
+            io = MergeIO(-1, fd)
+            if journal_fd is not None:
+                io.fds["journal"] = journal_fd
+            state = read_state(io, reader, self._plan, crc=crc32c)
         finally:
             os.close(fd)
+            if journal_fd is not None:
+                os.close(journal_fd)
         self.merged_ops = state.merged_ops
         if state.pending is not None:
             self.view.publish_window(_window(state.pending.blocks, state.pending.data, self._plan.block_size))
@@ -127,6 +134,8 @@ class MergeControl:
             raise MergeStateError(f"{self.cow} is already merged into {self.base}; nothing to do")
         if self._unsafe is not None:
             raise self._unsafe
+        if self._plan is not None and self._plan.journal:
+            probe_journal(self.cow)  # no scratch space: the merge needs its journal beside the COW file
         if not self._trust:
             raise MergeStateError(
                 f"this target was opened with merged=no (the base is taken to hold no merge progress), "
@@ -177,6 +186,9 @@ class MergeControl:
             fds.append(os.open(self.cow, os.O_RDWR | cloexec))
             lock_cow(fds[1], self.cow)
             io = MergeIO(fds[0], fds[1])
+            if self._plan.journal:  # no scratch space in the COW file: the windows go to its journal
+                fds.append(open_plan_journal(self._plan, self.cow, fds[1]))
+                io.fds["journal"] = fds[-1]
             state = await trio.to_thread.run_sync(read_state, io, self.reader, self._plan)
             if state.merged_ops != self.merged_ops:
                 raise MergeStateError(f"{self.cow} records {state.merged_ops} merged ops, this target "
@@ -190,6 +202,8 @@ class MergeControl:
                 async with open_mover(self.offload) as mover:
                     self._mover = mover
                     await MergeEngine(self.reader, self._plan, io, mover, state, hooks=_Hooks(self)).run()
+            if self._plan.journal:
+                remove_journal(self.cow)
             self.state = "merged"
             log.info("online merge done", cow=self.cow, base=self.base)
         except (DmuserdError, OSError) as exc:

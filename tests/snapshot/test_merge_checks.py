@@ -38,6 +38,7 @@ def _unsafe_cows(tmp_path):
              sequence=[3, 5], buffer_size=64 << 10)
     out["no-scratch"] = tmp_path / "noscratch.cow"
     build_v2(out["no-scratch"], [(OpType.COPY, 0, 5), (OpType.REPLACE, 2, None, bytes(BS))], buffer_size=0)
+    (tmp_path / "noscratch.cow.merge-journal").mkdir()  # and no journal can be written beside it
     out["past-the-base"] = tmp_path / "big.cow"
     build_v2(out["past-the-base"], [(OpType.ZERO, 20, 0)], buffer_size=64 << 10)
     return out

@@ -130,8 +130,9 @@ async def test_online_merge_refusals(tmp_path):
         backend.merge.start(None)
     assert backend.merge.state == "not-started"
     await backend.close()
-    # Copy ops but no scratch space: served, but not merged
+    # Copy ops, no scratch space and no journal can be written beside the file: served, but not merged
     build_v2(tmp_path / "noscratch.cow", [(OpType.COPY, 0, 5), (OpType.ZERO, 3, 0)], buffer_size=0)
+    (tmp_path / "noscratch.cow.merge-journal").mkdir()
     backend = SnapshotBackend(t["base"], tmp_path / "noscratch.cow")
     assert await backend.read(0, BS) == t["base_bytes"][5 * BS : 6 * BS]
     with pytest.raises(MergeUnsafeError, match="scratch space"):
