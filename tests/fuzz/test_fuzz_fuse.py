@@ -179,6 +179,7 @@ def test_fuse_storm(fuse_daemon):
                                         ["fallocate", 0x10, SIZE - 4096, 8192], ["fsync"], ["fstat"]]]])
     @example([[["O_RDWR"], [["fallocate", m, SCRATCH + 100, 5000] for m in (0, 1, 2, 3, 0x10, 0x11, 0x8, 0x20, 0x40,
                                                                             0x80, 0x13, -1)] + [["fstat"]]]])
+    @example([[["O_WRONLY", "O_TRUNC"], [["fstat"]]], [["O_RDONLY"], [["fstat"]] * 8]])  # open(O_TRUNC) of a fixed size
     @example([[["O_RDONLY"], [["pread", MAX_OFF, 10], ["pread", 2**62, 4096], ["lseek", SIZE + 1, 3],
                               ["lseek", 0, 4], ["fstat"]]]])
     def storm(groups):
