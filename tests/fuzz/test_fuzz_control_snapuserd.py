@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from fuzz_lib import HANG_SECONDS, Hang, connect, exchange, storm_settings
 
 OPS = ["query", "init", "start", "delete", "supports", "getstatus", "initiate_merge", "merge_percent",
-       "pause_merge", "resume_merge", "detach", "", "INIT", " query", "query ", "init\x00", "quer",
+       "pause_merge", "resume_merge", "detach", "update-verify", "", "INIT", " query", "query ", "init\x00", "quer",
        "supports\r\n", "getstatus\n"]
 MISC = ["snap_a", "snap_b", "disk", "snap", "a/b", "", ".", "..", "-", "x" * 128, "snap\x00a", "é", "a b",
         "/dev/dm-user/snap_a", "control.sock"]
