@@ -180,3 +180,32 @@ async def test_a_device_gone_mid_merge_frees_its_slot(daemon, tmp_path, tables):
 
     await merge_cow(first["base"], first["cow"], offload="cpu")
     assert first["base"].read_bytes() == first["target_bytes"]
+
+
+async def test_libsnapshot_sequence_in_process(daemon, tmp_path, tables):
+    """init with <p>-src and <p>-base (two files here), start, update-verify, merge, getstatus, table gone, delete."""
+    import shutil
+
+    t = torture_cow(tmp_path, 30, nblocks=900, buffer_size=0)  # no scratch space: the journal carries it
+    src, base = t["base"], tmp_path / "p-base.img"
+    shutil.copyfile(src, base)
+    pristine = src.read_bytes()
+    sectors = len(pristine) // 512
+    misc = "p-user-cow"
+    assert await say(daemon, "supports,second_stage_socket_handoff") == "fail"
+    assert await say(daemon, f"init,{misc},{t['cow']},{src},{base}") == f"success,{sectors}"
+    assert await say(daemon, f"start,{misc}") == "success"
+    assert await say(daemon, "update-verify") == "success"
+    assert await say(daemon, f"initiate_merge,{misc}") == "success"
+    with trio.fail_after(60):
+        while (percent := await say(daemon, "merge_percent")) != "100.000000":
+            assert 0.0 <= float(percent) < 100.0
+            await trio.sleep(0.01)
+    assert await say(daemon, f"getstatus,{misc}") == "snapshot-merge-complete"
+    target = daemon.targets[misc]
+    assert bytes(await target.dispatcher.backend.read(0, len(pristine))) == t["target_bytes"]
+    tables.remove(misc)
+    assert await say(daemon, f"delete,{misc}") == "success"
+    assert base.read_bytes() == t["target_bytes"]  # merged into <p>-base
+    assert src.read_bytes() == pristine  # <p>-src only read
+    assert await say(daemon, "merge_percent") == "100.000000"  # the gone merged device counts 100
