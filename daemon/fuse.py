@@ -331,6 +331,10 @@ class _OpsMixin:
     @_request
     async def open(self, inode, flags, ctx):
         self._entry(inode)
+        if flags & os.O_TRUNC:
+            # A device's size is fixed (truncate is EPERM too). Accepting it would let the
+            # kernel's atomic O_TRUNC set its cached size to 0. (dd: use conv=notrunc.)
+            raise self.pyfuse3.FUSEError(errno.EPERM)
         info = self.pyfuse3.FileInfo(fh=inode)
         # No page cache in the FUSE layer: the device (or loop) above caches,
         # and every read must see what other exports wrote.

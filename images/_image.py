@@ -131,7 +131,9 @@ class RawImage(Image):
         self.path = os.fspath(path)
         if fd is None:
             try:
-                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                # O_NONBLOCK: opening a FIFO named as an image must not block (it is refused below)
+                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+                os.set_blocking(fd, True)
             except OSError as exc:
                 raise ImageError(f"cannot open {self.path}: {exc.strerror}; check the path and its permissions") \
                     from None
@@ -140,13 +142,14 @@ class RawImage(Image):
         self._owns = owns_fd
         try:
             mode = os.fstat(fd).st_mode
-            total = os.lseek(fd, 0, os.SEEK_END)  # block devices too
+            total = 0 if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) else os.lseek(fd, 0, os.SEEK_END)  # block devices too
         except OSError as exc:
             self.close()
             raise ImageError(f"cannot read {self.path}: {exc.strerror}") from None
-        if stat.S_ISDIR(mode):
+        if stat.S_ISDIR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
             self.close()
-            raise ImageError(f"{self.path} is a directory, not an image")
+            raise ImageError(f"{self.path} is a directory, a FIFO or a socket, not an image: name a file or a "
+                             "block device")
         self.start = start
         self.file_size = total
         self.size = max(0, total - start) if size is None else size
