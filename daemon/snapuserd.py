@@ -46,7 +46,9 @@ boot, before the merge): when a handler starts on a COW whose merge has not
 begun, every block of its snapshot device is read through the snapshot (2
 readers interleaving 1 MiB pieces, as snapuserd's ``UpdateVerify``), which
 decompresses and checks every op the device needs; a read that fails makes
-the verification fail, named in the log. ``update-verify`` waits up to
+the verification fail, named in the log. Where the partition carries an
+AVB hashtree (dm-verity), the data read through the snapshot is checked
+against it too (:func:`_check_hashtree`). ``update-verify`` waits up to
 :data:`VERIFY_WAIT` seconds for the handlers' verifications (without
 blocking other clients) and answers ``success`` only when every handler is
 started and verified; with no handler at all it answers ``success``, and a
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -112,6 +115,11 @@ class Handler:
     verify: str = "not-run"
     verify_error: str | None = None
     verified_bytes: int = 0
+    #: the dm-verity check of the AVB hashtree: None (not reached), "matched", "none" (no hashtree),
+    #: or "not checked: why"
+    hashtree: str | None = None
+    #: tells the hash tree check's worker thread to stop (the handler goes)
+    verify_stop: threading.Event = field(default_factory=threading.Event)
     verify_done: trio.Event = field(default_factory=trio.Event)
     verify_scope: trio.CancelScope | None = None
     #: set once the started device is gone and the handler dropped
@@ -359,8 +367,7 @@ async def _delete(daemon, state: SnapuserdState, misc: str) -> str:
 
 async def _close_handler(handler: Handler) -> None:
     """Close a handler's backend (its verification stopped first: its reads would fail)."""
-    if handler.verify_scope is not None:
-        handler.verify_scope.cancel()
+    await _stop_verification(handler)
     try:
         await handler.backend.close()
     except Exception as exc:  # noqa: BLE001 - a close that fails is logged, the handler goes anyway
@@ -383,8 +390,7 @@ async def _watch_device(daemon, state: SnapuserdState, handler: Handler) -> None
             del state.handlers[handler.misc]
         if handler.merge is not None and handler.merge.state == "merged":
             state.merges_completed += 1
-        if handler.verify_scope is not None:
-            handler.verify_scope.cancel()
+        await _stop_verification(handler)
         if daemon.targets.get(handler.misc) is target and target is not None:
             try:
                 await daemon.remove_target(handler.misc)  # flushes and closes the backend
@@ -538,6 +544,7 @@ async def _verify(handler: Handler) -> None:
             async with trio.open_nursery() as nursery:
                 for first in range(VERIFY_READERS):
                     nursery.start_soon(reader, first)
+            await _check_hashtree(handler)
             handler.verify = "success"
             log.info("snapuserd: update verification passed", misc=handler.misc, bytes=size,
                      seconds=round(trio.current_time() - started, 3))
@@ -551,7 +558,61 @@ async def _verify(handler: Handler) -> None:
 
 
 class _VerifyFailed(Exception):
-    """A read of the verification failed (the message says which)."""
+    """A read of the verification failed, or the data is not what its hash tree says (the message says which)."""
+
+
+class _VerifyStopped(Exception):
+    """The hash tree check was told to stop (its handler goes)."""
+
+
+async def _stop_verification(handler: Handler) -> None:
+    """Stop a verification under way and wait for its reads to end (before the backend is closed)."""
+    if handler.verify_scope is None:
+        return
+    handler.verify_scope.cancel()
+    handler.verify_stop.set()
+    with trio.move_on_after(SETTLE_WAIT):
+        await handler.verify_done.wait()
+
+
+async def _check_hashtree(handler: Handler) -> None:
+    """Where the partition carries an AVB hashtree, check the data read through the snapshot against it.
+
+    On a device dm-verity sits above the snapshot and checks every read; the
+    verification reads the snapshot directly, so it checks the tree here
+    (:mod:`dmuserd.snapshot._avb_hashtree`). A descriptor of a kind not
+    checked is logged and passes; damage or a mismatch fails.
+    """
+    from dmuserd.snapshot._avb_hashtree import AvbError, HashtreeUnsupported, check_hashtree, find_hashtree
+
+    view = getattr(handler.backend, "view", None)
+    if view is None:
+        return
+    size = handler.backend.size
+
+    def read(offset: int, length: int) -> bytes:
+        if handler.verify_stop.is_set():
+            raise _VerifyStopped()
+        return view.read(offset, length)
+
+    def check() -> str:
+        tree = find_hashtree(read, size)
+        if tree is None:
+            return "none"
+        check_hashtree(tree, read, size)
+        return "matched"
+
+    try:
+        handler.hashtree = await trio.to_thread.run_sync(check)
+    except _VerifyStopped:
+        raise _VerifyFailed("the handler was deleted during the verification") from None
+    except HashtreeUnsupported as exc:
+        handler.hashtree = f"not checked: {exc}"
+        log.warning("snapuserd: hashtree not checked", misc=handler.misc, why=str(exc))
+    except (AvbError, OSError) as exc:
+        raise _VerifyFailed(f"dm-verity: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a broken COW read while hashing fails the verification
+        raise _VerifyFailed(f"dm-verity: reading the data failed: {exc}") from None
 
 
 async def _update_verify(state: SnapuserdState) -> str:
@@ -587,7 +648,7 @@ def status_of(daemon) -> dict | None:
                 "cow": h.cow, "backing": h.backing, "base_merge": h.base_merge, "started": h.started,
                 "merge": ("queued" if h.merge_queued else h.merge.state) if h.merge is not None else None,
                 "verify": {"state": h.verify, "bytes": h.verified_bytes, "of": h.backend.size,
-                           "error": h.verify_error},
+                           "hashtree": h.hashtree, "error": h.verify_error},
             }
             for name, h in state.handlers.items()
         },
