@@ -1,0 +1,105 @@
+"""A throw-away local Ceph cluster for the rbd backend's tests.
+
+A uniquely named helper module (not conftest). ``scripts/ceph-dev`` starts
+the cluster once per session (one mon, one mgr, one memstore OSD on
+127.0.0.1) and stops it at the end. A test skips only where Ceph cannot be
+installed here (not root, or Debian's bindings do not fit the venv's
+Python), and says why; with root and the packages merely missing it fails
+and names the command that installs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CEPH_DEV = ROOT / "scripts" / "ceph-dev"
+TOOLS = ("ceph-mon", "ceph-osd", "ceph-mgr", "ceph", "rbd", "monmaptool")
+
+
+def ceph_unavailable() -> str | None:
+    """Why the Ceph parts cannot be used here, or None."""
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    try:
+        import rados  # noqa: F401
+        import rbd  # noqa: F401
+    except ImportError as exc:
+        missing.append(f"python bindings ({exc})")
+    if not missing:
+        return None
+    if os.geteuid() != 0:
+        return f"Ceph is not installed ({', '.join(missing)}) and only root can install it (make test as root does)"
+    dist = Path("/usr/lib/python3/dist-packages")
+    if any(dist.glob("rados.*.so")) and not missing[:-1] and missing[-1].startswith("python"):
+        import sysconfig
+
+        if not (dist / f"rados{sysconfig.get_config_var('EXT_SUFFIX')}").exists():
+            return (f"Debian's rados/rbd bindings are built for another Python than this one ({sys.version.split()[0]}); "
+                    f"make the venv from Debian's python3 to use them")
+    pytest.fail(
+        f"Ceph parts missing: {', '.join(missing)}; install them with scripts/setup-system and "
+        f"scripts/venv-ceph-bindings {sys.executable} (make test does both)"
+    )
+
+
+@dataclass
+class CephCluster:
+    dir: Path
+    conf: str
+    pool: str = "rbd"
+
+    def spec(self, image: str, **options: str) -> str:
+        """An ``rbd:`` backend spec for ``image`` on this cluster."""
+        extra = "".join(f",{k}={v}" for k, v in options.items())
+        return f"rbd:pool={self.pool},image={image},conf={self.conf}{extra}"
+
+    def rbd(self, *args, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["rbd", "--conf", self.conf, *map(str, args)], check=check,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def new_image(self, size: str = "64M") -> str:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        self.rbd("create", "--size", size, f"{self.pool}/{name}")
+        return name
+
+    def export(self, image: str, dest: Path) -> Path:
+        self.rbd("export", f"{self.pool}/{image}", dest)
+        return dest
+
+    def ceph_dev(self, command: str) -> None:
+        subprocess.run([str(CEPH_DEV), command, str(self.dir)], check=True, capture_output=True, text=True, timeout=180)
+
+    @contextlib.contextmanager
+    def osd_paused(self):
+        """The OSD frozen (SIGSTOP): the cluster stops answering; resumed after."""
+        self.ceph_dev("osd-pause")
+        try:
+            yield
+        finally:
+            self.ceph_dev("osd-resume")
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():
+    why = ceph_unavailable()
+    if why:
+        pytest.skip(why)
+    workdir = Path(tempfile.mkdtemp(prefix="dmuserd-ceph-"))
+    started = subprocess.run([str(CEPH_DEV), "start", str(workdir)], capture_output=True, text=True, timeout=300)
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"scripts/ceph-dev start failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
+        yield CephCluster(workdir, started.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run([str(CEPH_DEV), "stop", str(workdir)], capture_output=True, timeout=120)
+        shutil.rmtree(workdir, ignore_errors=True)

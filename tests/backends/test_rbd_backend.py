@@ -1,0 +1,130 @@
+"""The rbd backend in process, against the local Ceph cluster (ceph_harness)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+
+from dmuserd.backends import BackendError, Op, from_spec
+from dmuserd.backends.rbd import RbdTimeout
+
+MiB = 1 << 20
+
+
+async def test_reads_writes_zeroes_discard_match_rbd_export(ceph_cluster, tmp_path):
+    image = ceph_cluster.new_image("16M")
+    backend = from_spec(ceph_cluster.spec(image))
+    assert backend.size == 16 * MiB
+    assert backend.capabilities == {Op.READ, Op.WRITE, Op.FLUSH, Op.DISCARD, Op.WRITE_ZEROES}
+    model = bytearray(16 * MiB)
+    rng = random.Random(25)
+    try:
+        # Many requests in flight at once, each answered through its own completion.
+        async with trio.open_nursery() as nursery:
+            for i in range(64):
+                offset, data = i * 256 * 1024 + 512 * rng.randrange(8), rng.randbytes(4096 * rng.randrange(1, 16))
+                model[offset:offset + len(data)] = data
+                nursery.start_soon(backend.write, offset, data, i % 8 == 0)
+        await backend.flush()
+        await backend.write_zeroes(3 * MiB + 4096, 300 * 1024)
+        model[3 * MiB + 4096:3 * MiB + 4096 + 300 * 1024] = bytes(300 * 1024)
+        await backend.discard(8 * MiB, 4 * MiB)  # whole objects: deallocated, read back as zeros
+        model[8 * MiB:12 * MiB] = bytes(4 * MiB)
+        await backend.flush()
+        got = bytearray()
+        for offset in range(0, 16 * MiB, 4 * MiB):
+            got += await backend.read(offset, 4 * MiB)
+        assert got == model
+        # What the rbd command reads is what we wrote.
+        assert ceph_cluster.export(image, tmp_path / "x.img").read_bytes() == bytes(model)
+        info = backend.describe()
+        assert (info["pool"], info["image"]) == ("rbd", image)
+        assert info["cluster"]["mon_host"].startswith("v2:127.0.0.1:")
+        assert info["latency"]["write"]["count"] == 64
+        assert info["latency"]["read"]["count"] == 4
+        assert info["in_flight"] == 0 and info["timeouts"] == 0
+    finally:
+        await backend.close()
+
+
+async def test_create_makes_a_missing_image_and_keeps_an_existing_one(ceph_cluster):
+    name = f"created-{os.getpid()}"
+    backend = from_spec(ceph_cluster.spec(name, create="8M"))
+    try:
+        assert backend.size == 8 * MiB
+        await backend.write(MiB, b"\x5a" * 4096, fua=True)
+    finally:
+        await backend.close()
+    again = from_spec(ceph_cluster.spec(name, create="32M"))  # exists: used as it is
+    try:
+        assert again.size == 8 * MiB
+        assert await again.read(MiB, 4096) == b"\x5a" * 4096
+    finally:
+        await again.close()
+    assert name in ceph_cluster.rbd("ls").stdout.split()
+
+
+async def test_readonly_serves_reads_only(ceph_cluster):
+    image = ceph_cluster.new_image("4M")
+    backend = from_spec(ceph_cluster.spec(image, readonly="1"))
+    try:
+        assert backend.capabilities == {Op.READ, Op.FLUSH}
+        assert await backend.read(0, 4096) == bytes(4096)
+        with pytest.raises(OSError):
+            await backend.write(0, b"x" * 512)  # librbd refuses it too (EROFS), should a caller try
+    finally:
+        await backend.close()
+
+
+def test_errors_name_what_is_wrong_and_what_to_do(ceph_cluster, tmp_path):
+    with pytest.raises(BackendError, match=r"no pool 'nopool'.*ceph osd pool create nopool"):
+        from_spec(f"rbd:pool=nopool,image=x,conf={ceph_cluster.conf}")
+    with pytest.raises(BackendError, match=r"no image 'missing' in pool 'rbd'.*create=SIZE"):
+        from_spec(ceph_cluster.spec("missing"))
+    with pytest.raises(BackendError, match=r"no Ceph configuration at .*nothere.conf"):
+        from_spec(f"rbd:pool=rbd,image=x,conf={tmp_path}/nothere.conf")
+    with pytest.raises(BackendError, match=r"timeout=soon is not a positive number"):
+        from_spec(ceph_cluster.spec("x", timeout="soon"))
+    with pytest.raises(BackendError, match=r"needs the option pool="):
+        from_spec(f"rbd:image=x,conf={ceph_cluster.conf}")
+    # A cluster nobody answers for: start-up fails, it does not hang.
+    dead = tmp_path / "dead.conf"
+    dead.write_text("[global]\nmon host = v2:127.0.0.1:9\nauth client required = none\n")
+    with pytest.raises(BackendError, match=r"cannot connect to the cluster"):
+        from_spec(f"rbd:pool=rbd,image=x,conf={dead}")
+
+
+async def test_unanswered_requests_fail_with_eio_and_the_backend_recovers(ceph_cluster, tmp_path):
+    image = ceph_cluster.new_image("4M")
+    backend = from_spec(ceph_cluster.spec(image, timeout="2"))
+    data = random.Random(7).randbytes(64 * 1024)
+    try:
+        await backend.write(0, data, fua=True)
+        with ceph_cluster.osd_paused():
+            with pytest.raises(RbdTimeout) as caught:
+                await backend.read(0, 64 * 1024)
+            assert caught.value.errno == errno.EIO
+            assert "not answered within 2s" in str(caught.value)
+            # librbd's cache (writeback once flushed) takes the write; the flush waits for the OSD.
+            await backend.write(4096, b"\1" * 4096)
+            with pytest.raises(RbdTimeout, match="flush not answered"):
+                await backend.flush()
+            info = backend.describe()
+            assert info["timeouts"] == 2 and info["timed_out_still_queued"] == 2
+        # The OSD answers again: new requests succeed, the queued ones complete.
+        assert await backend.read(0, 64 * 1024) is not None
+        with trio.fail_after(60):
+            while backend.describe()["timed_out_still_queued"]:
+                await trio.sleep(0.1)
+        got = await backend.read(0, 64 * 1024)
+        assert got[:4096] == data[:4096] and got[8192:] == data[8192:]
+        assert got[4096:8192] == b"\1" * 4096
+        await backend.flush()
+        stored = ceph_cluster.export(image, tmp_path / "x.img").read_bytes()
+        assert stored[:64 * 1024] == got  # what the timed-out flush covered reached the OSD
+    finally:
+        await backend.close()
