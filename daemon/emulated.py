@@ -124,6 +124,11 @@ class EmulatedDmUser:
         if not self.target.daemon_present or self.target.destroyed:
             self._timers.fire()
 
+    def stop_admitting(self) -> None:
+        """A stop is under way: the target is removed, so new I/O fails with EIO at once."""
+        if not self.target.destroyed:
+            self.target.destroy(trio.current_time())
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Open the channels and serve them until cancelled."""
         channels = [self.target.open_channel() for _ in range(self.channel_count)]

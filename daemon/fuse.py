@@ -5,8 +5,12 @@
 block device. pyfuse3 allows one mount per process, so every target exported
 over FUSE in a process shares the mount.
 
-Each file operation becomes dm-user BIOs on the target's in-process kernel
-model (:class:`~dmuserd.daemon.emulated.EmulatedDmUser`):
+Each file operation becomes block I/O on the target's in-process device:
+by default one typed request straight to the dispatcher
+(:class:`~dmuserd.daemon.direct.DirectDevice`); with ``emulate=dm-user``
+(``--export fuse:DIR,emulate=dm-user[,channels=4]``) dm-user BIOs on the
+in-process kernel model (:class:`~dmuserd.daemon.emulated.EmulatedDmUser`),
+with dm-user's own semantics (sequence numbers, the daemon timeout):
 
 =================  ===========================================================
 read               READ of the covering blocks (unaligned reads are sliced)
@@ -49,6 +53,29 @@ _READ = RequestType.READ
 
 class FuseExportError(DmuserdError):
     """The FUSE export could not be set up (mountpoint busy, no /dev/fuse...)."""
+
+
+def device_for(dispatcher, export):
+    """The in-process device a FUSE export's file submits to, from the export's options (see the module doc)."""
+    from dmuserd.daemon.config import ConfigError
+    from dmuserd.daemon.direct import DirectDevice
+    from dmuserd.daemon.emulated import EmulatedDmUser
+
+    options = dict(export.options)
+    emulate, channels = options.pop("emulate", None), options.pop("channels", None)
+    if options:
+        raise ConfigError(f"export {export}: unknown option(s) {', '.join(sorted(options))} "
+                          "(known: emulate=dm-user, channels=N with it)")
+    if emulate is None:
+        if channels is not None:
+            raise ConfigError(f"export {export}: channels= is for emulate=dm-user (the kernel model's channels)")
+        return DirectDevice(dispatcher)
+    if emulate != "dm-user":
+        raise ConfigError(f"export {export}: emulate={emulate!r}: the one emulation is emulate=dm-user")
+    count = int(channels) if channels is not None and channels.isdigit() else (4 if channels is None else 0)
+    if not 1 <= count <= 64:
+        raise ConfigError(f"export {export}: channels={channels!r}: use 1 to 64")
+    return EmulatedDmUser(dispatcher, channels=count)
 
 
 def _load_pyfuse3():

@@ -31,7 +31,6 @@ import trio
 from dmuserd.backends import Backend, Op, backend_class, create
 from dmuserd.daemon.config import ConfigError, DaemonSpec, TargetSpec
 from dmuserd.daemon.dispatcher import Dispatcher
-from dmuserd.daemon.emulated import EmulatedDmUser
 from dmuserd.daemon.guard import Guard
 
 log = structlog.get_logger("dmuserd.daemon")
@@ -54,7 +53,8 @@ class Target:
         self.name = spec.name
         self.backend = backend
         self.dispatcher = Dispatcher(backend, name=spec.name, guard=guard)
-        self.device: EmulatedDmUser | None = None
+        #: the in-process device FUSE submits to (a DirectDevice, or an EmulatedDmUser with emulate=dm-user)
+        self.device = None
         self.endpoints: dict[str, str] = {}
 
     def status(self) -> dict:
@@ -193,13 +193,13 @@ class Daemon:
             log.error("closing backend failed", device=target.name, error=str(exc))
 
     async def _start_fuse(self, nursery, mountpoint: str) -> None:
-        from dmuserd.daemon.fuse import FuseExport
+        from dmuserd.daemon.fuse import FuseExport, device_for
 
         self.fuse = FuseExport(mountpoint, self.guard)
         for target in self.targets.values():
-            if any(e.kind == "fuse" for e in target.spec.exports):
-                channels = int(next(e for e in target.spec.exports if e.kind == "fuse").options.get("channels", 4))
-                target.device = EmulatedDmUser(target.dispatcher, channels=channels)
+            export = next((e for e in target.spec.exports if e.kind == "fuse"), None)
+            if export is not None:
+                target.device = device_for(target.dispatcher, export)
                 await nursery.start(target.device.run)
                 target.endpoints["fuse"] = self.fuse.add(
                     target.name, target.device, target.backend.size, target.backend.block_size
@@ -242,8 +242,8 @@ class Daemon:
 
     def _refuse_new_requests(self, target: Target) -> None:
         """Close ``target``'s door for new block I/O (a stop is under way)."""
-        if isinstance(target.device, EmulatedDmUser) and not target.device.target.destroyed:
-            target.device.target.destroy(trio.current_time())
+        if target.device is not None:
+            target.device.stop_admitting()
 
     async def _flush(self, target: Target) -> None:
         if target.backend.supports(Op.FLUSH):

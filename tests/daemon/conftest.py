@@ -12,9 +12,9 @@ def serve(tmp_path):
     """``serve(backend_spec)`` starts a daemon; everything is torn down after."""
     started: list[ServedDaemon] = []
 
-    def start(backend: str, name: str = "disk") -> ServedDaemon:
+    def start(backend: str, name: str = "disk", export_options: str = "") -> ServedDaemon:
         need_root_tools("losetup")
-        daemon = ServedDaemon(tmp_path, backend, name)
+        daemon = ServedDaemon(tmp_path, backend, name, export_options)
         started.append(daemon)
         return daemon
 

@@ -55,14 +55,14 @@ def daemon_status(control) -> dict:
 class ServedDaemon:
     """A ``dmuserd serve`` subprocess with one FUSE-exported target."""
 
-    def __init__(self, workdir: Path, backend: str, name: str = "disk") -> None:
+    def __init__(self, workdir: Path, backend: str, name: str = "disk", export_options: str = "") -> None:
         self.workdir = workdir
         self.fuse_dir = workdir / "fuse"
         self.control = workdir / "control.sock"
         self.path = self.fuse_dir / name
         self.log = open(workdir / "daemon.log", "w+")
         self.proc = subprocess.Popen(
-            DMUSERD + ["serve", "--name", name, "--backend", backend, "--export", f"fuse:{self.fuse_dir}",
+            DMUSERD + ["serve", "--name", name, "--backend", backend, "--export", f"fuse:{self.fuse_dir}{export_options}",
                        "--control-socket", str(self.control)],
             stdout=self.log, stderr=subprocess.STDOUT,
         )

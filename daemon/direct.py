@@ -1,0 +1,55 @@
+"""An in-process device with no dm-user bytes: each block I/O is one typed request.
+
+FUSE (and any export living in the daemon's own process) submits block I/O
+here by default: :meth:`DirectDevice.submit` builds a
+:class:`~dmuserd.protocol.Request` and awaits the dispatcher, one call, the
+way qemu's FUSE export calls its block layer. The dm-user wire format is
+never packed or parsed on this path.
+
+:class:`~dmuserd.daemon.emulated.EmulatedDmUser` has the same two methods
+and runs every request through the kernel-target model instead (sequence
+numbers, the daemon timeout, EIO when the daemon goes away): that is
+``--export fuse:DIR,emulate=dm-user``, for people testing a daemon against
+dm-user's own semantics, and the tests' oracle.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+
+import trio
+
+from dmuserd.protocol import SECTOR_SIZE, Flag, Request, RequestType, ResponseType
+
+_READ, _SUCCESS = RequestType.READ, ResponseType.SUCCESS
+_FLAGS: dict[int, Flag] = {}
+
+
+class DirectDevice:
+    """Block I/O straight to a target's dispatcher (see the module doc)."""
+
+    def __init__(self, dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self._seq = itertools.count().__next__
+        self.admitting = True
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Nothing runs in the background; here so both devices start alike."""
+        task_status.started()
+
+    def stop_admitting(self) -> None:
+        """A stop is under way: new I/O fails with EIO; what is in flight finishes."""
+        self.admitting = False
+
+    async def submit(self, kind: RequestType, offset: int, length: int = 0, data=None, flags: int = 0):
+        """One block I/O; the data of a READ. ``OSError(EIO)`` when it fails, as the block layer says it."""
+        if not self.admitting:
+            raise OSError(errno.EIO, f"{self.dispatcher.name} is stopping: {kind.name} refused")
+        flag = _FLAGS.get(flags)
+        if flag is None:
+            flag = _FLAGS[flags] = Flag(flags)
+        response = await self.dispatcher.handle(Request(self._seq(), kind, flag, offset // SECTOR_SIZE, length, data))
+        if response.type != _SUCCESS:
+            raise OSError(errno.EIO, f"{kind.name} at {offset}+{length} failed ({response.type.name})")
+        return response.payload if kind == _READ else None
