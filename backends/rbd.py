@@ -302,8 +302,17 @@ class RbdBackend(Backend):
             "client": f"client.{self.client_id}",
             "readonly": self.readonly,
             "timeout_s": self.timeout,
-            "in_flight": self._in_flight,
+            "librbd_in_flight": self._in_flight,
             "timeouts": self._timeouts,
             "timed_out_still_queued": self._late,
             "latency": {op: lat.describe() for op, lat in self._latency.items() if lat.count},
+            "summary": self._summary(),
         }
+
+    def _summary(self) -> str:
+        """One line for ``dmuserd status``."""
+        lat = ", ".join(
+            f"{op} {lat.describe()['mean_ms']}/{lat.describe()['max_ms']} ms" for op, lat in self._latency.items() if lat.count
+        )
+        return (f"rbd {self.target} on cluster {getattr(self, 'fsid', '?')} ({getattr(self, 'mon_host', '?')}); "
+                f"timeouts {self._timeouts}; latency mean/max: {lat or 'no requests yet'}")

@@ -101,6 +101,8 @@ def _status(args) -> int:
         print(f"    requests {t['total_requests']} ({reqs or 'none'}); read {t['bytes_read']} B, "
               f"written {t['bytes_written']} B; in flight {t['in_flight']}; errors {t['errors']}, "
               f"unsupported {t['unsupported']}")
+        if isinstance(t.get("summary"), str):  # a backend's own line (rbd: cluster, pool, image, latency)
+            print(f"    {t['summary']}")
         merge = t.get("merge")
         if isinstance(merge, dict):
             print(f"    merge {merge.get('state')}: {merge.get('percent', 0):.1f}% "

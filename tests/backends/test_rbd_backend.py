@@ -46,7 +46,8 @@ async def test_reads_writes_zeroes_discard_match_rbd_export(ceph_cluster, tmp_pa
         assert info["cluster"]["mon_host"].startswith("v2:127.0.0.1:")
         assert info["latency"]["write"]["count"] == 64
         assert info["latency"]["read"]["count"] == 4
-        assert info["in_flight"] == 0 and info["timeouts"] == 0
+        assert info["librbd_in_flight"] == 0 and info["timeouts"] == 0
+        assert info["summary"].startswith(f"rbd rbd/{image} on cluster ")
     finally:
         await backend.close()
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from daemon_harness import ServedDaemon, mounted, need_root_tools, run
+from daemon_harness import DMUSERD, ServedDaemon, mounted, need_root_tools, run
 from nbd_harness import fio_nbd, nbd_session, qemu_io  # noqa: F401 (fixture)
 
 FILES = 12
@@ -57,6 +57,8 @@ def test_ext4_on_loop_on_fuse_on_rbd(ceph_cluster, serve, tmp_path):
     assert status["bytes_written"] >= FILES * FILE_SIZE
     assert (status["pool"], status["image"]) == ("rbd", image)
     assert status["latency"]["write"]["count"] > 0
+    text = run(*DMUSERD, "status", "--control-socket", daemon.control).stdout
+    assert f"rbd rbd/{image} on cluster {status['cluster']['fsid']}" in text and "write " in text, text
     # What the loop device reads is what the cluster stored (read by the rbd command).
     run("cmp", loop, ceph_cluster.export(image, tmp_path / "export.img"))
 
