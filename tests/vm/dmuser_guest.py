@@ -474,9 +474,10 @@ class Guest:
         out["read_after_merge"] = self.direct_io(f"/dev/mapper/{misc}", 0, snap["size"])
         say("pause_merge")
         say("resume_merge")
+        # libsnapshot's order: the table goes first, then delete (which returns once the device is gone)
+        out["dmsetup_remove"] = self.sh("dmsetup", "remove", misc).returncode
         say(f"delete,{misc}")
         say(f"delete,{misc}")  # gone already: success
-        out["dmsetup_remove"] = self.sh("dmsetup", "remove", misc).returncode
         with open(snap["base"], "rb") as f:
             out["base_after_merge"] = lib.sha(f.read(snap["size"]))
         say("frobnicate")
