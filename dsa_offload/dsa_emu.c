@@ -738,6 +738,12 @@ static void exec_one(struct dsa_emu *e, const struct dsa_desc *d, struct dsa_rec
             add_range(e, d->completion & ~(PAGE - 1), (d->completion & ~(PAGE - 1)) + PAGE, 0);
         }
         pthread_mutex_unlock(&e->mu);
+        if (!present(e, d->completion, sizeof *r) && (flags & DSA_FLAG_BOF) && (e->cfg.gen_cap & DSA_GENCAP_BLOCK_ON_FAULT) &&
+            e->cfg.block_on_fault) {
+            /* Block on fault: the record's page is requested like any other and the device waits. */
+            struct stream w = {d->completion, 1};
+            forward_stop(e, &w, 1, sizeof *r, 1);
+        }
         if (!present(e, d->completion, sizeof *r)) {
             /* The record's page is not present. The operation still runs
              * (what it did stays done); its record reaches the faulted

@@ -187,6 +187,11 @@ class Model:
                 self.write(d.completion, rec.pack())
                 return rec, True
             record_missing = self._absent(d.completion)
+            page = d.completion // PAGE * PAGE
+            if (record_missing and d.flags & BOF and self.config.gen_cap & GEN_BOF and self.config.wq_block_on_fault
+                    and page not in self.sticky):
+                self.missing.discard(page)  # block on fault: the record's page is brought in, the device waits
+                record_missing = False
         try:
             self._body(d, rec, in_batch)
         except _Stop:

@@ -41,7 +41,7 @@ async def test_cancelled_copy_keeps_buffers_until_completion(make_mover):
 async def test_a_cancelled_copy_releases_its_buffers_when_the_device_is_done(make_mover):
     """With nobody calling the mover again: the poller releases them.
     (Before, they stayed exported until the next reap, which may never come.)"""
-    mover = make_mover(threshold=1, delay_us=50_000)
+    mover = make_mover(threshold=1, delay_us=300_000)  # slow enough that the first check sees it exported
     src = array.array("B", range(256)) * 400
     dst = array.array("B", bytes(len(src)))
     with trio.move_on_after(0.01) as scope:
