@@ -4,19 +4,32 @@
  * The emulator exists so that the very submission and completion code that
  * drives real hardware runs on machines without it. It models what that
  * code must cope with: the queue's size (a dedicated queue overflowing is
- * counted so tests can fail on it; a shared queue answers "retry"), every
- * opcode's result and bytes_completed semantics, batches, page faults on
- * address ranges declared non-present (partial completion, or waiting with
- * BLOCK_ON_FAULT), the error statuses, and a per-descriptor delay.
+ * counted so tests can fail on it; a shared queue answers "retry"), GENCAP
+ * and the queue's operation set (flags and opcodes they do not allow are
+ * refused), every opcode's result and bytes_completed semantics, batches
+ * (member failures, a false predicate included; fences abandoning the rest;
+ * the result byte; a list read member by member), the CRC flags, page
+ * faults on address ranges declared non-present (partial completion, or
+ * waiting with BLOCK_ON_FAULT), the error statuses, descriptors that never
+ * complete and a logged software error (SWERR), the kernel's write() checks
+ * (dsa_emu_cdev_write), and a per-descriptor delay. tests/dsa/spec_model.py
+ * is an independent model of the same, checked against this one.
  *
- * Deviations, on purpose: it executes in order on one engine (so FENCE and
- * DRAIN are trivially satisfied); a misaligned completion record is still
- * written (hardware reports that through SWERR, which user space cannot
- * read); a fault on the completion-record page does not stop the
- * operation, and its record arrives with status 0x1a and the fields of what
- * was done (how the kernel's event-log handler delivers it on DSA 2.0 is
- * to be confirmed on hardware); apply-delta validates the whole record
- * before writing.
+ * Deviations, on purpose: it executes in order on one engine (so DRAIN is
+ * trivially satisfied, and FENCE only matters after a failure); a
+ * misaligned completion record is still written (hardware reports that
+ * through SWERR, which user space cannot read); apply-delta validates the
+ * whole record before writing.
+ *
+ * To confirm on hardware: a fault on the completion-record page does not
+ * stop the operation here, and its record arrives with status 0x1a and the
+ * fields of what was done (bytes_completed all of it when it finished); how
+ * DSA 2.0's event log and the kernel deliver that record is not in the
+ * tables we have. The granularity of bytes_completed after a page fault
+ * (here: exactly up to the first non-present byte). The CRC value in a
+ * partial completion's record, used as the next seed (here: the CRC of the
+ * bytes done). Compare-pattern's bytes_completed (here: the differing byte;
+ * DML's software kernel gives its 8-byte granule, which the mover accepts).
  */
 #define _GNU_SOURCE
 #include <errno.h>
