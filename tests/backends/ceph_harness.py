@@ -72,6 +72,11 @@ class CephCluster:
         self.rbd("create", "--size", size, f"{self.pool}/{name}")
         return name
 
+    def import_image(self, path: Path) -> str:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        self.rbd("import", "--no-progress", path, f"{self.pool}/{name}")
+        return name
+
     def export(self, image: str, dest: Path) -> Path:
         self.rbd("export", f"{self.pool}/{image}", dest)
         return dest
