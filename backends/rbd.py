@@ -1,6 +1,6 @@
 """``rbd``: an image on a Ceph cluster, through librbd.
 
-``--backend rbd:pool=P,image=I[,conf=/etc/ceph/ceph.conf][,id=admin][,create=SIZE][,readonly=1][,timeout=30]``
+``--backend rbd:pool=P,image=I[,conf=/etc/ceph/ceph.conf][,id=admin][,create=SIZE][,readonly=1][,timeout=30][,connect_timeout=15]``
 
 * Every request is one of librbd's asynchronous calls (``aio_read``,
   ``aio_write``, ``aio_flush``, ``aio_discard``, ``aio_write_zeroes``).
@@ -15,6 +15,8 @@
   Requests made after the cluster is back succeed again.
 * A FUA write is a write followed by a flush; ``flush`` is ``aio_flush``
   (librbd's cache, where enabled, is written back to the OSDs).
+* ``connect_timeout`` (seconds, default 15) bounds start-up: reaching the
+  monitors, opening the pool and the image; a dead cluster fails start-up.
 * ``create=SIZE`` creates the image with that size when it does not exist
   (an existing image is used as it is); ``readonly=1`` opens it read-only.
 * ``conf`` is a ceph.conf (default ``/etc/ceph/ceph.conf``), ``id`` the
@@ -69,6 +71,19 @@ def _bindings():
     return rados, rbd
 
 
+def _seconds(opts: Options, key: str, default: float) -> float:
+    text = opts.str(key)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise BackendError(f"backend 'rbd': {key}={text} is not a positive number of seconds")
+    return value
+
+
 class _Latency:
     """Count, mean and maximum of one operation's latency."""
 
@@ -103,11 +118,12 @@ class RbdBackend(Backend):
         create: int | None = None,
         readonly: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         rados, rbd = _bindings()
         self._rados_mod, self._rbd_mod = rados, rbd
         self.pool, self.image_name, self.conf, self.client_id = pool, image, conf, client_id
-        self.readonly, self.timeout = readonly, timeout
+        self.readonly, self.timeout, self.connect_timeout = readonly, timeout, connect_timeout
         self.target = f"{pool}/{image}"
         if not os.path.exists(conf):
             raise BackendError(f"backend 'rbd': no Ceph configuration at {conf}; pass conf=PATH (scripts/ceph-dev start prints one)")
@@ -132,13 +148,13 @@ class RbdBackend(Backend):
         try:
             self._cluster = rados.Rados(conffile=self.conf, rados_id=self.client_id)
             # Bound every blocking set-up call: a dead cluster fails start-up instead of hanging it.
-            self._cluster.conf_set("client_mount_timeout", str(CONNECT_TIMEOUT))
-            self._cluster.conf_set("rados_mon_op_timeout", str(CONNECT_TIMEOUT))
-            self._cluster.connect(timeout=CONNECT_TIMEOUT)
+            self._cluster.conf_set("client_mount_timeout", str(self.connect_timeout))
+            self._cluster.conf_set("rados_mon_op_timeout", str(self.connect_timeout))
+            self._cluster.connect(timeout=max(1, round(self.connect_timeout)))
         except rados.Error as exc:
             raise BackendError(
                 f"backend 'rbd': cannot connect to the cluster of {self.conf} as client.{self.client_id} "
-                f"within {CONNECT_TIMEOUT}s ({exc}); is it running (ceph --conf {self.conf} -s)?"
+                f"within {self.connect_timeout:g}s ({exc}); is it running (ceph --conf {self.conf} -s)?"
             ) from None
         try:
             self._ioctx = self._cluster.open_ioctx(self.pool)
@@ -178,19 +194,13 @@ class RbdBackend(Backend):
         client_id = opts.str("id", "admin")
         create = opts.size("create")
         readonly = opts.bool("readonly")
-        timeout_text = opts.str("timeout")
+        timeout = _seconds(opts, "timeout", DEFAULT_TIMEOUT)
+        connect_timeout = _seconds(opts, "connect_timeout", CONNECT_TIMEOUT)
         opts.finish()
-        timeout = DEFAULT_TIMEOUT
-        if timeout_text is not None:
-            try:
-                timeout = float(timeout_text)
-            except ValueError:
-                timeout = -1.0
-            if not timeout > 0:
-                raise BackendError(f"backend 'rbd': timeout={timeout_text} is not a positive number of seconds")
         if client_id.startswith("client."):
             client_id = client_id[len("client."):]
-        return cls(pool, image, conf=conf, client_id=client_id, create=create, readonly=readonly, timeout=timeout)
+        return cls(pool, image, conf=conf, client_id=client_id, create=create, readonly=readonly, timeout=timeout,
+                   connect_timeout=connect_timeout)
 
     # -- one asynchronous librbd call ------------------------------------------
 

@@ -1,8 +1,8 @@
 """A throw-away local Ceph cluster for the rbd backend's tests.
 
 A uniquely named helper module (not conftest). ``scripts/ceph-dev`` starts
-the cluster once per session (one mon, one mgr, one memstore OSD on
-127.0.0.1) and stops it at the end. A test skips only where Ceph cannot be
+the cluster once per session (one mon, one mgr, one OSD on a bluestore
+file, all on 127.0.0.1) and stops it at the end. A test skips only where Ceph cannot be
 installed here (not root, or Debian's bindings do not fit the venv's
 Python), and says why; with root and the packages merely missing it fails
 and names the command that installs them.
@@ -94,13 +94,25 @@ class CephCluster:
             self.ceph_dev("osd-resume")
 
 
+    @contextlib.contextmanager
+    def osd_killed(self):
+        """The OSD killed (SIGKILL): the cluster stops answering; started again after."""
+        self.ceph_dev("osd-kill")
+        try:
+            yield
+        finally:
+            self.ceph_dev("osd-start")
+
+
 @pytest.fixture(scope="session")
 def ceph_cluster():
     why = ceph_unavailable()
     if why:
         pytest.skip(why)
     workdir = Path(tempfile.mkdtemp(prefix="dmuserd-ceph-"))
-    started = subprocess.run([str(CEPH_DEV), "start", str(workdir)], capture_output=True, text=True, timeout=300)
+    # bluestore on a sparse file: the OSD can be killed and started again (memstore would come back empty).
+    env = {**os.environ, "CEPH_DEV_STORE": "bluestore"}
+    started = subprocess.run([str(CEPH_DEV), "start", str(workdir)], capture_output=True, text=True, timeout=300, env=env)
     try:
         if started.returncode != 0:
             pytest.fail(f"scripts/ceph-dev start failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")

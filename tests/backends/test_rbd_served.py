@@ -109,3 +109,34 @@ def test_osd_outage_under_reads_fails_requests_and_the_daemon_recovers(ceph_clus
     qemu_io(nbd_session.uri, "read -P 0xab 0 32M")
     after = daemon.status()["targets"]["disk"]
     assert after["errors"] == status["errors"]
+
+
+def test_osd_killed_for_10s_under_reads_the_daemon_stays_up_and_recovers(ceph_cluster, nbd_session, tmp_path):
+    if not __import__("shutil").which("fio"):
+        pytest.skip("fio is missing")
+    image = ceph_cluster.new_image("64M")
+    daemon = nbd_session.start(ceph_cluster.spec(image, timeout="2"))
+    qemu_io(nbd_session.uri, "write -P 0x5c 0 32M", "flush")
+    reader = subprocess.Popen(
+        ["fio", "--name=reads", "--ioengine=nbd", f"--uri={nbd_session.uri}", "--rw=randread", "--bs=4k",
+         "--iodepth=8", "--size=32M", "--time_based", "--runtime=20", "--continue_on_error=all",
+         "--output-format=json"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(3)
+        with ceph_cluster.osd_killed():
+            time.sleep(10)
+            assert daemon.proc.poll() is None
+            during = daemon.status()["targets"]["disk"]
+            assert during["timeouts"] > 0 and during["errors"] > 0  # reads failed with EIO, none hung
+        out, err = reader.communicate(timeout=120)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert daemon.proc.poll() is None, daemon.log_text()
+    errors = daemon.status()["targets"]["disk"]["errors"]
+    # A new OSD process on the same disk: the same daemon reads the data back, no new error.
+    qemu_io(nbd_session.uri, "read -P 0x5c 0 32M")
+    assert daemon.status()["targets"]["disk"]["errors"] == errors
