@@ -5,8 +5,10 @@ What is measured
     FUSE file, for three servers of that file:
 
     * ``dmuserd``: ``dmuserd serve --backend memory:size=1G --export fuse:DIR``,
-      i.e. FUSE → in-process dm-user model → channel → dispatcher → memory
-      backend, all of it;
+      i.e. FUSE → one typed request → dispatcher → memory backend, all of it;
+    * ``dmuserd_emulate_dm_user``: the same with ``fuse:DIR,emulate=dm-user``,
+      every request through the in-process dm-user kernel model (reported
+      beside it: ``*_vs_dmuserd_emulate_dm_user`` is what the direct path gains);
     * ``bare_pyfuse3`` (anchor): :mod:`bench.anchors.bare_pyfuse3`, a pyfuse3
       (trio) server whose ``read`` returns a slice of a ``bytearray`` and
       nothing else, with dmuserd's FUSE options (``direct_io`` on open, same
@@ -72,7 +74,7 @@ REGION = 256 << 20  # prefilled, and the span every read job covers
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
-SERVERS = ("bare_pyfuse3", "dmuserd", "pyfuse3_memory_backend", "qemu_storage_daemon")
+SERVERS = ("bare_pyfuse3", "dmuserd", "dmuserd_emulate_dm_user", "pyfuse3_memory_backend", "qemu_storage_daemon")
 TARGETS = {"iops_vs_bare_pyfuse3": 0.9, "throughput_vs_bare_pyfuse3": 0.9}
 
 
@@ -141,6 +143,8 @@ class _Server(ServerProcess):
 
 class _Dmuserd(_Server):
     name = "dmuserd"
+    #: the FUSE export's options (after its directory)
+    export_options = ""
 
     def prepare(self) -> None:
         self.mountpoint = str(self.workdir / "dmuserd")
@@ -150,7 +154,7 @@ class _Dmuserd(_Server):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "dmuserd", "serve", "--name", "disk",
-                "--backend", f"memory:size={DEVICE_SIZE}", "--export", f"fuse:{self.mountpoint}",
+                "--backend", f"memory:size={DEVICE_SIZE}", "--export", f"fuse:{self.mountpoint}{self.export_options}",
                 "--control-socket", self.control]
 
     def status(self) -> dict:
@@ -158,6 +162,11 @@ class _Dmuserd(_Server):
         if result.returncode != 0:
             raise RuntimeError(f"dmuserd status failed: {result.stderr.strip()}")
         return json.loads(result.stdout)
+
+
+class _DmuserdEmulated(_Dmuserd):
+    name = "dmuserd_emulate_dm_user"
+    export_options = ",emulate=dm-user"
 
 
 class _BarePyfuse3(_Server):
@@ -318,6 +327,7 @@ def run(quick: bool) -> dict:
                 server = {
                     "bare_pyfuse3": lambda: _BarePyfuse3(rdir),
                     "dmuserd": lambda: _Dmuserd(rdir),
+                    "dmuserd_emulate_dm_user": lambda: _DmuserdEmulated(rdir),
                     "pyfuse3_memory_backend": lambda: _Pyfuse3MemoryBackend(rdir),
                     "qemu_storage_daemon": lambda: _QemuStorageDaemon(rdir, image_dir),
                 }[name]()
@@ -352,7 +362,8 @@ def run(quick: bool) -> dict:
         f"fio libaio --direct=1 on loop (--direct-io=on) over each server's FUSE file (1 GiB); "
         f"prefilled and read over the first {REGION >> 20} MiB; randread 4k QD32, seqread 1M QD4; "
         f"{ramp} s ramp + {runtime} s per job, {rounds} round(s), best round kept",
-        "dmuserd: memory backend through the in-process dm-user model; bare_pyfuse3: bench/anchors/bare_pyfuse3.py; "
+        "dmuserd: memory backend, FUSE requests straight to the dispatcher; dmuserd_emulate_dm_user: the same "
+        "through the in-process dm-user model; bare_pyfuse3: bench/anchors/bare_pyfuse3.py; "
         "pyfuse3_memory_backend: the bare server awaiting dmuserd's memory backend in its handlers; "
         "qemu_storage_daemon: driver=file image on tmpfs, FUSE export",
         "loop direct I/O: " + ", ".join(f"{n} {'on' if i.get('loop_dio') else 'OFF'}" for n, i in infos.items()),
