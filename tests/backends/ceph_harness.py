@@ -104,12 +104,43 @@ class CephCluster:
             self.ceph_dev("osd-start")
 
 
+_RUNNING: list[Path] = []
+
+
+def stop_clusters() -> None:
+    """Stop every cluster this session started (idempotent)."""
+    while _RUNNING:
+        workdir = _RUNNING.pop()
+        subprocess.run([str(CEPH_DEV), "stop", str(workdir)], capture_output=True, timeout=120)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stop_after_last_user(items) -> None:
+    """Stop the cluster right after the last test using it, not at the session's end.
+
+    A session fixture lives until the whole run ends; the cluster's daemons
+    would idle through the rest of ``make test``, taking CPU and RAM.
+    """
+    users = [item for item in items if "ceph_cluster" in getattr(item, "fixturenames", ())]
+    if users:
+        last = users[-1]
+        last.stash[_LAST_USER] = True
+
+
+_LAST_USER = pytest.StashKey[bool]()
+
+
+def is_last_user(item) -> bool:
+    return item.stash.get(_LAST_USER, False)
+
+
 @pytest.fixture(scope="session")
 def ceph_cluster():
     why = ceph_unavailable()
     if why:
         pytest.skip(why)
     workdir = Path(tempfile.mkdtemp(prefix="dmuserd-ceph-"))
+    _RUNNING.append(workdir)
     # bluestore on a sparse file: the OSD can be killed and started again (memstore would come back empty).
     env = {**os.environ, "CEPH_DEV_STORE": "bluestore"}
     started = subprocess.run([str(CEPH_DEV), "start", str(workdir)], capture_output=True, text=True, timeout=300, env=env)
@@ -118,5 +149,4 @@ def ceph_cluster():
             pytest.fail(f"scripts/ceph-dev start failed ({started.returncode}):\n{started.stdout}\n{started.stderr}")
         yield CephCluster(workdir, started.stdout.strip().splitlines()[-1])
     finally:
-        subprocess.run([str(CEPH_DEV), "stop", str(workdir)], capture_output=True, timeout=120)
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_clusters()
