@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 
 import dmuser_vm_lib as lib
 
@@ -28,7 +27,7 @@ PY = sys.executable
 PARAM = "/sys/module/dm_user/parameters/dm_user_daemon_timeout_msec"
 
 
-class Guest:
+class Guest(lib.Steps):
     def __init__(self, work: str) -> None:
         self.work = work
         with open(os.path.join(work, "plan.json")) as f:
@@ -37,21 +36,6 @@ class Guest:
         self.daemons: dict[str, subprocess.Popen] = {}
 
     # -- bookkeeping ---------------------------------------------------------
-
-    def save(self) -> None:
-        tmp = os.path.join(self.work, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.results, f, indent=1)
-        os.replace(tmp, os.path.join(self.work, "results.json"))
-
-    def step(self, name: str, function) -> None:
-        start = time.monotonic()
-        try:
-            function()
-        except Exception:  # noqa: BLE001 - record and go on: later steps may still say something
-            self.results.setdefault("errors", {})[name] = traceback.format_exc()
-        self.results["steps"].append([name, round(time.monotonic() - start, 2)])
-        self.save()
 
     def path(self, name: str) -> str:
         return os.path.join(self.work, name)

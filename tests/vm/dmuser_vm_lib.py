@@ -74,6 +74,37 @@ CASES = (
 )
 
 
+class Steps:
+    """A guest driver's bookkeeping: each step timed, its failure recorded, ``results.json`` saved after it.
+
+    Mixed into the guests (:mod:`dmuser_guest`, :mod:`dmuser_edge_guest`,
+    :mod:`snapuserd_guest`), which set ``self.work`` and ``self.results``.
+    """
+
+    work: str
+    results: dict
+
+    def save(self) -> None:
+        import json
+
+        tmp = os.path.join(self.work, "results.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.results, f, indent=1)
+        os.replace(tmp, os.path.join(self.work, "results.json"))
+
+    def step(self, name: str, function) -> None:
+        import time
+        import traceback
+
+        start = time.monotonic()
+        try:
+            function()
+        except Exception:  # noqa: BLE001 - record and go on: later steps may still say something
+            self.results.setdefault("errors", {})[name] = traceback.format_exc()
+        self.results["steps"].append([name, round(time.monotonic() - start, 2)])
+        self.save()
+
+
 def pattern(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
 

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 
 import dmuser_vm_lib as lib
 
@@ -57,7 +56,7 @@ def direct_io(device: str, offset: int, length: int, data: bytes | None = None) 
         os.close(fd)
 
 
-class Guest:
+class Guest(lib.Steps):
     def __init__(self, work: str) -> None:
         self.work = work
         with open(os.path.join(work, "plan.json")) as f:
@@ -65,21 +64,6 @@ class Guest:
         self.results: dict = {"steps": [], "replies": []}
         self.daemon: subprocess.Popen | None = None
         self.loop = None
-
-    def save(self) -> None:
-        tmp = os.path.join(self.work, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.results, f, indent=1)
-        os.replace(tmp, os.path.join(self.work, "results.json"))
-
-    def step(self, name: str, function) -> None:
-        start = time.monotonic()
-        try:
-            function()
-        except Exception:  # noqa: BLE001 - record and go on: later steps may still say something
-            self.results.setdefault("errors", {})[name] = traceback.format_exc()
-        self.results["steps"].append([name, round(time.monotonic() - start, 2)])
-        self.save()
 
     def say(self, message: str, reply: bool = True, timeout: float = 60.0):
         with socket.socket(socket.AF_UNIX) as s:
