@@ -78,18 +78,23 @@ def test_nbd_fio_verify_on_rbd(ceph_cluster, nbd_session, tmp_path):
     assert status["errors"] == 0 and status["timeouts"] == 0
 
 
+def _reads(session, cwd, *, runtime: int) -> subprocess.Popen:
+    """fio 4 KiB random reads over the export for ``runtime`` s, going on past errors (an outage's EIO)."""
+    return subprocess.Popen(
+        ["fio", "--name=reads", "--ioengine=nbd", f"--uri={session.uri}", "--rw=randread", "--bs=4k",
+         "--iodepth=8", "--size=32M", "--time_based", f"--runtime={runtime}", "--continue_on_error=all",
+         "--output-format=json"],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
 def test_osd_outage_under_reads_fails_requests_and_the_daemon_recovers(ceph_cluster, nbd_session, tmp_path):
     if not __import__("shutil").which("fio"):
         pytest.skip("fio is missing")
     image = ceph_cluster.new_image("64M")
     daemon = nbd_session.start(ceph_cluster.spec(image, timeout="2"))
     qemu_io(nbd_session.uri, "write -P 0xab 0 32M", "flush")
-    reader = subprocess.Popen(
-        ["fio", "--name=reads", "--ioengine=nbd", f"--uri={nbd_session.uri}", "--rw=randread", "--bs=4k",
-         "--iodepth=8", "--size=32M", "--time_based", "--runtime=14", "--continue_on_error=all",
-         "--output-format=json"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    reader = _reads(nbd_session, tmp_path, runtime=14)
     try:
         time.sleep(3)
         with ceph_cluster.osd_paused():
@@ -117,12 +122,7 @@ def test_osd_killed_for_10s_under_reads_the_daemon_stays_up_and_recovers(ceph_cl
     image = ceph_cluster.new_image("64M")
     daemon = nbd_session.start(ceph_cluster.spec(image, timeout="2"))
     qemu_io(nbd_session.uri, "write -P 0x5c 0 32M", "flush")
-    reader = subprocess.Popen(
-        ["fio", "--name=reads", "--ioengine=nbd", f"--uri={nbd_session.uri}", "--rw=randread", "--bs=4k",
-         "--iodepth=8", "--size=32M", "--time_based", "--runtime=20", "--continue_on_error=all",
-         "--output-format=json"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    reader = _reads(nbd_session, tmp_path, runtime=20)
     try:
         time.sleep(3)
         with ceph_cluster.osd_killed():

@@ -9,9 +9,7 @@ the host do. Every wait is bounded, so nothing here can hang the VM.
 
 from __future__ import annotations
 
-import errno
 import json
-import mmap
 import os
 import signal
 import socket
@@ -55,28 +53,7 @@ class Guest(lib.Steps):
         sectors = size // 512
         self.sh("dmsetup", "create", name, "--table", f"0 {sectors} user 0 {sectors} {name}", check=True)
 
-    @staticmethod
-    def direct_io(device: str, offset: int, length: int, data: bytes | None = None, dsync=False) -> dict:
-        """One O_DIRECT read (or write of ``data``) → {"result": "ok"|errno name, "sha": ...}."""
-        flags = os.O_RDWR | os.O_DIRECT | (os.O_DSYNC if dsync else 0)
-        buf = mmap.mmap(-1, length)
-        try:
-            fd = os.open(device, flags)
-        except OSError as exc:
-            return {"result": errno.errorcode.get(exc.errno, str(exc.errno))}
-        try:
-            if data is not None:
-                buf[:] = data
-                done = os.pwritev(fd, [buf], offset)
-                return {"result": "ok" if done == length else f"short:{done}"}
-            done = os.preadv(fd, [buf], offset)
-            if done != length:
-                return {"result": f"short:{done}"}
-            return {"result": "ok", "sha": lib.sha(buf[:length])}
-        except OSError as exc:
-            return {"result": errno.errorcode.get(exc.errno, str(exc.errno))}
-        finally:
-            os.close(fd)
+    direct_io = staticmethod(lib.direct_io)
 
     def io_in_thread(self, *args, **kwargs):
         out: dict = {}

@@ -105,6 +105,34 @@ class Steps:
         self.save()
 
 
+def direct_io(device: str, offset: int, length: int, data: bytes | None = None, *, dsync: bool = False,
+              head: bool = False) -> dict:
+    """One O_DIRECT read (or write of ``data``) → ``{"result": "ok"|errno name, "sha": ...}`` (and the
+    first 16 bytes in hex as ``head`` when asked). Reads open the device read-only."""
+    import errno
+    import mmap
+
+    flags = (os.O_RDWR if data is not None else os.O_RDONLY) | os.O_DIRECT | (os.O_DSYNC if dsync else 0)
+    buf = mmap.mmap(-1, length)
+    try:
+        fd = os.open(device, flags)
+    except OSError as exc:
+        return {"result": errno.errorcode.get(exc.errno, str(exc.errno))}
+    try:
+        if data is not None:
+            buf[:] = data
+            done = os.pwritev(fd, [buf], offset)
+            return {"result": "ok" if done == length else f"short:{done}"}
+        done = os.preadv(fd, [buf], offset)
+        if done != length:
+            return {"result": f"short:{done}"}
+        return {"result": "ok", "sha": sha(buf[:length]), **({"head": buf[:16].hex()} if head else {})}
+    except OSError as exc:
+        return {"result": errno.errorcode.get(exc.errno, str(exc.errno))}
+    finally:
+        os.close(fd)
+
+
 def pattern(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
 

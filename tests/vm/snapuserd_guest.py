@@ -13,9 +13,7 @@ test does. Every wait is bounded.
 
 from __future__ import annotations
 
-import errno
 import json
-import mmap
 import os
 import socket
 import subprocess
@@ -35,25 +33,8 @@ def sh(*argv, timeout=120, check=False) -> subprocess.CompletedProcess:
 
 
 def direct_io(device: str, offset: int, length: int, data: bytes | None = None) -> dict:
-    """One O_DIRECT read (or write of ``data``) → {"result": "ok"|errno name, "sha": ...}."""
-    buf = mmap.mmap(-1, length)
-    try:
-        fd = os.open(device, (os.O_RDWR if data is not None else os.O_RDONLY) | os.O_DIRECT)
-    except OSError as exc:
-        return {"result": errno.errorcode.get(exc.errno, str(exc.errno))}
-    try:
-        if data is not None:
-            buf[:] = data
-            done = os.pwritev(fd, [buf], offset)
-            return {"result": "ok" if done == length else f"short:{done}"}
-        done = os.preadv(fd, [buf], offset)
-        if done != length:
-            return {"result": f"short:{done}"}
-        return {"result": "ok", "sha": lib.sha(buf[:length]), "head": buf[:16].hex()}
-    except OSError as exc:
-        return {"result": errno.errorcode.get(exc.errno, str(exc.errno))}
-    finally:
-        os.close(fd)
+    """:func:`dmuser_vm_lib.direct_io`, with the first 16 bytes read (``head``)."""
+    return lib.direct_io(device, offset, length, data, head=True)
 
 
 class Guest(lib.Steps):
