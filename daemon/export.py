@@ -1,0 +1,118 @@
+"""The export interface: one class per way clients reach a target.
+
+An export kind (``fuse``, ``nbd``, ``dm-user``, ``ublk``, yours) is a
+subclass of :class:`Export` registered under the ``dmuserd.exports``
+entry-point group, exactly like backends::
+
+    [project.entry-points."dmuserd.exports"]
+    my-export = "my_pkg.module:MyExport"
+
+and ``--export my-export:WHERE,key=value`` then works. The daemon knows no
+kind by name: for each ``--export`` of each target it
+
+1. builds the export with :meth:`Export.from_spec` (options are validated
+   there, with :class:`~dmuserd.backends.Options`, before anything starts);
+2. calls ``await export.start(target, nursery)``: serve ``target`` (hand
+   every request to ``target.dispatcher.handle``) and return once clients
+   can reach it, with a string saying where (a path, a URI); long-running
+   tasks go in ``nursery``, cancelled when the target or the daemon stops;
+3. to stop: closes the dispatcher's admission (new requests get ERROR at
+   once, :meth:`~dmuserd.daemon.dispatcher.Dispatcher.close_admission`),
+   calls :meth:`Export.stop_admitting` (make clients fail fast: remove a
+   table, refuse new connections), waits for ``dispatcher.drained``,
+   flushes the backend and cancels the nursery.
+
+What an export needs from the daemon around it (its guard, a place for
+process-wide state such as the one FUSE mount) is the :class:`Host` given
+to :meth:`Export.from_spec`. ``docs/writing-an-export.md`` walks through a
+complete small export.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import trio
+
+from dmuserd.daemon.config import ConfigError, ExportSpec
+
+if TYPE_CHECKING:
+    from dmuserd.daemon.guard import Guard
+    from dmuserd.daemon.runtime import Target
+
+#: The entry-point group export classes are registered in.
+GROUP = "dmuserd.exports"
+
+
+class Host(Protocol):
+    """What an export may use of the daemon that runs it."""
+
+    #: counts and logs refused inputs and bugs, per surface (:mod:`dmuserd.daemon.guard`)
+    guard: Guard
+    #: a stop is under way (set before ``stop_admitting`` is called)
+    stopping: bool
+    #: process-wide state shared by the exports of one kind (keyed by kind), e.g. the FUSE mount
+    shared: dict[str, Any]
+    #: the daemon's nursery: for process-wide tasks that outlive one target (the FUSE mount)
+    nursery: trio.Nursery | None
+
+
+class Export(abc.ABC):
+    """One export of one target (see the module doc)."""
+
+    #: The registry name: the KIND of ``--export KIND:WHERE``.
+    kind: ClassVar[str]
+
+    def __init__(self, spec: ExportSpec, host: Host) -> None:
+        self.spec = spec
+        self.host = host
+        #: where clients find it, once started (what :meth:`start` returned)
+        self.endpoint: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: ExportSpec, host: Host) -> Export:
+        """Build the export, validating ``spec.options`` (raise :class:`ConfigError`)."""
+        return cls(spec, host)
+
+    @abc.abstractmethod
+    async def start(self, target: Target, nursery: trio.Nursery) -> str:
+        """Serve ``target`` until ``nursery`` is cancelled; return where, once clients can reach it."""
+
+    def stop_admitting(self) -> None:
+        """A stop is under way: make new I/O fail fast. The dispatcher already refuses it."""
+
+    def status(self) -> dict:
+        """Extra facts for ``dmuserd status`` (queues, counters); the endpoint is added by the daemon."""
+        return {}
+
+
+def available() -> dict[str, str]:
+    """Registered export kinds → ``module:Class``."""
+    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+
+
+def export_class(kind: str) -> type[Export]:
+    """The class registered for ``kind``, or one named ``module.path:Class``."""
+    found = [ep for ep in entry_points(group=GROUP) if ep.name == kind]
+    try:
+        if found:
+            cls = found[0].load()
+        elif ":" in kind and "." in kind.partition(":")[0]:
+            module, _, attr = kind.partition(":")
+            cls = getattr(importlib.import_module(module), attr)
+        else:
+            known = ", ".join(sorted(available())) or "none"
+            raise ConfigError(f"unknown export kind {kind!r} (known: {known})")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"the {kind} export could not be loaded: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Export)):
+        raise ConfigError(f"export kind {kind!r} is {cls!r}, not a dmuserd Export subclass")
+    return cls
+
+
+def build(spec: ExportSpec, host: Host) -> Export:
+    """The export ``spec`` names, built and its options checked (nothing started)."""
+    return export_class(spec.kind).from_spec(spec, host)
