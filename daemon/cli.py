@@ -26,8 +26,8 @@ COMMAND_MODULES = [
     "dmuserd.daemon.dm_commands",
     "dmuserd.daemon.nbd_commands",
     "dmuserd.dsa_offload.commands",
-    "dmuserd.snapshot.commands",
-    "dmuserd.snapshot.ota_commands",
+    "dmuserd.daemon.cow_commands",
+    "dmuserd.daemon.ota_commands",
     "dmuserd.daemon.image_commands",
     "dmuserd.daemon.units_commands",
 ]

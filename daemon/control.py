@@ -158,20 +158,58 @@ def _encode(answer: dict) -> bytes:
     return json.dumps(answer).encode() + b"\n"
 
 
-#: Commands: name -> "module:function", each ``async def f(daemon, request: dict) -> dict``
-#: returning the answer's fields (``ok`` is added); raise ``CommandError`` to refuse.
-COMMANDS = {
-    "status": "dmuserd.daemon.control:status_command",
-    "merge": "dmuserd.snapshot.merge_control:merge_command",
-}
-
-
 class CommandError(Exception):
     """A control request that cannot be done; the message goes to the client."""
 
 
 async def status_command(daemon, request: dict) -> dict:
+    """``{"cmd": "status"}`` → the daemon's status."""
     return {"status": daemon.status()}
+
+
+#: What ``merge`` can do to a target's merge.
+MERGE_ACTIONS = ("start", "pause", "resume", "status")
+
+
+async def merge_command(daemon, request: dict) -> dict:
+    """``{"cmd": "merge", "action": ..., "target": NAME}`` → the merge's state.
+
+    The snapshot layer refuses with a ``MergeError``; it becomes this
+    request's error answer.
+    """
+    from dmuserd.snapshot.merge import MergeError
+    from dmuserd.snapshot.merge_control import MergeControl
+
+    action, name = request.get("action"), request.get("target")
+    if action not in MERGE_ACTIONS:
+        raise CommandError(f"merge: action must be one of {', '.join(MERGE_ACTIONS)}, not {action!r}")
+    target = daemon.targets.get(name) if isinstance(name, str) else None
+    if target is None:
+        raise CommandError(f"merge: no target {name!r} (targets: {', '.join(sorted(daemon.targets)) or 'none'})")
+    control = getattr(target.backend, "merge", None)
+    if not isinstance(control, MergeControl):
+        raise CommandError(f"merge: target {name!r} serves a {target.backend.name} backend; "
+                           "only snapshot targets (base + COW) merge")
+    try:
+        if action == "start":
+            if daemon.nursery is None:
+                raise CommandError("merge: the daemon is not running its targets yet; try again")
+            control.start(daemon.nursery)
+        elif action == "pause":
+            control.pause()
+        elif action == "resume":
+            control.resume()
+    except MergeError as exc:
+        raise CommandError(str(exc)) from None
+    return {"target": name, **control.describe()}
+
+
+#: Commands: name -> ``async def f(daemon, request: dict) -> dict`` returning the
+#: answer's fields (``ok`` is added); raise ``CommandError`` to refuse.
+COMMANDS = {
+    "status": status_command,
+    "merge": merge_command,
+}
 
 
 def _depth(value) -> int:
@@ -205,18 +243,14 @@ def parse_request(line: bytes) -> dict:
 
 async def handle_request(daemon, line: bytes, peer: Peer | None = None) -> dict:
     """Answer one request line; never raises (a failing command is an error answer)."""
-    import importlib
-
     try:
         request = parse_request(line)
     except Rejected as exc:
         daemon.guard.reject(SURFACE_JSON, exc.reason, exc.detail, peer)
         return {"ok": False, "error": exc.detail}
     cmd = request["cmd"]
-    module_name, _, function = COMMANDS[cmd].partition(":")
-    handler = getattr(importlib.import_module(module_name), function)
     try:
-        return {"ok": True, **await handler(daemon, request)}
+        return {"ok": True, **await COMMANDS[cmd](daemon, request)}
     except CommandError as exc:
         return {"ok": False, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a failing command must not take the daemon down

@@ -1,4 +1,4 @@
-"""Online merge of a served snapshot, and the daemon's ``merge`` control command.
+"""Online merge of a served snapshot.
 
 :class:`MergeControl` is ``SnapshotBackend.merge``: it runs the in-place
 merge (:mod:`dmuserd.snapshot.merge`) as a background trio task while the
@@ -17,8 +17,10 @@ Interface (the snapuserd-style control commands are built on it)::
 A pause takes effect at the next step boundary (a window of at most 510
 blocks, or 256 Replace/Zero ops): what is under way completes and commits.
 
-The control command ``{"cmd": "merge", "action": "start|pause|resume|status",
-"target": NAME}`` answers with :meth:`MergeControl.describe`'s fields.
+Refusals are :class:`~dmuserd.snapshot.merge.MergeError`s; the daemon's
+control command (``{"cmd": "merge", ...}``, :mod:`dmuserd.daemon.control`)
+turns them into error answers and answers with :meth:`MergeControl.describe`'s
+fields.
 """
 
 from __future__ import annotations
@@ -246,35 +248,3 @@ def _window(new_blocks: list[int], data, bs: int) -> dict[int, bytes]:
     """The view's window: new block -> its contents (copied out of ``data``)."""
     return {block: bytes(data[i * bs : (i + 1) * bs]) for i, block in enumerate(new_blocks)}
 
-
-# --- the daemon's control command ---------------------------------------------------
-
-ACTIONS = ("start", "pause", "resume", "status")
-
-
-async def merge_command(daemon, request: dict) -> dict:
-    """``{"cmd": "merge", "action": ..., "target": NAME}`` → the merge's state."""
-    from dmuserd.daemon.control import CommandError
-
-    action, name = request.get("action"), request.get("target")
-    if action not in ACTIONS:
-        raise CommandError(f"merge: action must be one of {', '.join(ACTIONS)}, not {action!r}")
-    target = daemon.targets.get(name) if isinstance(name, str) else None
-    if target is None:
-        raise CommandError(f"merge: no target {name!r} (targets: {', '.join(sorted(daemon.targets)) or 'none'})")
-    control = getattr(target.backend, "merge", None)
-    if not isinstance(control, MergeControl):
-        raise CommandError(f"merge: target {name!r} serves a {target.backend.name} backend; "
-                           "only snapshot targets (base + COW) merge")
-    try:
-        if action == "start":
-            if daemon.nursery is None:
-                raise CommandError("merge: the daemon is not running its targets yet; try again")
-            control.start(daemon.nursery)
-        elif action == "pause":
-            control.pause()
-        elif action == "resume":
-            control.resume()
-    except MergeError as exc:
-        raise CommandError(str(exc)) from None
-    return {"target": name, **control.describe()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from dmuserd.daemon.cli import os_errors_as
-from dmuserd.snapshot.commands import offload_option
+from dmuserd.daemon.cow_commands import offload_option
 
 
 _os_errors = os_errors_as("dmuserd.snapshot.payload:PayloadError")
@@ -187,7 +187,7 @@ def _result_line(result) -> str:
 
 @_os_errors
 def _apply(args: argparse.Namespace) -> int:
-    from dmuserd.snapshot.commands import mover_line, run_offloaded
+    from dmuserd.daemon.cow_commands import mover_line, run_offloaded
 
     _check(args, whole=not args.no_verify)
     results, stats = run_offloaded(args, _convert, args, args.cow_dir)
@@ -226,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 @_os_errors
 def _verify(args: argparse.Namespace) -> int:
-    from dmuserd.snapshot.commands import mover_line, run_offloaded
+    from dmuserd.daemon.cow_commands import mover_line, run_offloaded
 
     _check(args, whole=True)
     bad, stats = run_offloaded(args, _verify_all, args)
