@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from dmuserd.snapshot.merge_control import MergeState
+
 log = structlog.get_logger("dmuserd.snapuserd")
 
 #: The input surface of snapuserd's clients (:mod:`dmuserd.daemon.guard`).
@@ -89,13 +91,13 @@ VERIFY_WAIT = 10.0
 VERIFY_PIECE = 1 << 20
 VERIFY_READERS = 2
 
-# Replies of getstatus, by MergeControl.state.
+# Replies of getstatus, by MergeControl.state (snapuserd's words for the merge states).
 _STATUS = {
-    "not-started": "snapshot",
-    "merging": "snapshot-merge",
-    "paused": "snapshot-merge",
-    "merged": "snapshot-merge-complete",
-    "failed": "snapshot-merge-failed",
+    MergeState.NOT_STARTED: "snapshot",
+    MergeState.MERGING: "snapshot-merge",
+    MergeState.PAUSED: "snapshot-merge",
+    MergeState.MERGED: "snapshot-merge-complete",
+    MergeState.FAILED: "snapshot-merge-failed",
 }
 
 
@@ -218,7 +220,7 @@ async def handle_message(daemon, data: bytes, peer=None) -> tuple[str | None, bo
         log.info("snapuserd detach: pausing merges, answering passive")
         state.terminating = True
         for handler in state.handlers.values():
-            if handler.merge is not None and handler.merge.state == "merging":
+            if handler.merge is not None and handler.merge.state is MergeState.MERGING:
                 handler.merge.pause()
         return None, True
     if op == "merge_percent":
@@ -388,7 +390,7 @@ async def _watch_device(daemon, state: SnapuserdState, handler: Handler) -> None
     async with state.lock:
         if state.handlers.get(handler.misc) is handler:
             del state.handlers[handler.misc]
-        if handler.merge is not None and handler.merge.state == "merged":
+        if handler.merge is not None and handler.merge.state is MergeState.MERGED:
             state.merges_completed += 1
         await _stop_verification(handler)
         if daemon.targets.get(handler.misc) is target and target is not None:
@@ -397,7 +399,7 @@ async def _watch_device(daemon, state: SnapuserdState, handler: Handler) -> None
             except Exception as exc:  # noqa: BLE001 - the handler goes anyway
                 log.error("snapuserd: removing the target failed", misc=handler.misc, error=str(exc))
     log.info("snapuserd: device gone, handler dropped", misc=handler.misc,
-             merge=handler.merge.state if handler.merge is not None else None)
+             merge=handler.merge.state.value if handler.merge is not None else None)
     handler.gone.set()
 
 
@@ -405,12 +407,12 @@ async def _settle_merge(handler: Handler) -> None:
     """Stop a running merge at its next step boundary (everything written committed), or a queued one."""
     handler.merge_queued = False
     merge = handler.merge
-    if merge is None or merge.state not in ("merging", "paused"):
+    if merge is None or merge.state not in (MergeState.MERGING, MergeState.PAUSED):
         return
-    if merge.state == "merging":
+    if merge.state is MergeState.MERGING:
         merge.pause()
     with trio.move_on_after(SETTLE_WAIT):
-        while not merge.parked and merge.state == "paused":
+        while not merge.parked and merge.state is MergeState.PAUSED:
             await trio.sleep(WATCH_INTERVAL)
     if handler.merge_scope is not None:
         handler.merge_scope.cancel()  # its task ends (the COW says how far it got) and frees its slot
@@ -439,7 +441,7 @@ async def _getstatus(daemon, state: SnapuserdState, misc: str) -> str:
         return "snapshot"
     if handler.merge_queued:
         return "snapshot-merge"  # accepted, waiting for a merge slot
-    return _STATUS.get(handler.merge.state, "snapshot-merge-failed")
+    return _STATUS[handler.merge.state]
 
 
 async def _initiate_merge(daemon, state: SnapuserdState, misc: str) -> str:
@@ -454,7 +456,7 @@ async def _initiate_merge(daemon, state: SnapuserdState, misc: str) -> str:
     if merge is None:
         log.error("snapuserd initiate_merge: this backend cannot merge", misc=misc)
         return "fail"
-    if handler.merge_queued or merge.state in ("merging", "paused", "merged"):
+    if handler.merge_queued or merge.state in (MergeState.MERGING, MergeState.PAUSED, MergeState.MERGED):
         return "success"  # snapuserd accepts a repeated request for a merge under way
     try:
         merge.check_startable()
@@ -502,9 +504,9 @@ def _pause_or_resume(state: SnapuserdState, pause: bool) -> None:
         merge = handler.merge
         if merge is None:
             continue
-        if pause and merge.state == "merging":
+        if pause and merge.state is MergeState.MERGING:
             merge.pause()
-        elif not pause and merge.state == "paused":
+        elif not pause and merge.state is MergeState.PAUSED:
             merge.resume()
 
 
@@ -514,7 +516,7 @@ def _pause_or_resume(state: SnapuserdState, pause: bool) -> None:
 def _start_verification(daemon, handler: Handler) -> None:
     """Verify ``handler``'s device in the background, unless it resumes a merge (as snapuserd)."""
     merge = handler.merge
-    if merge is not None and (merge.state != "not-started" or merge.merged_ops):
+    if merge is not None and (merge.state is not MergeState.NOT_STARTED or merge.merged_ops):
         handler.verify = "skipped"
         handler.verify_done.set()
         log.info("snapuserd: merge resumed, update verification not run", misc=handler.misc)
@@ -646,7 +648,7 @@ def status_of(daemon) -> dict | None:
         "handlers": {
             name: {
                 "cow": h.cow, "backing": h.backing, "base_merge": h.base_merge, "started": h.started,
-                "merge": ("queued" if h.merge_queued else h.merge.state) if h.merge is not None else None,
+                "merge": ("queued" if h.merge_queued else h.merge.state.value) if h.merge is not None else None,
                 "verify": {"state": h.verify, "bytes": h.verified_bytes, "of": h.backend.size,
                            "hashtree": h.hashtree, "error": h.verify_error},
             }

@@ -45,7 +45,7 @@ from dmuserd.backends import Backend, BackendError, Op, Options
 from dmuserd.errors import DmuserdError
 from dmuserd.images import ImageError
 from dmuserd.snapshot._cow_reader import CowReader
-from dmuserd.snapshot.merge_control import MergeControl
+from dmuserd.snapshot.merge_control import MergeControl, MergeState
 from dmuserd.snapshot.view import DEFAULT_CACHE_BYTES, MergeBaseError, SnapshotView
 
 #: reads at most this big, touching no compressed chunk, stay on the event loop
@@ -134,7 +134,7 @@ class SnapshotBackend(Backend):
 
     async def read(self, offset: int, length: int):
         view = self.view
-        if self.merge.state == "merged":
+        if self.merge.state is MergeState.MERGED:
             # the base is the target now: the COW is not consulted
             if length <= _INLINE_READ:
                 return view.read_base(offset, length)

@@ -9,10 +9,15 @@ merge is done the backend reads the base directly.
 
 Interface (the snapuserd-style control commands are built on it)::
 
-    control.state      # "not-started", "merging", "paused", "merged", "failed"
+    control.state      # a MergeState: NOT_STARTED, MERGING, PAUSED, MERGED, FAILED
     control.error      # why it failed, or None
     control.percent()  # 0.0 .. 100.0, by blocks
     control.start(nursery); control.pause(); control.resume()
+
+The state moves only along :data:`TRANSITIONS` (one table: state, event →
+next state); an event the table does not list for the current state is
+refused with a :class:`MergeStateError`. Its words (``"merging"``...) are
+for the edges only: the status JSON and snapuserd's replies.
 
 A pause takes effect at the next step boundary (a window of at most 510
 blocks, or 256 Replace/Zero ops): what is under way completes and commits.
@@ -25,6 +30,7 @@ fields.
 
 from __future__ import annotations
 
+import enum
 import os
 
 import structlog
@@ -38,7 +44,56 @@ from dmuserd.snapshot.merge import lock_cow, open_plan_journal, plan_merge
 
 log = structlog.get_logger("dmuserd.snapshot.merge")
 
-STATES = ("not-started", "merging", "paused", "merged", "failed")
+
+class MergeState(enum.Enum):
+    """Where an online merge is; the value is its word in the status JSON."""
+
+    NOT_STARTED = "not-started"
+    MERGING = "merging"
+    PAUSED = "paused"
+    MERGED = "merged"
+    FAILED = "failed"
+
+
+class MergeEvent(enum.Enum):
+    """What moves a merge from one state to the next: the three requests, and how its task ends."""
+
+    START = "start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    FINISH = "finish"
+    FAIL = "fail"
+
+
+_S, _E = MergeState, MergeEvent
+
+#: The merge's state machine: state -> {event: next state}. A pause asked of a paused merge
+#: and a resume of a running one change nothing; a failed merge may start again (it
+#: resumes from what the COW file records); a paused merge's task may still end (its
+#: last step was under way, or a write failed while it settled).
+TRANSITIONS: dict[MergeState, dict[MergeEvent, MergeState]] = {
+    _S.NOT_STARTED: {_E.START: _S.MERGING},
+    _S.MERGING: {_E.PAUSE: _S.PAUSED, _E.RESUME: _S.MERGING, _E.FINISH: _S.MERGED, _E.FAIL: _S.FAILED},
+    _S.PAUSED: {_E.PAUSE: _S.PAUSED, _E.RESUME: _S.MERGING, _E.FINISH: _S.MERGED, _E.FAIL: _S.FAILED},
+    _S.MERGED: {},
+    _S.FAILED: {_E.START: _S.MERGING},
+}
+
+#: What to tell someone whose request the state refuses.
+_REFUSAL_HINTS = {
+    _E.START: "pause, resume or wait for it",
+    _E.PAUSE: "only a running merge can pause",
+    _E.RESUME: "only a paused merge can resume (start one with `dmuserd merge start`)",
+}
+
+
+def next_state(state: MergeState, event: MergeEvent) -> MergeState:
+    """The state ``event`` leads to from ``state``; :class:`MergeStateError` if the table has no such move."""
+    try:
+        return TRANSITIONS[state][event]
+    except KeyError:
+        hint = _REFUSAL_HINTS.get(event, "this is a bug in the merge's task")
+        raise MergeStateError(f"the merge is {state.value}: it cannot {event.value}; {hint}") from None
 
 
 class MergeControl:
@@ -66,7 +121,7 @@ class MergeControl:
         self.offload = offload
         self._shared_mover = mover
         self._mover = None  # the data mover of the running (or last) merge
-        self.state = "not-started"
+        self.state = MergeState.NOT_STARTED  # or MERGED below: where it starts, not a move
         self.error: str | None = None
         #: True while the merge task waits at a pause point (a pause has taken effect)
         self.parked = False
@@ -109,12 +164,12 @@ class MergeControl:
         if state.pending is not None:
             self.view.publish_window(_window(state.pending.blocks, state.pending.data, self._plan.block_size))
         if self.merged_ops >= self._plan.total_ops and state.pending is None:
-            self.state = "merged"
+            self.state = MergeState.MERGED
 
     # --- the interface ------------------------------------------------------
 
     def percent(self) -> float:
-        if self.state == "merged":
+        if self.state is MergeState.MERGED:
             return 100.0
         if self._plan is None:
             return 0.0
@@ -123,17 +178,16 @@ class MergeControl:
     def start(self, nursery) -> None:
         """Start merging in the background (a task in ``nursery``)."""
         self.check_startable()
-        self.state, self.error = "merging", None
+        self._move(MergeEvent.START)
+        self.error = None
         self._resume.set()
         nursery.start_soon(self._run)
 
     def check_startable(self) -> None:
         """Raise what :meth:`start` would refuse with now (a queued start is checked up front)."""
-        if self.state in ("merging", "paused"):
-            raise MergeStateError(f"the merge of {self.cow} is already {self.state}; "
-                                  "pause, resume or wait for it")
-        if self.state == "merged":
+        if self.state is MergeState.MERGED:
             raise MergeStateError(f"{self.cow} is already merged into {self.base}; nothing to do")
+        self._next(MergeEvent.START)
         if self._unsafe is not None:
             raise self._unsafe
         if self._plan is not None and self._plan.journal:
@@ -146,27 +200,30 @@ class MergeControl:
 
     def pause(self) -> None:
         """Pause at the next step boundary (a no-op when already paused)."""
-        if self.state == "paused":
-            return
-        if self.state != "merging":
-            raise MergeStateError(f"the merge of {self.cow} is {self.state}; only a running merge can pause")
-        self.state = "paused"
-        self._resume = trio.Event()
+        was = self.state
+        self._move(MergeEvent.PAUSE)
+        if was is not MergeState.PAUSED:
+            self._resume = trio.Event()
 
     def resume(self) -> None:
         """Continue a paused merge (a no-op when it is running)."""
-        if self.state == "merging":
-            return
-        if self.state != "paused":
-            raise MergeStateError(f"the merge of {self.cow} is {self.state}; only a paused merge can resume "
-                                  "(start one with `dmuserd merge start`)")
-        self.state = "merging"
+        self._move(MergeEvent.RESUME)
         self._resume.set()
+
+    def _next(self, event: MergeEvent) -> MergeState:
+        """The table's next state for ``event`` now; :class:`MergeStateError` naming this COW file if none."""
+        try:
+            return next_state(self.state, event)
+        except MergeStateError as exc:
+            raise MergeStateError(f"{self.cow}: {exc}") from None
+
+    def _move(self, event: MergeEvent) -> None:
+        self.state = self._next(event)
 
     def describe(self) -> dict:
         plan = self._plan
         return {
-            "state": self.state,
+            "state": self.state.value,
             "percent": self.percent(),
             "merged_ops": self.merged_ops,
             "total_ops": plan.total_ops if plan else self.reader.data_op_count,
@@ -206,13 +263,13 @@ class MergeControl:
                     await MergeEngine(self.reader, self._plan, io, mover, state, hooks=_Hooks(self)).run()
             if self._plan.journal:
                 remove_journal(self.cow)
-            self.state = "merged"
             log.info("online merge done", cow=self.cow, base=self.base)
+            self._move(MergeEvent.FINISH)  # last: until here the task is MERGING or PAUSED, where FAIL is a move
         except (DmuserdError, OSError) as exc:
-            self.state, self.error = "failed", str(exc)
+            self.state, self.error = next_state(self.state, MergeEvent.FAIL), str(exc)
             log.error("online merge failed", cow=self.cow, error=self.error)
         except Exception as exc:  # noqa: BLE001 - a failed merge must not take the daemon down
-            self.state, self.error = "failed", f"internal error: {exc!r}"
+            self.state, self.error = next_state(self.state, MergeEvent.FAIL), f"internal error: {exc!r}"
             log.exception("online merge failed", cow=self.cow)
         finally:
             for fd in fds:
@@ -234,9 +291,9 @@ class _Hooks(MergeHooks):
     async def checkpoint(self, settle) -> None:
         await trio.lowlevel.checkpoint()
         control = self.control
-        if control.state == "paused":
+        if control.state is MergeState.PAUSED:
             await settle()  # a pause holds with everything written committed
-        while control.state == "paused":
+        while control.state is MergeState.PAUSED:
             control.parked = True
             try:
                 await control._resume.wait()

@@ -17,6 +17,7 @@ import trio
 
 from daemon_harness import ServedDaemon, need_root_tools
 from dmuserd.snapshot.backend import SnapshotBackend
+from dmuserd.snapshot.merge_control import MergeState
 
 BLOCK = 4096
 BLOCKS = 2048  # 8 MiB
@@ -72,7 +73,7 @@ async def test_cow_over_an_rbd_base_served_and_merged_into_it(ceph_cluster, rbd_
         assert hashlib.sha256(await backend.read(0, len(new))).digest() == hashlib.sha256(new).digest()
         async with trio.open_nursery() as nursery:
             backend.merge.start(nursery)
-        assert backend.merge.state == "merged", backend.merge.error
+        assert backend.merge.state is MergeState.MERGED, backend.merge.error
         assert await backend.read(0, len(new)) == new
     finally:
         await backend.close()

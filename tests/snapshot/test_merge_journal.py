@@ -22,6 +22,7 @@ from merge_testlib import PowerCut, PowerCutIO, merge_progress, sha256, torture_
 from dmuserd.snapshot import _merge_journal
 from dmuserd.snapshot.backend import SnapshotBackend
 from dmuserd.snapshot.merge import MergeUnsafeError, merge_cow
+from dmuserd.snapshot.merge_control import MergeState
 
 
 class JournalPowerCutIO(PowerCutIO):
@@ -142,7 +143,7 @@ async def test_online_merge_without_scratch_space(tmp_path):
     try:
         async with trio.open_nursery() as nursery:
             backend.merge.start(nursery)
-        assert backend.merge.state == "merged", backend.merge.error
+        assert backend.merge.state is MergeState.MERGED, backend.merge.error
         assert t["base"].read_bytes() == t["target_bytes"]
         assert journal_window(t["cow"]) is None
         assert bytes(await backend.read(0, len(t["target_bytes"]))) == t["target_bytes"]

@@ -11,6 +11,7 @@ import trio
 from merge_testlib import sha256, torture_cow
 from dmuserd.daemon.config import ConfigError, DaemonSpec, load_toml, parse_target
 from dmuserd.daemon.runtime import Daemon
+from dmuserd.snapshot.merge_control import MergeState
 
 
 def _spec(t: dict, fuse_dir, offload: str | None) -> DaemonSpec:
@@ -28,7 +29,7 @@ async def test_daemon_offload_reaches_the_merge_and_status(tmp_path):
         assert merge.offload == "emulated"
         merge.start(daemon.nursery)
         with trio.fail_after(60):
-            while merge.state == "merging":
+            while merge.state is MergeState.MERGING:
                 await trio.sleep(0.02)
         target_status = daemon.status()["targets"]["snap"]
         status = target_status["merge"]

@@ -18,6 +18,7 @@ from dmuserd.errors import DmuserdError
 from dmuserd.snapshot.backend import SnapshotBackend
 from dmuserd.snapshot.cow import OpType
 from dmuserd.snapshot.merge import MergeStateError, MergeUnsafeError
+from dmuserd.snapshot.merge_control import MergeState
 
 
 async def _hammer(backend, target: bytes, seed: int, stop: trio.Event, stats: dict) -> None:
@@ -45,7 +46,7 @@ async def test_online_merge_with_readers_pause_and_resume(tmp_path, engine):
     target = t["target_bytes"]
     backend = SnapshotBackend(t["base"], t["cow"], offload=engine)
     control = backend.merge
-    assert control.state == "not-started" and control.percent() == 0.0
+    assert control.state is MergeState.NOT_STARTED and control.percent() == 0.0
     with pytest.raises(MergeStateError):
         control.pause()
     stats = {"reads": 0, "mismatches": []}
@@ -60,17 +61,17 @@ async def test_online_merge_with_readers_pause_and_resume(tmp_path, engine):
             control.start(nursery)
         assert backend.describe()["merge"]["state"] == "merging"
         last = -1.0
-        while control.state not in ("merged", "failed"):
+        while control.state not in (MergeState.MERGED, MergeState.FAILED):
             await trio.sleep(rng.uniform(0, 0.01))
             percent = control.percent()
             assert percent >= last
             last = percent
-            if control.state == "merging" and pauses < 6:
+            if control.state is MergeState.MERGING and pauses < 6:
                 control.pause()
                 pauses += 1
-                assert control.state == "paused"
+                assert control.state is MergeState.PAUSED
                 with trio.fail_after(30):
-                    while not control.parked and control.state == "paused":
+                    while not control.parked and control.state is MergeState.PAUSED:
                         await trio.sleep(0.001)
                 parked_at = control.merged_ops
                 reads = stats["reads"]
@@ -80,7 +81,7 @@ async def test_online_merge_with_readers_pause_and_resume(tmp_path, engine):
                 assert control.merged_ops == parked_at  # parked: no progress
                 control.resume()
         stop.set()
-    assert control.error is None and control.state == "merged"
+    assert control.error is None and control.state is MergeState.MERGED
     assert pauses >= 1
     assert stats["mismatches"] == [] and stats["reads"] > 200
     assert t["base"].read_bytes() == target
@@ -94,7 +95,7 @@ async def test_online_merge_with_readers_pause_and_resume(tmp_path, engine):
     await backend.close()
     # a new backend over the merged pair knows it is merged
     again = SnapshotBackend(t["base"], t["cow"])
-    assert again.merge.state == "merged" and again.merge.percent() == 100.0
+    assert again.merge.state is MergeState.MERGED and again.merge.percent() == 100.0
     assert await again.read(0, len(target)) == target
     await again.close()
 
@@ -114,7 +115,7 @@ async def test_backend_over_an_interrupted_window_reads_the_target(tmp_path):
         assert await backend.read(block * BS, BS) == target[block * BS : (block + 1) * BS], block
     async with trio.open_nursery() as nursery:
         backend.merge.start(nursery)
-    assert backend.merge.state == "merged", backend.merge.error
+    assert backend.merge.state is MergeState.MERGED, backend.merge.error
     assert base.read_bytes() == target
     await backend.close()
 
@@ -128,7 +129,7 @@ async def test_online_merge_refusals(tmp_path):
     backend = SnapshotBackend(t["base"], t["cow"], merged=False)
     with pytest.raises(MergeStateError, match="merged=no"):
         backend.merge.start(None)
-    assert backend.merge.state == "not-started"
+    assert backend.merge.state is MergeState.NOT_STARTED
     await backend.close()
     # Copy ops, no scratch space and no journal can be written beside the file: served, but not merged
     build_v2(tmp_path / "noscratch.cow", [(OpType.COPY, 0, 5), (OpType.ZERO, 3, 0)], buffer_size=0)

@@ -18,6 +18,7 @@ from cow_helpers import BS
 from merge_testlib import torture_cow
 from dmuserd.backends import BackendError
 from dmuserd.snapshot.backend import SnapshotBackend
+from dmuserd.snapshot.merge_control import MergeState
 
 
 def _untouched_block(backend) -> int:
@@ -55,9 +56,9 @@ async def test_merge_writes_the_merge_device_and_serves_it_after(tmp_path):
         rng = random.Random(1)
         async with trio.open_nursery() as nursery:
             backend.merge.start(nursery)
-            while backend.merge.state == "merging":  # read everything while it merges
+            while backend.merge.state is MergeState.MERGING:  # read everything while it merges
                 await _read_all(backend, len(target), rng, target, mismatches)
-        assert backend.merge.state == "merged", backend.merge.error
+        assert backend.merge.state is MergeState.MERGED, backend.merge.error
         assert mismatches == []
         # the merge wrote the merge device (the changed block aside, the target), never the source
         merged = bytearray(merge_dev.read_bytes())

@@ -16,6 +16,7 @@ from merge_testlib import torture_cow
 from dmuserd.daemon import runtime, snapuserd
 from dmuserd.daemon.config import DaemonSpec
 from dmuserd.daemon.runtime import Daemon
+from dmuserd.snapshot.merge_control import MergeState
 
 
 class Tables:
@@ -129,7 +130,7 @@ async def test_merges_run_at_most_merge_threads_at_once(daemon, tmp_path, tables
     assert await say(daemon, "initiate_merge,p0") == "success"
     assert await say(daemon, "initiate_merge,p1") == "success"
     with trio.fail_after(30):
-        while handlers[0].merge.state != "merging":
+        while handlers[0].merge.state is not MergeState.MERGING:
             await trio.sleep(0.01)
     assert await say(daemon, "pause_merge") == "success"
     with trio.fail_after(30):
@@ -137,13 +138,13 @@ async def test_merges_run_at_most_merge_threads_at_once(daemon, tmp_path, tables
             await trio.sleep(0.01)
     await trio.testing.wait_all_tasks_blocked()
     # p0 holds the only slot while paused: p1 waits, reported as merging (accepted)
-    assert handlers[1].merge.state == "not-started" and handlers[1].merge_queued
+    assert handlers[1].merge.state is MergeState.NOT_STARTED and handlers[1].merge_queued
     assert await say(daemon, "getstatus,p1") == "snapshot-merge"
     assert daemon.status()["snapuserd"]["handlers"]["p1"]["merge"] == "queued"
     assert await say(daemon, "resume_merge") == "success"
     with trio.fail_after(60):
         while await say(daemon, "merge_percent") != "100.000000":
-            running = [h.misc for h in handlers if h.merge.state in ("merging", "paused")]
+            running = [h.misc for h in handlers if h.merge.state in (MergeState.MERGING, MergeState.PAUSED)]
             assert len(running) <= 1, running
             await trio.sleep(0.01)
     assert [await say(daemon, f"getstatus,p{i}") for i in range(2)] == ["snapshot-merge-complete"] * 2
@@ -160,13 +161,13 @@ async def test_a_device_gone_mid_merge_frees_its_slot(daemon, tmp_path, tables):
     assert await say(daemon, "initiate_merge,p0") == "success"
     assert await say(daemon, "initiate_merge,p1") == "success"
     with trio.fail_after(30):
-        while h0.merge.state != "merging":
+        while h0.merge.state is not MergeState.MERGING:
             await trio.sleep(0.001)
     assert await say(daemon, "pause_merge") == "success"  # holds p0 mid-merge, in its slot
     with trio.fail_after(30):
         while not h0.merge.parked:
             await trio.sleep(0.001)
-    assert h0.merge.state == "paused" and h0.merge.percent() < 100.0
+    assert h0.merge.state is MergeState.PAUSED and h0.merge.percent() < 100.0
     tables.remove("p0")  # libsnapshot would not, mid-merge; a reboot or a crash of the user does
     with trio.fail_after(60):
         await h0.gone.wait()
@@ -174,7 +175,7 @@ async def test_a_device_gone_mid_merge_frees_its_slot(daemon, tmp_path, tables):
             await trio.sleep(0.01)
     assert second["base"].read_bytes() == second["target_bytes"]
     assert "p0" not in state.handlers and "p0" not in daemon.targets
-    assert h0.merge.state == "paused"  # its task ended where the pause held it
+    assert h0.merge.state is MergeState.PAUSED  # its task ended where the pause held it
     # p0's COW says how far it got: a new daemon's merge resumes it to the target
     from dmuserd.snapshot.merge import merge_cow
 
