@@ -41,10 +41,11 @@ to) and the rule.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import struct
 from bisect import bisect_right
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dmuserd.images._image import Image, ImageError, ImageFormatError, fill_zeros
 
@@ -181,6 +182,16 @@ class Metadata:
         return next((p for p in self.partitions if p.name == name), None)
 
 
+def _geometry_digest(head: bytes) -> bytes:
+    """SHA-256 of the 52-byte geometry struct with its checksum field zeroed."""
+    return hashlib.sha256(head[:8] + bytes(32) + head[40:GEOMETRY.size]).digest()
+
+
+def _header_digest(head: bytes) -> bytes:
+    """SHA-256 of a metadata header (``header_size`` bytes) with its checksum field zeroed."""
+    return hashlib.sha256(head[:12] + bytes(32) + head[44:]).digest()
+
+
 def _name(raw: bytes) -> str | None:
     """A fixed 36-byte name field, or None when it is not ASCII."""
     text = raw.split(b"\0", 1)[0]
@@ -241,8 +252,7 @@ class SuperImage:
             raise self._fail(offset, "geometry-magic", f"geometry magic {magic:#010x}, not {GEOMETRY_MAGIC:#010x}")
         if struct_size != GEOMETRY.size:
             raise self._fail(offset + 4, "geometry-size", f"geometry struct_size {struct_size}, not {GEOMETRY.size}")
-        digest = hashlib.sha256(raw[:8] + bytes(32) + raw[40:]).digest()
-        if digest != checksum:
+        if _geometry_digest(raw) != checksum:
             raise self._fail(offset + 8, "geometry-checksum", "the geometry's SHA-256 does not match its checksum")
         if not slots:
             raise self._fail(offset + 44, "slot-count", "metadata_slot_count is 0")
@@ -328,7 +338,7 @@ class SuperImage:
             raise fail(at + 8, "header-size", f"header_size {header_size}; version 10.{minor} has {want_size}")
         if header_size > HEADER_V1_0.size:
             raw += image.pread(header_size - HEADER_V1_0.size, at + HEADER_V1_0.size)
-        if hashlib.sha256(raw[:12] + bytes(32) + raw[44:header_size]).digest() != header_checksum:
+        if _header_digest(raw[:header_size]) != header_checksum:
             raise fail(at + 12, "header-checksum", "the metadata header's SHA-256 does not match header_checksum")
         flags = struct.unpack_from("<I", raw, 128)[0] if header_size > HEADER_V1_0.size else 0
         if header_size + tables_size > g.metadata_max_size:
@@ -521,3 +531,234 @@ class LogicalPartition(Image):
     def describe(self) -> dict:
         return {**super().describe(), "partition": self.name, "slot": slot_suffix(self.metadata.slot)[1:],
                 "extents": len(self.partition.extents)}
+
+
+# --- writing -------------------------------------------------------------------------------------------------------
+#
+# One writer of LP metadata, liblp's layout (``fs_mgr/liblp/writer.cpp``): the tests' images are made with it too,
+# so what it writes is what the reader above checks.
+
+
+class LpSpaceError(ImageError):
+    """A partition cannot grow: its group's maximum size or the super device has no room."""
+
+
+def with_geometry_checksum(raw: bytes) -> bytes:
+    """A geometry struct (its first 52 bytes used) with its SHA-256 made right, padded to 4096 bytes."""
+    head = bytes(raw[: GEOMETRY.size])
+    return (head[:8] + _geometry_digest(head) + head[40:]).ljust(GEOMETRY_SIZE, b"\0")
+
+
+def with_metadata_checksums(raw: bytes) -> bytes:
+    """A metadata copy (header then tables) with both SHA-256 fields made right for what it holds.
+
+    The header's own ``header_size`` and ``tables_size`` say what is hashed
+    (a test can set them to anything; they are clamped to the bytes there).
+    """
+    raw = bytearray(raw)
+    header_size, tables_size = struct.unpack_from("<I", raw, 8)[0], struct.unpack_from("<I", raw, 44)[0]
+    header_size = min(header_size, len(raw))
+    raw[48:80] = hashlib.sha256(raw[header_size : header_size + tables_size]).digest()
+    raw[12:44] = _header_digest(bytes(raw[:header_size]))
+    return bytes(raw)
+
+
+def geometry_bytes(metadata_max_size: int, slot_count: int, logical_block_size: int) -> bytes:
+    """The geometry block (4096 bytes, checksum right) as written at 4096 and again at 8192."""
+    return with_geometry_checksum(GEOMETRY.pack(GEOMETRY_MAGIC, GEOMETRY.size, bytes(32), metadata_max_size,
+                                                slot_count, logical_block_size))
+
+
+def _name_field(text: str) -> bytes:
+    raw = text.encode("ascii")
+    if len(raw) > 36:
+        raise ValueError(f"LP name {text!r} is longer than 36 characters")
+    return raw.ljust(36, b"\0")
+
+
+def metadata_bytes(meta: Metadata) -> bytes:
+    """One metadata copy of ``meta``: the header (10.0/10.1: 128 bytes, 10.2: 256 with ``flags``) and the four
+    tables, checksums right.
+
+    The extent table is made from the partitions' extents, in partition
+    order (as liblp's builder does); ``meta.extents``, ``header_size`` and
+    ``tables_size`` are not used. Names are written as they are: a
+    partition read with the "slot suffixed" attribute already carries the
+    suffix (the reader drops the attribute), so writing it back names it
+    for that one slot, which is what a device's slot metadata holds.
+    """
+    group_index = {}
+    for i, g in enumerate(meta.groups):
+        group_index.setdefault(g.name, i)
+    parts, extents = [], []
+    for p in meta.partitions:
+        if p.group not in group_index:
+            raise ValueError(f"partition {p.name!r} is in group {p.group!r}, which the metadata does not list")
+        parts.append(PARTITION.pack(_name_field(p.name), p.attributes, len(extents), len(p.extents),
+                                    group_index[p.group]))
+        extents += [EXTENT.pack(e.num_sectors, e.target_type, e.target_data, e.target_source) for e in p.extents]
+    groups = [GROUP.pack(_name_field(g.name), g.flags, g.maximum_size) for g in meta.groups]
+    devices = [BLOCK_DEVICE.pack(d.first_logical_sector, d.alignment, d.alignment_offset, d.size,
+                                 _name_field(d.partition_name), d.flags) for d in meta.block_devices]
+    tables = [parts, extents, groups, devices]
+    descriptors, offset = [], 0
+    for rows, fmt in zip(tables, (PARTITION, EXTENT, GROUP, BLOCK_DEVICE)):
+        descriptors += [offset, len(rows), fmt.size]
+        offset += len(rows) * fmt.size
+    body = b"".join(b"".join(rows) for rows in tables)
+    header_size = HEADER_V1_2_SIZE if meta.minor_version >= 2 else HEADER_V1_0.size
+    head = HEADER_V1_0.pack(HEADER_MAGIC, MAJOR_VERSION, meta.minor_version, header_size, bytes(32), len(body),
+                            bytes(32), *descriptors)
+    if header_size > HEADER_V1_0.size:
+        head += struct.pack("<I", meta.flags).ljust(header_size - HEADER_V1_0.size, b"\0")
+    return with_metadata_checksums(head + body)
+
+
+def write_metadata(path, geometry: Geometry, slot: int, meta: Metadata) -> None:
+    """Write ``meta`` as slot ``slot``'s metadata of the raw super image at ``path``: the backup copy, synced,
+    then the primary copy, synced.
+
+    Interrupted at any instant, the slot reads (primary, else backup, as
+    :meth:`SuperImage.metadata` and liblp do) as either the old metadata or
+    the new one, never a mix. Refused (``LpFormatError``) when the copy is
+    bigger than ``metadata_max_size``.
+    """
+    blob = metadata_bytes(meta)
+    base = RESERVED_BYTES + 2 * GEOMETRY_SIZE
+    primary = base + slot * geometry.metadata_max_size
+    if len(blob) > geometry.metadata_max_size:
+        raise LpFormatError(path, primary, "tables-size", f"slot {slot_suffix(slot)[1:]}'s new metadata is "
+                            f"{len(blob)} bytes, more than metadata_max_size {geometry.metadata_max_size}")
+    backup = base + (geometry.metadata_slot_count + slot) * geometry.metadata_max_size
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for at in (backup, primary):
+            if os.pwrite(fd, blob, at) != len(blob):
+                raise ImageError(f"{path}: short write of LP metadata at offset {at}")
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- updating a slot (what update_engine does to the target slot) ---------------------------------------------------
+
+
+def _rename_suffix(name: str, source: str, target: str) -> str | None:
+    """``name`` with the source slot's suffix turned into the target's; None for a name of the target slot."""
+    if name.endswith(target):
+        return None
+    return name[: -len(source)] + target if name.endswith(source) else name
+
+
+def metadata_for_update(meta: Metadata, source_slot: int, target_slot: int) -> Metadata:
+    """The target slot's metadata at the start of a Virtual A/B update, from the source slot's ``meta``.
+
+    As liblp's ``UpdateMetadataForInPlaceSnapshot``: partitions and groups
+    named for the target slot are dropped (they held the previous build of
+    the other slot), those named for the source slot are renamed for the
+    target slot and keep their extents: ``system_a`` becomes ``system_b``
+    over the same sectors, which the update's COW files are merged into.
+    """
+    source, target = slot_suffix(source_slot), slot_suffix(target_slot)
+    groups, renamed = [], {}
+    for g in meta.groups:
+        name = _rename_suffix(g.name, source, target)
+        if name is not None:
+            renamed[g.name] = name
+            groups.append(Group(name, g.flags, g.maximum_size))
+    partitions = []
+    for p in meta.partitions:
+        name = _rename_suffix(p.name, source, target)
+        if name is None:
+            continue
+        group = renamed.get(p.group, groups[0].name if groups else p.group)  # a dropped group: the default one
+        partitions.append(Partition(name, p.attributes, group, p.extents))
+    return replace(meta, slot=target_slot, partitions=partitions, groups=groups, extents=[], problems=[])
+
+
+def _used_sectors(metas) -> list[tuple[int, int]]:
+    """(first, end) sector ranges of super (block device 0) that linear extents of ``metas`` map, merged."""
+    ranges = sorted((e.target_data, e.target_data + e.num_sectors) for m in metas for p in m.partitions
+                    for e in p.extents if e.target_type == TARGET_LINEAR and e.target_source == 0 and e.num_sectors)
+    merged: list[list[int]] = []
+    for first, end in ranges:
+        if merged and first <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([first, end])
+    return [(a, b) for a, b in merged]
+
+
+def resize_partition(meta: Metadata, name: str, size: int, *, keep=(), path="super") -> Metadata:
+    """``meta`` with partition ``name`` made ``size`` bytes (a multiple of 512), as liblp's builder does.
+
+    Shrinking cuts extents from the end. Growing takes free sectors of
+    super (block device 0) from the lowest address up, each free region's
+    start aligned as the device says; a region right after the partition's
+    last extent lengthens that extent. Sectors mapped by ``meta`` or by any
+    metadata in ``keep`` (another slot's, still in use) are not free.
+    Raises :class:`LpSpaceError` when the partition's group (its
+    ``maximum_size``) or super has no room, naming both figures.
+    """
+    if size % SECTOR:
+        raise ValueError(f"partition size {size} is not a multiple of {SECTOR}")
+    part = meta.partition(name)
+    if part is None:
+        raise SuperLookupError(f"{path}: no partition {name!r} in the metadata of slot {slot_suffix(meta.slot)[1:]}")
+    want = size // SECTOR
+    extents = list(part.extents)
+    have = sum(e.num_sectors for e in extents)
+    if want < have:
+        cut = have - want
+        while cut:
+            last = extents.pop()
+            if last.num_sectors > cut:
+                extents.append(Extent(last.num_sectors - cut, last.target_type, last.target_data, last.target_source))
+                break
+            cut -= last.num_sectors
+    elif want > have:
+        group = next((g for g in meta.groups if g.name == part.group), None)
+        if group is not None and group.maximum_size:
+            taken = sum(p.size for p in meta.partitions if p.group == group.name and p.name != name)
+            if taken + size > group.maximum_size:
+                raise LpSpaceError(f"{path}: partition {name!r} cannot grow to {size} bytes: its group "
+                                   f"{group.name!r} allows {group.maximum_size} bytes and its other partitions "
+                                   f"take {taken}")
+        device = meta.block_devices[0]
+        align = max(device.alignment // SECTOR, 1)
+        offset = device.alignment_offset // SECTOR
+        need = want - have
+        free, cursor = [], device.first_logical_sector
+        for first, end in _used_sectors([meta, *keep]) + [(device.size // SECTOR, device.size // SECTOR)]:
+            if first > cursor:
+                free.append((cursor, first))
+            cursor = max(cursor, end)
+        tail = extents[-1] if extents else None
+        added = []
+        for first, end in free:
+            adjacent = tail is not None and tail.target_type == TARGET_LINEAR and tail.target_source == 0 and \
+                tail.target_data + tail.num_sectors == first and not added
+            if not adjacent:
+                first = first + (offset - first) % align  # aligned start
+            if first >= end:
+                continue
+            take = min(need, end - first)
+            added.append((first, take))
+            need -= take
+            if not need:
+                break
+        if need:
+            space = sum(end - first for first, end in free) * SECTOR
+            raise LpSpaceError(f"{path}: partition {name!r} cannot grow from {have * SECTOR} to {size} bytes: "
+                               f"{device.partition_name} has {space} bytes free (before alignment), "
+                               f"{(want - have) * SECTOR} are needed")
+        for first, count in added:
+            if extents and extents[-1].target_type == TARGET_LINEAR and extents[-1].target_source == 0 and \
+                    extents[-1].target_data + extents[-1].num_sectors == first:
+                last = extents.pop()
+                extents.append(Extent(last.num_sectors + count, TARGET_LINEAR, last.target_data, 0))
+            else:
+                extents.append(Extent(count, TARGET_LINEAR, first, 0))
+    partitions = [Partition(p.name, p.attributes, p.group, tuple(extents)) if p.name == name else p
+                  for p in meta.partitions]
+    return replace(meta, partitions=partitions, extents=[], problems=[])

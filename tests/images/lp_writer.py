@@ -1,31 +1,32 @@
-"""A writer of LP metadata (super images) for tests: our own code, from the format in
-``fs_mgr/liblp/include/liblp/metadata_format.h``.
+"""Super images for tests, written with dmuserd's own LP writer (:mod:`dmuserd.images.lp`).
 
 :class:`SuperBuilder` lays partitions out the way lpmake does (after the
 metadata area, aligned), writes their data, the geometry and its backup,
 and each slot's metadata and its backup; :meth:`SuperBuilder.empty` writes
-a ``super_empty.img``. The serializers are separate functions so tests can
-make every field wrong on purpose.
+a ``super_empty.img``. :func:`metadata_bytes` takes plain tuples (group by
+index) and can make header fields wrong on purpose, checksums made right
+again, so tests reach every rule of the reader.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, field
 
-GEOMETRY_MAGIC = 0x616C4467
-HEADER_MAGIC = 0x414C5030
-SECTOR = 512
-RESERVED = 4096
-GEOMETRY_SIZE = 4096
+from dmuserd.images import lp
+
+GEOMETRY_MAGIC = lp.GEOMETRY_MAGIC
+HEADER_MAGIC = lp.HEADER_MAGIC
+SECTOR = lp.SECTOR
+RESERVED = lp.RESERVED_BYTES
+GEOMETRY_SIZE = lp.GEOMETRY_SIZE
 
 
 def geometry_bytes(max_size: int, slots: int, block_size: int, *, magic: int = GEOMETRY_MAGIC,
                    struct_size: int = 52) -> bytes:
-    raw = struct.pack("<II32sIII", magic, struct_size, bytes(32), max_size, slots, block_size)
-    checksum = hashlib.sha256(raw).digest()
-    return (raw[:8] + checksum + raw[40:]).ljust(GEOMETRY_SIZE, b"\0")
+    raw = bytearray(lp.geometry_bytes(max_size, slots, block_size))
+    struct.pack_into("<II", raw, 0, magic, struct_size)
+    return lp.with_geometry_checksum(raw)
 
 
 @dataclass
@@ -44,37 +45,30 @@ class Meta:
     minor: int = 2
     flags: int = 0
 
-
-def _name(text: str) -> bytes:
-    return text.encode().ljust(36, b"\0")
+    def metadata(self, slot: int = 0) -> lp.Metadata:
+        """As dmuserd's typed metadata (a group index past the table becomes group 0: patch it after)."""
+        groups = [lp.Group(*g) for g in self.groups]
+        parts = [lp.Partition(p.name, p.attributes, groups[p.group if p.group < len(groups) else 0].name,
+                              tuple(lp.Extent(*e) for e in p.extents)) for p in self.partitions]
+        devices = [lp.BlockDevice(*d) for d in self.block_devices]
+        return lp.Metadata(slot, 0, "primary", 10, self.minor, 0, 0, self.flags, parts, groups, devices, [])
 
 
 def metadata_bytes(meta: Meta, *, magic: int = HEADER_MAGIC, major: int = 10, header_size: int | None = None,
                    entry_sizes=(52, 24, 48, 64)) -> bytes:
-    """A metadata copy: header (128 or 256 bytes by version) and its four tables, checksums right."""
-    parts, extents = [], []
-    for p in meta.partitions:
-        parts.append(struct.pack("<36sIIII", _name(p.name), p.attributes, len(extents), len(p.extents), p.group))
-        extents.extend(struct.pack("<QIQI", *e) for e in p.extents)
-    groups = [struct.pack("<36sIQ", _name(n), f, m) for n, f, m in meta.groups]
-    devices = [struct.pack("<QIIQ36sI", first, align, off, size, _name(name), flags)
-               for first, align, off, size, name, flags in meta.block_devices]
-    tables = [b"".join(parts), b"".join(extents), b"".join(groups), b"".join(devices)]
-    counts = [len(parts), len(extents), len(groups), len(devices)]
-    body = b"".join(tables)
-    descriptors, offset = [], 0
-    for table, count, size in zip(tables, counts, entry_sizes):
-        descriptors += [offset, count, size]
-        offset += len(table)
-    if header_size is None:
-        header_size = 256 if meta.minor >= 2 else 128
-    head = struct.pack("<IHHI32sI32s12I", magic, major, meta.minor, header_size, bytes(32), len(body),
-                       hashlib.sha256(body).digest(), *descriptors)
-    if header_size > 128:
-        head += struct.pack("<I", meta.flags).ljust(header_size - 128, b"\0")
-    head = head[:header_size]
-    checksum = hashlib.sha256(head).digest()
-    return head[:12] + checksum + head[44:] + body
+    """A metadata copy by dmuserd's writer, then the fields asked for made wrong, checksums right again."""
+    blob = bytearray(lp.metadata_bytes(meta.metadata()))
+    actual = struct.unpack_from("<I", blob, 8)[0]
+    partitions_at = actual + struct.unpack_from("<I", blob, 80)[0]
+    for i, p in enumerate(meta.partitions):
+        struct.pack_into("<I", blob, partitions_at + i * 52 + 48, p.group)
+    struct.pack_into("<IH", blob, 0, magic, major)
+    for k, size in enumerate(entry_sizes):
+        struct.pack_into("<I", blob, 80 + 12 * k + 8, size)
+    if header_size is not None and header_size != actual:
+        blob = blob[:actual][:header_size].ljust(header_size, b"\0") + blob[actual:]
+        struct.pack_into("<I", blob, 8, header_size)
+    return lp.with_metadata_checksums(blob)
 
 
 class SuperBuilder:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from lp_writer import GEOMETRY_SIZE, RESERVED, Meta, Part, SuperBuilder, metadata_bytes, metadata_offset
 
 from dmuserd.images import ImageError, ImageFormatError, RawImage, open_image, open_super
-from dmuserd.images.lp import LpFormatError, SuperImage, SuperLookupError
+from dmuserd.images.lp import LpFormatError, SuperImage, SuperLookupError, with_geometry_checksum, with_metadata_checksums
 
 
 def make_super(path, *, minor: int = 2, slots: int = 2, seed: int = 1):
@@ -265,18 +265,13 @@ def fuzz_base(tmp_path_factory):
 
 def _fix_checksums(image: bytearray, b: SuperBuilder) -> None:
     """Make the geometry's and slot a's checksums right again, whatever the bytes say."""
-    geo = image[RESERVED : RESERVED + 52]
-    geo[8:40] = bytes(32)
-    image[RESERVED + 8 : RESERVED + 40] = hashlib.sha256(geo).digest()
+    image[RESERVED : RESERVED + 52] = with_geometry_checksum(image[RESERVED : RESERVED + 52])[:52]
     at = metadata_offset(b, 0)
     header_size = struct.unpack_from("<I", image, at + 8)[0]
     tables_size = struct.unpack_from("<I", image, at + 44)[0]
-    if header_size <= 256 and header_size + tables_size <= b.max_size:
-        body = image[at + header_size : at + header_size + tables_size]
-        image[at + 48 : at + 80] = hashlib.sha256(body).digest()
-        head = image[at : at + header_size]
-        head[12:44] = bytes(32)
-        image[at + 12 : at + 44] = hashlib.sha256(head).digest()
+    if 80 <= header_size <= 256 and header_size + tables_size <= b.max_size:
+        end = at + header_size + tables_size
+        image[at:end] = with_metadata_checksums(image[at:end])
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
