@@ -10,11 +10,14 @@ from dmuserd.backends._api import Backend
 from dmuserd.backends.options import size_and_block_size
 
 
-class NullBackend(Backend):
-    name = "null"
+class ReadsZeros(Backend):
+    """Reads return zeros (one shared buffer, grown to the largest read); flush has nothing to do.
 
-    def __init__(self, size: int, block_size: int = 512, disabled_ops=()) -> None:
-        super().__init__(size=size, block_size=block_size, disabled_ops=disabled_ops)
+    The common part of ``null`` and ``zero``; what else a subclass overrides is what it serves.
+    """
+
+    def __init__(self, size: int, block_size: int = 512) -> None:
+        super().__init__(size=size, block_size=block_size)
         self._zeros = b""
 
     @classmethod
@@ -26,10 +29,14 @@ class NullBackend(Backend):
             self._zeros = bytes(length)
         return memoryview(self._zeros)[:length]
 
-    async def write(self, offset, data, fua=False):
+    async def flush(self):
         pass
 
-    async def flush(self):
+
+class NullBackend(ReadsZeros):
+    name = "null"
+
+    async def write(self, offset, data, fua=False):
         pass
 
     async def discard(self, offset, length):
