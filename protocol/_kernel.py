@@ -119,14 +119,6 @@ class Bio:
     def done(self) -> bool:
         return self.state is BioState.DONE
 
-    @property
-    def total_to_user(self) -> int:
-        return HEADER_SIZE + (self.length if self.type == _WRITE else 0)
-
-    @property
-    def total_from_user(self) -> int:
-        return HEADER_SIZE + (self.length if self.type == _READ else 0)
-
     def _header(self) -> bytes:
         return _HEADER.pack(self.seq, int(self.type), self.flags, self.sector, self.length)
 
