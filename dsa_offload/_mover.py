@@ -35,13 +35,15 @@ draws the credit, does the memcpy/fill, counts it, and returns an
 already-finished awaitable (no coroutine). Anything it does not handle
 itself (bad or non-contiguous buffers, work of ``_below`` bytes or more,
 the call that would exhaust the credit, a closed mover) it hands unchanged
-to the Python methods ``_copy_py`` / ``_fill_py``, which check, checkpoint
-and dispatch exactly as without the extension (then they *are*
-``copy``/``fill``: :class:`_InlineState` is the base class instead). The
-credit, the limits and the inline counters are members of that base, so
+to the Python methods ``_copy_py`` / ``_fill_py``. Without the extension
+the base is :class:`_InlineState`, whose ``copy``/``fill`` hand everything
+to those two. They are the one Python path of copy and fill, the same as
+every other operation's: an :mod:`~dmuserd.dsa_offload._ops` object through
+:meth:`Mover._execute` (inline on the CPU, in a thread, or on the device).
+The credit, the limits and the inline counters are members of the base, so
 both paths follow one rule and :meth:`Mover.stats` stays exact. The base
 class is chosen once, when this module is imported; no method is replaced
-at run time. Because the work is done when the call returns,
+or aliased at run time. Because the work is done when the call returns,
 ``mover.copy(dst, src)`` copies even if never awaited; the result is still
 a ``collections.abc.Coroutine``, so trio's ``start_soon`` and
 ``from_thread.run`` accept it.
@@ -82,12 +84,13 @@ _NOGIL_COPY = _cpu.NOGIL_COPY
 
 
 class _InlineState:
-    """The inline path's state without the extension: what ``_dsa.Inline`` holds.
+    """The mover's base without the extension: ``_dsa.Inline``'s state, and its
+    ``copy``/``fill`` handing every call to the subclass's Python path.
 
     ``_credit`` (bytes left before a checkpoint), ``_call_charge`` (drawn per call
     on top of its size), ``_below`` (inline only work smaller than this),
-    ``_nogil`` (unused here: the slice assignment holds the GIL),
-    ``_inline_ops``/``_inline_nbytes`` (inline work done), ``_closed``.
+    ``_nogil`` (unused here), ``_inline_ops``/``_inline_nbytes`` (work the C
+    methods did: none here), ``_closed``.
     """
 
     __slots__ = ("_credit", "_call_charge", "_below", "_nogil", "_inline_ops", "_inline_nbytes", "_closed", "__dict__",
@@ -98,11 +101,17 @@ class _InlineState:
         self._inline_ops = self._inline_nbytes = 0
         self._closed = False
 
+    def copy(self, dst, src):
+        """Copy ``src`` into ``dst``: see :meth:`Mover._copy_py`."""
+        return self._copy_py(dst, src)
+
+    def fill(self, dst, pattern: bytes | int = b"\0"):
+        """Fill ``dst`` with a pattern: see :meth:`Mover._fill_py`."""
+        return self._fill_py(dst, pattern)
+
 
 #: The mover's base class: the extension's C fast path, or the same state in Python.
 _InlineBase = getattr(extension(), "Inline", None) or _InlineState
-#: True when ``mover.copy``/``mover.fill`` are the C methods.
-C_INLINE = _InlineBase is not _InlineState
 
 
 def _view(buf, what: str, writable: bool = False) -> memoryview:
@@ -238,55 +247,19 @@ class Mover(_InlineBase):
     async def _copy_py(self, dst, src) -> None:
         """Copy ``src`` into ``dst`` (same length; overlap allowed).
 
-        Inline (small) copies check for cancellation by the credit rule of
-        the module docstring, not on every call. With the extension built,
-        ``mover.copy`` is its C ``Inline.copy``, which hands this method
-        whatever it does not do itself; without it this is ``copy``.
+        ``mover.copy`` (the C ``Inline.copy``, or :class:`_InlineState`'s)
+        calls this for whatever it does not do itself. Inline (small) copies
+        check for cancellation by the credit rule of the module docstring,
+        not on every call.
         """
-        # The hot path without the extension: a contiguous memoryview
-        # destination small enough to copy inline. The slice assignment
-        # itself checks writability, length and format (raising before it
-        # writes anything); when it refuses, the validating path below names
-        # the problem or casts the views.
-        if type(dst) is memoryview and dst.c_contiguous and (type(src) is not memoryview or src.c_contiguous):
-            n = dst.nbytes
-            if n < self._below:
-                self._credit -= n + CALL_CHARGE
-                if self._credit < 0:
-                    await self._checkpoint()
-                try:
-                    if n < _NOGIL_COPY:
-                        dst[:] = src
-                    else:
-                        _cpu.copy(dst, src)
-                except (TypeError, ValueError):
-                    pass
-                else:
-                    self._inline_ops += 1
-                    self._inline_nbytes += n
-                    return
-        dst, src = _view(dst, "dst", True), _view(src, "src")
-        _same_length("copy", dst, src)
-        n = len(dst)
-        if n < self._below:
-            await self._charge(n)
-            _cpu.copy(dst, src)
-            self._inline_ops += 1
-            self._inline_nbytes += n
-            return
-        await self._execute(_ops.Copy(dst, src))
+        await self._execute(_copy(dst, src))
 
     async def _fill_py(self, dst, pattern: bytes | int = b"\0") -> None:
         """Fill ``dst`` with a 1, 2, 4 or 8-byte pattern (or a byte value).
 
-        With the extension built, ``mover.fill`` is its C ``Inline.fill``
-        (small fills, counted as inline work), which hands this method
-        whatever it does not do itself; without it this is ``fill``.
+        ``mover.fill`` calls this for whatever it does not do itself.
         """
         await self._execute(_fill(dst, pattern))
-
-    if not C_INLINE:  # decided once, at import: the Python methods are the public ones
-        copy, fill = _copy_py, _fill_py
 
     async def compare(self, a, b) -> int | None:
         """Offset of the first differing byte, or None when equal."""
@@ -417,12 +390,9 @@ class Mover(_InlineBase):
         return None
 
     async def _execute(self, op: _ops.Operation):
+        """Run ``op`` where the policy says (an empty one is inline CPU work, drawing its call charge)."""
         if self._closed:
             raise DsaArgumentError("the mover is closed")
-        if op.finished:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._ops += 1
-            return op.result()
         # Work done on the CPU is counted once done: a call cancelled at its
         # checkpoint did nothing and counts nothing (as on the inline path).
         reason = None if self._device is None else "below_threshold" if op.nbytes() < self.threshold \
