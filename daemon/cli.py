@@ -6,9 +6,8 @@ Registration only builds parsers; the work, and the heavy imports, happen in
 the handler the chosen subcommand sets as ``func``.
 
 A handler returns the exit status. Errors meant for the user are raised as
-:class:`UserError` (or any subclass of :class:`dmuserd.errors.DmuserdError`)
-and printed as one line saying what went wrong and what to do, never as a
-traceback.
+a subclass of :class:`dmuserd.errors.DmuserdError` and printed as one line
+saying what went wrong and what to do, never as a traceback.
 """
 
 from __future__ import annotations
@@ -31,10 +30,6 @@ COMMAND_MODULES = [
     "dmuserd.daemon.image_commands",
     "dmuserd.daemon.units_commands",
 ]
-
-
-class UserError(Exception):
-    """An error whose message is the whole story for the user."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from dmuserd.errors import DmuserdError
 
         leaves = list(_leaves(exc))
-        if all(isinstance(e, (UserError, DmuserdError)) for e in leaves):
+        if all(isinstance(e, DmuserdError) for e in leaves):
             for leaf in leaves:
                 print(f"dmuserd: error: {leaf}", file=sys.stderr)
             return 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from dmuserd.daemon.cli import UserError, os_errors_as
+from dmuserd.daemon.cli import os_errors_as
 
 
 def register(subparsers) -> None:
@@ -111,13 +111,13 @@ def _stop(args: argparse.Namespace) -> int:
         if running is not None and running.pid not in {r["pid"] for r in chosen}:
             chosen.append({"pid": running.pid, "export": where, "state_dir": str(nbd.state_dir_for(where))})
         if not chosen:
-            raise UserError(f"no nbdkit serves {where} (`dmuserd nbd list` shows those that run)")
+            raise nbd.NbdError(f"no nbdkit serves {where} (`dmuserd nbd list` shows those that run)")
     served = [r for r in chosen if nbd._in_use(str(Path(r["state_dir"]) / nbd.CHANNEL_NAME))]
     for record in served:
         message = (f"nbdkit {record['pid']} ({record['export']}) has a daemon attached, which would start a new "
                    "one: stop that daemon first (or serve with on-stop=stop)")
         if not args.all:
-            raise UserError(message)
+            raise nbd.NbdError(message)
         print(f"dmuserd: left running: {message}", file=sys.stderr)
     chosen = [r for r in chosen if r not in served]
 
