@@ -291,21 +291,8 @@ class CowOp:
         return 0 if self.type in METADATA_OPS else self.chunk_size // self.block_size
 
     @property
-    def is_metadata(self) -> bool:
-        return self.type in METADATA_OPS
-
-    @property
     def is_ordered(self) -> bool:
         return self.type in ORDERED_OPS
-
-    def source_blocks(self) -> tuple[int, ...]:
-        """Base blocks an ordered op reads (an unaligned Xor reads two)."""
-        if self.type == OpType.COPY:
-            return (self.source,)
-        if self.type == OpType.XOR:
-            first, rem = divmod(self.source, self.block_size)
-            return (first, first + 1) if rem else (first,)
-        return ()
 
     def as_dict(self) -> dict:
         out = {"index": self.index, "type": self.type.name.lower(), "offset": self.offset}

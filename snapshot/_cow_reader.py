@@ -607,10 +607,6 @@ class CowReader:
         self.footer = {"offset": offset, "ops_size": ops_size, "num_ops": num_ops}
 
     @staticmethod
-    def _is_meta(op_type) -> bool:
-        return op_type in (OpType.LABEL, OpType.CLUSTER, OpType.SEQUENCE)
-
-    @staticmethod
     def _v2_type(type_value: int, index: int, offset: int) -> OpType:
         try:
             return OpType(type_value)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Iterator
 
 _M32 = 0xFFFFFFFF
-_INVALID = 0xFFFFFFFE
 
 MODE_A32, MODE_T32, MODE_A64 = 0, 1, 2
 A24, T8, T11, T20, T24 = range(5)

@@ -41,7 +41,7 @@ from dmuserd.snapshot._zucchini import (
 from dmuserd.snapshot import _zucchini_arm as arm
 from dmuserd.snapshot import _zucchini_kernel as kernel
 
-INVALID_RVA = INVALID_OFFSET = 0xFFFFFFFE
+INVALID_OFFSET = 0xFFFFFFFE
 OFFSET_BOUND = RVA_BOUND = 0x7FFFFFFF
 _SIZE_BOUND = 0x7FFF0000
 _M32 = 0xFFFFFFFF
