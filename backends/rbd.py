@@ -148,9 +148,11 @@ class RbdBackend(Backend):
         try:
             self._cluster = rados.Rados(conffile=self.conf, rados_id=self.client_id)
             # Bound every blocking set-up call: a dead cluster fails start-up instead of hanging it.
-            self._cluster.conf_set("client_mount_timeout", str(self.connect_timeout))
-            self._cluster.conf_set("rados_mon_op_timeout", str(self.connect_timeout))
-            self._cluster.connect(timeout=max(1, round(self.connect_timeout)))
+            # Ceph takes these in whole seconds ("2.5" and even "5.0" are refused).
+            whole = str(max(1, round(self.connect_timeout)))
+            self._cluster.conf_set("client_mount_timeout", whole)
+            self._cluster.conf_set("rados_mon_op_timeout", whole)
+            self._cluster.connect(timeout=int(whole))
         except rados.Error as exc:
             raise BackendError(
                 f"backend 'rbd': cannot connect to the cluster of {self.conf} as client.{self.client_id} "

@@ -24,6 +24,12 @@ path (Android's ``<p>-base`` next to ``<p>-src``, snapuserd's
 ``base_path_merge``): of the same size; merged blocks, and everything once
 merged, are read from it.
 
+A ``base`` may also name a backend, its options separated by ``:``
+(``base=rbd:pool=rbd:image=system_a:conf=/etc/ceph/ceph.conf``): the base
+is then read from that backend directly (librbd, no file in between) and
+an online merge writes and flushes it in place
+(:mod:`~dmuserd.snapshot.base_backend`); its status is ``base_backend``.
+
 Serving: each read is planned by :meth:`SnapshotView.gather` (base runs read
 straight into the reply) and completed by the target's data mover, one
 batch per read: Replace/Xor data and window blocks copied into place, zero
@@ -45,6 +51,7 @@ from dmuserd.backends import Backend, BackendError, Op, Options
 from dmuserd.errors import DmuserdError
 from dmuserd.images import ImageError
 from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot.base_backend import BackendImage, open_base, release_backend
 from dmuserd.snapshot.merge_control import MergeControl, MergeState
 from dmuserd.snapshot.view import DEFAULT_CACHE_BYTES, MergeBaseError, SnapshotView
 
@@ -69,6 +76,9 @@ class SnapshotBackend(Backend):
             self.reader = CowReader(cow, label=label)
         except OSError as exc:
             raise BackendError(f"snapshot backend: cannot open the COW file {cow}: {exc.strerror}") from None
+        #: the backend the base is (``base=rbd:pool=P:image=I``, see :mod:`~dmuserd.snapshot.base_backend`),
+        #: closed with this one; read and merged into from worker threads only
+        self.base_backend = base.backend if isinstance(base, BackendImage) else None
         try:
             self.view = SnapshotView(
                 self.reader, base, size=size, cache_bytes=cache_bytes,
@@ -103,7 +113,7 @@ class SnapshotBackend(Backend):
             # One mover for serving and merging (a dedicated DSA queue has room for one opener).
             self.merge = MergeControl(self.reader, self.view, base, cow, offload=offload, mover=self.mover,
                                       trust_progress=merged, unfinished=label is not None,
-                                      merge_base=base_merge)
+                                      merge_base=base_merge, base_backend=self.base_backend)
         except BaseException:
             self.view.close()
             self.reader.close()
@@ -129,18 +139,24 @@ class SnapshotBackend(Backend):
 
         if offload not in ENGINES:
             raise BackendError(f"backend 'snapshot' option offload: {offload!r} is not one of {', '.join(ENGINES)}")
-        return cls(base, cow, size=size, label=label, cache_bytes=cache, merged=merged, offload=offload,
-                   base_merge=base_merge)
+        base = open_base(base)  # a backend it names, opened; a path stays a path
+        try:
+            return cls(base, cow, size=size, label=label, cache_bytes=cache, merged=merged, offload=offload,
+                       base_merge=base_merge)
+        except BaseException:
+            if isinstance(base, BackendImage):
+                release_backend(base.backend)
+            raise
 
     async def read(self, offset: int, length: int):
         view = self.view
         if self.merge.state is MergeState.MERGED:
             # the base is the target now: the COW is not consulted
-            if length <= _INLINE_READ:
+            if length <= _INLINE_READ and self.base_backend is None:
                 return view.read_base(offset, length)
             return await trio.to_thread.run_sync(view.read_base, offset, length)
         # base/zero/copy blocks of one small read: page-cache preads, on the loop
-        inline = length <= _INLINE_READ and self._cheap(offset, length)
+        inline = length <= _INLINE_READ and self.base_backend is None and self._cheap(offset, length)
         return await view.aread(offset, length, self.mover, in_thread=not inline)
 
     def _cheap(self, offset: int, length: int) -> bool:
@@ -163,6 +179,8 @@ class SnapshotBackend(Backend):
         finally:
             self.view.close()
             self.reader.close()
+            if self.base_backend is not None:
+                await self.base_backend.close()
 
     def describe(self) -> dict:
         return {
@@ -173,7 +191,15 @@ class SnapshotBackend(Backend):
             "ops": self.reader.data_op_count,
             "merge": self.merge.describe(),
             "mover": self.mover.stats(),
-        }
+        } | self._base_backend_status()
+
+    def _base_backend_status(self) -> dict:
+        """A backend base's own status, and its one-line summary for ``dmuserd status``."""
+        if self.base_backend is None:
+            return {}
+        info = self.base_backend.describe()
+        summary = info.get("summary")
+        return {"base_backend": info, **({"summary": f"base: {summary}"} if isinstance(summary, str) else {})}
 
 
 def _open_mover(offload: str):

@@ -40,6 +40,7 @@ from dmuserd.errors import DmuserdError
 from dmuserd.snapshot._merge_engine import MergeEngine, MergeHooks, MergeIO, MergePlan, read_state
 from dmuserd.snapshot._merge_errors import MergeError, MergeStateError, MergeUnsafeError
 from dmuserd.snapshot._merge_journal import open_journal_readonly, probe_journal, remove_journal
+from dmuserd.snapshot.base_backend import BackendMergeIO, merge_refusal
 from dmuserd.snapshot.merge import lock_cow, open_plan_journal, plan_merge
 
 log = structlog.get_logger("dmuserd.snapshot.merge")
@@ -107,14 +108,17 @@ class MergeControl:
     which forbids merging, as does ``unfinished`` (read up to a label).
     ``merge_base``: a separate device the merge reads and writes instead of
     ``base`` (snapuserd's ``base_path_merge``: the same blocks as the base,
-    through another dm device; the view reads merged blocks from it). Reads the COW's merge state at once: a durable
+    through another dm device; the view reads merged blocks from it). ``base_backend``: the backend
+    the base is (:mod:`~dmuserd.snapshot.base_backend`, an RBD image...): the merge reads, writes and
+    flushes it instead of opening ``base``. Reads the COW's merge state at once: a durable
     scratch window of an interrupted merge is served from memory right
     away, so reads are right before the merge resumes.
     """
 
     def __init__(self, reader, view, base, cow, *, offload: str = "auto", mover=None, trust_progress: bool = True,
-                 unfinished: bool = False, merge_base=None) -> None:
+                 unfinished: bool = False, merge_base=None, base_backend=None) -> None:
         self.reader = reader
+        self._base_backend = base_backend
         self.view = view
         self.base = str(base if merge_base is None else merge_base)  # what the merge writes
         self.cow = str(cow)
@@ -135,7 +139,11 @@ class MergeControl:
             self._unsafe = MergeUnsafeError(f"{self.cow} is read up to a label (an unfinished COW file); "
                                             "only a complete file can be merged")
             return
-        if getattr(view, "base_image", None) is not None:  # a sparse image, a super partition, a zip entry
+        if base_backend is not None:
+            self._unsafe = merge_refusal(base_backend, self.base)
+            if self._unsafe is not None:
+                return
+        elif getattr(view, "base_image", None) is not None:  # a sparse image, a super partition, a zip entry
             self._unsafe = MergeUnsafeError(
                 f"the base {self.base} is read as a {view.base_image.kind} image, not a plain file: a merge writes "
                 "the base in place; serve a raw image (`dmuserd image unsparse`) to merge online")
@@ -241,12 +249,14 @@ class MergeControl:
         fds: list[int] = []
         try:
             cloexec = getattr(os, "O_CLOEXEC", 0)
-            fds.append(os.open(self.base, os.O_RDWR | cloexec))
+            if self._base_backend is None:
+                fds.append(os.open(self.base, os.O_RDWR | cloexec))
             fds.append(os.open(self.cow, os.O_RDWR | cloexec))
-            lock_cow(fds[1], self.cow)
-            io = MergeIO(fds[0], fds[1])
+            cow_fd = fds[-1]
+            lock_cow(cow_fd, self.cow)
+            io = MergeIO(fds[0], cow_fd) if self._base_backend is None else BackendMergeIO(self._base_backend, cow_fd)
             if self._plan.journal:  # no scratch space in the COW file: the windows go to its journal
-                fds.append(open_plan_journal(self._plan, self.cow, fds[1]))
+                fds.append(open_plan_journal(self._plan, self.cow, cow_fd))
                 io.fds["journal"] = fds[-1]
             state = await trio.to_thread.run_sync(read_state, io, self.reader, self._plan)
             if state.merged_ops != self.merged_ops:
