@@ -1,9 +1,16 @@
-"""Typed parsing of backend options (``key=value`` from the command line,
-or a TOML table), with errors that name the option and the bad value."""
+"""Typed parsing of options (``key=value`` from the command line, or a TOML
+table), with errors that name the owner, the option and the bad value.
+
+Backends and exports both take their options through :class:`Options`:
+a backend's errors read ``backend 'memory' option size: ...`` and are
+:class:`~dmuserd.backends.BackendError`; an export passes ``kind="export"``
+and its own error class (the daemon's ``ConfigError``), so its errors read
+``export 'fuse:/run/dmuserd/fuse,channels=x' option channels: ...``."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from dmuserd.backends._api import BackendError
 
@@ -11,19 +18,19 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _SUFFIX = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}
 
 
-def parse_size(text, *, what: str = "size") -> int:
+def parse_size(text, *, what: str = "size", error: type[Exception] = BackendError) -> int:
     """``"4096"``, ``"64K"``, ``"1G"``, ``"2GiB"`` → bytes (binary suffixes)."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
-            raise BackendError(f"{what}: must not be negative (got {text})")
+            raise error(f"{what}: must not be negative (got {text})")
         return text
     match = _SIZE_RE.match(str(text))
     if not match:
-        raise BackendError(f"{what}: {text!r} is not a size (use a number with an optional K/M/G/T suffix)")
+        raise error(f"{what}: {text!r} is not a size (use a number with an optional K/M/G/T suffix)")
     return int(match.group(1)) << _SUFFIX[match.group(2).upper()]
 
 
-def parse_bool(text, *, what: str) -> bool:
+def parse_bool(text, *, what: str, error: type[Exception] = BackendError) -> bool:
     if isinstance(text, bool):
         return text
     value = str(text).strip().lower()
@@ -31,7 +38,7 @@ def parse_bool(text, *, what: str) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise BackendError(f"{what}: {text!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+    raise error(f"{what}: {text!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
 
 
 class Options:
@@ -42,48 +49,79 @@ class Options:
         opts = Options("memory", options)
         size = opts.size("size")
         opts.finish()
+
+    ``owner`` names what the options belong to (a backend's name, an
+    export's spec), ``kind`` what that is; ``error`` is the exception class
+    raised (see the module doc).
     """
 
-    def __init__(self, backend: str, options: dict) -> None:
-        self._backend = backend
+    def __init__(self, owner: str, options: dict, *, kind: str = "backend",
+                 error: type[Exception] = BackendError) -> None:
+        self._owner = owner
+        self._kind = kind
+        self._error = error
         self._options = dict(options)
 
     def _take(self, key, default, required):
         if key in self._options:
             return self._options.pop(key)
         if required:
-            raise BackendError(f"backend {self._backend!r} needs the option {key}=...")
+            raise self._error(f"{self._kind} {self._owner!r} needs the option {key}=...")
         return default
 
     def _what(self, key):
-        return f"backend {self._backend!r} option {key}"
+        return f"{self._kind} {self._owner!r} option {key}"
+
+    def has(self, key: str) -> bool:
+        """The option was given (and not taken yet)."""
+        return key in self._options
 
     def str(self, key: str, default=None, *, required: bool = False):
         value = self._take(key, default, required)
         return None if value is None else str(value)
 
+    def choice(self, key: str, choices: Iterable[str], default=None, *, required: bool = False):
+        """One of ``choices`` (the error lists them)."""
+        value = self._take(key, default, required)
+        choices = tuple(choices)
+        if value is not None and str(value) not in choices:
+            raise self._error(f"{self._what(key)}: {value!r} is not one of {', '.join(choices)}")
+        return None if value is None else str(value)
+
     def size(self, key: str, default=None, *, required: bool = False):
         value = self._take(key, default, required)
-        return None if value is None else parse_size(value, what=self._what(key))
+        return None if value is None else parse_size(value, what=self._what(key), error=self._error)
 
-    def int(self, key: str, default=None, *, required: bool = False):
+    def int(self, key: str, default=None, *, required: bool = False, min=None, max=None):  # noqa: A002
+        """An integer, within ``min``..``max`` (inclusive) where given."""
+        return self._number(key, default, required, int, "an integer", min, max)
+
+    def float(self, key: str, default=None, *, required: bool = False, min=None, max=None):  # noqa: A002
+        """A number, within ``min``..``max`` (inclusive) where given."""
+        return self._number(key, default, required, float, "a number", min, max)
+
+    def _number(self, key, default, required, convert, noun, low, high):
         value = self._take(key, default, required)
         if value is None:
             return None
         try:
-            return int(value)
+            number = convert(value)
         except (TypeError, ValueError):
-            raise BackendError(f"{self._what(key)}: {value!r} is not an integer") from None
+            raise self._error(f"{self._what(key)}: {value!r} is not {noun}") from None
+        if number != number or (low is not None and number < low) or (high is not None and number > high):
+            bounds = f"{low if low is not None else '...'} to {high if high is not None else '...'}"
+            raise self._error(f"{self._what(key)}: {value!r} is out of range (use {bounds})")
+        return number
 
     def bool(self, key: str, default: bool = False):
         value = self._take(key, default, False)
-        return parse_bool(value, what=self._what(key))
+        return parse_bool(value, what=self._what(key), error=self._error)
 
-    def finish(self) -> None:
+    def finish(self, known: str = "") -> None:
+        """Refuse options nobody took; ``known`` (e.g. ``"channels=N, create=1"``) is added to the error."""
         if self._options:
-            raise BackendError(
-                f"backend {self._backend!r} does not know the option(s) {', '.join(sorted(self._options))}"
-            )
+            hint = f" (known: {known})" if known else ""
+            raise self._error(f"{self._kind} {self._owner!r}: unknown option(s) {', '.join(sorted(self._options))}{hint}")
 
 
 def size_and_block_size(backend: str, options: dict) -> tuple[int, int]:

@@ -8,11 +8,11 @@ has two methods::
     async def receive_some(self, max_bytes: int) -> bytes   # b"" at the end
     async def send_all(self, buffers: list) -> None          # one response
 
-:func:`serve_channel` runs requests concurrently, bounded by a shared
-:class:`trio.CapacityLimiter` (128 by default, the size of dm-user's
-reserve) and by :data:`MAX_IN_FLIGHT_PER_CHANNEL` per channel (so one
-channel cannot take every slot), and writes each response whole before the
-next one starts, so responses never interleave.
+:func:`serve_channel` runs requests concurrently, at most
+:data:`MAX_IN_FLIGHT_PER_CHANNEL` per channel (so one channel cannot take
+every slot of the target's bound, which the dispatcher keeps: see
+:class:`~dmuserd.daemon.dispatcher.Dispatcher`), and writes each response
+whole before the next one starts, so responses never interleave.
 
 A channel is an input surface (:mod:`dmuserd.daemon.guard`): bytes that break
 the protocol end that channel, counted as a rejection with the field at
@@ -25,6 +25,7 @@ from __future__ import annotations
 import structlog
 import trio
 
+from dmuserd.daemon.dispatcher import Refused
 from dmuserd.daemon.guard import Peer
 from dmuserd.protocol import (
     NEED_DATA,
@@ -38,16 +39,14 @@ from dmuserd.protocol import (
 
 log = structlog.get_logger("dmuserd.channel")
 
-#: Requests in flight per target by default (dm-user's reserve is sized for 128).
-DEFAULT_MAX_IN_FLIGHT = 128
 #: Requests one channel may have in flight at once, whatever the target's limit.
 MAX_IN_FLIGHT_PER_CHANNEL = 64
 #: Large enough for a header plus the largest payload the kernel sends in one go.
 RECEIVE_SIZE = 1 << 20
 
 
-async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *, name: str = "",
-                        surface: str = "channel", peer: Peer | None = None) -> None:
+async def serve_channel(transport, dispatcher, *, name: str = "",
+                        surface: str = "channel", peer: Peer | None = None, resends: bool = False) -> None:
     """Serve ``transport`` until it ends (EOF), breaks the protocol or fails.
 
     Requests still running when the transport ends are finished and their
@@ -61,13 +60,18 @@ async def serve_channel(transport, dispatcher, limiter: trio.CapacityLimiter, *,
     lock per request, which is most of this function's cost. A transport
     with a true ``scatter`` attribute sends a READ's data as the backend's
     pieces (:meth:`~dmuserd.backends.Backend.read_views`), unjoined.
+
+    ``resends``: the peer re-sends what is left unanswered when the channel
+    closes (the NBD plugin, to the next daemon); a request the dispatcher
+    refuses because the daemon stops (:class:`~dmuserd.daemon.dispatcher.Refused`)
+    is then left unanswered rather than failed.
     """
     with dispatcher.guard.isolate(surface, peer, device=dispatcher.name, channel=name):
-        await _serve(transport, dispatcher, limiter, name, surface, peer)
+        await _serve(transport, dispatcher, name, surface, peer, resends)
 
 
-async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str, surface: str,
-                 peer: Peer | None) -> None:
+async def _serve(transport, dispatcher, name: str, surface: str,
+                 peer: Peer | None, resends: bool) -> None:
     conn = DaemonConnection()
     serial = getattr(transport, "serial", False)
     scatter = getattr(transport, "scatter", False)
@@ -82,9 +86,10 @@ async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str
             else:
                 response = await dispatcher.handle(request, scatter)
         finally:
-            limiter.release_on_behalf_of(token)
             if not serial:
                 own.release_on_behalf_of(token)
+        if resends and type(response) is Refused:
+            return  # the peer re-sends it to the next daemon when this channel closes
         try:
             buffers = conn.send_response(response)
         except ProtocolError as exc:
@@ -114,11 +119,9 @@ async def _serve(transport, dispatcher, limiter: trio.CapacityLimiter, name: str
                     # be equal (same seq and range), so they cannot borrow.
                     token = object()
                     if serial:
-                        await _acquire(limiter, token)
                         await answer(request, token)
                     else:
                         await _acquire(own, token)
-                        await _acquire(limiter, token)
                         nursery.start_soon(answer, request, token)
             except ProtocolError as exc:
                 # The stream has lost its framing: end this channel after

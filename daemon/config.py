@@ -8,6 +8,9 @@ The command-line contract (other tools and users' scripts rely on it)::
 ``KIND:WHERE`` is ``fuse:/run/dmuserd/fuse`` (the file inside is named after
 the target), ``nbd:/run/dmuserd/disk.sock`` or ``nbd:tcp:HOST:PORT``, and
 ``dm-user:NAME``; options follow after commas (``dm-user:disk,channels=8``).
+KIND is any export registered under the ``dmuserd.exports`` entry points
+(:mod:`dmuserd.daemon.export`), or a class named ``package.module:Class``
+(then ``package.module:Class:WHERE``).
 
 A TOML file says the same, one table per target::
 
@@ -28,9 +31,6 @@ from dataclasses import dataclass, field
 
 from dmuserd.backends import parse_spec
 from dmuserd.errors import DmuserdError
-
-EXPORT_KINDS = ("fuse", "nbd", "dm-user")
-
 
 class ConfigError(DmuserdError):
     """A target, backend or export description that cannot be used."""
@@ -72,10 +72,18 @@ def default_control_socket() -> str:
 
 
 def parse_export(text: str) -> ExportSpec:
+    """``KIND:WHERE[,key=value...]``; KIND a registered export kind or ``module.path:Class``."""
+    from dmuserd.daemon.export import available
+
     kind, sep, rest = text.partition(":")
-    if not sep or kind not in EXPORT_KINDS or not rest:
-        raise ConfigError(f"export {text!r}: use KIND:WHERE with KIND one of {', '.join(EXPORT_KINDS)} "
-                          "(e.g. fuse:/run/dmuserd/fuse)")
+    if "." in kind and sep:  # a class by module path: module.path:Class:WHERE
+        name, sep, rest = rest.partition(":")
+        kind = f"{kind}:{name}"
+    elif kind not in available():
+        sep = ""
+    if not sep or not rest:
+        raise ConfigError(f"export {text!r}: use KIND:WHERE with KIND one of {', '.join(sorted(available()))} "
+                          "or package.module:Class (e.g. fuse:/run/dmuserd/fuse)")
     where, *items = rest.split(",")
     options = {}
     for item in items:

@@ -23,15 +23,26 @@ Rules it enforces, so backends never have to:
   :meth:`Dispatcher.handle` can raise (a bug there is counted by the
   target's :class:`~dmuserd.daemon.guard.Guard` and fails the request).
 
-Requests run concurrently; the caller bounds how many (see
-:class:`~dmuserd.daemon.channels.ChannelServer`).
+Admission and draining, so one mechanism serves every export's stop:
+
+* at most ``max_in_flight`` requests of a target run at once; the next
+  ones wait in arrival order (no polling: a finishing request hands its slot
+  to the first waiter);
+* :meth:`Dispatcher.close_admission` (a stop is under way): every request
+  not yet running, waiting ones included, is answered ERROR at once,
+  counted (``refused``) and logged once; what runs finishes;
+* :attr:`Dispatcher.drained` is set once admission is closed and nothing
+  is in flight: the daemon waits for it before flushing the backend.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import structlog
+import trio
+from outcome import Value
 
 from dmuserd.backends import Backend, Op, Unsupported
 from dmuserd.daemon.guard import Guard
@@ -59,9 +70,22 @@ _PREFLUSH, _FUA, _NOUNMAP = int(Flag.PREFLUSH), int(Flag.FUA), int(Flag.NOUNMAP)
 _READ_TYPE, _WRITE_TYPE, _FLUSH_TYPE = RequestType.READ, RequestType.WRITE, RequestType.FLUSH
 _OP_FLUSH, _OP_DISCARD, _OP_WRITE_ZEROES = Op.FLUSH, Op.DISCARD, Op.WRITE_ZEROES
 _SUCCESS = ResponseType.SUCCESS
+#: Requests in flight per target by default (dm-user's reserve is sized for 128).
+DEFAULT_MAX_IN_FLIGHT = 128
 #: Smaller READs are copied into one buffer even for a scatter-gather
 #: transport: below this, building and checking a list costs more than the copy.
 SCATTER_MIN = 64 * 1024
+
+
+class Refused(Response):
+    """The ERROR answer to a request refused because admission is closed (a stop).
+
+    On the wire it is an ERROR like any other; a transport whose peer re-sends
+    what was left unanswered (the NBD plugin) can leave it unanswered instead,
+    so the next daemon serves it (see :func:`~dmuserd.daemon.channels.serve_channel`).
+    """
+
+    __slots__ = ()
 
 
 class Stats:
@@ -73,7 +97,10 @@ class Stats:
         self.bytes_written = 0
         self.errors = 0
         self.unsupported = 0
+        #: requests running (admitted, not answered yet)
         self.in_flight = 0
+        #: requests answered ERROR because admission was closed (a stop)
+        self.refused = 0
         self.started = time.monotonic()
 
     @property
@@ -89,6 +116,7 @@ class Stats:
             "errors": self.errors,
             "unsupported": self.unsupported,
             "in_flight": self.in_flight,
+            "refused": self.refused,
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 
@@ -96,14 +124,52 @@ class Stats:
 class Dispatcher:
     """Serve requests for one target from its backend."""
 
-    def __init__(self, backend: Backend, *, name: str = "disk", guard: Guard | None = None) -> None:
+    def __init__(self, backend: Backend, *, name: str = "disk", guard: Guard | None = None,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1 (got {max_in_flight})")
         self.backend = backend
         self.name = name
         self.stats = Stats()
         #: Counts and logs what this target's channels refuse (the daemon's, shared by its targets).
         self.guard = guard if guard is not None else Guard()
+        self.max_in_flight = max_in_flight
+        #: set once admission is closed and no request is in flight
+        self.drained = trio.Event()
+        # The admission bound: max_in_flight while admitting, 0 once closed,
+        # so the hot path tests one integer.
+        self._limit = max_in_flight
+        #: tasks waiting for a slot, first come first served
+        self._waiters: deque[trio.lowlevel.Task] = deque()
         self._log = log.bind(device=name)
         self.refresh_capabilities()
+
+    @property
+    def admitting(self) -> bool:
+        """False once :meth:`close_admission` was called."""
+        return self._limit != 0
+
+    @property
+    def has_room(self) -> bool:
+        """A request handled now would run at once (admission open, a slot free, nobody waiting)."""
+        return self.stats.in_flight < self._limit and not self._waiters
+
+    def close_admission(self) -> None:
+        """Answer every request not yet running ERROR from now on (a stop is under way).
+
+        Requests waiting for a slot are refused too; those running finish,
+        and :attr:`drained` is set when the last one does.
+        """
+        if not self._limit:
+            return
+        self._limit = 0
+        waiting = len(self._waiters)
+        self._log.info("admission closed: new requests are answered ERROR", in_flight=self.stats.in_flight,
+                       waiting=waiting)
+        while self._waiters:
+            trio.lowlevel.reschedule(self._waiters.popleft(), Value(False))
+        if not self.stats.in_flight:
+            self.drained.set()
 
     def refresh_capabilities(self) -> None:
         """Re-read the backend's capabilities (a backend switched mode)."""
@@ -123,14 +189,44 @@ class Dispatcher:
         sends them at once by scatter-gather) instead of one buffer.
         """
         stats = self.stats
-        stats.in_flight += 1
+        if stats.in_flight >= self._limit or self._waiters:
+            if not await self._admit():
+                stats.refused += 1
+                return Refused(req.seq, ResponseType.ERROR)
+        else:
+            stats.in_flight += 1
         try:
             return await self._handle(req, scatter)
         except Exception as exc:  # noqa: BLE001 - a bug here must fail this one request only
             self.guard.failed("dispatcher", exc, device=self.name, seq=req.seq)
             return self._error(req, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            stats.in_flight -= 1
+            if self._waiters or not self._limit:
+                self._release()
+            else:
+                stats.in_flight -= 1
+
+    async def _admit(self) -> bool:
+        """Wait for a slot (True: it is ours, counted in flight) or a closed admission (False)."""
+        if not self._limit:
+            return False
+        task = trio.lowlevel.current_task()
+        self._waiters.append(task)
+
+        def abort(_raise_cancel) -> trio.lowlevel.Abort:
+            self._waiters.remove(task)  # cancelled while waiting: it never held a slot
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _release(self) -> None:
+        """A request is done: its slot goes to the first waiter, else it is freed."""
+        if self._waiters:
+            trio.lowlevel.reschedule(self._waiters.popleft(), Value(True))  # in_flight unchanged: handed over
+            return
+        self.stats.in_flight -= 1
+        if not self._limit and not self.stats.in_flight:
+            self.drained.set()
 
     async def _handle(self, req: Request, scatter: bool) -> Response:
         stats = self.stats

@@ -41,15 +41,15 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import struct
 import threading
 
 import structlog
 import trio
 
-from dmuserd.backends.options import parse_bool, parse_size
-from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, serve_channel
+from dmuserd.backends.options import Options
+from dmuserd.daemon.channels import serve_channel
 from dmuserd.daemon.config import ConfigError
+from dmuserd.daemon.export import Export
 from dmuserd.daemon.dmsetup import (
     DmError,
     check_name,
@@ -59,7 +59,7 @@ from dmuserd.daemon.dmsetup import (
     remove_target_async,
     table_size,
 )
-from dmuserd.protocol import DEFAULT_MAX_IO, HEADER_SIZE, SECTOR_SIZE, RequestType
+from dmuserd.protocol import DEFAULT_MAX_IO, HEADER_SIZE, HEADER_STRUCT, SECTOR_SIZE, RequestType
 
 log = structlog.get_logger("dmuserd.dmuser")
 
@@ -75,7 +75,7 @@ PAYLOAD_PIECE = 1 << 20
 #: :func:`install_wake_handler` loses nothing if it arrives.
 WAKE_SIGNAL = signal.SIGURG
 
-_HEADER = struct.Struct("<5Q")
+_HEADER = HEADER_STRUCT
 _WRITE = int(RequestType.WRITE)
 _devnull_fd: int | None = None
 
@@ -301,13 +301,12 @@ class DmUserDevice:
     channel_type = DevChannel
 
     def __init__(self, name: str, dispatcher, *, channels: int = DEFAULT_CHANNELS,
-                 remove_on_stop: bool = False, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+                 remove_on_stop: bool = False) -> None:
         self.name = name
         self.path = misc_path(name)
         self.dispatcher = dispatcher
         self.channel_count = channels
         self.remove_on_stop = remove_on_stop
-        self.limiter = trio.CapacityLimiter(max_in_flight)
         self.reopened = 0
         self._log = log.bind(device=dispatcher.name, dm_user=name)
 
@@ -365,7 +364,7 @@ class DmUserDevice:
         delay = 0.05
         try:
             while True:
-                await serve_channel(channel, self.dispatcher, self.limiter, name=label, surface="dm-user-channel")
+                await serve_channel(channel, self.dispatcher, name=label, surface="dm-user-channel")
                 if channel.removed:
                     return
                 self._log.error("dm-user channel failed: reopening it", channel=label,
@@ -396,25 +395,6 @@ class DmUserDevice:
             delay = min(delay * 2, MAX_REOPEN_DELAY)
 
 
-def _options(export, backend_size: int) -> tuple[int, bool, int]:
-    """channels, create, size from the export's options (typed errors)."""
-    opts = dict(export.options)
-    where = f"export {export}"
-    try:
-        channels = int(opts.pop("channels", DEFAULT_CHANNELS))
-    except ValueError:
-        raise ConfigError(f"{where}: channels must be a whole number (e.g. channels=4)") from None
-    if not 1 <= channels <= 64:
-        raise ConfigError(f"{where}: channels={channels}: use 1 to 64")
-    create = parse_bool(opts.pop("create", "0"), what=f"{where} option create")
-    size = parse_size(opts.pop("size"), what=f"{where} option size") if "size" in opts else backend_size
-    if opts:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(sorted(opts))} (known: channels, create, size)")
-    if size > backend_size:
-        raise ConfigError(f"{where}: size {size} is larger than the backend ({backend_size} bytes)")
-    return channels, create, size
-
-
 def _check_block_size(export, backend) -> None:
     """Refuse a backend the dm-user device's 512-byte logical blocks do not fit."""
     if backend.block_size != SECTOR_SIZE:
@@ -437,22 +417,50 @@ def _check_existing_table(export, name: str, backend_size: int) -> None:
             f"dmuserd dm remove {name} && dmuserd dm create {name} --size {backend_size}")
 
 
-async def start_export(daemon, target, export, nursery) -> None:
-    """Attach ``target`` to ``/dev/dm-user/<export.where>`` (see the module doc)."""
-    name = check_name(export.where)
-    channels, create, size = _options(export, target.backend.size)
-    _check_block_size(export, target.backend)
-    if create:
-        await create_user_target_async(name, size)
-    else:
-        _check_existing_table(export, name, target.backend.size)
-    device = DmUserDevice(name, target.dispatcher, channels=channels, remove_on_stop=create)
+class DmUserExport(Export):
+    """``--export dm-user:NAME[,channels=4][,create=1][,size=S]`` (see the module doc)."""
 
-    async def serve(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    kind = "dm-user"
+
+    def __init__(self, spec, host, *, channels: int, create: bool, size: int | None) -> None:
+        super().__init__(spec, host)
+        self.name = spec.where
+        self.channels = channels
+        self.create = create
+        self.size = size
+        self.device: DmUserDevice | None = None
+
+    @classmethod
+    def from_spec(cls, spec, host) -> DmUserExport:
+        opts = Options(str(spec), spec.options, kind="export", error=ConfigError)
+        channels = opts.int("channels", DEFAULT_CHANNELS, min=1, max=64)
+        create = opts.bool("create")
+        size = opts.size("size")
+        opts.finish("channels=N, create=1, size=SIZE")
+        return cls(spec, host, channels=channels, create=create, size=size)
+
+    async def start(self, target, nursery: trio.Nursery) -> str:
+        """Attach ``target`` to ``/dev/dm-user/NAME``, creating the table first with ``create=1``."""
+        export, backend = self.spec, target.backend
+        name = check_name(self.name)
+        size = backend.size if self.size is None else self.size
+        if size > backend.size:
+            raise ConfigError(f"export {export}: size {size} is larger than the backend ({backend.size} bytes)")
+        _check_block_size(export, backend)
+        if self.create:
+            await create_user_target_async(name, size)
+        else:
+            _check_existing_table(export, name, backend.size)
+        self.device = DmUserDevice(name, target.dispatcher, channels=self.channels, remove_on_stop=self.create)
+        await nursery.start(self._serve)
+        return mapper_path(name)
+
+    async def _serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
-            await device.run(task_status=task_status)  # (a table it created is removed if this fails)
+            await self.device.run(task_status=task_status)  # (a table it created is removed if this fails)
         finally:
-            target.endpoints.pop("dm-user", None)
+            self.endpoint = None  # the target was removed: the export has ended
 
-    await nursery.start(serve)
-    target.endpoints["dm-user"] = mapper_path(name)
+    def status(self) -> dict:
+        device = self.device
+        return {} if device is None else {"channels": device.channel_count, "reopened": device.reopened}

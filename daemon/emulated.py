@@ -8,8 +8,8 @@ channels, reading each message's bytes from a channel, decoding them with
 bytes back on that channel. So what a FUSE user sees is dm-user's
 behaviour: sequence numbers, per-channel ownership, the daemon timeout, no
 cap on the messages outstanding in the kernel. What bounds the requests in
-the dispatcher is the daemon's own limiter (``max_in_flight``), shared by
-every channel of the device, inline and background alike.
+the dispatcher is the dispatcher's own admission (``max_in_flight``),
+shared by every channel of the device, inline and background alike.
 
 Two kinds of channel serve the target, because handing every BIO to another
 task costs more than serving it (a task switch, an event, a wake-up of every
@@ -24,7 +24,7 @@ idle reader):
 * ``channels`` **background channels** served by
   :func:`~dmuserd.daemon.channels.serve_channel` (the very code that serves
   ``/dev/dm-user/NAME`` and the NBD plugin's sockets). They take what no
-  submitter serves: messages queued while every slot of the limiter is
+  submitter serves: messages queued while every slot of the dispatcher is
   taken (they read them and wait for a slot), and anything queued while the
   inline channel is gone.
 
@@ -37,7 +37,7 @@ import errno
 
 import trio
 
-from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, refuse_oversized, serve_channel
+from dmuserd.daemon.channels import refuse_oversized, serve_channel
 from dmuserd.protocol import (
     NEED_DATA,
     SECTOR_SIZE,
@@ -102,15 +102,12 @@ class EmulatedDmUser:
     :meth:`submit` block I/O from any trio task.
     """
 
-    def __init__(self, dispatcher, *, channels: int = 4, daemon_timeout: float = 4.0,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+    def __init__(self, dispatcher, *, channels: int = 4, daemon_timeout: float = 4.0) -> None:
         self.dispatcher = dispatcher
         self.channel_count = channels
         self._readable = _Wakeup()
         self._timers = _Wakeup()
         self.target = KernelTarget(daemon_timeout=daemon_timeout, on_queue=self._on_queue)
-        #: The bound on requests in the dispatcher (the kernel has none).
-        self.limiter = trio.CapacityLimiter(max_in_flight)
         self._inline: Channel | None = None
         self._inline_conn = DaemonConnection()
         self._submitting = False
@@ -157,7 +154,7 @@ class EmulatedDmUser:
         """
         try:
             while True:
-                await serve_channel(ModelChannelTransport(channel, self._readable), self.dispatcher, self.limiter,
+                await serve_channel(ModelChannelTransport(channel, self._readable), self.dispatcher,
                                     name=name, surface="dm-user-model")
                 if self.target.destroyed:
                     return
@@ -186,18 +183,13 @@ class EmulatedDmUser:
             self._submitting = False
         # Serve messages until ours has been taken by some channel.
         while bio.state is _QUEUED:
-            token = object()
-            try:
-                self.limiter.acquire_on_behalf_of_nowait(token)
-            except trio.WouldBlock:
+            if not self.dispatcher.has_room:
                 self._readable.fire()  # every slot is taken: a background channel reads it and waits for one
                 break
-            try:
-                if not await self._serve_inline():
-                    self._readable.fire()  # the inline channel cannot: wake the others
-                    break
-            finally:
-                self.limiter.release_on_behalf_of(token)
+            # (no await between the check and the dispatcher taking the slot)
+            if not await self._serve_inline():
+                self._readable.fire()  # the inline channel cannot: wake the others
+                break
         if bio.state is not _DONE:
             # Another channel owns it now. Nothing completes it before the
             # await below (one thread), so the callback can be set this late.

@@ -16,11 +16,15 @@ kind by name: for each ``--export`` of each target it
    every request to ``target.dispatcher.handle``) and return once clients
    can reach it, with a string saying where (a path, a URI); long-running
    tasks go in ``nursery``, cancelled when the target or the daemon stops;
-3. to stop: closes the dispatcher's admission (new requests get ERROR at
-   once, :meth:`~dmuserd.daemon.dispatcher.Dispatcher.close_admission`),
+3. to stop: awaits :meth:`Export.prepare_stop` (while requests are still
+   served: FUSE detaches the loop devices on its files, whose own flush
+   must get through), closes the dispatcher's admission (new requests get
+   ERROR at once, :meth:`~dmuserd.daemon.dispatcher.Dispatcher.close_admission`),
    calls :meth:`Export.stop_admitting` (make clients fail fast: remove a
    table, refuse new connections), waits for ``dispatcher.drained``,
-   flushes the backend and cancels the nursery.
+   flushes the backend and cancels the nursery. Removing one target at run
+   time (:meth:`~dmuserd.daemon.runtime.Daemon.remove_target`) does the same
+   for that target alone.
 
 What an export needs from the daemon around it (its guard, a place for
 process-wide state such as the one FUSE mount) is the :class:`Host` given
@@ -63,8 +67,8 @@ class Host(Protocol):
 class Export(abc.ABC):
     """One export of one target (see the module doc)."""
 
-    #: The registry name: the KIND of ``--export KIND:WHERE``.
-    kind: ClassVar[str]
+    #: The registry name: the KIND of ``--export KIND:WHERE`` (``spec.kind`` is what the user wrote).
+    kind: ClassVar[str] = ""
 
     def __init__(self, spec: ExportSpec, host: Host) -> None:
         self.spec = spec
@@ -80,6 +84,9 @@ class Export(abc.ABC):
     @abc.abstractmethod
     async def start(self, target: Target, nursery: trio.Nursery) -> str:
         """Serve ``target`` until ``nursery`` is cancelled; return where, once clients can reach it."""
+
+    async def prepare_stop(self) -> None:
+        """A stop begins and requests are still served: let clients finish cleanly (optional)."""
 
     def stop_admitting(self) -> None:
         """A stop is under way: make new I/O fail fast. The dispatcher already refuses it."""

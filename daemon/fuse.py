@@ -21,6 +21,11 @@ fallocate          PUNCH_HOLE → DISCARD, ZERO_RANGE → WRITE_ZEROES
                    :mod:`dmuserd.daemon.fuse_fallocate`)
 =================  ===========================================================
 
+Options: ``emulate=dm-user`` and, with it, ``channels=N`` (1 to 64, default
+4: the model's background channels). A stop detaches the loop devices on
+the mount's files first (their own flush still gets served), then the
+dispatcher refuses new requests: they fail with EIO.
+
 A failed BIO is EIO to the caller; the file and the device stay up. Each
 request is an input surface (``fuse``, :mod:`dmuserd.daemon.guard`): an
 operation that fails with anything but an ``OSError`` (a bug) answers EIO,
@@ -39,6 +44,9 @@ import time
 import structlog
 import trio
 
+from dmuserd.backends.options import Options
+from dmuserd.daemon.config import ConfigError
+from dmuserd.daemon.export import Export, Host
 from dmuserd.daemon.guard import Guard
 from dmuserd.errors import DmuserdError
 from dmuserd.protocol import Flag, RequestType
@@ -55,27 +63,74 @@ class FuseExportError(DmuserdError):
     """The FUSE export could not be set up (mountpoint busy, no /dev/fuse...)."""
 
 
-def device_for(dispatcher, export):
-    """The in-process device a FUSE export's file submits to, from the export's options (see the module doc)."""
-    from dmuserd.daemon.config import ConfigError
-    from dmuserd.daemon.direct import DirectDevice
-    from dmuserd.daemon.emulated import EmulatedDmUser
+class FuseExport(Export):
+    """``--export fuse:DIR[,emulate=dm-user[,channels=N]]``: the target as file ``DIR/<name>`` (see the module doc)."""
 
-    options = dict(export.options)
-    emulate, channels = options.pop("emulate", None), options.pop("channels", None)
-    if options:
-        raise ConfigError(f"export {export}: unknown option(s) {', '.join(sorted(options))} "
-                          "(known: emulate=dm-user, channels=N with it)")
-    if emulate is None:
-        if channels is not None:
-            raise ConfigError(f"export {export}: channels= is for emulate=dm-user (the kernel model's channels)")
-        return DirectDevice(dispatcher)
-    if emulate != "dm-user":
-        raise ConfigError(f"export {export}: emulate={emulate!r}: the one emulation is emulate=dm-user")
-    count = int(channels) if channels is not None and channels.isdigit() else (4 if channels is None else 0)
-    if not 1 <= count <= 64:
-        raise ConfigError(f"export {export}: channels={channels!r}: use 1 to 64")
-    return EmulatedDmUser(dispatcher, channels=count)
+    kind = "fuse"
+
+    def __init__(self, spec, host: Host, *, emulate: bool, channels: int) -> None:
+        super().__init__(spec, host)
+        self.emulate = emulate
+        self.channels = channels
+        self.device = None  # the DirectDevice / EmulatedDmUser, once started
+
+    @classmethod
+    def from_spec(cls, spec, host: Host) -> FuseExport:
+        opts = Options(str(spec), spec.options, kind="export", error=ConfigError)
+        emulate = opts.choice("emulate", ("dm-user",)) is not None
+        if opts.has("channels") and not emulate:
+            raise ConfigError(f"export {str(spec)!r}: channels= is for emulate=dm-user (the kernel model's channels)")
+        channels = opts.int("channels", 4, min=1, max=64)
+        opts.finish("emulate=dm-user, channels=N with it")
+        mount = host.shared.get(cls.kind)
+        mountpoint = os.path.abspath(spec.where)
+        if mount is None:
+            host.shared[cls.kind] = FuseMount(mountpoint, host.guard)
+        elif mount.mountpoint != mountpoint:
+            raise ConfigError(
+                f"FUSE exports name several mount points ({mount.mountpoint}, {mountpoint}); one process has "
+                "one FUSE mount: use the same directory for every target")
+        return cls(spec, host, emulate=emulate, channels=channels)
+
+    async def start(self, target, nursery: trio.Nursery) -> str:
+        """Add the target's file to the process's mount (mounting it first, in the daemon's nursery)."""
+        from dmuserd.daemon.direct import DirectDevice
+        from dmuserd.daemon.emulated import EmulatedDmUser
+
+        mount: FuseMount = self.host.shared[self.kind]
+        dispatcher = target.dispatcher
+        self.device = EmulatedDmUser(dispatcher, channels=self.channels) if self.emulate else DirectDevice(dispatcher)
+        await nursery.start(self.device.run)
+        path = mount.add(target.name, self.device, target.backend.size, target.backend.block_size)
+        nursery.start_soon(self._hold, mount, target.name)
+        if not mount.started:
+            mount.started = True
+            if self.host.nursery is None:
+                raise ConfigError(f"export {str(self.spec)!r}: the daemon is not running")
+            await self.host.nursery.start(mount.run)
+        return path
+
+    @staticmethod
+    async def _hold(mount: FuseMount, name: str) -> None:
+        """The file stays while the target's exports run."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            mount.remove(name)
+
+    async def prepare_stop(self) -> None:
+        """Detach loop devices on the file while its I/O, their own flush included, is still served."""
+        if self.endpoint is not None and self.host.shared[self.kind].mounted:
+            from dmuserd.daemon.loopdev import detach_loops_under
+
+            await detach_loops_under(self.endpoint)
+
+    def stop_admitting(self) -> None:
+        if self.device is not None:
+            self.device.stop_admitting()
+
+    def status(self) -> dict:
+        return {"mode": "emulate=dm-user" if self.emulate else "direct"}
 
 
 def _load_pyfuse3():
@@ -100,25 +155,35 @@ class _File:
         self.rmw_lock = trio.Lock()  # serialises read-modify-write of partial blocks
 
 
-class FuseExport:
-    """One FUSE mount holding a file per target."""
+class FuseMount:
+    """The process's one FUSE mount, holding a file per target (``host.shared["fuse"]``)."""
 
     def __init__(self, mountpoint: str, guard: Guard | None = None) -> None:
         self.mountpoint = os.path.abspath(mountpoint)
         self.guard = guard if guard is not None else Guard()
         self._files: dict[int, _File] = {}
         self._by_name: dict[bytes, _File] = {}
+        self._next_inode = 2
+        self.started = False
         self.mounted = False
         self.fallocate_supported = False
         self._nursery = None
 
     def add(self, name: str, device, size: int, block_size: int) -> str:
-        """Expose ``device`` (an :class:`EmulatedDmUser`) as file ``name``."""
-        inode = 2 + len(self._files)
+        """Expose ``device`` (a DirectDevice or an EmulatedDmUser) as file ``name``; its path."""
+        if name.encode() in self._by_name:
+            raise ConfigError(f"the FUSE mount {self.mountpoint} has a file {name!r} already")
+        inode, self._next_inode = self._next_inode, self._next_inode + 1
         entry = _File(inode, name, device, size, block_size)
         self._files[inode] = entry
         self._by_name[name.encode()] = entry
         return os.path.join(self.mountpoint, name)
+
+    def remove(self, name: str) -> None:
+        """The file ``name`` goes (its target was removed); its inode is not reused."""
+        entry = self._by_name.pop(name.encode(), None)
+        if entry is not None:
+            del self._files[entry.inode]
 
     def path_of(self, name: str) -> str:
         return os.path.join(self.mountpoint, name)

@@ -87,15 +87,18 @@ import os
 import shutil
 import signal
 import socket
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
 import trio
 
+from dmuserd.backends.options import Options
 from dmuserd.daemon.activation import bind_private_unix, inherited_socket
-from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, RECEIVE_SIZE, serve_channel
+from dmuserd.daemon.channels import RECEIVE_SIZE, serve_channel
 from dmuserd.daemon.config import ConfigError, default_control_socket
+from dmuserd.daemon.export import Export
 from dmuserd.daemon.guard import Peer
 from dmuserd.protocol import DEFAULT_DAEMON_TIMEOUT_MS
 
@@ -217,32 +220,34 @@ def read_registry(registry: Path | None = None) -> list[dict]:
     return records
 
 
-def _option(export, key: str, default, convert, check, what: str):
-    raw = export.options.get(key)
-    if raw is None:
-        return default
-    try:
-        value = convert(raw)
-    except ValueError:
-        value = None
-    if value is None or not check(value):
-        raise NbdError(f"export {export}: {key}={raw!r} is not {what}")
-    return value
+@dataclass(frozen=True)
+class NbdOptions:
+    """The ``nbd:`` export's options (see the module doc)."""
+
+    timeout: float
+    threads: int
+    on_stop: str
+    idle_exit: float
 
 
-def settings_for(target, export) -> Settings:
-    unknown = set(export.options) - {"timeout", "threads", "on-stop", "idle-exit"}
-    if unknown:
-        raise NbdError(f"export {export}: unknown option(s) {', '.join(sorted(unknown))} "
-                       "(known: timeout=SECONDS, threads=N, on-stop=keep|stop, idle-exit=SECONDS)")
+def parse_options(export) -> NbdOptions:
+    """The export's options, typed; :class:`NbdError` names the export and the option."""
+    opts = Options(str(export), export.options, kind="export", error=NbdError)
+    timeout = opts.float("timeout", DEFAULT_DAEMON_TIMEOUT_MS / 1000, min=0, max=3600)
+    threads = opts.int("threads", DEFAULT_THREADS, min=1, max=128)
+    on_stop = opts.choice("on-stop", ("keep", "stop"), "keep")
+    idle_exit = opts.float("idle-exit", DEFAULT_IDLE_EXIT, min=0, max=sys.float_info.max)  # (0: never)
+    opts.finish("timeout=SECONDS, threads=N, on-stop=keep|stop, idle-exit=SECONDS")
+    return NbdOptions(timeout, threads, on_stop, idle_exit)
+
+
+def settings_for(target, export, options: NbdOptions | None = None) -> Settings:
+    """What nbdkit is started with for ``target``'s ``export``."""
+    options = options if options is not None else parse_options(export)
     backend = target.backend
     caps = ",".join(sorted(op.value for op in backend.capabilities))
-    timeout = _option(export, "timeout", DEFAULT_DAEMON_TIMEOUT_MS / 1000, float,
-                      lambda v: 0 <= v <= 3600, "a number of seconds (0 to 3600)")
-    threads = _option(export, "threads", DEFAULT_THREADS, int, lambda v: 1 <= v <= 128, "a thread count (1 to 128)")
-    idle_exit = _option(export, "idle-exit", DEFAULT_IDLE_EXIT, float, lambda v: 0 <= v < float("inf"),
-                        "a number of seconds (0: never)")
-    return Settings(export.where, backend.size, backend.block_size, caps, timeout, threads, idle_exit)
+    return Settings(export.where, backend.size, backend.block_size, caps, options.timeout, options.threads,
+                    options.idle_exit)
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -547,35 +552,54 @@ class SocketTransport:
 # -- the export ------------------------------------------------------------------------------
 
 
-class NbdExport:
+class NbdExport(Export):
     """One ``nbd:`` export of one target: its channel listener and its nbdkit."""
 
-    def __init__(self, daemon, target, export) -> None:
-        self.daemon = daemon
-        self.target = target
-        self.export = export
-        self.settings = settings_for(target, export)
-        self.on_stop = export.options.get("on-stop", "keep")
-        if self.on_stop not in ("keep", "stop"):
-            raise NbdError(f"export {export}: on-stop={self.on_stop!r}: use keep or stop")
-        self.state_dir = state_dir_for(export.where)
-        self.limiter = trio.CapacityLimiter(DEFAULT_MAX_IN_FLIGHT)
+    kind = "nbd"
+
+    def __init__(self, spec, host, options: NbdOptions) -> None:
+        super().__init__(spec, host)
+        self.export = spec
+        self.options = options
+        self.on_stop = options.on_stop
+        self.state_dir = state_dir_for(spec.where)
+        self.target = None
+        self.settings: Settings | None = None
         self.pid: int | None = None  # nbdkit's
         self.keeper: int | None = None  # its parent shell, when this daemon started it
         self.listener: socket.socket | None = None  # the NBD socket, when we hold it
         self.systemd_socket = False  # the NBD socket is systemd's: never unlink it
         self._channels = 0
-        self.log = log.bind(device=target.name, where=export.where)
+        self.log = log.bind(where=spec.where)
+
+    @classmethod
+    def from_spec(cls, spec, host) -> NbdExport:
+        parse_where(spec.where)
+        return cls(spec, host, parse_options(spec))
 
     @property
-    def endpoint(self) -> str:
+    def uri(self) -> str:
+        """The NBD URI clients connect to."""
         kind, address = parse_where(self.export.where)
         if kind == "unix":
             return f"nbd+unix:///?socket={address}"
         host, port = address
         return f"nbd://[{host}]:{port}/" if ":" in host else f"nbd://{host}:{port}/"
 
-    async def start(self, nursery) -> None:
+    def status(self) -> dict:
+        return {"nbdkit_pid": self.pid, "channels_accepted": self._channels, "on_stop": self.on_stop}
+
+    async def start(self, target, nursery: trio.Nursery) -> str:
+        """Start (or re-attach to) the nbdkit serving ``target`` at ``WHERE``; the NBD URI."""
+        if not PLUGIN.exists():
+            raise NbdError(f"the nbdkit plugin {PLUGIN} is missing from this installation")
+        self.target = target
+        self.settings = settings_for(target, self.export, self.options)
+        self.log = log.bind(device=target.name, where=self.export.where)
+        await self._start(nursery)
+        return self.uri
+
+    async def _start(self, nursery) -> None:
         prepare_state_dir(self.state_dir)
         channel_sock = await bind_channel_socket(self.state_dir)
         try:
@@ -624,7 +648,7 @@ class NbdExport:
             raise NbdError(f"nbdkit did not come up in {START_TIMEOUT} s; its log ends:\n{_log_tail(self.state_dir)}")
         self.pid, self.keeper = pid, keeper
         _write_running(self.state_dir, Running(pid, _starttime(pid) or 0, self.settings))
-        self.log.info("nbdkit started", pid=pid, endpoint=self.endpoint, threads=self.settings.threads)
+        self.log.info("nbdkit started", pid=pid, endpoint=self.uri, threads=self.settings.threads)
 
     async def _supervise(self) -> None:
         """Restart nbdkit if it dies; at a stop, keep or stop it (``on-stop``)."""
@@ -647,7 +671,7 @@ class NbdExport:
                 await self._at_exit()
 
     async def _at_exit(self) -> None:
-        if self.daemon.stopping and self.on_stop == "stop" and self.pid is not None:
+        if self.host.stopping and self.on_stop == "stop" and self.pid is not None:
             self.log.info("stopping nbdkit (on-stop=stop)", pid=self.pid)
             await stop_nbdkit(self.pid)
             if self.keeper is not None:
@@ -716,16 +740,8 @@ class NbdExport:
         try:
             transport = SocketTransport(conn)
             with transport.sock:
-                await serve_channel(transport, self.target.dispatcher, self.limiter, name=name,
-                                    surface=SURFACE, peer=peer)
+                await serve_channel(transport, self.target.dispatcher, name=name,
+                                    surface=SURFACE, peer=peer, resends=True)
         finally:
             slots.release()
 
-
-async def start_export(daemon, target, export, nursery) -> None:
-    """Start (or re-attach to) the nbdkit serving ``target`` at ``export.where``."""
-    if not PLUGIN.exists():
-        raise NbdError(f"the nbdkit plugin {PLUGIN} is missing from this installation")
-    nbd = NbdExport(daemon, target, export)
-    await nbd.start(nursery)
-    target.endpoints["nbd"] = nbd.endpoint

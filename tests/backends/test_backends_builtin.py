@@ -30,7 +30,7 @@ def test_parse_size_and_spec():
 def test_unknown_backend_and_option_are_named():
     with pytest.raises(BackendError, match="unknown backend 'nope'"):
         from_spec("nope:size=1M")
-    with pytest.raises(BackendError, match="does not know the option"):
+    with pytest.raises(BackendError, match="unknown option"):
         from_spec("memory:size=1M,colour=blue")
     with pytest.raises(BackendError, match="needs the option size"):
         from_spec("memory")

@@ -179,7 +179,7 @@ async def test_bounded_concurrency():
 
     backend = PeakReads()
     async with trio.open_nursery() as nursery:
-        device = EmulatedDmUser(Dispatcher(backend, name="t"), channels=4, max_in_flight=8)
+        device = EmulatedDmUser(Dispatcher(backend, name="t", max_in_flight=8), channels=4)
         await nursery.start(device.run)
         async with trio.open_nursery() as readers:
             for i in range(64):

@@ -4,7 +4,7 @@ Through the real channel paths of the in-process model
 (:class:`~dmuserd.daemon.emulated.EmulatedDmUser`: its inline channel and
 its background channels served by ``serve_channel``), through the dm-user
 export's own pieces (the reader thread of :class:`~dmuserd.daemon.dmuser.DevChannel`
-on a FIFO, ``_writev_all``, the checks of ``start_export``), and through
+on a FIFO, ``_writev_all``, the checks of :class:`~dmuserd.daemon.dmuser.DmUserExport`), and through
 sysfs as the daemon reads it. What needs the real driver is checked in the
 VM by ``tests/vm/test_dmuser_edge_vm.py``.
 """
@@ -26,7 +26,7 @@ from dmuserd.backends.memory import MemoryBackend
 from dmuserd.daemon import dmsetup
 from dmuserd.daemon.config import ConfigError, ExportSpec, TargetSpec
 from dmuserd.daemon.dispatcher import Dispatcher
-from dmuserd.daemon.dmuser import PAYLOAD_PIECE, DevChannel, _writev_all, install_wake_handler, start_export
+from dmuserd.daemon.dmuser import PAYLOAD_PIECE, DevChannel, DmUserExport, _writev_all, install_wake_handler
 from dmuserd.daemon.emulated import EmulatedDmUser
 from dmuserd.daemon.runtime import Target
 from dmuserd.protocol import DEFAULT_MAX_IO, Flag, RequestType
@@ -37,16 +37,17 @@ HEADER = struct.Struct("<5Q")
 
 
 async def _device(nursery, backend, **kwargs) -> EmulatedDmUser:
-    device = EmulatedDmUser(Dispatcher(backend, name="t"), channels=2, **kwargs)
+    device = EmulatedDmUser(Dispatcher(backend, name="t", **kwargs), channels=2)
     await nursery.start(device.run)
     return device
 
 
 async def _through_background(nursery, device: EmulatedDmUser, *args):
-    """Submit with every slot taken, so a background channel (serve_channel) reads the message; then free them."""
-    tokens = [object() for _ in range(int(device.limiter.total_tokens))]
-    for token in tokens:
-        await device.limiter.acquire_on_behalf_of(token)
+    """Submit with every slot of the dispatcher taken, so a background channel (serve_channel) reads the
+    message (and waits for a slot); then free them."""
+    dispatcher = device.dispatcher
+    held = dispatcher.max_in_flight - dispatcher.stats.in_flight
+    dispatcher.stats.in_flight += held  # as if that many requests were running
     out: dict = {}
     done = trio.Event()
 
@@ -61,8 +62,8 @@ async def _through_background(nursery, device: EmulatedDmUser, *args):
     with trio.fail_after(10):
         while not done.is_set() and (device.target.queued or not device.target.outstanding):  # until taken
             await trio.sleep(0.001)
-    for token in tokens:
-        device.limiter.release_on_behalf_of(token)
+    for _ in range(held):
+        dispatcher._release()  # each ends: its slot goes to a waiter, if any
     with trio.fail_after(10):
         await done.wait()
     return out
@@ -315,7 +316,7 @@ async def test_backend_block_size_other_than_512_is_refused_before_touching_a_de
     target = _target({"size": "4M", "block_size": "4K"})
     name = "dmuserd-test-no-such-device"
     with pytest.raises(ConfigError, match="block size is 4096 bytes.*512-byte logical blocks"):
-        await start_export(None, target, ExportSpec("dm-user", name, {}), nursery)
+        await DmUserExport.from_spec(ExportSpec("dm-user", name, {}), None).start(target, nursery)
     assert target.endpoints == {}
 
 
@@ -343,5 +344,5 @@ async def test_existing_table_larger_than_the_backend_is_refused(nursery, tmp_pa
     monkeypatch.setenv("PATH", str(tmp_path))  # no dmsetup: sysfs is enough
     target = _target({"size": "4M"})
     with pytest.raises(ConfigError, match="8388608 bytes, larger than the backend \\(4194304 bytes\\)"):
-        await start_export(None, target, ExportSpec("dm-user", "dmuserd-test-big", {}), nursery)
+        await DmUserExport.from_spec(ExportSpec("dm-user", "dmuserd-test-big", {}), None).start(target, nursery)
     assert target.endpoints == {}

@@ -30,8 +30,8 @@ def test_both_modes_serve_a_filesystem(serve, tmp_path, options):
 
 @pytest.mark.parametrize("options, message", [
     (",channels=4", "channels= is for emulate=dm-user"),
-    (",emulate=nbd", "the one emulation is emulate=dm-user"),
-    (",emulate=dm-user,channels=0", "use 1 to 64"),
+    (",emulate=nbd", "option emulate: 'nbd' is not one of dm-user"),
+    (",emulate=dm-user,channels=0", "option channels: '0' is out of range (use 1 to 64)"),
     (",fast=1", "unknown option(s) fast"),
 ])
 def test_bad_fuse_options_are_refused_by_name(tmp_path, options, message):

@@ -71,7 +71,7 @@ async def test_a_channel_has_at_most_its_share_of_requests_in_flight():
     requests = b"".join(HEADER.pack(seq, RequestType.READ, 0, seq, 512) for seq in range(3 * MAX_IN_FLIGHT_PER_CHANNEL))
     transport = _Transport(requests)
     dispatcher = Dispatcher(backend, name="t")
-    await serve_channel(transport, dispatcher, trio.CapacityLimiter(1000), name="c")
+    await serve_channel(transport, dispatcher, name="c")
     assert backend.peak == MAX_IN_FLIGHT_PER_CHANNEL
     assert len(transport.answers()) == 3 * MAX_IN_FLIGHT_PER_CHANNEL
 
@@ -85,7 +85,7 @@ async def test_a_protocol_error_ends_the_channel_after_answering_what_it_holds()
     transport = _Transport(HEADER.pack(1, RequestType.READ, 0, 0, 512) + HEADER.pack(2, 42, 0, 0, 0)
                            + HEADER.pack(3, RequestType.READ, 0, 0, 512))
     dispatcher = Dispatcher(Slow(1 << 20), name="t")
-    await serve_channel(transport, dispatcher, trio.CapacityLimiter(8), name="c", surface="test-channel")
+    await serve_channel(transport, dispatcher, name="c", surface="test-channel")
     assert transport.answers() == {1: ResponseType.SUCCESS}  # 3 came after the break: never read
     assert dispatcher.guard.as_dict() == {"test-channel": {"protocol-type": 1}}
 
@@ -103,7 +103,7 @@ async def test_a_dispatcher_answer_the_protocol_cannot_carry_is_an_error_for_tha
 
     for backend, expected in ((Wrong(1 << 20), ResponseType.SUCCESS), (Worse(1 << 20), ResponseType.ERROR)):
         transport = _Transport(HEADER.pack(1, RequestType.READ, 0, 0, 512) + HEADER.pack(2, RequestType.READ, 0, 8, 512))
-        await serve_channel(transport, Dispatcher(backend, name="t"), trio.CapacityLimiter(8), name="c")
+        await serve_channel(transport, Dispatcher(backend, name="t"), name="c")
         assert transport.answers() == {1: expected, 2: expected}
         if expected == ResponseType.SUCCESS:
             assert all(len(a) == HEADER_SIZE + 512 for a in transport.sent)
@@ -121,14 +121,14 @@ async def test_a_bug_in_the_dispatcher_fails_one_request_and_is_counted():
 
     dispatcher = Dispatcher(Odd(1 << 20), name="t")
     transport = _Transport(HEADER.pack(1, RequestType.READ, 0, 0, 512) + HEADER.pack(2, RequestType.FLUSH, 0, 0, 0))
-    await serve_channel(transport, dispatcher, trio.CapacityLimiter(8), name="c")
+    await serve_channel(transport, dispatcher, name="c")
     assert transport.answers() == {1: ResponseType.ERROR, 2: ResponseType.SUCCESS}
     assert dispatcher.guard.as_dict() == {"dispatcher": {INTERNAL: 1}}
 
 
 async def test_fuse_operations_answer_eio_for_a_bug_and_errno_for_an_oserror():
     pyfuse3 = pytest.importorskip("pyfuse3")
-    from dmuserd.daemon.fuse import FuseExport, _Operations
+    from dmuserd.daemon.fuse import FuseMount, _Operations
 
     class Device:
         async def submit(self, kind, offset, length=0, data=None, flags=0):
@@ -136,7 +136,7 @@ async def test_fuse_operations_answer_eio_for_a_bug_and_errno_for_an_oserror():
                 raise OSError(errno.EIO, "failed BIO")
             raise RuntimeError("a bug below the FUSE handler")
 
-    export = FuseExport("/nonexistent-mountpoint")
+    export = FuseMount("/nonexistent-mountpoint")
     export.add("disk", Device(), 1 << 20, 512)
     ops = _Operations(export, pyfuse3)
     inode = next(iter(export._files))

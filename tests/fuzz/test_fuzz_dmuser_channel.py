@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from fuzz_lib import HANG_SECONDS, HEADER, HEADER_SIZE, MiB, REF_DATA, REF_SIZE, SCRATCH, SIZE, U64, Hang, header, \
     storm_settings
 from dmuserd.backends.memory import MemoryBackend
-from dmuserd.daemon.channels import DEFAULT_MAX_IN_FLIGHT, serve_channel
+from dmuserd.daemon.channels import serve_channel
 from dmuserd.daemon.dispatcher import Dispatcher
 from dmuserd.daemon.emulated import EmulatedDmUser
 from dmuserd.protocol import ALL_FLAGS, FORWARDED_TYPES, RequestType
@@ -96,7 +96,6 @@ class ModelDaemon:
         else:  # a daemon from before issue #21's guard
             self.dispatcher = Dispatcher(backend, name="disk")
         self.device = EmulatedDmUser(self.dispatcher, channels=CHANNELS)
-        self.limiter = trio.CapacityLimiter(DEFAULT_MAX_IN_FLIGHT)
         self._stop = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.device.run)
@@ -422,7 +421,7 @@ def _raw_storm(daemon: ModelDaemon, case) -> None:
         kwargs["surface"] = "dm-user-channel"
 
     async def serve():
-        await serve_channel(transport, daemon.dispatcher, daemon.limiter, **kwargs)
+        await serve_channel(transport, daemon.dispatcher, **kwargs)
 
     daemon.call(serve)  # an exception here would have ended the daemon's nursery
     answered = _check_raw_answers(frames, bytes(transport.sent), how["serial"])

@@ -13,8 +13,10 @@ import trio
 import trio.testing
 
 from merge_testlib import torture_cow
-from dmuserd.daemon import runtime, snapuserd
+from dmuserd.daemon import export as export_registry
+from dmuserd.daemon import snapuserd
 from dmuserd.daemon.config import DaemonSpec
+from dmuserd.daemon.export import Export
 from dmuserd.daemon.runtime import Daemon
 from dmuserd.snapshot.merge_control import MergeState
 
@@ -25,18 +27,26 @@ class Tables:
     def __init__(self) -> None:
         self.removed: dict[str, trio.Event] = {}
 
-    async def start_export(self, daemon, target, export, nursery) -> None:
-        removed = self.removed.setdefault(export.where, trio.Event())
+    def export_class(self, kind: str) -> type[Export]:
+        tables = self
 
-        async def serve(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-            target.endpoints["dm-user"] = f"/dev/mapper/{export.where}"
-            task_status.started()
-            try:
-                await removed.wait()
-            finally:
-                target.endpoints.pop("dm-user", None)
+        class StandIn(Export):
+            """The dm-user export, minus the kernel: it ends when the test removes its table."""
 
-        await nursery.start(serve)
+            async def start(self, target, nursery) -> str:
+                removed = tables.removed.setdefault(self.spec.where, trio.Event())
+                await nursery.start(self._serve, removed)
+                return f"/dev/mapper/{self.spec.where}"
+
+            async def _serve(self, removed: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                task_status.started()
+                try:
+                    await removed.wait()
+                finally:
+                    self.endpoint = None
+
+        assert kind == "dm-user", kind
+        return StandIn
 
     def remove(self, name: str) -> None:
         self.removed[name].set()
@@ -45,7 +55,7 @@ class Tables:
 @pytest.fixture
 def tables(monkeypatch):
     t = Tables()
-    monkeypatch.setattr(runtime, "_export_starter", lambda export: t.start_export)
+    monkeypatch.setattr(export_registry, "export_class", t.export_class)
     return t
 
 

@@ -11,28 +11,32 @@ from hypothesis import strategies as st
 
 from dmuserd.daemon.config import ExportSpec, parse_export
 from dmuserd.daemon.dmsetup import DmError, check_name, user_table
-from dmuserd.daemon.dmuser import _options
+from dmuserd.daemon.dmuser import DmUserExport
 from dmuserd.errors import DmuserdError
 
 MiB = 1 << 20
 
 
+def _options(text: str) -> tuple:
+    export = DmUserExport.from_spec(parse_export(text), None)
+    return export.channels, export.create, export.size
+
+
 def test_defaults_and_options():
-    assert _options(parse_export("dm-user:disk"), 64 * MiB) == (4, False, 64 * MiB)
-    assert _options(parse_export("dm-user:disk,channels=8,create=1,size=16M"), 64 * MiB) == (8, True, 16 * MiB)
+    assert _options("dm-user:disk") == (4, False, None)  # (the size: the backend's)
+    assert _options("dm-user:disk,channels=8,create=1,size=16M") == (8, True, 16 * MiB)
 
 
 @pytest.mark.parametrize("text, words", [
-    ("dm-user:d,channels=four", "whole number"),
+    ("dm-user:d,channels=four", "option channels: 'four' is not an integer"),
     ("dm-user:d,channels=0", "1 to 64"),
     ("dm-user:d,create=maybe", "not a boolean"),
-    ("dm-user:d,size=2G", "larger than the backend"),
     ("dm-user:d,size=lots", "not a size"),
     ("dm-user:d,chanels=2", "unknown option(s) chanels"),
 ])
 def test_bad_options_are_typed_errors_naming_the_option(text, words):
     with pytest.raises(DmuserdError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        _options(parse_export(text), 64 * MiB)
+        _options(text)
 
 
 def test_table_line():
@@ -57,14 +61,24 @@ def test_fuzz_table_line_is_a_table_or_a_dm_error(name, size):
 async def test_attaching_to_a_missing_device_says_how_to_create_it(nursery):
     from dmuserd.backends import create
     from dmuserd.daemon.config import TargetSpec
-    from dmuserd.daemon.dmuser import start_export
     from dmuserd.daemon.runtime import Target
 
     target = Target(TargetSpec("t", "memory", {"size": "1M"}, []), create("memory", {"size": "1M"}))
     name = "dmuserd-test-no-such-device"
     with pytest.raises(DmError, match=f"dmuserd dm create {name}"):
-        await start_export(None, target, ExportSpec("dm-user", name, {}), nursery)
+        await DmUserExport.from_spec(ExportSpec("dm-user", name, {}), None).start(target, nursery)
     assert target.endpoints == {}
+
+
+async def test_a_size_larger_than_the_backend_is_refused_at_start(nursery):
+    from dmuserd.backends import create
+    from dmuserd.daemon.config import TargetSpec
+    from dmuserd.daemon.runtime import Target
+
+    target = Target(TargetSpec("t", "memory", {"size": "64M"}, []), create("memory", {"size": "64M"}))
+    export = DmUserExport.from_spec(parse_export("dm-user:d,size=2G"), None)
+    with pytest.raises(DmuserdError, match="export dm-user:d,size=2G: size 2147483648 is larger than the backend"):
+        await export.start(target, nursery)
 
 
 def test_cli_errors_are_one_line():
