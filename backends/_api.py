@@ -31,9 +31,13 @@ Durability: ``write(..., fua=True)`` must be durable when it returns, and
 from __future__ import annotations
 
 import enum
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dmuserd.errors import DmuserdError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
 class Op(enum.Enum):
@@ -72,7 +76,7 @@ class Backend:
     #: out (``dmuserd serve --offload cpu`` sets ``offload`` for backends listing it).
     daemon_options: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *, size: int, block_size: int = 512, disabled_ops=()) -> None:
+    def __init__(self, *, size: int, block_size: int = 512, disabled_ops: Iterable[Op] = ()) -> None:
         if size < 0:
             raise BackendError(f"size must not be negative (got {size})")
         if block_size < 512 or block_size & (block_size - 1):
@@ -92,12 +96,12 @@ class Backend:
         """
         if options:
             raise BackendError(f"backend {cls.name!r} takes no options (got {', '.join(options)})")
-        return cls()
+        return cls()  # type: ignore[call-arg]  # a backend without options has a constructor without arguments
 
     @property
     def capabilities(self) -> frozenset[Op]:
         """The operations this backend serves: those its class overrides."""
-        ops = set()
+        ops: set[Op] = set()
         for op, method in _METHOD_FOR_OP.items():
             if getattr(type(self), method) is not getattr(Backend, method):
                 ops.add(op)
@@ -106,11 +110,11 @@ class Backend:
     def supports(self, op: Op) -> bool:
         return op in self.capabilities
 
-    async def read(self, offset: int, length: int):
+    async def read(self, offset: int, length: int) -> Buffer:
         """Return ``length`` bytes (any bytes-like object) starting at ``offset``."""
         raise Unsupported("read")
 
-    async def read_views(self, offset: int, length: int) -> list:
+    async def read_views(self, offset: int, length: int) -> list[Buffer]:
         """Return the ``length`` bytes at ``offset`` as a list of buffers, in order.
 
         For exports that hand the data on by scatter-gather (``sendmsg``,
@@ -127,14 +131,14 @@ class Backend:
 
     async def readinto(self, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` from ``offset``. Override to avoid a copy."""
-        data = await self.read(offset, len(buffer))
+        data = memoryview(await self.read(offset, len(buffer))).cast("B")
         if len(data) != len(buffer):
             raise BackendError(
                 f"{type(self).__name__}.read returned {len(data)} bytes, {len(buffer)} were asked for"
             )
         buffer[:] = data
 
-    async def write(self, offset: int, data, fua: bool = False) -> None:
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; durable before returning when ``fua``."""
         raise Unsupported("write")
 
@@ -153,6 +157,6 @@ class Backend:
     async def close(self) -> None:
         """Release resources. Called once, after the last request."""
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """A short description for ``dmuserd status`` and logs."""
         return {"backend": self.name, "size": self.size, "block_size": self.block_size}

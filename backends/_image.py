@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from dmuserd.backends._api import Backend, BackendError
 from dmuserd.errors import DmuserdError
 
+if TYPE_CHECKING:
+    from dmuserd.images import Image
+
+_Opened = TypeVar("_Opened")
+
 
 class ImageBackend(Backend):
     """Read-only serving of an image; subclasses open it in ``from_options``."""
 
-    def __init__(self, image) -> None:
+    def __init__(self, image: Image) -> None:
         self.image = image
         try:
             super().__init__(size=image.size, block_size=512)
@@ -31,14 +38,14 @@ class ImageBackend(Backend):
         self._nowait = True
 
     @staticmethod
-    def opened(name: str, opener, *args, **kwargs):
+    def opened(name: str, opener: Callable[..., _Opened], *args: Any, **kwargs: Any) -> _Opened:
         """``opener(*args, **kwargs)``, its typed errors raised as :class:`BackendError` naming the backend."""
         try:
             return opener(*args, **kwargs)
         except DmuserdError as exc:
             raise BackendError(f"backend {name!r}: {exc}") from None
 
-    async def read(self, offset, length):
+    async def read(self, offset: int, length: int) -> memoryview:
         buf = bytearray(length)
         view = memoryview(buf)
         if self._nowait:
@@ -54,8 +61,8 @@ class ImageBackend(Backend):
         await trio.to_thread.run_sync(self.image.readinto, view, offset)
         return view
 
-    async def close(self):
+    async def close(self) -> None:
         self.image.close()
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "image": self.image.describe()}

@@ -13,14 +13,19 @@ wrap any backend: ``FaultyBackend(inner, [(offset, length)], {Op.READ})``.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from dmuserd.backends._api import Backend, BackendError, Op
 from dmuserd.backends.memory import MemoryBackend
 from dmuserd.backends.options import Options, parse_size
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 
 def _parse_ranges(text: str) -> list[tuple[int, int]]:
-    ranges = []
+    ranges: list[tuple[int, int]] = []
     for item in filter(None, text.split("/")):
         offset, plus, length = item.partition("+")
         if not plus:
@@ -32,7 +37,8 @@ def _parse_ranges(text: str) -> list[tuple[int, int]]:
 class FaultyBackend(Backend):
     name = "faulty"
 
-    def __init__(self, inner: Backend, ranges, ops=frozenset({Op.READ, Op.WRITE})) -> None:
+    def __init__(self, inner: Backend, ranges: Iterable[tuple[int, int]],
+                 ops: Iterable[Op] = frozenset({Op.READ, Op.WRITE})) -> None:
         super().__init__(size=inner.size, block_size=inner.block_size)
         self.inner = inner
         self.ranges = list(ranges)
@@ -40,7 +46,7 @@ class FaultyBackend(Backend):
         self.failures = 0
 
     @classmethod
-    def from_options(cls, options):
+    def from_options(cls, options: dict[str, str]) -> FaultyBackend:
         opts = Options(cls.name, options)
         size = opts.size("size", required=True)
         ranges = _parse_ranges(opts.str("fail", ""))
@@ -53,7 +59,7 @@ class FaultyBackend(Backend):
         return cls(MemoryBackend(size), ranges, ops)
 
     @property
-    def capabilities(self):
+    def capabilities(self) -> frozenset[Op]:
         return self.inner.capabilities
 
     def _check(self, op: Op, offset: int = 0, length: int | None = None) -> None:
@@ -65,28 +71,28 @@ class FaultyBackend(Backend):
                 self.failures += 1
                 raise OSError(errno.EIO, f"injected {op.value} failure at {start}+{count}")
 
-    async def read(self, offset, length):
+    async def read(self, offset: int, length: int) -> Buffer:
         self._check(Op.READ, offset, length)
         return await self.inner.read(offset, length)
 
-    async def write(self, offset, data, fua=False):
-        self._check(Op.WRITE, offset, len(data))
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self._check(Op.WRITE, offset, memoryview(data).nbytes)
         await self.inner.write(offset, data, fua)
 
-    async def flush(self):
+    async def flush(self) -> None:
         self._check(Op.FLUSH)
         await self.inner.flush()
 
-    async def discard(self, offset, length):
+    async def discard(self, offset: int, length: int) -> None:
         self._check(Op.DISCARD, offset, length)
         await self.inner.discard(offset, length)
 
-    async def write_zeroes(self, offset, length, may_unmap=False):
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self._check(Op.WRITE_ZEROES, offset, length)
         await self.inner.write_zeroes(offset, length, may_unmap)
 
-    async def close(self):
+    async def close(self) -> None:
         await self.inner.close()
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return super().describe() | {"fail": self.ranges, "failures": self.failures}

@@ -26,11 +26,15 @@ import mmap
 import os
 import stat
 import struct
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from dmuserd.backends._api import Backend, BackendError, Op, Unsupported
 from dmuserd.backends.options import Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -93,7 +97,7 @@ class FileBackend(Backend):
             size = actual if size is None else size
             if size % block_size:
                 raise BackendError(f"file backend: {path} size {size} is not a multiple of {block_size} bytes")
-            disabled = {Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES} if readonly else set()
+            disabled: set[Op] = {Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES} if readonly else set()
             super().__init__(size=size, block_size=block_size, disabled_ops=disabled)
         except BaseException:
             os.close(self.fd)
@@ -102,7 +106,7 @@ class FileBackend(Backend):
         self._zero_range_ok = True
 
     @classmethod
-    def from_options(cls, options):
+    def from_options(cls, options: dict[str, str]) -> FileBackend:
         opts = Options(cls.name, options)
         path = opts.str("path", required=True)
         size = opts.size("size")
@@ -116,11 +120,11 @@ class FileBackend(Backend):
 
     # -- reads and writes ------------------------------------------------------
 
-    def _buffer(self, length: int):
+    def _buffer(self, length: int) -> bytearray | mmap.mmap:
         # O_DIRECT wants page-aligned memory: an anonymous mmap is.
         return mmap.mmap(-1, max(length, 1)) if self.direct else bytearray(length)
 
-    async def read(self, offset, length):
+    async def read(self, offset: int, length: int) -> memoryview:
         buf = self._buffer(length)
         view = memoryview(buf)[:length]
         if self._nowait:
@@ -139,7 +143,7 @@ class FileBackend(Backend):
             await trio.to_thread.run_sync(self._read_fully, view, offset, done)
         return view
 
-    def _read_fully(self, view, offset, done):
+    def _read_fully(self, view: memoryview, offset: int, done: int) -> None:
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n == 0:  # past the end of a file shorter than its size: zeros
@@ -147,28 +151,29 @@ class FileBackend(Backend):
                 return
             done += n
 
-    async def write(self, offset, data, fua=False):
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        view = memoryview(data).cast("B")
         if self.direct:
-            aligned = self._buffer(len(data))
-            aligned[: len(data)] = data
-            data = memoryview(aligned)[: len(data)]
-        await trio.to_thread.run_sync(self._write_fully, memoryview(data).cast("B"), offset, fua)
+            aligned = self._buffer(len(view))
+            aligned[: len(view)] = view
+            view = memoryview(aligned)[: len(view)]
+        await trio.to_thread.run_sync(self._write_fully, view, offset, fua)
 
-    def _write_fully(self, view, offset, fua):
+    def _write_fully(self, view: memoryview, offset: int, fua: bool) -> None:
         flags = os.RWF_DSYNC if fua else 0
         done = 0
         while done < len(view):
             done += os.pwritev(self.fd, [view[done:]], offset + done, flags)
 
-    async def flush(self):
+    async def flush(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self.fd)
 
     # -- deallocation -----------------------------------------------------------
 
-    async def discard(self, offset, length):
+    async def discard(self, offset: int, length: int) -> None:
         await trio.to_thread.run_sync(self._discard, offset, length)
 
-    def _discard(self, offset, length):
+    def _discard(self, offset: int, length: int) -> None:
         try:
             if self.is_block_device:
                 fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
@@ -179,10 +184,10 @@ class FileBackend(Backend):
                 raise Unsupported(f"discard on {self.path}: {exc.strerror}") from None
             raise
 
-    async def write_zeroes(self, offset, length, may_unmap=False):
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         await trio.to_thread.run_sync(self._write_zeroes, offset, length, may_unmap)
 
-    def _write_zeroes(self, offset, length, may_unmap):
+    def _write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         if self.is_block_device:
             try:
                 fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
@@ -208,10 +213,10 @@ class FileBackend(Backend):
             self._write_fully(memoryview(_ZEROS)[:chunk], offset + done, False)
             done += chunk
 
-    async def close(self):
+    async def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             await trio.to_thread.run_sync(os.close, fd)
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return super().describe() | {"path": self.path, "direct": self.direct, "block_device": self.is_block_device}

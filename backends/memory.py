@@ -8,8 +8,14 @@ vanish with the process; flush has nothing to do.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Self
+
 from dmuserd.backends._api import Backend
 from dmuserd.backends.options import size_and_block_size
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 CHUNK = 64 * 1024
 _ZERO_CHUNK = bytes(CHUNK)
@@ -23,14 +29,14 @@ class MemoryBackend(Backend):
         self._chunks: dict[int, bytearray] = {}
 
     @classmethod
-    def from_options(cls, options):
+    def from_options(cls, options: dict[str, str]) -> Self:
         return cls(*size_and_block_size(cls.name, options))
 
     @property
     def allocated_bytes(self) -> int:
         return len(self._chunks) * CHUNK
 
-    def _spans(self, offset: int, length: int):
+    def _spans(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(chunk index, start in chunk, end in chunk) covering the range."""
         end = offset + length
         while offset < end:
@@ -39,7 +45,7 @@ class MemoryBackend(Backend):
             yield index, start, stop
             offset += stop - start
 
-    async def read(self, offset, length):
+    async def read(self, offset: int, length: int) -> bytes:
         index, start = divmod(offset, CHUNK)
         if start + length <= CHUNK:  # the common case: one chunk
             chunk = self._chunks.get(index)
@@ -48,18 +54,18 @@ class MemoryBackend(Backend):
         # without copying again (and no zero-filled buffer to copy into).
         return b"".join(self._views(offset, length))
 
-    async def read_views(self, offset, length):
+    async def read_views(self, offset: int, length: int) -> list[Buffer]:
         # The chunks themselves, no copy: an export sends them by scatter-gather.
         return self._views(offset, length)
 
-    def _views(self, offset, length) -> list:
+    def _views(self, offset: int, length: int) -> list[Buffer]:
         zeros = memoryview(_ZERO_CHUNK)
         return [
             zeros[: stop - start] if (chunk := self._chunks.get(index)) is None else memoryview(chunk)[start:stop]
             for index, start, stop in self._spans(offset, length)
         ]
 
-    async def write(self, offset, data, fua=False):
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
         pos = 0
         for index, start, stop in self._spans(offset, len(view)):
@@ -69,21 +75,21 @@ class MemoryBackend(Backend):
             chunk[start:stop] = view[pos : pos + stop - start]
             pos += stop - start
 
-    async def flush(self):
+    async def flush(self) -> None:
         pass
 
-    async def discard(self, offset, length):
+    async def discard(self, offset: int, length: int) -> None:
         self._zero(offset, length)
 
-    async def write_zeroes(self, offset, length, may_unmap=False):
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self._zero(offset, length)
 
-    def _zero(self, offset, length):
+    def _zero(self, offset: int, length: int) -> None:
         for index, start, stop in self._spans(offset, length):
             if start == 0 and stop == CHUNK:
                 self._chunks.pop(index, None)
             elif (chunk := self._chunks.get(index)) is not None:
                 chunk[start:stop] = _ZERO_CHUNK[: stop - start]
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return super().describe() | {"allocated_bytes": self.allocated_bytes}

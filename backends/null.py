@@ -6,8 +6,13 @@ to measure the daemon and the export alone.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Self
+
 from dmuserd.backends._api import Backend
 from dmuserd.backends.options import size_and_block_size
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 
 class ReadsZeros(Backend):
@@ -21,26 +26,26 @@ class ReadsZeros(Backend):
         self._zeros = b""
 
     @classmethod
-    def from_options(cls, options):
+    def from_options(cls, options: dict[str, str]) -> Self:
         return cls(*size_and_block_size(cls.name, options))
 
-    async def read(self, offset, length):
+    async def read(self, offset: int, length: int) -> memoryview:
         if len(self._zeros) < length:
             self._zeros = bytes(length)
         return memoryview(self._zeros)[:length]
 
-    async def flush(self):
+    async def flush(self) -> None:
         pass
 
 
 class NullBackend(ReadsZeros):
     name = "null"
 
-    async def write(self, offset, data, fua=False):
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         pass
 
-    async def discard(self, offset, length):
+    async def discard(self, offset: int, length: int) -> None:
         pass
 
-    async def write_zeroes(self, offset, length, may_unmap=False):
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         pass

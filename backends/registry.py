@@ -64,7 +64,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
-def create(name: str, options: dict | None = None) -> Backend:
+def create(name: str, options: dict[str, str] | None = None) -> Backend:
     """Instantiate a backend by name with its options."""
     return backend_class(name).from_options(dict(options or {}))
 

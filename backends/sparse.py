@@ -12,6 +12,8 @@ Nothing is unpacked. Read-only. A raw image given by mistake is refused
 
 from __future__ import annotations
 
+from typing import Self
+
 from dmuserd.backends._api import BackendError
 from dmuserd.backends._image import ImageBackend
 from dmuserd.backends.options import Options
@@ -21,7 +23,7 @@ class SparseBackend(ImageBackend):
     name = "sparse"
 
     @classmethod
-    def from_options(cls, options):
+    def from_options(cls, options: dict[str, str]) -> Self:
         from dmuserd.images import RawImage
         from dmuserd.images.sparse import SparseImage, is_sparse
 

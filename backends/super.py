@@ -13,6 +13,8 @@ and reads go to the partition's extents in place. Read-only.
 
 from __future__ import annotations
 
+from typing import Self
+
 from dmuserd.backends._image import ImageBackend
 from dmuserd.backends.options import Options
 
@@ -21,7 +23,7 @@ class SuperBackend(ImageBackend):
     name = "super"
 
     @classmethod
-    def from_options(cls, options):
+    def from_options(cls, options: dict[str, str]) -> Self:
         from dmuserd.images import open_super
 
         opts = Options(cls.name, options)
