@@ -14,7 +14,7 @@ class ProtocolError(DmuserdError):
     no longer usable: the byte stream has lost its framing.
     """
 
-    def __init__(self, field: str, value, message: str) -> None:
+    def __init__(self, field: str, value: object, message: str) -> None:
         super().__init__(f"dm-user protocol error in {field}={value!r}: {message}")
         self.field = field
         self.value = value
