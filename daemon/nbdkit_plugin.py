@@ -6,18 +6,30 @@ dmuserd's pure-Python ``protocol`` package, loaded by path from the tree
 this file lives in (see :func:`_load_protocol`).
 
 What it does: every NBD request becomes one dm-user message on a Unix
-socket to the daemon, in the exact dm-user wire format (40-byte header,
-WRITE payload after it; the answer is a header and, for a READ, the data).
-Each channel carries one request at a time and belongs to one nbdkit worker
-thread while that request runs; idle channels wait in a pool, so there are
-as many channels as requests ever ran at once (at most nbdkit's
-``--threads`` per client connection). With one request per channel the
-answer to read is always ours, which is what makes the zero-copy paths
-simple:
+socket to the daemon (a *channel*), its header packed with the protocol's
+own codec (``protocol.HEADER_STRUCT``). Each channel carries one request at
+a time and belongs to one nbdkit worker thread while that request runs;
+idle channels wait in a list, so there are as many channels as requests
+ever ran at once (at most nbdkit's ``--threads`` per client connection).
+With one request per channel the answer to read is always ours.
 
-* READ: one ``recvmsg_into([header, buf])`` lands the answer header in the
-  channel's header buffer and the data straight into nbdkit's buffer;
-* WRITE: one ``sendmsg([header, buf])`` sends nbdkit's buffer as is.
+The data moves one of two ways:
+
+* through shared memory (``shm=PATH``, the daemon's slotted channel
+  socket; see :mod:`dmuserd.protocol._shm`): the daemon announces a pool
+  (a memfd, passed with ``SCM_RIGHTS``) when a channel connects, the
+  plugin maps it once per daemon, and each READ or WRITE takes a free slot
+  of it: a WRITE's data is copied once from nbdkit's buffer into the slot,
+  the daemon's backend answers a READ into the slot and the plugin copies
+  it once into nbdkit's buffer. Only headers (and the slot word) cross the
+  socket. A request longer than a slot, or one that finds every slot
+  taken, travels on the socket as below, on the same channel;
+* on the socket (the plain dm-user wire format: the fallback when there is
+  no ``shm=``, the slotted socket is not there, or the pool cannot be
+  mapped): READ: one ``recvmsg_into([header, buf])`` lands the answer
+  header in the channel's header buffer and the data straight into
+  nbdkit's buffer; WRITE: one ``sendmsg([header, buf])`` sends nbdkit's
+  buffer as is.
 
 (Pipelining several requests on one channel was measured against this: the
 daemon's CPU per request stayed the same, and nbdkit would pay a thread
@@ -72,7 +84,7 @@ watch rewrites it when that changes.
 
 Parameters (``nbdkit python nbdkit_plugin.py KEY=VALUE ...``; the daemon
 passes them, see :mod:`dmuserd.daemon.nbd`): ``channel`` (the daemon's
-channel socket), ``size``, ``block_size``, ``caps`` (comma-separated
+channel socket), ``shm`` (optional: its slotted channel socket), ``size``, ``block_size``, ``caps`` (comma-separated
 backend operations: read, write, flush, discard, write_zeroes),
 ``timeout`` (seconds); for the watch (each optional): ``state`` (the
 export's ``nbdkit.json``), ``nbd_socket`` (the NBD socket's path, when the
@@ -86,11 +98,11 @@ from __future__ import annotations
 import errno
 import io
 import json
+import mmap
 import os
 import select
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -109,6 +121,8 @@ RECONNECT_INTERVAL = 0.02
 SOCKET_BUFFER = 4 * 1024 * 1024
 #: How often the watch looks for a daemon, at the clients and at the NBD socket.
 WATCH_INTERVAL = 1.0
+#: How long a slotted channel waits for the daemon's pool announcement.
+ANNOUNCE_TIMEOUT = 5.0
 
 
 def _load_protocol():
@@ -140,8 +154,11 @@ SECTOR_SIZE = protocol.SECTOR_SIZE
 RequestType = protocol.RequestType
 ResponseType = protocol.ResponseType
 Flag = protocol.Flag
-_HEADER = struct.Struct("<5Q")  # the Header codec's layout, packed here without an object per request
-assert _HEADER.size == HEADER_SIZE == len(protocol.Header(0, 0, 0, 0, 0).encode())
+_HEADER = protocol.HEADER_STRUCT  # packed here without a Header object per request
+_SLOT = protocol.SLOT_STRUCT
+_NO_SLOT = protocol.NO_SLOT
+#: Bytes before a payload on a slotted channel: the header and the slot word.
+_SLOTTED_FRAME = HEADER_SIZE + _SLOT.size
 
 _READ = int(RequestType.READ)
 _WRITE = int(RequestType.WRITE)
@@ -156,6 +173,7 @@ _UNSUPPORTED = int(ResponseType.UNSUPPORTED)
 
 class _Config:
     channel = ""
+    shm = ""  # the slotted channel socket; "" (or a pool that cannot be mapped): plain channels only
     size = -1
     block_size = 512
     caps: frozenset = frozenset()
@@ -186,8 +204,8 @@ class _Broken(Exception):
 
 
 def config(key, value):
-    if key == "channel":
-        cfg.channel = value
+    if key in ("channel", "shm"):
+        setattr(cfg, key, value)
     elif key == "size":
         cfg.size = int(value)
     elif key == "block_size":
@@ -201,7 +219,7 @@ def config(key, value):
     elif key in ("state", "nbd_socket", "registry", "export"):
         setattr(cfg, key, value)
     else:
-        raise ValueError(f"dmuserd plugin: unknown parameter {key}={value!r} (known: channel, size, "
+        raise ValueError(f"dmuserd plugin: unknown parameter {key}={value!r} (known: channel, shm, size, "
                          "block_size, caps, timeout, state, nbd_socket, idle_exit, registry, export)")
 
 
@@ -297,26 +315,76 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _MSG_WAITALL = socket.MSG_WAITALL
 _pack_into = _HEADER.pack_into
 _unpack_from = _HEADER.unpack_from
+_pack_slot_into = _SLOT.pack_into
+
+
+class _Pool:
+    """One daemon's pool, mapped: its slots' views and which are free.
+
+    A daemon announces the same pool on every slotted channel; ``key`` (the
+    memfd's device and inode) tells a new pool (a new daemon) from the one
+    mapped already. A pool is unmapped when the last channel using it goes.
+    """
+
+    __slots__ = ("free", "give", "key", "map", "slot_size", "take", "views")
+
+    def __init__(self, fd, st, layout) -> None:
+        if st.st_size < layout.size:
+            raise OSError(errno.EINVAL, f"the pool's memfd holds {st.st_size} bytes, its layout {layout.size}")
+        self.key = (st.st_dev, st.st_ino)
+        self.map = mmap.mmap(fd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        view = memoryview(self.map)
+        size = self.slot_size = layout.slot_size
+        self.views = [view[i * size:(i + 1) * size] for i in range(layout.slots)]
+        # list.pop/append are atomic under the GIL; last freed, first taken (its pages are warm).
+        self.free = list(range(layout.slots - 1, -1, -1))
+        self.take = self.free.pop
+        self.give = self.free.append
+
+
+_pools = {}  # key -> the latest daemon's pool (earlier ones live on in their channels until they close)
+_pools_lock = threading.Lock()
+
+
+def _pool_for(fd, layout):
+    """The mapped pool of memfd ``fd`` (closed here): the one mapped already, or a new mapping."""
+    try:
+        st = os.fstat(fd)
+        with _pools_lock:
+            pool = _pools.get((st.st_dev, st.st_ino))
+            if pool is None:
+                pool = _Pool(fd, st, layout)
+                _pools.clear()
+                _pools[pool.key] = pool
+            return pool
+    finally:
+        os.close(fd)
 
 
 class _Channel:
-    """One connected channel and its header buffer (reused by every request).
+    """One connected channel and its frame buffer (reused by every request).
 
     ``header`` is a ctypes array so that :func:`_send_header` can pass its
-    address to send(2); ``hview`` is a byte view of it for ``recv``.
+    address to send(2): the request header, and on a slotted channel
+    (``pool`` set) the slot word after it. ``fview`` is the frame a request
+    starts with, ``hview`` the answer header's place.
     """
 
-    __slots__ = ("sock", "fd", "header", "hview", "haddr", "recvmsg_into", "recv_into")
+    __slots__ = ("fd", "frame", "fview", "haddr", "header", "hview", "pool", "recv_into", "recvmsg_into", "sock")
 
-    def __init__(self, sock) -> None:
+    def __init__(self, sock, pool=None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.pool = pool
+        self.frame = HEADER_SIZE if pool is None else _SLOTTED_FRAME
         if ctypes is not None:
-            self.header = (ctypes.c_char * HEADER_SIZE)()
+            self.header = (ctypes.c_char * _SLOTTED_FRAME)()
             self.haddr = ctypes.addressof(self.header)
         else:  # pragma: no cover
-            self.header, self.haddr = bytearray(HEADER_SIZE), None
-        self.hview = memoryview(self.header).cast("B")
+            self.header, self.haddr = bytearray(_SLOTTED_FRAME), None
+        view = memoryview(self.header).cast("B")
+        self.fview = view[:self.frame]
+        self.hview = view[:HEADER_SIZE]
         self.recvmsg_into = sock.recvmsg_into
         self.recv_into = sock.recv_into
 
@@ -328,17 +396,69 @@ _push = _pool.append
 _next_seq = iter(range(1 << 63)).__next__  # next() on a range iterator is atomic under the GIL
 
 
-def _connect():
+def _socket(path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # Big enough that a 32 MiB WRITE goes out in a few large pieces.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        sock.connect(cfg.channel)
+        sock.connect(path)
     except OSError:
         sock.close()
         raise
-    return _Channel(sock)
+    return sock
+
+
+def _connect(plain=False):
+    """A new channel to the daemon: slotted if ``shm=`` names a daemon that announces a pool, else plain.
+
+    Raises OSError when no daemon listens. A pool that cannot be used (an
+    announcement this plugin does not know, a mapping that fails) turns
+    the shared-memory path off for good, with a line in nbdkit's log.
+    """
+    if cfg.shm and not plain:
+        try:
+            sock = _socket(cfg.shm)
+        except OSError:
+            pass  # no daemon, or one without slotted channels: the plain socket says which
+        else:
+            try:
+                return _Channel(sock, _receive_pool(sock))
+            except protocol.ProtocolError as exc:
+                sock.close()
+                _say(f"shared-memory data plane off: {exc}")
+                cfg.shm = ""
+            except OSError as exc:
+                sock.close()
+                if exc.errno in (errno.ENOMEM, errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENODEV):
+                    _say(f"shared-memory data plane off: cannot map the pool ({exc})")
+                    cfg.shm = ""
+                else:
+                    raise
+    return _Channel(_socket(cfg.channel))
+
+
+def _receive_pool(sock):
+    """Read the daemon's pool announcement and its memfd; the mapped pool."""
+    size = protocol.ANNOUNCEMENT_SIZE
+    sock.settimeout(ANNOUNCE_TIMEOUT)
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, size, 1, socket.MSG_WAITALL | socket.MSG_CMSG_CLOEXEC)
+    except TimeoutError:
+        raise OSError(errno.ETIMEDOUT, "the daemon did not announce its pool") from None
+    finally:
+        sock.settimeout(None)
+    try:
+        if len(data) < size:
+            raise OSError(errno.ECONNRESET, "the daemon closed the channel in its pool announcement")
+        layout = protocol.PoolLayout.decode(data)
+        if len(fds) != 1:
+            raise protocol.ProtocolError("pool", len(fds), "the announcement came without the pool's descriptor")
+        fd = fds.pop()
+    finally:
+        for extra in fds:
+            os.close(extra)
+    return _pool_for(fd, layout)
 
 
 def _channel(deadline):
@@ -361,18 +481,19 @@ def _channel(deadline):
 
 
 def _send_header(chan):
-    """Send the 40 bytes in ``chan.header``, keeping the GIL when the socket takes them at once."""
+    """Send the request frame in ``chan.header``, keeping the GIL when the socket takes it at once."""
     sent = 0
+    frame = chan.frame
     if _c_send is not None:
-        sent = _c_send(chan.fd, chan.haddr, HEADER_SIZE, _SEND_FLAGS)
-        if sent == HEADER_SIZE:
+        sent = _c_send(chan.fd, chan.haddr, frame, _SEND_FLAGS)
+        if sent == frame:
             return
         if sent < 0:
             err = ctypes.get_errno()
             if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                 raise OSError(err, os.strerror(err))
             sent = 0
-    chan.sock.sendall(chan.hview[sent:])
+    chan.sock.sendall(chan.fview[sent:])
 
 
 def _send_rest(sock, buffers, sent):
@@ -387,21 +508,22 @@ def _send_rest(sock, buffers, sent):
 
 
 def _receive(chan, data):
-    """Receive one answer: its header into ``chan.header``, a READ's data into ``data``.
+    """Receive one answer: its header into ``chan.hview``, a READ's data on the socket into ``data``.
 
     The first ``recvmsg`` usually brings the whole answer (the daemon sends
     header and data in one go); what is missing of a large READ is then
     received in one more call with ``MSG_WAITALL``, straight into ``data``.
     """
-    got = chan.recv_into(chan.hview) if data is None else chan.recvmsg_into([chan.hview, data])[0]
+    hview = chan.hview
+    got = chan.recv_into(hview) if data is None else chan.recvmsg_into([hview, data])[0]
     if got == 0:
         raise _Broken("the daemon closed the channel")
     if got < HEADER_SIZE:
-        rest = chan.recv_into(chan.hview[got:], 0, _MSG_WAITALL)
+        rest = chan.recv_into(hview[got:], 0, _MSG_WAITALL)
         if rest != HEADER_SIZE - got:
             raise _Broken("the daemon closed the channel in an answer header")
         got = HEADER_SIZE
-    answer = _unpack_from(chan.header)
+    answer = _unpack_from(hview)
     if data is None or answer[1] != _SUCCESS:
         if got > HEADER_SIZE:
             raise _Fail(errno.EIO, "the daemon sent data after an error answer")
@@ -418,6 +540,41 @@ def _receive(chan, data):
     return answer
 
 
+def _exchange(chan, seq, kind, flags, sector, length, payload, into):
+    """One request on ``chan`` and its answer; a READ's data lands in ``into`` either way."""
+    header = chan.header
+    _pack_into(header, 0, seq, kind, flags, sector, length)
+    pool = chan.pool
+    if pool is not None:
+        slot = _NO_SLOT
+        if (payload is not None or into is not None) and length <= pool.slot_size:
+            try:
+                slot = pool.take()
+            except IndexError:
+                pass  # every slot is taken: this one goes on the socket
+        _pack_slot_into(header, HEADER_SIZE, slot)
+        if slot != _NO_SLOT:
+            view = pool.views[slot]
+            try:
+                if payload is not None:
+                    view[:length] = payload
+                _send_header(chan)
+                answer = _receive(chan, None)
+                if into is not None and answer[1] == _SUCCESS:
+                    into[:] = view[:length]
+                return answer
+            finally:
+                pool.give(slot)
+    if payload is None:
+        _send_header(chan)
+    else:
+        buffers = [chan.fview, payload]
+        sent = chan.sock.sendmsg(buffers)
+        if sent != chan.frame + length:
+            _send_rest(chan.sock, buffers, sent)
+    return _receive(chan, into)
+
+
 def _request(kind, offset, length, flags, payload=None, into=None):
     """Send one dm-user request and wait for its answer; re-send after a daemon restart."""
     if offset % SECTOR_SIZE or length % SECTOR_SIZE:
@@ -428,15 +585,7 @@ def _request(kind, offset, length, flags, payload=None, into=None):
         chan, deadline = _channel(deadline)
         seq = _next_seq()
         try:
-            _pack_into(chan.header, 0, seq, kind, flags, sector, length)
-            if payload is None:
-                _send_header(chan)
-            else:
-                buffers = [chan.hview, payload]
-                sent = chan.sock.sendmsg(buffers)
-                if sent != HEADER_SIZE + length:
-                    _send_rest(chan.sock, buffers, sent)
-            answer = _receive(chan, into)
+            answer = _exchange(chan, seq, kind, flags, sector, length, payload, into)
         except (OSError, _Broken) as exc:
             chan.sock.close()
             if deadline is None:
@@ -565,7 +714,7 @@ def _watch_loop():
 def _attach():
     """A connection to the daemon listening on the channel socket (kept idle), or None if none listens."""
     try:
-        return _connect().sock
+        return _connect(plain=True).sock  # the plain socket: any daemon, of any version, has it
     except OSError:
         return None
 

@@ -3,8 +3,11 @@
 * the numbers: :class:`RequestType`, :class:`ResponseType`, :class:`Flag`,
   :data:`HEADER_SIZE`, :data:`SECTOR_SIZE`, :data:`FORWARDED_FLAGS`,
   :data:`MESSAGE_POOL_RESERVE`;
-* the message: :class:`Header`, :class:`Request`, :class:`OversizedRequest`,
-  :class:`Response`;
+* the message: :class:`Header` (its layout: :data:`HEADER_STRUCT`, the one
+  in the tree), :class:`Request`, :class:`OversizedRequest`, :class:`Response`;
+* slotted channels (the NBD plugin's shared-memory data plane):
+  :class:`PoolLayout`, :class:`SlotPool`, :data:`SLOT_STRUCT`, :data:`NO_SLOT`,
+  :data:`ANNOUNCEMENT_SIZE`;
 * the daemon's side of a channel: :class:`DaemonConnection`;
 * the kernel's side: :class:`KernelTarget` (a model of ``dm-user.c``) with
   its :class:`Channel` and :class:`Bio`.
@@ -28,18 +31,23 @@ from dmuserd.protocol._constants import (
 )
 from dmuserd.protocol._errors import KernelError, ProtocolError
 from dmuserd.protocol._kernel import WOULD_BLOCK, Bio, BioState, Channel, KernelTarget
-from dmuserd.protocol._message import Header, OversizedRequest, Request, Response
+from dmuserd.protocol._message import HEADER_STRUCT, Header, OversizedRequest, Request, Response
+from dmuserd.protocol._shm import ANNOUNCEMENT_SIZE, NO_SLOT, SLOT_STRUCT, PoolLayout, SlotPool
 
 __all__ = [
     "ALL_FLAGS",
+    "ANNOUNCEMENT_SIZE",
     "DEFAULT_DAEMON_TIMEOUT_MS",
     "DEFAULT_MAX_IO",
     "FORWARDED_FLAGS",
     "FORWARDED_TYPES",
     "HEADER_SIZE",
+    "HEADER_STRUCT",
     "MESSAGE_POOL_RESERVE",
     "NEED_DATA",
+    "NO_SLOT",
     "SECTOR_SIZE",
+    "SLOT_STRUCT",
     "WOULD_BLOCK",
     "Bio",
     "BioState",
@@ -50,9 +58,11 @@ __all__ = [
     "KernelError",
     "KernelTarget",
     "OversizedRequest",
+    "PoolLayout",
     "ProtocolError",
     "Request",
     "RequestType",
     "Response",
     "ResponseType",
+    "SlotPool",
 ]

@@ -42,6 +42,13 @@ DISCARD   the oversized WRITE's ``len``        an :class:`OversizedRequest`; HEA
 ========  ===================================  =============================================
 
 (PAYLOAD is ``_header`` set, DISCARD is ``_oversized`` set, HEADER neither.)
+
+Given a :class:`~dmuserd.protocol.SlotPool` (``pool=``), the connection
+speaks the slotted framing of :mod:`dmuserd.protocol._shm`: each header is
+followed by a slot word; a WRITE with a slot comes out complete at once, its
+``payload`` a view of the slot (valid until it is answered), and the
+answer to a READ with a slot copies the data into the slot and is the
+header alone.
 """
 
 from __future__ import annotations
@@ -55,7 +62,14 @@ from dmuserd.protocol._constants import (
     ResponseType,
 )
 from dmuserd.protocol._errors import ProtocolError
-from dmuserd.protocol._message import Header, OversizedRequest, Request, _pack_header, _unpack_header
+from dmuserd.protocol._message import (
+    Header,
+    OversizedRequest,
+    Request,
+    _pack_header,
+    _unpack_header,
+)
+from dmuserd.protocol._shm import NO_SLOT, SLOT_STRUCT, SlotPool
 
 
 class _NeedData:
@@ -83,6 +97,7 @@ _READ, _WRITE, _SUCCESS = RequestType.READ, RequestType.WRITE, ResponseType.SUCC
 _IO_TYPES = (int(_READ), int(_WRITE))
 _UNKNOWN_FLAGS = ~ALL_FLAGS
 _OVERSIZED = OversizedRequest
+_unpack_slot = SLOT_STRUCT.unpack_from
 
 
 def _flag(flags: int) -> Flag:
@@ -96,8 +111,15 @@ def _flag(flags: int) -> Flag:
 class DaemonConnection:
     """One channel's protocol state on the daemon side."""
 
-    def __init__(self, *, max_io: int = DEFAULT_MAX_IO) -> None:
+    def __init__(self, *, max_io: int = DEFAULT_MAX_IO, pool: SlotPool | None = None) -> None:
         self.max_io = max_io
+        if pool is not None and pool.slot_size > max_io:
+            raise ValueError(f"slots of {pool.slot_size} bytes exceed max_io={max_io}")
+        self._pool = pool
+        # Bytes before a request's payload: the header, and a slotted channel's slot word.
+        self._frame = HEADER_SIZE if pool is None else HEADER_SIZE + SLOT_STRUCT.size
+        # seq -> slot, for slotted requests handed out and not answered.
+        self._slots: dict[int, int] = {}
         self._buffer = bytearray()
         # A WRITE's payload that arrived as one immutable bytes, kept as it is
         # (the model and our FUSE export hand over payloads that way).
@@ -125,7 +147,7 @@ class DaemonConnection:
         if self._oversized is not None:
             return max(min(self._discard, self.max_io), 1)
         if self._header is None:
-            return max(HEADER_SIZE - len(self._buffer), 1)
+            return max(self._frame - len(self._buffer), 1)
         if self._whole_payload is not None:
             return 1
         return max(self._header[4] - len(self._buffer), 1)  # the header's len
@@ -160,19 +182,25 @@ class DaemonConnection:
         buffer = self._buffer
         header = self._header
         if header is None:
-            if len(buffer) < HEADER_SIZE:
+            frame = self._frame
+            if len(buffer) < frame:
                 return NEED_DATA
             header = _unpack_header(buffer)
             seq, rtype, flags, sector, length = header
+            slot = NO_SLOT if frame == HEADER_SIZE else _unpack_slot(buffer, HEADER_SIZE)[0]
             # The checks of _check_request_header, as one test for the good case.
             if (rtype not in _REQUEST_TYPES or flags & _UNKNOWN_FLAGS or seq in self._outstanding
                     or length % SECTOR_SIZE or (length > self.max_io and rtype in _IO_TYPES)
                     or sector > _MAX_SECTOR or sector * SECTOR_SIZE + length > _U64_MAX):
                 self._check_request_header(Header._make(header))  # returns only if merely oversized
-                del buffer[:HEADER_SIZE]
+                if slot != NO_SLOT:
+                    self._slot_pool().take(slot, rtype, length)  # refuses: longer than max_io, so than a slot
+                del buffer[:frame]
                 return self._begin_oversized(header)
+            del buffer[:frame]
+            if slot != NO_SLOT:
+                return self._slotted(header, slot)
             self._header = header
-            del buffer[:HEADER_SIZE]
         seq, rtype, flags, sector, length = header
         payload = None
         if rtype == _WRITE:
@@ -190,6 +218,28 @@ class DaemonConnection:
         request = Request(seq, _REQUEST_TYPES[rtype], _flag(flags), sector, length, payload)
         self._outstanding[seq] = request
         return request
+
+    def _slotted(self, header: tuple, slot: int) -> Request:
+        """A request whose data is in (or goes to) ``slot``: complete with its header."""
+        seq, rtype, flags, sector, length = header
+        view = self._slot_pool().take(slot, rtype, length)
+        request = Request(seq, _REQUEST_TYPES[rtype], _flag(flags), sector, length,
+                          view if rtype == _WRITE else None)
+        self._slots[seq] = slot
+        self._outstanding[seq] = request
+        return request
+
+    def _slot_pool(self) -> SlotPool:
+        """The pool (called only where a slot word named a slot, so there is one)."""
+        pool = self._pool
+        assert pool is not None
+        return pool
+
+    def close(self) -> None:
+        """The channel ended: free the slots of requests that will never be answered."""
+        for slot in self._slots.values():
+            self._slot_pool().release(slot)
+        self._slots.clear()
 
     def _begin_oversized(self, header: tuple):
         """An oversized READ is handed out now; an oversized WRITE once its payload is dropped."""
@@ -254,10 +304,17 @@ class DaemonConnection:
                 raise ProtocolError("payload", size, f"a READ response must carry exactly {request.len} bytes")
             del self._outstanding[seq]
             header = _pack_header(seq, kind, request.flags, request.sector, request.len)
+            if self._slots and (slot := self._slots.pop(seq, None)) is not None:
+                pool = self._slot_pool()
+                pool.fill(slot, payload)
+                pool.release(slot)
+                return [header]
             return [header, *payload] if gather else [header, payload]
         if payload is not None and memoryview(payload).nbytes:
             raise ProtocolError(
                 "payload", memoryview(payload).nbytes, f"a {kind.name} response to {request.type.name} carries no payload"
             )
         del self._outstanding[seq]
+        if self._slots and (slot := self._slots.pop(seq, None)) is not None:
+            self._slot_pool().release(slot)
         return [_pack_header(seq, kind, request.flags, request.sector, request.len)]

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -59,8 +58,8 @@ from dmuserd.protocol._constants import (
     ResponseType,
 )
 from dmuserd.protocol._errors import KernelError
+from dmuserd.protocol._message import HEADER_STRUCT as _HEADER
 
-_HEADER = struct.Struct("<5Q")
 _READ, _WRITE = RequestType.READ, RequestType.WRITE
 _SUCCESS = int(ResponseType.SUCCESS)
 _NOT_FORWARDED_FLAGS = ~FORWARDED_FLAGS

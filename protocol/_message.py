@@ -13,10 +13,14 @@ from typing import NamedTuple
 from dmuserd.protocol._constants import HEADER_SIZE, SECTOR_SIZE, Flag, RequestType, ResponseType
 from dmuserd.protocol._errors import ProtocolError
 
-_HEADER = struct.Struct("<5Q")
-assert _HEADER.size == HEADER_SIZE
-_pack_header = _HEADER.pack
-_unpack_header = _HEADER.unpack_from
+#: The header's layout (seq, type, flags, sector, len: five little-endian
+#: u64), the one definition in the tree: every codec of the header, the
+#: kernel model's, the dm-user channel reader's and the nbdkit plugin's,
+#: packs and unpacks with it.
+HEADER_STRUCT = struct.Struct("<5Q")
+assert HEADER_STRUCT.size == HEADER_SIZE
+_pack_header = HEADER_STRUCT.pack
+_unpack_header = HEADER_STRUCT.unpack_from
 
 
 class Header(NamedTuple):
