@@ -185,9 +185,6 @@ class FuseMount:
         if entry is not None:
             del self._files[entry.inode]
 
-    def path_of(self, name: str) -> str:
-        return os.path.join(self.mountpoint, name)
-
     def _check_mountpoint(self) -> None:
         if not os.path.exists("/dev/fuse"):
             raise FuseExportError("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3")
