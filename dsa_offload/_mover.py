@@ -332,9 +332,8 @@ class Mover(_InlineBase):
             for i in inline:
                 op = ops[i]
                 self._ops += 1
-                if not op.finished:
-                    self._count_cpu(op.nbytes(), reason)
-                    op.cpu()
+                self._count_cpu(op.nbytes(), reason)
+                op.cpu()
                 results[i] = op.result()
             taken.update(inline)
         rest = [i for i in range(len(ops)) if i not in taken]
