@@ -35,11 +35,17 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from dmuserd.backends._api import Backend, BackendError, Op
 from dmuserd.backends.options import Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 DEFAULT_TIMEOUT = 30.0
@@ -58,7 +64,7 @@ class RbdTimeout(OSError):
         )
 
 
-def _bindings():
+def _bindings() -> tuple[ModuleType, ModuleType]:
     try:
         import rados
         import rbd
@@ -100,7 +106,7 @@ class _Latency:
         if seconds > self.max:
             self.max = seconds
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, float]:
         mean = self.total / self.count if self.count else 0.0
         return {"count": self.count, "mean_ms": round(mean * 1e3, 3), "max_ms": round(self.max * 1e3, 3)}
 
@@ -127,13 +133,15 @@ class RbdBackend(Backend):
         self.target = f"{pool}/{image}"
         if not os.path.exists(conf):
             raise BackendError(f"backend 'rbd': no Ceph configuration at {conf}; pass conf=PATH (scripts/ceph-dev start prints one)")
-        self._cluster = self._ioctx = self._image = None
+        # librados/librbd objects (the bindings have no type information)
+        self._cluster: Any = None
+        self._ioctx: Any = None
+        self._image: Any = None
         try:
-            self._open(create)
-            size = self._image.size()
+            size = self._open(create)
             if size % 512:
                 raise BackendError(f"backend 'rbd': image {self.target} is {size} bytes, not a multiple of 512; resize it (rbd resize)")
-            disabled = {Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES} if readonly else set()
+            disabled: set[Op] = {Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES} if readonly else set()
             super().__init__(size=size, block_size=512, disabled_ops=disabled)
         except BaseException:
             self._close_sync()
@@ -143,7 +151,8 @@ class RbdBackend(Backend):
         self._timeouts = 0
         self._late = 0  # timed-out requests librbd has not completed yet
 
-    def _open(self, create: int | None) -> None:
+    def _open(self, create: int | None) -> int:
+        """Connect, open the pool and the image (created first with ``create`` bytes); returns its size."""
         rados, rbd = self._rados_mod, self._rbd_mod
         try:
             self._cluster = rados.Rados(conffile=self.conf, rados_id=self.client_id)
@@ -186,9 +195,10 @@ class RbdBackend(Backend):
             raise BackendError(f"backend 'rbd': cannot open image {self.target}: {exc}") from None
         self.fsid = self._cluster.get_fsid()
         self.mon_host = self._cluster.conf_get("mon_host")
+        return int(self._image.size())
 
     @classmethod
-    def from_options(cls, options):
+    def from_options(cls, options: dict[str, str]) -> RbdBackend:
         opts = Options(cls.name, options)
         pool = opts.str("pool", required=True)
         image = opts.str("image", required=True)
@@ -206,7 +216,7 @@ class RbdBackend(Backend):
 
     # -- one asynchronous librbd call ------------------------------------------
 
-    async def _aio(self, what: str, start):
+    async def _aio(self, what: str, start: Callable[[Callable[..., None]], object]) -> Any:
         """Run ``start(callback)`` (an ``aio_*`` call) and wait for its completion.
 
         The callback runs on a librbd thread and only schedules the wake-up in
@@ -216,15 +226,15 @@ class RbdBackend(Backend):
             raise OSError(errno.EIO, f"rbd {self.target}: the image is closed")
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
-        result: list = []
+        result: list[tuple[int, Any]] = []
         state = {"abandoned": False}
 
-        def finish():
+        def finish() -> None:
             if state["abandoned"]:
                 self._late -= 1
             done.set()
 
-        def callback(completion, *data):
+        def callback(completion: Any, *data: Any) -> None:
             result.append((completion.get_return_value(), data[0] if data else None))
             try:
                 token.run_sync_soon(finish)
@@ -252,31 +262,31 @@ class RbdBackend(Backend):
 
     # -- block operations ----------------------------------------------------------
 
-    async def read(self, offset, length):
+    async def read(self, offset: int, length: int) -> bytes:
         data = await self._aio("read", lambda cb: self._image.aio_read(offset, length, cb))
         if data is None or len(data) != length:
             got = 0 if data is None else len(data)
             raise OSError(errno.EIO, f"rbd {self.target}: read of {length} bytes at {offset} returned {got}")
-        return data
+        return bytes(data)
 
-    async def write(self, offset, data, fua=False):
-        data = bytes(data)  # the binding wants bytes, and keeps them until librbd is done
-        await self._aio("write", lambda cb: self._image.aio_write(data, offset, cb))
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        payload = bytes(data)  # the binding wants bytes, and keeps them until librbd is done
+        await self._aio("write", lambda cb: self._image.aio_write(payload, offset, cb))
         if fua:
             await self.flush()
 
-    async def flush(self):
+    async def flush(self) -> None:
         await self._aio("flush", lambda cb: self._image.aio_flush(cb))
 
-    async def discard(self, offset, length):
+    async def discard(self, offset: int, length: int) -> None:
         await self._aio("discard", lambda cb: self._image.aio_discard(offset, length, cb))
 
-    async def write_zeroes(self, offset, length, may_unmap=False):
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         # librbd deallocates whole objects it zeroes unless told otherwise;
         # either way the range reads back as zeros.
         await self._aio("write_zeroes", lambda cb: self._image.aio_write_zeroes(offset, length, cb))
 
-    async def close(self):
+    async def close(self) -> None:
         image, self._image = self._image, None
         if image is None:
             return
@@ -285,7 +295,7 @@ class RbdBackend(Backend):
         with trio.move_on_after(self.timeout):
             await trio.to_thread.run_sync(self._shutdown, image, abandon_on_cancel=True)
 
-    def _shutdown(self, image) -> None:
+    def _shutdown(self, image: Any) -> None:
         try:
             image.close()
         finally:
@@ -306,7 +316,7 @@ class RbdBackend(Backend):
             except Exception:
                 pass
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return super().describe() | {
             "cluster": {"fsid": getattr(self, "fsid", None), "mon_host": getattr(self, "mon_host", None), "conf": self.conf},
             "pool": self.pool,
