@@ -1,0 +1,8 @@
+"""Type stub of the optional C extension built from ``snapshot/_zucchini_native.c`` (pyproject.toml ext-modules).
+
+Its functions are untyped here: ``snapshot/_zucchini_kernel.py`` is the one caller and says what they take.
+"""
+
+from typing import Any
+
+def __getattr__(name: str) -> Any: ...
