@@ -13,7 +13,7 @@ MARKS := -m "not slow"
 endif
 PACKAGE_SOURCES := __init__.py protocol daemon backends snapshot dsa_offload images
 
-.PHONY: all system venv test fuzz demo bench bench-quick install clean
+.PHONY: all system venv lint test fuzz demo bench bench-quick install clean
 
 all: venv
 
@@ -40,6 +40,14 @@ $(STAMP): .system-ok $(VENV)/bin/python pyproject.toml scripts/venv-ceph-binding
 	@touch $@
 
 venv: $(STAMP)
+
+# ruff and mypy, as pyproject.toml configures them ([tool.ruff], [tool.mypy]).
+# mypy reads the package as dmuserd through build/mypy-path/dmuserd, a link
+# to this folder (the package's folder is "." in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	@mkdir -p build/mypy-path && ln -sfn "$(CURDIR)" build/mypy-path/dmuserd
+	$(VENV)/bin/mypy
 
 # pytest exits 5 when it collected nothing: that is a failure here.
 test: $(STAMP)
