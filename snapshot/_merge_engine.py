@@ -32,14 +32,21 @@ and compared with the data mover (one operation per window; offloaded on
 DSA). Ops are read from the reader's packed :class:`OpTable` by row: no
 object per op. Syncs are ``fdatasync`` (sizes never change).
 
-Blocking file I/O runs in worker threads, one call per step: a step's
-commit is done at the start of the next step's first call (a batch: its
-reads, writes and read-back; a window: its reads), in the order the I/O
-always had, so a step costs one or two thread round trips, not two or
-three. A pause commits first (the ``settle`` of :meth:`MergeHooks.checkpoint`),
-and so does the end of the run. All file access goes through
-:class:`MergeIO`, so a test can stand in a storage that loses unsynced
-writes at a crash.
+Blocking file I/O runs in worker threads, and a step's commit overlaps
+the next step's preparation (its I/O order is the protocol's; what runs
+alongside it only reads). Each step is prepared (its reads and computing,
+in a worker thread), then written (after the previous step's commit has
+returned: the scratch window, if any, then the base), then its commit
+starts as a background task: sync the base, wait until the step's
+read-back compared equal, write and sync the progress. Meanwhile the main
+task reads the step back and compares it, then prepares the next step: the
+disk's writeback of one step hides the reading and computing of the next.
+Nothing of step N+1 is written before step N's commit is durable, so a crash
+finds exactly the states it found before. A pause waits for the commit
+(the ``settle`` of :meth:`MergeHooks.checkpoint`), and so does the end of
+the run. All file access goes through :class:`MergeIO` (from up to two
+threads at once: the commit's, and one reading), so a test can stand in a
+storage that loses unsynced writes at a crash.
 
 Online merges hand in :class:`MergeHooks` to publish each window before the
 base is written and to mark blocks merged after each commit.
@@ -336,15 +343,28 @@ class MergeEngine:
         #: seconds in them, the seconds of the whole run (set at its end)
         self.stats = {"windows": 0, "scratch_windows": 0, "batches": 0, "syncs": 0, "sync_seconds": 0.0,
                       "seconds": 0.0}
-        #: ops of the last step, written, read back and compared, whose commit
-        #: is still to do: it runs first in the next worker call (one thread
-        #: round trip less per step), or at a pause, or at the end
-        self._due = 0
+        #: ops written whose commit is running (a background task), and the
+        #: event set when it has returned (the ops are then in ``merged_ops``)
+        self._in_flight = 0
+        self._commit_done: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
 
     async def run(self) -> int:
         """Merge what is left; returns how many ops this run merged."""
         start = self.merged_ops
         started = time.perf_counter()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._steps()
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        finally:
+            self._nursery = None
+        self.stats["seconds"] = time.perf_counter() - started
+        return self.merged_ops - start
+
+    async def _steps(self) -> None:
         if self._pending is not None:
             window, self._pending = self._pending, None
             layout = self.plan.layout
@@ -356,15 +376,13 @@ class MergeEngine:
             await self._apply_window(window.blocks, bytearray(window.data))
         self._progress()
         total, ordered = self.plan.total_ops, self.plan.ordered
-        while self.merged_ops + self._due < total:
+        while self.merged_ops + self._in_flight < total:
             await self.hooks.checkpoint(self._settle)
-            if self.merged_ops + self._due < ordered:
+            if self.merged_ops + self._in_flight < ordered:
                 await self._ordered_window()
             else:
                 await self._unordered_batch()
         await self._settle()
-        self.stats["seconds"] = time.perf_counter() - started
-        return self.merged_ops - start
 
     def _progress(self) -> None:
         if self.on_progress is not None:
@@ -373,9 +391,9 @@ class MergeEngine:
     # --- ordered ops -------------------------------------------------------
 
     async def _ordered_window(self) -> None:
-        first = self.merged_ops + self._due
+        first = self.merged_ops + self._in_flight
         end = min(first + self.plan.layout.capacity, self.plan.ordered)
-        blocks, data, overlap = await self._in_thread(self._read_window, first, end)
+        blocks, data, overlap = await trio.to_thread.run_sync(self._read_window, first, end)
         scratch = None
         if overlap:
             entries = self.plan.layout.entries_bytes(blocks)
@@ -447,20 +465,22 @@ class MergeEngine:
         self.stats["sync_seconds"] += time.perf_counter() - started
 
     async def _apply_window(self, blocks: list[int], data: bytearray, scratch=None) -> None:
-        """Write a computed window: readers see it first (online), then
+        """Write a computed window and start its commit: the previous step's
+        commit returns first, then readers see the window (online),
         ``scratch()`` makes it durable in the scratch area (when it must),
-        then the base is written and committed."""
+        and the base is written."""
+        await self._settle()
         await self.hooks.window_ready(blocks, data)
-        await self._write_pieces(data, [(b, 1, i) for i, b in enumerate(blocks)], before=scratch)
+        await self._write_pieces(data, [(b, 1, i) for i, b in enumerate(blocks)], before=scratch,
+                                 commit=len(blocks))
         self.stats["windows"] += 1
-        self._due = len(blocks)
 
     # --- Replace / Zero -------------------------------------------------------
 
     async def _unordered_batch(self) -> None:
         t, order, bs = self.plan.table, self.plan.order, self.bs
         nb, fac = t.new_block, t.factor
-        first = self.merged_ops + self._due
+        first = self.merged_ops + self._in_flight
         end = min(first + COMMIT_EVERY, self.plan.total_ops)
         k = first
         while k < end:
@@ -479,10 +499,12 @@ class MergeEngine:
                 if t.type[r] == _REPLACE:
                     fill.append((r, view[pos * bs : (pos + n) * bs]))
                 pos += n
-            await self._write_pieces(data, pieces, before=(lambda fill=fill: self._read_chunks(fill)) if fill else None)
+            if fill:
+                await trio.to_thread.run_sync(self._read_chunks, fill)
+            await self._settle()  # the previous step's commit returns before this one writes
+            await self._write_pieces(data, pieces, commit=end - first if j == end else 0)
             k = j
         self.stats["batches"] += 1
-        self._due = end - first
 
     def _read_chunks(self, items: list[tuple[int, memoryview]]) -> None:
         """Fill each ``(row, view)`` with the decompressed data of Replace/Xor
@@ -521,11 +543,14 @@ class MergeEngine:
 
     # --- writing the base ---------------------------------------------------------
 
-    async def _write_pieces(self, data: bytearray, pieces: list[tuple[int, int, int]], *, before=None) -> None:
+    async def _write_pieces(self, data: bytearray, pieces: list[tuple[int, int, int]], *, before=None,
+                            commit: int = 0) -> None:
         """Write ``(new_block, blocks, position in data)`` pieces of ``data`` to
-        the base (one ``pwritev`` per run of consecutive new blocks), read
-        them back and compare. ``before()`` runs first, in the same worker
-        thread call (loading the data, writing the scratch window)."""
+        the base (one ``pwritev`` per run of consecutive new blocks), then,
+        when ``commit`` (ops) is set, start the commit of the ``commit`` ops
+        up to these, and read the pieces back and compare them: the commit
+        writes the progress only once they compared equal. ``before()`` runs
+        first, in the same worker thread call (writing the scratch window)."""
         bs = self.bs
         pieces = sorted(pieces)
         runs: list[tuple[int, list[list[int]]]] = []  # (first block, [[position, blocks], ...])
@@ -552,17 +577,20 @@ class MergeEngine:
             for offset, iov in views(data):
                 self.io.pwritev("base", iov, offset)
 
+        await trio.to_thread.run_sync(write)
+        verified = trio.Event()
+        if commit:
+            self._start_commit(commit, verified)
         if not self.verify:
-            await self._in_thread(write)
+            verified.set()
             return
         back = bytearray(len(data))
 
-        def write_and_read_back():
-            write()
+        def read_back():
             for offset, iov in views(back):
                 self.io.preadv("base", iov, offset)
 
-        await self._in_thread(write_and_read_back)
+        await trio.to_thread.run_sync(read_back)
         where = await self.mover.compare(data, back)
         if where is not None:
             pos = where // bs
@@ -570,17 +598,36 @@ class MergeEngine:
             raise MergeVerifyError(
                 f"the base reads back differently from what the merge wrote at block {block} (byte {where % bs} "
                 "of it); the base storage is failing or something else writes to it: stop and check it")
+        verified.set()
 
     # --- commit ---------------------------------------------------------------------
 
-    def _commit_io(self, count: int) -> None:
-        """Sync the base, then advance ``num_merge_ops`` by ``count`` (state
-        byte back to 1) and sync the COW file. Blocking."""
+    def _start_commit(self, count: int, verified: trio.Event) -> None:
+        """Commit the ``count`` ops written last, in a background task (see the module doc)."""
+        self._in_flight = count
+        self._commit_done = done = trio.Event()
+        self._nursery.start_soon(self._commit, count, verified, done)
+
+    async def _commit(self, count: int, verified: trio.Event, done: trio.Event) -> None:
+        """Sync the base; once the step compared equal, write and sync the progress.
+
+        ``done`` is set only when the commit returned: a failure (raised into
+        the nursery, which cancels the main task) or a cancellation (a
+        failed compare) leaves it unset, so nothing waits on it in vain."""
+        await trio.to_thread.run_sync(self._sync, "base")
+        await verified.wait()
+        await trio.to_thread.run_sync(self._write_progress, count)
+        self._in_flight = 0
+        self._committed(count)
+        done.set()
+
+    def _write_progress(self, count: int) -> None:
+        """Advance ``num_merge_ops`` by ``count`` (state byte back to 1) and
+        sync the COW file (the base is synced already). Blocking."""
         self._header.num_merge_ops = self.merged_ops + count
         record = self._header.pack()
         if self.plan.layout.capacity and not self.plan.journal:
             record += bytes([STATE_IN_PROGRESS])
-        self._sync("base")
         self.io.pwrite("cow", record, 0)
         self._sync("cow")
         if self.plan.journal:
@@ -593,28 +640,17 @@ class MergeEngine:
         self.hooks.committed(first, self.merged_ops)
         self._progress()
 
-    async def _in_thread(self, fn, *args):
-        """``fn(*args)`` in a worker thread, after the due commit (same call:
-        the commit's I/O, then ``fn``'s, in the order they always had)."""
-        due = self._due
-        if not due:
-            return await trio.to_thread.run_sync(fn, *args)
-        self._due = 0
-
-        def commit_then():
-            self._commit_io(due)
-            try:
-                return fn(*args), None
-            except Exception as exc:  # noqa: BLE001 - raised below, once the commit is accounted for
-                return None, exc
-
-        result, exc = await trio.to_thread.run_sync(commit_then)
-        self._committed(due)
-        if exc is not None:
-            raise exc
-        return result
-
     async def _settle(self) -> None:
-        """Commit the step written last, if its commit is still due."""
-        if self._due:
-            await self._in_thread(lambda: None)
+        """Wait until the commit started last has returned (if one is running)."""
+        if self._commit_done is not None:
+            await self._commit_done.wait()
+            self._commit_done = None
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in a (nested) group: the engine's nursery holds the
+    main task and one commit task, and callers expect the merge's own errors
+    (:class:`MergeVerifyError`, an ``OSError``) unwrapped."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group

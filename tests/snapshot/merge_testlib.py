@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import struct
+import threading
 from pathlib import Path
 
 from cow_helpers import BS, merge_in_place, pattern_block, write
@@ -159,6 +160,9 @@ class PowerCutIO(MergeIO):
     block back to what it held at the last sync, or (``keep_some``) keeps a
     random half, as a page cache written back in no particular order would.
     Durability is per 512-byte sector, the unit a disk writes atomically.
+    The merge calls it from two threads at once (a commit's syncs beside
+    reads), so each call, power cut included, runs under a lock: the
+    calls stay counted one by one and the storage changes atomically.
     """
 
     SECTOR = 512
@@ -172,6 +176,7 @@ class PowerCutIO(MergeIO):
         self.rng = random.Random(seed)
         self.keep_some = keep_some
         self.lose = lose  # False: a process kill, the page cache keeps every write
+        self._lock = threading.Lock()
 
     def _tick(self) -> None:
         self.calls += 1
@@ -182,23 +187,26 @@ class PowerCutIO(MergeIO):
 
     # MergeIO's pread/pwrite go through these two, so every call is one tick
     def preadv(self, which, views, offset):
-        self._tick()
-        return super().preadv(which, views, offset)
+        with self._lock:
+            self._tick()
+            return super().preadv(which, views, offset)
 
     def pwritev(self, which, views, offset):
-        self._tick()
-        s = self.SECTOR
-        fd = self.fds[which]
-        length = sum(len(v) for v in views)
-        for sector in range(offset // s, (offset + length + s - 1) // s):
-            if sector not in self.dirty[which]:
-                self.dirty[which][sector] = os.pread(fd, s, sector * s)
-        super().pwritev(which, views, offset)
+        with self._lock:
+            self._tick()
+            s = self.SECTOR
+            fd = self.fds[which]
+            length = sum(len(v) for v in views)
+            for sector in range(offset // s, (offset + length + s - 1) // s):
+                if sector not in self.dirty[which]:
+                    self.dirty[which][sector] = os.pread(fd, s, sector * s)
+            super().pwritev(which, views, offset)
 
     def fsync(self, which):
-        self._tick()
-        super().fsync(which)
-        self.dirty[which].clear()
+        with self._lock:
+            self._tick()
+            super().fsync(which)
+            self.dirty[which].clear()
 
     def power_cut(self) -> None:
         for which, sectors in self.dirty.items():
