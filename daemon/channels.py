@@ -59,7 +59,10 @@ async def serve_channel(transport, dispatcher, *, name: str = "",
     attribute: its requests are answered in this task, saving a task and a
     lock per request, which is most of this function's cost. A transport
     with a true ``scatter`` attribute sends a READ's data as the backend's
-    pieces (:meth:`~dmuserd.backends.Backend.read_views`), unjoined.
+    pieces (:meth:`~dmuserd.backends.Backend.read_views`), unjoined. A
+    transport whose ``pool`` attribute is a :class:`~dmuserd.protocol.SlotPool`
+    speaks the slotted framing (the NBD plugin's shared-memory channels):
+    data of the requests that name a slot moves through the pool.
 
     ``resends``: the peer re-sends what is left unanswered when the channel
     closes (the NBD plugin, to the next daemon); a request the dispatcher
@@ -72,7 +75,15 @@ async def serve_channel(transport, dispatcher, *, name: str = "",
 
 async def _serve(transport, dispatcher, name: str, surface: str,
                  peer: Peer | None, resends: bool) -> None:
-    conn = DaemonConnection()
+    conn = DaemonConnection(pool=getattr(transport, "pool", None))
+    try:
+        await _serve_connection(conn, transport, dispatcher, name, surface, peer, resends)
+    finally:
+        conn.close()  # the slots of requests left unanswered are free again
+
+
+async def _serve_connection(conn: DaemonConnection, transport, dispatcher, name: str, surface: str,
+                            peer: Peer | None, resends: bool) -> None:
     serial = getattr(transport, "serial", False)
     scatter = getattr(transport, "scatter", False)
     send_lock = trio.Lock()

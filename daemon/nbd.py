@@ -16,6 +16,13 @@ Files (the *state directory*, 0700, owned by the daemon's user):
   under ``$XDG_RUNTIME_DIR``;
 * ``ch.sock`` the channel socket (0600); every channel's peer must be the
   daemon's own uid or root (``SO_PEERCRED``), others are refused and logged;
+* ``shm.sock`` the slotted channel socket (0600, same peers): a channel
+  accepted there is first sent the export's shared pool
+  (:mod:`~dmuserd.daemon.nbd_shm`), then speaks the slotted framing
+  (:mod:`dmuserd.protocol._shm`): READ and WRITE data moves through the
+  pool, the socket carries the headers. The daemon always listens on both;
+  the plugin uses ``shm.sock`` when it was started with ``data=shm``
+  (``ch.sock`` if that fails), and ``ch.sock`` for its watch;
 * ``nbdkit.json`` which nbdkit serves this export (pid, start time, the
   parameters it was started with), ``nbdkit.log`` its stderr.
 
@@ -76,7 +83,10 @@ timeout default is the model's (``DEFAULT_DAEMON_TIMEOUT_MS``).
 Options (``nbd:SOCKET,key=value``): ``timeout`` (seconds), ``threads``
 (nbdkit worker threads per client connection, default 32), ``on-stop``
 (``keep`` or ``stop``), ``idle-exit`` (seconds a kept nbdkit waits for a
-daemon, default 600; 0: never).
+daemon, default 600; 0: never), ``data`` (``shm``, the default: data through
+the shared pool; ``socket``: every byte on the channel sockets). Like the
+others, ``data`` is the running nbdkit's: a daemon re-attaching keeps the
+mode that nbdkit was started with.
 """
 
 from __future__ import annotations
@@ -100,12 +110,15 @@ from dmuserd.daemon.channels import RECEIVE_SIZE, serve_channel
 from dmuserd.daemon.config import ConfigError, default_control_socket
 from dmuserd.daemon.export import Export
 from dmuserd.daemon.guard import Peer
+from dmuserd.daemon.nbd_shm import SharedPool
 from dmuserd.protocol import DEFAULT_DAEMON_TIMEOUT_MS
 
 log = structlog.get_logger("dmuserd.nbd")
 
 PLUGIN = Path(__file__).resolve().parent / "nbdkit_plugin.py"
 CHANNEL_NAME = "ch.sock"
+#: The slotted channel socket: channels whose data moves through a shared pool (:mod:`~dmuserd.daemon.nbd_shm`).
+SHM_CHANNEL_NAME = "shm.sock"
 STATE_NAME = "nbdkit.json"
 LOG_NAME = "nbdkit.log"
 PID_NAME = "nbdkit.pid"
@@ -147,6 +160,8 @@ class Settings:
     threads: int
     # A default, so that the nbdkit.json of an nbdkit started before this field still reads.
     idle_exit: float = DEFAULT_IDLE_EXIT
+    # How the plugin moves data (``data=``); an nbdkit.json from before this field: on the socket.
+    data: str = "socket"
 
 
 @dataclass
@@ -228,6 +243,7 @@ class NbdOptions:
     threads: int
     on_stop: str
     idle_exit: float
+    data: str = "shm"  # shm: through the shared pool; socket: on the channel sockets only
 
 
 def parse_options(export) -> NbdOptions:
@@ -237,8 +253,9 @@ def parse_options(export) -> NbdOptions:
     threads = opts.int("threads", DEFAULT_THREADS, min=1, max=128)
     on_stop = opts.choice("on-stop", ("keep", "stop"), "keep")
     idle_exit = opts.float("idle-exit", DEFAULT_IDLE_EXIT, min=0, max=sys.float_info.max)  # (0: never)
-    opts.finish("timeout=SECONDS, threads=N, on-stop=keep|stop, idle-exit=SECONDS")
-    return NbdOptions(timeout, threads, on_stop, idle_exit)
+    data = opts.choice("data", ("shm", "socket"), "shm")
+    opts.finish("timeout=SECONDS, threads=N, on-stop=keep|stop, idle-exit=SECONDS, data=shm|socket")
+    return NbdOptions(timeout, threads, on_stop, idle_exit, data)
 
 
 def settings_for(target, export, options: NbdOptions | None = None) -> Settings:
@@ -247,7 +264,7 @@ def settings_for(target, export, options: NbdOptions | None = None) -> Settings:
     backend = target.backend
     caps = ",".join(sorted(op.value for op in backend.capabilities))
     return Settings(export.where, backend.size, backend.block_size, caps, options.timeout, options.threads,
-                    options.idle_exit)
+                    options.idle_exit, options.data)
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -320,6 +337,8 @@ def _nbdkit_command(settings: Settings, state_dir: Path, systemd_socket: bool = 
     kind, address = parse_where(settings.where)
     if kind == "unix" and not systemd_socket:
         command.append(f"nbd_socket={address}")
+    if settings.data == "shm":
+        command.append(f"shm={state_dir / SHM_CHANNEL_NAME}")
     return command
 
 
@@ -470,8 +489,8 @@ def bind_nbd_socket(where: str) -> tuple[socket.socket, bool]:
     return sock, False
 
 
-async def bind_channel_socket(state_dir: Path) -> trio.socket.SocketType:
-    path = str(state_dir / CHANNEL_NAME)
+async def bind_channel_socket(state_dir: Path, name: str = CHANNEL_NAME) -> trio.socket.SocketType:
+    path = str(state_dir / name)
     if os.path.exists(path):
         if _in_use(path):
             raise NbdError(f"another dmuserd daemon already serves {path}: stop it first")
@@ -501,9 +520,12 @@ class SocketTransport:
     #: fits a pipe of ``pipe-max-size`` (1 MiB) whole, so no gain overall.)
     scatter = True
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType, pool: SharedPool | None = None) -> None:
         self.sock = socket.socket(fileno=sock.detach())  # ours to close from now on
         self.sock.setblocking(False)
+        #: A slotted channel's pool (announced before anything is read), else None: a plain channel.
+        self.pool = None if pool is None else pool.slots
+        self._announce = pool
         self._buffer = bytearray(RECEIVE_SIZE)
         self._view = memoryview(self._buffer)
         # After an answer the peer's next request is not there yet (it waited
@@ -513,6 +535,12 @@ class SocketTransport:
     async def receive_some(self, max_bytes: int):
         """The next bytes, as a view of this transport's buffer (valid until the next call)."""
         view = self._view[: min(max_bytes, len(self._buffer))]
+        if self._announce is not None:
+            pool, self._announce = self._announce, None
+            try:
+                pool.announce(self.sock)
+            except OSError:
+                return b""  # the peer is gone already
         if self._answered:
             self._answered = False
             await trio.lowlevel.wait_readable(self.sock)
@@ -570,6 +598,7 @@ class NbdExport(Export):
         self.listener: socket.socket | None = None  # the NBD socket, when we hold it
         self.systemd_socket = False  # the NBD socket is systemd's: never unlink it
         self._channels = 0
+        self.pool: SharedPool | None = None  # the slotted channels' pool, made at the first
         self.log = log.bind(where=spec.where)
 
     @classmethod
@@ -601,7 +630,13 @@ class NbdExport(Export):
 
     async def _start(self, nursery) -> None:
         prepare_state_dir(self.state_dir)
-        channel_sock = await bind_channel_socket(self.state_dir)
+        # The slotted socket first: a plugin that finds the plain one finds it too.
+        shm_sock = await bind_channel_socket(self.state_dir, SHM_CHANNEL_NAME)
+        try:
+            channel_sock = await bind_channel_socket(self.state_dir)
+        except BaseException:
+            shm_sock.close()
+            raise
         try:
             running = read_running(self.state_dir)
             if running is not None:
@@ -612,8 +647,11 @@ class NbdExport(Export):
                 await self._start_nbdkit()
         except BaseException:
             channel_sock.close()
+            shm_sock.close()
             raise
-        nursery.start_soon(self._accept_channels, channel_sock)
+        channels = trio.Semaphore(MAX_CHANNELS)  # both sockets' channels together
+        nursery.start_soon(self._accept_channels, channel_sock, CHANNEL_NAME, channels)
+        nursery.start_soon(self._accept_channels, shm_sock, SHM_CHANNEL_NAME, channels)
         nursery.start_soon(self._supervise)
 
     def _check_compatible(self, running: Running) -> None:
@@ -690,15 +728,17 @@ class NbdExport(Export):
         if self.listener is not None:
             self.listener.close()
 
-    async def _accept_channels(self, sock) -> None:
-        """Accept the plugin's channels: at most :data:`MAX_CHANNELS` at once, same uid or root only.
+    async def _accept_channels(self, sock, name: str, slots: trio.Semaphore) -> None:
+        """Accept the plugin's channels on socket ``name``: at most :data:`MAX_CHANNELS` at once
+        (``slots``, shared by both sockets), same uid or root only.
 
         Over the limit the next connection waits in the listen backlog until
         a channel ends (the plugin's request waits with it), so a peer that
-        opens channels without end cannot make the daemon hold more.
+        opens channels without end cannot make the daemon hold more. Channels
+        of :data:`SHM_CHANNEL_NAME` are slotted: the export's pool (made at
+        the first) is announced to each.
         """
-        path = str(self.state_dir / CHANNEL_NAME)
-        slots = trio.Semaphore(MAX_CHANNELS)
+        path = str(self.state_dir / name)
         guard = self.target.dispatcher.guard
         try:
             async with trio.open_nursery() as nursery:
@@ -728,17 +768,28 @@ class NbdExport(Export):
                     except OSError:
                         pass
                     self._channels += 1
-                    nursery.start_soon(self._serve, conn, f"nbd{self._channels}", peer, slots)
+                    if name == SHM_CHANNEL_NAME and self.pool is None:
+                        try:
+                            self.pool = SharedPool()
+                        except OSError as exc:  # no memfd or memory now: this channel ends, the plugin goes plain
+                            self.log.error("cannot create the shared-memory pool", error=str(exc))
+                            conn.close()
+                            slots.release()
+                            continue
+                    nursery.start_soon(self._serve, conn, f"nbd{self._channels}", peer, slots,
+                                       self.pool if name == SHM_CHANNEL_NAME else None)
         finally:
             sock.close()
             try:
                 os.unlink(path)
             except OSError:
                 pass
+            if name == SHM_CHANNEL_NAME and self.pool is not None:
+                self.pool.close()
 
-    async def _serve(self, conn, name: str, peer: Peer, slots: trio.Semaphore) -> None:
+    async def _serve(self, conn, name: str, peer: Peer, slots: trio.Semaphore, pool: SharedPool | None) -> None:
         try:
-            transport = SocketTransport(conn)
+            transport = SocketTransport(conn, pool)
             with transport.sock:
                 await serve_channel(transport, self.target.dispatcher, name=name,
                                     surface=SURFACE, peer=peer, resends=True)
