@@ -53,6 +53,8 @@ header alone.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeAlias
+
 from dmuserd.protocol._constants import (
     ALL_FLAGS,
     HEADER_SIZE,
@@ -66,10 +68,17 @@ from dmuserd.protocol._message import (
     Header,
     OversizedRequest,
     Request,
+    Response,
     _pack_header,
     _unpack_header,
 )
 from dmuserd.protocol._shm import NO_SLOT, SLOT_STRUCT, SlotPool
+
+if TYPE_CHECKING:
+    from dmuserd.protocol._shm import Buffer
+
+#: A header's fields as unpacked: seq, type, flags, sector, len.
+_Fields: TypeAlias = "tuple[int, int, int, int, int]"
 
 
 class _NeedData:
@@ -100,6 +109,15 @@ _OVERSIZED = OversizedRequest
 _unpack_slot = SLOT_STRUCT.unpack_from
 
 
+def _size(payload: Buffer | list[Buffer]) -> int:
+    """A payload's size in bytes, not items (an array('I') or a cast memoryview is fine)."""
+    if type(payload) is bytes:
+        return len(payload)
+    if isinstance(payload, list):
+        return sum(memoryview(piece).nbytes for piece in payload)
+    return memoryview(payload).nbytes
+
+
 def _flag(flags: int) -> Flag:
     """The :class:`Flag` of a header's flags, built once per distinct value."""
     flag = _FLAGS.get(flags)
@@ -124,11 +142,11 @@ class DaemonConnection:
         # A WRITE's payload that arrived as one immutable bytes, kept as it is
         # (the model and our FUSE export hand over payloads that way).
         self._whole_payload: bytes | None = None
-        self._header: tuple | None = None  # PAYLOAD: the fields of a header whose payload is due
-        self._oversized: tuple | None = None  # DISCARD: the fields of an oversized request
+        self._header: _Fields | None = None  # PAYLOAD: the fields of a header whose payload is due
+        self._oversized: _Fields | None = None  # DISCARD: the fields of an oversized request
         self._discard = 0  # DISCARD: bytes of its payload still to drop
         # seq -> the request it answers, for requests handed out and not answered.
-        self._outstanding: dict[int, Request] = {}
+        self._outstanding: dict[int, Request | OversizedRequest] = {}
 
     @property
     def outstanding(self) -> int:
@@ -157,7 +175,7 @@ class DaemonConnection:
         """Bytes received and not yet turned into a request."""
         return len(self._buffer) + (0 if self._whole_payload is None else len(self._whole_payload))
 
-    def receive_data(self, data) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Add bytes read from the channel (any chunk size, including empty)."""
         if self._discard:
             data = self._drop(data)
@@ -168,14 +186,14 @@ class DaemonConnection:
             return
         self._buffer += data
 
-    def _drop(self, data) -> memoryview:
+    def _drop(self, data: Buffer) -> memoryview:
         """DISCARD: drop what ``data`` holds of the oversized payload; return the bytes after it."""
         view = memoryview(data).cast("B")
         dropped = min(len(view), self._discard)
         self._discard -= dropped
         return view[dropped:]
 
-    def next_event(self):
+    def next_event(self) -> Request | OversizedRequest | _NeedData:
         """Return the next complete :class:`Request` or :class:`OversizedRequest`, or :data:`NEED_DATA`."""
         if self._oversized is not None:
             return NEED_DATA if self._discard else self._hand_out_oversized()
@@ -185,7 +203,7 @@ class DaemonConnection:
             frame = self._frame
             if len(buffer) < frame:
                 return NEED_DATA
-            header = _unpack_header(buffer)
+            header = self._header_fields(buffer)
             seq, rtype, flags, sector, length = header
             slot = NO_SLOT if frame == HEADER_SIZE else _unpack_slot(buffer, HEADER_SIZE)[0]
             # The checks of _check_request_header, as one test for the good case.
@@ -202,7 +220,7 @@ class DaemonConnection:
                 return self._slotted(header, slot)
             self._header = header
         seq, rtype, flags, sector, length = header
-        payload = None
+        payload: bytes | None = None
         if rtype == _WRITE:
             if self._whole_payload is not None:
                 payload, self._whole_payload = self._whole_payload, None
@@ -219,7 +237,7 @@ class DaemonConnection:
         self._outstanding[seq] = request
         return request
 
-    def _slotted(self, header: tuple, slot: int) -> Request:
+    def _slotted(self, header: _Fields, slot: int) -> Request:
         """A request whose data is in (or goes to) ``slot``: complete with its header."""
         seq, rtype, flags, sector, length = header
         view = self._slot_pool().take(slot, rtype, length)
@@ -241,7 +259,12 @@ class DaemonConnection:
             self._slot_pool().release(slot)
         self._slots.clear()
 
-    def _begin_oversized(self, header: tuple):
+    @staticmethod
+    def _header_fields(buffer: bytearray) -> _Fields:
+        fields: _Fields = _unpack_header(buffer)  # five u64 by the struct's format
+        return fields
+
+    def _begin_oversized(self, header: _Fields) -> Request | OversizedRequest | _NeedData:
         """An oversized READ is handed out now; an oversized WRITE once its payload is dropped."""
         self._oversized = header
         if header[1] == _WRITE:
@@ -252,6 +275,7 @@ class DaemonConnection:
         return self.next_event()
 
     def _hand_out_oversized(self) -> OversizedRequest:
+        assert self._oversized is not None  # DISCARD
         seq, rtype, flags, sector, length = self._oversized
         self._oversized = None
         event = OversizedRequest(seq, _REQUEST_TYPES[rtype], _flag(flags), sector, length)
@@ -277,7 +301,7 @@ class DaemonConnection:
             return  # an OversizedRequest
         raise AssertionError(f"no check refused {header}")  # the fast test and these disagree
 
-    def send_response(self, response) -> list:
+    def send_response(self, response: Response) -> list[Buffer]:
         """Answer a request; return the buffers to write, in order.
 
         The header echoes the request's flags, sector and len (as snapuserd
@@ -296,11 +320,8 @@ class DaemonConnection:
             raise ProtocolError("type", rtype, f"the {request.type.name} was {request.len} bytes, over the "
                                                f"{self.max_io}-byte limit: it can only be answered with ERROR")
         if kind == _SUCCESS and request.type == _READ:
-            # Count bytes, not items (an array('I') or a cast memoryview is fine).
-            gather = type(payload) is list
-            size = (None if payload is None else payload.__len__() if type(payload) is bytes
-                    else sum(memoryview(b).nbytes for b in payload) if gather else memoryview(payload).nbytes)
-            if size != request.len:
+            size = None if payload is None else _size(payload)
+            if payload is None or size != request.len:
                 raise ProtocolError("payload", size, f"a READ response must carry exactly {request.len} bytes")
             del self._outstanding[seq]
             header = _pack_header(seq, kind, request.flags, request.sector, request.len)
@@ -309,11 +330,9 @@ class DaemonConnection:
                 pool.fill(slot, payload)
                 pool.release(slot)
                 return [header]
-            return [header, *payload] if gather else [header, payload]
-        if payload is not None and memoryview(payload).nbytes:
-            raise ProtocolError(
-                "payload", memoryview(payload).nbytes, f"a {kind.name} response to {request.type.name} carries no payload"
-            )
+            return [header, *payload] if isinstance(payload, list) else [header, payload]
+        if payload is not None and (size := _size(payload)):
+            raise ProtocolError("payload", size, f"a {kind.name} response to {request.type.name} carries no payload")
         del self._outstanding[seq]
         if self._slots and (slot := self._slots.pop(seq, None)) is not None:
             self._slot_pool().release(slot)

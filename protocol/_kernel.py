@@ -47,7 +47,7 @@ import enum
 import errno
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from dmuserd.protocol._constants import (
     DEFAULT_DAEMON_TIMEOUT_MS,
@@ -59,6 +59,9 @@ from dmuserd.protocol._constants import (
 )
 from dmuserd.protocol._errors import KernelError
 from dmuserd.protocol._message import HEADER_STRUCT as _HEADER
+
+if TYPE_CHECKING:
+    from dmuserd.protocol._shm import Buffer
 
 _READ, _WRITE = RequestType.READ, RequestType.WRITE
 _SUCCESS = int(ResponseType.SUCCESS)
@@ -326,7 +329,7 @@ class Channel:
         """Messages this channel has read and not answered."""
         return len(self._awaiting)
 
-    def read(self, size: int):
+    def read(self, size: int) -> bytes | _WouldBlock:
         """``read(fd, size)``: bytes, :data:`WOULD_BLOCK`, or :class:`KernelError`.
 
         One call returns (the rest of) the header or (part of) the WRITE
@@ -363,24 +366,24 @@ class Channel:
             if start == 0 and size >= bio.length and type(data) is bytes:
                 out = data  # immutable: the whole payload needs no copy
             else:
-                out = bytes(_byte_view(data)[start : start + size])
+                out = bytes(_byte_view(data)[start : start + size])  # type: ignore[arg-type]  # a WRITE's payload
         posn = bio.posn_to_user = posn + len(out)
         if posn == (HEADER_SIZE + bio.length if bio.type == _WRITE else HEADER_SIZE):
             self._reading = None
             bio.state = _AWAITING
-            self._awaiting[bio.seq] = bio
+            self._awaiting[bio.seq] = bio  # type: ignore[index]  # a submitted BIO has its seq
         return out
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Buffer) -> int | _WouldBlock:
         """``read()`` into a buffer; returns the count in bytes (or raises, or WOULD_BLOCK)."""
         view = _byte_view(buffer)
         data = self.read(len(view))
-        if data is WOULD_BLOCK:
+        if isinstance(data, _WouldBlock):
             return data
         view[: len(data)] = data
         return len(data)
 
-    def write(self, data) -> int:
+    def write(self, data: Buffer) -> int:
         """``write(fd, data)``: the count of bytes taken, or :class:`KernelError`.
 
         Takes one response at most per call (like the kernel): the caller
@@ -394,6 +397,7 @@ class Channel:
         taken = 0
         bio = self._answering
         if bio is None:
+            header: memoryview | bytearray
             if not self._scratch and len(view) >= HEADER_SIZE:
                 header = view  # the whole header in this write: no assembling
             else:
@@ -435,7 +439,7 @@ class Channel:
                 else:
                     bio.data = bytearray(length)
             if bio.data is not chunk:
-                bio.data[start : start + count] = chunk
+                bio.data[start : start + count] = chunk  # type: ignore[index]  # the caller's buffer, or ours
             bio.posn_from_user += count
             taken += count
         if start + count == length:
@@ -445,7 +449,7 @@ class Channel:
             self.target._finish(bio, 0)
         return taken
 
-    def write_all(self, data) -> None:
+    def write_all(self, data: Buffer) -> None:
         """Write ``data`` completely, continuing after short writes."""
         taken = 0
         if type(data) is bytes:  # the usual case: whole in one write
@@ -476,7 +480,7 @@ class Channel:
             raise KernelError(errno.EBADF, "the channel is closed")
 
 
-def _byte_view(data) -> memoryview:
+def _byte_view(data: Buffer) -> memoryview:
     """``data`` as a flat view of bytes: lengths and offsets count bytes, never items."""
     view = memoryview(data)
     if view.format != "B" or view.ndim != 1:
@@ -484,5 +488,5 @@ def _byte_view(data) -> memoryview:
     return view
 
 
-def _nbytes(data) -> int:
+def _nbytes(data: Buffer) -> int:
     return len(data) if type(data) is bytes else memoryview(data).nbytes

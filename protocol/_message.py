@@ -8,10 +8,13 @@ times as much to construct.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from dmuserd.protocol._constants import HEADER_SIZE, SECTOR_SIZE, Flag, RequestType, ResponseType
 from dmuserd.protocol._errors import ProtocolError
+
+if TYPE_CHECKING:
+    from dmuserd.protocol._shm import Buffer
 
 #: The header's layout (seq, type, flags, sector, len: five little-endian
 #: u64), the one definition in the tree: every codec of the header, the
@@ -39,7 +42,7 @@ class Header(NamedTuple):
             raise ProtocolError("header", self, f"a field does not fit in a u64 ({exc})") from None
 
     @classmethod
-    def decode(cls, data) -> "Header":
+    def decode(cls, data: bytes | bytearray | memoryview) -> "Header":
         """Decode the first 40 bytes of ``data``."""
         if len(data) < HEADER_SIZE:
             raise ProtocolError("header", len(data), f"truncated: {len(data)} of {HEADER_SIZE} bytes")
@@ -47,14 +50,14 @@ class Header(NamedTuple):
 
 
 class Request(NamedTuple):
-    """A kernel → daemon request. ``payload`` is set for WRITE only."""
+    """A kernel → daemon request. ``payload`` is set for WRITE only (a view of its slot on a slotted channel)."""
 
     seq: int
     type: RequestType
     flags: Flag
     sector: int
     len: int
-    payload: bytes | None = None
+    payload: bytes | memoryview | None = None
 
     @property
     def offset(self) -> int:
@@ -103,7 +106,7 @@ class Response(NamedTuple):
 
     seq: int
     type: ResponseType = ResponseType.SUCCESS
-    payload: bytes | bytearray | memoryview | None = None
+    payload: Buffer | list[Buffer] | None = None
 
     def header(self, length: int) -> Header:
         return Header(self.seq, int(self.type), 0, 0, length)
