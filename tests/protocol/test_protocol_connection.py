@@ -306,6 +306,7 @@ BAD_RESPONSES = {
     "payload on write response": (Response(2, ResponseType.SUCCESS, b"x" * 512), "payload", 512),
     "payload on flush response": (Response(3, ResponseType.SUCCESS, b"x"), "payload", 1),
     "payload on read error response": (Response(1, ResponseType.ERROR, bytes(1024)), "payload", 1024),
+    "list payload on write response": (Response(2, ResponseType.SUCCESS, [b"x" * 512, b"y"]), "payload", 513),
 }
 
 
