@@ -336,7 +336,7 @@ def _request(method):
 class _Operations:
     """pyfuse3 operations (a subclass is built at run time: pyfuse3 is imported late)."""
 
-    def __new__(cls, export: FuseExport, pyfuse3):
+    def __new__(cls, export: FuseMount, pyfuse3):
         ops_cls = type("DmuserdFuseOperations", (_OpsMixin, pyfuse3.Operations), {})
         ops = ops_cls()
         ops.export = export

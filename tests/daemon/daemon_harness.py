@@ -47,6 +47,16 @@ def terminate(proc: subprocess.Popen, timeout: float = 30.0) -> int:
     return proc.returncode
 
 
+def pip_install(package: Path, into: Path, module: str) -> Path:
+    """``pip install`` the plug-in package folder ``package`` into folder ``into`` (for ``PYTHONPATH``:
+    the project's virtualenv stays as it is); ``into``, once ``module`` is there."""
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(into),
+                             str(package)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (into / module).exists(), f"{module} is not where pip installed {package}"
+    return into
+
+
 def daemon_status(control) -> dict:
     """``dmuserd status --json`` of the daemon at control socket ``control``."""
     return json.loads(run(*DMUSERD, "status", "--json", "--control-socket", control).stdout)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import DMUSERD, ServedDaemon, need_root_tools
+from daemon_harness import DMUSERD, ServedDaemon, need_root_tools, pip_install
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "pattern-backend"
 SIZE = 64 << 20
@@ -25,15 +25,7 @@ SIZE = 64 << 20
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--target", str(target), str(EXAMPLE)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (target / "dmuserd_pattern.py").exists()
-    return target
+    return pip_install(EXAMPLE, tmp_path_factory.mktemp("site"), "dmuserd_pattern.py")
 
 
 def expected(offset: int, length: int) -> bytes:

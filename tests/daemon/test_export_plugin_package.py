@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import DMUSERD, daemon_status, terminate
+from daemon_harness import DMUSERD, daemon_status, pip_install, terminate
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "http-export"
 SIZE = 3 << 20  # three of the export's 1 MiB pieces
@@ -30,15 +30,7 @@ SIZE = 3 << 20  # three of the export's 1 MiB pieces
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--target", str(target), str(EXAMPLE)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (target / "dmuserd_http_export.py").exists()
-    return target
+    return pip_install(EXAMPLE, tmp_path_factory.mktemp("site"), "dmuserd_http_export.py")
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ creates the tables below with ``dmsetup``, then
   BIO (its buffer's pages physically contiguous, as ``/proc/self/pagemap``
   shows); a backend answering with item buffers; ``fsync`` of read-only
   targets;
-* then, in this process, refusals at start (``start_export``) and a channel
+* then, in this process, refusals at start (``DmUserExport.start``) and a channel
   the kernel poisons (an unknown seq answered first), served by
   :class:`~dmuserd.daemon.dmuser.DmUserDevice`;
 
@@ -205,7 +205,7 @@ class EdgeGuest(Guest):
         import trio
 
         path = os.environ["PATH"]
-        os.environ["PATH"] = NO_DMSETUP_PATH  # start_export finds no dmsetup either
+        os.environ["PATH"] = NO_DMSETUP_PATH  # the export's start finds no dmsetup either
         try:
             trio.run(self._in_process)
         finally:
@@ -218,7 +218,7 @@ class EdgeGuest(Guest):
         from dmuserd.daemon.config import ConfigError, ExportSpec, TargetSpec
         from dmuserd.daemon.dispatcher import Dispatcher
         from dmuserd.daemon.dmsetup import table_size
-        from dmuserd.daemon.dmuser import DevChannel, DmUserDevice, start_export
+        from dmuserd.daemon.dmuser import DevChannel, DmUserDevice, DmUserExport
         from dmuserd.daemon.runtime import Target
 
         class PoisonChannel(DevChannel):
@@ -245,7 +245,7 @@ class EdgeGuest(Guest):
                                     ("block_size", "e_big", {"size": "4M", "block_size": "4K"})):
                 target = Target(TargetSpec(name, "memory", spec, []), create("memory", spec))
                 try:
-                    await start_export(None, target, ExportSpec("dm-user", name, {}), nursery)
+                    await DmUserExport.from_spec(ExportSpec("dm-user", name, {}), None).start(target, nursery)
                     out[key] = "started"
                 except ConfigError as exc:
                     out[key] = str(exc)
