@@ -2,46 +2,56 @@
 
 ``--backend rbd:pool=P,image=I[,conf=/etc/ceph/ceph.conf][,id=admin][,create=SIZE][,readonly=1][,timeout=30][,connect_timeout=15]``
 
-* Every request is one of librbd's asynchronous calls (``aio_read``,
-  ``aio_write``, ``aio_flush``, ``aio_discard``, ``aio_write_zeroes``).
-  librbd runs the completion callback on its own thread; the callback only
-  hands the result to trio (``TrioToken.run_sync_soon``), which wakes the
-  waiting request: no thread per request, no polling.
+* Every request is one of librbd's asynchronous calls (``rbd_aio_read``,
+  ``rbd_aio_write``, ``rbd_aio_flush``, ``rbd_aio_discard``,
+  ``rbd_aio_write_zeroes``), made from the event loop through ctypes
+  (:mod:`._librbd`). Completions are not callbacks: librbd signals an
+  eventfd, and one task of the event loop collects every finished request
+  in a batch (``rbd_poll_io_events``) and wakes its waiting task. No thread
+  per request, no polling, and no Python on librbd's threads (the
+  ``python3-rbd`` binding runs its completion callback there, which takes
+  the GIL from the event loop once per request: about half of this
+  backend's throughput on a busy machine).
 * ``timeout`` (seconds, default 30): a request the cluster has not answered
   by then fails with EIO (:class:`RbdTimeout`) and the daemon goes on. The
   request itself stays queued in librbd, which reconnects by itself when the
   monitors and OSDs come back and then completes it (a write that timed out
-  may still land then, as on any block device whose request timed out).
-  Requests made after the cluster is back succeed again.
+  may still land then, as on any block device whose request timed out; the
+  buffers stay alive until then). Requests made after the cluster is back
+  succeed again.
 * A FUA write is a write followed by a flush; ``flush`` is ``aio_flush``
   (librbd's cache, where enabled, is written back to the OSDs).
-* ``connect_timeout`` (seconds, default 15) bounds start-up: reaching the
-  monitors, opening the pool and the image; a dead cluster fails start-up.
+* ``connect_timeout`` (seconds, default 15; Ceph counts it in whole
+  seconds) bounds start-up: reaching the monitors, opening the pool and the
+  image; a dead cluster fails start-up.
 * ``create=SIZE`` creates the image with that size when it does not exist
   (an existing image is used as it is); ``readonly=1`` opens it read-only.
 * ``conf`` is a ceph.conf (default ``/etc/ceph/ceph.conf``), ``id`` the
   client name without ``client.`` (default ``admin``); the keyring is found
-  through the conf as by the ``rbd`` command.
+  through the conf as by the ``rbd`` command. librbd settings (``rbd cache``
+  and the like) are read from the conf's ``[client]`` section.
 * ``dmuserd status`` shows the cluster (fsid and monitors), pool, image,
   requests in flight, timeouts and each operation's latency.
 
-The Python bindings are Debian's ``python3-rados`` and ``python3-rbd``
-(``scripts/venv-ceph-bindings`` makes them importable from the project's
-venv); ``scripts/ceph-dev start`` runs a local cluster to try it on.
+The libraries are Debian's ``librados2`` and ``librbd1`` (installed with
+``ceph-common``); ``scripts/ceph-dev start`` runs a local cluster to try it on.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import time
 from collections.abc import Callable
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import outcome
+import structlog
 import trio
 
 from dmuserd.backends._api import Backend, BackendError, Op
+from dmuserd.backends._librbd import CephError, Cluster, Image, Pool
 from dmuserd.backends.options import Options
 
 if TYPE_CHECKING:
@@ -50,6 +60,8 @@ if TYPE_CHECKING:
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15  # seconds: reaching the monitors at start-up
+
+log = structlog.get_logger("dmuserd.backends.rbd")
 
 
 class RbdTimeout(OSError):
@@ -62,19 +74,6 @@ class RbdTimeout(OSError):
             f"an OSD is down (check `ceph -s`); the request stays queued in librbd and completes "
             f"when the cluster is back",
         )
-
-
-def _bindings() -> tuple[ModuleType, ModuleType]:
-    try:
-        import rados
-        import rbd
-    except ImportError as exc:
-        raise BackendError(
-            f"backend 'rbd': the Ceph Python bindings do not import ({exc}); install python3-rados "
-            f"and python3-rbd (scripts/setup-system) and link them into the venv with "
-            f"scripts/venv-ceph-bindings .venv/bin/python"
-        ) from None
-    return rados, rbd
 
 
 def _seconds(opts: Options, key: str, default: float) -> float:
@@ -111,6 +110,17 @@ class _Latency:
         return {"count": self.count, "mean_ms": round(mean * 1e3, 3), "max_ms": round(self.max * 1e3, 3)}
 
 
+class _Request:
+    """A submitted request: the task waiting for it (None once it gave up) and what librbd
+    still reads or writes (kept alive until the completion is collected)."""
+
+    __slots__ = ("task", "keep")
+
+    def __init__(self, task: Any, keep: object) -> None:
+        self.task = task
+        self.keep = keep
+
+
 class RbdBackend(Backend):
     name = "rbd"
 
@@ -126,17 +136,14 @@ class RbdBackend(Backend):
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        rados, rbd = _bindings()
-        self._rados_mod, self._rbd_mod = rados, rbd
         self.pool, self.image_name, self.conf, self.client_id = pool, image, conf, client_id
         self.readonly, self.timeout, self.connect_timeout = readonly, timeout, connect_timeout
         self.target = f"{pool}/{image}"
         if not os.path.exists(conf):
             raise BackendError(f"backend 'rbd': no Ceph configuration at {conf}; pass conf=PATH (scripts/ceph-dev start prints one)")
-        # librados/librbd objects (the bindings have no type information)
-        self._cluster: Any = None
-        self._ioctx: Any = None
-        self._image: Any = None
+        self._cluster: Cluster | None = None
+        self._ioctx: Pool | None = None
+        self._image: Image | None = None
         try:
             size = self._open(create)
             if size % 512:
@@ -149,53 +156,50 @@ class RbdBackend(Backend):
         self._latency = {op: _Latency() for op in ("read", "write", "flush", "discard", "write_zeroes")}
         self._in_flight = 0
         self._timeouts = 0
-        self._late = 0  # timed-out requests librbd has not completed yet
+        self._late = 0  # abandoned requests (timed out) librbd has not completed yet
+        self._pending: dict[int, _Request] = {}  # completion key -> request
+        self._next_key = 1
+        self._reaper_token: trio.lowlevel.TrioToken | None = None  # the run whose task collects completions
+        self._reaper_scope: trio.CancelScope | None = None
 
     def _open(self, create: int | None) -> int:
         """Connect, open the pool and the image (created first with ``create`` bytes); returns its size."""
-        rados, rbd = self._rados_mod, self._rbd_mod
+        whole = max(1, round(self.connect_timeout))
         try:
-            self._cluster = rados.Rados(conffile=self.conf, rados_id=self.client_id)
-            # Bound every blocking set-up call: a dead cluster fails start-up instead of hanging it.
-            # Ceph takes these in whole seconds ("2.5" and even "5.0" are refused).
-            whole = str(max(1, round(self.connect_timeout)))
-            self._cluster.conf_set("client_mount_timeout", whole)
-            self._cluster.conf_set("rados_mon_op_timeout", whole)
-            self._cluster.connect(timeout=int(whole))
-        except rados.Error as exc:
+            self._cluster = Cluster(self.conf, self.client_id, whole)
+        except OSError as exc:
             raise BackendError(
                 f"backend 'rbd': cannot connect to the cluster of {self.conf} as client.{self.client_id} "
                 f"within {self.connect_timeout:g}s ({exc}); is it running (ceph --conf {self.conf} -s)?"
             ) from None
         try:
-            self._ioctx = self._cluster.open_ioctx(self.pool)
-        except rados.ObjectNotFound:
-            pools = ", ".join(self._cluster.list_pools()) or "none"
+            self._ioctx = self._cluster.open_pool(self.pool)
+        except CephError as exc:
+            if exc.errno != errno.ENOENT:
+                raise BackendError(f"backend 'rbd': cannot open pool {self.pool!r}: {exc}") from None
+            pools = ", ".join(self._cluster.pools()) or "none"
             raise BackendError(
                 f"backend 'rbd': no pool {self.pool!r} in the cluster of {self.conf} (pools: {pools}); "
                 f"create it: ceph osd pool create {self.pool} && rbd pool init {self.pool}"
             ) from None
-        except rados.Error as exc:
-            raise BackendError(f"backend 'rbd': cannot open pool {self.pool!r}: {exc}") from None
         if create is not None and not self.readonly:
             try:
-                rbd.RBD().create(self._ioctx, self.image_name, create, old_format=False)
-            except rbd.ImageExists:
-                pass
-            except rbd.Error as exc:
-                raise BackendError(f"backend 'rbd': cannot create image {self.target} of {create} bytes: {exc}") from None
+                self._ioctx.create_image(self.image_name, create)
+            except CephError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise BackendError(f"backend 'rbd': cannot create image {self.target} of {create} bytes: {exc}") from None
         try:
-            self._image = rbd.Image(self._ioctx, self.image_name, read_only=self.readonly)
-        except rbd.ImageNotFound:
-            raise BackendError(
-                f"backend 'rbd': no image {self.image_name!r} in pool {self.pool!r}; create it "
-                f"(rbd create --size 1G {self.target}) or pass create=SIZE"
-            ) from None
-        except rbd.Error as exc:
+            self._image = self._ioctx.open_image(self.image_name, readonly=self.readonly)
+        except CephError as exc:
+            if exc.errno == errno.ENOENT:
+                raise BackendError(
+                    f"backend 'rbd': no image {self.image_name!r} in pool {self.pool!r}; create it "
+                    f"(rbd create --size 1G {self.target}) or pass create=SIZE"
+                ) from None
             raise BackendError(f"backend 'rbd': cannot open image {self.target}: {exc}") from None
-        self.fsid = self._cluster.get_fsid()
+        self.fsid = self._cluster.fsid
         self.mon_host = self._cluster.conf_get("mon_host")
-        return int(self._image.size())
+        return self._image.size
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> RbdBackend:
@@ -216,105 +220,142 @@ class RbdBackend(Backend):
 
     # -- one asynchronous librbd call ------------------------------------------
 
-    async def _aio(self, what: str, start: Callable[[Callable[..., None]], object]) -> Any:
-        """Run ``start(callback)`` (an ``aio_*`` call) and wait for its completion.
+    async def _aio(self, what: str, submit: Callable[[Image, Any], int], keep: object = None) -> int:
+        """Submit one request (``submit(image, completion)``, an ``aio_*`` call) and wait for it.
 
-        The callback runs on a librbd thread and only schedules the wake-up in
-        trio. Returns the callback's extra argument (the data of a read).
+        Returns librbd's return value (>= 0). ``keep`` is what librbd reads
+        or writes: held until the completion is collected, even after a timeout.
         """
-        if self._image is None:
+        image = self._image
+        if image is None:
             raise OSError(errno.EIO, f"rbd {self.target}: the image is closed")
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        result: list[tuple[int, Any]] = []
-        state = {"abandoned": False}
+        if self._reaper_token is not trio.lowlevel.current_trio_token():
+            self._start_reaper(image)
+        key = self._next_key
+        self._next_key = key + 1
+        completion = image.completion(key)
+        ret = submit(image, completion)
+        if ret < 0:
+            image.release(completion)
+            raise OSError(-ret, f"rbd {self.target}: {what}: {os.strerror(-ret)}")
+        request = _Request(trio.lowlevel.current_task(), keep)
+        self._pending[key] = request
 
-        def finish() -> None:
-            if state["abandoned"]:
-                self._late -= 1
-            done.set()
-
-        def callback(completion: Any, *data: Any) -> None:
-            result.append((completion.get_return_value(), data[0] if data else None))
-            try:
-                token.run_sync_soon(finish)
-            except trio.RunFinishedError:
-                pass
+        def abandon(_: Any) -> trio.lowlevel.Abort:
+            request.task = None  # the collector only releases it now
+            self._late += 1
+            return trio.lowlevel.Abort.SUCCEEDED
 
         began = time.monotonic()
         self._in_flight += 1
         try:
-            start(callback)
             with trio.move_on_after(self.timeout) as scope:
-                await done.wait()
+                ret = await trio.lowlevel.wait_task_rescheduled(abandon)
         finally:
             self._in_flight -= 1
-        if scope.cancelled_caught and not done.is_set():
-            state["abandoned"] = True
-            self._late += 1
+        if scope.cancelled_caught:
             self._timeouts += 1
             raise RbdTimeout(what, self.timeout, self.target)
         self._latency[what].add(time.monotonic() - began)
-        ret, data = result[0]
         if ret < 0:
             raise OSError(-ret, f"rbd {self.target}: {what}: {os.strerror(-ret)}")
-        return data
+        return ret
+
+    def _start_reaper(self, image: Image) -> None:
+        """Start the task that collects completions, once per trio run."""
+        self._reaper_token = trio.lowlevel.current_trio_token()
+        self._reaper_scope = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._reap, image, self._reaper_scope, name=f"rbd {self.target} completions")
+
+    async def _reap(self, image: Image, scope: trio.CancelScope) -> None:
+        """Wait for the eventfd, wake the tasks whose requests finished; until the image closes."""
+        pending = self._pending
+        reschedule, Value = trio.lowlevel.reschedule, outcome.Value  # noqa: N806
+        with scope:
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(image.eventfd)
+                    try:
+                        os.eventfd_read(image.eventfd)  # reset first: a completion after the poll signals again
+                    except BlockingIOError:
+                        pass
+                    for key, ret in image.reap():
+                        request = pending.pop(key, None)
+                        if request is None:
+                            continue
+                        if request.task is None:
+                            self._late -= 1
+                        else:
+                            reschedule(request.task, Value(ret))
+            except trio.ClosedResourceError:
+                return  # close() is closing the image
+            except Exception as exc:  # noqa: BLE001 - a system task must not raise: fail what waits instead
+                log.exception("rbd completion collector failed", target=self.target)
+                self._reaper_token = None  # the next request starts another
+                self._fail_waiting(OSError(errno.EIO, f"rbd {self.target}: collecting completions failed: {exc!r}"))
+
+    def _fail_waiting(self, error: OSError) -> None:
+        for request in self._pending.values():
+            if request.task is not None:
+                trio.lowlevel.reschedule(request.task, outcome.Error(error))
+                request.task = None
+                self._late += 1
 
     # -- block operations ----------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
-        data = await self._aio("read", lambda cb: self._image.aio_read(offset, length, cb))
-        if data is None or len(data) != length:
-            got = 0 if data is None else len(data)
+    async def read(self, offset: int, length: int) -> bytearray:
+        data = bytearray(length)
+        buf = (ctypes.c_char * length).from_buffer(data)
+        got = await self._aio("read", lambda image, comp: image.aio_read(comp, offset, length, buf), buf)
+        if got != length:
             raise OSError(errno.EIO, f"rbd {self.target}: read of {length} bytes at {offset} returned {got}")
-        return bytes(data)
+        return data
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        payload = bytes(data)  # the binding wants bytes, and keeps them until librbd is done
-        await self._aio("write", lambda cb: self._image.aio_write(payload, offset, cb))
+        payload = data if type(data) is bytes else bytes(data)  # noqa: E721 - immutable while librbd reads it
+        length = len(payload)
+        await self._aio("write", lambda image, comp: image.aio_write(comp, offset, length, payload), payload)
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
-        await self._aio("flush", lambda cb: self._image.aio_flush(cb))
+        await self._aio("flush", lambda image, comp: image.aio_flush(comp))
 
     async def discard(self, offset: int, length: int) -> None:
-        await self._aio("discard", lambda cb: self._image.aio_discard(offset, length, cb))
+        await self._aio("discard", lambda image, comp: image.aio_discard(comp, offset, length))
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         # librbd deallocates whole objects it zeroes unless told otherwise;
         # either way the range reads back as zeros.
-        await self._aio("write_zeroes", lambda cb: self._image.aio_write_zeroes(offset, length, cb))
+        await self._aio("write_zeroes", lambda image, comp: image.aio_write_zeroes(comp, offset, length))
 
     async def close(self) -> None:
         image, self._image = self._image, None
         if image is None:
             return
-        # close() waits for what librbd still holds; with the cluster gone it
+        if self._reaper_scope is not None:
+            self._reaper_scope.cancel()
+            trio.lowlevel.notify_closing(image.eventfd)
+        # rbd_close waits for what librbd still holds; with the cluster gone it
         # may never return, so it runs in a thread we can abandon.
         with trio.move_on_after(self.timeout):
             await trio.to_thread.run_sync(self._shutdown, image, abandon_on_cancel=True)
+        self._fail_waiting(OSError(errno.EIO, f"rbd {self.target}: the image was closed"))
 
-    def _shutdown(self, image: Any) -> None:
+    def _shutdown(self, image: Image) -> None:
         try:
             image.close()
         finally:
             self._close_sync()
 
     def _close_sync(self) -> None:
-        for obj in (self._image, self._ioctx):
+        for obj in (self._image, self._ioctx, self._cluster):
             if obj is not None:
                 try:
-                    obj.close()
+                    obj.close() if not isinstance(obj, Cluster) else obj.shutdown()
                 except Exception:
                     pass
-        self._image = self._ioctx = None
-        if self._cluster is not None:
-            cluster, self._cluster = self._cluster, None
-            try:
-                cluster.shutdown()
-            except Exception:
-                pass
+        self._image = self._ioctx = self._cluster = None
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {
