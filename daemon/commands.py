@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     serve.add_argument("--name", default="disk", help="target name (default: disk; the FUSE file's name)")
     serve.add_argument("--backend", metavar="TYPE[:key=value,...]", help="e.g. memory:size=1G, file:path=/srv/a.img")
     serve.add_argument("--export", action="append", default=[], metavar="KIND:WHERE",
-                       help="fuse:DIR, nbd:SOCKET, nbd:tcp:HOST:PORT, dm-user:NAME (repeatable)")
+                       help="fuse:DIR, nbd:SOCKET, nbd:tcp:HOST:PORT, dm-user:NAME, or any kind registered "
+                       "under the dmuserd.exports entry points (repeatable)")
     serve.add_argument("--control-socket", metavar="PATH", help="control socket (default: /run/dmuserd/control.sock)")
     serve.add_argument("--offload", choices=("auto", "dsa", "emulated", "cpu"),
                        help="data mover engine for backends that move blocks (snapshot merges): "
