@@ -1,0 +1,151 @@
+"""The ublk export on a real ublk kernel (the test kernel's ``CONFIG_BLK_DEV_UBLK=y``), in a VM.
+
+One VM boot runs :mod:`ublk_guest`: ``dmuserd serve --export ublk:...``
+with a ``file`` backend (ext4 made, mounted, a file written and read back
+after a remount, ``e2fsck -fn``; fio randwrite + verify with two jobs of
+QD 16 on a two-queue device; the same ID asked for twice; the device gone
+after the stop), a ``snapshot`` backend (an ext4 image and a COW made here
+on the host: read-only device, mounted, files compared, ``e2fsck -fn``) and
+``recovery=1`` (the daemon killed with SIGKILL under fio verify, a new one
+takes the device over, fio ends with no error; a stop keeps the device).
+Under TCG this takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+
+import pytest
+
+import dmuser_vm_lib as lib
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+SNAP_SIZE = 16 * lib.MiB
+
+
+def _ext4_image(path, files: dict[str, bytes], root) -> None:
+    root.mkdir()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    with open(path, "wb") as f:
+        f.truncate(SNAP_SIZE)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-U", "0b1e3c5d-0000-4000-8000-00000000ab1e",
+                    "-E", "root_owner=0:0", "-d", str(root), str(path)], check=True, capture_output=True)
+
+
+def make_snapshot(work) -> dict:
+    """An ext4 base image and a COW that turns it into another ext4 image (a file changed, one added)."""
+    from dmuserd.snapshot._cow_tools import create_cow
+
+    rng = random.Random(24)
+    old = {"kept": rng.randbytes(300_000), "changed": rng.randbytes(200_000)}
+    new = {"kept": old["kept"], "changed": rng.randbytes(200_000), "added": rng.randbytes(500_000)}
+    _ext4_image(work / "base.img", old, work / "old-root")
+    _ext4_image(work / "target.img", new, work / "new-root")
+    create_cow(work / "base.img", work / "target.img", work / "snap.cow", version=2, progress=False)
+    return {"base.img": str(work / "base.img"), "snap.cow": str(work / "snap.cow"),
+            "target_sha": lib.sha((work / "target.img").read_bytes()),
+            "files": {name: hashlib.sha256(data).hexdigest() for name, data in new.items()}}
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ublk_vm")
+    snapshot = make_snapshot(work)
+    plan = {"snapshot": snapshot}
+    seconds = int(os.environ.get("DMUSERD_UBLK_BENCH_SECONDS", "0"))
+    if seconds:  # a measurement (ublk against NBD, same VM, same target), not a check: results.json has it
+        plan["bench"] = {"seconds": seconds}
+    results = lib.run_guest("ublk_guest.py", work, plan, timeout=1500)
+    results["plan"] = plan
+    return results
+
+
+def _explain(vm) -> str:
+    return json.dumps({k: vm.get(k) for k in ("errors", "steps", "vm", "logs")}, indent=1, default=str)[-8000:]
+
+
+def _fio_clean(fio: dict) -> None:
+    assert fio["rc"] == 0, fio
+    assert len(fio["jobs"]) == 2, fio
+    for job in fio["jobs"]:
+        assert job["error"] == 0, fio
+        assert job["write_ios"] > 0 and job["read_ios"] == job["write_ios"], fio
+
+
+def test_guest_ran_every_step(vm):
+    assert vm["control_exists"]
+    assert vm.get("done"), _explain(vm)
+    assert not vm.get("errors"), _explain(vm)
+    assert vm["vm"]["rc"] == 0, _explain(vm)
+
+
+def test_device_and_parameters_from_the_file_backend(vm):
+    out = vm["file"]
+    assert out["status"]["exports"] == {"ublk": "/dev/ublkb0"}
+    ublk = out["status"]["export_status"]["ublk"]
+    assert ublk["device"] == "/dev/ublkb0" and ublk["state"] == "serving"
+    assert [q["queue"] for q in ublk["queues"]] == [0, 1] and {q["depth"] for q in ublk["queues"]} == {16}
+    params = out["params"]
+    assert params["size"] == 128 * lib.MiB and params["ro"] == "0"
+    assert params["mq"] == ["0", "1"] and params["nr_requests"] == "16"
+    assert (params["logical_block_size"], params["physical_block_size"]) == ("512", "512")
+    assert params["max_sectors_kb"] == "512"
+    # the file backend flushes (FUA too), discards and writes zeroes
+    assert (params["write_cache"], params["fua"]) == ("write back", "1")
+    assert int(params["discard_max_bytes"]) > 0 and int(params["write_zeroes_max_bytes"]) > 0
+
+
+def test_an_id_in_use_is_a_clear_error(vm):
+    rc, last = vm["file"]["id_in_use"]
+    assert rc != 0
+    assert last and "ublk device 0 exists already" in last[0], last
+
+
+def test_ext4_round_trip_and_fsck_on_the_file_backend(vm):
+    fs = vm["file"]["fs"]
+    assert fs["mkfs"][0] == 0, fs
+    assert fs["mount"] == 0 and fs["umount"] == 0 and fs["remount"] == 0 and fs["umount2"] == 0, fs
+    assert fs["read_back"] == fs["written"]
+    assert fs["fsck"][0] == 0, fs["fsck"][1]
+
+
+def test_fio_verify_on_two_queues(vm):
+    _fio_clean(vm["file"]["fio"])
+    queues = vm["file"]["status_after"]["export_status"]["ublk"]["queues"]
+    assert all(q["requests"] > 0 for q in queues), queues  # one fio job per CPU: both queues served
+    assert sum(q["errors"] + q["malformed"] for q in queues) == 0, queues
+
+
+def test_stop_deletes_the_device(vm):
+    assert vm["file"]["exit"] == 0, _explain(vm)
+    assert all(vm["file"]["gone_after_stop"].values()), vm["file"]["gone_after_stop"]
+
+
+def test_snapshot_backend_serves_the_new_filesystem_read_only(vm):
+    out, plan = vm["snapshot"], vm["plan"]["snapshot"]
+    assert out["params"]["ro"] == "1" and out["params"]["size"] == SNAP_SIZE
+    assert out["params"]["write_cache"] == "write through"  # nothing to flush on a read-only backend
+    assert out["device_sha"] == plan["target_sha"]
+    assert out["mount"] == 0 and out["umount"] == 0
+    assert out["files"] == plan["files"]
+    assert out["fsck"][0] == 0, out["fsck"][1]
+    assert out["exit"] == 0 and out["gone_after_stop"]
+
+
+def test_kill_9_under_fio_and_restart_with_recovery(vm):
+    out = vm["recovery"]
+    assert out["status"]["export_status"]["ublk"]["recovery"] is True
+    assert out["written_before_kill"] >= 4 * lib.MiB
+    assert out["fio_alive_after_kill"], out  # fio was still running when the daemon died
+    new = out["status_after"]["export_status"]["ublk"]
+    assert new["recovered"] is True and new["device"] == "/dev/ublkb1"
+    _fio_clean(out["fio"])
+    assert out["served_by_new"]["total_requests"] > 0  # the rest of fio went to the new daemon
+    assert out["exit"] == 0 and out["kept_after_stop"]  # recovery=1: a stop leaves the device for the next daemon
+
