@@ -10,7 +10,7 @@ picks a free one).
 
 Block parameters come from the backend: logical = physical = minimum I/O
 size = its block size (512 to 4096), read-only when it takes no writes, a
-volatile write cache with FUA when it flushes, discard and write-zeroes
+volatile write cache with FUA when it takes writes and flushes, discard and write-zeroes
 limits where it has those operations; the largest request is the tag
 buffer (512 KiB). They show in ``/sys/block/ublkbN/queue/``.
 
@@ -30,9 +30,8 @@ write-zeroes are idempotent, so running one twice gives the same result;
 nothing is acknowledged before the backend did it (FUA and flush as usual),
 so nothing acknowledged is lost. The device is only taken over when its
 size and block size match the backend; its queues and depth are the
-device's. To remove a kept device: ``dmuserd`` with ``recovery=0`` cannot
-(the ID is taken); stop it with any ublk tool (``ublk del -n ID``) or serve
-it once more and stop that daemon with recovery off... see the README.
+device's. A kept device is removed by a ublk tool's DEL_DEV (``ublk del -n
+ID``) or at reboot: dmuserd has no command for that yet.
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ def params_for(backend, buffer_size: int = BUFFER_SIZE) -> uapi.Params:
     attrs = 0
     if not backend.supports(Op.WRITE):
         attrs |= uapi.Attr.READ_ONLY
-    if backend.supports(Op.FLUSH):
+    elif backend.supports(Op.FLUSH):  # a cache to flush only where writes go
         attrs |= uapi.Attr.VOLATILE_CACHE | uapi.Attr.FUA
     discard = backend.supports(Op.DISCARD)
     zeroes = backend.supports(Op.WRITE_ZEROES)
