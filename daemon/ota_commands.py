@@ -33,14 +33,10 @@ def served_name(name: str, slot: str | None) -> str:
     """What a new partition is called: ``system`` with ``--slot a`` is ``system_b`` (the target slot)."""
     if not slot:
         return name
-    from dmuserd.images.lp import slot_number
+    from dmuserd.images.lp import slot_suffix
+    from dmuserd.snapshot.ota import target_slot
 
-    number = slot_number(slot)
-    if number not in (0, 1):
-        from dmuserd.snapshot.payload import PayloadError
-
-        raise PayloadError(f"--slot {slot}: an A/B update goes from slot a to b or from b to a")
-    return f"{name}_{'b' if number == 0 else 'a'}"
+    return f"{name}{slot_suffix(target_slot(slot))}"
 
 
 def _cow_options(p: argparse.ArgumentParser) -> None:
@@ -102,11 +98,33 @@ def register(subparsers) -> None:
     _cow_options(p)
     p.set_defaults(func=_serve, service=True)
 
+    p = sub.add_parser("merge", help="merge the update into a super image (a copy or in place), crash-safely",
+                       description="Merge each partition's COW file into the sectors of the super image's source "
+                                   "slot partition, and write the target slot's LP metadata (system_a's sectors "
+                                   "become system_b's, grown from free space where the new build is bigger), as "
+                                   "a Virtual A/B device does. Interrupted at any point, the same command resumes.")
+    p.add_argument("payload", help="the payload.bin or the OTA zip holding it")
+    p.add_argument("--source", required=True, metavar="super.img", help="the old build's super image (raw or sparse)")
+    p.add_argument("--slot", required=True, help="the slot the old build is in (a or b); the other one is written")
+    into = p.add_mutually_exclusive_group(required=True)
+    into.add_argument("--in-place", action="store_true", help="merge into --source itself (a raw image)")
+    into.add_argument("--output", metavar="NEW.img", help="merge into a raw copy of --source written here")
+    p.add_argument("--cow-dir", metavar="OUT/",
+                   help="the COW files (made here unless usable ones are there) and the state of an interrupted "
+                        "merge (default: TARGET.ota-merge, removed when done)")
+    p.add_argument("--partitions", metavar="A,B", help="only these partitions (default: all)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the hash checks while making the COW files (the merged partitions are always checked)")
+    _cert_option(p)
+    offload_option(p)
+    p.set_defaults(func=_merge)
+
     p = sub.add_parser("verify", help="check images, served files or COW files against new_partition_info.hash")
     p.add_argument("payload", help="the payload.bin or the OTA zip holding it")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--image-dir", metavar="DIR",
-                       help="new images or served files, NAME or NAME.img (a FUSE export's directory)")
+                       help="new images or served files, NAME or NAME.img (a FUSE export's directory), or a "
+                            "super image holding them (after `ota merge`: the target slot's partitions)")
     where.add_argument("--cow-dir", metavar="OUT/", help="COW files NAME.cow, rendered over --source")
     _source_options(p)
     p.add_argument("--partitions", metavar="A,B", help="only these partitions (default: all)")
@@ -225,6 +243,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 @_os_errors
+def _merge(args: argparse.Namespace) -> int:
+    from dmuserd.snapshot._ota_merge import merge_ota
+
+    _check(args, whole=not args.no_verify)
+    results = merge_ota(args.payload, source=args.source, slot=args.slot, output=args.output,
+                        cow_dir=args.cow_dir, partitions=_partitions(args.partitions), offload=args.offload,
+                        verify=not args.no_verify)
+    target = args.output or args.source
+    for r in results:
+        if not r.total_ops:
+            done = "merged already"
+        else:
+            earlier = f", {r.total_ops - r.merged_now} of them by an earlier run" if r.merged_now < r.total_ops else ""
+            done = f"{r.total_ops} ops merged{earlier}"
+        print(f"{target}::{r.target}: {r.name}, {r.old_size} -> {r.size} bytes, sha256 {r.sha256} ({done})")
+    return 0
+
+
+@_os_errors
 def _verify(args: argparse.Namespace) -> int:
     from dmuserd.daemon.cow_commands import mover_line, run_offloaded
 
@@ -275,8 +312,12 @@ def _hash_image(image_dir: str, name: str, size: int, bar) -> tuple[str, str, st
     from dmuserd.snapshot.ota import file_sha256
     from dmuserd.snapshot.payload import PayloadError
 
-    candidates = [os.path.join(image_dir, name), os.path.join(image_dir, f"{name}.img")]
-    path = next((c for c in candidates if os.path.exists(c)), None)
+    if os.path.isfile(image_dir):  # a super image: its partition, through the metadata of the slot NAME names
+        candidates = [f"{image_dir}::{name}"]
+        path = candidates[0]
+    else:
+        candidates = [os.path.join(image_dir, name), os.path.join(image_dir, f"{name}.img")]
+        path = next((c for c in candidates if os.path.exists(c)), None)
     if path is None:
         raise PayloadError(f"partition {name!r}: no image in {image_dir} (looked for {' and '.join(candidates)})")
     got, read = file_sha256(path, size, bar=bar)

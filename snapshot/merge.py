@@ -147,13 +147,17 @@ class MergeResult:
 
 
 async def merge_cow(base, cow, *, offload: str = "auto", verify: bool = True, on_progress=None,
-                    io_class=MergeIO, mover=None, threshold: int | None = None) -> MergeResult:
+                    io_class=MergeIO, mover=None, threshold: int | None = None,
+                    base_size: int | None = None) -> MergeResult:
     """Merge ``cow`` into ``base`` in place (resuming an interrupted merge).
 
     ``offload`` picks the data mover's engine (``auto``, ``dsa``,
     ``emulated``, ``cpu``) unless a ``mover`` is given. ``on_progress(plan,
     merged_ops)`` is called once the state is recovered and after every
     commit. ``io_class(base_fd, cow_fd)`` makes the :class:`MergeIO`.
+    ``base_size``: the base's size when it is not the file's (an
+    ``io_class`` mapping the base onto part of the file, as a logical
+    partition of a super image).
     """
     from dmuserd.dsa_offload import open_mover
     from dmuserd.images import not_raw_reason
@@ -172,7 +176,8 @@ async def merge_cow(base, cow, *, offload: str = "auto", verify: bool = True, on
         cow_fd = os.open(os.fspath(cow), os.O_RDWR | cloexec)
         fds.append(cow_fd)
         lock_cow(cow_fd, cow)
-        base_size = os.lseek(base_fd, 0, os.SEEK_END)
+        if base_size is None:
+            base_size = os.lseek(base_fd, 0, os.SEEK_END)
         plan = plan_merge(reader, base_size)
         io = io_class(base_fd, cow_fd)
         if plan.journal:

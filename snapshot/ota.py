@@ -128,6 +128,23 @@ def cow_settings(payload: Payload, *, version: int | None = None, compression: s
     return CowSettings(version, algorithm, level, factor)
 
 
+def target_slot(slot) -> int:
+    """The slot an A/B update writes when the old build is in ``slot``: b (1) for a, a (0) for b.
+
+    As update_engine: the source slot's partitions are read, the other
+    slot's (``system_b`` for an old build in slot a) are written.
+    """
+    from dmuserd.images.lp import SuperLookupError, slot_number
+
+    try:
+        number = slot_number(slot)
+    except SuperLookupError as exc:
+        raise PayloadError(f"--slot {slot}: {exc}") from None
+    if number not in (0, 1):
+        raise PayloadError(f"--slot {slot}: an A/B update goes from slot a to b or from b to a")
+    return 1 - number
+
+
 def find_source(source_dir, name: str, slot: str | None = None) -> str:
     """The old image of partition ``name``, as a locator of :mod:`dmuserd.images`.
 
