@@ -17,8 +17,8 @@ Each test makes a fresh backend over a fresh temporary directory
 (``workdir``), runs in its own ``trio.run`` (no pytest plug-in is needed;
 the tests are plain methods, so they also run outside pytest: call them)
 and closes the backend once at the end. A check that does not apply (a
-read-only backend has no writes to check) is skipped saying why, with
-:class:`unittest.SkipTest`, which pytest reports as a skip. A failure says
+read-only backend has no writes to check) is skipped saying why (pytest's
+skip under pytest, :class:`unittest.SkipTest` elsewhere). A failure says
 which call, where, and what was found instead (zeros, another write's
 data, or which write and block the bytes came from).
 
@@ -73,11 +73,12 @@ import inspect
 import json
 import random
 import struct
+import sys
 import tempfile
 import unittest
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NoReturn
 
 import trio
 
@@ -93,6 +94,14 @@ _MAGIC = b"DMUC"
 _HEADER = struct.Struct(">4sIQ")  # magic, write tag, absolute sector number
 #: memory-like backends keep data in chunks of this size: ranges cross its boundaries
 _CHUNK = 64 * 1024
+
+
+def _skip(reason: str) -> NoReturn:
+    """Skip the running check: through pytest when it runs the check (the report then points here)."""
+    pytest = sys.modules.get("pytest")
+    if pytest is not None:
+        pytest.skip(reason)
+    raise unittest.SkipTest(reason)
 
 
 def _pattern(tag: int, offset: int, length: int) -> bytes:
@@ -230,7 +239,7 @@ class BackendConformance:
 
     def test_durable_after_reopen(self) -> None:
         if not self.durable:
-            raise unittest.SkipTest(f"{type(self).__name__}.durable is False: its storage does not outlive it")
+            _skip(f"{type(self).__name__}.durable is False: its storage does not outlive it")
         self._run(self._durable_after_reopen)
 
     def test_concurrent_requests(self) -> None:
@@ -267,12 +276,12 @@ class BackendConformance:
     def _need(self, device: _Device, *ops: Op) -> None:
         missing = [op.value for op in ops if not device.can(op)]
         if missing:
-            raise unittest.SkipTest(f"the backend does not do {', '.join(missing)} (not in its capabilities)")
+            _skip(f"the backend does not do {', '.join(missing)} (not in its capabilities)")
 
     def _need_kept(self, device: _Device, *ops: Op) -> None:
         self._need(device, Op.WRITE, *ops)
         if not self.keeps_data:
-            raise unittest.SkipTest(f"{type(self).__name__}.keeps_data is False: written data is not read back")
+            _skip(f"{type(self).__name__}.keeps_data is False: written data is not read back")
 
     def _probe_ranges(self, device: _Device) -> list[tuple[int, int]]:
         """Ranges at the edges, at odd block multiples, across 64 KiB boundaries and as large as allowed."""
@@ -458,11 +467,20 @@ class BackendConformance:
         for offset, data in writes:
             await device.check(offset, data, "after writes and flushes")
 
-    def _spread(self, device: _Device, count: int, first_tag: int) -> list[tuple[int, bytes]]:
-        """``count`` non-overlapping writes spread over the device (last block included): (offset, data)."""
+    def _spread(self, device: _Device, count: int, first_tag: int, between: bool = False) -> list[tuple[int, bytes]]:
+        """``count`` non-overlapping writes spread over the device (last block included): (offset, data).
+
+        With ``between``, one block each halfway between those spots instead: none overlaps them
+        (none at all on a device too small to leave room).
+        """
         bs, size = device.bs, device.size
         blocks = size // bs
         step = max(blocks // count, 1)
+        if between:
+            if step < 4:
+                return []
+            return [((i * step + step // 2) * bs, _pattern(tag, (i * step + step // 2) * bs, bs))
+                    for tag, i in enumerate(range(count), first_tag)]
         spots = sorted({min(i * step, blocks - 1) for i in range(count)} | {blocks - 1})
         ends = [*spots[1:], blocks]
         return [(block * bs, _pattern(tag, block * bs, bs * min(2, end - block)))
@@ -484,13 +502,43 @@ class BackendConformance:
             offset, data = flushed[0]
             await device.backend.write_zeroes(offset, device.bs)
             flushed[0] = (offset, bytes(device.bs) + data[device.bs:])
-        if device.can(Op.FLUSH):
-            await device.backend.flush()
-        elif flushed:
+        if not device.can(Op.FLUSH):
             raise AssertionError("durable is declared and writes are served, but FLUSH is not in capabilities")
+        await device.backend.flush()
+        before_flush = await self._flush_among_writes(device)
         await device.remake(lambda: self._make(workdir))
         for offset, data in flushed + fua:
             await device.check(offset, data, "made again after close(): a flushed or FUA write")
+        for offset, data in before_flush:
+            await device.check(offset, data, "made again after close(): a write completed before a flush began "
+                                             "(other writes were in flight beside the flush)")
+
+    async def _flush_among_writes(self, device: _Device) -> list[tuple[int, bytes]]:
+        """Writes in flight while a flush starts once half of them completed: returns those that had."""
+        writes = self._spread(device, 12, 100, between=True)
+        if not writes:
+            return []
+        completed: list[tuple[int, bytes]] = []
+        half = trio.Event()
+        before: list[tuple[int, bytes]] = []
+
+        async def write(offset: int, data: bytes) -> None:
+            await device.backend.write(offset, data)
+            completed.append((offset, data))
+            if len(completed) * 2 >= len(writes):
+                half.set()
+
+        async def flush() -> None:
+            await half.wait()
+            before.extend(completed)
+            await device.backend.flush()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush)
+            for offset, data in writes:
+                nursery.start_soon(write, offset, data)
+        assert before, "no write completed before the flush began"
+        return before
 
     async def _concurrent_requests(self, device: _Device, workdir: Path) -> None:
         if not (device.can(Op.WRITE) and self.keeps_data):
@@ -576,7 +624,7 @@ class BackendConformance:
     async def _missing_operations_refused(self, device: _Device, workdir: Path) -> None:
         missing = [op for op in Op if op is not Op.READ and not device.can(op)]
         if not missing:
-            raise unittest.SkipTest("the backend serves every operation")
+            _skip("the backend serves every operation")
         bs = device.bs
         calls: dict[Op, Callable[[], Awaitable[None]]] = {
             Op.WRITE: lambda: device.backend.write(0, _pattern(7, 0, bs)),
@@ -604,7 +652,7 @@ class BackendConformance:
     async def _unknown_option_refused(self, device: _Device, workdir: Path) -> None:
         options = self.options(workdir)
         if options is None:
-            raise unittest.SkipTest(f"{type(self).__name__}.options() gives no options to build the backend with")
+            _skip(f"{type(self).__name__}.options() gives no options to build the backend with")
         cls = type(device.backend)
         built = cls.from_options(dict(options))
         try:
