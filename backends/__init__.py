@@ -1,7 +1,9 @@
 """The async backend API, the built-in backends and the plug-in registry.
 
 Write a backend by subclassing :class:`Backend`; register it through the
-``dmuserd.backends`` entry-point group (see :mod:`dmuserd.backends.registry`).
+``dmuserd.backends`` entry-point group (see :mod:`dmuserd.backends.registry`);
+check it against the contract with :mod:`dmuserd.backends.testing` (a
+conformance suite run by pytest).
 """
 
 from dmuserd.backends._api import Backend, BackendError, Op, Unsupported
