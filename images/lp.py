@@ -689,13 +689,15 @@ def _used_sectors(metas) -> list[tuple[int, int]]:
     return [(a, b) for a, b in merged]
 
 
-def resize_partition(meta: Metadata, name: str, size: int, *, keep=(), path="super") -> Metadata:
-    """``meta`` with partition ``name`` made ``size`` bytes (a multiple of 512), as liblp's builder does.
+def resize_partition(meta: Metadata, name: str, size: int, *, keep=(), path="super",
+                     block_size: int = 4096) -> Metadata:
+    """``meta`` with partition ``name`` made ``size`` bytes, as liblp's builder does.
 
-    Shrinking cuts extents from the end. Growing takes free sectors of
-    super (block device 0) from the lowest address up, each free region's
-    start aligned as the device says; a region right after the partition's
-    last extent lengthens that extent. Sectors mapped by ``meta`` or by any
+    Shrinking cuts extents from the end. Growing first lengthens the
+    partition's last extent into free sectors right after it, then takes
+    free sectors of super (block device 0) from the lowest address up, each
+    free region's start aligned as the device says, in whole logical blocks
+    (``block_size``; ``size`` grows by a multiple of it). Sectors mapped by ``meta`` or by any
     metadata in ``keep`` (another slot's, still in use) are not free.
     Raises :class:`LpSpaceError` when the partition's group (its
     ``maximum_size``) or super has no room, naming both figures.
@@ -727,6 +729,7 @@ def resize_partition(meta: Metadata, name: str, size: int, *, keep=(), path="sup
         device = meta.block_devices[0]
         align = max(device.alignment // SECTOR, 1)
         offset = device.alignment_offset // SECTOR
+        unit = max(block_size // SECTOR, 1)
         need = want - have
         free, cursor = [], device.first_logical_sector
         for first, end in _used_sectors([meta, *keep]) + [(device.size // SECTOR, device.size // SECTOR)]:
@@ -734,16 +737,19 @@ def resize_partition(meta: Metadata, name: str, size: int, *, keep=(), path="sup
                 free.append((cursor, first))
             cursor = max(cursor, end)
         tail = extents[-1] if extents else None
-        added = []
-        for first, end in free:
-            adjacent = tail is not None and tail.target_type == TARGET_LINEAR and tail.target_source == 0 and \
-                tail.target_data + tail.num_sectors == first and not added
-            if not adjacent:
-                first = first + (offset - first) % align  # aligned start
-            if first >= end:
+        tail_end = tail.target_data + tail.num_sectors if tail is not None and tail.target_type == TARGET_LINEAR \
+            and tail.target_source == 0 else None
+        for first, end in sorted(free, key=lambda r: (r[0] != tail_end, r[0])):  # the last extent's own gap first
+            if first != tail_end:
+                first += (offset - first) % align
+            take = min(need, (end - first) // unit * unit)
+            if take <= 0:
                 continue
-            take = min(need, end - first)
-            added.append((first, take))
+            last = extents[-1] if extents else None
+            if first == tail_end and last is not None:
+                extents[-1] = Extent(last.num_sectors + take, TARGET_LINEAR, last.target_data, 0)
+            else:
+                extents.append(Extent(take, TARGET_LINEAR, first, 0))
             need -= take
             if not need:
                 break
@@ -752,13 +758,6 @@ def resize_partition(meta: Metadata, name: str, size: int, *, keep=(), path="sup
             raise LpSpaceError(f"{path}: partition {name!r} cannot grow from {have * SECTOR} to {size} bytes: "
                                f"{device.partition_name} has {space} bytes free (before alignment), "
                                f"{(want - have) * SECTOR} are needed")
-        for first, count in added:
-            if extents and extents[-1].target_type == TARGET_LINEAR and extents[-1].target_source == 0 and \
-                    extents[-1].target_data + extents[-1].num_sectors == first:
-                last = extents.pop()
-                extents.append(Extent(last.num_sectors + count, TARGET_LINEAR, last.target_data, 0))
-            else:
-                extents.append(Extent(count, TARGET_LINEAR, first, 0))
     partitions = [Partition(p.name, p.attributes, p.group, tuple(extents)) if p.name == name else p
                   for p in meta.partitions]
     return replace(meta, partitions=partitions, extents=[], problems=[])
