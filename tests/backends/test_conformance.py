@@ -159,6 +159,24 @@ class TestFileOnLoop4K(ZerosAtFirst, BackendConformance):
         return backend
 
 
+class TestRbd(ZerosAtFirst, BackendConformance):
+    """An RBD image on the session's local cluster (tests/backends/ceph_harness), one new image per check.
+
+    A discard need not zero: librbd skips the parts of a discard that do not cover whole objects."""
+
+    durable = True
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, ceph_cluster):
+        self.cluster = ceph_cluster
+
+    def make_backend(self, workdir: Path) -> Backend:
+        return create("rbd", self.options(workdir))
+
+    def options(self, workdir: Path) -> dict[str, str]:
+        return {"pool": self.cluster.pool, "image": workdir.name, "conf": self.cluster.conf, "create": "8M"}
+
+
 # -- read-only images ---------------------------------------------------------------------
 
 
