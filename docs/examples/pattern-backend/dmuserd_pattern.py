@@ -11,6 +11,10 @@ bytes at offset ``n`` (a multiple of 8) are ``n`` as a big-endian u64.
 It overrides only ``read``, so that is its only capability: writes, flushes,
 discards and write-zeroes answer UNSUPPORTED (EOPNOTSUPP over NBD; EIO
 through FUSE and loop).
+
+``test_dmuserd_pattern.py`` beside it checks it with dmuserd's backend
+conformance suite (:mod:`dmuserd.backends.testing`): run ``python -m pytest``
+in this folder.
 """
 
 from __future__ import annotations
@@ -25,14 +29,14 @@ class PatternBackend(Backend):
     name = "pattern"
 
     @classmethod
-    def from_options(cls, options):
+    def from_options(cls, options: dict[str, str]) -> PatternBackend:
         opts = Options(cls.name, options)  # typed options, unknown keys refused by name
         size = opts.size("size", required=True)
         block_size = opts.size("block_size", 512)
         opts.finish()
         return cls(size=size, block_size=block_size)
 
-    async def read(self, offset, length):
+    async def read(self, offset: int, length: int) -> bytes:
         # The daemon only asks for whole blocks inside the device, so offset
         # and length are multiples of 512 here: no checks needed.
         words = array("Q", range(offset, offset + length, 8))
