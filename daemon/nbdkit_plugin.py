@@ -312,6 +312,10 @@ try:
 except (ImportError, OSError, AttributeError):  # pragma: no cover - not glibc
     ctypes = _c_send = None
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+#: READ data from a slot from this size up is copied by ctypes.memmove, which releases the GIL
+#: (a slice assignment holds it: with nbdkit's threads reading at once, their copies would take turns).
+_BIG_COPY = 64 * 1024
+_memmove = None if ctypes is None else ctypes.memmove
 _MSG_WAITALL = socket.MSG_WAITALL
 _pack_into = _HEADER.pack_into
 _unpack_from = _HEADER.unpack_from
@@ -326,7 +330,7 @@ class _Pool:
     mapped already. A pool is unmapped when the last channel using it goes.
     """
 
-    __slots__ = ("free", "give", "key", "map", "slot_size", "take", "views")
+    __slots__ = ("addr", "base", "free", "give", "key", "map", "slot_size", "take", "views")
 
     def __init__(self, fd, st, layout) -> None:
         if st.st_size < layout.size:
@@ -336,6 +340,9 @@ class _Pool:
         view = memoryview(self.map)
         size = self.slot_size = layout.slot_size
         self.views = [view[i * size:(i + 1) * size] for i in range(layout.slots)]
+        # Each slot's address, for the large copies that release the GIL (_copy_out).
+        self.base = None if ctypes is None else ctypes.c_char.from_buffer(self.map)
+        self.addr = [0 if self.base is None else ctypes.addressof(self.base) + i * size for i in range(layout.slots)]
         # list.pop/append are atomic under the GIL; last freed, first taken (its pages are warm).
         self.free = list(range(layout.slots - 1, -1, -1))
         self.take = self.free.pop
@@ -561,7 +568,11 @@ def _exchange(chan, seq, kind, flags, sector, length, payload, into):
                 _send_header(chan)
                 answer = _receive(chan, None)
                 if into is not None and answer[1] == _SUCCESS:
-                    into[:] = view[:length]
+                    if length >= _BIG_COPY and _memmove is not None:
+                        # Without the GIL: other threads' requests go on meanwhile (as during a recv).
+                        _memmove((ctypes.c_char * length).from_buffer(into), pool.addr[slot], length)
+                    else:
+                        into[:] = view[:length]
                 return answer
             finally:
                 pool.give(slot)
