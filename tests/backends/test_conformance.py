@@ -69,6 +69,15 @@ class TestMemory4K(TestMemory):
         return {"size": "8M", "block_size": "4K"}
 
 
+class TestMemoryOneBlock(ZerosAtFirst, BackendConformance):
+    """The smallest device there is: every check's ranges fit in one 4 KiB block."""
+
+    discard_zeroes = True
+
+    def make_backend(self, workdir: Path) -> Backend:
+        return MemoryBackend(4096, block_size=4096)
+
+
 class TestNull(ZerosAtFirst, BackendConformance):
     keeps_data = False
 
