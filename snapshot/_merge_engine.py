@@ -89,6 +89,7 @@ _COPY, _XOR, _REPLACE, _ZERO = int(OpType.COPY), int(OpType.XOR), int(OpType.REP
 _ORDERED = frozenset((_COPY, _XOR))
 _XOR_BYTE = bytes([_XOR])
 _JUNK = memoryview(bytearray(READ_GAP))  # where skipped bytes are read to (never looked at)
+_NONZERO_MARKS = bytes([0]) + bytes([1]) * 255  # byte -> 1 when non-zero (a ``translate`` table)
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
@@ -106,16 +107,18 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
 def _xor_blocks(span: memoryview, delta: bytearray, bs: int) -> None:
     """XOR ``delta`` into ``span``, block by block, only over the bytes from
     each block's first to its last non-zero delta byte: an Xor op's delta
-    is mostly zeros (that is why it was stored as one), so this converts
-    one block of delta to an int and touches a few bytes of ``span``."""
+    is mostly zeros (that is why it was stored as one). One ``translate``
+    marks the non-zero bytes of the whole delta, ``find``/``rfind`` (memchr)
+    bound each block's, and only those bytes become ints: about half the
+    cost of turning each whole block into an int."""
+    marks = delta.translate(_NONZERO_MARKS)
     for p in range(0, len(delta), bs):
-        x = int.from_bytes(delta[p : p + bs], "little")
-        if not x:
+        lo = marks.find(1, p, p + bs)
+        if lo < 0:
             continue
-        lo = ((x & -x).bit_length() - 1) >> 3  # the first non-zero byte
-        hi = (x.bit_length() + 7) >> 3  # past the last one
-        seg = span[p + lo : p + hi]
-        seg[:] = (int.from_bytes(seg, "little") ^ (x >> (lo << 3))).to_bytes(hi - lo, "little")
+        hi = marks.rfind(1, p, p + bs) + 1
+        seg = span[lo:hi]
+        seg[:] = (int.from_bytes(seg, "little") ^ int.from_bytes(delta[lo:hi], "little")).to_bytes(hi - lo, "little")
 
 
 class MergeIO:
@@ -348,6 +351,9 @@ class MergeEngine:
         self._in_flight = 0
         self._commit_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
+        #: a step's data and its read-back, reused from step to step (see :meth:`_buffer`)
+        self._buffers = [bytearray(), bytearray()]
+        self._zeros = bytes(self.bs)
 
     async def run(self) -> int:
         """Merge what is left; returns how many ops this run merged."""
@@ -384,6 +390,16 @@ class MergeEngine:
                 await self._unordered_batch()
         await self._settle()
 
+    def _buffer(self, slot: int, size: int) -> memoryview:
+        """``size`` bytes of reused buffer ``slot`` (0: a step's data, 1: its
+        read-back), not cleared: a step is written and compared before the
+        next one is prepared, so one of each is enough, and a fresh buffer
+        per step cost a memset and page faults of its whole size."""
+        buf = self._buffers[slot]
+        if len(buf) < size:
+            buf = self._buffers[slot] = bytearray(size)
+        return memoryview(buf)[:size]
+
     def _progress(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.merged_ops)
@@ -401,7 +417,7 @@ class MergeEngine:
             scratch = lambda: self._write_scratch(entries, data, crc, first)  # noqa: E731
         await self._apply_window(blocks, data, scratch)
 
-    def _read_window(self, first: int, end: int) -> tuple[list[int], bytearray, bool]:
+    def _read_window(self, first: int, end: int) -> tuple[list[int], memoryview, bool]:
         """New contents of ordered ops ``first..end-1``, read before any is
         overwritten: (their new blocks, the data in op order, whether an op
         reads a block of the window)."""
@@ -412,8 +428,7 @@ class MergeEngine:
         kinds = bytes(map(t.type.__getitem__, rows))
         # where each op's base bytes start: a Copy's source is a block number, an Xor's a byte offset
         offsets = [s if k == _XOR else s * bs for k, s in zip(kinds, map(t.source.__getitem__, rows))]
-        data = bytearray(n * bs)
-        view = memoryview(data)
+        data = view = self._buffer(0, n * bs)
         # the base bytes (a Copy's data, what an Xor applies to): one read per run of consecutive sources
         k = 0
         while k < n:
@@ -464,7 +479,7 @@ class MergeEngine:
         self.stats["syncs"] += 1
         self.stats["sync_seconds"] += time.perf_counter() - started
 
-    async def _apply_window(self, blocks: list[int], data: bytearray, scratch=None) -> None:
+    async def _apply_window(self, blocks: list[int], data, scratch=None) -> None:
         """Write a computed window and start its commit: the previous step's
         commit returns first, then readers see the window (online),
         ``scratch()`` makes it durable in the scratch area (when it must),
@@ -489,15 +504,17 @@ class MergeEngine:
             while j < end and (j == k or size + (bs << fac[order[j]]) <= WRITE_CHUNK):
                 size += bs << fac[order[j]]
                 j += 1
-            data = bytearray(size)  # zeros: Zero ops need nothing more
+            data = view = self._buffer(0, size)
             pieces, fill, pos = [], [], 0
-            view = memoryview(data)
             for i in range(k, j):
                 r = order[i]
                 n = 1 << fac[r]
                 pieces.append((nb[r], n, pos))
                 if t.type[r] == _REPLACE:
                     fill.append((r, view[pos * bs : (pos + n) * bs]))
+                else:  # Zero: the reused buffer holds an earlier step's bytes
+                    for q in range(pos, pos + n):
+                        view[q * bs : (q + 1) * bs] = self._zeros
                 pos += n
             if fill:
                 await trio.to_thread.run_sync(self._read_chunks, fill)
@@ -543,7 +560,7 @@ class MergeEngine:
 
     # --- writing the base ---------------------------------------------------------
 
-    async def _write_pieces(self, data: bytearray, pieces: list[tuple[int, int, int]], *, before=None,
+    async def _write_pieces(self, data, pieces: list[tuple[int, int, int]], *, before=None,
                             commit: int = 0) -> None:
         """Write ``(new_block, blocks, position in data)`` pieces of ``data`` to
         the base (one ``pwritev`` per run of consecutive new blocks), then,
@@ -584,7 +601,7 @@ class MergeEngine:
         if not self.verify:
             verified.set()
             return
-        back = bytearray(len(data))
+        back = self._buffer(1, len(data))
 
         def read_back():
             for offset, iov in views(back):
