@@ -122,6 +122,23 @@ class TestFile(ZerosAtFirst, BackendConformance):
         return {"path": str(workdir / "disk.img"), "size": "8M", "create": "1"}
 
 
+class TestFileDirect(ZerosAtFirst, BackendConformance):
+    """O_DIRECT: no page cache, so a re-opened backend reads what reached the disk."""
+
+    durable = True
+    discard_zeroes = True
+
+    def make_backend(self, workdir: Path) -> Backend:
+        try:
+            os.close(os.open(workdir / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT))
+        except OSError as exc:
+            pytest.skip(f"the file system of {workdir} takes no O_DIRECT ({exc.strerror})")
+        return FileBackend(str(workdir / "disk.img"), size=SIZE, create=True, direct=True)
+
+    def options(self, workdir: Path) -> dict[str, str]:
+        return {"path": str(workdir / "disk.img"), "size": "8M", "create": "1", "direct": "1"}
+
+
 class TestFaultyOverFile(ZerosAtFirst, BackendConformance):
     """The wrapper passes durability on: flush and FUA reach the file."""
 
