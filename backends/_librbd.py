@@ -42,7 +42,7 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
         "rbd_open": (c_int, [c_void_p, c_char_p, _P, c_char_p]),
         "rbd_open_read_only": (c_int, [c_void_p, c_char_p, _P, c_char_p]),
         "rbd_close": (c_int, [c_void_p]),
-        "rbd_get_size": (c_int, [c_void_p, POINTER(c_uint64)]),
+        "rbd_stat": (c_int, [c_void_p, c_void_p, c_size_t]),
         "rbd_set_image_notification": (c_int, [c_void_p, c_int, c_int]),
         "rbd_poll_io_events": (c_int, [c_void_p, _P, c_int]),
         "rbd_aio_create_completion": (c_int, [c_void_p, c_void_p, _P]),
@@ -56,6 +56,14 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
         "rbd_aio_write_zeroes": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_int, c_int]),
     },
 }
+
+
+class _ImageInfo(ctypes.Structure):
+    """librbd.h's ``rbd_image_info_t``."""
+
+    _fields_ = [("size", c_uint64), ("obj_size", c_uint64), ("num_objs", c_uint64), ("order", c_int),
+                ("block_name_prefix", ctypes.c_char * 24), ("parent_pool", ctypes.c_int64),
+                ("parent_name", ctypes.c_char * 96)]
 
 
 class CephError(OSError):
@@ -113,14 +121,17 @@ def _string(fn: Any, *args: Any) -> str:
 class Cluster:
     """A connection to a cluster (``rados_t``) as ``client.<client_id>``, set up from ``conf``.
 
-    ``timeout`` (whole seconds) bounds connecting and every monitor call.
+    ``defaults`` are settings the conf file may override; ``timeout`` (whole
+    seconds) bounds connecting and every monitor call.
     """
 
-    def __init__(self, conf: str, client_id: str, timeout: int) -> None:
+    def __init__(self, conf: str, client_id: str, timeout: int, defaults: dict[str, str] | None = None) -> None:
         lib = self._lib = libs()
         self.handle = c_void_p()
         _check(lib.rados_create(byref(self.handle), client_id.encode()), "rados_create")
         try:
+            for option, value in (defaults or {}).items():
+                _check(lib.rados_conf_set(self.handle, option.encode(), value.encode()), f"setting {option}")
             _check(lib.rados_conf_read_file(self.handle, conf.encode()), f"reading {conf}")
             for option in ("client_mount_timeout", "rados_mon_op_timeout"):
                 _check(lib.rados_conf_set(self.handle, option.encode(), str(timeout).encode()), f"setting {option}")
@@ -194,9 +205,10 @@ class Image:
         self.eventfd = -1
         self._events = (c_void_p * self.BATCH)()
         try:
-            size = c_uint64()
-            _check(lib.rbd_get_size(handle, byref(size)), "reading the image size")
-            self.size: int = size.value
+            info = _ImageInfo()
+            _check(lib.rbd_stat(handle, byref(info), ctypes.sizeof(info)), "reading the image's size")
+            self.size: int = info.size
+            self.object_size: int = info.obj_size
             self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             _check(lib.rbd_set_image_notification(handle, self.eventfd, _EVENT_TYPE_EVENTFD), "setting the eventfd")
         except BaseException:

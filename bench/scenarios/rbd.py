@@ -92,6 +92,33 @@ def _check_tools() -> None:
         raise Skip(f"the Ceph Python bindings do not import ({exc}): scripts/venv-ceph-bindings") from None
 
 
+def measure(workdir: Path, conf: str, size_mb: int, timing: list[str], servers=(_Dmuserd, _QemuNbd)) -> dict:
+    """One round of both jobs on each server and on fio's rbd engine: ``{name: [{"iops", "mb_s"}]}``.
+
+    The image ``rbd/bench`` of ``size_mb`` MiB must exist, written, on the cluster of ``conf``.
+    """
+    size = [f"--size={size_mb}M"]
+    samples: dict[str, list[dict]] = {}
+    for server_cls in servers:
+        server = server_cls(workdir, conf)
+        server.launch(timeout=60)
+        try:
+            runs = {job: run_fio(f"{server.name}-{job}", ["--ioengine=nbd", f"--uri={server.uri}", *size],
+                                 READ_JOBS[job] + timing) for job in ("randread", "seqread")}
+        finally:
+            server.terminate(30)
+        samples[server.name] = [{"iops": _sample(runs["randread"])["iops"], "mb_s": _sample(runs["seqread"])["mb_s"]}]
+    direct = ["--ioengine=rbd", "--clientname=admin", "--pool=rbd", f"--rbdname={IMAGE}", *size]
+    os.environ["CEPH_CONF"] = conf  # fio's rbd engine finds the cluster through it
+    try:
+        rr = run_fio("fio_rbd-randread", direct, READ_JOBS["randread"] + timing)
+        sr = run_fio("fio_rbd-seqread", direct, READ_JOBS["seqread"] + timing)
+    finally:
+        os.environ.pop("CEPH_CONF", None)
+    samples["fio_rbd_engine"] = [{"iops": _sample(rr)["iops"], "mb_s": _sample(sr)["mb_s"]}]
+    return samples
+
+
 def run(quick: bool) -> dict:
     if quick:  # the cluster's start alone (about 20 s) would take a third of the quick set's minute
         raise Skip("full run only: it starts a Ceph cluster (about 20 s) and measures for about a minute")
@@ -110,26 +137,7 @@ def run(quick: bool) -> dict:
                        capture_output=True)
         subprocess.run(["rbd", "--conf", conf, "bench", "--io-type", "write", "--io-size", "4M",
                         "--io-total", f"{size_mb}M", f"rbd/{IMAGE}"], check=True, capture_output=True)
-        size = [f"--size={size_mb}M"]
-        samples: dict[str, list[dict]] = {}
-        for server_cls in (_Dmuserd, _QemuNbd):
-            server = server_cls(workdir, conf)
-            server.launch(timeout=60)
-            try:
-                runs = {job: run_fio(f"{server.name}-{job}", ["--ioengine=nbd", f"--uri={server.uri}", *size],
-                                     READ_JOBS[job] + timing) for job in ("randread", "seqread")}
-            finally:
-                server.terminate(30)
-            samples[server.name] = [{"iops": _sample(runs["randread"])["iops"], "mb_s": _sample(runs["seqread"])["mb_s"]}]
-        direct = ["--ioengine=rbd", "--clientname=admin", "--pool=rbd", f"--rbdname={IMAGE}", *size]
-        os.environ["CEPH_CONF"] = conf  # fio's rbd engine finds the cluster through it
-        try:
-            rr = run_fio("fio_rbd-randread", direct, READ_JOBS["randread"] + timing)
-            sr = run_fio("fio_rbd-seqread", direct, READ_JOBS["seqread"] + timing)
-        finally:
-            os.environ.pop("CEPH_CONF", None)
-        samples["fio_rbd_engine"] = [{"iops": _sample(rr)["iops"], "mb_s": _sample(sr)["mb_s"]}]
-        result = compare_rates(samples, ours="dmuserd")
+        result = compare_rates(measure(workdir, conf, size_mb, timing), ours="dmuserd")
         result["targets"] = {"iops_vs_qemu_nbd_rbd": 2.0, "throughput_vs_qemu_nbd_rbd": 2.0,
                              "iops_vs_fio_rbd_engine": 0.5, "throughput_vs_fio_rbd_engine": 0.5}
         result["notes"] = (f"{size_mb} MiB image on a memstore OSD (scripts/ceph-dev), fio {runtime} s per job, "

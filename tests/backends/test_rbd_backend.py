@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from dmuserd.backends import BackendError, Op, from_spec
-from dmuserd.backends.rbd import RbdTimeout
+from dmuserd.backends.rbd import HELD_OPS, RbdTimeout
 
 MiB = 1 << 20
 
@@ -129,5 +129,50 @@ async def test_unanswered_requests_fail_with_eio_and_the_backend_recovers(ceph_c
         await backend.flush()
         stored = ceph_cluster.export(image, tmp_path / "x.img").read_bytes()
         assert stored[:64 * 1024] == got  # what the timed-out flush covered reached the OSD
+    finally:
+        await backend.close()
+
+
+async def test_an_outage_under_many_requests_keeps_librbd_within_its_budget(ceph_cluster):
+    """More requests than librbd may hold (HELD_OPS) while the OSD is frozen: the first
+    HELD_OPS reach librbd, the rest wait in trio (the event loop keeps running: a submit
+    never blocks in librbd's objecter), all fail with EIO after the timeout, and once the
+    OSD is back librbd completes what it held and the budget is free again."""
+    image = ceph_cluster.new_image("64M")
+    backend = from_spec(ceph_cluster.spec(image, timeout="2"))
+    extra = 100
+    failures: list[str] = []
+    seen_full = []
+
+    async def reader(i: int) -> None:
+        try:
+            await backend.read((i % 16384) * 4096, 4096)
+        except RbdTimeout as exc:
+            failures.append(str(exc))
+
+    async def heartbeat() -> None:
+        while True:
+            await trio.sleep(0.05)
+            seen_full.append(backend.describe()["librbd_held_ops"] == HELD_OPS)
+
+    try:
+        await backend.read(0, 4096)
+        with ceph_cluster.osd_paused():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(heartbeat)
+                async with trio.open_nursery() as readers:
+                    for i in range(HELD_OPS + extra):
+                        readers.start_soon(reader, i)
+                nursery.cancel_scope.cancel()
+            assert len(failures) == HELD_OPS + extra
+            assert sum("waiting behind" in f for f in failures) == extra
+            assert any(seen_full)  # the loop ran while librbd held the whole budget
+            info = backend.describe()
+            assert info["librbd_held_ops"] == HELD_OPS and info["timed_out_still_queued"] == HELD_OPS
+        with trio.fail_after(60):
+            while backend.describe()["timed_out_still_queued"]:
+                await trio.sleep(0.1)
+        assert backend.describe()["librbd_held_ops"] == 0
+        assert len(await backend.read(4096, 4096)) == 4096
     finally:
         await backend.close()
