@@ -6,25 +6,34 @@ What is measured
 
     * ``dmuserd``: ``dmuserd serve --backend memory:size=1G --export
       nbd:SOCK``, i.e. nbdkit → dmuserd's python plugin → dm-user channels
-      (Unix sockets) → the daemon's dispatcher → memory backend;
+      (Unix sockets, the data through the shared pool: ``data=shm``) → the
+      daemon's dispatcher → memory backend;
+    * ``dmuserd_socket`` (no target): the same with ``data=socket``, every
+      byte on the channel sockets (``iops_vs_dmuserd_socket`` and
+      ``throughput_vs_dmuserd_socket`` are what the shared pool gains);
+    * ``dmuserd_sparse`` (targets): ``dmuserd`` again, read without the
+      prefill, so every read meets a never-written region of the memory
+      disk; ``sparse_iops_vs_written`` and ``sparse_throughput_vs_written``
+      (its figures over ``dmuserd``'s) should be about 1 (≥ 0.9: a sparse
+      disk must read as fast as a written one; its CPU per request says the
+      same without the noise);
     * ``nbdkit_python`` (anchor, with targets): nbdkit's python plugin
       running :mod:`bench.anchors.nbdkit_trivial_memory`, a ``bytearray``
       disk served directly by the callbacks: the floor cost of Python inside
-      nbdkit. dmuserd pays that and a hop to a second process on top, so
-      the targets are ``iops_vs_nbdkit_python`` ≥ 0.8 and
+      nbdkit. dmuserd pays that and a hop to a second process on top; the
+      targets (issue #20) are ``iops_vs_nbdkit_python`` ≥ 0.9 and
       ``throughput_vs_nbdkit_python`` ≥ 1.0;
     * ``nbdkit_memory`` (anchor, no target): nbdkit's C ``memory`` plugin,
       the ceiling of nbdkit itself on this machine;
     * ``plugin_hop_floor`` (anchor, no target): nbdkit with dmuserd's own
-      plugin, its channels answered by
+      plugin on plain channels (no ``shm=``), its channels answered by
       :file:`bench/anchors/dmuser_memory_responder.c`, a RAM disk in C
       with nothing between socket and disk: the most any daemon behind the
       plugin can deliver with 1 MiB reads, where the time goes into moving
       data. ``hop_floor_throughput_vs_nbdkit_python`` is the price of the
-      hop itself (the exact dm-user wire format on a Unix socket: one more
-      copy of every byte), the best dmuserd's ``throughput_vs_nbdkit_python``
-      can be; ``throughput_vs_plugin_hop_floor`` is how close the daemon
-      comes to it. Not a floor for 4 KiB reads (its IOPS are reported, with
+      socket hop itself (the exact dm-user wire format on a Unix socket: one
+      more copy of every byte), the best ``dmuserd_socket`` can be; the
+      shared pool is meant to beat it. Not a floor for 4 KiB reads (its IOPS are reported, with
       no ratio): answers that come back at once make nbdkit's 32 threads
       fight over its GIL, and nbdkit's CPU per request doubles. Not run
       (noted) without a C compiler.
@@ -33,7 +42,8 @@ What is measured
 
 How
     For each server: start it, prefill the first 256 MiB (sequential 1 MiB
-    writes with fio's random buffers, so reads return data), then run over
+    writes with fio's random buffers, so reads return data; not for
+    ``dmuserd_sparse``), then run over
     those 256 MiB:
 
     * ``randread``: ``--rw=randread --bs=4k --iodepth=32`` → IOPS;
@@ -41,11 +51,11 @@ How
 
     Quick mode: 1 s ramp + 4 s per job, one round. Full mode: 2 s ramp +
     15 s, two rounds (servers interleaved), best round kept (on a shared
-    machine interference only lowers a figure). During the randread job the
-    CPU time of each serving process is sampled (``/proc/PID/stat``) and
-    reported per request (``cpu_us_per_4k_read``: dmuserd's daemon and its
-    nbdkit, or the anchor's nbdkit), which says where the time goes
-    independently of how busy the machine is. Afterwards dmuserd's
+    machine interference only lowers a figure). During each job the CPU
+    time of each serving process is sampled (``/proc/PID/stat``) and
+    reported per request (``cpu_us_per_4k_read``, ``cpu_us_per_1m_read``:
+    dmuserd's daemon and its nbdkit, or the anchor's nbdkit), which says
+    where the time goes more steadily than the rates on a busy machine. Afterwards dmuserd's
     counters must show no errors. Servers are stopped with SIGTERM (the
     dmuserd export with ``on-stop=stop``, so its nbdkit goes too). Needs
     fio with the nbd engine and nbdkit's python plugin, else ``Skip``.
@@ -88,11 +98,15 @@ STOP_TIMEOUT = 10.0
 RESPONDER_SOURCE = REPO / "bench" / "anchors" / "dmuser_memory_responder.c"
 PLUGIN = REPO / "daemon" / "nbdkit_plugin.py"
 
-SERVERS = ("nbdkit_python", "dmuserd", "nbdkit_memory", "plugin_hop_floor")
-TARGETS = {"iops_vs_nbdkit_python": 0.8, "throughput_vs_nbdkit_python": 1.0}
+SERVERS = ("nbdkit_python", "dmuserd", "dmuserd_socket", "dmuserd_sparse", "nbdkit_memory", "plugin_hop_floor")
+TARGETS = {"iops_vs_nbdkit_python": 0.9, "throughput_vs_nbdkit_python": 1.0,
+           "sparse_iops_vs_written": 0.9, "sparse_throughput_vs_written": 0.9}
 
 
 class _Server(ServerProcess):
+    #: Whether the first REGION bytes are written before the reads.
+    prefill = True
+
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
         self.socket = workdir / f"{self.name}.sock"
@@ -189,6 +203,7 @@ def _build_responder(workdir: Path) -> Path | None:
 
 class _Dmuserd(_Server):
     name = "dmuserd"
+    data = "shm"  # the export's data= option
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
@@ -197,7 +212,7 @@ class _Dmuserd(_Server):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "dmuserd", "serve", "--name", "disk",
                 "--backend", f"memory:size={DEVICE_SIZE}",
-                "--export", f"nbd:{self.socket},on-stop=stop,threads={THREADS}",
+                "--export", f"nbd:{self.socket},on-stop=stop,threads={THREADS},data={self.data}",
                 "--control-socket", str(self.control)]
 
     def ready(self) -> bool:
@@ -228,6 +243,16 @@ class _Dmuserd(_Server):
                 pass
 
 
+class _DmuserdSocket(_Dmuserd):
+    name = "dmuserd_socket"
+    data = "socket"
+
+
+class _DmuserdSparse(_Dmuserd):
+    name = "dmuserd_sparse"
+    prefill = False
+
+
 def _fio(uri: str, name: str, args: list[str]) -> dict:
     return run_fio(name, ["--ioengine=nbd", f"--uri={uri}", f"--size={REGION}"], args)
 
@@ -236,17 +261,18 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
     try:
         server.start()
         info = {}
-        prefill = _fio(server.uri, "prefill", ["--rw=write", "--bs=1M", "--iodepth=8"])
-        info["prefill_mb_s"] = round(prefill["write"]["bw_bytes"] / 1e6, 1)
+        if server.prefill:
+            prefill = _fio(server.uri, "prefill", ["--rw=write", "--bs=1M", "--iodepth=8"])
+            info["prefill_mb_s"] = round(prefill["write"]["bw_bytes"] / 1e6, 1)
         timed = [f"--ramp_time={ramp}", f"--runtime={runtime}", "--time_based"]
         pids = server.pids()
+        # CPU per request of each process, per job (fio's ramp included, so a little high).
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         rand = _fio(server.uri, "randread", READ_JOBS["randread"] + timed)["read"]
-        requests = rand["total_ios"] or 1
-        # CPU per randread request of each process (fio's ramp included, so a little high).
-        info["cpu_us_per_4k_read"] = {name: round((cpu_seconds(pid) - before[name]) / requests * 1e6, 1)
-                                      for name, pid in pids.items()}
+        info["cpu_us_per_4k_read"] = _cpu_per_request(pids, before, rand["total_ios"])
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         seq = _fio(server.uri, "seqread", READ_JOBS["seqread"] + timed)["read"]
+        info["cpu_us_per_1m_read"] = _cpu_per_request(pids, before, seq["total_ios"])
         figures = {
             "iops": round(rand["iops"]),
             "mb_s": round(seq["bw_bytes"] / 1e6, 1),
@@ -257,6 +283,11 @@ def _measure(server: _Server, ramp: int, runtime: int) -> tuple[dict, dict]:
         return figures, info
     finally:
         server.stop()
+
+
+def _cpu_per_request(pids: dict[str, int], before: dict[str, float], requests: int) -> dict[str, float]:
+    """µs of CPU each process spent per request since ``before``."""
+    return {name: round((cpu_seconds(pid) - before[name]) / (requests or 1) * 1e6, 1) for name, pid in pids.items()}
 
 
 def _check_tools() -> None:
@@ -276,7 +307,8 @@ def run(quick: bool) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="dmuserd-bench-nbd-"))
     try:
         responder = _build_responder(workdir)
-        classes = {"nbdkit_python": _NbdkitPython, "dmuserd": _Dmuserd, "nbdkit_memory": _NbdkitMemory,
+        classes = {"nbdkit_python": _NbdkitPython, "dmuserd": _Dmuserd, "dmuserd_socket": _DmuserdSocket,
+                   "dmuserd_sparse": _DmuserdSparse, "nbdkit_memory": _NbdkitMemory,
                    "plugin_hop_floor": lambda rdir: _PluginHopFloor(rdir, responder)}
         servers = [name for name in SERVERS if name != "plugin_hop_floor" or responder is not None]
         samples: dict[str, list[dict]] = {s: [] for s in servers}
@@ -290,6 +322,13 @@ def run(quick: bool) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     compared = compare_rates(samples)
+    # The sparse disk against the written one (compare_rates' ratios are the other way round).
+    for kind, figure in (("iops", "4k_randread_iops"), ("throughput", "1m_seqread_mb_s")):
+        del compared["ratios"][f"{kind}_vs_dmuserd_sparse"]
+        written = compared["figures"][f"dmuserd_{figure}"]
+        if written:
+            compared["ratios"][f"sparse_{kind}_vs_written"] = round(compared["anchors"][f"dmuserd_sparse_{figure}"]
+                                                                    / written, 3)
     if responder is not None:
         # A floor for 1 MiB reads only: with 4 KiB ones, answers that come back at once make nbdkit's 32
         # threads fight over its GIL (nbdkit's CPU per request doubles), so its IOPS bound nothing.
@@ -298,20 +337,24 @@ def run(quick: bool) -> dict:
         if python:
             compared["ratios"]["hop_floor_throughput_vs_nbdkit_python"] = round(floor / python, 3)
     notes = [
-        f"fio --ioengine=nbd (one connection) on a Unix socket; 1 GiB RAM disks, prefilled and read over the first "
+        f"fio --ioengine=nbd (one connection) on a Unix socket; 1 GiB RAM disks, prefilled (but dmuserd_sparse) "
+        f"and read over the first "
         f"{REGION >> 20} MiB; randread 4k QD32, seqread 1M QD4; {ramp} s ramp + {runtime} s per job, "
         f"{rounds} round(s), best kept; nbdkit --threads {THREADS} for every server",
-        "dmuserd: memory backend behind nbdkit + daemon/nbdkit_plugin.py; nbdkit_python: "
+        "dmuserd: memory backend behind nbdkit + daemon/nbdkit_plugin.py (data=shm; dmuserd_socket: data=socket); "
+        "nbdkit_python: "
         "bench/anchors/nbdkit_trivial_memory.py; nbdkit_memory: nbdkit's C memory plugin; plugin_hop_floor: "
         + ("nbdkit + daemon/nbdkit_plugin.py answered by bench/anchors/dmuser_memory_responder.c"
            if responder is not None else "not run (no C compiler)"),
         "prefill MB/s: " + ", ".join(f"{n} {i.get('prefill_mb_s')}" for n, i in infos.items()),
         "CPU µs per 4k read: " + ", ".join(f"{n} {i.get('cpu_us_per_4k_read')}" for n, i in infos.items()),
+        "CPU µs per 1M read: " + ", ".join(f"{n} {i.get('cpu_us_per_1m_read')}" for n, i in infos.items()),
     ]
     return {
         **compared,
         "targets": TARGETS,
         "samples": samples,
         "cpu_us_per_4k_read": {n: i.get("cpu_us_per_4k_read") for n, i in infos.items()},
+        "cpu_us_per_1m_read": {n: i.get("cpu_us_per_1m_read") for n, i in infos.items()},
         "notes": "; ".join(notes),
     }
