@@ -6,7 +6,9 @@ creates the device (ADD_DEV, SET_PARAMS with the backend's geometry), arms
 every tag of every queue (:class:`~dmuserd.daemon.ublk.queue.Queue`) and
 starts it (START_DEV); :meth:`UblkExport.start` returns once
 ``/dev/ublkbN`` exists. ``ID`` is the device number (``auto``: the kernel
-picks a free one).
+picks a free one). An ID held by a running daemon is refused; one left by a
+daemon that died without recovery (the kernel stopped that device and
+failed its I/O) is removed and made again.
 
 Block parameters come from the backend: logical = physical = minimum I/O
 size = its block size (512 to 4096), read-only when it takes no writes, a
@@ -163,6 +165,9 @@ class UblkExport(Export):
         self._control = control = Control()
         try:
             existing = await control.info(self.dev_id) if self.dev_id is not None else None
+            if existing is not None and not _alive(existing.ublksrv_pid) and (
+                    existing.state == uapi.DevState.DEAD or not existing.flags & uapi.Feature.USER_RECOVERY):
+                existing = await self._remove_leftover(existing)
             if existing is not None and self.recovery and existing.flags & uapi.Feature.USER_RECOVERY:
                 await self._take_over(existing, params, target, nursery)
             else:
@@ -178,11 +183,28 @@ class UblkExport(Export):
         self.endpoint = self.device
         return self.endpoint
 
+    async def _remove_leftover(self, dead: uapi.DevInfo) -> uapi.DevInfo | None:
+        """DEL_DEV a device whose daemon died without recovery, once the kernel stopped it (its 5 s check)."""
+        control, dev_id = self._control, dead.dev_id
+        with trio.move_on_after(RECOVERY_WAIT_SECONDS):
+            while dead is not None and dead.state != uapi.DevState.DEAD:
+                await trio.sleep(0.2)
+                dead = await control.info(dev_id)
+        if dead is None or dead.state != uapi.DevState.DEAD:
+            return dead  # gone meanwhile, or still live: ADD_DEV says what is wrong
+        log.warning("removing a stopped ublk device left by a daemon that is gone", device_id=dev_id)
+        with trio.move_on_after(STOP_SECONDS):
+            await control.command(uapi.Cmd.DEL_DEV, dev_id)
+            return None
+        raise UblkError(f"ublk device {dev_id} is stopped but could not be removed within {STOP_SECONDS:.0f} s "
+                        f"(is /dev/ublkc{dev_id} still open?)", errno=errno.EBUSY)
+
     async def _create(self, params: uapi.Params, target, nursery: trio.Nursery) -> None:
         control = self._control
         flags = uapi.Feature.USER_RECOVERY | uapi.Feature.USER_RECOVERY_REISSUE if self.recovery else 0
         wanted = uapi.DevInfo(self.queues_wanted, self.depth_wanted, BUFFER_SIZE,
-                              self.dev_id if self.dev_id is not None else uapi.ANY_ID, flags)
+                              self.dev_id if self.dev_id is not None else uapi.ANY_ID, flags,
+                              ublksrv_pid=os.getpid())  # until START_DEV, how others tell it is being set up
         try:
             self.info = await control.add(wanted)
         except UblkError as exc:

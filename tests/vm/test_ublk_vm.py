@@ -7,7 +7,9 @@ QD 16 on a two-queue device; the same ID asked for twice; the device gone
 after the stop), a ``snapshot`` backend (an ext4 image and a COW made here
 on the host: read-only device, mounted, files compared, ``e2fsck -fn``) and
 ``recovery=1`` (the daemon killed with SIGKILL under fio verify, a new one
-takes the device over, fio ends with no error; a stop keeps the device).
+takes the device over, fio ends with no error; a stop keeps the device),
+and a daemon killed without recovery (its I/O fails, the next daemon gets
+the ID again).
 Under TCG this takes a few minutes.
 """
 
@@ -149,3 +151,13 @@ def test_kill_9_under_fio_and_restart_with_recovery(vm):
     assert out["served_by_new"]["total_requests"] > 0  # the rest of fio went to the new daemon
     assert out["exit"] == 0 and out["kept_after_stop"]  # recovery=1: a stop leaves the device for the next daemon
 
+
+
+def test_kill_9_without_recovery_fails_io_and_frees_the_id(vm):
+    out = vm["crash"]
+    assert out["write"] == {"result": "ok"}
+    # the kernel fails the I/O of a dying daemon (EIO), or the device is gone already: nothing hangs
+    assert out["read_after_kill"]["result"] in ("EIO", "ENXIO", "ENOENT"), out
+    assert out["endpoint"] == {"ublk": "/dev/ublkb2"}  # the stopped device left behind was removed and made again
+    assert out["read_back"] == {"result": "ok", "sha": out["want"]}  # the data was in the backing file
+    assert out["exit"] == 0

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import dmuser_vm_lib as lib
 from dmuser_guest import PY, Guest
 
 SCRATCH = "/tmp/ublk"  # tmpfs: backing files off the 9p share
@@ -104,7 +105,7 @@ class UblkGuest(Guest):
 
     def setup(self) -> None:
         os.makedirs(SCRATCH, exist_ok=True)
-        for name in ("a.img", "b.img"):
+        for name in ("a.img", "b.img", "c.img"):
             with open(f"{SCRATCH}/{name}", "wb") as f:
                 f.truncate(128 << 20)
         for name in ("base.img", "snap.cow"):
@@ -168,6 +169,26 @@ class UblkGuest(Guest):
         out["exit"] = self.stop("d4")
         out["kept_after_stop"] = os.path.exists("/dev/ublkb1")
 
+    def crash_without_recovery(self) -> None:
+        """kill -9 without recovery: I/O fails (no hang), and a new daemon can have the ID again."""
+        args = (f"file:path={SCRATCH}/c.img", "ublk:2")
+        out = self.results["crash"] = {}
+        self.serve("d6", *args)
+        data = lib.pattern(lib.PATTERN_SEED, 64 * 1024)
+        out["write"] = lib.direct_io("/dev/ublkb2", 0, len(data), data)
+        self.daemons.pop("d6").kill()
+        time.sleep(0.3)  # SIGKILL taken: the process is exiting (it ends once the kernel has stopped the device)
+        thread, result = self.io_in_thread("/dev/ublkb2", 0, 4096)
+        thread.join(timeout=120)
+        out["read_after_kill"] = result if not thread.is_alive() else {"result": "hung"}
+        started = time.monotonic()
+        status = self.serve("d7", *args)
+        out["restart_s"] = round(time.monotonic() - started, 1)
+        out["endpoint"] = status["targets"]["disk"]["exports"]
+        out["read_back"] = lib.direct_io("/dev/ublkb2", 0, len(data))
+        out["want"] = lib.sha(data)
+        out["exit"] = self.stop("d7")
+
     def bench(self) -> None:
         """The same memory target over ublk (fio libaio) and over the NBD export (fio's nbd engine)."""
         plan = self.plan.get("bench")
@@ -192,7 +213,7 @@ class UblkGuest(Guest):
         out["exit"] = self.stop("d5")
 
     def run(self) -> None:
-        for name in ("setup", "file_backend", "snapshot_backend", "recovery", "bench"):
+        for name in ("setup", "file_backend", "snapshot_backend", "recovery", "crash_without_recovery", "bench"):
             self.step(name, getattr(self, name))
         for name in list(self.daemons):
             self.daemons.pop(name).kill()
