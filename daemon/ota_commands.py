@@ -186,13 +186,15 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args, cow_dir, mover=None):
+def _convert(args, cow_dir, mover=None, *, partitions: list[str] | None = None, checks: bool = True):
+    """``apply_payload`` as the options say; ``checks`` False: the hashes are left for ``check_partition``."""
     from dmuserd.snapshot.ota import apply_payload
 
     return apply_payload(
-        args.payload, cow_dir=cow_dir, source_dir=args.source_dir, partitions=_partitions(args.partitions),
-        version=args.cow_version, compression=args.compression, verify=not args.no_verify, mover=mover,
-        slot=args.slot,
+        args.payload, cow_dir=cow_dir, source_dir=args.source_dir,
+        partitions=partitions or _partitions(args.partitions), version=args.cow_version,
+        compression=args.compression, verify=checks and not args.no_verify, mover=mover, slot=args.slot,
+        check_sources=checks,
     )
 
 
@@ -217,29 +219,73 @@ def _apply(args: argparse.Namespace) -> int:
 
 @_os_errors
 def _serve(args: argparse.Namespace) -> int:
+    """Serve each partition as soon as its COW file is written; check it (old image, rendered partition) while
+    it is served: a partition that fails its check is taken away and the command ends with the error."""
     import contextlib
     import tempfile
 
     import trio
 
-    from dmuserd.daemon.config import DaemonSpec, default_control_socket, make_target
+    from dmuserd.daemon.config import DaemonSpec, default_control_socket
     from dmuserd.daemon.service import run_until_signal
+    from dmuserd.snapshot.payload import Payload
 
     _check(args, whole=not args.no_verify)
+    served_name(".", args.slot)  # a bad --slot is refused before the conversion
+    with Payload(args.payload) as payload:
+        names = _partitions(args.partitions) or list(payload.partitions)
+        for name in names:
+            payload.partition(name)  # an unknown partition is refused before the daemon starts
     with contextlib.ExitStack() as stack:
         cow_dir = args.cow_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dmuserd-ota-"))
-        served_name(".", args.slot)  # a bad --slot is refused before the conversion
-        results = _convert(args, cow_dir)
-        targets = [
-            make_target(served_name(r.name, args.slot), "snapshot", {"base": r.base, "cow": r.cow, "size": r.size},
-                        [e.replace("{name}", served_name(r.name, args.slot)) for e in args.export])
-            for r in results
-        ]
-        for result in results:
-            print(_result_line(result), flush=True)
-        spec = DaemonSpec(targets)
-        trio.run(run_until_signal, spec, args.control_socket or default_control_socket())
+        then = _ServeAsReady(args, cow_dir, names)
+        trio.run(lambda: run_until_signal(DaemonSpec([]), args.control_socket or default_control_socket(),
+                                          then=then))
     return 0
+
+
+class _ServeAsReady:
+    """``ota serve``'s work once the daemon runs: partitions converted one after another (worker threads) and
+    added as targets as each is ready, each checked in the background unless ``--no-verify``."""
+
+    def __init__(self, args: argparse.Namespace, cow_dir: str, names: list[str]) -> None:
+        self.args, self.cow_dir, self.names = args, cow_dir, names
+
+    async def __call__(self, daemon) -> None:
+        import trio
+
+        async with trio.open_nursery() as checks:
+            for name in self.names:
+                result = (await trio.to_thread.run_sync(
+                    lambda: _convert(self.args, self.cow_dir, partitions=[name], checks=False)))[0]
+                await self._add(daemon, result)
+                if not self.args.no_verify:
+                    checks.start_soon(self._verify, daemon, result)
+
+    async def _add(self, daemon, result) -> None:
+        from dmuserd.daemon.config import make_target
+
+        name = served_name(result.name, self.args.slot)
+        spec = make_target(name, "snapshot", {"base": result.base, "cow": result.cow, "size": result.size},
+                           [e.replace("{name}", name) for e in self.args.export])
+        await daemon.add_target(spec)
+        check = "" if self.args.no_verify else "; checking it"
+        print(_result_line(result) + f"; served as {name}{check}", flush=True)
+
+    async def _verify(self, daemon, result) -> None:
+        import trio
+
+        from dmuserd.snapshot.ota import check_partition
+
+        name = served_name(result.name, self.args.slot)
+        try:
+            digest = await trio.to_thread.run_sync(check_partition, self.args.payload, result)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await daemon.remove_target(name)
+            raise
+        print(f"{name}: checked, the old image and the new partition match the payload (sha256 {digest})",
+              flush=True)
 
 
 @_os_errors

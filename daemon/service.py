@@ -46,8 +46,13 @@ STATUS_INTERVAL = 2.0
 FUSE_FSTYPE = "fuse.dmuserd"
 
 
-async def run_until_signal(spec: DaemonSpec, control_socket: str | None, *, notifier: Notifier | None = None) -> None:
-    """Serve ``spec`` until SIGINT/SIGTERM, then stop in order (see the module doc)."""
+async def run_until_signal(spec: DaemonSpec, control_socket: str | None, *, notifier: Notifier | None = None,
+                           then=None) -> None:
+    """Serve ``spec`` until SIGINT/SIGTERM, then stop in order (see the module doc).
+
+    ``then(daemon)``, an async function, runs once the daemon is ready (to
+    add targets as they become available: ``ota serve``); what it raises
+    stops the daemon and comes out of here."""
     notifier = notifier if notifier is not None else Notifier()
     daemon = Daemon(spec, control_socket=control_socket)
     try:
@@ -61,6 +66,8 @@ async def run_until_signal(spec: DaemonSpec, control_socket: str | None, *, noti
                     summary = StatusSummary(daemon)
                     notifier.ready(summary.line())
                     helpers.start_soon(_status_updates, notifier, summary)
+                    if then is not None:
+                        helpers.start_soon(then, daemon)
                     async for signum in signals:
                         name = signal.Signals(signum).name
                         if signum == signal.SIGHUP:

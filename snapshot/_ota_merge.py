@@ -182,7 +182,8 @@ def _plan(payload_path, source: str, slot, partitions) -> _Plan:
             raise OtaMergeError(f"partition {name!r}: the new size {sizes[name]} is not a multiple of 512 bytes")
     target_meta = metadata_for_update(source_meta, source_slot, target)
     for name in names:
-        target_meta = resize_partition(target_meta, name + tgt_suffix, sizes[name], keep=[source_meta], path=source)
+        target_meta = resize_partition(target_meta, name + tgt_suffix, sizes[name], keep=[source_meta], path=source,
+                                       block_size=geometry.logical_block_size)
     return _Plan(names, sizes, hashes, key, source_slot, target, geometry, source_meta, target_meta)
 
 

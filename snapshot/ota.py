@@ -241,6 +241,7 @@ def apply_payload(
     on_operation: Callable[[str, int], None] | None = None,
     mover=None,
     slot: str | None = None,
+    check_sources: bool = True,
 ) -> list[PartitionResult]:
     """Write ``cow_dir/NAME.cow`` for each partition (all, or ``partitions``).
 
@@ -251,7 +252,10 @@ def apply_payload(
     stderr is a terminal. ``on_operation(partition, index)`` is called after
     each install operation is written and labelled. ``mover`` (a
     :class:`~dmuserd.dsa_offload.BlockingMover`) assembles the blocks the
-    verification hashes; without one, the CPU does.
+    verification hashes; without one, the CPU does. ``check_sources``
+    False leaves out the old images' whole-image hashes (their sizes are
+    still checked): with ``verify`` False too, a caller that wants the
+    partitions early checks each later with :func:`check_partition`.
     """
     with Payload(payload_path) as payload:
         names = list(payload.partitions) if not partitions else list(dict.fromkeys(partitions))
@@ -267,7 +271,7 @@ def apply_payload(
                 sources[part.partition_name] = find_source(source_dir, part.partition_name, slot)
         for part in parts:
             if part.partition_name in sources:
-                check_source_image(part, sources[part.partition_name])
+                check_source_image(part, sources[part.partition_name], whole=check_sources)
         os.makedirs(cow_dir, exist_ok=True)
         results = []
         with progress_bar(sum(len(p.operations) for p in parts), progress) as bar:
@@ -333,11 +337,11 @@ def check_supported(part) -> None:
             )
 
 
-def check_source_image(part, path: str) -> None:
+def check_source_image(part, path: str, *, whole: bool = True) -> None:
     """The old image must be as long as the old partition and, when the
-    manifest has ``old_partition_info.hash``, be that image (one read, so a
-    wrong image is refused before anything is written; operations'
-    ``src_sha256_hash`` are checked again as they are applied)."""
+    manifest has ``old_partition_info.hash`` (and ``whole``), be that image
+    (one read, so a wrong image is refused before anything is written;
+    operations' ``src_sha256_hash`` are checked again as they are applied)."""
     from dmuserd.images import ImageError, open_image
 
     name, info = part.partition_name, part.old_partition_info
@@ -351,7 +355,7 @@ def check_source_image(part, path: str) -> None:
             f"partition {name!r}: the old image {path} is {size} bytes, the payload's old partition is "
             f"{info.size}: pass the image the payload was made for"
         )
-    if info.hash:
+    if info.hash and whole:
         got, _ = file_sha256(path, info.size)
         if got != info.hash.hex():
             raise PayloadHashError(
@@ -512,16 +516,7 @@ class _PartitionConverter:
             counts = {k: v for k, v in reader.counts().items() if v and k in ("copy", "xor", "replace", "zero")}
             if not verify:
                 return counts, ""
-            digest = render_sha256(reader, self.base, self.new_size, mover=self.mover)
-        want = self.part.new_partition_info.hash.hex()
-        if digest != want:
-            hint = ("the old image may not be the one the payload was made for"
-                    if self.source is not None else "the payload is corrupt")
-            raise PayloadHashError(
-                f"partition {self.name!r}: the converted COW renders to SHA-256 {digest}, new_partition_info says "
-                f"{want}; {hint}"
-            )
-        return counts, digest
+            return counts, check_rendered(self.part, reader, self.base, self.source is not None, mover=self.mover)
 
     # --- what to write -------------------------------------------------------------
 
@@ -694,6 +689,33 @@ def _last_label(path: str, max_label: int) -> int | None:
         else:
             high = mid - 1
     return low
+
+
+def check_rendered(part, reader: CowReader, base, has_source: bool, *, mover=None) -> str:
+    """SHA-256 of what the COW file of ``reader`` renders over ``base``, which must be
+    ``new_partition_info.hash`` (:class:`PayloadHashError` naming the partition)."""
+    digest = render_sha256(reader, base, part.new_partition_info.size, mover=mover)
+    want = part.new_partition_info.hash.hex()
+    if digest != want:
+        hint = "the old image may not be the one the payload was made for" if has_source else "the payload is corrupt"
+        raise PayloadHashError(
+            f"partition {part.partition_name!r}: the converted COW renders to SHA-256 {digest}, new_partition_info "
+            f"says {want}; {hint}"
+        )
+    return digest
+
+
+def check_partition(payload_path, result: PartitionResult, *, mover=None) -> str:
+    """The checks :func:`apply_payload` leaves out with ``check_sources`` and ``verify`` False, made on its
+    ``result`` afterwards: the old image's SHA-256, then the rendered partition's; returns the latter."""
+    with Payload(payload_path) as payload:
+        part = payload.partition(result.name)
+    has_source = part.HasField("old_partition_info")
+    if has_source:
+        check_source_image(part, result.base)
+    with CowReader(result.cow, base_size=part.old_partition_info.size if has_source else 0,
+                   target_size=part.new_partition_info.size) as reader:
+        return check_rendered(part, reader, result.base, has_source, mover=mover)
 
 
 def render_sha256(reader: CowReader, base, size: int, *, bar=None, mover=None) -> str:
