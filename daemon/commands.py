@@ -104,6 +104,9 @@ def _status(args) -> int:
               f"unsupported {t['unsupported']}")
         if isinstance(t.get("summary"), str):  # a backend's own line (rbd: cluster, pool, image, latency)
             print(f"    {t['summary']}")
+        for kind, details in (t.get("export_status") or {}).items():  # an export's own line (ublk: queues)
+            if isinstance(details, dict) and isinstance(details.get("summary"), str):
+                print(f"    {kind}: {details['summary']}")
         merge = t.get("merge")
         if isinstance(merge, dict):
             print(f"    merge {merge.get('state')}: {merge.get('percent', 0):.1f}% "

@@ -346,12 +346,20 @@ class UblkExport(Export):
 
     def status(self) -> dict:
         info = self.info
+        queues = [queue.status() for queue in self.queues]
+        summary = (f"{self.device} {self._state}, {len(queues)} queue(s) of depth {queues[0]['depth']}: requests "
+                   + "/".join(str(q["requests"]) for q in queues)
+                   + f", in flight {sum(q['in_flight'] for q in queues)}, errors {sum(q['errors'] for q in queues)}"
+                   + f", malformed {sum(q['malformed'] for q in queues)}"
+                   + (", recovery on" + (" (taken over)" if self.recovered else "") if self.recovery else "")
+                   if queues else f"ublk device {self.device or self.dev_id} {self._state}")
         return {
+            "summary": summary,
             "device": self.device,
             "id": info.dev_id if info is not None else self.dev_id,
             "state": self._state,
             "recovery": self.recovery,
             "recovered": self.recovered,
             "max_io": BUFFER_SIZE,
-            "queues": [queue.status() for queue in self.queues],
+            "queues": queues,
         }

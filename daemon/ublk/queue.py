@@ -167,7 +167,10 @@ class Queue:
             buffer.release()
         if result < 0:
             self.errors += 1
-        self.commit(tag, result)
+        try:
+            self.commit(tag, result)
+        except OSError as exc:  # the ring refused the submission: this request is lost, the queue goes on
+            guard.failed(_SURFACE, exc, queue=self.q_id, tag=tag)
 
     def fail_owned(self) -> None:
         """Answer EIO to every request still in the daemon (their tasks were cancelled)."""

@@ -122,6 +122,11 @@ def test_fio_verify_on_two_queues(vm):
     queues = vm["file"]["status_after"]["export_status"]["ublk"]["queues"]
     assert all(q["requests"] > 0 for q in queues), queues  # one fio job per CPU: both queues served
     assert sum(q["errors"] + q["malformed"] for q in queues) == 0, queues
+    # dmuserd status: the device, its queues and counters on one line
+    line = next(x for x in vm["file"]["status_text"].splitlines() if x.strip().startswith("ublk:"))
+    requests = "/".join(str(q["requests"]) for q in queues)
+    assert line.strip() == (f"ublk: /dev/ublkb0 serving, 2 queue(s) of depth 16: requests {requests}, "
+                            "in flight 0, errors 0, malformed 0"), line
 
 
 def test_stop_deletes_the_device(vm):

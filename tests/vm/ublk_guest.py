@@ -123,6 +123,7 @@ class UblkGuest(Guest):
         out["fs"] = self.filesystem("/dev/ublkb0")
         out["fio"] = self.fio_verify("/dev/ublkb0", "16M")
         out["status_after"] = self.status("/tmp/d1.sock")["targets"]["disk"]
+        out["status_text"] = self.sh(PY, "-m", "dmuserd", "status", "--control-socket", "/tmp/d1.sock").stdout
         out["exit"] = self.stop("d1")
         out["gone_after_stop"] = {p: not os.path.exists(p) for p in ("/dev/ublkb0", "/dev/ublkc0", "/sys/block/ublkb0")}
 
