@@ -125,8 +125,9 @@ class MergeIO:
     """The merge's file access on ``"base"`` and ``"cow"``: ``pread``,
     ``pwrite``, scatter/gather ``preadv``/``pwritev`` and ``fsync``.
 
-    Blocking calls, made from worker threads. The descriptors stay the
-    caller's.
+    Blocking calls, made from worker threads, up to two at once: a step's
+    commit (syncs, the progress write) beside the reads of the next step or
+    of the read-back, never two writes. The descriptors stay the caller's.
     """
 
     def __init__(self, base_fd: int, cow_fd: int) -> None:
@@ -201,9 +202,14 @@ class MergePlan:
     journal: bool = False
 
     def __post_init__(self) -> None:
+        fac = self.table.factor
+        if not fac.tobytes().translate(None, b"\0"):
+            # every op one block (every v2 file): op k ends at block k, no sums to make
+            self.prefix = array("Q", range(len(self.order) + 1))
+            return
         prefix = self.prefix = array("Q", [0])
         # blocks of op k: 1 << factor (C-level iterators: no Python loop per op)
-        prefix.extend(accumulate(map((1).__lshift__, map(self.table.factor.__getitem__, self.order))))
+        prefix.extend(accumulate(map((1).__lshift__, map(fac.__getitem__, self.order))))
 
     @property
     def total_ops(self) -> int:
