@@ -28,7 +28,8 @@ timing so that no earlier writeback is billed to it:
   merge on fresh copies); the fastest dd is the anchor and the fastest
   merge the figure, and the notes list every run (the machine is shared).
 * ``merge_startup_seconds``: the same command rerun on the merged file
-  (interpreter start, imports, reading and checking the COW file), and
+  (interpreter start, imports, reading and checking the COW file; the
+  fastest of the reruns, one after each merge), and
   ``merge_engine_*`` the merge engine's own run as it reports it (writing
   the ops, every sync included; no start-up, no reading of the COW's ops).
 * The merge's syncs: it reports its ``fdatasync`` calls (the protocol's:
@@ -60,7 +61,12 @@ The merged base's SHA-256 must equal the target's, or the scenario fails:
 a benchmark of a wrong merge is worthless. Targets (issue #7): merge ≥ 0.5
 of the dd rate, and peak RSS under 256 MiB whatever the image size
 (reported as ``rss_limit_vs_peak_rss`` = 256 MiB / peak RSS, target ≥ 1,
-since ``bench/run.py`` checks every ratio as a lower bound).
+since ``bench/run.py`` checks every ratio as a lower bound). Issue #22
+(item 6): the whole merge ≥ 0.8 of the protocol floor
+(``merge_vs_protocol_floor``), and start-up within 0.15 s
+(``startup_limit_vs_startup`` = 0.15 s / ``merge_startup_seconds``, target
+≥ 1; the goal is stated for the full run's 62k ops, the quick run has a
+quarter of them).
 """
 
 from __future__ import annotations
@@ -81,7 +87,10 @@ TITLE = "cow merge: MB/s of changed bytes vs dd of the same bytes, peak RSS (1 G
 BS = 4096
 CHUNK = 1 << 20
 RSS_LIMIT_MIB = 256
-TARGETS = {"merge_vs_dd": 0.5, "rss_limit_vs_peak_rss": 1.0}
+#: issue #22's start-up goal for the bench's 1 GiB COW (62k ops): interpreter, imports, reading the ops
+STARTUP_LIMIT_SECONDS = 0.15
+TARGETS = {"merge_vs_dd": 0.5, "rss_limit_vs_peak_rss": 1.0, "merge_vs_protocol_floor": 0.8,
+           "startup_limit_vs_startup": 1.0}
 #: blocks changed per kind, as a fraction of the image's blocks (about 25 % in all)
 QUOTAS = {"xor": 0.04, "chain": 0.08, "copy": 0.05, "replace": 0.06, "zero": 0.02}
 
@@ -385,6 +394,7 @@ def run(quick: bool) -> dict:
     best = min(merges, key=lambda r: r["seconds"])
     merge_seconds = best["seconds"]
     engine_seconds = best["stats"]["seconds"]  # measured by the merge itself: no startup, no noise from a rerun
+    startup = min(r["startup"] for r in merges)  # the fastest rerun: the shared machine's noise is one-sided
     syncs = best["stats"].get("syncs", 0)
     mb = changed / 1e6
     rss_main, rss_small = max(r["rss"] for r in merges), small["rss"]
@@ -392,7 +402,7 @@ def run(quick: bool) -> dict:
     figures = {
         "merge_mbps": round(mb / merge_seconds, 1),
         "merge_seconds": round(merge_seconds, 2),
-        "merge_startup_seconds": round(best["startup"], 2),
+        "merge_startup_seconds": round(startup, 3),
         "merge_engine_mbps": round(mb / engine_seconds, 1),
         "merge_engine_seconds": round(engine_seconds, 3),
         "merge_syncs": syncs,
@@ -416,6 +426,7 @@ def run(quick: bool) -> dict:
             "merge_vs_protocol_floor": round(floor_seconds / merge_seconds, 3),
             "merge_engine_vs_protocol_floor": round(floor_seconds / engine_seconds, 3),
             "rss_limit_vs_peak_rss": round(RSS_LIMIT_MIB / rss_main, 3),
+            "startup_limit_vs_startup": round(STARTUP_LIMIT_SECONDS / startup, 3),
         },
         "targets": TARGETS,
         "units": {
@@ -433,7 +444,7 @@ def run(quick: bool) -> dict:
             f"{c['replace']} replace, {c['zero']} zero; v2 uncompressed COW of {cow_bytes >> 20} MiB; "
             f"merge said: {best['said']}; engine: {best['stats']}; "
             f"merge runs {merge_list} s (figures: the fastest), dd runs {dd_list} s (anchor: the fastest); "
-            f"merge time includes {best['startup']:.2f} s of interpreter start, imports and reading the COW "
+            f"merge time includes about {startup:.2f} s of interpreter start, imports and reading the COW "
             f"(a rerun on the merged file); merge_engine_*: the engine's own run; "
             f"protocol floor: the merge's {floor_writes} writes ({floor_bytes / (1 << 20):.0f} MiB, scratch "
             f"copies included) and {len(trace) - floor_writes} fdatasync calls replayed alone, runs "
