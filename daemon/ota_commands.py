@@ -252,12 +252,14 @@ class _ServeAsReady:
         self.args, self.cow_dir, self.names = args, cow_dir, names
 
     async def __call__(self, daemon) -> None:
+        import functools
+
         import trio
 
         async with trio.open_nursery() as checks:
             for name in self.names:
-                result = (await trio.to_thread.run_sync(
-                    lambda: _convert(self.args, self.cow_dir, partitions=[name], checks=False)))[0]
+                convert = functools.partial(_convert, self.args, self.cow_dir, partitions=[name], checks=False)
+                result = (await trio.to_thread.run_sync(convert))[0]
                 await self._add(daemon, result)
                 if not self.args.no_verify:
                     checks.start_soon(self._verify, daemon, result)

@@ -297,7 +297,8 @@ class SuperImage:
         if not 0 <= number < self.slot_count:
             names = ", ".join(self.slot_names())
             raise SuperLookupError(f"{self.path} has no slot {slot_suffix(number)[1:]}: its metadata has "
-                                   f"{self.slot_count} slot(s) ({names})")
+                                   f"{self.slot_count} slot(s) ({names}; metadata_slot_count of the geometry at "
+                                   f"offset {self.geometry.offset})")
         return number
 
     def metadata(self, slot: str | int = 0) -> Metadata:
@@ -440,7 +441,7 @@ class SuperImage:
         if part is None:
             names = ", ".join(p.name for p in meta.partitions) or "none"
             raise SuperLookupError(f"{self.path}: no partition {name!r} in the metadata of slot "
-                                   f"{slot_suffix(meta.slot)[1:]} (it has: {names})")
+                                   f"{slot_suffix(meta.slot)[1:]} (offset {meta.offset}; it has: {names})")
         return meta, part
 
     def partition(self, name: str, slot: str | int | None = None) -> "LogicalPartition":

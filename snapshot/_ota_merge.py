@@ -170,9 +170,9 @@ def _plan(payload_path, source: str, slot, partitions) -> _Plan:
         part = source_meta.partition(name + src_suffix)
         if part is None:
             raise OtaMergeError(f"partition {name!r}: no partition {name + src_suffix!r} in slot "
-                                f"{src_suffix[1:]} of the super image {source} (it has {', '.join(have) or 'none'});"
-                                " physical partitions (boot, vbmeta, ...) are not in super: leave them out with "
-                                "--partitions")
+                                f"{src_suffix[1:]} of the super image {source} (metadata at offset "
+                                f"{source_meta.offset}: it has {', '.join(have) or 'none'}); physical partitions "
+                                "(boot, vbmeta, ...) are not in super: leave them out with --partitions")
         for k, e in enumerate(part.extents):
             if e.target_type != TARGET_LINEAR or e.target_source != 0:
                 kind = "a zero extent" if e.target_type != TARGET_LINEAR else "on another block device"

@@ -210,8 +210,8 @@ def _find_in_source(source: str, name: str, names: list[str], slot: str | None) 
                                    f"({', '.join(n for n in have if n.startswith(name + '_'))}): pass --slot with "
                                    "the slot the old build is in (a or b)")
         want = f"{name}{slot_suffix(slot_number(slot))}" if slot else name
-        return None, f"the super image {source} (no partition {want!r} in slot {slot or 'a'}: it has " \
-            f"{', '.join(have) or 'none'})"
+        return None, f"the super image {source} (no partition {want!r} in slot {slot or 'a'}, metadata at offset " \
+            f"{meta.offset}: it has {', '.join(have) or 'none'})"
 
 
 @dataclass

@@ -13,7 +13,6 @@ from lp_writer import SuperBuilder, metadata_offset
 
 from dmuserd.images import open_super
 from dmuserd.images.lp import (
-    SECTOR,
     LpFormatError,
     LpSpaceError,
     metadata_bytes,
@@ -63,7 +62,7 @@ def test_an_interrupted_write_reads_old_or_new(tmp_path):
     path = tmp_path / "super.img"
     b = _super(path)
     with open_super(path) as sup:
-        meta, geometry, old = sup.metadata("a"), sup.geometry, sup.metadata("b")
+        meta, old = sup.metadata("a"), sup.metadata("b")
     update = metadata_for_update(meta, 0, 1)
     blob = metadata_bytes(update)
     primary, backup = metadata_offset(b, 1), metadata_offset(b, 1, backup=True)

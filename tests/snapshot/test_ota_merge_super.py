@@ -31,7 +31,7 @@ from dmuserd.snapshot import _payload_proto as proto
 from dmuserd.snapshot.payload import OpType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
-from daemon_harness import DMUSERD, mounted, need_root_tools, run  # noqa: E402
+from daemon_harness import mounted, need_root_tools, run  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
