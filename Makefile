@@ -33,9 +33,8 @@ $(VENV)/bin/python:
 # Byte-compiled too, as a wheel install would be: an editable install never
 # is, and where PYTHONDONTWRITEBYTECODE is set every command would compile
 # dmuserd again (~20 ms of each start-up).
-$(STAMP): .system-ok $(VENV)/bin/python pyproject.toml scripts/venv-ceph-bindings $(wildcard dsa_offload/*.c dsa_offload/*.h daemon/*.c daemon/ublk/*.c snapshot/*.c)
+$(STAMP): .system-ok $(VENV)/bin/python pyproject.toml $(wildcard dsa_offload/*.c dsa_offload/*.h daemon/*.c daemon/ublk/*.c snapshot/*.c)
 	$(PY) -m pip install -q -e '.[test,bench]'
-	scripts/venv-ceph-bindings $(PY)
 	$(PY) -m compileall -q $(PACKAGE_SOURCES)
 	@touch $@
 

@@ -7,8 +7,10 @@ with ``rbd bench``. On that image, one run: 4 KiB random reads at QD32 and
 ``rbd`` backend, against (a) ``qemu-nbd`` with qemu's ``rbd`` driver on the
 same image (``qemu-block-extra``) and (b) fio's own ``rbd`` engine calling
 librbd directly, no NBD at all: the client library's limit. Goals (issue
-#25): at least 2x (a), at least 0.5x (b). The cluster runs on the same
-cores as the clients.
+#25): at least 2x (a), at least 0.5x (b). A third anchor, dmuserd's NBD
+export of the ``memory`` backend, is the NBD path's own ceiling (what the
+``rbd`` backend would reach if it cost nothing). The cluster runs on the
+same cores as the clients.
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ class _Dmuserd(ServerProcess):
         return f"nbd+unix:///?socket={self.socket}"
 
 
+class _DmuserdMemory(_Dmuserd):
+    """dmuserd's NBD export of the ``memory`` backend: the NBD path's own ceiling here, no cluster."""
+
+    name = "dmuserd_memory"
+
+    def command(self):
+        command = super().command()
+        command[command.index("--backend") + 1] = "memory:size=1G"
+        return command
+
+
 class _QemuNbd(ServerProcess):
     name = "qemu_nbd_rbd"
 
@@ -85,14 +98,16 @@ def _check_tools() -> None:
     engines = run_command(["fio", "--enghelp"]).stdout
     if "rbd" not in engines or "nbd" not in engines:
         raise Skip("this fio lacks the rbd or nbd engine")
+    from dmuserd.backends._librbd import libs
+
     try:
-        import rados  # noqa: F401
-        import rbd  # noqa: F401
-    except ImportError as exc:
-        raise Skip(f"the Ceph Python bindings do not import ({exc}): scripts/venv-ceph-bindings") from None
+        libs()
+    except OSError as exc:
+        raise Skip(str(exc)) from None
 
 
-def measure(workdir: Path, conf: str, size_mb: int, timing: list[str], servers=(_Dmuserd, _QemuNbd)) -> dict:
+def measure(workdir: Path, conf: str, size_mb: int, timing: list[str],
+            servers=(_Dmuserd, _QemuNbd, _DmuserdMemory)) -> dict:
     """One round of both jobs on each server and on fio's rbd engine: ``{name: [{"iops", "mb_s"}]}``.
 
     The image ``rbd/bench`` of ``size_mb`` MiB must exist, written, on the cluster of ``conf``.

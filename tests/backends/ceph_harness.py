@@ -3,9 +3,8 @@
 A uniquely named helper module (not conftest). ``scripts/ceph-dev`` starts
 the cluster once per session (one mon, one mgr, one OSD on a bluestore
 file, all on 127.0.0.1) and stops it at the end. A test skips only where Ceph cannot be
-installed here (not root, or Debian's bindings do not fit the venv's
-Python), and says why; with root and the packages merely missing it fails
-and names the command that installs them.
+installed here (not root), and says why; with root and the packages merely
+missing it fails and names the command that installs them.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -29,27 +27,18 @@ TOOLS = ("ceph-mon", "ceph-osd", "ceph-mgr", "ceph", "rbd", "monmaptool")
 
 def ceph_unavailable() -> str | None:
     """Why the Ceph parts cannot be used here, or None."""
+    from dmuserd.backends._librbd import libs
+
     missing = [t for t in TOOLS if not shutil.which(t)]
     try:
-        import rados  # noqa: F401
-        import rbd  # noqa: F401
-    except ImportError as exc:
-        missing.append(f"python bindings ({exc})")
+        libs()
+    except OSError as exc:
+        missing.append(str(exc))
     if not missing:
         return None
     if os.geteuid() != 0:
         return f"Ceph is not installed ({', '.join(missing)}) and only root can install it (make test as root does)"
-    dist = Path("/usr/lib/python3/dist-packages")
-    if any(dist.glob("rados.*.so")) and not missing[:-1] and missing[-1].startswith("python"):
-        import sysconfig
-
-        if not (dist / f"rados{sysconfig.get_config_var('EXT_SUFFIX')}").exists():
-            return (f"Debian's rados/rbd bindings are built for another Python than this one ({sys.version.split()[0]}); "
-                    f"make the venv from Debian's python3 to use them")
-    pytest.fail(
-        f"Ceph parts missing: {', '.join(missing)}; install them with scripts/setup-system and "
-        f"scripts/venv-ceph-bindings {sys.executable} (make test does both)"
-    )
+    pytest.fail(f"Ceph parts missing: {', '.join(missing)}; install them with scripts/setup-system (make test does)")
 
 
 @dataclass
