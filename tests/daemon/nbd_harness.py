@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -164,6 +165,16 @@ def qemu_io(uri: str, *commands: str, check: bool = True, timeout: float = 60) -
     if check and (result.returncode != 0 or "failed" in output or "error" in output.lower()):
         raise AssertionError(f"qemu-io {commands} failed:\n{output}")
     return result
+
+
+def read_answer(sock) -> tuple[int, int, int, int, int]:
+    """One dm-user answer header from a channel socket (seq, type, flags, sector, len), the spec's layout."""
+    data = b""
+    while len(data) < 40:
+        chunk = sock.recv(40 - len(data))
+        assert chunk, "the channel closed without an answer"
+        data += chunk
+    return struct.unpack("<5Q", data)
 
 
 def fio_nbd(uri: str, cwd, *options: str, timeout: float = 120) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_harness import nbd_session, qemu_io  # noqa: F401 - nbd_session is a fixture
+from nbd_harness import nbd_session, qemu_io, read_answer  # noqa: F401 - nbd_session is a fixture
 
 from dmuserd.daemon import control
 from dmuserd.protocol import HEADER_SIZE, RequestType, ResponseType
@@ -134,22 +134,13 @@ def _channel(session) -> socket.socket:
     return sock
 
 
-def _answer(sock) -> tuple:
-    data = b""
-    while len(data) < HEADER_SIZE:
-        chunk = sock.recv(HEADER_SIZE - len(data))
-        assert chunk, "the channel closed without an answer"
-        data += chunk
-    return HEADER.unpack(data)
-
-
 def test_write_same_on_a_channel_is_unsupported_and_the_channel_goes_on(served, nbd_session):
     with _channel(nbd_session) as sock:
         sock.sendall(HEADER.pack(1, 5, 0, 0, 4096))  # WRITE_SAME, the review's daemon killer
-        seq, kind, *_ = _answer(sock)
+        seq, kind, *_ = read_answer(sock)
         assert (seq, kind) == (1, ResponseType.UNSUPPORTED)
         sock.sendall(HEADER.pack(2, RequestType.READ, 0, 0, 4096))
-        seq, kind, _flags, _sector, length = _answer(sock)
+        seq, kind, _flags, _sector, length = read_answer(sock)
         assert (seq, kind, length) == (2, ResponseType.SUCCESS, 4096)
         data = b""
         while len(data) < 4096:
@@ -172,7 +163,7 @@ def test_a_channel_breaking_the_protocol_ends_alone(served, nbd_session, header,
     # Another channel of the same export is served.
     with _channel(nbd_session) as sock:
         sock.sendall(HEADER.pack(7, RequestType.READ, 0, 0, 512))
-        assert _answer(sock)[:2] == (7, ResponseType.SUCCESS)
+        assert read_answer(sock)[:2] == (7, ResponseType.SUCCESS)
 
 
 def test_status_text_lists_rejected_inputs(served):
@@ -207,4 +198,4 @@ def test_running_out_of_descriptors_does_not_end_the_export(served, nbd_session)
             sock.close()
     with _channel(nbd_session) as sock:
         sock.sendall(HEADER.pack(9, RequestType.READ, 0, 0, 512))
-        assert _answer(sock)[:2] == (9, ResponseType.SUCCESS)
+        assert read_answer(sock)[:2] == (9, ResponseType.SUCCESS)

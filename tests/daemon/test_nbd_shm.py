@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_harness import fio_nbd, nbd_session, need_nbd_tools, qemu_io  # noqa: F401 - nbd_session is a fixture
+from nbd_harness import fio_nbd, nbd_session, need_nbd_tools, qemu_io, read_answer  # noqa: F401 - nbd_session is a fixture
 
 from dmuserd.daemon.nbd_shm import SLOT_SIZE, SLOTS
 from dmuserd.protocol import HEADER_SIZE, RequestType, ResponseType
@@ -51,15 +51,6 @@ def _slotted(session) -> tuple[socket.socket, int]:
     magic, version, slots, slot_size = ANNOUNCEMENT.unpack(data)
     assert (magic.to_bytes(8, "little"), version, slot_size, len(fds)) == (b"dmuserdP", 1, SLOT_SIZE, 1)
     return sock, slots
-
-
-def _answer(sock) -> tuple:
-    data = b""
-    while len(data) < HEADER_SIZE:
-        chunk = sock.recv(HEADER_SIZE - len(data))
-        assert chunk, "the channel closed without an answer"
-        data += chunk
-    return HEADER.unpack(data)
 
 
 def test_data_moves_through_the_pool_both_ways(nbd_session):
@@ -118,7 +109,7 @@ def test_a_bad_slot_ends_that_channel_alone(nbd_session, slot, kind, length, rea
         bad.sendall(HEADER.pack(1, kind, 0, 0, length) + WORD.pack(slot))
         assert bad.recv(HEADER_SIZE) == b""  # closed, unanswered
         good.sendall(HEADER.pack(2, RequestType.READ, 0, 0, 512) + WORD.pack(NO_SLOT))
-        assert _answer(good)[:2] == (2, ResponseType.SUCCESS)
+        assert read_answer(good)[:2] == (2, ResponseType.SUCCESS)
         assert good.recv(512, socket.MSG_WAITALL) == b"\x5a" * 512
     assert daemon.status()["rejected_inputs"]["nbd-channel"][reason] == 1
     qemu_io(nbd_session.uri, "read -P 0x5a 0 64k")  # nbdkit's own slotted channels are served on
