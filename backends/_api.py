@@ -139,7 +139,12 @@ class Backend:
         buffer[:] = data
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; durable before returning when ``fua``."""
+        """Write ``data`` at ``offset``; durable before returning when ``fua``.
+
+        ``data`` is any bytes-like object, valid only until this returns: it
+        may be a view of memory the client reuses for its next request (the
+        NBD export's shared slots), so copy what you keep.
+        """
         raise Unsupported("write")
 
     async def flush(self) -> None:
