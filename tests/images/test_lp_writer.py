@@ -99,12 +99,17 @@ def test_metadata_too_big_for_a_slot_is_refused(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_in_place_update_renames_the_source_slot(tmp_path):
+def _slot_a_and_update(tmp_path):
+    """Slot a's metadata of :func:`_super`'s image, and liblp's update of it for slot b."""
     path = tmp_path / "super.img"
     _super(path)
     with open_super(path) as sup:
         meta = sup.metadata("a")
-    update = metadata_for_update(meta, 0, 1)
+    return meta, metadata_for_update(meta, 0, 1)
+
+
+def test_in_place_update_renames_the_source_slot(tmp_path):
+    meta, update = _slot_a_and_update(tmp_path)
     assert [p.name for p in update.partitions] == ["system_b", "vendor_b"]
     assert [g.name for g in update.groups] == ["default", "main_b"]
     assert [p.group for p in update.partitions] == ["main_b", "main_b"]
@@ -115,11 +120,7 @@ def test_in_place_update_renames_the_source_slot(tmp_path):
 
 
 def test_resize_grows_from_free_space_and_shrinks_from_the_end(tmp_path):
-    path = tmp_path / "super.img"
-    _super(path)
-    with open_super(path) as sup:
-        meta = sup.metadata("a")
-    update = metadata_for_update(meta, 0, 1)
+    meta, update = _slot_a_and_update(tmp_path)
     vendor = update.partition("vendor_b")
     end = vendor.extents[-1].target_data + vendor.extents[-1].num_sectors
     # a block more: the free sectors right after vendor's last extent lengthen it (though lower gaps are free)

@@ -13,7 +13,8 @@ EROFS with lz4 from ``mkfs.erofs``), two partitions ``system`` (ext4) and
 * ``ota.zip``: the delta payload old → new for both (tests/snapshot/ota_vectors.py),
   packaged as ota_from_target_files does.
 
-Used by tests/snapshot/test_ota_desktop.py and the desktop_vab bench scenario.
+Used by tests/snapshot/test_ota_desktop.py, test_ota_merge_super.py (which import the ``material``
+fixture and ``plain_logging`` from here) and the desktop_vab bench scenario.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 _HERE = Path(__file__).resolve().parent
 for _p in (_HERE, _HERE.parent / "images"):
@@ -38,6 +41,43 @@ TOOLS = ("mkfs.ext4", "mkfs.erofs", "img2simg")
 
 def missing_tools() -> list[str]:
     return [t for t in TOOLS if shutil.which(t) is None]
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    """:func:`build`'s material, once per test module (skipped, saying which packages, without the tools)."""
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (e2fsprogs, erofs-utils, android-sdk-libsparse-utils: "
+                    "scripts/system-packages.txt)")
+    return build(tmp_path_factory.mktemp("vab"))
+
+
+def not_logs(stderr: str) -> list[str]:
+    """stderr's lines but the log lines (JSON objects: logs go to stderr too)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("{")]
+
+
+def one_line_error(capsys, argv, *needles) -> str:
+    """``dmuserd ARGV`` in process fails with exit status 1 and one line on stderr holding every needle."""
+    from dmuserd.daemon.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = not_logs(capsys.readouterr().err)
+    assert len(err) == 1, err
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+    return err[0]
+
+
+@pytest.fixture(autouse=True)
+def plain_logging():
+    """In-process ``dmuserd`` runs point structlog at the test's captured output: reset it after each test."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
 
 
 def _tree(root: Path, seed: int, files: int, changed_from: Path | None = None) -> None:

@@ -24,23 +24,8 @@ import desktop_vab
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 from daemon_harness import DMUSERD, mounted, need_root_tools, run  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _plain_logging():
-    """In-process ``dmuserd`` runs point structlog at the test's captured output: reset it after each test."""
-    yield
-    import structlog
-
-    structlog.reset_defaults()
-
-
-@pytest.fixture(scope="module")
-def material(tmp_path_factory):
-    missing = desktop_vab.missing_tools()
-    if missing:
-        pytest.skip(f"missing {', '.join(missing)} (e2fsprogs, erofs-utils, android-sdk-libsparse-utils: "
-                    "scripts/system-packages.txt)")
-    return desktop_vab.build(tmp_path_factory.mktemp("vab"))
+material = desktop_vab.material  # the fixtures
+plain_logging = desktop_vab.plain_logging
 
 
 def _sha(data: bytes) -> str:
@@ -148,21 +133,8 @@ def test_apply_then_verify_and_render_from_super(material, tmp_path, capsys):
         assert len(err) == 1 and "only a raw image can take" in err[0], err
 
 
-def _not_logs(stderr: str) -> list[str]:
-    """stderr's lines but the log lines (JSON objects: logs go to stderr too)."""
-    return [line for line in stderr.strip().splitlines() if not line.startswith("{")]
-
-
-def _one_line_error(capsys, argv, *needles) -> str:
-    from dmuserd.daemon.cli import main
-
-    capsys.readouterr()
-    assert main(argv) == 1
-    err = _not_logs(capsys.readouterr().err)
-    assert len(err) == 1, err
-    for needle in needles:
-        assert needle in err[0], (needle, err[0])
-    return err[0]
+_not_logs = desktop_vab.not_logs
+_one_line_error = desktop_vab.one_line_error
 
 
 def test_bad_input_is_one_line_and_writes_nothing(material, tmp_path, capsys):

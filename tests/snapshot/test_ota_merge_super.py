@@ -33,23 +33,8 @@ from dmuserd.snapshot.payload import OpType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 from daemon_harness import mounted, need_root_tools, run  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _plain_logging():
-    """In-process ``dmuserd`` runs point structlog at the test's captured output: reset it after each test."""
-    yield
-    import structlog
-
-    structlog.reset_defaults()
-
-
-@pytest.fixture(scope="module")
-def material(tmp_path_factory):
-    missing = desktop_vab.missing_tools()
-    if missing:
-        pytest.skip(f"missing {', '.join(missing)} (e2fsprogs, erofs-utils, android-sdk-libsparse-utils: "
-                    "scripts/system-packages.txt)")
-    return desktop_vab.build(tmp_path_factory.mktemp("vab"))
+material = desktop_vab.material  # the fixtures
+plain_logging = desktop_vab.plain_logging
 
 
 def _sha(data: bytes) -> str:
@@ -63,10 +48,6 @@ def _file_sha(path) -> str:
 def _read(locator) -> bytes:
     with open_image(locator) as image:
         return image.pread(image.size, 0)
-
-
-def _lines(stderr: str) -> list[str]:
-    return [line for line in stderr.strip().splitlines() if not line.startswith("{")]
 
 
 def _merge(*args) -> list[str]:
@@ -207,7 +188,7 @@ def test_no_room_to_grow_is_refused_before_anything_is_written(tmp_path, capsys,
     m = _moving_material(tmp_path, **kwargs)
     before = _file_sha(m["super"])
     assert main(_merge(m["ota"], "--source", m["super"], "--slot", "a", "--in-place")) == 1
-    err = _lines(capsys.readouterr().err)
+    err = desktop_vab.not_logs(capsys.readouterr().err)
     assert len(err) == 1 and needle in err[0] and "'app_b' cannot grow" in err[0], err
     assert _file_sha(m["super"]) == before
     assert not Path(f"{m['super']}.ota-merge").exists()
@@ -305,12 +286,7 @@ def test_bad_input_is_one_line_and_writes_nothing(material, tmp_path, capsys):
     new = tmp_path / "new.img"
 
     def refused(argv, *needles) -> None:
-        capsys.readouterr()
-        assert main(argv) == 1
-        err = _lines(capsys.readouterr().err)
-        assert len(err) == 1, err
-        for needle in needles:
-            assert needle in err[0], (needle, err[0])
+        desktop_vab.one_line_error(capsys, argv, *needles)
         assert not new.exists() and not Path(f"{new}.partial").exists() and not Path(f"{new}.ota-merge").exists()
 
     ota, sup = material["ota"], material["super"]
@@ -350,4 +326,4 @@ def test_bad_input_is_one_line_and_writes_nothing(material, tmp_path, capsys):
     new.write_bytes(b"mine")
     capsys.readouterr()
     assert main(_merge(ota, "--source", sup, "--slot", "a", "--output", new)) == 1
-    assert "exists" in _lines(capsys.readouterr().err)[0] and new.read_bytes() == b"mine"
+    assert "exists" in desktop_vab.not_logs(capsys.readouterr().err)[0] and new.read_bytes() == b"mine"
