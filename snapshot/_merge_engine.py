@@ -35,12 +35,14 @@ object per op. Syncs are ``fdatasync`` (sizes never change).
 Blocking file I/O runs in worker threads, and a step's commit overlaps
 the next step's preparation (its I/O order is the protocol's; what runs
 alongside it only reads). Each step is prepared (its reads and computing,
-in a worker thread), then written (after the previous step's commit has
-returned: the scratch window, if any, then the base), then its commit
-starts as a background task: sync the base, wait until the step's
-read-back compared equal, write and sync the progress. Meanwhile the main
-task reads the step back and compares it, then prepares the next step: the
-disk's writeback of one step hides the reading and computing of the next.
+in a worker thread); once the previous step's commit has returned, its
+commit task writes it (the scratch window, if any, then the base) and syncs
+the base in one worker call, waits until the step's read-back compared
+equal, then writes and syncs the progress. Meanwhile the main task reads
+the step back (from the moment the base is written) and compares it, then
+prepares the next step: the disk's writeback of one step hides the reading
+and computing of the next, and the chain of writes and syncs costs two
+thread round trips a step.
 Nothing of step N+1 is written before step N's commit is durable, so a crash
 finds exactly the states it found before. A pause waits for the commit
 (the ``settle`` of :meth:`MergeHooks.checkpoint`), and so does the end of
@@ -569,11 +571,13 @@ class MergeEngine:
     async def _write_pieces(self, data, pieces: list[tuple[int, int, int]], *, before=None,
                             commit: int = 0) -> None:
         """Write ``(new_block, blocks, position in data)`` pieces of ``data`` to
-        the base (one ``pwritev`` per run of consecutive new blocks), then,
-        when ``commit`` (ops) is set, start the commit of the ``commit`` ops
-        up to these, and read the pieces back and compare them: the commit
-        writes the progress only once they compared equal. ``before()`` runs
-        first, in the same worker thread call (writing the scratch window)."""
+        the base (one ``pwritev`` per run of consecutive new blocks) and read
+        them back and compare them. When ``commit`` (ops) is set, the write is
+        the first part of the commit of the ``commit`` ops up to these (one
+        worker call writes and syncs the base; the read-back runs beside the
+        sync), which writes the progress only once they compared equal.
+        ``before()`` runs first, in the same worker thread call (writing the
+        scratch window)."""
         bs = self.bs
         pieces = sorted(pieces)
         runs: list[tuple[int, list[list[int]]]] = []  # (first block, [[position, blocks], ...])
@@ -600,10 +604,14 @@ class MergeEngine:
             for offset, iov in views(data):
                 self.io.pwritev("base", iov, offset)
 
-        await trio.to_thread.run_sync(write)
         verified = trio.Event()
         if commit:
-            self._start_commit(commit, verified)
+            # the commit task writes and syncs the base in one worker call; the read-back starts once written
+            written = trio.Event()
+            self._start_commit(commit, write, written, verified)
+            await written.wait()
+        else:
+            await trio.to_thread.run_sync(write)
         if not self.verify:
             verified.set()
             return
@@ -625,19 +633,29 @@ class MergeEngine:
 
     # --- commit ---------------------------------------------------------------------
 
-    def _start_commit(self, count: int, verified: trio.Event) -> None:
-        """Commit the ``count`` ops written last, in a background task (see the module doc)."""
+    def _start_commit(self, count: int, write, written: trio.Event, verified: trio.Event) -> None:
+        """Write (``write()``) and commit the ``count`` ops up to the ones
+        ``write`` writes, in a background task (see the module doc)."""
         self._in_flight = count
         self._commit_done = done = trio.Event()
-        self._nursery.start_soon(self._commit, count, verified, done)
+        self._nursery.start_soon(self._commit, count, write, written, verified, done)
 
-    async def _commit(self, count: int, verified: trio.Event, done: trio.Event) -> None:
-        """Sync the base; once the step compared equal, write and sync the progress.
+    async def _commit(self, count: int, write, written: trio.Event, verified: trio.Event, done: trio.Event) -> None:
+        """``write()`` and sync the base in one worker call (``written`` is set
+        between the two, without waiting for the loop); once the step compared
+        equal (``verified``), write and sync the progress.
 
         ``done`` is set only when the commit returned: a failure (raised into
         the nursery, which cancels the main task) or a cancellation (a
         failed compare) leaves it unset, so nothing waits on it in vain."""
-        await trio.to_thread.run_sync(self._sync, "base")
+        token = trio.lowlevel.current_trio_token()
+
+        def write_and_sync() -> None:
+            write()
+            token.run_sync_soon(written.set)
+            self._sync("base")
+
+        await trio.to_thread.run_sync(write_and_sync)
         await verified.wait()
         await trio.to_thread.run_sync(self._write_progress, count)
         self._in_flight = 0
