@@ -440,8 +440,8 @@ def _connect(plain=False):
                 if exc.errno in (errno.ENOMEM, errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENODEV):
                     _say(f"shared-memory data plane off: cannot map the pool ({exc})")
                     cfg.shm = ""
-                else:
-                    raise
+                # Else no pool this time (the daemon could not make one, or is going): this
+                # channel is a plain one, the next one tries the pool again.
     return _Channel(_socket(cfg.channel))
 
 

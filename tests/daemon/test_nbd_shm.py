@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,35 @@ def test_a_kept_nbdkit_maps_the_next_daemons_pool(nbd_session, tmp_path):
     after = _pool_mappings(nbdkit)
     assert _pool_mappings(second.proc.pid) <= after and not _pool_mappings(second.proc.pid) <= before
     assert second.requests()["read"] > 0
+
+
+def test_the_plugin_falls_back_to_plain_channels_without_a_slotted_socket(tmp_path):
+    """A plugin started with shm= meets a peer with no slotted socket (an older daemon; here the C
+    responder of the bench): every request goes on plain channels, and the data is right."""
+    need_nbd_tools("qemu-io", "cc")
+    repo = Path(__file__).resolve().parents[2]
+    responder = tmp_path / "responder"
+    subprocess.run(["cc", "-O2", "-o", str(responder), str(repo / "bench/anchors/dmuser_memory_responder.c")],
+                   check=True, capture_output=True)
+    channel, nbd = tmp_path / "ch.sock", tmp_path / "nbd.sock"
+    peer = subprocess.Popen([str(responder), str(channel), str(16 << 20)], stderr=subprocess.DEVNULL)
+    nbdkit = None
+    try:
+        while not channel.exists():
+            assert peer.poll() is None, "the responder exited"
+            time.sleep(0.02)
+        nbdkit = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(nbd), "python",
+                                   str(repo / "daemon/nbdkit_plugin.py"), f"channel={channel}",
+                                   f"shm={tmp_path / 'shm.sock'}", f"size={16 << 20}", "caps=read,write,flush"],
+                                  stderr=subprocess.PIPE, text=True)
+        while not nbd.exists():
+            assert nbdkit.poll() is None, nbdkit.stderr.read()
+            time.sleep(0.02)
+        uri = f"nbd+unix:///?socket={nbd}"
+        qemu_io(uri, "write -P 0x71 0 1M", "write -P 0x72 2M 4k", "read -P 0x71 0 1M", "read -P 0x72 2M 4k")
+        assert not _pool_mappings(nbdkit.pid)
+    finally:
+        for proc in (nbdkit, peer):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
