@@ -40,6 +40,7 @@ import functools
 import os
 import stat
 import time
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -50,6 +51,10 @@ from dmuserd.daemon.export import Export, Host
 from dmuserd.daemon.guard import Guard
 from dmuserd.errors import DmuserdError
 from dmuserd.protocol import Flag, RequestType
+
+if TYPE_CHECKING:
+    from dmuserd.daemon.direct import DirectDevice
+    from dmuserd.daemon.emulated import EmulatedDmUser
 
 log = structlog.get_logger("dmuserd.fuse")
 
@@ -72,7 +77,7 @@ class FuseExport(Export):
         super().__init__(spec, host)
         self.emulate = emulate
         self.channels = channels
-        self.device = None  # the DirectDevice / EmulatedDmUser, once started
+        self.device: DirectDevice | EmulatedDmUser | None = None  # once started
 
     @classmethod
     def from_spec(cls, spec, host: Host) -> FuseExport:
@@ -99,9 +104,10 @@ class FuseExport(Export):
 
         mount: FuseMount = self.host.shared[self.kind]
         dispatcher = target.dispatcher
-        self.device = EmulatedDmUser(dispatcher, channels=self.channels) if self.emulate else DirectDevice(dispatcher)
-        await nursery.start(self.device.run)
-        path = mount.add(target.name, self.device, target.backend.size, target.backend.block_size)
+        device = EmulatedDmUser(dispatcher, channels=self.channels) if self.emulate else DirectDevice(dispatcher)
+        self.device = device
+        await nursery.start(device.run)
+        path = mount.add(target.name, device, target.backend.size, target.backend.block_size)
         nursery.start_soon(self._hold, mount, target.name)
         if not mount.started:
             mount.started = True
@@ -167,7 +173,7 @@ class FuseMount:
         self.started = False
         self.mounted = False
         self.fallocate_supported = False
-        self._nursery = None
+        self._nursery: trio.Nursery | None = None
 
     def add(self, name: str, device, size: int, block_size: int) -> str:
         """Expose ``device`` (a DirectDevice or an EmulatedDmUser) as file ``name``; its path."""
@@ -347,6 +353,12 @@ class _Operations:
 
 
 class _OpsMixin:
+    # Set by _Operations.__new__:
+    export: FuseMount
+    pyfuse3: Any
+    mounted_at: int
+    sync_handles: set
+
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False

@@ -100,6 +100,7 @@ import socket
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -109,6 +110,9 @@ from dmuserd.daemon.activation import bind_private_unix, inherited_socket
 from dmuserd.daemon.channels import RECEIVE_SIZE, serve_channel
 from dmuserd.daemon.config import ConfigError, default_control_socket
 from dmuserd.daemon.export import Export
+
+if TYPE_CHECKING:
+    from dmuserd.daemon.runtime import Target
 from dmuserd.daemon.guard import Peer
 from dmuserd.daemon.nbd_shm import SharedPool
 from dmuserd.protocol import DEFAULT_DAEMON_TIMEOUT_MS
@@ -591,7 +595,7 @@ class NbdExport(Export):
         self.options = options
         self.on_stop = options.on_stop
         self.state_dir = state_dir_for(spec.where)
-        self.target = None
+        self.target: Target | None = None  # the target it serves, once started
         self.settings: Settings | None = None
         self.pid: int | None = None  # nbdkit's
         self.keeper: int | None = None  # its parent shell, when this daemon started it
