@@ -92,3 +92,55 @@ def test_a_class_named_by_module_path():
 def test_a_class_by_path_that_is_no_export_is_refused(kind, words):
     with pytest.raises(ConfigError, match=words):
         build(ExportSpec(kind, "/x"), _host())
+
+
+async def test_a_stop_takes_every_export_through_the_same_steps(monkeypatch, tmp_path):
+    """start → prepare_stop (requests still admitted) → stop_admitting (refused by then) → its tasks cancelled."""
+    import trio
+
+    from dmuserd.backends.memory import MemoryBackend
+    from dmuserd.daemon import export as registry
+    from dmuserd.daemon.config import TargetSpec
+
+    steps: list[tuple] = []
+
+    class Recording(Export):
+        kind = "recording"
+
+        async def start(self, target, nursery) -> str:
+            self.dispatcher = target.dispatcher
+            nursery.start_soon(self._serve)
+            steps.append(("start", self.spec.where))
+            return f"rec://{self.spec.where}"
+
+        async def _serve(self) -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                steps.append(("cancelled", self.spec.where))
+
+        async def prepare_stop(self) -> None:
+            steps.append(("prepare_stop", self.spec.where, self.dispatcher.admitting))
+
+        def stop_admitting(self) -> None:
+            steps.append(("stop_admitting", self.spec.where, self.dispatcher.admitting))
+
+        def status(self) -> dict:
+            return {"where": self.spec.where}
+
+    monkeypatch.setattr(registry, "export_class", lambda kind: Recording)
+    daemon = Daemon(DaemonSpec([]), control_socket=str(tmp_path / "control.sock"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        for name in ("a", "b"):
+            await daemon.add_target(TargetSpec(name, "memory", {}, [ExportSpec("recording", name)]),
+                                    backend=MemoryBackend(1 << 20))
+        status = daemon.status()["targets"]["a"]
+        assert status["exports"] == {"recording": "rec://a"}
+        assert status["export_status"] == {"recording": {"where": "a"}}
+        await daemon.remove_target("a")  # one target alone, the same way
+        assert steps == [("start", "a"), ("start", "b"), ("prepare_stop", "a", True), ("stop_admitting", "a", False),
+                         ("cancelled", "a")]
+        steps.clear()
+        await daemon.stop()
+    assert steps == [("prepare_stop", "b", True), ("stop_admitting", "b", False), ("cancelled", "b")]
