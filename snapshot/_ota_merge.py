@@ -40,6 +40,7 @@ the new build, as on a device after its merge.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -181,8 +182,10 @@ def _plan(payload_path, source: str, slot, partitions) -> _Plan:
         if sizes[name] % 512:
             raise OtaMergeError(f"partition {name!r}: the new size {sizes[name]} is not a multiple of 512 bytes")
     target_meta = metadata_for_update(source_meta, source_slot, target)
+    # the merge reads the old partitions whole (a shrunk one too): their sectors stay out of what may be allocated
+    merged = dataclasses.replace(source_meta, partitions=[source_meta.partition(n + src_suffix) for n in names])
     for name in names:
-        target_meta = resize_partition(target_meta, name + tgt_suffix, sizes[name], keep=[source_meta], path=source,
+        target_meta = resize_partition(target_meta, name + tgt_suffix, sizes[name], keep=[merged], path=source,
                                        block_size=geometry.logical_block_size)
     return _Plan(names, sizes, hashes, key, source_slot, target, geometry, source_meta, target_meta)
 
