@@ -1,4 +1,4 @@
-"""``super`` images: Android's logical partition (LP) metadata, read in place.
+"""``super`` images: Android's logical partition (LP) metadata, read in place and written.
 
 A device with dynamic partitions has one physical partition, ``super``,
 whose first bytes describe the logical partitions (``system_a``,
@@ -36,6 +36,13 @@ extents: no copy is made.
 What is wrong comes out as :class:`LpFormatError` naming the file, the byte
 offset (in the raw image: for a sparse ``super.img``, in what it expands
 to) and the rule.
+
+It is also dmuserd's one LP metadata **writer** (``dmuserd ota merge``, and
+the tests' images): :func:`geometry_bytes`, :func:`metadata_bytes`,
+:func:`write_metadata` (a slot's two copies, backup first, each synced),
+and what update_engine does to a target slot: :func:`metadata_for_update`
+(liblp's in-place snapshot update) and :func:`resize_partition` (growth
+from free space within the group's limit, or a shorter tail).
 """
 
 from __future__ import annotations
