@@ -226,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import trio
 
-    from dmuserd.daemon.config import DaemonSpec, default_control_socket
+    from dmuserd.daemon.config import DaemonSpec, default_control_socket, make_target
     from dmuserd.daemon.service import run_until_signal
     from dmuserd.snapshot.payload import Payload
 
@@ -236,9 +236,12 @@ def _serve(args: argparse.Namespace) -> int:
         names = _partitions(args.partitions) or list(payload.partitions)
         for name in names:
             payload.partition(name)  # an unknown partition is refused before the daemon starts
+    # the targets to come, their options filled in as each partition is converted (exports checked now)
+    planned = [make_target(served_name(n, args.slot), "snapshot", {},
+                           [e.replace("{name}", served_name(n, args.slot)) for e in args.export]) for n in names]
     with contextlib.ExitStack() as stack:
         cow_dir = args.cow_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dmuserd-ota-"))
-        then = _ServeAsReady(args, cow_dir, names)
+        then = _ServeAsReady(args, cow_dir, names, planned)
         trio.run(lambda: run_until_signal(DaemonSpec([]), args.control_socket or default_control_socket(),
                                           then=then))
     return 0
@@ -248,31 +251,31 @@ class _ServeAsReady:
     """``ota serve``'s work once the daemon runs: partitions converted one after another (worker threads) and
     added as targets as each is ready, each checked in the background unless ``--no-verify``."""
 
-    def __init__(self, args: argparse.Namespace, cow_dir: str, names: list[str]) -> None:
-        self.args, self.cow_dir, self.names = args, cow_dir, names
+    def __init__(self, args: argparse.Namespace, cow_dir: str, names: list[str], planned: list) -> None:
+        self.args, self.cow_dir, self.names, self.planned = args, cow_dir, names, planned
 
     async def __call__(self, daemon) -> None:
+        import dataclasses
         import functools
 
         import trio
 
+        from dmuserd.daemon.config import DaemonSpec
+        from dmuserd.daemon.service import reclaim_dead_fuse_mounts
+
+        # the daemon started with no target, so it reclaimed no dead FUSE mount of a killed run: done here,
+        # before the first target mounts
+        await reclaim_dead_fuse_mounts(DaemonSpec(self.planned))
         async with trio.open_nursery() as checks:
-            for name in self.names:
+            for name, planned in zip(self.names, self.planned):
                 convert = functools.partial(_convert, self.args, self.cow_dir, partitions=[name], checks=False)
                 result = (await trio.to_thread.run_sync(convert))[0]
-                await self._add(daemon, result)
+                options = {"base": result.base, "cow": result.cow, "size": str(result.size)}
+                await daemon.add_target(dataclasses.replace(planned, backend_options=options))
+                check = "" if self.args.no_verify else "; checking it"
+                print(_result_line(result) + f"; served as {planned.name}{check}", flush=True)
                 if not self.args.no_verify:
                     checks.start_soon(self._verify, daemon, result)
-
-    async def _add(self, daemon, result) -> None:
-        from dmuserd.daemon.config import make_target
-
-        name = served_name(result.name, self.args.slot)
-        spec = make_target(name, "snapshot", {"base": result.base, "cow": result.cow, "size": result.size},
-                           [e.replace("{name}", name) for e in self.args.export])
-        await daemon.add_target(spec)
-        check = "" if self.args.no_verify else "; checking it"
-        print(_result_line(result) + f"; served as {name}{check}", flush=True)
 
     async def _verify(self, daemon, result) -> None:
         import trio
