@@ -9,6 +9,7 @@ merge, and ``rbd export`` of the merged image equals it byte for byte.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
@@ -100,6 +101,41 @@ async def test_cow_over_an_rbd_base_read_from_librbd_and_merged_into_it(ceph_clu
     # The merged image on the cluster is the new one, byte for byte.
     assert ceph_cluster.export(image, tmp_path / "merged.img").read_bytes() == new
     assert checked >= 1  # the first read came while the merge was running
+
+
+async def test_a_merge_the_cluster_stops_answering_fails_then_resumes_byte_exact(ceph_cluster, update, tmp_path):
+    """The OSD freezes while the merge waits at a pause: the merge's next base I/O times
+    out, the merge fails with the rbd error (the target and the process go on), reads fail
+    with EIO meanwhile; once the OSD is back, starting the merge again resumes from what
+    the COW file recorded and the image ends byte-exact."""
+    image, cow, old, new = update
+    backend = SnapshotBackend.from_options({"base": _base(ceph_cluster, image, timeout="2"), "cow": str(cow),
+                                            "offload": "cpu"})
+    try:
+        async with trio.open_nursery() as nursery:
+            backend.merge.start(nursery)
+            backend.merge.pause()
+            with trio.fail_after(60):
+                while not backend.merge.parked:
+                    await trio.sleep(0.01)
+            with ceph_cluster.osd_paused():
+                with pytest.raises(OSError) as caught:
+                    await backend.read(0, 65536)
+                assert caught.value.errno == errno.EIO
+                backend.merge.resume()
+                with trio.fail_after(60):
+                    while backend.merge.describe()["state"] == "merging":
+                        await trio.sleep(0.05)
+        failed = backend.merge.describe()
+        assert failed["state"] == "failed" and "not answered within 2s" in failed["error"], failed
+        assert backend.describe()["base_backend"]["timeouts"] >= 2
+        async with trio.open_nursery() as nursery:
+            backend.merge.start(nursery)
+        assert backend.merge.describe()["state"] == "merged", backend.merge.error
+        assert await backend.read(0, len(new)) == new
+    finally:
+        await backend.close()
+    assert ceph_cluster.export(image, tmp_path / "merged.img").read_bytes() == new
 
 
 async def test_a_read_only_rbd_base_is_served_but_not_merged(ceph_cluster, update):
