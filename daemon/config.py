@@ -72,19 +72,28 @@ def default_control_socket() -> str:
 
 
 def parse_export(text: str) -> ExportSpec:
-    """``KIND:WHERE[,key=value...]``; KIND a registered export kind or ``module.path:Class``."""
-    from dmuserd.daemon.export import available
+    """``KIND:WHERE[,key=value...]``; KIND a registered export kind or ``module.path:Class``.
+
+    A kind whose class has a ``where_default`` may leave WHERE out: ``ublk``, ``ublk,queues=2``.
+    """
+    from dmuserd.daemon.export import available, export_class
 
     kind, sep, rest = text.partition(":")
+    bare, comma, options = text.partition(",")
+    if ":" not in bare and bare in available():  # KIND alone, or KIND,key=value...: WHERE left out
+        kind, sep, rest = bare, ":", comma + options
     if "." in kind and sep:  # a class by module path: module.path:Class:WHERE
         name, sep, rest = rest.partition(":")
         kind = f"{kind}:{name}"
     elif kind not in available():
         sep = ""
-    if not sep or not rest:
-        raise ConfigError(f"export {text!r}: use KIND:WHERE with KIND one of {', '.join(sorted(available()))} "
-                          "or package.module:Class (e.g. fuse:/run/dmuserd/fuse)")
     where, *items = rest.split(",")
+    if sep and not where:
+        where = export_class(kind).where_default or ""
+    if not sep or not where:
+        raise ConfigError(f"export {text!r}: use KIND:WHERE with KIND one of {', '.join(sorted(available()))} "
+                          "or package.module:Class (e.g. fuse:/run/dmuserd/fuse, nbd:/run/dmuserd/disk.sock, "
+                          "dm-user:disk)")
     options = {}
     for item in items:
         key, eq, value = item.partition("=")

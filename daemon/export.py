@@ -69,6 +69,8 @@ class Export(abc.ABC):
 
     #: The registry name: the KIND of ``--export KIND:WHERE`` (``spec.kind`` is what the user wrote).
     kind: ClassVar[str] = ""
+    #: WHERE when ``--export KIND`` leaves it out (``ublk``: ``auto``, a free device); None: it must be given.
+    where_default: ClassVar[str | None] = None
 
     def __init__(self, spec: ExportSpec, host: Host) -> None:
         self.spec = spec
