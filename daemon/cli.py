@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "dmuserd.daemon.commands",
     "dmuserd.daemon.dm_commands",
     "dmuserd.daemon.nbd_commands",
+    "dmuserd.daemon.ublk_commands",
     "dmuserd.dsa_offload.commands",
     "dmuserd.daemon.cow_commands",
     "dmuserd.daemon.ota_commands",

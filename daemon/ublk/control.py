@@ -119,6 +119,17 @@ class Control:
         await self.command(uapi.Cmd.GET_PARAMS, dev_id, buffer=buffer)
         return uapi.Params.decode(buffer)
 
+    async def delete(self, dev_id: int, seconds: float = 10.0) -> None:
+        """DEL_DEV within ``seconds`` (a started device is stopped first: I/O waiting on it fails with EIO).
+
+        The kernel finishes it once nobody has ``/dev/ublkcN`` open; past ``seconds``, :class:`UblkError`.
+        """
+        with trio.move_on_after(seconds):
+            await self.command(uapi.Cmd.DEL_DEV, dev_id)
+            return
+        raise UblkError(f"ublk device {dev_id} could not be deleted within {seconds:.0f} s "
+                        f"(is {uapi.CHAR_PATH.format(dev_id)} still open?)", errno=errno.EBUSY)
+
     def close(self) -> None:
         self.ring.close()
         os.close(self.fd)

@@ -1,12 +1,12 @@
-"""``--export ublk:ID[,queues=N][,depth=D][,recovery=1]``: a real ``/dev/ublkbN``.
+"""``--export ublk[:ID][,queues=N][,depth=D][,recovery=1]``: a real ``/dev/ublkbN``.
 
 ublk (Linux 6.0+, ``CONFIG_BLK_DEV_UBLK``) is a multi-queue block device
 whose requests are served by a process through io_uring. This export
 creates the device (ADD_DEV, SET_PARAMS with the backend's geometry), arms
 every tag of every queue (:class:`~dmuserd.daemon.ublk.queue.Queue`) and
 starts it (START_DEV); :meth:`UblkExport.start` returns once
-``/dev/ublkbN`` exists. ``ID`` is the device number (``auto``: the kernel
-picks a free one). An ID held by a running daemon is refused; one left by a
+``/dev/ublkbN`` exists. ``ID`` is the device number (``auto``, or left out:
+the kernel picks a free one). An ID held by a running daemon is refused; one left by a
 daemon that died without recovery (the kernel stopped that device and
 failed its I/O) is removed and made again.
 
@@ -32,8 +32,8 @@ write-zeroes are idempotent, so running one twice gives the same result;
 nothing is acknowledged before the backend did it (FUA and flush as usual),
 so nothing acknowledged is lost. The device is only taken over when its
 size and block size match the backend; its queues and depth are the
-device's. A kept device is removed by a ublk tool's DEL_DEV (``ublk del -n
-ID``) or at reboot: dmuserd has no command for that yet.
+device's. A kept device is removed by ``dmuserd ublk del ID``
+(:mod:`~dmuserd.daemon.ublk.devices`) or at reboot.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from dmuserd.daemon.config import ConfigError, ExportSpec
 from dmuserd.daemon.export import Export, Host
 from dmuserd.daemon.ublk import uapi
 from dmuserd.daemon.ublk.control import Control
+from dmuserd.daemon.ublk.devices import alive
 from dmuserd.daemon.ublk.errors import UblkError
 from dmuserd.daemon.ublk.queue import Queue
 from dmuserd.protocol import SECTOR_SIZE
@@ -100,22 +101,11 @@ def params_for(backend, buffer_size: int = BUFFER_SIZE) -> uapi.Params:
     )
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class UblkExport(Export):
     """A ublk block device served from the target's dispatcher (see the module doc)."""
 
     kind = "ublk"
+    where_default = "auto"
 
     def __init__(self, spec: ExportSpec, host: Host) -> None:
         super().__init__(spec, host)
@@ -165,7 +155,7 @@ class UblkExport(Export):
         self._control = control = Control()
         try:
             existing = await control.info(self.dev_id) if self.dev_id is not None else None
-            if existing is not None and not _alive(existing.ublksrv_pid) and (
+            if existing is not None and not alive(existing.ublksrv_pid) and (
                     existing.state == uapi.DevState.DEAD or not existing.flags & uapi.Feature.USER_RECOVERY):
                 existing = await self._remove_leftover(existing)
             if existing is not None and self.recovery and existing.flags & uapi.Feature.USER_RECOVERY:
@@ -193,11 +183,8 @@ class UblkExport(Export):
         if dead is None or dead.state != uapi.DevState.DEAD:
             return dead  # gone meanwhile, or still live: ADD_DEV says what is wrong
         log.warning("removing a stopped ublk device left by a daemon that is gone", device_id=dev_id)
-        with trio.move_on_after(STOP_SECONDS):
-            await control.command(uapi.Cmd.DEL_DEV, dev_id)
-            return None
-        raise UblkError(f"ublk device {dev_id} is stopped but could not be removed within {STOP_SECONDS:.0f} s "
-                        f"(is /dev/ublkc{dev_id} still open?)", errno=errno.EBUSY)
+        await control.delete(dev_id, STOP_SECONDS)
+        return None
 
     async def _create(self, params: uapi.Params, target, nursery: trio.Nursery) -> None:
         control = self._control
@@ -233,7 +220,7 @@ class UblkExport(Export):
         dev_id = existing.dev_id
         self._state = "recovering"  # from here on, a failure leaves the device to the next try
         if existing.state == uapi.DevState.LIVE and existing.ublksrv_pid != os.getpid() \
-                and _alive(existing.ublksrv_pid):
+                and alive(existing.ublksrv_pid):
             raise UblkError(f"ublk device {dev_id} is served by pid {existing.ublksrv_pid}, which runs: "
                             "stop that daemon first, or choose another ID", errno=errno.EBUSY)
         theirs = await control.params(dev_id)
@@ -331,12 +318,8 @@ class UblkExport(Export):
                 os.close(self._char_fd)
                 self._char_fd = None
             if info is not None:
-                with trio.move_on_after(STOP_SECONDS) as waited:
-                    await control.command(uapi.Cmd.DEL_DEV, info.dev_id)
-                if waited.cancelled_caught:
-                    log.error("ublk DEL_DEV did not finish in time", device=self.device, seconds=STOP_SECONDS)
-                else:
-                    log.info("ublk device deleted", device=self.device)
+                await control.delete(info.dev_id, STOP_SECONDS)
+                log.info("ublk device deleted", device=self.device)
         except UblkError as exc:
             log.error("ublk device could not be removed", device=self.device, error=str(exc))
         finally:

@@ -1,9 +1,11 @@
 """The ublk export on a host without ublk, and its parts that need no kernel.
 
-What needs the ublk kernel (devices, fio, recovery) is in
-``tests/vm/test_ublk_vm.py``. Here: ``dmuserd serve --export ublk`` on a
-kernel without ublk fails with one line naming the alternatives, options
-are checked before anything starts, the UAPI structs have the kernel's
+What needs the ublk kernel (devices, fio, recovery, ``dmuserd ublk
+list|del``) is in ``tests/vm/test_ublk_vm.py``. Here: ``dmuserd serve
+--export ublk`` and ``dmuserd ublk list|del`` on a kernel without ublk fail
+with one line naming the alternatives, ``--export ublk`` may leave the ID
+out (not so the kinds that need a WHERE), who serves a device follows its
+state and pid, options are checked before anything starts, the UAPI structs have the kernel's
 layout, descriptors become typed requests (and a malformed one is refused
 on its own), and the block parameters follow the backend.
 """
@@ -19,9 +21,10 @@ import pytest
 import trio
 
 from dmuserd.backends import create
-from dmuserd.daemon.config import ConfigError, ExportSpec
+from dmuserd.daemon.config import ConfigError, ExportSpec, load_toml, parse_export
 from dmuserd.daemon.guard import Guard
 from dmuserd.daemon.ublk import uapi
+from dmuserd.daemon.ublk.devices import Device
 from dmuserd.daemon.ublk.export import NO_UBLK, UblkExport, params_for
 from dmuserd.daemon.ublk.queue import Malformed, to_request
 from dmuserd.protocol import Flag, RequestType
@@ -54,6 +57,75 @@ def test_serve_without_ublk_is_one_clear_line(tmp_path):
 def test_from_spec_without_ublk_raises_config_error():
     with pytest.raises(ConfigError, match="this kernel has no ublk"):
         UblkExport.from_spec(ExportSpec("ublk", "0", {}), Host())
+
+
+@pytest.mark.skipif(HAS_UBLK, reason="this kernel has ublk: the no-ublk error cannot happen here "
+                                     "(tests/vm/test_ublk_vm.py lists and deletes real devices)")
+@pytest.mark.parametrize("argv", [["list"], ["list", "--json"], ["del", "0"]])
+def test_ublk_commands_without_ublk_are_one_clear_line(argv):
+    proc = subprocess.run([sys.executable, "-m", "dmuserd", "ublk", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"dmuserd: error: {NO_UBLK}"], proc.stderr
+
+
+def test_ublk_del_needs_a_device_number():
+    proc = subprocess.run([sys.executable, "-m", "dmuserd", "ublk", "del", "ublkb0"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid int value: 'ublkb0'" in proc.stderr
+
+
+@pytest.mark.parametrize("text,where,options", [
+    ("ublk", "auto", {}),
+    ("ublk,queues=2", "auto", {"queues": "2"}),
+    ("ublk:,queues=2,recovery=0", "auto", {"queues": "2", "recovery": "0"}),
+    ("ublk:3,depth=8", "3", {"depth": "8"}),
+])
+def test_the_ublk_id_may_be_left_out(text, where, options):
+    assert parse_export(text) == ExportSpec("ublk", where, options)
+
+
+def test_the_ublk_id_may_be_left_out_in_toml(tmp_path):
+    config = tmp_path / "d.toml"
+    config.write_text('[targets.disk]\nbackend = "memory:size=16M"\nexports = ["ublk,queues=2"]\n')
+    [target] = load_toml(str(config)).targets
+    assert target.exports == [ExportSpec("ublk", "auto", {"queues": "2"})]
+
+
+@pytest.mark.parametrize("text", ["fuse", "nbd,on-stop=stop", "dm-user:", "dm-user:,channels=2"])
+def test_kinds_that_need_a_where_still_say_so_with_an_example(text):
+    with pytest.raises(ConfigError) as info:
+        parse_export(text)
+    assert str(info.value).startswith(f"export {text!r}: use KIND:WHERE") and "e.g. fuse:/run/dmuserd/fuse" in \
+        str(info.value)
+
+
+def _device(state: uapi.DevState, pid: int, holders=()) -> Device:
+    info = uapi.DevInfo(2, 16, 512 << 10, dev_id=4094, flags=uapi.Feature.USER_RECOVERY, state=state,
+                        ublksrv_pid=pid)
+    return Device.from_info(info, list(holders))
+
+
+def test_who_serves_a_device():
+    me, gone = os.getpid(), _dead_pid()
+    live = _device(uapi.DevState.LIVE, me, [me])
+    assert (live.state, live.pid_alive, live.served_by, live.recovery) == ("live", True, me, True)
+    assert _device(uapi.DevState.DEAD, me).served_by == me  # being set up: ADD_DEV carried its pid
+    assert _device(uapi.DevState.DEAD, -1).served_by is None  # stopped by the kernel, its daemon gone
+    assert _device(uapi.DevState.LIVE, gone).served_by is None  # its daemon died, the kernel has not noticed yet
+    # recovery=1, its daemon gone: nobody, unless a new daemon has the channel open (taking it over)
+    assert _device(uapi.DevState.QUIESCED, gone).served_by is None
+    assert _device(uapi.DevState.QUIESCED, me).served_by is None  # a live pid alone is not a holder
+    assert _device(uapi.DevState.QUIESCED, gone, [me]).served_by == me
+    view = _device(uapi.DevState.QUIESCED, gone).as_dict()
+    assert view == {"id": 4094, "state": "quiesced", "queues": 2, "depth": 16, "max_io": 512 << 10, "pid": gone,
+                    "pid_alive": False, "holders": [], "recovery": True, "block": None, "served_by": None}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 @pytest.mark.parametrize("where,options,message", [
