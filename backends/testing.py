@@ -30,7 +30,9 @@ What is checked, in the order of the test methods:
 * ``test_reads_in_range``: reads at the first and the last block, at odd
   block multiples, across 64 KiB boundaries and up to :attr:`max_io` bytes
   return exactly the bytes asked for, the same twice, the same through
-  ``read_views``, and equal :meth:`expected` where it is given.
+  ``read_views`` and through ``readinto`` (into page-aligned memory, as an
+  export's shared buffer is, and into a view at an odd address), and equal
+  :meth:`expected` where it is given.
 * ``test_writes_at_the_edges``: writes of the first block, the last block
   and the last blocks up to the end read back, from ``bytes``,
   ``bytearray`` and ``memoryview`` alike and with ``fua``; a write keeps no
@@ -38,7 +40,7 @@ What is checked, in the order of the test methods:
   not change under a later write.
 * ``test_read_after_write``: a seeded sequence of writes (and write-zeroes
   and discards where the backend has them) against a model of the device,
-  every range read back after each step.
+  every range read back after each step (by ``read`` or ``readinto``).
 * ``test_write_zeroes`` / ``test_discard``: the range reads back as zeros
   (a discard only where :attr:`discard_zeroes` promises it), both
   neighbours stay, at the edges of the device too.
@@ -71,6 +73,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import mmap
 import random
 import struct
 import sys
@@ -166,6 +169,17 @@ class _Device:
 
     async def read(self, offset: int, length: int) -> bytes:
         return _flat(await self.backend.read(offset, length), f"read({offset}, {length})")
+
+    async def read_into(self, offset: int, length: int, aligned: bool) -> bytes:
+        """``readinto`` a buffer of ``length`` bytes filled with 0xA5 first: page-aligned memory
+        (an anonymous mmap), or a view starting 3 bytes into a bytearray."""
+        holder: mmap.mmap | bytearray = mmap.mmap(-1, max(length, 1)) if aligned else bytearray(length + 3)
+        view = memoryview(holder)[:length] if aligned else memoryview(holder)[3:length + 3]
+        view[:] = b"\xa5" * length
+        await self.backend.readinto(offset, view)
+        data = bytes(view)
+        view.release()
+        return data
 
     async def check(self, offset: int, want: bytes, what: str) -> None:
         _compare(f"{what}: read({offset}, {len(want)})", offset, await self.read(offset, len(want)), want)
@@ -324,6 +338,9 @@ class BackendConformance:
             views = await device.backend.read_views(offset, length)
             joined = b"".join(_flat(view, f"read_views({offset}, {length}) item") for view in views)
             _compare(f"read_views({offset}, {length})", offset, joined, first)
+            for aligned in (True, False):
+                _compare(f"readinto({offset}, {'page-aligned' if aligned else 'unaligned'} buffer of {length})",
+                         offset, await device.read_into(offset, length, aligned), first)
             want = self.expected(workdir, offset, length)
             if want is not None:
                 _compare(what, offset, first, want)
@@ -404,7 +421,10 @@ class BackendConformance:
         else:
             length = rng.randrange(1, len(model) // bs + 1) * bs
             offset = rng.randrange(0, (len(model) - length) // bs + 1) * bs
-        got = bytearray(await device.read(offset, length))
+        if rng is not None and rng.random() < 0.5:
+            got = bytearray(await device.read_into(offset, length, rng.random() < 0.5))
+        else:
+            got = bytearray(await device.read(offset, length))
         for i in range(0, length, bs):
             if not known[(offset + i) // bs]:
                 got[i:i + bs] = model[offset + i:offset + i + bs]  # a discarded block may hold anything

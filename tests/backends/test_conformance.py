@@ -315,6 +315,14 @@ class _SilentlyReadOnly(MemoryBackend):
         self._chunks = {}
 
 
+class _HalfReadinto(MemoryBackend):
+    """readinto fills only the first half of the buffer it is given."""
+
+    async def readinto(self, offset, buffer):
+        half = len(buffer) // 2 // 512 * 512
+        buffer[:half] = await self.read(offset, half)
+
+
 class _Volatile(MemoryBackend):
     """A RAM disk that claims to be durable: made again, it is empty."""
 
@@ -326,13 +334,15 @@ class _Volatile(MemoryBackend):
         (lambda: _Forgetful(SIZE), {}, "test_concurrent_requests", "tasks found wrong data"),
         (_KeepsTheCallersBuffer, {}, "test_writes_at_the_edges", "its buffer zeroed after write"),
         (_SilentlyReadOnly, {}, "test_missing_operations_refused", "a direct call succeeded"),
+        (lambda: _HalfReadinto(SIZE), {"expected": lambda self, w, o, n: bytes(n)}, "test_reads_in_range",
+         "readinto("),
         (lambda: _Volatile(SIZE), {"durable": True}, "test_durable_after_reopen", "made again after close"),
         (lambda: FaultyBackend(MemoryBackend(SIZE), [(0, 512)], {Op.FLUSH}), {}, "test_flush", "injected flush"),
         (lambda: MemoryBackend(SIZE), {"expected": lambda self, w, o, n: b"x" * n}, "test_reads_in_range",
          "expected other bytes"),
     ],
-    ids=["lost-writes", "lost-writes-concurrent", "keeps-buffer", "silent-disabled-op", "not-durable", "flush-fails",
-         "wrong-content"],
+    ids=["lost-writes", "lost-writes-concurrent", "keeps-buffer", "silent-disabled-op", "half-readinto", "not-durable",
+         "flush-fails", "wrong-content"],
 )
 def test_the_suite_finds_a_broken_backend(backend, attrs, check, message):
     suite = type("Broken", (BackendConformance,), {"make_backend": lambda self, workdir: backend(), **attrs})
