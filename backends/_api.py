@@ -130,7 +130,15 @@ class Backend:
         return [await self.read(offset, length)]
 
     async def readinto(self, offset: int, buffer: memoryview) -> None:
-        """Fill ``buffer`` from ``offset``. Override to avoid a copy."""
+        """Fill all of ``buffer`` (bytes) with the data at ``offset``, or raise.
+
+        The daemon calls it where the export has the READ's destination
+        already (the NBD export's shared slot), and layers above a backend
+        use it to read into their own buffers. The default copies what
+        :meth:`read` returns; override it where the data can land in
+        ``buffer`` directly (``memory``: one copy from its chunks; ``file``:
+        ``preadv`` into it) to save a copy and an allocation.
+        """
         data = memoryview(await self.read(offset, len(buffer))).cast("B")
         if len(data) != len(buffer):
             raise BackendError(

@@ -55,6 +55,11 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _address(buffer: memoryview) -> int:
+    """Where ``buffer``'s memory starts (it must be writable: ctypes maps only those)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
 class FileBackend(Backend):
     name = "file"
 
@@ -125,8 +130,21 @@ class FileBackend(Backend):
         return mmap.mmap(-1, max(length, 1)) if self.direct else bytearray(length)
 
     async def read(self, offset: int, length: int) -> memoryview:
-        buf = self._buffer(length)
-        view = memoryview(buf)[:length]
+        view = memoryview(self._buffer(length))[:length]
+        await self._read_into(view, offset)
+        return view
+
+    async def readinto(self, offset: int, buffer: memoryview) -> None:
+        # preadv straight into ``buffer``; O_DIRECT wants page-aligned memory,
+        # which only some buffers are: those go through read()'s aligned one.
+        if self.direct and (_address(buffer) % mmap.PAGESIZE or len(buffer) % self.block_size):
+            await super().readinto(offset, buffer)
+        else:
+            await self._read_into(buffer, offset)
+
+    async def _read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from ``offset``: from the page cache at once when it can, else in a worker thread."""
+        length = len(view)
         if self._nowait:
             try:
                 done = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
@@ -141,7 +159,6 @@ class FileBackend(Backend):
             done = 0
         if done < length:
             await trio.to_thread.run_sync(self._read_fully, view, offset, done)
-        return view
 
     def _read_fully(self, view: memoryview, offset: int, done: int) -> None:
         while done < len(view):

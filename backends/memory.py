@@ -56,9 +56,16 @@ class MemoryBackend(Backend):
 
     async def read_views(self, offset: int, length: int) -> list[Buffer]:
         # The chunks themselves, no copy: an export sends them by scatter-gather.
-        return self._views(offset, length)
+        return [*self._views(offset, length)]
 
-    def _views(self, offset: int, length: int) -> list[Buffer]:
+    async def readinto(self, offset: int, buffer: memoryview) -> None:
+        pos = 0
+        for piece in self._views(offset, len(buffer)):
+            end = pos + len(piece)
+            buffer[pos:end] = piece
+            pos = end
+
+    def _views(self, offset: int, length: int) -> list[memoryview]:
         zeros = memoryview(_ZERO_CHUNK)
         return [
             zeros[: stop - start] if (chunk := self._chunks.get(index)) is None else memoryview(chunk)[start:stop]

@@ -62,7 +62,8 @@ async def serve_channel(transport, dispatcher, *, name: str = "",
     pieces (:meth:`~dmuserd.backends.Backend.read_views`), unjoined. A
     transport whose ``pool`` attribute is a :class:`~dmuserd.protocol.SlotPool`
     speaks the slotted framing (the NBD plugin's shared-memory channels):
-    data of the requests that name a slot moves through the pool.
+    data of the requests that name a slot moves through the pool, a READ's
+    read by the backend straight into its slot.
 
     ``resends``: the peer re-sends what is left unanswered when the channel
     closes (the NBD plugin, to the next daemon); a request the dispatcher
@@ -95,7 +96,7 @@ async def _serve_connection(conn: DaemonConnection, transport, dispatcher, name:
             if type(request) is OversizedRequest:
                 response = refuse_oversized(dispatcher, request, surface, conn.max_io, peer, channel=name)
             else:
-                response = await dispatcher.handle(request, scatter)
+                response = await dispatcher.handle(request, scatter, conn.destination(request))
         finally:
             if not serial:
                 own.release_on_behalf_of(token)

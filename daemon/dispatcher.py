@@ -181,12 +181,16 @@ class Dispatcher:
         self._flush_is_noop = not self._can_flush and not (caps & _WRITING_OPS)
         self._served_types = frozenset(t for t, op in _OP_FOR_TYPE.items() if op in caps)
 
-    async def handle(self, req: Request, scatter: bool = False) -> Response:
+    async def handle(self, req: Request, scatter: bool = False, into: memoryview | None = None) -> Response:
         """Run one request; always returns a response, never raises.
 
         With ``scatter``, a READ of :data:`SCATTER_MIN` bytes or more gets the
         backend's :meth:`read_views` (a list of buffers, for a transport that
-        sends them at once by scatter-gather) instead of one buffer.
+        sends them at once by scatter-gather) instead of one buffer. With
+        ``into`` (``len`` bytes: where the transport wants a READ's data, the
+        NBD export's shared slot), the backend reads straight into it
+        (:meth:`~dmuserd.backends.Backend.readinto`) and the answer's data is
+        ``into`` itself.
         """
         stats = self.stats
         if stats.in_flight >= self._limit or self._waiters:
@@ -196,7 +200,7 @@ class Dispatcher:
         else:
             stats.in_flight += 1
         try:
-            return await self._handle(req, scatter)
+            return await self._handle(req, scatter, into)
         except Exception as exc:  # noqa: BLE001 - a bug here must fail this one request only
             self.guard.failed("dispatcher", exc, device=self.name, seq=req.seq)
             return self._error(req, f"internal error: {type(exc).__name__}: {exc}")
@@ -228,7 +232,7 @@ class Dispatcher:
         if not self._limit and not self.stats.in_flight:
             self.drained.set()
 
-    async def _handle(self, req: Request, scatter: bool) -> Response:
+    async def _handle(self, req: Request, scatter: bool, into: memoryview | None) -> Response:
         stats = self.stats
         backend = self.backend
         kind = req.type
@@ -255,6 +259,10 @@ class Dispatcher:
             if is_flush:
                 return Response(req.seq)
             if kind == _READ_TYPE:
+                if into is not None:
+                    await backend.readinto(offset, into)  # fills all of it, or raises
+                    stats.bytes_read += length
+                    return Response(req.seq, _SUCCESS, into)
                 if scatter and length >= SCATTER_MIN:
                     data = await backend.read_views(offset, length)
                     size = sum(memoryview(b).nbytes for b in data)

@@ -47,8 +47,10 @@ Given a :class:`~dmuserd.protocol.SlotPool` (``pool=``), the connection
 speaks the slotted framing of :mod:`dmuserd.protocol._shm`: each header is
 followed by a slot word; a WRITE with a slot comes out complete at once, its
 ``payload`` a view of the slot (valid until it is answered), and the
-answer to a READ with a slot copies the data into the slot and is the
-header alone.
+answer to a READ with a slot is the header alone, its data in the slot:
+:meth:`DaemonConnection.destination` gives the READ's slot, for the
+backend to read into (then the answer's data *is* that view and nothing
+is copied), and any other answer data is copied into the slot.
 """
 
 from __future__ import annotations
@@ -136,8 +138,8 @@ class DaemonConnection:
         self._pool = pool
         # Bytes before a request's payload: the header, and a slotted channel's slot word.
         self._frame = HEADER_SIZE if pool is None else HEADER_SIZE + SLOT_STRUCT.size
-        # seq -> slot, for slotted requests handed out and not answered.
-        self._slots: dict[int, int] = {}
+        # seq -> (slot, its view for the request), for slotted requests handed out and not answered.
+        self._slots: dict[int, tuple[int, memoryview]] = {}
         self._buffer = bytearray()
         # A WRITE's payload that arrived as one immutable bytes, kept as it is
         # (the model and our FUSE export hand over payloads that way).
@@ -243,9 +245,22 @@ class DaemonConnection:
         view = self._slot_pool().take(slot, rtype, length)
         request = Request(seq, _REQUEST_TYPES[rtype], _flag(flags), sector, length,
                           view if rtype == _WRITE else None)
-        self._slots[seq] = slot
+        self._slots[seq] = (slot, view)
         self._outstanding[seq] = request
         return request
+
+    def destination(self, request: Request) -> memoryview | None:
+        """Where a READ's data goes without a copy: its slot (``len`` bytes), or None.
+
+        None for a request that names no slot, or that is not a READ. A
+        daemon that fills this view and answers with it as the data (the
+        very object) sends the answer with no copy of the data at all.
+        """
+        if self._slots and request.type == _READ:
+            held = self._slots.get(request.seq)
+            if held is not None:
+                return held[1]
+        return None
 
     def _slot_pool(self) -> SlotPool:
         """The pool (called only where a slot word named a slot, so there is one)."""
@@ -255,7 +270,7 @@ class DaemonConnection:
 
     def close(self) -> None:
         """The channel ended: free the slots of requests that will never be answered."""
-        for slot in self._slots.values():
+        for slot, _view in self._slots.values():
             self._slot_pool().release(slot)
         self._slots.clear()
 
@@ -325,15 +340,17 @@ class DaemonConnection:
                 raise ProtocolError("payload", size, f"a READ response must carry exactly {request.len} bytes")
             del self._outstanding[seq]
             header = _pack_header(seq, kind, request.flags, request.sector, request.len)
-            if self._slots and (slot := self._slots.pop(seq, None)) is not None:
+            if self._slots and (held := self._slots.pop(seq, None)) is not None:
+                slot, view = held
                 pool = self._slot_pool()
-                pool.fill(slot, payload)
+                if payload is not view:  # not read into its destination: copy it there
+                    pool.fill(slot, payload)
                 pool.release(slot)
                 return [header]
             return [header, *payload] if isinstance(payload, list) else [header, payload]
         if payload is not None and (size := _size(payload)):
             raise ProtocolError("payload", size, f"a {kind.name} response to {request.type.name} carries no payload")
         del self._outstanding[seq]
-        if self._slots and (slot := self._slots.pop(seq, None)) is not None:
-            self._slot_pool().release(slot)
+        if self._slots and (held := self._slots.pop(seq, None)) is not None:
+            self._slot_pool().release(held[0])
         return [_pack_header(seq, kind, request.flags, request.sector, request.len)]
