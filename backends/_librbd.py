@@ -118,7 +118,19 @@ def _string(fn: Any, *args: Any) -> str:
         size *= 4
 
 
-class Cluster:
+class _Handle:
+    """A librados/librbd handle, released once by :meth:`close`."""
+
+    handle: c_void_p
+    _lib: Any
+
+    def _release(self, free: Any) -> None:
+        if self.handle:
+            handle, self.handle = self.handle, c_void_p()
+            free(handle)
+
+
+class Cluster(_Handle):
     """A connection to a cluster (``rados_t``) as ``client.<client_id>``, set up from ``conf``.
 
     ``defaults`` are settings the conf file may override; ``timeout`` (whole
@@ -137,7 +149,7 @@ class Cluster:
                 _check(lib.rados_conf_set(self.handle, option.encode(), str(timeout).encode()), f"setting {option}")
             _check(lib.rados_connect(self.handle), "connecting")
         except BaseException:
-            self.shutdown()
+            self.close()
             raise
 
     @property
@@ -161,13 +173,11 @@ class Cluster:
         _check(self._lib.rados_ioctx_create(self.handle, name.encode(), byref(ioctx)), f"opening pool {name!r}")
         return Pool(self._lib, ioctx)
 
-    def shutdown(self) -> None:
-        if self.handle:
-            self._lib.rados_shutdown(self.handle)
-            self.handle = c_void_p()
+    def close(self) -> None:
+        self._release(self._lib.rados_shutdown)
 
 
-class Pool:
+class Pool(_Handle):
     """An open pool (``rados_ioctx_t``)."""
 
     def __init__(self, lib: Any, handle: c_void_p) -> None:
@@ -185,12 +195,10 @@ class Pool:
         return Image(self._lib, handle)
 
     def close(self) -> None:
-        if self.handle:
-            self._lib.rados_ioctx_destroy(self.handle)
-            self.handle = c_void_p()
+        self._release(self._lib.rados_ioctx_destroy)
 
 
-class Image:
+class Image(_Handle):
     """An open image (``rbd_image_t``) whose completions signal an eventfd; see the module doc.
 
     ``aio_*`` calls take a completion made by :meth:`completion` (its
@@ -214,12 +222,23 @@ class Image:
         except BaseException:
             self.close()
             raise
-        fns = lib
-        self.aio_read = lambda comp, offset, length, buf: fns.rbd_aio_read(handle, offset, length, buf, comp)
-        self.aio_write = lambda comp, offset, length, buf: fns.rbd_aio_write(handle, offset, length, buf, comp)
-        self.aio_flush = lambda comp: fns.rbd_aio_flush(handle, comp)
-        self.aio_discard = lambda comp, offset, length: fns.rbd_aio_discard(handle, offset, length, comp)
-        self.aio_write_zeroes = lambda comp, offset, length: fns.rbd_aio_write_zeroes(handle, offset, length, comp, 0, 0)
+
+    # The submits: never called once close() began (the backend drops the image first).
+
+    def aio_read(self, comp: c_void_p, offset: int, length: int, buf: Any) -> int:
+        return int(self._lib.rbd_aio_read(self.handle, offset, length, buf, comp))
+
+    def aio_write(self, comp: c_void_p, offset: int, length: int, buf: Any) -> int:
+        return int(self._lib.rbd_aio_write(self.handle, offset, length, buf, comp))
+
+    def aio_flush(self, comp: c_void_p) -> int:
+        return int(self._lib.rbd_aio_flush(self.handle, comp))
+
+    def aio_discard(self, comp: c_void_p, offset: int, length: int) -> int:
+        return int(self._lib.rbd_aio_discard(self.handle, offset, length, comp))
+
+    def aio_write_zeroes(self, comp: c_void_p, offset: int, length: int) -> int:
+        return int(self._lib.rbd_aio_write_zeroes(self.handle, offset, length, comp, 0, 0))
 
     def completion(self, key: int) -> c_void_p:
         comp = c_void_p()
@@ -243,9 +262,7 @@ class Image:
 
     def close(self) -> None:
         """Close the image (blocking: librbd finishes what it holds first), then its eventfd."""
-        if self.handle:
-            handle, self.handle = self.handle, c_void_p()
-            self._lib.rbd_close(handle)
+        self._release(self._lib.rbd_close)
         if self.eventfd >= 0:
             os.close(self.eventfd)  # only now: librbd signals it until rbd_close returns
             self.eventfd = -1

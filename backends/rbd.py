@@ -39,6 +39,7 @@ The libraries are Debian's ``librados2`` and ``librbd1`` (installed with
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -268,10 +269,10 @@ class RbdBackend(Backend):
         key = self._next_key
         self._next_key = key + 1
         completion = image.completion(key)
-        ret = submit(image, completion)
-        if ret < 0:
+        submitted = submit(image, completion)
+        if submitted < 0:
             image.release(completion)
-            raise OSError(-ret, f"rbd {self.target}: {what}: {os.strerror(-ret)}")
+            raise OSError(-submitted, f"rbd {self.target}: {what}: {os.strerror(-submitted)}")
         request = _Request(trio.lowlevel.current_task(), keep, ops, length, what, trio.current_time())
         self._waiting[key] = request
         self._held_ops += ops
@@ -286,7 +287,7 @@ class RbdBackend(Backend):
 
         self._in_flight += 1
         try:
-            ret = await trio.lowlevel.wait_task_rescheduled(abandon)
+            ret: int = await trio.lowlevel.wait_task_rescheduled(abandon)
         finally:
             self._in_flight -= 1
         self._latency[what].add(trio.current_time() - request.began)
@@ -432,10 +433,8 @@ class RbdBackend(Backend):
     def _close_sync(self) -> None:
         for obj in (self._image, self._ioctx, self._cluster):
             if obj is not None:
-                try:
-                    obj.close() if not isinstance(obj, Cluster) else obj.shutdown()
-                except Exception:
-                    pass
+                with contextlib.suppress(OSError):  # the eventfd's close: nothing more to do about it
+                    obj.close()
         self._image = self._ioctx = self._cluster = None
 
     def describe(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 import pytest  # noqa: E402
 
 from ceph_harness import ceph_cluster, is_last_user, stop_after_last_user, stop_clusters  # noqa: E402,F401
+from nbd_harness import nbd_session  # noqa: E402,F401 (a fixture of test_rbd_served)
 
 
 @pytest.hookimpl(trylast=True)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from daemon_harness import DMUSERD, ServedDaemon, mounted, need_root_tools, run
-from nbd_harness import fio_nbd, nbd_session, qemu_io  # noqa: F401 (fixture)
+from nbd_harness import fio_nbd, qemu_io  # the fixture nbd_session comes through conftest
 
 FILES = 12
 FILE_SIZE = 4 * 1024 * 1024
