@@ -133,7 +133,7 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
     nb, ty = table.new_block, table.type
     if sequence:
         # new block -> its index in ``ranked`` (a file's new blocks are unique: check_unique_rows)
-        where = dict(zip([nb[r] for r in ranked], range(len(ranked))))  # ~40% less than a dict comprehension
+        where = dict(zip(map(nb.__getitem__, ranked), range(len(ranked))))  # ~1/5 less than a dict comprehension
         named = bytearray(len(ranked))
         try:
             ks = list(map(where.__getitem__, sequence.blocks))

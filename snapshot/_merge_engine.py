@@ -417,18 +417,18 @@ class MergeEngine:
     async def _ordered_window(self) -> None:
         first = self.merged_ops + self._in_flight
         end = min(first + self.plan.layout.capacity, self.plan.ordered)
-        blocks, data, overlap = await trio.to_thread.run_sync(self._read_window, first, end)
+        blocks, data, overlap, runs = await trio.to_thread.run_sync(self._read_window, first, end)
         scratch = None
         if overlap:
             entries = self.plan.layout.entries_bytes(blocks)
             crc = await self.mover.crc32c(data, await self.mover.crc32c(entries))
             scratch = lambda: self._write_scratch(entries, data, crc, first)  # noqa: E731
-        await self._apply_window(blocks, data, scratch)
+        await self._apply_window(blocks, data, scratch, runs)
 
-    def _read_window(self, first: int, end: int) -> tuple[list[int], memoryview, bool]:
+    def _read_window(self, first: int, end: int) -> tuple[list[int], memoryview, bool, list]:
         """New contents of ordered ops ``first..end-1``, read before any is
         overwritten: (their new blocks, the data in op order, whether an op
-        reads a block of the window)."""
+        reads a block of the window, where the data goes: :func:`_runs`)."""
         t, bs, io = self.plan.table, self.bs, self.io
         rows = self.plan.order[first:end]
         n = len(rows)
@@ -460,7 +460,7 @@ class MergeEngine:
         targets = set(blocks)
         overlap = not targets.isdisjoint(o // bs for o in offsets) or not targets.isdisjoint(
             (o + bs - 1) // bs for o in offsets)
-        return blocks, data, overlap
+        return blocks, data, overlap, _runs([(b, 1, i) for i, b in enumerate(blocks)])
 
     def _write_scratch(self, entries: bytes, data, crc: int, first: int) -> None:
         """The window to the scratch area (entries, tag and data in one write),
@@ -487,14 +487,16 @@ class MergeEngine:
         self.stats["syncs"] += 1
         self.stats["sync_seconds"] += time.perf_counter() - started
 
-    async def _apply_window(self, blocks: list[int], data, scratch=None) -> None:
+    async def _apply_window(self, blocks: list[int], data, scratch=None, runs=None) -> None:
         """Write a computed window and start its commit: the previous step's
         commit returns first, then readers see the window (online),
         ``scratch()`` makes it durable in the scratch area (when it must),
         and the base is written."""
         await self._settle()
         await self.hooks.window_ready(blocks, data)
-        await self._write_pieces(data, [(b, 1, i) for i, b in enumerate(blocks)], before=scratch,
+        if runs is None:
+            runs = _runs([(b, 1, i) for i, b in enumerate(blocks)])
+        await self._write_pieces(data, runs, before=scratch,
                                  commit=len(blocks))
         self.stats["windows"] += 1
 
@@ -526,8 +528,9 @@ class MergeEngine:
                 pos += n
             if fill:
                 await trio.to_thread.run_sync(self._read_chunks, fill)
+            runs = _runs(pieces)
             await self._settle()  # the previous step's commit returns before this one writes
-            await self._write_pieces(data, pieces, commit=end - first if j == end else 0)
+            await self._write_pieces(data, runs, commit=end - first if j == end else 0)
             k = j
         self.stats["batches"] += 1
 
@@ -568,31 +571,17 @@ class MergeEngine:
 
     # --- writing the base ---------------------------------------------------------
 
-    async def _write_pieces(self, data, pieces: list[tuple[int, int, int]], *, before=None,
+    async def _write_pieces(self, data, runs: list[tuple[int, list[list[int]]]], *, before=None,
                             commit: int = 0) -> None:
-        """Write ``(new_block, blocks, position in data)`` pieces of ``data`` to
-        the base (one ``pwritev`` per run of consecutive new blocks) and read
-        them back and compare them. When ``commit`` (ops) is set, the write is
+        """Write ``data`` to the base where ``runs`` (:func:`_runs`) say, one
+        ``pwritev`` per run of consecutive new blocks, and read it back and
+        compare it. When ``commit`` (ops) is set, the write is
         the first part of the commit of the ``commit`` ops up to these (one
         worker call writes and syncs the base; the read-back runs beside the
         sync), which writes the progress only once they compared equal.
         ``before()`` runs first, in the same worker thread call (writing the
         scratch window)."""
         bs = self.bs
-        pieces = sorted(pieces)
-        runs: list[tuple[int, list[list[int]]]] = []  # (first block, [[position, blocks], ...])
-        run_end = -1
-        for block, n, pos in pieces:
-            if block == run_end:
-                spans = runs[-1][1]
-                last = spans[-1]
-                if last[0] + last[1] == pos:
-                    last[1] += n
-                else:
-                    spans.append([pos, n])
-            else:
-                runs.append((block, [[pos, n]]))
-            run_end = block + n
 
         def views(buf):
             v = memoryview(buf)
@@ -624,8 +613,7 @@ class MergeEngine:
         await trio.to_thread.run_sync(read_back)
         where = await self.mover.compare(data, back)
         if where is not None:
-            pos = where // bs
-            block = next(b + (pos - p) for b, n, p in pieces if p <= pos < p + n)
+            block = _block_at(runs, where // bs)
             raise MergeVerifyError(
                 f"the base reads back differently from what the merge wrote at block {block} (byte {where % bs} "
                 "of it); the base storage is failing or something else writes to it: stop and check it")
@@ -686,6 +674,37 @@ class MergeEngine:
         if self._commit_done is not None:
             await self._commit_done.wait()
             self._commit_done = None
+
+
+def _runs(pieces: list[tuple[int, int, int]]) -> list[tuple[int, list[list[int]]]]:
+    """Where a step's data goes: ``(new_block, blocks, position in data)``
+    pieces, sorted and joined into runs of consecutive new blocks,
+    ``(first block, [[position, blocks], ...])`` (spans of the data in run
+    order, one ``pwritev`` a run). Made while the step is prepared, not on
+    the chain of writes and syncs."""
+    runs: list[tuple[int, list[list[int]]]] = []
+    run_end = -1
+    for block, n, pos in sorted(pieces):
+        if block == run_end:
+            last = runs[-1][1][-1]
+            if last[0] + last[1] == pos:
+                last[1] += n
+            else:
+                runs[-1][1].append([pos, n])
+        else:
+            runs.append((block, [[pos, n]]))
+        run_end = block + n
+    return runs
+
+
+def _block_at(runs: list[tuple[int, list[list[int]]]], position: int) -> int:
+    """The new block that block ``position`` of a step's data is written to."""
+    for block, spans in runs:
+        for pos, n in spans:
+            if pos <= position < pos + n:
+                return block + position - pos
+            block += n
+    raise ValueError(f"block {position} of the data is written nowhere")
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
