@@ -9,7 +9,9 @@ on the host: read-only device, mounted, files compared, ``e2fsck -fn``) and
 ``recovery=1`` (the daemon killed with SIGKILL under fio verify, a new one
 takes the device over, fio ends with no error; a stop keeps the device),
 and a daemon killed without recovery (its I/O fails, the next daemon gets
-the ID again).
+the ID again). ``dmuserd ublk list`` / ``del`` on a served device (listed
+with its daemon, not deleted) and on the one recovery kept (listed as
+quiesced, deleted). The snapshot step's ``--export ublk`` leaves WHERE out.
 Under TCG this takes a few minutes.
 """
 
@@ -109,6 +111,23 @@ def test_an_id_in_use_is_a_clear_error(vm):
     assert last and "ublk device 0 exists already" in last[0], last
 
 
+def test_ublk_list_and_del_while_a_daemon_serves(vm):
+    out = vm["file"]
+    assert out["list"]["rc"] == 0, out["list"]
+    [device] = [d for d in out["list"]["devices"] if d["id"] == 0]
+    assert (device["state"], device["queues"], device["depth"], device["block"]) == ("live", 2, 16, "/dev/ublkb0")
+    assert device["pid"] == out["pid"] and device["pid_alive"] and device["served_by"] == out["pid"]
+    assert device["holders"] == [out["pid"]] and device["recovery"] is False
+    header, *rows = out["list_text"].splitlines()
+    assert header.split() == ["ID", "DEVICE", "STATE", "QUEUES", "DEPTH", "PID", "SERVED", "BY", "RECOVERY"]
+    assert [f"0 /dev/ublkb0 live 2 16 {out['pid']} pid {out['pid']} no".split()] == \
+        [row.split() for row in rows if row.startswith("0 ")], out["list_text"]
+    refused = out["del_served"]
+    assert refused["rc"] == 1 and refused["error"] == [
+        f"dmuserd: error: ublk device 0 (live) is served by pid {out['pid']}, which runs: stop that daemon instead "
+        "(a stop deletes its device; with recovery=1 delete it after the stop)"], refused
+
+
 def test_ext4_round_trip_and_fsck_on_the_file_backend(vm):
     fs = vm["file"]["fs"]
     assert fs["mkfs"][0] == 0, fs
@@ -155,6 +174,21 @@ def test_kill_9_under_fio_and_restart_with_recovery(vm):
     _fio_clean(out["fio"])
     assert out["served_by_new"]["total_requests"] > 0  # the rest of fio went to the new daemon
     assert out["exit"] == 0 and out["kept_after_stop"]  # recovery=1: a stop leaves the device for the next daemon
+
+
+def test_ublk_del_removes_a_device_kept_by_recovery(vm):
+    out = vm["recovery"]
+    [kept] = [d for d in out["list_kept"]["devices"] if d["id"] == 1]
+    assert (kept["state"], kept["recovery"], kept["queues"], kept["depth"]) == ("quiesced", True, 2, 16), kept
+    # the last daemon's pid, gone; nobody holds the channel
+    assert kept["pid"] == out["pid"] and not kept["pid_alive"] and kept["served_by"] is None and not kept["holders"]
+    assert out["del_kept"]["rc"] == 0, out["del_kept"]
+    assert out["del_kept"]["stdout"].strip() == f"deleted ublk device 1 (quiesced, left by pid {out['pid']})"
+    assert all(out["gone_after_del"].values()), out["gone_after_del"]
+    assert 1 not in [d["id"] for d in out["list_after_del"]["devices"]]
+    again = out["del_again"]
+    assert again["rc"] == 1 and again["error"] == [
+        "dmuserd: error: there is no ublk device 1 (`dmuserd ublk list` shows those there are)"], again
 
 
 

@@ -59,6 +59,14 @@ class UblkGuest(Guest):
             proc.kill()
             return None
 
+    def ublk_cli(self, *argv: str) -> dict:
+        """``dmuserd ublk ARGV``: its status, output and last error line (``list --json``: the devices, parsed)."""
+        proc = self.sh(PY, "-m", "dmuserd", "ublk", *argv, timeout=180)
+        out = {"rc": proc.returncode, "stdout": proc.stdout, "error": proc.stderr.strip().splitlines()[-1:]}
+        if argv[:2] == ("list", "--json") and proc.returncode == 0:
+            out["devices"] = json.loads(proc.stdout)
+        return out
+
     def fio_verify(self, dev: str, size: str, *, background: bool = False, timeout: int = 900):
         """randwrite + verify, 2 jobs (one per CPU, so both queues serve), QD 16 each."""
         argv = ["fio", "--name=verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k", f"--size={size}",
@@ -120,6 +128,11 @@ class UblkGuest(Guest):
         taken = self.sh(PY, "-m", "dmuserd", "serve", "--backend", "memory:size=16M", "--export", "ublk:0",
                         "--control-socket", "/tmp/dx.sock", timeout=180)
         out["id_in_use"] = [taken.returncode, taken.stderr.strip().splitlines()[-1:] if taken.stderr else []]
+        # dmuserd ublk list / del while the daemon serves: listed as served by it, not deleted
+        out["pid"] = self.daemons["d1"].pid
+        out["list"] = self.ublk_cli("list", "--json")
+        out["list_text"] = self.ublk_cli("list")["stdout"]
+        out["del_served"] = self.ublk_cli("del", "0")
         out["fs"] = self.filesystem("/dev/ublkb0")
         out["fio"] = self.fio_verify("/dev/ublkb0", "16M")
         out["status_after"] = self.status("/tmp/d1.sock")["targets"]["disk"]
@@ -128,7 +141,7 @@ class UblkGuest(Guest):
         out["gone_after_stop"] = {p: not os.path.exists(p) for p in ("/dev/ublkb0", "/dev/ublkc0", "/sys/block/ublkb0")}
 
     def snapshot_backend(self) -> None:
-        status = self.serve("d2", f"snapshot:base={SCRATCH}/base.img,cow={SCRATCH}/snap.cow", "ublk:auto")
+        status = self.serve("d2", f"snapshot:base={SCRATCH}/base.img,cow={SCRATCH}/snap.cow", "ublk")  # WHERE left out: a free ID
         target = status["targets"]["disk"]
         dev = target["exports"]["ublk"]
         out = self.results["snapshot"] = {"device": dev, "params": queue_params(dev)}
@@ -167,8 +180,22 @@ class UblkGuest(Guest):
             stdout, stderr = fio.communicate()
         out["fio"] = self.fio_report(fio.returncode, stdout, stderr)
         out["served_by_new"] = self.status("/tmp/d4.sock")["targets"]["disk"]
+        out["pid"] = self.daemons["d4"].pid
         out["exit"] = self.stop("d4")
         out["kept_after_stop"] = os.path.exists("/dev/ublkb1")
+        # the kept device: listed as quiesced once the kernel noticed its daemon is gone, then deleted by hand
+        deadline = time.monotonic() + 60
+        while True:
+            listed = self.ublk_cli("list", "--json")
+            kept = [d for d in listed.get("devices", []) if d["id"] == 1]
+            if time.monotonic() > deadline or (kept and kept[0]["state"] == "quiesced"):
+                break
+            time.sleep(0.5)
+        out["list_kept"] = listed
+        out["del_kept"] = self.ublk_cli("del", "1")
+        out["gone_after_del"] = {p: not os.path.exists(p) for p in ("/dev/ublkb1", "/dev/ublkc1")}
+        out["list_after_del"] = self.ublk_cli("list", "--json")
+        out["del_again"] = self.ublk_cli("del", "1")
 
     def crash_without_recovery(self) -> None:
         """kill -9 without recovery: I/O fails (no hang), and a new daemon can have the ID again."""
