@@ -20,10 +20,11 @@ import itertools
 
 import trio
 
+from dmuserd.daemon.dispatcher import Refused
 from dmuserd.protocol import SECTOR_SIZE, Flag, Request, RequestType, ResponseType
 
-_READ, _SUCCESS = RequestType.READ, ResponseType.SUCCESS
-_FLAGS: dict[int, Flag] = {}
+_SUCCESS = ResponseType.SUCCESS
+_NO_FLAGS = Flag(0)
 
 
 class DirectDevice:
@@ -32,24 +33,22 @@ class DirectDevice:
     def __init__(self, dispatcher) -> None:
         self.dispatcher = dispatcher
         self._seq = itertools.count().__next__
-        self.admitting = True
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Nothing runs in the background; here so both devices start alike."""
         task_status.started()
 
     def stop_admitting(self) -> None:
-        """A stop is under way: new I/O fails with EIO; what is in flight finishes."""
-        self.admitting = False
+        """Nothing to do: the dispatcher's admission, closed first, refuses new I/O (EIO here)."""
 
-    async def submit(self, kind: RequestType, offset: int, length: int = 0, data=None, flags: int = 0):
-        """One block I/O; the data of a READ. ``OSError(EIO)`` when it fails, as the block layer says it."""
-        if not self.admitting:
-            raise OSError(errno.EIO, f"{self.dispatcher.name} is stopping: {kind.name} refused")
-        flag = _FLAGS.get(flags)
-        if flag is None:
-            flag = _FLAGS[flags] = Flag(flags)
-        response = await self.dispatcher.handle(Request(self._seq(), kind, flag, offset // SECTOR_SIZE, length, data))
-        if response.type != _SUCCESS:
-            raise OSError(errno.EIO, f"{kind.name} at {offset}+{length} failed ({response.type.name})")
-        return response.payload if kind == _READ else None
+    async def submit(self, kind: RequestType, offset: int, length: int = 0, data=None, flags: Flag = _NO_FLAGS):
+        """One block I/O; the data of a READ (None otherwise).
+
+        ``OSError(EIO)`` when it fails, as the block layer says it: a failed
+        request, or one refused because the target is stopping.
+        """
+        response = await self.dispatcher.handle(Request(self._seq(), kind, flags, offset // SECTOR_SIZE, length, data))
+        if response.type is not _SUCCESS:
+            raise OSError(errno.EIO, f"{self.dispatcher.name}: {kind.name} at {offset}+{length} failed "
+                          f"({'refused: the target is stopping' if type(response) is Refused else response.type.name})")
+        return response.payload

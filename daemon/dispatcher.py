@@ -68,8 +68,9 @@ _WRITING_OPS = frozenset({Op.WRITE, Op.DISCARD, Op.WRITE_ZEROES})
 _PREFLUSH, _FUA, _NOUNMAP = int(Flag.PREFLUSH), int(Flag.FUA), int(Flag.NOUNMAP)
 # Enum members looked up once: an attribute of an enum class costs ~0.1 µs.
 _READ_TYPE, _WRITE_TYPE, _FLUSH_TYPE = RequestType.READ, RequestType.WRITE, RequestType.FLUSH
-_OP_FLUSH, _OP_DISCARD, _OP_WRITE_ZEROES = Op.FLUSH, Op.DISCARD, Op.WRITE_ZEROES
-_SUCCESS = ResponseType.SUCCESS
+_WRITE_ZEROES_TYPE = RequestType.WRITE_ZEROES
+_OP_FLUSH = Op.FLUSH
+_SUCCESS, _ERROR = ResponseType.SUCCESS, ResponseType.ERROR
 #: Requests in flight per target by default (dm-user's reserve is sized for 128).
 DEFAULT_MAX_IN_FLIGHT = 128
 #: Smaller READs are copied into one buffer even for a scatter-gather
@@ -191,16 +192,75 @@ class Dispatcher:
         NBD export's shared slot), the backend reads straight into it
         (:meth:`~dmuserd.backends.Backend.readinto`) and the answer's data is
         ``into`` itself.
+
+        Admission, the rules and the backend call are one coroutine: every
+        request of every export runs it, and one frame more was ~0.15 µs of
+        the ~1 µs the dispatcher costs a 4 KiB READ (measured in process,
+        over a backend that returns at once).
         """
         stats = self.stats
-        if stats.in_flight >= self._limit or self._waiters:
-            if not await self._admit():
-                stats.refused += 1
-                return Refused(req.seq, ResponseType.ERROR)
-        else:
-            stats.in_flight += 1
+        if stats.in_flight < self._limit and not self._waiters:
+            stats.in_flight += 1  # the uncontended case: a slot is free and nobody waits for one
+        elif not await self._admit():
+            stats.refused += 1
+            return Refused(req.seq, _ERROR)
         try:
-            return await self._handle(req, scatter, into)
+            kind = req.type
+            length = req.len
+            flags = int(req.flags)  # int arithmetic: IntFlag operators build new enum members
+            backend = self.backend
+            is_flush = kind == _FLUSH_TYPE or (kind == _WRITE_TYPE and not length)
+            if is_flush:
+                stats.requests["flush"] += 1
+                if not self._can_flush:
+                    return Response(req.seq) if self._flush_is_noop else self._unsupported(
+                        req, f"the backend does not support {_OP_FLUSH.value}")
+            else:
+                stats.requests[_STAT_NAMES.get(kind, _OTHER)] += 1
+                if kind not in self._served_types:
+                    op = _OP_FOR_TYPE.get(kind)
+                    return self._unsupported(req, f"{kind.name} is not a block operation dmuserd serves" if op is None
+                                             else f"the backend does not support {op.value}")
+                if flags & _PREFLUSH and not self._can_flush:
+                    return self._unsupported(req, f"the backend does not support {_OP_FLUSH.value} (the PREFLUSH)")
+                offset = req.sector * SECTOR_SIZE
+                block = backend.block_size
+                if offset % block or length % block or offset + length > backend.size:
+                    return self._error(req, self._range_problem(req))
+            try:
+                if flags & _PREFLUSH or is_flush:
+                    await backend.flush()
+                    if is_flush:
+                        return Response(req.seq)
+                if kind == _READ_TYPE:
+                    if into is not None:
+                        await backend.readinto(offset, into)  # fills all of it, or raises
+                        data, size = into, length
+                    elif scatter and length >= SCATTER_MIN:
+                        data = await backend.read_views(offset, length)
+                        size = sum(memoryview(b).nbytes for b in data)
+                    else:
+                        data = await backend.read(offset, length)
+                        # bytes is the usual answer; anything else counts in bytes, not items.
+                        size = len(data) if type(data) is bytes else memoryview(data).nbytes
+                    if size != length:
+                        return self._error(req, f"backend returned {size} bytes for a {length}-byte read")
+                    stats.bytes_read += length
+                    return Response(req.seq, _SUCCESS, data)
+                if kind == _WRITE_TYPE:
+                    await backend.write(offset, req.payload, bool(flags & _FUA))
+                    stats.bytes_written += length
+                elif kind == _WRITE_ZEROES_TYPE:
+                    await backend.write_zeroes(offset, length, not (flags & _NOUNMAP))
+                else:  # DISCARD, SECURE_ERASE
+                    await backend.discard(offset, length)
+                if flags & _FUA and kind != _WRITE_TYPE and self._can_flush:
+                    await backend.flush()
+                return Response(req.seq)
+            except Unsupported as exc:
+                return self._unsupported(req, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one failing request fails alone
+                return self._error(req, f"backend raised {type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a bug here must fail this one request only
             self.guard.failed("dispatcher", exc, device=self.name, seq=req.seq)
             return self._error(req, f"internal error: {type(exc).__name__}: {exc}")
@@ -232,63 +292,6 @@ class Dispatcher:
         if not self._limit and not self.stats.in_flight:
             self.drained.set()
 
-    async def _handle(self, req: Request, scatter: bool, into: memoryview | None) -> Response:
-        stats = self.stats
-        backend = self.backend
-        kind = req.type
-        flags = int(req.flags)  # int arithmetic: IntFlag operators build new enum members
-        is_flush = kind == _FLUSH_TYPE or (kind == _WRITE_TYPE and req.len == 0)
-        op = _OP_FLUSH if is_flush else _OP_FOR_TYPE.get(kind)
-        stats.requests["flush" if is_flush else _STAT_NAMES.get(kind, _OTHER)] += 1
-        if op is None:
-            return self._unsupported(req, f"{kind.name} is not a block operation dmuserd serves")
-        if is_flush and self._flush_is_noop:
-            return Response(req.seq)
-        if not (self._can_flush if is_flush else kind in self._served_types) or (
-                flags & _PREFLUSH and not self._can_flush and not is_flush):
-            return self._unsupported(req, f"the backend does not support {op.value}")
-        if not is_flush:
-            offset = req.sector * SECTOR_SIZE
-            length = req.len
-            block = backend.block_size
-            if offset % block or length % block or offset + length > backend.size:
-                return self._error(req, self._range_problem(req))
-        try:
-            if flags & _PREFLUSH or is_flush:
-                await backend.flush()
-            if is_flush:
-                return Response(req.seq)
-            if kind == _READ_TYPE:
-                if into is not None:
-                    await backend.readinto(offset, into)  # fills all of it, or raises
-                    stats.bytes_read += length
-                    return Response(req.seq, _SUCCESS, into)
-                if scatter and length >= SCATTER_MIN:
-                    data = await backend.read_views(offset, length)
-                    size = sum(memoryview(b).nbytes for b in data)
-                else:
-                    data = await backend.read(offset, length)
-                    # bytes is the usual answer; anything else counts in bytes, not items.
-                    size = len(data) if type(data) is bytes else memoryview(data).nbytes
-                if size != length:
-                    return self._error(req, f"backend returned {size} bytes for a {length}-byte read")
-                stats.bytes_read += length
-                return Response(req.seq, _SUCCESS, data)
-            if kind == _WRITE_TYPE:
-                await backend.write(offset, req.payload, bool(flags & _FUA))
-                stats.bytes_written += length
-            elif op == _OP_DISCARD:
-                await backend.discard(offset, length)
-            elif op == _OP_WRITE_ZEROES:
-                await backend.write_zeroes(offset, length, not (flags & _NOUNMAP))
-            if flags & _FUA and kind != _WRITE_TYPE and self._can_flush:
-                await backend.flush()
-            return Response(req.seq)
-        except Unsupported as exc:
-            return self._unsupported(req, str(exc))
-        except Exception as exc:  # noqa: BLE001 - one failing request fails alone
-            return self._error(req, f"backend raised {type(exc).__name__}: {exc}")
-
     def _range_problem(self, req: Request) -> str:
         block = self.backend.block_size
         if req.offset % block or req.len % block:
@@ -298,7 +301,7 @@ class Dispatcher:
     def _error(self, req: Request, why: str) -> Response:
         self.stats.errors += 1
         self._log.warning("request failed", seq=req.seq, op=req.type.name, offset=req.offset, length=req.len, error=why)
-        return Response(req.seq, ResponseType.ERROR)
+        return Response(req.seq, _ERROR)
 
     def _unsupported(self, req: Request, why: str) -> Response:
         self.stats.unsupported += 1

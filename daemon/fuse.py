@@ -62,6 +62,7 @@ log = structlog.get_logger("dmuserd.fuse")
 SURFACE = "fuse"
 
 _READ = RequestType.READ
+_NO_FLAGS = Flag(0)
 
 
 class FuseExportError(DmuserdError):
@@ -265,7 +266,7 @@ class FuseMount:
             elif not mode & fa.FALLOC_FL_KEEP_SIZE and offset + length > entry.size:
                 err = errno.EFBIG  # a block device's file cannot grow
             elif mode & fa.FALLOC_FL_PUNCH_HOLE:
-                await self._deallocate(entry, RequestType.DISCARD, offset, length, 0)
+                await self._deallocate(entry, RequestType.DISCARD, offset, length, _NO_FLAGS)
             elif mode & fa.FALLOC_FL_ZERO_RANGE:
                 await self._deallocate(entry, RequestType.WRITE_ZEROES, offset, length, Flag.NOUNMAP)
             elif mode & ~fa.FALLOC_FL_KEEP_SIZE:
@@ -275,7 +276,7 @@ class FuseMount:
             err = exc.errno or errno.EIO
         return err
 
-    async def _deallocate(self, entry: _File, kind, offset: int, length: int, flags: int) -> None:
+    async def _deallocate(self, entry: _File, kind, offset: int, length: int, flags: Flag) -> None:
         end = min(offset + length, entry.size)
         bs = entry.block_size
         first = -(-offset // bs) * bs
@@ -289,21 +290,7 @@ class FuseMount:
             await entry.device.submit(kind, first, last - first, flags=flags)
 
 
-async def read_range(entry: _File, offset: int, size: int) -> bytes:
-    """Read ``size`` bytes at any offset, through whole blocks."""
-    end = min(offset + size, entry.size)
-    if offset >= end:
-        return b""
-    bs = entry.block_size
-    start = offset // bs * bs
-    stop = -(-end // bs) * bs
-    data = await entry.device.submit(RequestType.READ, start, stop - start)
-    if start == offset and stop == end:
-        return data
-    return bytes(memoryview(data)[offset - start : end - start])
-
-
-async def write_range(entry: _File, offset: int, data, flags: int = 0) -> int:
+async def write_range(entry: _File, offset: int, data, flags: Flag = _NO_FLAGS) -> int:
     """Write ``data`` at any offset, read-modify-writing partial blocks."""
     length = len(data)
     if offset + length > entry.size:
@@ -315,7 +302,7 @@ async def write_range(entry: _File, offset: int, data, flags: int = 0) -> int:
     start = offset // bs * bs
     stop = -(-(offset + length) // bs) * bs
     async with entry.rmw_lock:
-        block = bytearray(await entry.device.submit(RequestType.READ, start, stop - start))
+        block = bytearray(await entry.device.submit(_READ, start, stop - start))
         block[offset - start : offset - start + length] = data
         await entry.device.submit(RequestType.WRITE, start, stop - start, data=bytes(block), flags=flags)
     return length
@@ -453,11 +440,18 @@ class _OpsMixin:
 
     @_request
     async def read(self, fh, off, size):
+        """The covering whole blocks, sliced unless ``off`` and the end are block-aligned; short at the end."""
         entry = self._entry(fh)
-        if size and not (off % entry.block_size or size % entry.block_size) and off + size <= entry.size:
-            # Whole blocks, the usual case (a loop device's I/O): one coroutine less.
-            return await entry.device.submit(_READ, off, size)
-        return await read_range(entry, off, size)
+        end = off + size
+        if end > entry.size:
+            end = entry.size
+        if off >= end:
+            return b""
+        head = off % entry.block_size
+        tail = -end % entry.block_size
+        data = await entry.device.submit(_READ, off - head, head + end - off + tail)
+        # Whole blocks (a loop device's I/O: nearly every read) go out as the device answered them.
+        return bytes(memoryview(data)[head : head + end - off]) if head or tail else data
 
     @_request
     async def write(self, fh, off, buf):
