@@ -36,7 +36,6 @@ def torture_cow(tmp: Path, seed: int, *, nblocks: int = 512, version: int = 2, c
     """
     rng = random.Random(seed)
     base = bytearray(b"".join(pattern_block(rng.randrange(1 << 40)) for _ in range(nblocks)))
-    free = list(range(nblocks))
     taken: set[int] = set()
 
     def claim(start: int, n: int) -> bool:
