@@ -38,19 +38,21 @@ wait_for() {  # wait_for SECONDS COMMAND...: poll until COMMAND succeeds
     done
 }
 active_with_file() { [ "$(prop ActiveState)" = active ] && [ -e $FILE ]; }
+config() {  # config INSTANCE SIZE EXPORT: /etc/dmuserd/INSTANCE.toml, one target on a file in /var/lib/dmuserd
+    printf '[targets.disk]\nbackend = { type = "file", path = "/var/lib/dmuserd/%s.img", size = "%s", create = "1" }\nexports = ["%s"]\n' \
+        "$1" "$2" "$3" >/etc/dmuserd/$1.toml
+}
 
 # -- install ---------------------------------------------------------------------------
 check install "dmuserd install-units" $DMUSERD install-units
 mkdir -p /var/lib/dmuserd
-cat >/etc/dmuserd/test.toml <<TOML
-[targets.disk]
-backend = { type = "file", path = "/var/lib/dmuserd/test.img", size = "64M", create = "1" }
-exports = ["fuse:$FUSEDIR"]
-TOML
+config test 64M fuse:$FUSEDIR
 mkdir -p /etc/systemd/system/$U.d
 printf '[Service]\nWatchdogSec=6s\nTimeoutAbortSec=2s\nTimeoutStartSec=300s\n' >/etc/systemd/system/$U.d/test.conf
-mkdir -p /etc/systemd/system/dmuserd-nbd@nbdtest.service.d
-printf '[Service]\nTimeoutStartSec=300s\n' >/etc/systemd/system/dmuserd-nbd@nbdtest.service.d/test.conf
+for slow in dmuserd-nbd@nbdtest dmuserd@ublktest; do
+    mkdir -p /etc/systemd/system/$slow.service.d
+    printf '[Service]\nTimeoutStartSec=300s\n' >/etc/systemd/system/$slow.service.d/test.conf
+done
 systemctl daemon-reload
 check verify "systemd-analyze verify $U (instantiated, with the test drop-in)" systemd-analyze verify $U
 
@@ -105,6 +107,17 @@ check stop_result "Result=success, exit status 0, inactive: $(prop Result) $(pro
 check unmounted "the FUSE mount is gone" bash -c "! mountpoint -q $FUSEDIR"
 check loop_detached "the loop device on the FUSE file was detached by the stop" bash -c "! losetup -n -O BACK-FILE $LOOP 2>/dev/null | grep -q $FILE"
 
+# -- a ublk export (--export ublk, no ID): /dev/ublkbN exists once systemctl start returns --
+B=dmuserd@ublktest.service
+config ublktest 32M ublk,queues=2
+check ublk_start "systemctl start $B (ublk export, the unit's hardening as shipped)" systemctl start $B
+UBLK=$(ls -d /dev/ublkb* 2>/dev/null | tr '\n' ' ')
+check ublk_ready_device "the block device exists as soon as systemctl start returned: '$UBLK'" test "$UBLK" = "/dev/ublkb0 "
+check ublk_io "1 MiB written (O_DIRECT, fsync) and read back equal through /dev/ublkb0" bash -c \
+    "dd if=/tmp/pattern of=/dev/ublkb0 bs=64k oflag=direct conv=fsync status=none && cmp -n 1048576 /tmp/pattern /dev/ublkb0"
+check ublk_stop "systemctl stop $B: Result=success, exit 0, the device deleted" bash -c \
+    "systemctl stop $B && test \"\$(systemctl show -P Result $B) \$(systemctl show -P ExecMainStatus $B)\" = 'success 0' && ! test -e /dev/ublkb0 && ! test -e /sys/block/ublkb0"
+
 # -- journald: the host checks structure and priorities -------------------------------
 echo "=== JOURNAL JSON BEGIN"
 journalctl -u $U -o json --no-pager --output-fields=MESSAGE,PRIORITY,SYSLOG_IDENTIFIER
@@ -124,11 +137,7 @@ systemctl stop $S
 
 # -- the NBD-only, locked-down unit ------------------------------------------------------
 N=dmuserd-nbd@nbdtest.service
-cat >/etc/dmuserd/nbdtest.toml <<TOML
-[targets.disk]
-backend = { type = "file", path = "/var/lib/dmuserd/nbdtest.img", size = "16M", create = "1" }
-exports = ["nbd:/run/dmuserd/nbdtest/nbd.sock,on-stop=stop"]
-TOML
+config nbdtest 16M nbd:/run/dmuserd/nbdtest/nbd.sock,on-stop=stop
 check nbd_start "systemctl start $N" systemctl start $N
 SOCK=/run/dmuserd/nbdtest/nbd.sock
 check nbd_io "write + read back over NBD (qemu-io)" bash -c \
@@ -141,5 +150,7 @@ echo "=== journalctl -u $N"
 journalctl -u $N --no-pager -o short-monotonic | tail -30
 fi
 
+echo "=== journalctl -u $B"
+journalctl -u $B --no-pager -o short-monotonic | tail -20
 echo "=== journalctl -u $U"
 journalctl -u $U --no-pager -o short-monotonic | tail -60

@@ -9,7 +9,9 @@ the host (structured JSON lines, priorities matching levels).
 Default run (~1.5-3 min under TCG on a loaded host): readiness, I/O through
 the FUSE file and a loop device, the watchdog keeping the service alive,
 SIGHUP, SIGKILL → restart (with the dead mount reclaimed and data kept),
-a clean ``systemctl stop``, journald. The slow variant adds a stuck process
+a clean ``systemctl stop``, journald; then a second instance serving
+``--export ublk`` (the block device exists when ``systemctl start``
+returns, I/O through it, the stop deletes it). The slow variant adds a stuck process
 killed by the watchdog, socket activation of the control socket and the
 locked-down NBD-only unit.
 """
@@ -33,6 +35,7 @@ BASIC_CHECKS = [
     "install", "verify", "start", "ready_file", "active", "host_mount_ns", "status_text",
     "write", "read", "loop_read", "watchdog_alive", "sighup", "restart_after_kill", "new_pid",
     "data_kept", "stale_loop_gone", "stop", "stop_result", "unmounted", "loop_detached",
+    "ublk_start", "ublk_ready_device", "ublk_io", "ublk_stop",
 ]
 FULL_CHECKS = BASIC_CHECKS + ["watchdog_kill", "watchdog_logged", "sock_start", "sock_service", "sock_status",
                               "sock_kept", "nbd_start", "nbd_io", "nbd_private_mount_ns", "nbd_stop"]
