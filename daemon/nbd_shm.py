@@ -23,8 +23,9 @@ import socket
 
 from dmuserd.protocol import PoolLayout, SlotPool
 
-#: Slots per pool: twice nbdkit's default threads per client. A request
-#: that finds none free goes on the socket instead.
+#: Slots per pool: every request in flight of 8 clients at nbdkit's default
+#: threads (:data:`~dmuserd.daemon.nbd.DEFAULT_THREADS`, per client), or of
+#: 2 at ``threads=32``. A request that finds none free goes on the socket instead.
 SLOTS = 64
 #: Bytes per slot: a READ or WRITE longer than this goes on the socket.
 SLOT_SIZE = 1 << 20

@@ -35,6 +35,16 @@ The data moves one of two ways:
 daemon's CPU per request stayed the same, and nbdkit would pay a thread
 hand-off per request to deliver answers, so more channels it is.)
 
+The GIL. nbdkit takes it to run each callback, and this plugin gives it up
+once per request to wait for the answer; taking it back while nbdkit's
+other threads want it too is what a request costs here beyond the python
+plugin's (futex calls, a context switch). So the wait releases it once for
+everything that needs no Python: the C helper ``daemon/_nbd_exchange.c``
+sends the frame, receives the answer header and copies a READ's data out
+of its slot in one call (:func:`_load_exchange`; the same steps in Python
+where it is not built), and the daemon starts nbdkit with few threads
+(``threads=``, default 8 in :mod:`dmuserd.daemon.nbd`), fewer contenders.
+
 Mapping: pread → READ, pwrite → WRITE (FUA → FUA), flush → FLUSH, trim →
 DISCARD, zero → WRITE_ZEROES (NOUNMAP unless may-trim), cache → emulated by
 nbdkit as a read (a read-ahead into the daemon's backend). Answers: SUCCESS
@@ -322,6 +332,33 @@ _unpack_from = _HEADER.unpack_from
 _pack_slot_into = _SLOT.pack_into
 
 
+def _load_exchange():
+    """``exchange`` of the C helper ``daemon/_nbd_exchange`` built for this Python, or None.
+
+    One call sends a slotted channel's request frame, waits for the answer
+    and copies a READ's data out of its slot with the GIL released once
+    (see its source for why that matters here). Loaded by path: this file
+    does not import the daemon's package. Without it (not built, another
+    Python), :func:`_exchange` does the same steps in Python.
+    """
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, "_nbd_exchange" + suffix)
+        if os.path.exists(path):
+            try:
+                loader = importlib.machinery.ExtensionFileLoader("_nbd_exchange", path)
+                module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_nbd_exchange", loader))
+                loader.exec_module(module)
+            except ImportError as exc:
+                _say(f"cannot load {path} ({exc}): requests on slotted channels run in Python")
+                return None
+            return module.exchange
+    return None
+
+
 class _Pool:
     """One daemon's pool, mapped: its slots' views and which are free.
 
@@ -565,6 +602,10 @@ def _exchange(chan, seq, kind, flags, sector, length, payload, into):
             try:
                 if payload is not None:
                     view[:length] = payload
+                if _c_exchange is not None:
+                    if into is None:
+                        return _c_exchange(chan.fd, chan.fview, chan.hview, None, None)
+                    return _c_exchange(chan.fd, chan.fview, chan.hview, view[:length], into)
                 _send_header(chan)
                 answer = _receive(chan, None)
                 if into is not None and answer[1] == _SUCCESS:
@@ -577,6 +618,8 @@ def _exchange(chan, seq, kind, flags, sector, length, payload, into):
             finally:
                 pool.give(slot)
     if payload is None:
+        if into is None and _c_exchange is not None:  # no data on the socket either way
+            return _c_exchange(chan.fd, chan.fview, chan.hview, None, None)
         _send_header(chan)
     else:
         buffers = [chan.fview, payload]
@@ -822,3 +865,7 @@ def _say(message):
     """A line in nbdkit's stderr: the export's ``nbdkit.log``."""
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     print(f"{when} dmuserd plugin (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
+
+
+#: The C helper's exchange, or None (loaded last: a failure is logged with :func:`_say`).
+_c_exchange = _load_exchange()

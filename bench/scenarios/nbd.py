@@ -34,11 +34,13 @@ What is measured
       socket hop itself (the exact dm-user wire format on a Unix socket: one
       more copy of every byte), the best ``dmuserd_socket`` can be; the
       shared pool is meant to beat it. Not a floor for 4 KiB reads (its IOPS are reported, with
-      no ratio): answers that come back at once make nbdkit's 32 threads
+      no ratio): answers that come back at once make nbdkit's threads
       fight over its GIL, and nbdkit's CPU per request doubles. Not run
       (noted) without a C compiler.
 
-    Every server runs nbdkit with the same ``--threads`` (:data:`THREADS`).
+    Every server runs nbdkit with the same ``--threads`` (:data:`THREADS`):
+    the NBD export's default, so dmuserd runs as a user gets it and the
+    anchors with as many threads contending for their GIL.
 
 How
     For each server: start it, prefill the first 256 MiB (sequential 1 MiB
@@ -74,6 +76,7 @@ import time
 from pathlib import Path
 
 from bench.run import Skip
+from dmuserd.daemon.nbd import DEFAULT_THREADS
 from bench.servers import (
     READ_JOBS,
     ServerProcess,
@@ -91,7 +94,7 @@ REPO = Path(__file__).resolve().parents[2]
 ANCHOR = REPO / "bench" / "anchors" / "nbdkit_trivial_memory.py"
 DEVICE_SIZE = 1 << 30
 REGION = 256 << 20
-THREADS = 32
+THREADS = DEFAULT_THREADS
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -330,7 +333,7 @@ def run(quick: bool) -> dict:
             compared["ratios"][f"sparse_{kind}_vs_written"] = round(compared["anchors"][f"dmuserd_sparse_{figure}"]
                                                                     / written, 3)
     if responder is not None:
-        # A floor for 1 MiB reads only: with 4 KiB ones, answers that come back at once make nbdkit's 32
+        # A floor for 1 MiB reads only: with 4 KiB ones, answers that come back at once make nbdkit's
         # threads fight over its GIL (nbdkit's CPU per request doubles), so its IOPS bound nothing.
         del compared["ratios"]["iops_vs_plugin_hop_floor"]
         floor, python = (compared["anchors"][f"{name}_1m_seqread_mb_s"] for name in ("plugin_hop_floor", "nbdkit_python"))

@@ -30,12 +30,12 @@ def test_addresses():
 
 
 def test_options():
-    export = parse_export("nbd:/tmp/d.sock,timeout=1.5,threads=8,on-stop=stop")
+    export = parse_export("nbd:/tmp/d.sock,timeout=1.5,threads=16,on-stop=stop")
     got = settings_for(_Target(), export)
-    assert (got.timeout, got.threads, got.size, got.block_size) == (1.5, 8, 1 << 20, 4096)
+    assert (got.timeout, got.threads, got.size, got.block_size) == (1.5, 16, 1 << 20, 4096)
     assert got.caps == "discard,flush,read,write,write_zeroes"
     default = settings_for(_Target(), parse_export("nbd:/tmp/d.sock"))
-    assert (default.timeout, default.threads) == (4.0, 32)  # dm-user's default daemon timeout
+    assert (default.timeout, default.threads) == (4.0, 8)  # dm-user's default daemon timeout; nbd.DEFAULT_THREADS
     for bad, word in (("timeout=-1", "timeout"), ("timeout=x", "timeout"), ("threads=0", "threads"),
                       ("threads=1000", "threads"), ("color=red", "unknown option")):
         with pytest.raises(NbdError, match=word):

@@ -1,0 +1,100 @@
+"""The NBD plugin's C helper (daemon/_nbd_exchange.c): one request on a channel in one GIL release.
+
+Loaded by path as the plugin loads it (in nbdkit's Python, without the
+dmuserd package), against a socket pair whose other end plays the daemon:
+the frame goes out whole, the answer header comes back whole even in
+pieces, a READ's data is copied from the slot only when the answer is
+SUCCESS, and a daemon that closes the channel is an OSError (ECONNRESET)
+so the plugin re-sends the request.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.machinery
+import importlib.util
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+DAEMON = Path(__file__).resolve().parents[2] / "daemon"
+HEADER = struct.Struct("<5Q")
+
+
+def _load():
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = DAEMON / ("_nbd_exchange" + suffix)
+        if path.exists():
+            loader = importlib.machinery.ExtensionFileLoader("_nbd_exchange", str(path))
+            module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_nbd_exchange", loader))
+            loader.exec_module(module)
+            return module.exchange
+    pytest.skip("daemon/_nbd_exchange is not built (an optional extension: no C compiler at install time)")
+
+
+@pytest.fixture
+def exchange():
+    return _load()
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_read_answered_success_copies_the_slot(exchange, pair):
+    plugin, daemon = pair
+    frame = HEADER.pack(5, 0, 0, 8, 4096) + struct.pack("<Q", 3)
+    slot, into = bytes(range(256)) * 16, bytearray(4096)
+    answer = bytearray(40)
+
+    def serve():
+        assert daemon.recv(len(frame), socket.MSG_WAITALL) == frame
+        reply = HEADER.pack(5, 0, 0, 8, 4096)
+        daemon.send(reply[:13])  # the header in two pieces
+        daemon.send(reply[13:])
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    assert exchange(plugin.fileno(), frame, answer, memoryview(slot), into) == (5, 0)
+    thread.join()
+    assert into == slot and answer == HEADER.pack(5, 0, 0, 8, 4096)
+
+
+def test_an_error_answer_leaves_the_destination_alone(exchange, pair):
+    plugin, daemon = pair
+    daemon.send(HEADER.pack(6, 1, 0, 0, 4096))  # ERROR
+    into = bytearray(b"\xaa" * 4096)
+    assert exchange(plugin.fileno(), b"x" * 48, bytearray(40), bytes(4096), into) == (6, 1)
+    assert into == b"\xaa" * 4096
+
+
+def test_a_request_without_data_and_a_closed_channel(exchange, pair):
+    plugin, daemon = pair
+    daemon.send(HEADER.pack(7, 0, 0, 0, 0))
+    assert exchange(plugin.fileno(), b"f" * 48, bytearray(40), None, None) == (7, 0)
+    assert daemon.recv(48) == b"f" * 48
+    daemon.send(HEADER.pack(8, 0, 0, 0, 0)[:20])  # half a header, then the daemon is gone
+    daemon.close()
+    with pytest.raises(OSError) as info:
+        exchange(plugin.fileno(), b"f" * 48, bytearray(40), None, None)
+    assert info.value.errno in (errno.ECONNRESET, errno.EPIPE)
+
+
+def test_bad_buffers_are_refused_before_any_io(exchange, pair):
+    plugin, daemon = pair
+    with pytest.raises(ValueError, match="header"):
+        exchange(plugin.fileno(), b"x" * 48, bytearray(39), None, None)
+    with pytest.raises(ValueError, match="length"):
+        exchange(plugin.fileno(), b"x" * 48, bytearray(40), bytes(4096), bytearray(512))
+    with pytest.raises(TypeError):
+        exchange(plugin.fileno(), b"x" * 48, bytes(40), None, None)  # a read-only answer buffer
+    daemon.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        daemon.recv(1)  # nothing was sent
