@@ -87,6 +87,10 @@ READ_SPAN = 8 << 20
 #: next to the window's: the process's peak RSS stays that of the window)
 XOR_PIECE = 32
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+try:  # the optional extension: a step's scattered writes and reads in one GIL release (MergeIO.*_runs)
+    from dmuserd.snapshot import _merge_io as _NATIVE
+except ImportError:
+    _NATIVE = None
 _COPY, _XOR, _REPLACE, _ZERO = int(OpType.COPY), int(OpType.XOR), int(OpType.REPLACE), int(OpType.ZERO)
 _ORDERED = frozenset((_COPY, _XOR))
 _XOR_BYTE = bytes([_XOR])
@@ -154,6 +158,33 @@ class MergeIO:
 
     def pwrite(self, which: str, data, offset: int) -> None:
         self.pwritev(which, [memoryview(data)], offset)
+
+    def pwritev_runs(self, which: str, runs: list[tuple[int, list[memoryview]]]) -> None:
+        """Write each ``(offset, views)`` run: a step's scattered pieces of one file.
+
+        One call of the ``_merge_io`` extension (one GIL release for the
+        whole list: the writes are the merge's chain, and a thread taking the
+        GIL back after every small write waits for the thread preparing the
+        next step) where it is built and ``pwritev`` is this class's own;
+        otherwise ``pwritev`` run by run, so a subclass (a test's storage, a
+        partition mapped onto extents) sees every run."""
+        if _NATIVE is not None and type(self).pwritev is MergeIO.pwritev:
+            _NATIVE.pwritev_runs(self.fds[which], runs)
+            return
+        for offset, views in runs:
+            self.pwritev(which, views, offset)
+
+    def preadv_runs(self, which: str, runs: list[tuple[int, list[memoryview]]]) -> None:
+        """Fill each ``(offset, views)`` run, as :meth:`pwritev_runs` writes
+        them (a run the file ends in is read again by :meth:`preadv`, which
+        says where the file is short)."""
+        if _NATIVE is not None and type(self).preadv is MergeIO.preadv:
+            short = _NATIVE.preadv_runs(self.fds[which], runs)
+            if short < 0:
+                return
+            runs = runs[short:]
+        for offset, views in runs:
+            self.preadv(which, views, offset)
 
     def pwritev(self, which: str, views: list[memoryview], offset: int) -> None:
         """Write ``views`` back to back from ``offset`` on."""
@@ -438,13 +469,14 @@ class MergeEngine:
         offsets = [s if k == _XOR else s * bs for k, s in zip(kinds, map(t.source.__getitem__, rows))]
         data = view = self._buffer(0, n * bs)
         # the base bytes (a Copy's data, what an Xor applies to): one read per run of consecutive sources
-        k = 0
+        k, reads = 0, []
         while k < n:
             j, at = k + 1, offsets[k] + bs
             while j < n and offsets[j] == at:
                 j, at = j + 1, at + bs
-            io.preadv("base", [view[k * bs : j * bs]], offsets[k])
+            reads.append((offsets[k], [view[k * bs : j * bs]]))
             k = j
+        io.preadv_runs("base", reads)
         if _XOR_BYTE in kinds:
             k = kinds.find(_XOR_BYTE)
             while k >= 0:
@@ -590,8 +622,7 @@ class MergeEngine:
         def write():
             if before is not None:
                 before()
-            for offset, iov in views(data):
-                self.io.pwritev("base", iov, offset)
+            self.io.pwritev_runs("base", views(data))
 
         verified = trio.Event()
         if commit:
@@ -607,8 +638,7 @@ class MergeEngine:
         back = self._buffer(1, len(data))
 
         def read_back():
-            for offset, iov in views(back):
-                self.io.preadv("base", iov, offset)
+            self.io.preadv_runs("base", views(back))
 
         await trio.to_thread.run_sync(read_back)
         where = await self.mover.compare(data, back)

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from merge_testlib import merge_progress, torture_cow
-from dmuserd.snapshot.merge import MergeIO, MergeVerifyError, merge_cow
+from dmuserd.snapshot.merge import MergeIO, MergeResumeError, MergeVerifyError, merge_cow
 
 
 class TracingIO(MergeIO):
@@ -133,3 +133,52 @@ async def test_commit_error_comes_out_as_itself(tmp_path, fail_at):
     assert merge_progress(cow)[0] < t["total_ops"]
     await merge_cow(base, cow, offload="cpu")
     assert base.read_bytes() == t["target_bytes"]
+
+
+class PythonRunsIO(MergeIO):
+    """MergeIO through its Python calls (``preadv``/``pwritev`` overridden as
+    themselves: the ``*_runs`` methods then go run by run, not to the extension)."""
+
+    def preadv(self, which, views, offset):
+        super().preadv(which, views, offset)
+
+    def pwritev(self, which, views, offset):
+        super().pwritev(which, views, offset)
+
+
+def test_runs_in_one_call_match_the_python_calls(tmp_path):
+    """The extension's pwritev_runs/preadv_runs do what MergeIO's Python calls
+    do: scattered runs of several views each, a run past IOV_MAX views, and a
+    read that the end of the file cuts short, named the same way."""
+    _merge_engine = pytest.importorskip("dmuserd.snapshot._merge_engine")
+    if _merge_engine._NATIVE is None:
+        pytest.skip("the optional _merge_io extension is not built (no C compiler at install)")
+    import os
+    import random
+
+    rng = random.Random(4)
+    size = 1 << 20
+    runs_data = []
+    for slot in rng.sample(range(15), 12):  # runs that do not overlap (slot 15 takes the long run)
+        offset = slot * 65536 + rng.randrange(0, 4096)
+        pieces = [rng.randbytes(rng.randrange(1, 3000)) for _ in range(rng.randrange(1, 6))]
+        runs_data.append((offset, pieces))
+    many = [bytes([i % 251]) * 3 for i in range(2500)]  # more views than IOV_MAX (1024)
+    runs_data.append((size - 8192, many))
+    images = []
+    for cls in (MergeIO, PythonRunsIO):
+        path = tmp_path / f"{cls.__name__}.img"
+        path.write_bytes(bytes(size))
+        fd = os.open(path, os.O_RDWR)
+        try:
+            io = cls(fd, -1)
+            io.pwritev_runs("base", [(o, [memoryview(p) for p in ps]) for o, ps in runs_data])
+            backs = [(o, [memoryview(bytearray(len(p))) for p in ps]) for o, ps in runs_data]
+            io.preadv_runs("base", backs)
+            assert [[bytes(v) for v in vs] for _, vs in backs] == [ps for _, ps in runs_data]
+            with pytest.raises(MergeResumeError, match=r"the base file ends at 1048576, a read of 4096 bytes at 1046528"):
+                io.preadv_runs("base", [(0, [memoryview(bytearray(10))]), (size - 2048, [memoryview(bytearray(4096))])])
+        finally:
+            os.close(fd)
+        images.append(path.read_bytes())
+    assert images[0] == images[1]
