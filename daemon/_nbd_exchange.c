@@ -4,19 +4,22 @@
  * worker thread per request. Waiting for the daemon's answer must release
  * the GIL, and every time a thread takes it back while nbdkit's other
  * threads want it too costs futex calls and a context switch. This call
- * does the whole exchange in one release: send the request frame (header
- * and slot word), receive the 40-byte answer header, and copy a successful
- * READ's data from its shared slot into nbdkit's buffer. The plugin loads
+ * does the whole exchange in one release: copy a WRITE's data into its
+ * shared slot, send the request frame (header and slot word), receive the
+ * 40-byte answer header, and copy a successful READ's data from its slot
+ * into nbdkit's buffer. The plugin loads
  * it by path (it does not import the dmuserd package: nbdkit's Python is
  * Debian's, not the daemon's virtualenv), and uses its Python code for the
  * same steps where this module was not built.
  *
- *     exchange(fd, frame, answer, src, dst) -> (seq, type)
+ *     exchange(fd, frame, answer, src, dst, write=False) -> (seq, type)
  *
  * fd: the channel socket (blocking); frame: the bytes to send; answer: a
- * writable buffer of at least 40 bytes for the answer header; src, dst:
- * for a READ, the slot's bytes and nbdkit's buffer (same length), copied
- * when the answer is SUCCESS; None otherwise. Raises OSError (ECONNRESET
+ * writable buffer of at least 40 bytes for the answer header; src, dst (of
+ * the same length): for a READ, the slot and nbdkit's buffer, copied when
+ * the answer is SUCCESS; with write true, nbdkit's buffer and the slot,
+ * copied before the frame is sent; None and None for a request without
+ * data in a slot. Raises OSError (ECONNRESET
  * when the daemon closed the channel): the plugin then re-sends the
  * request to the next daemon.
  */
@@ -31,9 +34,11 @@
 #define SUCCESS 0
 
 static int exchange_io(int fd, const char *frame, size_t frame_len, char *answer,
-                       const char *src, char *dst, size_t len)
+                       const char *src, char *dst, size_t len, int write)
 {
     size_t done = 0;
+    if (write)
+        memcpy(dst, src, len);
     while (done < frame_len) {
         ssize_t n = send(fd, frame + done, frame_len - done, MSG_NOSIGNAL);
         if (n < 0) {
@@ -55,7 +60,7 @@ static int exchange_io(int fd, const char *frame, size_t frame_len, char *answer
         }
         done += (size_t)n;
     }
-    if (dst != NULL) {
+    if (dst != NULL && !write) {
         uint64_t type;
         memcpy(&type, answer + 8, sizeof type);  /* little-endian, as the wire and this host */
         if (type == SUCCESS)
@@ -66,12 +71,12 @@ static int exchange_io(int fd, const char *frame, size_t frame_len, char *answer
 
 static PyObject *exchange(PyObject *self, PyObject *args)
 {
-    int fd;
+    int fd, write = 0;
     Py_buffer frame, answer, src = {0}, dst = {0};
     PyObject *src_obj, *dst_obj, *result = NULL;
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "iy*w*OO", &fd, &frame, &answer, &src_obj, &dst_obj))
+    if (!PyArg_ParseTuple(args, "iy*w*OO|p", &fd, &frame, &answer, &src_obj, &dst_obj, &write))
         return NULL;
     if (answer.len < HEADER_SIZE) {
         PyErr_SetString(PyExc_ValueError, "the answer buffer holds less than a header");
@@ -89,7 +94,7 @@ static PyObject *exchange(PyObject *self, PyObject *args)
     }
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = exchange_io(fd, frame.buf, (size_t)frame.len, answer.buf, src.buf, dst.buf, (size_t)dst.len);
+    err = exchange_io(fd, frame.buf, (size_t)frame.len, answer.buf, src.buf, dst.buf, (size_t)dst.len, write);
     Py_END_ALLOW_THREADS
     if (err) {
         errno = err;
@@ -112,7 +117,7 @@ out:
 
 static PyMethodDef methods[] = {
     {"exchange", exchange, METH_VARARGS,
-     "exchange(fd, frame, answer, src, dst) -> (seq, type): one request and its answer without the GIL"},
+     "exchange(fd, frame, answer, src, dst, write=False) -> (seq, type): one request and its answer without the GIL"},
     {NULL, NULL, 0, NULL},
 };
 

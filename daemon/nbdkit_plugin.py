@@ -40,8 +40,8 @@ once per request to wait for the answer; taking it back while nbdkit's
 other threads want it too is what a request costs here beyond the python
 plugin's (futex calls, a context switch). So the wait releases it once for
 everything that needs no Python: the C helper ``daemon/_nbd_exchange.c``
-sends the frame, receives the answer header and copies a READ's data out
-of its slot in one call (:func:`_load_exchange`; the same steps in Python
+copies a WRITE's data into its slot, sends the frame, receives the answer
+header and copies a READ's data out of its slot in one call (:func:`_load_exchange`; the same steps in Python
 where it is not built), and the daemon starts nbdkit with few threads
 (``threads=``, default 8 in :mod:`dmuserd.daemon.nbd`), fewer contenders.
 
@@ -335,8 +335,9 @@ _pack_slot_into = _SLOT.pack_into
 def _load_exchange():
     """``exchange`` of the C helper ``daemon/_nbd_exchange`` built for this Python, or None.
 
-    One call sends a slotted channel's request frame, waits for the answer
-    and copies a READ's data out of its slot with the GIL released once
+    One call copies a WRITE's data into its slot, sends a channel's request
+    frame, waits for the answer and copies a READ's data out of its slot
+    with the GIL released once
     (see its source for why that matters here). Loaded by path: this file
     does not import the daemon's package. Without it (not built, another
     Python), :func:`_exchange` does the same steps in Python.
@@ -600,12 +601,12 @@ def _exchange(chan, seq, kind, flags, sector, length, payload, into):
         if slot != _NO_SLOT:
             view = pool.views[slot]
             try:
+                if _c_exchange is not None:
+                    if payload is not None:
+                        return _c_exchange(chan.fd, chan.fview, chan.hview, payload, view[:length], True)
+                    return _c_exchange(chan.fd, chan.fview, chan.hview, view[:length], into)
                 if payload is not None:
                     view[:length] = payload
-                if _c_exchange is not None:
-                    if into is None:
-                        return _c_exchange(chan.fd, chan.fview, chan.hview, None, None)
-                    return _c_exchange(chan.fd, chan.fview, chan.hview, view[:length], into)
                 _send_header(chan)
                 answer = _receive(chan, None)
                 if into is not None and answer[1] == _SUCCESS:

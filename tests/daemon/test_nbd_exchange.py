@@ -3,8 +3,8 @@
 Loaded by path as the plugin loads it (in nbdkit's Python, without the
 dmuserd package), against a socket pair whose other end plays the daemon:
 the frame goes out whole, the answer header comes back whole even in
-pieces, a READ's data is copied from the slot only when the answer is
-SUCCESS, and a daemon that closes the channel is an OSError (ECONNRESET)
+pieces, a WRITE's data is in its slot before the frame goes out, a READ's
+data is copied from the slot only when the answer is SUCCESS, and a daemon that closes the channel is an OSError (ECONNRESET)
 so the plugin re-sends the request.
 """
 
@@ -65,6 +65,24 @@ def test_a_read_answered_success_copies_the_slot(exchange, pair):
     assert exchange(plugin.fileno(), frame, answer, memoryview(slot), into) == (5, 0)
     thread.join()
     assert into == slot and answer == HEADER.pack(5, 0, 0, 8, 4096)
+
+
+def test_a_write_copies_into_the_slot_before_the_frame_goes_out(exchange, pair):
+    plugin, daemon = pair
+    slot = bytearray(8192)
+    data = bytes(range(256)) * 16
+    seen = []
+
+    def serve():
+        seen.append(daemon.recv(48, socket.MSG_WAITALL))
+        seen.append(bytes(slot[:4096]))  # what the daemon finds in the slot once the frame is there
+        daemon.send(HEADER.pack(9, 0, 0, 0, 4096))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    assert exchange(plugin.fileno(), b"w" * 48, bytearray(40), memoryview(data), memoryview(slot)[:4096], True) == (9, 0)
+    thread.join()
+    assert seen == [b"w" * 48, data] and slot[4096:] == bytes(4096)
 
 
 def test_an_error_answer_leaves_the_destination_alone(exchange, pair):
