@@ -5,7 +5,8 @@ dmuserd package), against a socket pair whose other end plays the daemon:
 the frame goes out whole, the answer header comes back whole even in
 pieces, a WRITE's data is in its slot before the frame goes out, a READ's
 data is copied from the slot only when the answer is SUCCESS, and a daemon that closes the channel is an OSError (ECONNRESET)
-so the plugin re-sends the request.
+so the plugin re-sends the request. With real nbdkit: the daemon's nbdkit
+maps the helper, and a plugin in a tree without it does the same in Python.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from __future__ import annotations
 import errno
 import importlib.machinery
 import importlib.util
+import shutil
 import socket
 import struct
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
+
+from nbd_harness import NbdSession, need_nbd_tools, qemu_io
 
 DAEMON = Path(__file__).resolve().parents[2] / "daemon"
 HEADER = struct.Struct("<5Q")
@@ -38,6 +44,16 @@ def _load():
 @pytest.fixture
 def exchange():
     return _load()
+
+
+@pytest.fixture
+def session(tmp_path):
+    """A daemon serving an NBD export (and its nbdkit), stopped afterwards."""
+    need_nbd_tools()
+    (tmp_path / "export").mkdir()
+    session = NbdSession(tmp_path / "export")
+    yield session
+    session.cleanup()
 
 
 @pytest.fixture
@@ -116,3 +132,44 @@ def test_bad_buffers_are_refused_before_any_io(exchange, pair):
     daemon.setblocking(False)
     with pytest.raises(BlockingIOError):
         daemon.recv(1)  # nothing was sent
+
+
+def _maps(pid: int, name: str) -> bool:
+    return name in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_plugin_uses_the_helper_and_does_the_same_in_python_without_it(session, tmp_path):
+    """The daemon's nbdkit maps the helper; a second nbdkit, its plugin copied into a tree where the
+    helper was never built, serves the same slotted channels in Python: both see each other's data,
+    through the pool (it maps the daemon's pool), slot-sized and in between, READ and WRITE."""
+    need_nbd_tools("qemu-io")
+    _load()  # skips where the helper was not built: nothing to compare with
+    session.start("memory:size=64M")
+    assert _maps(session.nbdkit_pid(), "_nbd_exchange")
+    tree = tmp_path / "dmuserd"
+    for name in ("__init__.py", "errors.py"):
+        shutil.copy(DAEMON.parent / name, _mkdir(tree) / name)
+    shutil.copytree(DAEMON.parent / "protocol", tree / "protocol", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(DAEMON / "nbdkit_plugin.py", _mkdir(tree / "daemon") / "nbdkit_plugin.py")
+    state, nbd = session.state_dir, tmp_path / "python.sock"
+    nbdkit = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(nbd), "python", str(tree / "daemon/nbdkit_plugin.py"),
+                               f"channel={state / 'ch.sock'}", f"shm={state / 'shm.sock'}", f"size={64 << 20}",
+                               "caps=read,write,flush"], stderr=subprocess.PIPE, text=True)
+    try:
+        while not nbd.exists():
+            assert nbdkit.poll() is None, nbdkit.stderr.read()
+            time.sleep(0.02)
+        python = f"nbd+unix:///?socket={nbd}"
+        qemu_io(python, "write -P 0x51 0 1M", "write -P 0x52 1M 4k", "write -P 0x53 2M 128k")
+        qemu_io(session.uri, "read -P 0x51 0 1M", "read -P 0x52 1M 4k", "read -P 0x53 2M 128k",
+                "write -P 0x54 4M 1M", "write -P 0x55 5M 64k")
+        qemu_io(python, "read -P 0x54 4M 1M", "read -P 0x55 5M 64k", "read -P 0x51 0 1M")
+        assert not _maps(nbdkit.pid, "_nbd_exchange") and _maps(nbdkit.pid, "dmuserd-nbd-pool")
+    finally:
+        nbdkit.kill()
+        nbdkit.wait()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
