@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 CHUNK = 64 * 1024
 _ZERO_CHUNK = bytes(CHUNK)
+_ZERO_VIEW = memoryview(_ZERO_CHUNK)
 
 
 class MemoryBackend(Backend):
@@ -59,6 +60,12 @@ class MemoryBackend(Backend):
         return [*self._views(offset, length)]
 
     async def readinto(self, offset: int, buffer: memoryview) -> None:
+        index, start = divmod(offset, CHUNK)
+        end = start + len(buffer)
+        if end <= CHUNK:  # the common case: one chunk
+            chunk = self._chunks.get(index)
+            buffer[:] = _ZERO_VIEW[: end - start] if chunk is None else memoryview(chunk)[start:end]
+            return
         pos = 0
         for piece in self._views(offset, len(buffer)):
             end = pos + len(piece)
@@ -66,9 +73,8 @@ class MemoryBackend(Backend):
             pos = end
 
     def _views(self, offset: int, length: int) -> list[memoryview]:
-        zeros = memoryview(_ZERO_CHUNK)
         return [
-            zeros[: stop - start] if (chunk := self._chunks.get(index)) is None else memoryview(chunk)[start:stop]
+            _ZERO_VIEW[: stop - start] if (chunk := self._chunks.get(index)) is None else memoryview(chunk)[start:stop]
             for index, start, stop in self._spans(offset, length)
         ]
 

@@ -160,3 +160,14 @@ async def test_a_backend_without_readinto_gets_a_copy_and_a_wrong_size_fails_tha
     assert response.type == ResponseType.ERROR and dispatcher.stats.errors == 1
     conn.send_response(response)
     assert pool.busy == 0
+
+
+@pytest.mark.parametrize("offset, length", [(0, 4096), (CHUNK - 4096, 4096), (CHUNK + 512, 8192), (3 * CHUNK, CHUNK)])
+async def test_memory_readinto_within_one_chunk_written_or_not(offset, length):
+    backend = MemoryBackend(1 << 20)
+    data = pattern(2 * CHUNK, 8)
+    await backend.write(0, data)  # chunks 0 and 1 written, 2 and up never
+    buffer = memoryview(bytearray(b"\xee" * length))
+    await backend.readinto(offset, buffer)
+    assert buffer == (data + bytes(2 * CHUNK))[offset:offset + length]
+    assert backend.allocated_bytes == 2 * CHUNK  # reading a hole allocates nothing
