@@ -72,11 +72,26 @@ _XOR, _REPLACE = int(OpType.XOR), int(OpType.REPLACE)
 #: the first op of a run whose type is not copy, replace, zero or xor (v2: see ``_plain_v2``)
 _IS_COPY = bytes(int(t == int(OpType.COPY)) for t in range(256))  # op type -> 1 for copy (bytes.translate)
 _IS_XOR = bytes(int(t == _XOR) for t in range(256))
+#: compression value -> 1 when known (for the C bulk path)
+_VALID_COMPRESSION = bytes(int(c in _COMPRESSIONS) for c in range(256))
+try:  # the optional extension: a run of plain v2 records to columns in C (CowReader._plain_v2)
+    from dmuserd.snapshot import _cow_native as _NATIVE
+except ImportError:
+    _NATIVE = None
+if array("I").itemsize != 4 or array("Q").itemsize != 8 or array("q").itemsize != 8:
+    _NATIVE = None  # it returns u32/u64/i64 columns
 _NOT_PLAIN = re.compile(b"[^" + bytes([int(OpType.COPY), int(OpType.REPLACE), int(OpType.ZERO), _XOR]) + b"]")
 
 
 def _field(name: str) -> int:
     return HEADER_FIELD_OFFSET[name]
+
+
+def _column(typecode: str, raw: bytes) -> array:
+    """An array of ``typecode`` holding ``raw`` (native order)."""
+    column = array(typecode)
+    column.frombytes(raw)
+    return column
 
 
 class CowReader:
@@ -560,7 +575,19 @@ class CowReader:
         all copy/replace/zero/xor) to the table in bulk: columns, not an op at
         a time. Returns the data stream position after them and the file's
         compression, or None, adding nothing, when one of them breaks a rule
-        (the per-op path then reads them and names it)."""
+        (the per-op path then reads them and names it). In C where the
+        ``_cow_native`` extension is built (the same rules, one pass)."""
+        if _NATIVE is not None:
+            out = _NATIVE.plain_v2(buf, count, data_pos, self.data_start, self.file_size,
+                                   -1 if compression is None else compression, _VALID_COMPRESSION, _XOR, _REPLACE,
+                                   SOURCE_MASK)
+            if out is None:
+                return None
+            columns = [_column(code, raw) for code, raw in zip("BBIQQq", out[:6])]
+            self.table.extend(columns[0], columns[3], columns[4], columns[2], columns[1],
+                              array("Q", range(pos, pos + count * OP_SIZE_V2, OP_SIZE_V2)), columns[5],
+                              array("B", bytes(count)))
+            return out[6], out[7]
         types, comps, lengths, new_blocks, sources = zip(*OP_V2.iter_unpack(buf[: count * OP_SIZE_V2]))
         used = set(comps)
         used.discard(0)
