@@ -3,13 +3,14 @@
 These are the CPU engine, the fallback when the device cannot do a piece of
 work, and the reference the device results are tested against. They need
 no extension: copies are memoryview slice assignments (memcpy), CRCs come
-from the ``crc32c`` package, comparisons use bytearray equality (memcmp)
+from the ``crc32c`` package (the extension's where it is built), comparisons use bytearray equality (memcmp)
 chunk by chunk. Where the extension is built, large copies and every
 comparison go through it instead (no GIL, and no copy to compare).
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from dmuserd.dsa_offload._errors import DeltaRecordError, DsaArgumentError
@@ -85,13 +86,21 @@ def pattern_difference(buf: memoryview, pattern: bytes) -> int | None:
 def crc32c(buf: memoryview, seed: int = 0) -> int:
     """CRC-32C with the crc32c package's (and DSA's) seed convention.
 
-    The package is imported on first use, not with this module: its import
-    reads its own version through ``importlib.metadata`` (~10 ms), which a
-    command that computes no CRC (most merges that resume nothing, every
-    ``--help``) should not pay."""
-    import crc32c as _crc32c
+    The DSA extension's CRC (SSE4.2 where the CPU has it) when it is built;
+    else the crc32c package, imported on first use: its import reads its
+    own version through ``importlib.metadata`` (10-40 ms, the first CRC of
+    a merge paid it), which no command should pay for one checksum."""
+    return _crc32c_impl()(buf, seed)
 
-    return _crc32c.crc32c(buf, seed)
+
+@functools.cache
+def _crc32c_impl():
+    ext = extension()
+    if ext is not None:
+        return ext.crc32c
+    from crc32c import crc32c as package
+
+    return package
 
 
 def rotate(pattern: bytes, phase: int) -> bytes:
