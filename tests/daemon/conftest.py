@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from daemon_harness import ServedDaemon, need_root_tools
+from nbd_harness import nbd_session  # noqa: F401 - the NBD tests' fixture, found here by pytest
 
 
 @pytest.fixture

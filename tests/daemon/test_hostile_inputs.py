@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_harness import nbd_session, qemu_io, read_answer  # noqa: F401 - nbd_session is a fixture
+from nbd_harness import qemu_io, read_answer
 
 from dmuserd.daemon import control
 from dmuserd.protocol import HEADER_SIZE, RequestType, ResponseType

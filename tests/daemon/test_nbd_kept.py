@@ -20,7 +20,7 @@ from daemon_harness import DMUSERD, run
 from dmuserd.backends.memory import MemoryBackend
 from dmuserd.daemon.config import parse_export
 from dmuserd.daemon.nbd import DEFAULT_IDLE_EXIT, NbdError, _nbdkit_command, settings_for
-from nbd_harness import NbdSession, nbd_session, nbdkit_alive, need_nbd_tools  # noqa: F401 - nbd_session is a fixture
+from nbd_harness import NbdSession, nbdkit_alive, need_nbd_tools
 
 
 @pytest.fixture

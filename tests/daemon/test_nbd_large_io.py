@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from nbd_harness import nbd_session, need_nbd_tools, qemu_io  # noqa: F401 - nbd_session is a fixture
+from nbd_harness import need_nbd_tools, qemu_io
 
 MAX_REQUEST = 32 << 20
 

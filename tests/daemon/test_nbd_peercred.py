@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from nbd_harness import nbd_session, qemu_io  # noqa: F401 - nbd_session is a fixture
+from nbd_harness import qemu_io
 
 NOBODY = 65534
 PYTHON = "/usr/bin/python3"

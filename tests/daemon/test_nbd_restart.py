@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from nbd_harness import nbd_session, nbdkit_alive, need_nbd_tools, qemu_io  # noqa: F401 - nbd_session is a fixture
+from nbd_harness import nbdkit_alive, need_nbd_tools, qemu_io
 
 #: The daemon timeout of the restart tests: dm-user's 4 s would do, but a
 #: daemon's start on a loaded CI machine can take seconds, and what is tested

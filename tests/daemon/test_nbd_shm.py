@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nbd_harness import fio_nbd, nbd_session, need_nbd_tools, qemu_io, read_answer  # noqa: F401 - nbd_session is a fixture
+from nbd_harness import fio_nbd, need_nbd_tools, qemu_io, read_answer
 
 from dmuserd.daemon.nbd_shm import SLOT_SIZE, SLOTS
 from dmuserd.protocol import HEADER_SIZE, RequestType, ResponseType
