@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import DMUSERD, daemon_status, run, terminate
+from daemon_harness import DMUSERD, daemon_status, terminate
 
 
 def need_nbd_tools(*tools: str) -> None:

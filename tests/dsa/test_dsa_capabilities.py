@@ -12,7 +12,7 @@ import random
 import crc32c
 import pytest
 
-from dmuserd.dsa_offload import Flag, GenCap, Opcode, _discovery, discover, open_mover
+from dmuserd.dsa_offload import Flag, GenCap, Opcode, _discovery, discover
 from dmuserd.dsa_offload._caps import Capabilities
 from dmuserd.dsa_offload._device import Device
 from dmuserd.dsa_offload._mover import Mover

@@ -255,7 +255,6 @@ def test_super_inspect_and_extract_commands(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def fuzz_base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lp") / "super.img"
     b = SuperBuilder(size=2 << 20, slots=2, max_size=4096, alignment=4096)
     b.add_group("g", 1 << 20)
     b.add_partition("system_a", bytes(range(256)) * 32, group=1, pieces=2, zero_sectors=2)

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmuserd.images import ImageError, RawImage, open_image
-from dmuserd.images.sparse import (CHUNK, CRC32, DONT_CARE, FILL, HEADER, MAGIC, RAW, SparseFormatError, SparseImage,
+from dmuserd.images import RawImage, open_image
+from dmuserd.images.sparse import (CRC32, DONT_CARE, FILL, MAGIC, RAW, SparseFormatError, SparseImage,
                                    unsparse, write_sparse)
 
 BS = 4096

@@ -435,7 +435,7 @@ def test_close_fails_partly_read_message(target):
 
 
 def test_close_fails_partly_written_response(target):
-    keeper, chan = target.open_channel(), target.open_channel()
+    _keeper, chan = target.open_channel(), target.open_channel()  # the keeper: a channel stays open
     bio = target.submit(read_bio(length=1024), now=0)
     read_message(chan)
     chan.write(ok(0, pattern(1024))[:600])
@@ -444,7 +444,7 @@ def test_close_fails_partly_written_response(target):
 
 
 def test_close_fails_message_whose_response_header_is_partly_written(target):
-    keeper, chan = target.open_channel(), target.open_channel()
+    _keeper, chan = target.open_channel(), target.open_channel()  # the keeper: a channel stays open
     bio = target.submit(Bio(FLUSH, 0, 0), now=0)
     read_message(chan)
     chan.write(ok(0)[:20])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bz2
 import hashlib
 import lzma
-import os
 import struct
 from pathlib import Path
 

@@ -23,7 +23,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import os
 import random
 import subprocess
 import sys

@@ -34,7 +34,6 @@ from hypothesis import strategies as st
 from dmuserd.snapshot import _zucchini_refs
 from dmuserd.snapshot._payload_data import DataError
 from dmuserd.snapshot._zucchini import (
-    EXE_DEX,
     EXE_ELF_AARCH32,
     EXE_ELF_AARCH64,
     EXE_ELF_X64,
