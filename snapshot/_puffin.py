@@ -606,7 +606,8 @@ def _py_huff_deflate(puff: bytes, out: bytearray, start_bit: int, bit_length: in
 
         def put_symbol(enc: _Encoder, sym: int, what: str) -> None:
             if sym >= len(enc.lens) or not enc.lens[sym]:
-                raise ValueError(f"puff {what} symbol {sym} before byte {i} has no code in its block")
+                # i late-bound on purpose: where the reading has got to when the error is raised
+                raise ValueError(f"puff {what} symbol {sym} before byte {i} has no code in its block")  # noqa: B023
             w.put(enc.lens[sym], enc.codes[sym])
 
         while True:

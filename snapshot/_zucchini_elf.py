@@ -217,7 +217,7 @@ class ElfImage:
             offset_bound = max(offset_bound, end)
         units = []
         judgements = []
-        for i, (_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, _link, _info, _align, entsize) in \
+        for i, (_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, _link, _info, _align, _entsize) in \
                 enumerate(sections):
             judgement = self._judge(size, sh_type, sh_flags, sh_addr, sh_offset, sh_size)
             if not judgement & _SAFE:

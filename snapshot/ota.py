@@ -528,7 +528,7 @@ class _PartitionConverter:
         bs = self.bs
         source_copy: dict[int, int] = {}
         diff_blocks: set[int] = set()
-        for i, op in enumerate(self.part.operations):
+        for op in self.part.operations:
             if op.type == OpType.SOURCE_COPY:
                 srcs = (e.start_block + k for e in op.src_extents for k in range(e.num_blocks))
                 dsts = (e.start_block + k for e in op.dst_extents for k in range(e.num_blocks))

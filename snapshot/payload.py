@@ -302,7 +302,7 @@ def _check_partition(part, bs: int, data_size: int) -> None:
             raise PayloadFormatError(ow, "extent", f"{op_type.name} reads no source, yet has src_extents")
         written.extend((e.start_block, e.start_block + e.num_blocks, i) for e in op.dst_extents)
     written.sort()
-    for (s1, e1, i1), (s2, _e2, i2) in zip(written, written[1:]):
+    for (_s1, e1, i1), (s2, _e2, i2) in zip(written, written[1:]):
         if s2 < e1:
             first, second = sorted((i1, i2))
             raise PayloadFormatError(op_where(name, second), "block-written-twice",

@@ -141,7 +141,7 @@ extent = st.tuples(st.integers(0, 40), st.integers(0, 12))
 @st.composite
 def manifests(draw):
     m = proto.DeltaArchiveManifest(block_size=draw(st.sampled_from([4096, 512, 4095, 0, 65536])))
-    for p in range(draw(st.integers(0, 3))):
+    for _ in range(draw(st.integers(0, 3))):
         part = m.partitions.add(partition_name=draw(st.sampled_from(["system", "vendor", "a/b", "", ".x"])))
         if draw(st.booleans()):
             part.new_partition_info.size = draw(st.integers(0, 48 * 4096))
