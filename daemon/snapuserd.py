@@ -63,11 +63,15 @@ import stat
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
 from dmuserd.snapshot.merge_control import MergeState
+
+if TYPE_CHECKING:
+    from dmuserd.snapshot.backend import SnapshotBackend
 
 log = structlog.get_logger("dmuserd.snapuserd")
 
@@ -109,7 +113,7 @@ class Handler:
     cow: str
     backing: str
     base_merge: str
-    backend: object
+    backend: SnapshotBackend
     #: the snapshot backend's options (``base_merge`` among them when it is a device of its own)
     options: dict = field(default_factory=dict)
     started: bool = False
@@ -268,7 +272,7 @@ async def _init(daemon, state: SnapuserdState, misc: str, cow: str, backing: str
         options = {"base": backing, "cow": cow}
         if base_merge and not _same_storage(backing, base_merge):
             options["base_merge"] = base_merge  # Android's <p>-base next to <p>-src: checked to be as big
-        backend = await trio.to_thread.run_sync(create, "snapshot", options)
+        backend: SnapshotBackend = await trio.to_thread.run_sync(create, "snapshot", options)
     except (DmuserdError, OSError) as exc:
         log.error("snapuserd init failed", misc=misc, cow=cow, backing=backing, base_merge=base_merge,
                   error=str(exc))

@@ -131,7 +131,7 @@ _F = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "chromeos_update_engine"
 #: message -> [(field, number, type, repeated, message type)]; enums as int32 (wire-identical,
 #: and an unknown value stays visible instead of becoming the default)
-_SCHEMA = {
+_SCHEMA: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
     "CompressionAlgorithm": [("type", 1, _F.TYPE_INT32, False, None), ("level", 2, _F.TYPE_INT32, False, None)],
     "CompressedBlockInfo": [
         ("uncompressed_offset", 1, _F.TYPE_UINT64, False, None),

@@ -48,11 +48,15 @@ import os
 import shutil
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
 from dmuserd.snapshot.merge import MergeIO
 from dmuserd.snapshot.payload import Payload, PayloadError, PayloadHashError
+
+if TYPE_CHECKING:
+    from dmuserd.images.lp import Geometry, Metadata
 
 log = structlog.get_logger("dmuserd.ota")
 
@@ -133,9 +137,9 @@ class _Plan:
     key: str
     source_slot: int
     target_slot: int
-    geometry: object
-    source_meta: object
-    target_meta: object
+    geometry: Geometry
+    source_meta: Metadata
+    target_meta: Metadata
 
 
 def _plan(payload_path, source: str, slot, partitions) -> _Plan:
@@ -325,8 +329,8 @@ def merge_ota(payload_path, *, source, slot, output=None, cow_dir=None, partitio
         log.info("resuming an interrupted ota merge", target=work, cow_dir=cow_dir)
     elif _already_merged(final, plan):
         log.info("the update is merged already", target=final)
-        old = slot_suffix(plan.source_slot)
-        return [MergedPartition(n, n + slot_suffix(plan.target_slot), plan.source_meta.partition(n + old).size,
+        src_suffix = slot_suffix(plan.source_slot)
+        return [MergedPartition(n, n + slot_suffix(plan.target_slot), plan.source_meta.partition(n + src_suffix).size,
                                 plan.sizes[n], plan.hashes[n], 0, 0) for n in plan.names]
     else:
         if output is not None and os.path.exists(final):

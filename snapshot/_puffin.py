@@ -116,7 +116,7 @@ def _header_class() -> type:
     f = descriptor_pb2.FieldDescriptorProto
     file = descriptor_pb2.FileDescriptorProto(name="dmuserd/puffin.proto", package="puffin.metadata",
                                               syntax="proto3")
-    schema = {
+    schema: dict[str, list[tuple[str, int, int, int, str | None]]] = {
         "BitExtent": [("offset", 1, f.TYPE_UINT64, f.LABEL_OPTIONAL, None),
                       ("length", 2, f.TYPE_UINT64, f.LABEL_OPTIONAL, None)],
         "StreamInfo": [("deflates", 1, f.TYPE_MESSAGE, f.LABEL_REPEATED, "BitExtent"),
