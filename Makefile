@@ -48,8 +48,9 @@ lint: $(STAMP)
 	@mkdir -p build/mypy-path && ln -sfn "$(CURDIR)" build/mypy-path/dmuserd
 	$(VENV)/bin/mypy
 
+# Lint first: make test fails when ruff or mypy does.
 # pytest exits 5 when it collected nothing: that is a failure here.
-test: $(STAMP)
+test: $(STAMP) lint
 	@$(PY) -m pytest $(MARKS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; \
 	exit $$rc
