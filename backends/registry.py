@@ -15,34 +15,47 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from typing import TypeVar
 
 from dmuserd.backends._api import Backend, BackendError
 
 GROUP = "dmuserd.backends"
 
+T = TypeVar("T")
 
-def available() -> dict[str, str]:
-    """Registered backend names → ``module:attr``."""
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+
+def available(group: str = GROUP) -> dict[str, str]:
+    """Registered names in an entry-point group (backends by default) → ``module:attr``."""
+    return {ep.name: ep.value for ep in entry_points(group=group)}
+
+
+def registered_class(group: str, name: str, base: type[T], error: type[Exception], what: str) -> type[T]:
+    """The subclass of ``base`` registered as ``name`` in ``group``, or named ``module.path:Class``.
+
+    The one lookup of plug-in classes: backends here, exports
+    (:mod:`dmuserd.daemon.export`) through it too. Failures raise ``error``
+    saying ``what`` was asked for and, for an unknown name, the known ones.
+    """
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
+    try:
+        if found:
+            cls = found[0].load()
+        elif ":" in name:
+            module, _, attr = name.partition(":")
+            cls = getattr(importlib.import_module(module), attr)
+        else:
+            known = ", ".join(sorted(available(group))) or "none"
+            raise error(f"unknown {what} {name!r} (known: {known})")
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise error(f"{what} {name!r} could not be loaded: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise error(f"{what} {name!r} is {cls!r}, not a dmuserd {base.__name__} subclass")
+    return cls
 
 
 def backend_class(name: str) -> type[Backend]:
     """Look a backend class up by registry name or ``module.path:Class``."""
-    found = [ep for ep in entry_points(group=GROUP) if ep.name == name]
-    try:
-        if found:
-            cls = found[0].load()
-        elif ":" in name or "." in name:
-            module, _, attr = name.partition(":")
-            cls = getattr(importlib.import_module(module), attr)
-        else:
-            known = ", ".join(sorted(available())) or "none"
-            raise BackendError(f"unknown backend {name!r} (known: {known})")
-    except (ImportError, AttributeError) as exc:
-        raise BackendError(f"backend {name!r} could not be loaded: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise BackendError(f"backend {name!r} is {cls!r}, not a dmuserd Backend subclass")
-    return cls
+    return registered_class(GROUP, name, Backend, BackendError, "backend")
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:

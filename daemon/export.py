@@ -35,12 +35,11 @@ complete small export.
 from __future__ import annotations
 
 import abc
-import importlib
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
+from dmuserd.backends import registry
 from dmuserd.daemon.config import ConfigError, ExportSpec
 
 if TYPE_CHECKING:
@@ -100,26 +99,13 @@ class Export(abc.ABC):
 
 def available() -> dict[str, str]:
     """Registered export kinds → ``module:Class``."""
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    return registry.available(GROUP)
 
 
 def export_class(kind: str) -> type[Export]:
     """The class registered for ``kind``, or one named ``module.path:Class``."""
-    found = [ep for ep in entry_points(group=GROUP) if ep.name == kind]
-    try:
-        if found:
-            cls = found[0].load()
-        elif ":" in kind and "." in kind.partition(":")[0]:
-            module, _, attr = kind.partition(":")
-            cls = getattr(importlib.import_module(module), attr)
-        else:
-            known = ", ".join(sorted(available())) or "none"
-            raise ConfigError(f"unknown export kind {kind!r} (known: {known})")
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"the {kind} export could not be loaded: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Export)):
-        raise ConfigError(f"export kind {kind!r} is {cls!r}, not a dmuserd Export subclass")
-    return cls
+    # Export is abstract: mypy refuses an abstract class for type[T], though only issubclass() is done with it.
+    return registry.registered_class(GROUP, kind, Export, ConfigError, "export kind")  # type: ignore[type-abstract]
 
 
 def build(spec: ExportSpec, host: Host) -> Export:
