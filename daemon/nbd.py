@@ -197,6 +197,15 @@ def parse_where(where: str) -> tuple[str, str | tuple[str, int]]:
     return "unix", os.path.abspath(where)
 
 
+def nbd_uri(where: str) -> str:
+    """The NBD URI clients use to reach the export at ``where``."""
+    kind, address = parse_where(where)
+    if kind == "unix":
+        return f"nbd+unix:///?socket={address}"
+    host, port = address
+    return f"nbd://[{host}]:{port}/" if ":" in host else f"nbd://{host}:{port}/"
+
+
 def state_dir_for(where: str) -> Path:
     """The private directory of the export at ``where`` (see the module docstring)."""
     kind, address = parse_where(where)
@@ -265,7 +274,9 @@ def parse_options(export) -> NbdOptions:
     on_stop = opts.choice("on-stop", ("keep", "stop"), "keep")
     idle_exit = opts.float("idle-exit", DEFAULT_IDLE_EXIT, min=0, max=sys.float_info.max)  # (0: never)
     data = opts.choice("data", ("shm", "socket"), "shm")
-    opts.finish("timeout=SECONDS, threads=N, on-stop=keep|stop, idle-exit=SECONDS, data=shm|socket")
+    opts.choice("server", ("nbdkit", "dmuserd"), "nbdkit")  # dmuserd: see from_spec
+    opts.finish("timeout=SECONDS, threads=N, on-stop=keep|stop, idle-exit=SECONDS, data=shm|socket, "
+                "server=nbdkit|dmuserd")
     return NbdOptions(timeout, threads, on_stop, idle_exit, data)
 
 
@@ -613,18 +624,19 @@ class NbdExport(Export):
         self.log = log.bind(where=spec.where)
 
     @classmethod
-    def from_spec(cls, spec, host) -> NbdExport:
+    def from_spec(cls, spec, host) -> Export:
+        """This export (``server=nbdkit``, the default), or the daemon's own NBD server (``server=dmuserd``)."""
         parse_where(spec.where)
+        if spec.options.get("server") == "dmuserd":
+            from dmuserd.daemon.nbd_server import NbdServerExport  # it imports this module
+
+            return NbdServerExport.from_spec(spec, host)
         return cls(spec, host, parse_options(spec))
 
     @property
     def uri(self) -> str:
         """The NBD URI clients connect to."""
-        kind, address = parse_where(self.export.where)
-        if kind == "unix":
-            return f"nbd+unix:///?socket={address}"
-        host, port = address
-        return f"nbd://[{host}]:{port}/" if ":" in host else f"nbd://{host}:{port}/"
+        return nbd_uri(self.export.where)
 
     def status(self) -> dict:
         return {"nbdkit_pid": self.pid, "channels_accepted": self._channels, "on_stop": self.on_stop}

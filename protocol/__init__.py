@@ -9,6 +9,8 @@
   :class:`PoolLayout`, :class:`SlotPool`, :data:`SLOT_STRUCT`, :data:`NO_SLOT`,
   :data:`ANNOUNCEMENT_SIZE`;
 * the daemon's side of a channel: :class:`DaemonConnection`;
+* the server side of NBD (the daemon's own NBD export):
+  :class:`NbdServerConnection` and its events, :func:`nbd_simple_reply`;
 * the kernel's side: :class:`KernelTarget` (a model of ``dm-user.c``) with
   its :class:`Channel` and :class:`Bio`.
 
@@ -31,6 +33,22 @@ from dmuserd.protocol._constants import (
 )
 from dmuserd.protocol._errors import KernelError, ProtocolError
 from dmuserd.protocol._kernel import WOULD_BLOCK, Bio, BioState, Channel, KernelTarget
+from dmuserd.protocol._nbd import MAX_PAYLOAD as NBD_MAX_PAYLOAD
+from dmuserd.protocol._nbd import NEED_DATA as NBD_NEED_DATA
+from dmuserd.protocol._nbd import (
+    Command as NbdCommand,
+)
+from dmuserd.protocol._nbd import (
+    NbdDisconnect,
+    NbdErrno,
+    NbdNegotiated,
+    NbdProtocolError,
+    NbdRefused,
+    NbdRequest,
+    NbdServerConnection,
+    TransmissionFlag,
+)
+from dmuserd.protocol._nbd import simple_reply as nbd_simple_reply
 from dmuserd.protocol._message import HEADER_STRUCT, Header, OversizedRequest, Request, Response
 from dmuserd.protocol._shm import ANNOUNCEMENT_SIZE, NO_SLOT, SLOT_STRUCT, PoolLayout, SlotPool
 
@@ -44,6 +62,8 @@ __all__ = [
     "HEADER_SIZE",
     "HEADER_STRUCT",
     "MESSAGE_POOL_RESERVE",
+    "NBD_MAX_PAYLOAD",
+    "NBD_NEED_DATA",
     "NEED_DATA",
     "NO_SLOT",
     "SECTOR_SIZE",
@@ -57,6 +77,14 @@ __all__ = [
     "Header",
     "KernelError",
     "KernelTarget",
+    "NbdCommand",
+    "NbdDisconnect",
+    "NbdErrno",
+    "NbdNegotiated",
+    "NbdProtocolError",
+    "NbdRefused",
+    "NbdRequest",
+    "NbdServerConnection",
     "OversizedRequest",
     "PoolLayout",
     "ProtocolError",
@@ -65,4 +93,6 @@ __all__ = [
     "Response",
     "ResponseType",
     "SlotPool",
+    "TransmissionFlag",
+    "nbd_simple_reply",
 ]

@@ -1,0 +1,488 @@
+"""The daemon's own NBD server: ``--export nbd:WHERE,server=dmuserd``.
+
+::
+
+    NBD client ──► this daemon (protocol/_nbd.py) ──► dispatcher ──► backend
+
+No nbdkit and no second process: each client connection is a trio task of
+the export that speaks NBD itself (:class:`~dmuserd.protocol.NbdServerConnection`,
+sans I/O) and hands every request to ``target.dispatcher.handle``, as
+qemu-storage-daemon's NBD export calls its block layer. WHERE is the
+``nbd:`` export's (a Unix socket path or ``tcp:HOST:PORT``, or a socket
+systemd passed), bound by the same helpers (:func:`~dmuserd.daemon.nbd.bind_nbd_socket`).
+
+How to choose (the default is ``server=nbdkit``): nbdkit outlives the
+daemon, so its clients stay connected across a daemon restart; this server
+costs far less CPU per request (no second process, no channel hop), but a
+daemon restart drops its connections (clients reconnect). The nbdkit-only
+options (``threads``, ``data``, ``on-stop``, ``idle-exit``, ``timeout``)
+are refused here by name.
+
+One connection, pipelined (fio's nbd engine keeps 32 requests in flight
+on one connection):
+
+* a *reader* (the connection's task) reads as much as is there, turns every
+  complete request into an event and queues it for the *workers*: up to
+  :data:`MAX_WORKERS` tasks per connection, started as the queue needs
+  them and parked when it is empty, so a request costs a wake-up, not a
+  new task. A READ's data lands in its reply buffer straight from the
+  backend (:meth:`~dmuserd.backends.Backend.readinto`);
+* one *writer* sends every reply queued so far with one ``sendmsg`` (the
+  16-byte headers and READ data gathered), so many replies leave per
+  system call;
+* bounded: the reader stops reading while :data:`MAX_IN_FLIGHT` requests
+  of the connection are unanswered or :data:`MAX_UNSENT` reply bytes wait
+  for a client that does not read them; the kernel's socket buffers then
+  push back on the client.
+
+Hostile clients. A request the protocol refuses (out of range, unknown
+command or flags, over 32 MiB) gets its NBD error and the stream goes on;
+bad framing ends that connection. Either is counted by the host's guard
+(surface ``nbd-client``) and logged once per connection. A client that
+never finishes the handshake is dropped after :data:`HANDSHAKE_TIMEOUT`;
+at most :data:`MAX_CONNECTIONS` are served at once, the next ones wait in
+the listen backlog. A request refused because the target is stopping
+(admission closed) is answered ESHUTDOWN.
+
+Stop: ``stop_admitting`` closes the listener (and removes a Unix socket the
+daemon bound); requests in flight finish (the dispatcher refuses new
+ones), then the export's nursery is cancelled and every connection closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import deque
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from dmuserd.backends import Op
+from dmuserd.backends.options import Options
+from dmuserd.daemon.dispatcher import Refused
+from dmuserd.daemon.export import Export
+from dmuserd.daemon.guard import Peer
+from dmuserd.daemon.nbd import NbdError, bind_nbd_socket, nbd_uri, parse_where
+from dmuserd.protocol import (
+    NBD_NEED_DATA,
+    SECTOR_SIZE,
+    Flag,
+    NbdCommand,
+    NbdDisconnect,
+    NbdErrno,
+    NbdNegotiated,
+    NbdProtocolError,
+    NbdRefused,
+    NbdRequest,
+    NbdServerConnection,
+    Request,
+    RequestType,
+    ResponseType,
+    TransmissionFlag,
+    nbd_simple_reply,
+)
+
+if TYPE_CHECKING:
+    from dmuserd.daemon.runtime import Target
+
+log = structlog.get_logger("dmuserd.nbd_server")
+
+#: The input surface of the NBD clients (:mod:`dmuserd.daemon.guard`).
+SURFACE = "nbd-client"
+#: Options of ``server=nbdkit`` only: refused here by name.
+NBDKIT_ONLY = ("threads", "data", "on-stop", "idle-exit", "timeout")
+#: Connections served at once; the next wait in the listen backlog.
+MAX_CONNECTIONS = 64
+#: Seconds a client has from connecting to the end of the handshake.
+HANDSHAKE_TIMEOUT = 10.0
+#: Requests of one connection read and not yet answered before the reader pauses.
+MAX_IN_FLIGHT = 64
+#: Reply bytes of one connection waiting to be sent before the reader pauses.
+MAX_UNSENT = 64 * 1024 * 1024
+#: Worker tasks per connection at most (started as requests queue up).
+MAX_WORKERS = 32
+#: Bytes read per ``recv`` (many pipelined requests, or a good piece of a WRITE).
+RECEIVE_SIZE = 256 * 1024
+#: READ buffers this large or larger are reused once sent (not zeroed and faulted in again per request).
+REUSE_MIN = 64 * 1024
+#: Spare READ buffers kept per size and connection.
+SPARE_BUFFERS = 8
+#: Buffers per ``sendmsg`` (IOV_MAX is 1024).
+MAX_IOV = 1000
+SOCKET_BUFFER = 4 * 1024 * 1024
+#: accept() errors that pass: out of descriptors or memory, or a peer gone before we took it.
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.ECONNABORTED})
+
+_READ, _WRITE, _FLUSH, _TRIM, _ZEROES, _CACHE = (NbdCommand.READ, NbdCommand.WRITE, NbdCommand.FLUSH,
+                                                 NbdCommand.TRIM, NbdCommand.WRITE_ZEROES, NbdCommand.CACHE)
+_NBD_FUA, _NBD_NO_HOLE = 1, 2
+_NO_FLAGS, _FUA, _NOUNMAP = Flag(0), Flag.FUA, Flag.NOUNMAP
+_R_READ, _R_WRITE, _R_FLUSH = RequestType.READ, RequestType.WRITE, RequestType.FLUSH
+_R_DISCARD, _R_ZEROES = RequestType.DISCARD, RequestType.WRITE_ZEROES
+_SUCCESS, _UNSUPPORTED = ResponseType.SUCCESS, ResponseType.UNSUPPORTED
+
+
+def transmission_flags(capabilities: frozenset[Op]) -> TransmissionFlag:
+    """What to advertise for a backend with ``capabilities`` (only what it can do)."""
+    flags = TransmissionFlag.SEND_CACHE  # a no-op success: the data is in the daemon already
+    writable = Op.WRITE in capabilities
+    if not writable:
+        flags |= TransmissionFlag.READ_ONLY
+    if Op.FLUSH in capabilities:
+        flags |= TransmissionFlag.SEND_FLUSH
+        if writable:
+            flags |= TransmissionFlag.SEND_FUA
+    if writable and Op.DISCARD in capabilities:
+        flags |= TransmissionFlag.SEND_TRIM
+    if writable and Op.WRITE_ZEROES in capabilities:
+        flags |= TransmissionFlag.SEND_WRITE_ZEROES
+    if Op.FLUSH in capabilities or not writable:
+        # One backend behind every connection: a flush on one covers the writes of all.
+        flags |= TransmissionFlag.CAN_MULTI_CONN
+    return flags
+
+
+class NbdServerExport(Export):
+    """One ``nbd:WHERE,server=dmuserd`` export: a listener and its client connections."""
+
+    kind = "nbd"
+
+    def __init__(self, spec, host) -> None:
+        super().__init__(spec, host)
+        self.target: Target | None = None
+        self.connections = 0  # served now
+        self.accepted = 0  # since the start
+        self._listener: trio.socket.SocketType | None = None
+        self._accepting: trio.CancelScope | None = None
+        self._unlink: str | None = None  # the Unix socket path we bound (never systemd's)
+        self.log = log.bind(where=spec.where)
+
+    @classmethod
+    def from_spec(cls, spec, host) -> NbdServerExport:
+        parse_where(spec.where)
+        opts = Options(str(spec), spec.options, kind="export", error=NbdError)
+        opts.choice("server", ("nbdkit", "dmuserd"), "dmuserd")
+        for key in NBDKIT_ONLY:
+            if opts.has(key):
+                raise NbdError(f"export {spec}: option {key} is nbdkit's (server=nbdkit); "
+                               "server=dmuserd serves NBD in the daemon and takes no such option")
+        opts.finish("server=nbdkit|dmuserd")
+        return cls(spec, host)
+
+    async def start(self, target, nursery: trio.Nursery) -> str:
+        self.target = target
+        self.log = log.bind(device=target.name, where=self.spec.where)
+        sock, systemd = bind_nbd_socket(self.spec.where)
+        kind, address = parse_where(self.spec.where)
+        if kind == "unix" and not systemd:
+            self._unlink = address
+        sock.setblocking(False)
+        self._listener = trio.socket.from_stdlib_socket(sock)
+        self._accepting = trio.CancelScope()
+        nursery.start_soon(self._accept, nursery)
+        self.log.info("serving NBD in the daemon", endpoint=nbd_uri(self.spec.where))
+        return nbd_uri(self.spec.where)
+
+    def stop_admitting(self) -> None:
+        """Close the listener: new clients are refused; connections finish what is in flight."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    def status(self) -> dict:
+        return {"server": "dmuserd", "where": self.spec.where, "connections": self.connections,
+                "connections_accepted": self.accepted}
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._unlink is not None:
+            try:
+                os.unlink(self._unlink)
+            except OSError:
+                pass
+            self._unlink = None
+
+    async def _accept(self, nursery: trio.Nursery) -> None:
+        slots = trio.Semaphore(MAX_CONNECTIONS)
+        listener = self._listener
+        assert listener is not None and self._accepting is not None
+        try:
+            with self._accepting:
+                while True:
+                    await slots.acquire()
+                    try:
+                        conn, address = await listener.accept()
+                    except OSError as exc:
+                        slots.release()
+                        if exc.errno not in _ACCEPT_RETRY:
+                            raise
+                        self.log.error("accepting an NBD client failed; retrying", error=exc.strerror)
+                        await trio.sleep(0.1)
+                        continue
+                    self.accepted += 1
+                    nursery.start_soon(self._serve, conn, address, slots)
+        finally:
+            self._close_listener()
+
+    async def _serve(self, conn: trio.socket.SocketType, address, slots: trio.Semaphore) -> None:
+        self.connections += 1
+        sock = socket.socket(fileno=conn.detach())
+        peer = Peer.of(sock) if sock.family == socket.AF_UNIX else None
+        context = {"device": self.target.name, "connection": self.accepted}
+        if peer is None and address:
+            context["client"] = str(address)
+        try:
+            with sock, self.host.guard.isolate(SURFACE, peer, **context):
+                await _Connection(self, sock, peer, context).run()
+        finally:
+            self.connections -= 1
+            slots.release()
+
+
+class _Connection:
+    """One client: handshake, then the reader, its workers and the writer (see the module doc)."""
+
+    def __init__(self, export: NbdServerExport, sock: socket.socket, peer: Peer | None, context: dict) -> None:
+        self.export = export
+        self.sock = sock
+        self.peer = peer
+        self.context = context
+        self.dispatcher = export.target.dispatcher
+        backend = export.target.backend
+        self.proto = NbdServerConnection(backend.size, transmission_flags(backend.capabilities),
+                                         block_size=max(SECTOR_SIZE, backend.block_size))
+        self._buffer = memoryview(bytearray(RECEIVE_SIZE))
+        self._queue: deque[NbdRequest] = deque()
+        self._idle = trio.lowlevel.ParkingLot()  # workers with nothing to do
+        self._workers = 0
+        self._busy = 0  # workers serving a request
+        self._replies: list = []  # buffers to send, in order
+        self._unsent = 0  # their bytes
+        self._in_flight = 0  # requests read and not yet replied (queued, served, or their reply unsent)
+        self._writer = trio.lowlevel.ParkingLot()
+        self._room = trio.lowlevel.ParkingLot()  # the reader, paused by the bounds
+        self._refused = 0
+        self._closing = False
+        self._spare: dict[int, list[bytearray]] = {}  # sent READ buffers of REUSE_MIN bytes or more, by size
+
+    def _reject(self, reason: str, detail: str) -> None:
+        """Count a refused input; log only the first of this connection."""
+        self._refused += 1
+        guard = self.export.host.guard
+        if self._refused == 1:
+            guard.reject(SURFACE, reason, detail, self.peer, **self.context)
+        else:
+            guard.count(SURFACE, reason)
+
+    # -- socket ------------------------------------------------------------------------------
+
+    async def _recv(self) -> int:
+        while True:
+            try:
+                return self.sock.recv_into(self._buffer)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except (ConnectionResetError, BrokenPipeError):
+                return 0
+
+    async def _send_all(self, buffers: list) -> None:
+        """Send ``buffers`` whole (raises OSError if the client is gone)."""
+        views = buffers
+        while views:
+            try:
+                sent = self.sock.sendmsg(views)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            rest = []
+            for view in views:
+                size = len(view)
+                if sent >= size:
+                    sent -= size
+                elif sent:
+                    rest.append(memoryview(view)[sent:])
+                    sent = 0
+                else:
+                    rest.append(view)
+            views = rest
+
+    # -- phases ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.sock.setblocking(False)
+        if self.sock.family != socket.AF_UNIX:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        except OSError:
+            pass
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as timeout:
+                negotiated = await self._handshake()
+            if timeout.cancelled_caught:
+                self._reject("handshake-timeout", f"no export chosen within {HANDSHAKE_TIMEOUT} s")
+                return
+            if negotiated:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write)
+                    self._nursery = nursery
+                    self._events()  # requests sent right behind the handshake
+                    await self._read()
+                    # The client is done (or gone): answer what runs, then end the writer.
+                    while self._in_flight:
+                        await self._room.park()
+                    nursery.cancel_scope.cancel()
+        except NbdProtocolError as exc:
+            self._reject("protocol-error", str(exc))
+        except OSError as exc:  # the client went away mid-reply: nothing to answer
+            log.debug("NBD client gone", error=str(exc), **self.context)
+
+    async def _handshake(self) -> bool:
+        proto = self.proto
+        await self._send_all([proto.data_to_send()])
+        while True:
+            n = await self._recv()
+            if not n:
+                return False
+            proto.receive_data(self._buffer[:n])
+            event = proto.next_event()
+            out = proto.data_to_send()
+            if out:
+                await self._send_all([out])
+            while event is not NBD_NEED_DATA:
+                if type(event) is NbdNegotiated:
+                    return True
+                if type(event) is NbdDisconnect:
+                    return False
+                event = proto.next_event()
+                out = proto.data_to_send()
+                if out:
+                    await self._send_all([out])
+
+    async def _read(self) -> None:
+        """Read requests and queue them, within the bounds, until the client disconnects."""
+        while not self._closing:
+            while self._in_flight >= MAX_IN_FLIGHT or self._unsent >= MAX_UNSENT:
+                await self._room.park()
+            n = await self._recv()
+            if not n:
+                return
+            self.proto.receive_data(self._buffer[:n])
+            self._events()
+
+    def _events(self) -> None:
+        """Turn every complete request buffered into work (or a refusal's reply)."""
+        proto = self.proto
+        queue = self._queue
+        queued = 0
+        while True:
+            event = proto.next_event()
+            if event is NBD_NEED_DATA:
+                break
+            kind = type(event)
+            if kind is NbdRequest:
+                self._in_flight += 1
+                queue.append(event)  # type: ignore[arg-type]
+                queued += 1
+            elif kind is NbdRefused:
+                self._in_flight += 1
+                self._reject("request-refused",
+                             f"{event.reason} (command {event.command}, cookie {event.cookie:#x})")  # type: ignore[union-attr]
+                self._reply(nbd_simple_reply(event.cookie, event.error))  # type: ignore[union-attr]
+            elif kind is NbdDisconnect:
+                self._closing = True
+                break
+        if queued:
+            idle = len(self._idle)
+            if idle:
+                self._idle.unpark(count=min(idle, queued))
+            spare = len(queue) - idle
+            while spare > 0 and self._workers < MAX_WORKERS:
+                self._workers += 1
+                self._nursery.start_soon(self._work)
+                spare -= 1
+
+    # -- workers -----------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        queue = self._queue
+        handle = self.dispatcher.handle
+        while True:
+            if not queue:
+                await self._idle.park()
+                continue
+            req = queue.popleft()
+            command = req.command
+            sector = req.offset // SECTOR_SIZE
+            if command is _READ:
+                spare = self._spare.get(req.length)
+                data = spare.pop() if spare else bytearray(req.length)
+                response = await handle(Request(req.cookie, _R_READ, _NO_FLAGS, sector, req.length),
+                                        into=memoryview(data))
+                if response.type is _SUCCESS:
+                    self._reply(nbd_simple_reply(req.cookie), data)
+                    continue
+            elif command is _WRITE:
+                response = await handle(Request(req.cookie, _R_WRITE, _FUA if req.flags & _NBD_FUA else _NO_FLAGS,
+                                                sector, req.length, req.payload))
+            elif command is _FLUSH:
+                response = await handle(Request(req.cookie, _R_FLUSH, _NO_FLAGS, 0, 0))
+            elif command is _TRIM:
+                response = await handle(Request(req.cookie, _R_DISCARD, _FUA if req.flags & _NBD_FUA else _NO_FLAGS,
+                                                sector, req.length))
+            elif command is _ZEROES:
+                flags = (_FUA if req.flags & _NBD_FUA else _NO_FLAGS) | (_NOUNMAP if req.flags & _NBD_NO_HOLE
+                                                                         else _NO_FLAGS)
+                response = await handle(Request(req.cookie, _R_ZEROES, flags, sector, req.length))
+            else:  # CACHE: the data is as close as it gets already
+                self._reply(nbd_simple_reply(req.cookie))
+                continue
+            self._reply(nbd_simple_reply(req.cookie, _nbd_error(response)))
+
+    # -- writer ------------------------------------------------------------------------------
+
+    def _reply(self, header: bytes, data: bytearray | None = None) -> None:
+        replies = self._replies
+        replies.append(header)
+        self._unsent += 16
+        if data is not None:
+            replies.append(data)
+            self._unsent += len(data)
+        if self._writer:
+            self._writer.unpark()
+
+    async def _write(self) -> None:
+        """Send the queued replies, all at once each time (one ``sendmsg`` for as many as fit)."""
+        while True:
+            if not self._replies:
+                await self._writer.park()
+                continue
+            batch = self._replies[:MAX_IOV]
+            del self._replies[:MAX_IOV]
+            size = replies = 0
+            for buffer in batch:
+                size += len(buffer)
+                replies += type(buffer) is bytes  # a reply's header (its READ data is a bytearray)
+            await self._send_all(batch)
+            self._unsent -= size
+            self._in_flight -= replies
+            for buffer in batch:
+                if type(buffer) is bytearray and len(buffer) >= REUSE_MIN:
+                    spare = self._spare.setdefault(len(buffer), [])
+                    if len(spare) < SPARE_BUFFERS:
+                        spare.append(buffer)
+            if self._room:
+                self._room.unpark_all()
+
+
+def _nbd_error(response) -> int:
+    """The NBD error of a dispatcher's answer (0: success)."""
+    if response.type is _SUCCESS:
+        return 0
+    if type(response) is Refused:
+        return NbdErrno.ESHUTDOWN
+    return NbdErrno.ENOTSUP if response.type is _UNSUPPORTED else NbdErrno.EIO
