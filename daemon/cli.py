@@ -3,7 +3,10 @@
 Each area of the project contributes its own subcommands through a module
 with a ``register(subparsers)`` function (listed in ``COMMAND_MODULES``).
 Registration only builds parsers; the work, and the heavy imports, happen in
-the handler the chosen subcommand sets as ``func``.
+the handler the chosen subcommand sets as ``func``. When the command line
+names a command, the modules are registered only up to the one providing
+it (a ``cow merge`` does not import what ``units`` needs: subprocess,
+shutil); ``--help`` and an unknown command register them all.
 
 A handler returns the exit status. Errors meant for the user are raised as
 a subclass of :class:`dmuserd.errors.DmuserdError` and printed as one line
@@ -33,7 +36,9 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser (every command); with ``argv``, only the command modules
+    up to the one providing the command it names, if it names one."""
     parser = argparse.ArgumentParser(
         prog="dmuserd",
         description="User-space block devices: serve a backend over dm-user, FUSE or NBD.",
@@ -46,13 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (default: $DMUSERD_LOG_LEVEL or info)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None if argv is None else _command_word(argv)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+        if wanted is not None and wanted in subparsers.choices:
+            break
     return parser
 
 
+def _command_word(argv: list[str]) -> str | None:
+    """The command ``argv`` names (its first word that is no option nor ``--log-level``'s value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -14,6 +14,12 @@ already merged. The order is checked as it is built, so a merge engine can
 trust it: one op per new block, sequence data naming existing ops once,
 no ordered op after a non-ordered one, and no ordered op reading a block an
 earlier op of the order already overwrote.
+
+Where the optional ``_cow_native`` extension is built, the order is built
+and checked in C (``rank_rows``, ``order_rows``: the same rules, about 1 us
+an op less); where it finds a rule broken, the Python functions here walk
+the file again and name the fault, so there is one set of messages. Without
+the extension they do all of it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,19 @@ _ORDERED = frozenset(int(t) for t in ORDERED_OPS)
 _COPY = int(OpType.COPY)
 #: op type -> 1 for an ordered op (copy, xor) (a ``bytes.translate`` table)
 _IS_ORDERED = bytes(1 if t in _ORDERED else 0 for t in range(256))
+#: op type -> 1 for a metadata op (writes no block)
+_IS_META = bytes(1 if t in _META else 0 for t in range(256))
+try:  # the optional extension: the order built and checked in C (see the module doc)
+    from dmuserd.snapshot import _cow_native as _NATIVE
+except ImportError:
+    _NATIVE = None
+if array("I").itemsize != 4 or array("Q").itemsize != 8:
+    _NATIVE = None  # it takes u32 rows and u64 columns
+
+
+def _u32(rows) -> array:
+    """``rows`` as a packed u32 array (what the C functions take)."""
+    return rows if isinstance(rows, array) and rows.typecode == "I" else array("I", rows)
 
 
 class SequenceData:
@@ -84,6 +103,10 @@ def check_unique_rows(table: OpTable, rows, *, op_of=None) -> array:
     """
     op_of = op_of or table.op
     nb, ty, fac = table.new_block, table.type, table.factor
+    if _NATIVE is not None:
+        ranked = _NATIVE.rank_rows(ty, nb, fac, _u32(rows), _IS_META)
+        if ranked is not None:
+            return _from_bytes(ranked)
     keys = [(nb[r] << 32) | r for r in rows]
     keys.sort()  # in place: no second list
     ranked = array("I", [k & 0xFFFFFFFF for k in keys])
@@ -131,6 +154,11 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
     """
     op_of = op_of or table.op
     nb, ty = table.new_block, table.type
+    if _NATIVE is not None:
+        order = _NATIVE.order_rows(ty, nb, table.source, _u32(rows), ranked, sequence.blocks if sequence else b"",
+                                   version >= 3, table.block_size, _IS_ORDERED, _COPY)
+        if order is not None:
+            return _from_bytes(order)
     if sequence:
         # new block -> its index in ``ranked`` (a file's new blocks are unique: check_unique_rows)
         where = dict(zip(map(nb.__getitem__, ranked), range(len(ranked))))  # ~1/5 less than a dict comprehension
@@ -160,6 +188,13 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
     del rest
     _check_order(table, order, ranked, op_of)
     return order
+
+
+def _from_bytes(raw: bytes) -> array:
+    """A u32 array holding ``raw`` (native order: what the C functions return)."""
+    out = array("I")
+    out.frombytes(raw)
+    return out
 
 
 #: byte 0 -> 1, anything else -> 0; op type -> 1 for an op that is not ordered

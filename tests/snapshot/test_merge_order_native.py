@@ -1,0 +1,126 @@
+"""The merge order built in C (``snapshot/_cow_native.c``: ``rank_rows``,
+``order_rows``) is the order the Python rules of ``_cow_order`` build.
+
+test_cow_order_oracle checks the order against the rules as written, with
+whichever path the build has (C where it is built). Here the same random
+files, and files writing one block twice, big ones and a real COW file, go
+through both paths: the same order, or the same error (rule and offset: on
+a broken rule the C path hands back to Python, which names it).
+"""
+
+from __future__ import annotations
+
+import random
+from array import array
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cow_order_oracle import SEQ_OFFSET, files
+
+from dmuserd.snapshot import _cow_order
+from dmuserd.snapshot._cow_format import CowFormatError, CowOp, OpType
+from dmuserd.snapshot._cow_order import SequenceData, check_unique_blocks, merge_order
+from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot.cow import CowWriter
+
+pytestmark = pytest.mark.skipif(_cow_order._NATIVE is None,
+                                reason="the optional _cow_native extension is not built (no C compiler at install)")
+
+BS = 4096
+
+
+def _outcome(fn, *args, **kwargs):
+    try:
+        result = fn(*args, **kwargs)
+    except CowFormatError as exc:
+        return ("error", exc.rule, exc.offset, str(exc))
+    return ("ok", None if result is None else [op.index for op in result])
+
+
+def _both_ways(fn, *args, **kwargs):
+    """``fn``'s outcome with the C path and with Python alone: the same (returned)."""
+    native = _outcome(fn, *args, **kwargs)
+    with mock.patch.object(_cow_order, "_NATIVE", None):
+        python = _outcome(fn, *args, **kwargs)
+    assert native == python
+    return native
+
+
+@settings(max_examples=300, deadline=None)
+@given(files())
+def test_random_files_order_the_same_in_c(case):
+    ops, sequence, version = case
+    _both_ways(merge_order, ops, None if sequence is None else SequenceData(sequence, SEQ_OFFSET), version=version)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 2), st.sampled_from(list(OpType))), max_size=20))
+def test_blocks_written_twice_are_refused_the_same_in_c(spec):
+    """Overlapping ops (a block twice, chunks of several blocks), metadata rows among them."""
+    ops = [CowOp(kind, new_block, 0, 0, 0, i, 100 + 16 * i, None, BS << factor, BS)
+           for i, (new_block, factor, kind) in enumerate(spec)]
+    _both_ways(check_unique_blocks, ops)
+
+
+def test_big_file_orders_the_same_in_c():
+    """62k ops with new blocks up to 2^32 - 1 (every pass of the C sort), a sequence naming
+    copies and xors, replaces and zeros after: the same order, then the same errors once broken."""
+    rng = random.Random(5)
+    n = 62_000
+    blocks = rng.sample(range(1 << 21, 1 << 32), n)  # sources lie below 2^20 blocks: nothing writes them
+    ops = []
+    for i, block in enumerate(blocks):
+        if i < n // 2:
+            kind = OpType.COPY if i % 2 else OpType.XOR
+            source = rng.randrange(1 << 20) if kind == OpType.COPY else rng.randrange(1 << 20) * BS + i % 3
+        else:
+            kind, source = (OpType.REPLACE if i % 2 else OpType.ZERO), 0
+        ops.append(CowOp(kind, block, source, 0, 0, i, 100 + 20 * i))
+    ordered = [op.new_block for op in ops if op.type in (OpType.COPY, OpType.XOR)]
+    for version, sequence in ((2, None), (3, None), (2, SequenceData(ordered, SEQ_OFFSET))):
+        outcome = _both_ways(merge_order, ops, sequence, version=version)
+        assert outcome[0] == "ok" and len(outcome[1]) == len(ops)
+    # a copy reading the block an earlier copy writes; then a sequence entry named twice
+    broken = list(ops)
+    first = next(op for op in ops if op.type == OpType.COPY)
+    late = [op for op in ops if op.type == OpType.COPY][-1]
+    broken[late.index] = CowOp(OpType.COPY, late.new_block, first.new_block, 0, 0, late.index, late.offset)
+    assert _both_ways(merge_order, broken, None, version=2)[1] == "source-overwritten"
+    twice = SequenceData([*ordered, ordered[0]], SEQ_OFFSET)
+    assert _both_ways(merge_order, ops, twice, version=2)[1] == "sequence"
+
+
+def test_reader_takes_the_c_path(tmp_path):
+    """A real COW file: the reader ranks and orders its ops in C (a reader that never called it
+    would pass the comparisons above), to the order Python builds."""
+    path = tmp_path / "t.cow"
+    with CowWriter(path) as w:
+        w.add_sequence_data([5, 3, 4])
+        w.add_copy(5, 1)
+        w.add_copy(3, 2)
+        w.add_xor(4, bytes(BS), 6 * BS + 7)
+        w.add_replace(9, b"r" * BS)
+        w.add_zero(0, 1)
+        w.finalize()
+    calls = []
+    real = _cow_order._NATIVE
+
+    class Spy:
+        def rank_rows(self, *args):
+            calls.append("rank")
+            return real.rank_rows(*args)
+
+        def order_rows(self, *args):
+            calls.append("order")
+            return real.order_rows(*args)
+
+    with mock.patch.object(_cow_order, "_NATIVE", Spy()), CowReader(path) as reader:
+        native = reader.merge_order_rows()
+    with mock.patch.object(_cow_order, "_NATIVE", None), CowReader(path) as reader:
+        python = reader.merge_order_rows()
+        blocks = [reader.table.new_block[r] for r in python]
+    assert calls == ["rank", "order"]
+    assert native == python and isinstance(native, array)
+    assert blocks == [5, 3, 4, 0, 9]
