@@ -1,9 +1,17 @@
 """Type stub of the optional C extension built from ``snapshot/_cow_native.c`` (pyproject.toml ext-modules).
 
-``snapshot/_cow_reader.py`` (CowReader._plain_v2) is the one caller; the C file says what it takes and returns.
+``snapshot/_cow_reader.py`` (CowReader._plain_v2) and ``snapshot/_cow_order.py`` (check_unique_rows,
+merge_order_rows) are the callers; the C file says what each function takes and returns.
 """
 
 from typing import Any
 
+from _typeshed import ReadableBuffer
+
 def plain_v2(buf: bytes, count: int, data_pos: int, data_start: int, file_size: int, compression: int,
              valid_compression: bytes, xor: int, replace: int, source_mask: int, /) -> Any: ...
+def rank_rows(types: ReadableBuffer, new_blocks: ReadableBuffer, factors: ReadableBuffer, rows: ReadableBuffer,
+              meta: bytes, /) -> bytes | None: ...
+def order_rows(types: ReadableBuffer, new_blocks: ReadableBuffer, sources: ReadableBuffer, rows: ReadableBuffer,
+               ranked: ReadableBuffer, sequence: ReadableBuffer, file_order_rest: bool, block_size: int,
+               ordered: bytes, copy_type: int, /) -> bytes | None: ...

@@ -104,9 +104,9 @@ def check_unique_rows(table: OpTable, rows, *, op_of=None) -> array:
     op_of = op_of or table.op
     nb, ty, fac = table.new_block, table.type, table.factor
     if _NATIVE is not None:
-        ranked = _NATIVE.rank_rows(ty, nb, fac, _u32(rows), _IS_META)
-        if ranked is not None:
-            return _from_bytes(ranked)
+        native = _NATIVE.rank_rows(ty, nb, fac, _u32(rows), _IS_META)
+        if native is not None:
+            return _from_bytes(native)
     keys = [(nb[r] << 32) | r for r in rows]
     keys.sort()  # in place: no second list
     ranked = array("I", [k & 0xFFFFFFFF for k in keys])
@@ -155,10 +155,10 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
     op_of = op_of or table.op
     nb, ty = table.new_block, table.type
     if _NATIVE is not None:
-        order = _NATIVE.order_rows(ty, nb, table.source, _u32(rows), ranked, sequence.blocks if sequence else b"",
-                                   version >= 3, table.block_size, _IS_ORDERED, _COPY)
-        if order is not None:
-            return _from_bytes(order)
+        native = _NATIVE.order_rows(ty, nb, table.source, _u32(rows), ranked, sequence.blocks if sequence else b"",
+                                    version >= 3, table.block_size, _IS_ORDERED, _COPY)
+        if native is not None:
+            return _from_bytes(native)
     if sequence:
         # new block -> its index in ``ranked`` (a file's new blocks are unique: check_unique_rows)
         where = dict(zip(map(nb.__getitem__, ranked), range(len(ranked))))  # ~1/5 less than a dict comprehension
