@@ -31,9 +31,12 @@ on one connection):
   16-byte headers and READ data gathered), so many replies leave per
   system call;
 * bounded: the reader stops reading while :data:`MAX_IN_FLIGHT` requests
-  of the connection are unanswered or :data:`MAX_UNSENT` reply bytes wait
-  for a client that does not read them; the kernel's socket buffers then
-  push back on the client.
+  of the connection are unanswered or their data (WRITE payloads not yet
+  written, READ buffers not yet sent) holds :data:`MAX_HELD` bytes, e.g.
+  for a client that does not read its replies; the kernel's socket buffers
+  then push back on the client. A connection thus holds at most about
+  ``MAX_HELD`` + 2 x 32 MiB (one request over the bound, one WRITE being
+  received), and at most :data:`MAX_CONNECTIONS` are served.
 
 Hostile clients. A request the protocol refuses (out of range, unknown
 command or flags, over 32 MiB) gets its NBD error and the stream goes on;
@@ -100,8 +103,8 @@ MAX_CONNECTIONS = 64
 HANDSHAKE_TIMEOUT = 10.0
 #: Requests of one connection read and not yet answered before the reader pauses.
 MAX_IN_FLIGHT = 64
-#: Reply bytes of one connection waiting to be sent before the reader pauses.
-MAX_UNSENT = 64 * 1024 * 1024
+#: Data bytes one connection may hold (WRITE payloads to write, READ data to send) before its reader pauses.
+MAX_HELD = 64 * 1024 * 1024
 #: Worker tasks per connection at most (started as requests queue up).
 MAX_WORKERS = 32
 #: Bytes read per ``recv`` (many pipelined requests, or a good piece of a WRITE).
@@ -261,12 +264,13 @@ class _Connection:
         self._workers = 0
         self._busy = 0  # workers serving a request
         self._replies: list = []  # buffers to send, in order
-        self._unsent = 0  # their bytes
+        self._held = 0  # data bytes of requests read and not done (see MAX_HELD)
         self._in_flight = 0  # requests read and not yet replied (queued, served, or their reply unsent)
         self._writer = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()  # the reader, paused by the bounds
         self._refused = 0
         self._closing = False
+        self._stalled = False  # _events stopped at a bound with requests maybe still buffered
         self._spare: dict[int, list[bytearray]] = {}  # sent READ buffers of REUSE_MIN bytes or more, by size
 
     def _reject(self, reason: str, detail: str) -> None:
@@ -330,8 +334,8 @@ class _Connection:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write)
                     self._nursery = nursery
-                    self._events()  # requests sent right behind the handshake
-                    await self._read()
+                    if self._parse():  # requests sent right behind the handshake first
+                        await self._read()
                     # The client is done (or gone): answer what runs, then end the writer.
                     while self._in_flight:
                         await self._room.park()
@@ -366,26 +370,43 @@ class _Connection:
     async def _read(self) -> None:
         """Read requests and queue them, within the bounds, until the client disconnects."""
         while not self._closing:
-            while self._in_flight >= MAX_IN_FLIGHT or self._unsent >= MAX_UNSENT:
+            while self._in_flight >= MAX_IN_FLIGHT or self._held >= MAX_HELD:
                 await self._room.park()
-            n = await self._recv()
-            if not n:
+            if self._stalled:  # parsing stopped at a bound: more requests may be buffered
+                self._stalled = False
+            else:
+                n = await self._recv()
+                if not n:
+                    return
+                self.proto.receive_data(self._buffer[:n])
+            if not self._parse():
                 return
-            self.proto.receive_data(self._buffer[:n])
+
+    def _parse(self) -> bool:
+        """:meth:`_events`; False when the framing is lost (counted): answer what runs, read no more."""
+        try:
             self._events()
+        except NbdProtocolError as exc:
+            self._reject("protocol-error", str(exc))
+            return False
+        return True
 
     def _events(self) -> None:
-        """Turn every complete request buffered into work (or a refusal's reply)."""
+        """Turn the complete requests buffered into work (or a refusal's reply), until a bound is reached."""
         proto = self.proto
         queue = self._queue
         queued = 0
         while True:
+            if self._in_flight >= MAX_IN_FLIGHT or self._held >= MAX_HELD:
+                self._stalled = True
+                break
             event = proto.next_event()
             if event is NBD_NEED_DATA:
                 break
             kind = type(event)
             if kind is NbdRequest:
                 self._in_flight += 1
+                self._held += event.length if event.command is _READ or event.command is _WRITE else 0  # type: ignore[union-attr]
                 queue.append(event)  # type: ignore[arg-type]
                 queued += 1
             elif kind is NbdRefused:
@@ -424,11 +445,13 @@ class _Connection:
                 response = await handle(Request(req.cookie, _R_READ, _NO_FLAGS, sector, req.length),
                                         into=memoryview(data))
                 if response.type is _SUCCESS:
-                    self._reply(nbd_simple_reply(req.cookie), data)
+                    self._reply(nbd_simple_reply(req.cookie), data)  # held until sent
                     continue
+                self._held -= req.length
             elif command is _WRITE:
                 response = await handle(Request(req.cookie, _R_WRITE, _FUA if req.flags & _NBD_FUA else _NO_FLAGS,
                                                 sector, req.length, req.payload))
+                self._held -= req.length  # the payload is written (or failed): it goes
             elif command is _FLUSH:
                 response = await handle(Request(req.cookie, _R_FLUSH, _NO_FLAGS, 0, 0))
             elif command is _TRIM:
@@ -448,10 +471,8 @@ class _Connection:
     def _reply(self, header: bytes, data: bytearray | None = None) -> None:
         replies = self._replies
         replies.append(header)
-        self._unsent += 16
         if data is not None:
             replies.append(data)
-            self._unsent += len(data)
         if self._writer:
             self._writer.unpark()
 
@@ -463,12 +484,14 @@ class _Connection:
                 continue
             batch = self._replies[:MAX_IOV]
             del self._replies[:MAX_IOV]
-            size = replies = 0
+            data = replies = 0
             for buffer in batch:
-                size += len(buffer)
-                replies += type(buffer) is bytes  # a reply's header (its READ data is a bytearray)
+                if type(buffer) is bytes:
+                    replies += 1  # a reply's header
+                else:
+                    data += len(buffer)  # its READ data
             await self._send_all(batch)
-            self._unsent -= size
+            self._held -= data
             self._in_flight -= replies
             for buffer in batch:
                 if type(buffer) is bytearray and len(buffer) >= REUSE_MIN:

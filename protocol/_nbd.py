@@ -419,13 +419,13 @@ class NbdServerConnection:
             if data:
                 self._reply(option, Reply.ERR_INVALID, b"NBD_OPT_LIST takes no data")
             else:
-                name = self.export_name.encode()
-                self._reply(option, Reply.SERVER, _U32.pack(len(name)) + name)
+                encoded = self.export_name.encode()
+                self._reply(option, Reply.SERVER, _U32.pack(len(encoded)) + encoded)
                 self._reply(option, Reply.ACK)
             return None
         if option in (Option.INFO, Option.GO):
-            name = self._info_request(data)
-            if name is None:
+            chosen = self._info_request(data)
+            if chosen is None:
                 self._reply(option, Reply.ERR_INVALID, b"malformed request: u32 name length, name, "
                                                         b"u16 count, count u16 info types")
                 return None
@@ -435,7 +435,7 @@ class NbdServerConnection:
             self._reply(option, Reply.ACK)
             if option == Option.GO:
                 self.state = State.TRANSMISSION
-                return NbdNegotiated(name, self.no_zeroes)
+                return NbdNegotiated(chosen, self.no_zeroes)
             return None
         if option == Option.STARTTLS:
             self._reply(option, Reply.ERR_POLICY, b"TLS is not offered by this server")

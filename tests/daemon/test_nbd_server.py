@@ -1,0 +1,285 @@
+"""The daemon's own NBD server (``--export nbd:WHERE,server=dmuserd``) with real clients.
+
+nbdinfo, nbdcopy, qemu-io and fio's nbd engine against a served memory
+backend; a file backend with FUA and flush; a TCP export; hostile clients
+(garbage, a request cut short, a client that never reads its replies, a
+thousand connections) after which the daemon still serves; a stop with
+requests in flight. No nbdkit runs anywhere here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from daemon_harness import DMUSERD, run
+from nbd_harness import NbdSession, fio_nbd, qemu_io
+from dmuserd.daemon.nbd_server import MAX_CONNECTIONS
+
+SIZE = 64 << 20
+SERVER = ",server=dmuserd"
+
+
+def need_tools(*tools: str) -> None:
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    need_tools("nbdinfo", "qemu-io", "nbdcopy", "fio")
+    session = NbdSession(tmp_path_factory.mktemp("nbds"))
+    daemon = session.start(f"memory:size={SIZE}", SERVER)
+    yield session, daemon
+    session.cleanup()
+
+
+def handshake(path) -> socket.socket:
+    """A raw client through NBD_OPT_EXPORT_NAME (fixed newstyle, NO_ZEROES); the socket in transmission."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(path))
+    greeting = recv_exactly(sock, 18)
+    assert greeting[:16] == b"NBDMAGICIHAVEOPT"
+    sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 0))
+    size, _flags = struct.unpack(">QH", recv_exactly(sock, 10))
+    assert size == SIZE
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def request(command: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, flags, command, cookie, offset, length)
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_nbdinfo_reports_size_and_flags(served):
+    session, daemon = served
+    info = json.loads(run("nbdinfo", "--json", session.uri).stdout)["exports"][0]
+    assert info["export-size"] == SIZE
+    assert (info["block_size_minimum"], info["block_size_preferred"], info["block_size_maximum"]) == (512, 4096, 32 << 20)
+    for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_cache"):
+        assert info[flag] is True, flag
+    assert info["is_read_only"] is False
+    status = daemon.status()["targets"]["disk"]
+    assert status["exports"]["nbd"] == session.uri
+    assert status["export_status"]["nbd"]["server"] == "dmuserd"
+    assert session.nbdkit_pid() is None  # no nbdkit: the daemon serves NBD itself
+
+
+def test_read_only_backend_advertises_read_only(tmp_path):
+    need_tools("nbdinfo", "nbdcopy")
+    session = NbdSession(tmp_path)
+    try:
+        session.start("zero:size=1M,block_size=4096", SERVER)
+        info = json.loads(run("nbdinfo", "--json", session.uri).stdout)["exports"][0]
+        assert info["export-size"] == 1 << 20
+        assert info["block_size_minimum"] == 4096
+        assert info["is_read_only"] is True
+        assert info["can_trim"] is False and info["can_zero"] is False and info["can_fua"] is False
+        out = tmp_path / "out.img"
+        run("nbdcopy", session.uri, out)
+        assert out.read_bytes() == bytes(1 << 20)
+    finally:
+        session.cleanup()
+
+
+def test_nbdcopy_in_and_out(served, tmp_path):
+    session, _ = served
+    source = tmp_path / "src.img"
+    source.write_bytes(os.urandom(SIZE))
+    run("nbdcopy", source, session.uri)
+    back = tmp_path / "back.img"
+    run("nbdcopy", session.uri, back)
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
+
+
+def test_qemu_io_patterns(served):
+    session, _ = served
+    spans = [(0, 256, 0x11), (511, 2, 0x22), (4095, 4099, 0x33), (65537, 131071, 0x44), (3 << 20, 1 << 20, 0x55)]
+    qemu_io(session.uri, *[f"write -P {p:#x} {o} {n}" for o, n, p in spans])
+    qemu_io(session.uri, *[f"read -P {p:#x} {o} {n}" for o, n, p in spans])
+    qemu_io(session.uri, "write -z 8M 64k", "read -P 0 8M 64k", "write -P 0x66 9M 64k", "discard 9M 64k",
+            "read -P 0 9M 64k", "flush")
+
+
+def test_fio_verify(served, tmp_path):
+    session, _ = served
+    job = fio_nbd(session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16M",
+                  "--verify=crc32c", "--do_verify=1", "--randrepeat=0")
+    assert job["_rc"] == 0, job["_stderr"]
+    assert job["error"] == 0
+    assert job["read"]["io_bytes"] >= 16 << 20  # the verify pass read it all back
+    job = fio_nbd(session.uri, tmp_path, "--rw=write", "--bs=1M", "--iodepth=4", "--size=16M",
+                  "--verify=crc32c", "--do_verify=1")
+    assert job["_rc"] == 0 and job["error"] == 0, job["_stderr"]
+
+
+def test_file_backend_fua_and_flush(tmp_path):
+    need_tools("qemu-io")
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    session = NbdSession(tmp_path)
+    try:
+        daemon = session.start(f"file:path={image}", SERVER)
+        qemu_io(session.uri, "write -f -P 0xa5 0 64k", "write -P 0x5a 1M 64k", "flush")
+        requests = daemon.requests()
+        assert requests["write"] >= 2 and requests["flush"] >= 1
+        with open(image, "rb") as f:
+            assert f.read(65536) == b"\xa5" * 65536
+            f.seek(1 << 20)
+            assert f.read(65536) == b"\x5a" * 65536
+    finally:
+        session.cleanup()
+
+
+def test_tcp_export(tmp_path):
+    need_tools("nbdinfo", "qemu-io")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    control = tmp_path / "control.sock"
+    log = open(tmp_path / "daemon.log", "w")
+    proc = subprocess.Popen(DMUSERD + ["serve", "--name", "disk", "--backend", "memory:size=8M", "--export",
+                                       f"nbd:tcp:127.0.0.1:{port}{SERVER}", "--control-socket", str(control)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not control.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.05)
+        uri = f"nbd://127.0.0.1:{port}/"
+        info = json.loads(run("nbdinfo", "--json", uri).stdout)["exports"][0]
+        assert info["export-size"] == 8 << 20
+        qemu_io(uri, "write -P 0x3c 12k 8k", "read -P 0x3c 12k 8k")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log.close()
+
+
+def test_hostile_clients_leave_the_daemon_serving(served):
+    session, daemon = served
+    path = session.socket
+    # Garbage instead of a request: that connection ends.
+    with handshake(path) as sock:
+        sock.sendall(b"\xde\xad" * 64)
+        assert sock.recv(100) == b""
+    # Garbage instead of the client flags (unknown ones): closed too.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        recv_exactly(sock, 18)
+        sock.sendall(b"\xff" * 64)
+        assert sock.recv(100) == b""
+    # A request refused alone: past the end (EINVAL), a WRITE past the end (ENOSPC, payload skipped),
+    # an unknown command (EINVAL), over 32 MiB (EOVERFLOW); then a good READ on the same connection.
+    with handshake(path) as sock:
+        sock.sendall(request(0, 1, SIZE, 4096) + request(1, 2, SIZE, 512) + b"x" * 512 + request(42, 3, 0, 0)
+                     + request(0, 4, 0, 64 << 20) + request(0, 5, 0, 4096))
+        errors = {}
+        for _ in range(5):
+            magic, error, cookie = struct.unpack(">IIQ", recv_exactly(sock, 16))
+            assert magic == 0x67446698
+            errors[cookie] = error
+            if cookie == 5:
+                assert len(recv_exactly(sock, 4096)) == 4096
+        assert errors == {1: 22, 2: 28, 3: 22, 4: 75, 5: 0}
+    # A WRITE cut short, then the client goes away.
+    with handshake(path) as sock:
+        sock.sendall(request(1, 7, 0, 1 << 20) + b"y" * 1000)
+    rejected = daemon.status()["rejected_inputs"]["nbd-client"]
+    assert rejected["protocol-error"] >= 2 and rejected["request-refused"] >= 4
+    qemu_io(session.uri, "write -P 0x42 0 4k", "read -P 0x42 0 4k")
+
+
+def test_client_that_never_reads_is_bounded(served):
+    session, daemon = served
+    pid = daemon.proc.pid
+    before = rss_kib(pid)
+    with handshake(session.socket) as sock:
+        sock.setblocking(False)
+        burst = b"".join(request(0, i, 0, 32 << 20) for i in range(64))
+        sent = 0
+        # 10 GiB of replies asked for; the daemon stops reading once its bound is held.
+        for _ in range(160):
+            try:
+                sock.sendall(burst)
+                sent += 64
+            except BlockingIOError:
+                break
+        time.sleep(1)
+        grown = rss_kib(pid) - before
+        assert grown < 400 * 1024, f"RSS grew {grown} KiB for a client that reads nothing ({sent} requests sent)"
+        qemu_io(session.uri, "read 0 64k")  # another client is served meanwhile
+
+
+def test_a_thousand_connections(served):
+    session, daemon = served
+    socks = []
+    try:
+        for _ in range(1000):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            socks.append(sock)
+            try:
+                sock.connect(str(session.socket))
+            except (BlockingIOError, OSError):
+                pass  # the backlog is full: refused, as it should be
+        time.sleep(0.5)
+        assert daemon.proc.poll() is None
+        assert daemon.status()["targets"]["disk"]["export_status"]["nbd"]["connections"] <= MAX_CONNECTIONS
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while daemon.status()["targets"]["disk"]["export_status"]["nbd"]["connections"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    qemu_io(session.uri, "read 0 64k")
+
+
+def test_stop_with_requests_in_flight(tmp_path):
+    need_tools("fio")
+    session = NbdSession(tmp_path)
+    try:
+        daemon = session.start(f"memory:size={SIZE}", SERVER)
+        fio = subprocess.Popen(["fio", "--name=busy", "--ioengine=nbd", f"--uri={session.uri}", "--rw=randrw",
+                                "--bs=64k", "--iodepth=32", "--size=32M", "--time_based", "--runtime=60"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.monotonic() + 30
+        while daemon.status()["targets"]["disk"]["total_requests"] < 1000:
+            assert time.monotonic() < deadline and fio.poll() is None
+            time.sleep(0.1)
+        assert daemon.terminate() == 0
+        fio.wait(60)  # its connection ended: fio stops (with errors for what was cut off)
+        events = daemon.log_events()
+        assert not [e for e in events if e.get("level") in ("error", "critical")], events
+        assert any(e.get("event") == "admission closed: new requests are answered ERROR" for e in events)
+        assert not session.socket.exists()  # the listener went with the export
+    finally:
+        session.cleanup()
