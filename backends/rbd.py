@@ -4,8 +4,8 @@
 
 * Every request is one of librbd's asynchronous calls (``rbd_aio_read``,
   ``rbd_aio_write``, ``rbd_aio_flush``, ``rbd_aio_discard``,
-  ``rbd_aio_write_zeroes``), made from the event loop through ctypes
-  (:mod:`._librbd`). Completions are not callbacks: librbd signals an
+  ``rbd_aio_write_zeroes``), made from the event loop in one C call each
+  (the ``_rbd_native`` extension, see :mod:`._librbd`). Completions are not callbacks: librbd signals an
   eventfd, and one task of the event loop collects every finished request
   in a batch (``rbd_poll_io_events``) and wakes its waiting task. No thread
   per request, no polling, and no Python on librbd's threads (the
@@ -40,7 +40,6 @@ The libraries are Debian's ``librados2`` and ``librbd1`` (installed with
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -51,7 +50,7 @@ import structlog
 import trio
 
 from dmuserd.backends._api import Backend, BackendError, Op
-from dmuserd.backends._librbd import CephError, Cluster, Image, Pool
+from dmuserd.backends._librbd import CephError, Cluster, Image, Pool, Queue
 from dmuserd.backends.options import Options
 
 if TYPE_CHECKING:
@@ -173,7 +172,6 @@ class RbdBackend(Backend):
             self._close_sync()
             raise
         self._latency = {op: _Latency() for op in ("read", "write", "flush", "discard", "write_zeroes")}
-        self._in_flight = 0
         self._timeouts = 0
         #: completion key -> request, in the order submitted (so the first is the next to time out)
         self._waiting: dict[int, _Request] = {}
@@ -183,6 +181,7 @@ class RbdBackend(Backend):
         self._next_key = 1
         self._reaper_token: trio.lowlevel.TrioToken | None = None  # the run whose task collects completions
         self._reaper_scope: trio.CancelScope | None = None
+        self._now: Callable[[], float] = trio.current_time  # the reaper's run's clock, read without trio's wrappers
         self._held_ops = self._held_bytes = 0  # what librbd holds of ours (see HELD_OPS)
         self._room: trio.Event | None = None  # set when the held budget shrinks, for requests waiting
 
@@ -244,9 +243,9 @@ class RbdBackend(Backend):
 
     # -- one asynchronous librbd call ------------------------------------------
 
-    async def _aio(self, what: str, submit: Callable[[Image, Any], int], keep: object = None,
+    async def _aio(self, what: str, submit: Callable[..., int], args: tuple[Any, ...], keep: object = None,
                    offset: int = 0, length: int = 0) -> int:
-        """Submit one request (``submit(image, completion)``, an ``aio_*`` call) and wait for it.
+        """Submit one request (``submit(image.io, key, *args)``, a ``Queue`` method) and wait for it.
 
         Returns librbd's return value (>= 0); raises :class:`RbdTimeout` when
         the collector (:meth:`_reap`) gives up on it. ``keep`` is what librbd
@@ -268,12 +267,10 @@ class RbdBackend(Backend):
                 raise OSError(errno.EIO, f"rbd {self.target}: the image is closed")
         key = self._next_key
         self._next_key = key + 1
-        completion = image.completion(key)
-        submitted = submit(image, completion)
+        submitted = submit(image.io, key, *args)
         if submitted < 0:
-            image.release(completion)
             raise OSError(-submitted, f"rbd {self.target}: {what}: {os.strerror(-submitted)}")
-        request = _Request(trio.lowlevel.current_task(), keep, ops, length, what, trio.current_time())
+        request = _Request(trio.lowlevel.current_task(), keep, ops, length, what, self._now())
         self._waiting[key] = request
         self._held_ops += ops
         self._held_bytes += length
@@ -285,12 +282,7 @@ class RbdBackend(Backend):
             self._abandon(key, request)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        self._in_flight += 1
-        try:
-            ret: int = await trio.lowlevel.wait_task_rescheduled(abandon)
-        finally:
-            self._in_flight -= 1
-        self._latency[what].add(trio.current_time() - request.began)
+        ret: int = await trio.lowlevel.wait_task_rescheduled(abandon)  # the collector records the latency
         if ret < 0:
             raise OSError(-ret, f"rbd {self.target}: {what}: {os.strerror(-ret)}")
         return ret
@@ -315,6 +307,7 @@ class RbdBackend(Backend):
     def _start_reaper(self, image: Image) -> None:
         """Start the task that collects completions, once per trio run."""
         self._reaper_token = trio.lowlevel.current_trio_token()
+        self._now = trio.lowlevel.current_clock().current_time
         self._reaper_scope = trio.CancelScope()
         trio.lowlevel.spawn_system_task(self._reap, image, self._reaper_scope, name=f"rbd {self.target} completions")
 
@@ -325,7 +318,7 @@ class RbdBackend(Backend):
         (requests are kept in the order submitted), so no request needs a
         timer of its own; with nothing waiting, until a submit wakes it.
         """
-        waiting, abandoned = self._waiting, self._abandoned
+        waiting, abandoned, latency, now = self._waiting, self._abandoned, self._latency, self._now
         reschedule, Value = trio.lowlevel.reschedule, outcome.Value  # noqa: N806
         with scope:
             try:
@@ -339,14 +332,12 @@ class RbdBackend(Backend):
                         self._reaper_idle = True
                         await trio.lowlevel.wait_readable(image.eventfd)
                         self._reaper_idle = False
-                    try:
-                        os.eventfd_read(image.eventfd)  # reset first: a completion after the poll signals again
-                    except BlockingIOError:
-                        continue
-                    for key, ret in image.reap():
+                    done, finished = image.io.reap(), now()
+                    for key, ret in done:
                         request = waiting.pop(key, None)
                         if request is not None:
                             reschedule(request.task, Value(ret))
+                            latency[request.what].add(finished - request.began)
                         else:
                             request = abandoned.pop(key, None)
                             if request is None:
@@ -365,7 +356,7 @@ class RbdBackend(Backend):
 
     def _expire(self) -> None:
         """Fail the waiting requests submitted ``timeout`` ago or earlier with :class:`RbdTimeout`."""
-        late = trio.current_time() - self.timeout
+        late = self._now() - self.timeout
         expired = []
         for key, request in self._waiting.items():
             if request.began > late:
@@ -387,8 +378,7 @@ class RbdBackend(Backend):
 
     async def read(self, offset: int, length: int) -> bytearray:
         data = bytearray(length)
-        buf = (ctypes.c_char * length).from_buffer(data)
-        got = await self._aio("read", lambda image, comp: image.aio_read(comp, offset, length, buf), buf, offset, length)
+        got = await self._aio("read", Queue.read, (offset, data), data, offset, length)
         if got != length:
             raise OSError(errno.EIO, f"rbd {self.target}: read of {length} bytes at {offset} returned {got}")
         return data
@@ -396,20 +386,20 @@ class RbdBackend(Backend):
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         payload = data if type(data) is bytes else bytes(data)  # noqa: E721 - immutable while librbd reads it
         length = len(payload)
-        await self._aio("write", lambda image, comp: image.aio_write(comp, offset, length, payload), payload, offset, length)
+        await self._aio("write", Queue.write, (offset, payload), payload, offset, length)
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
-        await self._aio("flush", lambda image, comp: image.aio_flush(comp))
+        await self._aio("flush", Queue.flush, ())
 
     async def discard(self, offset: int, length: int) -> None:
-        await self._aio("discard", lambda image, comp: image.aio_discard(comp, offset, length))
+        await self._aio("discard", Queue.discard, (offset, length))
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         # librbd deallocates whole objects it zeroes unless told otherwise;
         # either way the range reads back as zeros.
-        await self._aio("write_zeroes", lambda image, comp: image.aio_write_zeroes(comp, offset, length))
+        await self._aio("write_zeroes", Queue.write_zeroes, (offset, length))
 
     async def close(self) -> None:
         image, self._image = self._image, None
@@ -445,7 +435,7 @@ class RbdBackend(Backend):
             "client": f"client.{self.client_id}",
             "readonly": self.readonly,
             "timeout_s": self.timeout,
-            "librbd_in_flight": self._in_flight,
+            "librbd_in_flight": len(self._waiting),
             "timeouts": self._timeouts,
             "timed_out_still_queued": len(self._abandoned),
             "librbd_held_ops": self._held_ops,

@@ -176,3 +176,59 @@ async def test_an_outage_under_many_requests_keeps_librbd_within_its_budget(ceph
         assert len(await backend.read(4096, 4096)) == 4096
     finally:
         await backend.close()
+
+
+def test_native_queue_submits_and_collects_by_key(ceph_cluster):
+    """backends/_rbd_native.c, the rbd backend's only I/O path: a submit returns 0 and the
+    request comes back from reap() under its key with librbd's return value (the bytes read,
+    or -errno); more finished requests than one rbd_poll_io_events batch come back at once."""
+    import select
+
+    from dmuserd.backends._librbd import Cluster, Queue
+
+    image_name = ceph_cluster.new_image("4M")
+    data = random.Random(9).randbytes(4 * MiB)
+    cluster = Cluster(ceph_cluster.conf, "admin", 10)
+    pool = cluster.open_pool(ceph_cluster.pool)
+
+    def collect(io: Queue, eventfd: int, count: int) -> dict[int, int]:
+        done: dict[int, int] = {}
+        while len(done) < count:
+            assert select.select([eventfd], [], [], 30)[0], f"only {len(done)} of {count} requests finished"
+            done.update(io.reap())
+        assert io.reap() == []  # the eventfd was reset: nothing more
+        return done
+
+    try:
+        image = pool.open_image(image_name, readonly=False)
+        try:
+            assert isinstance(image.io, Queue)
+            assert image.io.write(1, 0, data) == 0
+            assert image.io.flush(2) == 0
+            assert collect(image.io, image.eventfd, 2) == {1: 0, 2: 0}
+            buffers = {key: bytearray(4096) for key in range(10, 210)}  # 200 > one batch of 64
+            for key, buf in buffers.items():
+                assert image.io.read(key, (key - 10) * 16384, buf) == 0
+            assert image.io.read(300, image.size, bytearray(512)) == 0  # past the end: fails on completion
+            done = collect(image.io, image.eventfd, len(buffers) + 1)
+            assert done.pop(300) == -errno.EINVAL
+            assert done == dict.fromkeys(buffers, 4096)
+            for key, buf in buffers.items():
+                assert buf == data[(key - 10) * 16384:(key - 10) * 16384 + 4096]
+            assert image.io.write_zeroes(301, 0, 4096) == 0
+            assert image.io.discard(302, MiB, MiB) == 0
+            assert collect(image.io, image.eventfd, 2) == {301: 0, 302: 0}
+            assert image.io.read(303, 0, buffers[10]) == 0 and image.io.read(304, MiB, buffers[11]) == 0
+            assert collect(image.io, image.eventfd, 2) == {303: 4096, 304: 4096}
+            assert buffers[10] == buffers[11] == bytes(4096)
+        finally:
+            image.close()
+        readonly = pool.open_image(image_name, readonly=True)
+        try:
+            assert readonly.io.write(5, 0, b"x" * 512) == 0
+            assert collect(readonly.io, readonly.eventfd, 1) == {5: -errno.EROFS}
+        finally:
+            readonly.close()
+    finally:
+        pool.close()
+        cluster.close()
