@@ -506,6 +506,8 @@ class NbdServerConnection:
             return NbdErrno.EINVAL, "FUA was not advertised"
         if command in _WRITING and self._read_only:
             return NbdErrno.EPERM, "the export is read-only"
+        if command is Command.FLUSH and (offset or length):
+            return NbdErrno.EINVAL, f"FLUSH with offset {offset} and length {length} (both must be 0)"
         if command in _RANGED:
             if command in (_READ, _WRITE) and length > MAX_PAYLOAD:
                 return NbdErrno.EOVERFLOW, f"length {length} exceeds the maximum payload {MAX_PAYLOAD}"
