@@ -23,7 +23,10 @@ import pytest
 
 from daemon_harness import DMUSERD, run
 from nbd_harness import NbdSession, fio_nbd, qemu_io
-from dmuserd.daemon.nbd_server import MAX_CONNECTIONS
+from dmuserd.daemon.config import ConfigError, ExportSpec
+from dmuserd.daemon.export import build
+from dmuserd.daemon.nbd import NbdExport
+from dmuserd.daemon.nbd_server import MAX_CONNECTIONS, NbdServerExport
 
 SIZE = 64 << 20
 SERVER = ",server=dmuserd"
@@ -283,3 +286,21 @@ def test_stop_with_requests_in_flight(tmp_path):
         assert not session.socket.exists()  # the listener went with the export
     finally:
         session.cleanup()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"server": "dmuserd", "threads": "4"}, "option threads is nbdkit's"),
+    ({"server": "dmuserd", "on-stop": "keep"}, "option on-stop is nbdkit's"),
+    ({"server": "dmuserd", "bogus": "1"}, "unknown option(s) bogus"),
+    ({"server": "qemu"}, "server"),
+])
+def test_options_checked_before_anything_starts(options, message):
+    with pytest.raises(ConfigError) as err:
+        build(ExportSpec("nbd", "/tmp/x.sock", options), host=None)
+    assert message in str(err.value)
+
+
+def test_server_nbdkit_is_the_default():
+    assert type(build(ExportSpec("nbd", "/tmp/x.sock", {}), host=None)) is NbdExport
+    assert type(build(ExportSpec("nbd", "/tmp/x.sock", {"server": "nbdkit"}), host=None)) is NbdExport
+    assert type(build(ExportSpec("nbd", "/tmp/x.sock", {"server": "dmuserd"}), host=None)) is NbdServerExport
