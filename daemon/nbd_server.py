@@ -24,9 +24,15 @@ on one connection):
 * a *reader* (the connection's task) reads as much as is there, turns every
   complete request into an event and queues it for the *workers*: up to
   :data:`MAX_WORKERS` tasks per connection, started as the queue needs
-  them and parked when it is empty, so a request costs a wake-up, not a
-  new task. A READ's data lands in its reply buffer straight from the
-  backend (:meth:`~dmuserd.backends.Backend.readinto`);
+  them and parked when it is empty. A worker that takes a request while
+  more wait wakes one more worker first (should its request block), and
+  only one is woken at a time: over a backend that never blocks, one
+  worker serves a whole batch for one wake-up. Measured (4 KiB randread
+  QD32, memory backend, shared machine, daemon CPU per request): a task
+  per request 14.9-17.6 µs, a worker woken per request 11.3-14.3 µs, this
+  chain 8.5-8.7 µs. A READ's data lands in its reply buffer straight from
+  the backend (:meth:`~dmuserd.backends.Backend.readinto`); buffers of
+  :data:`REUSE_MIN` bytes or more are reused once sent;
 * one *writer* sends every reply queued so far with one ``sendmsg`` (the
   16-byte headers and READ data gathered), so many replies leave per
   system call;
@@ -262,7 +268,7 @@ class _Connection:
         self._queue: deque[NbdRequest] = deque()
         self._idle = trio.lowlevel.ParkingLot()  # workers with nothing to do
         self._workers = 0
-        self._busy = 0  # workers serving a request
+        self._waking = 0  # workers woken (or started) that have not run yet
         self._replies: list = []  # buffers to send, in order
         self._held = 0  # data bytes of requests read and not done (see MAX_HELD)
         self._in_flight = 0  # requests read and not yet replied (queued, served, or their reply unsent)
@@ -418,25 +424,40 @@ class _Connection:
                 self._closing = True
                 break
         if queued:
-            idle = len(self._idle)
-            if idle:
-                self._idle.unpark(count=min(idle, queued))
-            spare = len(queue) - idle
-            while spare > 0 and self._workers < MAX_WORKERS:
-                self._workers += 1
-                self._nursery.start_soon(self._work)
-                spare -= 1
+            self._more_workers()
+
+    def _more_workers(self) -> None:
+        """Queued requests wait: wake one idle worker, or start one (up to :data:`MAX_WORKERS`).
+
+        Not while one is on its way already: that one takes the next request
+        and calls this again if more wait. So a backend that never blocks
+        (memory) costs one wake-up per batch, and one that blocks gets a
+        worker per waiting request, one scheduling round apart.
+        """
+        if self._waking:
+            return
+        if self._idle:
+            self._waking += 1
+            self._idle.unpark()
+        elif self._workers < MAX_WORKERS:
+            self._workers += 1
+            self._waking += 1
+            self._nursery.start_soon(self._work)
 
     # -- workers -----------------------------------------------------------------------------
 
     async def _work(self) -> None:
         queue = self._queue
         handle = self.dispatcher.handle
+        self._waking -= 1
         while True:
             if not queue:
                 await self._idle.park()
+                self._waking -= 1
                 continue
             req = queue.popleft()
+            if queue:
+                self._more_workers()  # for the rest, should this request block
             command = req.command
             sector = req.offset // SECTOR_SIZE
             if command is _READ:

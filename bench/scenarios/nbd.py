@@ -23,6 +23,12 @@ What is measured
       nbdkit. dmuserd pays that and a hop to a second process on top; the
       targets (issue #20) are ``iops_vs_nbdkit_python`` ≥ 0.9 and
       ``throughput_vs_nbdkit_python`` ≥ 1.0;
+    * ``dmuserd_server`` (targets): ``--export nbd:SOCK,server=dmuserd``,
+      the daemon speaking NBD itself (:mod:`dmuserd.daemon.nbd_server`, no
+      nbdkit, no second process) over the same memory backend; its CPU per
+      request is the daemon's alone. Issue #20's targets for it:
+      ``server_iops_vs_nbdkit_python`` ≥ 0.9 and
+      ``server_throughput_vs_nbdkit_python`` ≥ 1.0;
     * ``nbdkit_memory`` (anchor, no target): nbdkit's C ``memory`` plugin,
       the ceiling of nbdkit itself on this machine;
     * ``plugin_hop_floor`` (anchor, no target): nbdkit with dmuserd's own
@@ -101,9 +107,11 @@ STOP_TIMEOUT = 10.0
 RESPONDER_SOURCE = REPO / "bench" / "anchors" / "dmuser_memory_responder.c"
 PLUGIN = REPO / "daemon" / "nbdkit_plugin.py"
 
-SERVERS = ("nbdkit_python", "dmuserd", "dmuserd_socket", "dmuserd_sparse", "nbdkit_memory", "plugin_hop_floor")
+SERVERS = ("nbdkit_python", "dmuserd", "dmuserd_socket", "dmuserd_sparse", "dmuserd_server", "nbdkit_memory",
+           "plugin_hop_floor")
 TARGETS = {"iops_vs_nbdkit_python": 0.9, "throughput_vs_nbdkit_python": 1.0,
-           "sparse_iops_vs_written": 0.9, "sparse_throughput_vs_written": 0.9}
+           "sparse_iops_vs_written": 0.9, "sparse_throughput_vs_written": 0.9,
+           "server_iops_vs_nbdkit_python": 0.9, "server_throughput_vs_nbdkit_python": 1.0}
 
 
 class _Server(ServerProcess):
@@ -256,6 +264,23 @@ class _DmuserdSparse(_Dmuserd):
     prefill = False
 
 
+class _DmuserdServer(_Dmuserd):
+    """The daemon's own NBD server (``server=dmuserd``): no nbdkit."""
+
+    name = "dmuserd_server"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "dmuserd", "serve", "--name", "disk",
+                "--backend", f"memory:size={DEVICE_SIZE}",
+                "--export", f"nbd:{self.socket},server=dmuserd", "--control-socket", str(self.control)]
+
+    def pids(self) -> dict[str, int]:
+        return {"daemon": self.proc.pid}
+
+    def stop(self) -> None:
+        _Server.stop(self)
+
+
 def _fio(uri: str, name: str, args: list[str]) -> dict:
     return run_fio(name, ["--ioengine=nbd", f"--uri={uri}", f"--size={REGION}"], args)
 
@@ -311,7 +336,7 @@ def run(quick: bool) -> dict:
     try:
         responder = _build_responder(workdir)
         classes = {"nbdkit_python": _NbdkitPython, "dmuserd": _Dmuserd, "dmuserd_socket": _DmuserdSocket,
-                   "dmuserd_sparse": _DmuserdSparse, "nbdkit_memory": _NbdkitMemory,
+                   "dmuserd_sparse": _DmuserdSparse, "dmuserd_server": _DmuserdServer, "nbdkit_memory": _NbdkitMemory,
                    "plugin_hop_floor": lambda rdir: _PluginHopFloor(rdir, responder)}
         servers = [name for name in SERVERS if name != "plugin_hop_floor" or responder is not None]
         samples: dict[str, list[dict]] = {s: [] for s in servers}
@@ -332,6 +357,13 @@ def run(quick: bool) -> dict:
         if written:
             compared["ratios"][f"sparse_{kind}_vs_written"] = round(compared["anchors"][f"dmuserd_sparse_{figure}"]
                                                                     / written, 3)
+    # The daemon's own server is ours too: its figures, and its ratios against the python anchor.
+    for kind, figure in (("iops", "4k_randread_iops"), ("throughput", "1m_seqread_mb_s")):
+        del compared["ratios"][f"{kind}_vs_dmuserd_server"]
+        value = compared["figures"][f"dmuserd_server_{figure}"] = compared["anchors"].pop(f"dmuserd_server_{figure}")
+        python = compared["anchors"][f"nbdkit_python_{figure}"]
+        if python:
+            compared["ratios"][f"server_{kind}_vs_nbdkit_python"] = round(value / python, 3)
     if responder is not None:
         # A floor for 1 MiB reads only: with 4 KiB ones, answers that come back at once make nbdkit's
         # threads fight over its GIL (nbdkit's CPU per request doubles), so its IOPS bound nothing.
@@ -345,6 +377,7 @@ def run(quick: bool) -> dict:
         f"{REGION >> 20} MiB; randread 4k QD32, seqread 1M QD4; {ramp} s ramp + {runtime} s per job, "
         f"{rounds} round(s), best kept; nbdkit --threads {THREADS} for every server",
         "dmuserd: memory backend behind nbdkit + daemon/nbdkit_plugin.py (data=shm; dmuserd_socket: data=socket); "
+        "dmuserd_server: the daemon serving NBD itself (server=dmuserd, no nbdkit; CPU: the daemon only); "
         "nbdkit_python: "
         "bench/anchors/nbdkit_trivial_memory.py; nbdkit_memory: nbdkit's C memory plugin; plugin_hop_floor: "
         + ("nbdkit + daemon/nbdkit_plugin.py answered by bench/anchors/dmuser_memory_responder.c"
