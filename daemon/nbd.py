@@ -511,6 +511,26 @@ def bind_nbd_socket(where: str) -> tuple[socket.socket, bool]:
     return sock, False
 
 
+async def accept_within(sock, slots: trio.Semaphore, log_, what: str):
+    """Take one of ``slots``, then accept the next ``what`` on ``sock``: ``(conn, address)``.
+
+    Without a free slot the next peer waits in the listen backlog. An accept
+    error that passes (out of descriptors or memory for now, as
+    trio.serve_listeners does) is logged, its slot returned, and retried
+    after 0.1 s; any other is raised.
+    """
+    while True:
+        await slots.acquire()
+        try:
+            return await sock.accept()
+        except OSError as exc:
+            slots.release()
+            if exc.errno not in _ACCEPT_RETRY:
+                raise
+            log_.error(f"accepting a {what} failed; retrying", error=exc.strerror)
+            await trio.sleep(0.1)
+
+
 async def bind_channel_socket(state_dir: Path, name: str = CHANNEL_NAME) -> trio.socket.SocketType:
     path = str(state_dir / name)
     if os.path.exists(path):
@@ -766,17 +786,7 @@ class NbdExport(Export):
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    await slots.acquire()
-                    try:
-                        conn, _ = await sock.accept()
-                    except OSError as exc:
-                        slots.release()
-                        if exc.errno not in _ACCEPT_RETRY:
-                            raise
-                        # Out of descriptors or memory for now (as trio.serve_listeners does): wait, retry.
-                        self.log.error("accepting a channel failed; retrying", error=exc.strerror)
-                        await trio.sleep(0.1)
-                        continue
+                    conn, _ = await accept_within(sock, slots, self.log, "channel")
                     peer = Peer.of(conn)
                     if peer is None or peer.uid not in (0, os.geteuid()):
                         guard.reject(SURFACE, "peer-not-allowed",

@@ -60,7 +60,6 @@ ones), then the export's nursery is cancelled and every connection closes.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from collections import deque
@@ -74,7 +73,7 @@ from dmuserd.backends.options import Options
 from dmuserd.daemon.dispatcher import Refused
 from dmuserd.daemon.export import Export
 from dmuserd.daemon.guard import Peer
-from dmuserd.daemon.nbd import NbdError, bind_nbd_socket, nbd_uri, parse_where
+from dmuserd.daemon.nbd import NbdError, accept_within, bind_nbd_socket, nbd_uri, parse_where
 from dmuserd.protocol import (
     NBD_NEED_DATA,
     SECTOR_SIZE,
@@ -122,8 +121,6 @@ SPARE_BUFFERS = 8
 #: Buffers per ``sendmsg`` (IOV_MAX is 1024).
 MAX_IOV = 1000
 SOCKET_BUFFER = 4 * 1024 * 1024
-#: accept() errors that pass: out of descriptors or memory, or a peer gone before we took it.
-_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.ECONNABORTED})
 
 _READ, _WRITE, _FLUSH, _TRIM, _ZEROES, _CACHE = (NbdCommand.READ, NbdCommand.WRITE, NbdCommand.FLUSH,
                                                  NbdCommand.TRIM, NbdCommand.WRITE_ZEROES, NbdCommand.CACHE)
@@ -222,16 +219,7 @@ class NbdServerExport(Export):
         try:
             with self._accepting:
                 while True:
-                    await slots.acquire()
-                    try:
-                        conn, address = await listener.accept()
-                    except OSError as exc:
-                        slots.release()
-                        if exc.errno not in _ACCEPT_RETRY:
-                            raise
-                        self.log.error("accepting an NBD client failed; retrying", error=exc.strerror)
-                        await trio.sleep(0.1)
-                        continue
+                    conn, address = await accept_within(listener, slots, self.log, "client")
                     self.accepted += 1
                     nursery.start_soon(self._serve, conn, address, slots)
         finally:
