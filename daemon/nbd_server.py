@@ -284,7 +284,8 @@ class _Connection:
                 return self.sock.recv_into(self._buffer)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
-            except (ConnectionResetError, BrokenPipeError):
+            except OSError as exc:  # reset, timed out: the client is gone, as at EOF
+                log.debug("NBD client connection failed", error=str(exc), **self.context)
                 return 0
 
     async def _send_all(self, buffers: list) -> None:
@@ -499,7 +500,12 @@ class _Connection:
                     replies += 1  # a reply's header
                 else:
                     data += len(buffer)  # its READ data
-            await self._send_all(batch)
+            try:
+                await self._send_all(batch)
+            except OSError as exc:  # the client is gone: nothing more can reach it, the connection ends
+                log.debug("NBD client gone with replies due", error=str(exc), **self.context)
+                self._nursery.cancel_scope.cancel()
+                return
             self._held -= data
             self._in_flight -= replies
             for buffer in batch:

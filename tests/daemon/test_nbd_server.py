@@ -221,6 +221,21 @@ def test_hostile_clients_leave_the_daemon_serving(served):
     qemu_io(session.uri, "write -P 0x42 0 4k", "read -P 0x42 0 4k")
 
 
+def test_client_gone_with_replies_due(served):
+    """A client that leaves with READs unanswered: the sends fail, only that connection ends, no bug is counted."""
+    session, daemon = served
+    for _ in range(5):
+        with handshake(session.socket) as sock:
+            sock.sendall(b"".join(request(0, i, 0, 1 << 20) for i in range(32)))
+            recv_exactly(sock, 16)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+    deadline = time.monotonic() + 30
+    while daemon.status()["targets"]["disk"]["export_status"]["nbd"]["connections"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "internal-error" not in daemon.status()["rejected_inputs"].get("nbd-client", {})
+    qemu_io(session.uri, "read 0 64k")
+
+
 def test_client_that_never_reads_is_bounded(served):
     session, daemon = served
     pid = daemon.proc.pid
