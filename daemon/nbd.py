@@ -1,5 +1,10 @@
 """The NBD export: nbdkit with dmuserd's python plugin, kept across daemon restarts.
 
+(This is ``server=nbdkit``, the default. ``--export nbd:WHERE,server=dmuserd``
+builds :class:`~dmuserd.daemon.nbd_server.NbdServerExport` instead: the
+daemon speaks NBD itself, no nbdkit; faster, but a daemon restart drops its
+clients. Both bind WHERE with :func:`bind_nbd_socket`.)
+
 ``dmuserd serve --export nbd:SOCKET`` (or ``nbd:tcp:HOST:PORT``) runs::
 
     NBD client ──► nbdkit + daemon/nbdkit_plugin.py ══ dm-user channels ══► this daemon
