@@ -26,7 +26,7 @@ from nbd_harness import NbdSession, fio_nbd, qemu_io
 from dmuserd.daemon.config import ConfigError, ExportSpec
 from dmuserd.daemon.export import build
 from dmuserd.daemon.nbd import NbdExport
-from dmuserd.daemon.nbd_server import MAX_CONNECTIONS, NbdServerExport
+from dmuserd.daemon.nbd_server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, NbdServerExport
 
 SIZE = 64 << 20
 SERVER = ",server=dmuserd"
@@ -255,6 +255,17 @@ def test_client_that_never_reads_is_bounded(served):
         grown = rss_kib(pid) - before
         assert grown < 400 * 1024, f"RSS grew {grown} KiB for a client that reads nothing ({sent} requests sent)"
         qemu_io(session.uri, "read 0 64k")  # another client is served meanwhile
+
+
+def test_a_client_that_never_negotiates_is_dropped(served):
+    session, daemon = served
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(HANDSHAKE_TIMEOUT + 30)
+        sock.connect(str(session.socket))
+        recv_exactly(sock, 18)
+        sock.sendall(struct.pack(">I", 3))  # client flags, then silence
+        assert sock.recv(100) == b""  # closed by the daemon once the handshake's time is up
+    assert daemon.status()["rejected_inputs"]["nbd-client"]["handshake-timeout"] >= 1
 
 
 def test_a_thousand_connections(served):
