@@ -1,4 +1,4 @@
-"""Block I/O over NBD: dmuserd's nbdkit export against nbdkit alone.
+"""Block I/O over NBD: dmuserd's nbdkit export and its own NBD server against nbdkit alone.
 
 What is measured
     fio's ``nbd`` engine (libnbd, one connection) against three NBD servers
@@ -94,7 +94,8 @@ from bench.servers import (
     served_requests,
 )
 
-TITLE = "4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd vs nbdkit python vs nbdkit memory"
+TITLE = ("4 KiB randread IOPS (QD32) and 1 MiB seq read MB/s over NBD (fio nbd engine): dmuserd (nbdkit, "
+         "server=dmuserd) vs nbdkit python vs nbdkit memory")
 
 REPO = Path(__file__).resolve().parents[2]
 ANCHOR = REPO / "bench" / "anchors" / "nbdkit_trivial_memory.py"
