@@ -232,3 +232,37 @@ def test_native_queue_submits_and_collects_by_key(ceph_cluster):
     finally:
         pool.close()
         cluster.close()
+
+
+async def test_readinto_reuses_its_buffers_but_never_one_librbd_may_still_fill(ceph_cluster):
+    """readinto reads into a buffer of the backend's, then copies: a read that timed out
+    stays queued in librbd and fills that buffer later, so it must not be reused (and the
+    caller's buffer is never handed to librbd)."""
+    from dmuserd.backends.rbd import REUSE_MIN
+
+    image = ceph_cluster.new_image("8M")
+    backend = from_spec(ceph_cluster.spec(image, timeout="2"))
+    data = random.Random(11).randbytes(8 * MiB)
+    out = memoryview(bytearray(MiB))
+    try:
+        await backend.write(0, data, fua=True)
+        for offset in (0, MiB):
+            await backend.readinto(offset, out)
+            assert out == data[offset:offset + MiB]
+            assert len(backend._spare[MiB]) == 1  # the same buffer, back for the next read
+        small = memoryview(bytearray(REUSE_MIN // 2))
+        await backend.readinto(4 * MiB, small)
+        assert small == data[4 * MiB:4 * MiB + len(small)] and len(small) not in backend._spare
+        with ceph_cluster.osd_paused():
+            with pytest.raises(RbdTimeout):
+                await backend.readinto(2 * MiB, out)
+            assert backend._spare[MiB] == []  # librbd holds it: not kept
+            assert out == data[MiB:2 * MiB]  # the caller's buffer untouched
+        with trio.fail_after(60):
+            while backend.describe()["timed_out_still_queued"]:
+                await trio.sleep(0.1)
+        assert backend._spare[MiB] == []
+        await backend.readinto(3 * MiB, out)
+        assert out == data[3 * MiB:4 * MiB]
+    finally:
+        await backend.close()
