@@ -602,26 +602,35 @@ class SocketTransport:
             return view[:n]
 
     async def send_all(self, buffers: list) -> None:
-        views = buffers
-        total = sum(memoryview(b).nbytes for b in buffers)
-        while True:
-            try:
-                sent = self.sock.sendmsg(views)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
-                continue
-            if sent == total:
-                self._answered = True
-                return
-            skip, rest = sent, []
-            for view in views:
-                view = memoryview(view).cast("B")
-                if skip >= len(view):
-                    skip -= len(view)
-                else:
-                    rest.append(view[skip:])
-                    skip = 0
-            views, total = rest, total - sent
+        await sendmsg_all(self.sock, buffers)
+        self._answered = True
+
+
+async def sendmsg_all(sock: socket.socket, buffers: list) -> None:
+    """Send ``buffers`` whole on the non-blocking ``sock``, gathered (``sendmsg``), waiting while it is full.
+
+    At most IOV_MAX (1024) buffers; a partial send goes on with the rest.
+    OSError when the peer is gone.
+    """
+    views = buffers
+    total = sum(memoryview(b).nbytes for b in buffers)
+    while True:
+        try:
+            sent = sock.sendmsg(views)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if sent == total:
+            return
+        skip, rest = sent, []
+        for view in views:
+            view = memoryview(view).cast("B")
+            if skip >= len(view):
+                skip -= len(view)
+            else:
+                rest.append(view[skip:])
+                skip = 0
+        views, total = rest, total - sent
 
 
 # -- the export ------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ from dmuserd.backends.options import Options
 from dmuserd.daemon.dispatcher import Refused
 from dmuserd.daemon.export import Export
 from dmuserd.daemon.guard import Peer
-from dmuserd.daemon.nbd import NbdError, accept_within, bind_nbd_socket, nbd_uri, parse_where
+from dmuserd.daemon.nbd import NbdError, accept_within, bind_nbd_socket, nbd_uri, parse_where, sendmsg_all
 from dmuserd.protocol import (
     NBD_NEED_DATA,
     SECTOR_SIZE,
@@ -288,27 +288,6 @@ class _Connection:
                 log.debug("NBD client connection failed", error=str(exc), **self.context)
                 return 0
 
-    async def _send_all(self, buffers: list) -> None:
-        """Send ``buffers`` whole (raises OSError if the client is gone)."""
-        views = buffers
-        while views:
-            try:
-                sent = self.sock.sendmsg(views)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
-                continue
-            rest = []
-            for view in views:
-                size = len(view)
-                if sent >= size:
-                    sent -= size
-                elif sent:
-                    rest.append(memoryview(view)[sent:])
-                    sent = 0
-                else:
-                    rest.append(view)
-            views = rest
-
     # -- phases ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -342,7 +321,7 @@ class _Connection:
 
     async def _handshake(self) -> bool:
         proto = self.proto
-        await self._send_all([proto.data_to_send()])
+        await sendmsg_all(self.sock, [proto.data_to_send()])
         while True:
             n = await self._recv()
             if not n:
@@ -351,7 +330,7 @@ class _Connection:
             event = proto.next_event()
             out = proto.data_to_send()
             if out:
-                await self._send_all([out])
+                await sendmsg_all(self.sock, [out])
             while event is not NBD_NEED_DATA:
                 if type(event) is NbdNegotiated:
                     return True
@@ -360,7 +339,7 @@ class _Connection:
                 event = proto.next_event()
                 out = proto.data_to_send()
                 if out:
-                    await self._send_all([out])
+                    await sendmsg_all(self.sock, [out])
 
     async def _read(self) -> None:
         """Read requests and queue them, within the bounds, until the client disconnects."""
@@ -501,7 +480,7 @@ class _Connection:
                 else:
                     data += len(buffer)  # its READ data
             try:
-                await self._send_all(batch)
+                await sendmsg_all(self.sock, batch)
             except OSError as exc:  # the client is gone: nothing more can reach it, the connection ends
                 log.debug("NBD client gone with replies due", error=str(exc), **self.context)
                 self._nursery.cancel_scope.cancel()
