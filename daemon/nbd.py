@@ -606,14 +606,16 @@ class SocketTransport:
         self._answered = True
 
 
-async def sendmsg_all(sock: socket.socket, buffers: list) -> None:
+async def sendmsg_all(sock: socket.socket, buffers: list, total: int | None = None) -> None:
     """Send ``buffers`` whole on the non-blocking ``sock``, gathered (``sendmsg``), waiting while it is full.
 
     At most IOV_MAX (1024) buffers; a partial send goes on with the rest.
-    OSError when the peer is gone.
+    ``total``: their size in bytes, if the caller knows it (counting it here
+    takes a memoryview per buffer, ~0.5 µs each). OSError when the peer is gone.
     """
     views = buffers
-    total = sum(memoryview(b).nbytes for b in buffers)
+    if total is None:
+        total = sum(memoryview(b).nbytes for b in buffers)
     while True:
         try:
             sent = sock.sendmsg(views)

@@ -480,7 +480,7 @@ class _Connection:
                 else:
                     data += len(buffer)  # its READ data
             try:
-                await sendmsg_all(self.sock, batch)
+                await sendmsg_all(self.sock, batch, data + 16 * replies)
             except OSError as exc:  # the client is gone: nothing more can reach it, the connection ends
                 log.debug("NBD client gone with replies due", error=str(exc), **self.context)
                 self._nursery.cancel_scope.cancel()
