@@ -4,6 +4,10 @@
 write, so untouched (or discarded) regions cost no RAM and a device can be
 as large as the address space while holding only what was written. Contents
 vanish with the process; flush has nothing to do.
+
+Each chunk is kept as a ``memoryview`` of its ``bytearray``: a read slices
+it without copying and copies once, into the bytes it returns (or the
+caller's buffer), and a read across chunks is one list of slices, joined.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class MemoryBackend(Backend):
 
     def __init__(self, size: int, block_size: int = 512) -> None:
         super().__init__(size=size, block_size=block_size)
-        self._chunks: dict[int, bytearray] = {}
+        self._chunks: dict[int, memoryview] = {}  # views of bytearray(CHUNK)
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> Self:
@@ -50,7 +54,7 @@ class MemoryBackend(Backend):
         index, start = divmod(offset, CHUNK)
         if start + length <= CHUNK:  # the common case: one chunk
             chunk = self._chunks.get(index)
-            return bytes(length) if chunk is None else bytes(memoryview(chunk)[start : start + length])
+            return bytes(length) if chunk is None else bytes(chunk[start : start + length])
         # One copy into immutable bytes, which the dm-user model then takes
         # without copying again (and no zero-filled buffer to copy into).
         return b"".join(self._views(offset, length))
@@ -64,7 +68,7 @@ class MemoryBackend(Backend):
         end = start + len(buffer)
         if end <= CHUNK:  # the common case: one chunk
             chunk = self._chunks.get(index)
-            buffer[:] = _ZERO_VIEW[: end - start] if chunk is None else memoryview(chunk)[start:end]
+            buffer[:] = _ZERO_VIEW[: end - start] if chunk is None else chunk[start:end]
             return
         pos = 0
         for piece in self._views(offset, len(buffer)):
@@ -73,10 +77,22 @@ class MemoryBackend(Backend):
             pos = end
 
     def _views(self, offset: int, length: int) -> list[memoryview]:
-        return [
-            _ZERO_VIEW[: stop - start] if (chunk := self._chunks.get(index)) is None else memoryview(chunk)[start:stop]
-            for index, start, stop in self._spans(offset, length)
-        ]
+        """The range as slices of its chunks, in order (the zero chunk where none was written).
+
+        The chunks in the middle are whole; only the first and the last are
+        cut. (One list comprehension over chunk numbers: a 1 MiB READ takes
+        16 chunks, and a loop over (index, start, stop) spans cost ~4x the
+        Python steps.)
+        """
+        if not length:
+            return []
+        first, start = divmod(offset, CHUNK)
+        end = start + length  # counted from the first chunk's start
+        get = self._chunks.get
+        views = [get(index, _ZERO_VIEW) for index in range(first, first + -(-end // CHUNK))]
+        views[-1] = views[-1][: end - (len(views) - 1) * CHUNK]
+        views[0] = views[0][start:]
+        return views
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
@@ -84,7 +100,7 @@ class MemoryBackend(Backend):
         for index, start, stop in self._spans(offset, len(view)):
             chunk = self._chunks.get(index)
             if chunk is None:
-                chunk = self._chunks[index] = bytearray(CHUNK)
+                chunk = self._chunks[index] = memoryview(bytearray(CHUNK))
             chunk[start:stop] = view[pos : pos + stop - start]
             pos += stop - start
 
