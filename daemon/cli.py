@@ -4,9 +4,9 @@ Each area of the project contributes its own subcommands through a module
 with a ``register(subparsers)`` function (listed in ``COMMAND_MODULES``).
 Registration only builds parsers; the work, and the heavy imports, happen in
 the handler the chosen subcommand sets as ``func``. When the command line
-names a command, the modules are registered only up to the one providing
-it (a ``cow merge`` does not import what ``units`` needs: subprocess,
-shutil); ``--help`` and an unknown command register them all.
+names a known command, only the module providing it is imported and
+registered (a ``cow merge`` does not import what ``units`` needs:
+subprocess, shutil); ``--help`` and an unknown command register them all.
 
 A handler returns the exit status. Errors meant for the user are raised as
 a subclass of :class:`dmuserd.errors.DmuserdError` and printed as one line
@@ -23,22 +23,23 @@ import sys
 from dmuserd import __version__
 from dmuserd.daemon import logs
 
-COMMAND_MODULES = [
-    "dmuserd.daemon.commands",
-    "dmuserd.daemon.dm_commands",
-    "dmuserd.daemon.nbd_commands",
-    "dmuserd.daemon.ublk_commands",
-    "dmuserd.dsa_offload.commands",
-    "dmuserd.daemon.cow_commands",
-    "dmuserd.daemon.ota_commands",
-    "dmuserd.daemon.image_commands",
-    "dmuserd.daemon.units_commands",
-]
+#: module -> the top-level commands its ``register`` adds (a test checks they agree)
+COMMAND_MODULES = {
+    "dmuserd.daemon.commands": ("serve", "demo", "status"),
+    "dmuserd.daemon.dm_commands": ("dm",),
+    "dmuserd.daemon.nbd_commands": ("nbd",),
+    "dmuserd.daemon.ublk_commands": ("ublk",),
+    "dmuserd.dsa_offload.commands": ("dsa",),
+    "dmuserd.daemon.cow_commands": ("cow", "merge"),
+    "dmuserd.daemon.ota_commands": ("ota",),
+    "dmuserd.daemon.image_commands": ("image", "super"),
+    "dmuserd.daemon.units_commands": ("install-units",),
+}
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser (every command); with ``argv``, only the command modules
-    up to the one providing the command it names, if it names one."""
+    """The parser (every command); with ``argv`` naming a known command,
+    only that command's module's."""
     parser = argparse.ArgumentParser(
         prog="dmuserd",
         description="User-space block devices: serve a backend over dm-user, FUSE or NBD.",
@@ -52,10 +53,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None if argv is None else _command_word(argv)
-    for name in COMMAND_MODULES:
+    names = [name for name, commands in COMMAND_MODULES.items() if wanted in commands] or COMMAND_MODULES
+    for name in names:
         importlib.import_module(name).register(subparsers)
-        if wanted is not None and wanted in subparsers.choices:
-            break
     return parser
 
 

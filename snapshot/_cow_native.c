@@ -44,6 +44,13 @@
  * earlier one writes (a copy's source is a block, an xor's a byte offset).
  * On None the Python functions walk the file again and name the fault:
  * one set of messages.
+ *
+ *     column_max(values, signed, types, wanted) -> int or None
+ *
+ * The largest of a u64 (i64 when signed) column over the rows whose type
+ * wanted marks (256 bytes; empty: every row), None for no such row: the
+ * merge's range checks (OpTable.largest), where Python's max boxes every
+ * value (2 ms a column of 62k ops).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -395,10 +402,52 @@ done:
     return result;
 }
 
+static PyObject *column_max(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer values, types, wanted;
+    int is_signed;
+    if (!PyArg_ParseTuple(args, "y*py*y*:column_max", &values, &is_signed, &types, &wanted))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = values.len / 8;
+    if (values.len % 8 || types.len != n || (wanted.len != 256 && wanted.len != 0)) {
+        PyErr_SetString(PyExc_ValueError, "column_max: a column of 8-byte values, a type a row, a 256-byte table");
+        goto done;
+    }
+    const uint8_t *ty = types.buf, *want = wanted.len ? wanted.buf : NULL;
+    int found = 0;
+    if (is_signed) {
+        const int64_t *v = values.buf;
+        int64_t top = INT64_MIN;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if ((!want || want[ty[i]]) && (!found || v[i] > top)) {
+                top = v[i];
+                found = 1;
+            }
+        result = found ? PyLong_FromLongLong(top) : Py_NewRef(Py_None);
+    } else {
+        const uint64_t *v = values.buf;
+        uint64_t top = 0;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if ((!want || want[ty[i]]) && (!found || v[i] > top)) {
+                top = v[i];
+                found = 1;
+            }
+        result = found ? PyLong_FromUnsignedLongLong(top) : Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&types);
+    PyBuffer_Release(&wanted);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"plain_v2", plain_v2, METH_VARARGS, "v2 plain data op records -> table columns, or None (see the file's doc)"},
     {"rank_rows", rank_rows, METH_VARARGS, "rows sorted by new block, or None for two writing one block"},
     {"order_rows", order_rows, METH_VARARGS, "the checked merge order of rows, or None where a rule is broken"},
+    {"column_max", column_max, METH_VARARGS, "the largest value of a column over rows of some types, or None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,7 @@
 """Type stub of the optional C extension built from ``snapshot/_cow_native.c`` (pyproject.toml ext-modules).
 
 ``snapshot/_cow_reader.py`` (CowReader._plain_v2) and ``snapshot/_cow_order.py`` (check_unique_rows,
-merge_order_rows) are the callers; the C file says what each function takes and returns.
+merge_order_rows) and ``snapshot/_cow_table.py`` (OpTable.largest) are the callers; the C file says what each function takes and returns.
 """
 
 from typing import Any
@@ -15,3 +15,4 @@ def rank_rows(types: ReadableBuffer, new_blocks: ReadableBuffer, factors: Readab
 def order_rows(types: ReadableBuffer, new_blocks: ReadableBuffer, sources: ReadableBuffer, rows: ReadableBuffer,
                ranked: ReadableBuffer, sequence: ReadableBuffer, file_order_rest: bool, block_size: int,
                ordered: bytes, copy_type: int, /) -> bytes | None: ...
+def column_max(values: ReadableBuffer, signed: bool, types: ReadableBuffer, wanted: bytes, /) -> int | None: ...

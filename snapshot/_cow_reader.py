@@ -23,7 +23,6 @@ import re
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from itertools import compress
 from operator import add
 
 from dmuserd.snapshot import _compression
@@ -247,10 +246,10 @@ class CowReader:
         t = self.table
         ty, src = t.type, t.source
         copy, xor = int(OpType.COPY), int(OpType.XOR)
-        types = ty.tobytes()
-        # the farthest source of each kind first (C-level iterators); the op is looked for only past the end
-        if (max(compress(src, types.translate(_IS_COPY)), default=-1) + 1) * bs <= base_size and \
-                max(compress(src, types.translate(_IS_XOR)), default=-bs) + bs <= base_size:
+        # the farthest source of each kind first (OpTable.largest); the op is looked for only past the end
+        farthest_copy, farthest_xor = t.largest(src, _IS_COPY), t.largest(src, _IS_XOR)
+        if (farthest_copy is None or (farthest_copy + 1) * bs <= base_size) and \
+                (farthest_xor is None or farthest_xor + bs <= base_size):
             return
         for r in self._data_rows:
             kind = ty[r]

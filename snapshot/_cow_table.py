@@ -22,6 +22,10 @@ _OPS = {int(t): t for t in OpType}
 _META = frozenset(int(t) for t in METADATA_OPS)
 #: op type -> 1 for a data op, 0 for metadata (``bytes.translate`` table)
 _IS_DATA = bytes(0 if t in _META else 1 for t in range(256))
+try:  # the optional extension (snapshot/_cow_native.c): OpTable.largest in one C pass
+    from dmuserd.snapshot import _cow_native as _NATIVE
+except ImportError:
+    _NATIVE = None
 
 
 class OpTable:
@@ -82,6 +86,16 @@ class OpTable:
     def blocks(self, row: int) -> int:
         """Blocks of the new partition row ``row`` writes (0 for metadata)."""
         return 0 if self.type[row] in _META else 1 << self.factor[row]
+
+    def largest(self, column: array, kinds: bytes | None = None) -> int | None:
+        """The largest value of ``column`` (one of the 8-byte columns) over the
+        rows whose type ``kinds`` marks (a 256-byte ``translate`` table; None:
+        every row), or None when there is none. In C where ``_cow_native`` is
+        built (Python's ``max`` makes an int of every value)."""
+        if _NATIVE is not None:
+            return _NATIVE.column_max(column, column.typecode == "q", self.type, kinds or b"")
+        values = column if kinds is None else compress(column, self.type.tobytes().translate(kinds))
+        return max(values, default=None)
 
     def data_rows(self) -> array:
         """The rows of data ops (not metadata), in file order."""

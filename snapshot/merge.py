@@ -85,8 +85,10 @@ def plan_merge(reader: CowReader, base_size: int, *, journal: bool = True) -> Me
     nb, fac, ty = table.new_block, table.factor, table.type
     limit = base_size // bs
     # a bound first: no op starts past the table's largest new block nor covers more than its largest
-    # factor allows (C-level max); the op is looked for only when the bound passes the end
-    for r in order if max(nb, default=0) + (1 << max(fac, default=0)) > limit else ():
+    # factor allows (OpTable.largest; the factors' distinct values); the op is looked for only when the bound
+    # passes the end
+    bound = (table.largest(nb) or 0) + (1 << max(set(fac.tobytes()), default=0))
+    for r in order if bound > limit else ():
         if nb[r] + (1 << fac[r]) > limit:
             op = table.op(r)
             raise MergeUnsafeError(
@@ -97,10 +99,9 @@ def plan_merge(reader: CowReader, base_size: int, *, journal: bool = True) -> Me
     reader.check_base_size(base_size)
     header = dataclasses.replace(reader.header)
     layout = ScratchLayout(header.header_size, header.buffer_size, bs)
-    # the Copy/Xor ops at the front of the order (merge_order_rows checked that no other op comes between)
-    ordered = bytes([ty[r] for r in order]).translate(_IS_ORDERED).find(0)
-    if ordered < 0:
-        ordered = len(order)
+    # the Copy/Xor ops, all at the front of the order (merge_order_rows checked that no other op comes between,
+    # and the order holds every data op): counted over the type column, not looked up row by row
+    ordered = ty.tobytes().translate(_IS_ORDERED).count(1)
     if ordered and not layout.capacity and journal:
         from dmuserd.snapshot._merge_journal import journal_layout
 

@@ -1,5 +1,6 @@
 """The merge order built in C (``snapshot/_cow_native.c``: ``rank_rows``,
-``order_rows``) is the order the Python rules of ``_cow_order`` build.
+``order_rows``) is the order the Python rules of ``_cow_order`` build, and
+its ``column_max`` gives what ``OpTable.largest`` gives in Python.
 
 test_cow_order_oracle checks the order against the rules as written, with
 whichever path the build has (C where it is built). Here the same random
@@ -19,10 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cow_order_oracle import SEQ_OFFSET, files
 
-from dmuserd.snapshot import _cow_order
+from dmuserd.snapshot import _cow_order, _cow_table
 from dmuserd.snapshot._cow_format import CowFormatError, CowOp, OpType
 from dmuserd.snapshot._cow_order import SequenceData, check_unique_blocks, merge_order
 from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot._cow_table import OpTable
 from dmuserd.snapshot.cow import CowWriter
 
 pytestmark = pytest.mark.skipif(_cow_order._NATIVE is None,
@@ -124,3 +126,19 @@ def test_reader_takes_the_c_path(tmp_path):
     assert calls == ["rank", "order"]
     assert native == python and isinstance(native, array)
     assert blocks == [5, 3, 4, 0, 9]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([int(t) for t in OpType]), st.integers(0, (1 << 64) - 1),
+                          st.integers(-1, (1 << 63) - 1)), max_size=40),
+       st.sampled_from([None, _cow_table._IS_DATA, bytes(256), bytes([int(OpType.COPY) == t for t in range(256)])]))
+def test_largest_is_the_same_in_c(rows, kinds):
+    """OpTable.largest (the merge's range checks) over unsigned and signed columns, filtered by type or not."""
+    table = OpTable(BS)
+    for op_type, new_block, data_offset in rows:
+        table.append(op_type, new_block, 0, 0, 0, 0, data_offset)
+    with mock.patch.object(_cow_table, "_NATIVE", None):
+        python = [table.largest(table.new_block, kinds), table.largest(table.data_offset, kinds)]
+    assert [table.largest(table.new_block, kinds), table.largest(table.data_offset, kinds)] == python
+    if rows and kinds is None:
+        assert python == [max(r[1] for r in rows), max(r[2] for r in rows)]
