@@ -32,6 +32,7 @@ class DirectDevice:
 
     def __init__(self, dispatcher) -> None:
         self.dispatcher = dispatcher
+        self._handle = dispatcher.handle
         self._seq = itertools.count().__next__
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -47,7 +48,7 @@ class DirectDevice:
         ``OSError(EIO)`` when it fails, as the block layer says it: a failed
         request, or one refused because the target is stopping.
         """
-        response = await self.dispatcher.handle(Request(self._seq(), kind, flags, offset // SECTOR_SIZE, length, data))
+        response = await self._handle(Request(self._seq(), kind, flags, offset // SECTOR_SIZE, length, data))
         if response.type is not _SUCCESS:
             raise OSError(errno.EIO, f"{self.dispatcher.name}: {kind.name} at {offset}+{length} failed "
                           f"({'refused: the target is stopping' if type(response) is Refused else response.type.name})")
