@@ -112,12 +112,17 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
 
 
 def _xor_blocks(span: memoryview, delta: bytearray, bs: int) -> None:
-    """XOR ``delta`` into ``span``, block by block, only over the bytes from
-    each block's first to its last non-zero delta byte: an Xor op's delta
-    is mostly zeros (that is why it was stored as one). One ``translate``
-    marks the non-zero bytes of the whole delta, ``find``/``rfind`` (memchr)
-    bound each block's, and only those bytes become ints: about half the
-    cost of turning each whole block into an int."""
+    """XOR ``delta`` into ``span``: in C without the GIL where the
+    ``_merge_io`` extension is built (the commit thread does not wait for
+    it), else block by block, only over the bytes from each block's first
+    to its last non-zero delta byte: an Xor op's delta is mostly zeros
+    (that is why it was stored as one). One ``translate`` marks the
+    non-zero bytes of the whole delta, ``find``/``rfind`` (memchr) bound
+    each block's, and only those bytes become ints: about half the cost of
+    turning each whole block into an int."""
+    if _NATIVE is not None:
+        _NATIVE.xor_into(span, delta)
+        return
     marks = delta.translate(_NONZERO_MARKS)
     for p in range(0, len(delta), bs):
         lo = marks.find(1, p, p + bs)

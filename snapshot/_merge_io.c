@@ -19,12 +19,20 @@
  * buffers and returns -1, or, when the file ends before a run is filled,
  * the index of that run (the caller names the shortfall); OSError on an
  * error. Transfers stop at the first failing run.
+ *
+ *     xor_into(span, delta) -> None
+ *
+ * span ^= delta (equal lengths; span writable), 8 bytes at a time without
+ * the GIL: a window's Xor ops applied in Python held the GIL ~12 us an op,
+ * which the commit thread waited for between its system calls.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/uio.h>
 
 #ifndef IOV_MAX
@@ -151,10 +159,42 @@ static PyObject *preadv_runs(PyObject *self, PyObject *args)
     return runs_io(args, 0);
 }
 
+static PyObject *xor_into(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer span, delta;
+    if (!PyArg_ParseTuple(args, "w*y*:xor_into", &span, &delta))
+        return NULL;
+    if (span.len != delta.len) {
+        PyBuffer_Release(&span);
+        PyBuffer_Release(&delta);
+        PyErr_SetString(PyExc_ValueError, "xor_into: the span and the delta differ in length");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    unsigned char *a = span.buf;
+    const unsigned char *b = delta.buf;
+    Py_ssize_t n = span.len, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x, y;
+        memcpy(&x, a + i, 8);
+        memcpy(&y, b + i, 8);
+        x ^= y;
+        memcpy(a + i, &x, 8);
+    }
+    for (; i < n; i++)
+        a[i] ^= b[i];
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&span);
+    PyBuffer_Release(&delta);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"pwritev_runs", pwritev_runs, METH_VARARGS, "pwritev_runs(fd, [(offset, [buffer, ...]), ...]): write every run"},
     {"preadv_runs", preadv_runs, METH_VARARGS,
      "preadv_runs(fd, [(offset, [buffer, ...]), ...]) -> -1, or the index of the run the file ends in"},
+    {"xor_into", xor_into, METH_VARARGS, "xor_into(span, delta): span ^= delta (equal lengths)"},
     {NULL, NULL, 0, NULL},
 };
 

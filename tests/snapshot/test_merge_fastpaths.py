@@ -1,7 +1,8 @@
 """The merge's bulk shortcuts give exactly what the one-at-a-time code gives.
 
-* Xor ops are applied only over the stretch of each block's delta between
-  its first and last non-zero byte (``_xor_blocks``): checked against a
+* Xor ops are applied in C (the ``_merge_io`` extension) or, in Python,
+  only over the stretch of each block's delta between its first and last
+  non-zero byte (``_xor_blocks``): both checked against a
   byte-by-byte XOR for zero, sparse (down to the block's first and last
   byte) and dense deltas.
 * The v2 reader decodes the data ops of a cluster in bulk (columns) and
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from test_cow_fuzz import mutate, mutation, sample
 
 from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot import _merge_engine
 from dmuserd.snapshot._merge_engine import _xor_blocks
 from dmuserd.snapshot.cow import CowFormatError
 
@@ -50,10 +52,15 @@ def _xor_case(draw):
 @settings(max_examples=300, deadline=None)
 @given(case=_xor_case())
 def test_xor_blocks_equals_bytewise_xor(case):
+    """Both ways: the _merge_io extension's xor_into where it is built, and the Python stretches."""
     bs, span, delta = case
     expected = bytes(a ^ b for a, b in zip(span, delta))
+    python = bytearray(span)
     _xor_blocks(memoryview(span), delta, bs)
     assert span == expected
+    with mock.patch.object(_merge_engine, "_NATIVE", None):
+        _xor_blocks(memoryview(python), delta, bs)
+    assert python == expected
 
 
 def _read(path, bulk: bool):
