@@ -98,88 +98,72 @@ static int Queue_init(Queue *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-/* A completion whose argument is key, or NULL with *ret set to librbd's -errno. */
-static rbd_completion_t completion(unsigned long long key, int *ret)
+enum op { OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES };
+
+/* Make a completion whose argument is key and submit op with it: 0, or librbd's -errno (nothing left behind). */
+static PyObject *submit(Queue *self, enum op op, unsigned long long key, uint64_t offset, char *data, uint64_t length)
 {
     rbd_completion_t c = NULL;
-    *ret = rbd.create_completion((void *)(uintptr_t)key, NULL, &c);
-    return *ret < 0 ? NULL : c;
-}
-
-/* The submit's result; the completion is freed when it was not taken. */
-static PyObject *submitted(rbd_completion_t c, int ret)
-{
+    int ret = rbd.create_completion((void *)(uintptr_t)key, NULL, &c);
     if (ret < 0)
+        return PyLong_FromLong(ret);
+    switch (op) {
+    case OP_READ:
+        ret = rbd.aio_read(self->image, offset, (size_t)length, data, c);
+        break;
+    case OP_WRITE:
+        ret = rbd.aio_write(self->image, offset, (size_t)length, data, c);
+        break;
+    case OP_FLUSH:
+        ret = rbd.aio_flush(self->image, c);
+        break;
+    case OP_DISCARD:
+        ret = rbd.aio_discard(self->image, offset, length, c);
+        break;
+    case OP_WRITE_ZEROES:
+        ret = rbd.aio_write_zeroes(self->image, offset, (size_t)length, c, 0, 0);
+        break;
+    }
+    if (ret < 0) {
         rbd.release(c);
-    return PyLong_FromLong(ret < 0 ? ret : 0);
+        return PyLong_FromLong(ret);
+    }
+    return PyLong_FromLong(0);
 }
 
-static PyObject *Queue_read(Queue *self, PyObject *args)
+/* read and write: (key, offset, buffer); the caller keeps the buffer's object alive until reap() returns key. */
+static PyObject *buffer_op(Queue *self, PyObject *args, enum op op)
 {
     unsigned long long key, offset;
     Py_buffer buf;
-    int ret;
-    if (!PyArg_ParseTuple(args, "KKw*", &key, &offset, &buf))
+    if (!PyArg_ParseTuple(args, op == OP_READ ? "KKw*" : "KKy*", &key, &offset, &buf))
         return NULL;
     char *data = buf.buf;
-    size_t len = (size_t)buf.len;
-    PyBuffer_Release(&buf); /* the caller keeps the object alive until reap() returns key */
-    rbd_completion_t c = completion(key, &ret);
-    if (c == NULL)
-        return PyLong_FromLong(ret);
-    return submitted(c, rbd.aio_read(self->image, offset, len, data, c));
+    uint64_t length = (uint64_t)buf.len;
+    PyBuffer_Release(&buf);
+    return submit(self, op, key, offset, data, length);
 }
 
-static PyObject *Queue_write(Queue *self, PyObject *args)
+/* discard and write_zeroes: (key, offset, length). */
+static PyObject *range_op(Queue *self, PyObject *args, enum op op)
 {
-    unsigned long long key, offset;
-    Py_buffer buf;
-    int ret;
-    if (!PyArg_ParseTuple(args, "KKy*", &key, &offset, &buf))
+    unsigned long long key, offset, length;
+    if (!PyArg_ParseTuple(args, "KKK", &key, &offset, &length))
         return NULL;
-    const char *data = buf.buf;
-    size_t len = (size_t)buf.len;
-    PyBuffer_Release(&buf);
-    rbd_completion_t c = completion(key, &ret);
-    if (c == NULL)
-        return PyLong_FromLong(ret);
-    return submitted(c, rbd.aio_write(self->image, offset, len, data, c));
+    return submit(self, op, key, offset, NULL, length);
 }
+
+static PyObject *Queue_read(Queue *self, PyObject *args) { return buffer_op(self, args, OP_READ); }
+static PyObject *Queue_write(Queue *self, PyObject *args) { return buffer_op(self, args, OP_WRITE); }
+static PyObject *Queue_discard(Queue *self, PyObject *args) { return range_op(self, args, OP_DISCARD); }
+static PyObject *Queue_write_zeroes(Queue *self, PyObject *args) { return range_op(self, args, OP_WRITE_ZEROES); }
 
 static PyObject *Queue_flush(Queue *self, PyObject *arg)
 {
     unsigned long long key = PyLong_AsUnsignedLongLong(arg);
-    int ret;
     if (key == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    rbd_completion_t c = completion(key, &ret);
-    if (c == NULL)
-        return PyLong_FromLong(ret);
-    return submitted(c, rbd.aio_flush(self->image, c));
-}
-
-static PyObject *Queue_discard(Queue *self, PyObject *args)
-{
-    unsigned long long key, offset, length;
-    int ret;
-    if (!PyArg_ParseTuple(args, "KKK", &key, &offset, &length))
-        return NULL;
-    rbd_completion_t c = completion(key, &ret);
-    if (c == NULL)
-        return PyLong_FromLong(ret);
-    return submitted(c, rbd.aio_discard(self->image, offset, length, c));
-}
-
-static PyObject *Queue_write_zeroes(Queue *self, PyObject *args)
-{
-    unsigned long long key, offset, length;
-    int ret;
-    if (!PyArg_ParseTuple(args, "KKK", &key, &offset, &length))
-        return NULL;
-    rbd_completion_t c = completion(key, &ret);
-    if (c == NULL)
-        return PyLong_FromLong(ret);
-    return submitted(c, rbd.aio_write_zeroes(self->image, offset, (size_t)length, c, 0, 0));
+    return submit(self, OP_FLUSH, key, 0, NULL, 0);
 }
 
 static PyObject *Queue_reap(Queue *self, PyObject *Py_UNUSED(ignored))
