@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -183,7 +184,7 @@ class RbdBackend(Backend):
         self._waiting: dict[int, _Request] = {}
         #: requests whose task gave up (timed out, cancelled) that librbd has not completed yet
         self._abandoned: dict[int, _Request] = {}
-        self._reaper_idle = False  # the collector waits with no deadline (nothing was waiting)
+        self._reaper_wait: trio.CancelScope | None = None  # what the collector waits in (see _reap)
         self._next_key = 1
         self._reaper_token: trio.lowlevel.TrioToken | None = None  # the run whose task collects completions
         self._reaper_scope: trio.CancelScope | None = None
@@ -281,9 +282,9 @@ class RbdBackend(Backend):
         self._waiting[key] = request
         self._held_ops += ops
         self._held_bytes += length
-        if self._reaper_idle:  # it waits with no deadline: wake it to set this request's
-            self._reaper_idle = False
-            os.eventfd_write(image.eventfd, 1)
+        wait = self._reaper_wait
+        if wait is not None and wait.deadline == math.inf:  # nothing was waiting: this is the first deadline
+            wait.deadline = request.began + self.timeout
 
         def abandon(_: Any) -> trio.lowlevel.Abort:  # cancelled from outside (the daemon stops)
             self._abandon(key, request)
@@ -316,50 +317,57 @@ class RbdBackend(Backend):
         self._reaper_token = trio.lowlevel.current_trio_token()
         self._now = trio.lowlevel.current_clock().current_time
         self._reaper_scope = trio.CancelScope()
+        self._reaper_wait = None  # a previous run's, if any: its own run sets it
         trio.lowlevel.spawn_system_task(self._reap, image, self._reaper_scope, name=f"rbd {self.target} completions")
 
     async def _reap(self, image: Image, scope: trio.CancelScope) -> None:
         """Collect completions and wake their tasks; fail requests older than ``timeout``.
 
-        Waits for the eventfd until the oldest waiting request's deadline
-        (requests are kept in the order submitted), so no request needs a
-        timer of its own; with nothing waiting, until a submit wakes it.
+        Waits for the eventfd in one cancel scope (:attr:`_reaper_wait`)
+        whose deadline is the oldest waiting request's as it was when the
+        scope was made, or the first request's (set by :meth:`_aio`) when
+        nothing was waiting then: requests are kept in the order submitted,
+        so that deadline is never later than the oldest one now, and no
+        request needs a timer of its own. When it passes, the requests whose
+        time is up fail and a new scope takes the oldest remaining one's.
+        A scope per wake-up instead cost ~13 us each (trio's move_on_at,
+        measured here), a deadline set per wake-up ~5 us.
         """
         waiting, abandoned, latency, now = self._waiting, self._abandoned, self._latency, self._now
         reschedule, Value = trio.lowlevel.reschedule, outcome.Value  # noqa: N806
         with scope:
             try:
                 while True:
-                    if waiting:
-                        deadline = next(iter(waiting.values())).began + self.timeout
-                        with trio.move_on_at(deadline):
+                    oldest = next(iter(waiting.values()), None)
+                    with trio.CancelScope(deadline=math.inf if oldest is None else oldest.began + self.timeout) as wait:
+                        self._reaper_wait = wait
+                        while True:
                             await trio.lowlevel.wait_readable(image.eventfd)
-                        self._expire()
-                    else:
-                        self._reaper_idle = True
-                        await trio.lowlevel.wait_readable(image.eventfd)
-                        self._reaper_idle = False
-                    done, finished = image.io.reap(), now()
-                    for key, ret in done:
-                        request = waiting.pop(key, None)
-                        if request is not None:
-                            reschedule(request.task, Value(ret))
-                            latency[request.what].add(finished - request.began)
-                        else:
-                            request = abandoned.pop(key, None)
-                            if request is None:
-                                continue
-                        self._held_ops -= request.ops
-                        self._held_bytes -= request.nbytes
-                    if self._room is not None:
-                        self._room.set()
-                        self._room = None
+                            done, finished = image.io.reap(), now()
+                            for key, ret in done:
+                                request = waiting.pop(key, None)
+                                if request is not None:
+                                    reschedule(request.task, Value(ret))
+                                    latency[request.what].add(finished - request.began)
+                                else:
+                                    request = abandoned.pop(key, None)
+                                    if request is None:
+                                        continue
+                                self._held_ops -= request.ops
+                                self._held_bytes -= request.nbytes
+                            if self._room is not None:
+                                self._room.set()
+                                self._room = None
+                    self._reaper_wait = None
+                    self._expire()
             except trio.ClosedResourceError:
                 return  # close() is closing the image
             except Exception as exc:  # noqa: BLE001 - a system task must not raise: fail what waits instead
                 log.exception("rbd completion collector failed", target=self.target)
                 self._reaper_token = None  # the next request starts another
                 self._fail_waiting(OSError(errno.EIO, f"rbd {self.target}: collecting completions failed: {exc!r}"))
+            finally:
+                self._reaper_wait = None
 
     def _expire(self) -> None:
         """Fail the waiting requests submitted ``timeout`` ago or earlier with :class:`RbdTimeout`."""
