@@ -143,3 +143,25 @@ def test_plugin_found_through_entry_points(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(pkg)},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1048576 b'\\x01\\x01\\x01'"
+
+
+async def test_memory_reads_match_a_flat_model_at_chunk_edges():
+    """read, read_views and readinto agree with one bytearray for ranges that start, end or lie on chunk edges."""
+    size = 6 * CHUNK
+    backend = MemoryBackend(size, 512)
+    model = bytearray(size)
+    for offset, length, byte in ((CHUNK - 512, 1024, 1), (2 * CHUNK, CHUNK, 2), (4 * CHUNK + 4096, 512, 3)):
+        await backend.write(offset, bytes([byte]) * length)
+        model[offset:offset + length] = bytes([byte]) * length  # chunks 2, 3 and 5 never written
+    edges = sorted({0, 512, CHUNK - 512, CHUNK, CHUNK + 512, 2 * CHUNK, 3 * CHUNK - 512, 4 * CHUNK, 5 * CHUNK, size})
+    for start in edges:
+        for end in edges:
+            if end < start:
+                continue
+            want = bytes(model[start:end])
+            assert bytes(await backend.read(start, end - start)) == want, (start, end)
+            views = await backend.read_views(start, end - start)
+            assert b"".join(views) == want and len(views) == len({o // CHUNK for o in range(start, end, 512)}), (start, end)
+            into = bytearray(end - start)
+            await backend.readinto(start, memoryview(into))
+            assert into == want, (start, end)
