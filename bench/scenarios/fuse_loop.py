@@ -34,7 +34,17 @@ What is measured
     each job, per request, is in ``cpu_us_per_request``, and each anchor's
     over dmuserd's in the ratios (``cpu_per_request_*_over_dmuserd``): on a
     shared machine it moves far less than the rates, so it is the figure to
-    compare runs by.
+    compare runs by. "Per request" is per fio request: a 1 MiB read reaches
+    every server as two 512 KiB FUSE READs (the loop device's queue takes at
+    most 128 page segments), a 4 KiB read as one.
+
+    Where a server's time goes is best seen by timing its read handler under
+    the job (the median wall time of each call), not in a warm loop in
+    process: between requests the server runs trio, libfuse and the kernel,
+    and the handler's Python steps cost 1.5-2x what they cost in such a
+    loop (dmuserd's 4 KiB handler, backend included: ~5.4 µs median under
+    fio on the shared machine, ~3.3 µs in a loop; the ceiling anchor's ~3
+    and ~1.9 µs).
 
 How
     For each server in turn: start it, wait for its mount, attach
