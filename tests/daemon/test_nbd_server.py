@@ -20,10 +20,13 @@ import subprocess
 import time
 
 import pytest
+import trio
 
 from daemon_harness import DMUSERD, run
 from nbd_harness import NbdSession, fio_nbd, qemu_io
-from dmuserd.daemon.config import ConfigError, ExportSpec
+from peak_backend import PeakReads
+from dmuserd.daemon.config import ConfigError, DaemonSpec, ExportSpec, TargetSpec
+from dmuserd.daemon.runtime import Daemon
 from dmuserd.daemon.export import build
 from dmuserd.daemon.nbd import NbdExport
 from dmuserd.daemon.nbd_server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, NbdServerExport
@@ -330,3 +333,86 @@ def test_server_nbdkit_is_the_default():
     assert type(build(ExportSpec("nbd", "/tmp/x.sock", {}), host=None)) is NbdExport
     assert type(build(ExportSpec("nbd", "/tmp/x.sock", {"server": "nbdkit"}), host=None)) is NbdExport
     assert type(build(ExportSpec("nbd", "/tmp/x.sock", {"server": "dmuserd"}), host=None)) is NbdServerExport
+
+
+# -- in process: a backend whose reads block -------------------------------------------------
+
+
+class BlockingReads(PeakReads):
+    """PeakReads whose ``readinto`` (what the NBD server calls) blocks as its ``read`` does."""
+
+    async def readinto(self, offset, buffer):
+        buffer[:] = await self.read(offset, len(buffer))
+
+
+async def _trio_handshake(path) -> trio.SocketStream:
+    stream = await trio.open_unix_socket(str(path))
+    await _trio_recv(stream, 18)
+    await stream.send_all(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 0))
+    await _trio_recv(stream, 10)
+    return stream
+
+
+async def _trio_recv(stream: trio.SocketStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        assert chunk, f"closed after {len(data)} of {n} bytes"
+        data += chunk
+    return data
+
+
+async def _replies(stream: trio.SocketStream, count: int, length: int) -> dict[int, int]:
+    """cookie -> error of ``count`` replies (a successful READ's ``length`` bytes read too)."""
+    errors = {}
+    for _ in range(count):
+        magic, error, cookie = struct.unpack(">IIQ", await _trio_recv(stream, 16))
+        assert magic == 0x67446698
+        if not error:
+            await _trio_recv(stream, length)
+        errors[cookie] = error
+    return errors
+
+
+async def _served(tmp_path, backend):
+    daemon = Daemon(DaemonSpec([]), control_socket=str(tmp_path / "control.sock"))
+    path = tmp_path / "d.sock"
+    return daemon, path, TargetSpec("disk", "memory", {}, [ExportSpec("nbd", str(path), {"server": "dmuserd"})])
+
+
+async def test_requests_of_one_connection_run_concurrently(tmp_path):
+    """32 pipelined READs over a backend that blocks: workers serve them at once, every answer arrives."""
+    backend = BlockingReads(1 << 20, delay=0.05)
+    daemon, path, spec = await _served(tmp_path, backend)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            await daemon.add_target(spec, backend=backend)
+            stream = await _trio_handshake(path)
+            await stream.send_all(b"".join(request(0, i, i * 4096, 4096) for i in range(32)))
+            assert await _replies(stream, 32, 4096) == {i: 0 for i in range(32)}
+            assert backend.peak > 1
+            await stream.aclose()
+            await daemon.stop()
+
+
+async def test_a_request_refused_at_a_stop_is_eshutdown(tmp_path):
+    """Once admission is closed, a new request on a live connection is answered ESHUTDOWN; the one in flight
+    finishes."""
+    backend = BlockingReads(1 << 20, delay=1.0)
+    daemon, path, spec = await _served(tmp_path, backend)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            target = await daemon.add_target(spec, backend=backend)
+            stream = await _trio_handshake(path)
+            await stream.send_all(request(0, 1, 0, 4096))
+            while not backend.active:
+                await trio.sleep(0.01)
+            nursery.start_soon(daemon.remove_target, "disk")
+            while target.dispatcher.admitting:
+                await trio.sleep(0.01)
+            await stream.send_all(request(0, 2, 4096, 4096))
+            assert await _replies(stream, 2, 4096) == {1: 0, 2: 108}
+            assert not path.exists()  # the listener closed
+            await daemon.stop()
