@@ -23,7 +23,6 @@ import re
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from operator import add
 
 from dmuserd.snapshot import _compression
 from dmuserd.snapshot._cow_format import (
@@ -544,7 +543,7 @@ class CowReader:
                         break
         self.compression = Compression(compression or 0)
         # ops without data have data_offset -1 and data_length 0: they never win
-        self.data_end = max(self.data_start, max(map(add, ops.data_offset, ops.data_length), default=0))
+        self.data_end = max(self.data_start, ops.largest(ops.data_offset, plus=ops.data_length) or 0)
         if label is not None:
             if not self.labels or self.labels[-1] != label:
                 raise CowFormatError(

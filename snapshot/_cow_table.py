@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from array import array
 from itertools import compress
+from operator import add
 
 from dmuserd.snapshot._cow_format import METADATA_OPS, CowOp, OpType
 
@@ -26,6 +27,8 @@ try:  # the optional extension (snapshot/_cow_native.c): OpTable.largest in one 
     from dmuserd.snapshot import _cow_native as _NATIVE
 except ImportError:
     _NATIVE = None
+if array("I").itemsize != 4 or array("Q").itemsize != 8 or array("q").itemsize != 8:
+    _NATIVE = None  # it takes u32 and 8-byte columns
 
 
 class OpTable:
@@ -87,14 +90,19 @@ class OpTable:
         """Blocks of the new partition row ``row`` writes (0 for metadata)."""
         return 0 if self.type[row] in _META else 1 << self.factor[row]
 
-    def largest(self, column: array, kinds: bytes | None = None) -> int | None:
-        """The largest value of ``column`` (one of the 8-byte columns) over the
-        rows whose type ``kinds`` marks (a 256-byte ``translate`` table; None:
-        every row), or None when there is none. In C where ``_cow_native`` is
-        built (Python's ``max`` makes an int of every value)."""
+    def largest(self, column: array, kinds: bytes | None = None, plus: array | None = None) -> int | None:
+        """The largest value of ``column`` (one of the 8-byte columns), each
+        plus the row's value in ``plus`` (``data_length``) when given, over
+        the rows whose type ``kinds`` marks (a 256-byte ``translate`` table;
+        None: every row), or None when there is none. In C where
+        ``_cow_native`` is built (Python's ``max`` makes an int of every
+        value)."""
         if _NATIVE is not None:
-            return _NATIVE.column_max(column, column.typecode == "q", self.type, kinds or b"")
-        values = column if kinds is None else compress(column, self.type.tobytes().translate(kinds))
+            return _NATIVE.column_max(column, column.typecode == "q", self.type, kinds or b"",
+                                      b"" if plus is None else plus)
+        values = column if plus is None else map(add, column, plus)
+        if kinds is not None:
+            values = compress(values, self.type.tobytes().translate(kinds))
         return max(values, default=None)
 
     def data_rows(self) -> array:

@@ -130,15 +130,23 @@ def test_reader_takes_the_c_path(tmp_path):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([int(t) for t in OpType]), st.integers(0, (1 << 64) - 1),
-                          st.integers(-1, (1 << 63) - 1)), max_size=40),
+                          st.integers(-1, (1 << 63) - 1), st.integers(0, (1 << 32) - 1)), max_size=40),
        st.sampled_from([None, _cow_table._IS_DATA, bytes(256), bytes([int(OpType.COPY) == t for t in range(256)])]))
 def test_largest_is_the_same_in_c(rows, kinds):
-    """OpTable.largest (the merge's range checks) over unsigned and signed columns, filtered by type or not."""
+    """OpTable.largest (the reader's and the merge's range checks) over unsigned and signed columns,
+    with a u32 column added (past 64 bits too) or not, filtered by type or not."""
     table = OpTable(BS)
-    for op_type, new_block, data_offset in rows:
-        table.append(op_type, new_block, 0, 0, 0, 0, data_offset)
+    for op_type, new_block, data_offset, length in rows:
+        table.append(op_type, new_block, 0, length, 0, 0, data_offset)
+
+    def answers():
+        return [table.largest(table.new_block, kinds), table.largest(table.data_offset, kinds),
+                table.largest(table.new_block, kinds, plus=table.data_length),
+                table.largest(table.data_offset, kinds, plus=table.data_length)]
+
     with mock.patch.object(_cow_table, "_NATIVE", None):
-        python = [table.largest(table.new_block, kinds), table.largest(table.data_offset, kinds)]
-    assert [table.largest(table.new_block, kinds), table.largest(table.data_offset, kinds)] == python
+        python = answers()
+    assert answers() == python
     if rows and kinds is None:
-        assert python == [max(r[1] for r in rows), max(r[2] for r in rows)]
+        assert python == [max(r[1] for r in rows), max(r[2] for r in rows), max(r[1] + r[3] for r in rows),
+                          max(r[2] + r[3] for r in rows)]
