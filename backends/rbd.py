@@ -75,10 +75,10 @@ HELD_OPS = 512
 HELD_BYTES = 48 << 20
 #: :meth:`RbdBackend.readinto` reads into a buffer of its own, reused for reads of the same size
 #: from this size up (a new 1 MiB bytearray is zeroed, and often page-faulted, first: about a
-#: fifth of the event loop thread's CPU per 1 MiB read, ~60 us); at most REUSE_BYTES of them per
-#: size are kept.
+#: fifth of the event loop thread's CPU per 1 MiB read, ~60 us); at most REUSE_BYTES of them are
+#: kept, all sizes together (a client's mix of sizes cannot grow it).
 REUSE_MIN = 64 << 10
-REUSE_BYTES = 16 << 20
+REUSE_BYTES = 32 << 20
 
 log = structlog.get_logger("dmuserd.backends.rbd")
 
@@ -192,6 +192,7 @@ class RbdBackend(Backend):
         self._held_ops = self._held_bytes = 0  # what librbd holds of ours (see HELD_OPS)
         self._room: trio.Event | None = None  # set when the held budget shrinks, for requests waiting
         self._spare: dict[int, list[bytearray]] = {}  # readinto's buffers, by size (REUSE_MIN)
+        self._spare_bytes = 0  # their sum
 
     def _open(self, create: int | None) -> int:
         """Connect, open the pool and the image (created first with ``create`` bytes); returns its size."""
@@ -405,13 +406,16 @@ class RbdBackend(Backend):
         """
         length = len(buffer)
         spare = self._spare.get(length) if length >= REUSE_MIN else None
-        data = spare.pop() if spare else bytearray(length)
+        if spare:
+            data = spare.pop()
+            self._spare_bytes -= length
+        else:
+            data = bytearray(length)
         await self._fill(offset, data)  # raised: librbd may still fill data, which is then never reused
         buffer[:] = data
-        if length >= REUSE_MIN:
-            kept = self._spare.setdefault(length, [])
-            if len(kept) * length < REUSE_BYTES:
-                kept.append(data)
+        if length >= REUSE_MIN and self._spare_bytes + length <= REUSE_BYTES:
+            self._spare.setdefault(length, []).append(data)
+            self._spare_bytes += length
 
     async def _fill(self, offset: int, data: bytearray) -> None:
         """Fill all of ``data`` with the image's bytes at ``offset``, or raise."""

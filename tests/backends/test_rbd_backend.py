@@ -238,7 +238,7 @@ async def test_readinto_reuses_its_buffers_but_never_one_librbd_may_still_fill(c
     """readinto reads into a buffer of the backend's, then copies: a read that timed out
     stays queued in librbd and fills that buffer later, so it must not be reused (and the
     caller's buffer is never handed to librbd)."""
-    from dmuserd.backends.rbd import REUSE_MIN
+    from dmuserd.backends.rbd import REUSE_BYTES, REUSE_MIN
 
     image = ceph_cluster.new_image("8M")
     backend = from_spec(ceph_cluster.spec(image, timeout="2"))
@@ -253,15 +253,22 @@ async def test_readinto_reuses_its_buffers_but_never_one_librbd_may_still_fill(c
         small = memoryview(bytearray(REUSE_MIN // 2))
         await backend.readinto(4 * MiB, small)
         assert small == data[4 * MiB:4 * MiB + len(small)] and len(small) not in backend._spare
+        # Many sizes (a client chooses them): what is kept stays within REUSE_BYTES, all sizes together.
+        async with trio.open_nursery() as nursery:
+            for i in range(48):
+                nursery.start_soon(backend.readinto, 0, memoryview(bytearray(MiB + 512 * (i % 24))))
+        assert sum(len(b) for kept in backend._spare.values() for b in kept) <= REUSE_BYTES
+        kept = list(backend._spare[MiB])
+        assert kept
         with ceph_cluster.osd_paused():
             with pytest.raises(RbdTimeout):
                 await backend.readinto(2 * MiB, out)
-            assert backend._spare[MiB] == []  # librbd holds it: not kept
+            assert backend._spare[MiB] == kept[:-1]  # librbd holds the last one: not kept
             assert out == data[MiB:2 * MiB]  # the caller's buffer untouched
         with trio.fail_after(60):
             while backend.describe()["timed_out_still_queued"]:
                 await trio.sleep(0.1)
-        assert backend._spare[MiB] == []
+        assert backend._spare[MiB] == kept[:-1]
         await backend.readinto(3 * MiB, out)
         assert out == data[3 * MiB:4 * MiB]
     finally:
