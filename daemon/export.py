@@ -22,7 +22,8 @@ kind by name: for each ``--export`` of each target it
    ERROR at once, :meth:`~dmuserd.daemon.dispatcher.Dispatcher.close_admission`),
    calls :meth:`Export.stop_admitting` (make clients fail fast: remove a
    table, refuse new connections), waits for ``dispatcher.drained``,
-   flushes the backend and cancels the nursery. Removing one target at run
+   flushes the backend, awaits :meth:`Export.finish_stop` (send clients
+   the answers still on their way) and cancels the nursery. Removing one target at run
    time (:meth:`~dmuserd.daemon.runtime.Daemon.remove_target`) does the same
    for that target alone.
 
@@ -91,6 +92,10 @@ class Export(abc.ABC):
 
     def stop_admitting(self) -> None:
         """A stop is under way: make new I/O fail fast. The dispatcher already refuses it."""
+
+    async def finish_stop(self) -> None:
+        """Requests are done, the backend flushed; the nursery is cancelled next: deliver the answers still
+        queued (optional; the NBD server's replies that did not fit its sockets yet)."""
 
     def status(self) -> dict:
         """Extra facts for ``dmuserd status`` (queues, counters); the endpoint is added by the daemon."""

@@ -36,13 +36,29 @@ on one connection):
 * one *writer* sends every reply queued so far with one ``sendmsg`` (the
   16-byte headers and READ data gathered), so many replies leave per
   system call;
-* bounded: the reader stops reading while :data:`MAX_IN_FLIGHT` requests
-  of the connection are unanswered or their data (WRITE payloads not yet
-  written, READ buffers not yet sent) holds :data:`MAX_HELD` bytes, e.g.
-  for a client that does not read its replies; the kernel's socket buffers
-  then push back on the client. A connection thus holds at most about
-  ``MAX_HELD`` + 2 x 32 MiB (one request over the bound, one WRITE being
-  received), and at most :data:`MAX_CONNECTIONS` are served.
+* bounded: see "Memory" below.
+
+Memory. What the connections of one export hold is counted against one
+budget, ``memory=SIZE`` (default :data:`MEMORY`, 256 MiB): WRITE payloads
+received and not yet written (and the bytes of a request not yet complete),
+READ data from the request's arrival until its reply is sent. A
+connection's reader stops reading while the budget is spent, unless the
+connection holds no request at all: each connection may always have one
+request, of any size, so clients that never read their replies cannot
+starve the others (they are served one request at a time); the kernel's
+socket buffers then push back on the client. Per connection, fairness is
+kept simple: a reader also pauses at :data:`MAX_IN_FLIGHT` unanswered
+requests or :data:`MAX_HELD` bytes held. Worst case for an export, with
+every connection hostile: ``memory`` + :data:`MAX_CONNECTIONS` x (one
+request of up to 32 MiB over the budget, received or to send; the
+protocol's buffer keeping that WRITE's received bytes while the reader is
+paused, 32 MiB; :data:`SPARE_BYTES` of reused READ buffers, 8 MiB; three
+:data:`RECEIVE_SIZE` buffers), about 256 MiB + 64 x 73 MiB = 4.8 GiB with
+32 MiB requests; with requests of L bytes (the kernel and fio send
+L <= 512 KiB) ``memory`` + 64 x (2 L + 8.75 MiB), 0.9 GiB at 512 KiB. The
+one-request floor per connection is what the bound costs; a smaller
+``MAX_CONNECTIONS`` cuts it. (Before this budget each connection could
+hold ``MAX_HELD`` + 64 MiB + 8 spare buffers per READ size.)
 
 Hostile clients. A request the protocol refuses (out of range, unknown
 command or flags, over 32 MiB) gets its NBD error and the stream goes on;
@@ -56,6 +72,12 @@ the listen backlog. A request refused because the target is stopping
 Stop: ``stop_admitting`` closes the listener (and removes a Unix socket the
 daemon bound); requests in flight finish (the dispatcher refuses new
 ones), then the export's nursery is cancelled and every connection closes.
+Before that cancellation, :meth:`NbdServerExport.finish_stop` stops every
+connection's reader and waits, up to :data:`STOP_REPLY_TIMEOUT` seconds,
+until each has sent its replies (requests read but not begun are answered
+ESHUTDOWN by the dispatcher) and closed: every request read before the stop
+is answered, even when its reply does not fit the socket buffers at once,
+unless the client reads too slowly for that timeout.
 """
 
 from __future__ import annotations
@@ -106,6 +128,8 @@ NBDKIT_ONLY = ("threads", "data", "on-stop", "idle-exit", "timeout")
 MAX_CONNECTIONS = 64
 #: Seconds a client has from connecting to the end of the handshake.
 HANDSHAKE_TIMEOUT = 10.0
+#: The data bytes the connections of one export may hold, by default (``memory=SIZE``; see the module doc).
+MEMORY = 256 * 1024 * 1024
 #: Requests of one connection read and not yet answered before the reader pauses.
 MAX_IN_FLIGHT = 64
 #: Data bytes one connection may hold (WRITE payloads to write, READ data to send) before its reader pauses.
@@ -118,6 +142,10 @@ RECEIVE_SIZE = 256 * 1024
 REUSE_MIN = 64 * 1024
 #: Spare READ buffers kept per size and connection.
 SPARE_BUFFERS = 8
+#: Bytes of spare READ buffers kept per connection at most.
+SPARE_BYTES = 8 * 1024 * 1024
+#: Seconds a stop waits for the connections to send their last replies (:meth:`NbdServerExport.finish_stop`).
+STOP_REPLY_TIMEOUT = 2.0
 #: Buffers per ``sendmsg`` (IOV_MAX is 1024).
 MAX_IOV = 1000
 SOCKET_BUFFER = 4 * 1024 * 1024
@@ -151,19 +179,37 @@ def transmission_flags(capabilities: frozenset[Op]) -> TransmissionFlag:
     return flags
 
 
+class _Budget:
+    """The data bytes the connections of one export hold, against one limit (see the module doc)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.paused: set[trio.lowlevel.ParkingLot] = set()  # readers waiting for room (their connection's lot)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        if self.paused and self.used < self.limit:
+            for lot in self.paused:
+                lot.unpark_all()
+            self.paused.clear()
+
+
 class NbdServerExport(Export):
     """One ``nbd:WHERE,server=dmuserd`` export: a listener and its client connections."""
 
     kind = "nbd"
 
-    def __init__(self, spec, host) -> None:
+    def __init__(self, spec, host, memory: int = MEMORY) -> None:
         super().__init__(spec, host)
+        self.budget = _Budget(memory)
         self.target: Target | None = None
         self.connections = 0  # served now
         self.accepted = 0  # since the start
         self._listener: trio.socket.SocketType | None = None
         self._accepting: trio.CancelScope | None = None
         self._unlink: str | None = None  # the Unix socket path we bound (never systemd's)
+        self._live: set[_Connection] = set()
         self.log = log.bind(where=spec.where)
 
     @classmethod
@@ -171,12 +217,15 @@ class NbdServerExport(Export):
         parse_where(spec.where)
         opts = Options(str(spec), spec.options, kind="export", error=NbdError)
         opts.choice("server", ("nbdkit", "dmuserd"), "dmuserd")
+        memory = opts.size("memory", MEMORY)
+        if memory < 1:
+            raise NbdError(f"export {spec}: memory={memory} must be at least 1 byte")
         for key in NBDKIT_ONLY:
             if opts.has(key):
                 raise NbdError(f"export {spec}: option {key} is nbdkit's (server=nbdkit); "
                                "server=dmuserd serves NBD in the daemon and takes no such option")
-        opts.finish("server=nbdkit|dmuserd")
-        return cls(spec, host)
+        opts.finish("server=nbdkit|dmuserd, memory=SIZE")
+        return cls(spec, host, memory)
 
     async def start(self, target, nursery: trio.Nursery) -> str:
         self.target = target
@@ -197,9 +246,18 @@ class NbdServerExport(Export):
         if self._accepting is not None:
             self._accepting.cancel()
 
+    async def finish_stop(self) -> None:
+        """Requests are done: the connections read no more, send the replies due and close (bounded)."""
+        with trio.move_on_after(STOP_REPLY_TIMEOUT):
+            for connection in self._live:
+                connection.stop_reading()
+            for connection in list(self._live):
+                await connection.done.wait()
+
     def status(self) -> dict:
         return {"server": "dmuserd", "where": self.spec.where, "connections": self.connections,
-                "connections_accepted": self.accepted}
+                "connections_accepted": self.accepted, "memory_held": self.budget.used,
+                "memory_limit": self.budget.limit}
 
     def _close_listener(self) -> None:
         if self._listener is not None:
@@ -232,10 +290,14 @@ class NbdServerExport(Export):
         context = {"device": self.target.name, "connection": self.accepted}
         if peer is None and address:
             context["client"] = str(address)
+        connection = _Connection(self, sock, peer, context)
+        self._live.add(connection)
         try:
             with sock, self.host.guard.isolate(SURFACE, peer, **context):
-                await _Connection(self, sock, peer, context).run()
+                await connection.run()
         finally:
+            self._live.discard(connection)
+            connection.done.set()
             self.connections -= 1
             slots.release()
 
@@ -258,14 +320,26 @@ class _Connection:
         self._workers = 0
         self._waking = 0  # workers woken (or started) that have not run yet
         self._replies: list = []  # buffers to send, in order
-        self._held = 0  # data bytes of requests read and not done (see MAX_HELD)
+        self._held = 0  # data bytes of requests read and not done (see MAX_HELD), in the budget too
+        self._unparsed = 0  # bytes received and not yet parsed into a request, in the budget too
+        self._budget = export.budget
         self._in_flight = 0  # requests read and not yet replied (queued, served, or their reply unsent)
         self._writer = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()  # the reader, paused by the bounds
         self._refused = 0
         self._closing = False
+        self._stop = False  # finish_stop: read no more requests
+        self._reading: trio.CancelScope | None = None  # the handshake's or the request reader's scope
+        self.done = trio.Event()
         self._stalled = False  # _events stopped at a bound with requests maybe still buffered
         self._spare: dict[int, list[bytearray]] = {}  # sent READ buffers of REUSE_MIN bytes or more, by size
+        self._spare_bytes = 0
+
+    def stop_reading(self) -> None:
+        """A stop: read no more requests (nor finish a handshake); the replies due still go out."""
+        self._stop = True
+        if self._reading is not None:
+            self._reading.cancel()
 
     def _reject(self, reason: str, detail: str) -> None:
         """Count a refused input; log only the first of this connection."""
@@ -299,18 +373,22 @@ class _Connection:
         except OSError:
             pass
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as timeout:
+            negotiated = False
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as self._reading:
                 negotiated = await self._handshake()
-            if timeout.cancelled_caught:
+            if self._stop:
+                return
+            if self._reading.cancelled_caught:
                 self._reject("handshake-timeout", f"no export chosen within {HANDSHAKE_TIMEOUT} s")
                 return
             if negotiated:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write)
                     self._nursery = nursery
-                    if self._parse():  # requests sent right behind the handshake first
-                        await self._read()
-                    # The client is done (or gone): answer what runs, then end the writer.
+                    with trio.CancelScope() as self._reading:
+                        if self._parse() and not self._stop:  # requests sent right behind the handshake first
+                            await self._read()
+                    # The client is done (or gone), or a stop: answer what runs, then end the writer.
                     while self._in_flight:
                         await self._room.park()
                     nursery.cancel_scope.cancel()
@@ -318,6 +396,9 @@ class _Connection:
             self._reject("protocol-error", str(exc))
         except OSError as exc:  # the client went away mid-reply: nothing to answer
             log.debug("NBD client gone", error=str(exc), **self.context)
+        finally:
+            self._budget.release(self._held + self._unparsed)  # what requests never finished still held
+            self._held = self._unparsed = 0
 
     async def _handshake(self) -> bool:
         proto = self.proto
@@ -343,8 +424,13 @@ class _Connection:
 
     async def _read(self) -> None:
         """Read requests and queue them, within the bounds, until the client disconnects."""
+        budget = self._budget
         while not self._closing:
-            while self._in_flight >= MAX_IN_FLIGHT or self._held >= MAX_HELD:
+            while self._full():
+                if self._held < MAX_HELD and self._in_flight < MAX_IN_FLIGHT:  # the export's budget is spent
+                    self._spare.clear()
+                    self._spare_bytes = 0
+                    budget.paused.add(self._room)
                 await self._room.park()
             if self._stalled:  # parsing stopped at a bound: more requests may be buffered
                 self._stalled = False
@@ -356,6 +442,11 @@ class _Connection:
             if not self._parse():
                 return
 
+    def _full(self) -> bool:
+        """No more requests now: this connection's bounds, or the export's budget (unless it holds none)."""
+        return (self._in_flight >= MAX_IN_FLIGHT or self._held >= MAX_HELD
+                or (self._held > 0 and self._budget.used >= self._budget.limit))
+
     def _parse(self) -> bool:
         """:meth:`_events`; False when the framing is lost (counted): answer what runs, read no more."""
         try:
@@ -363,15 +454,20 @@ class _Connection:
         except NbdProtocolError as exc:
             self._reject("protocol-error", str(exc))
             return False
+        finally:  # bytes received but not parsed (a WRITE still arriving) count in the budget too
+            unparsed = self.proto.buffered
+            self._budget.used += unparsed - self._unparsed
+            self._unparsed = unparsed
         return True
 
     def _events(self) -> None:
         """Turn the complete requests buffered into work (or a refusal's reply), until a bound is reached."""
         proto = self.proto
         queue = self._queue
+        budget = self._budget
         queued = 0
         while True:
-            if self._in_flight >= MAX_IN_FLIGHT or self._held >= MAX_HELD:
+            if self._full():
                 self._stalled = True
                 break
             event = proto.next_event()
@@ -380,7 +476,9 @@ class _Connection:
             kind = type(event)
             if kind is NbdRequest:
                 self._in_flight += 1
-                self._held += event.length if event.command is _READ or event.command is _WRITE else 0  # type: ignore[union-attr]
+                if event.command is _READ or event.command is _WRITE:  # type: ignore[union-attr]
+                    self._held += event.length  # type: ignore[union-attr]
+                    budget.used += event.length  # type: ignore[union-attr]
                 queue.append(event)  # type: ignore[arg-type]
                 queued += 1
             elif kind is NbdRefused:
@@ -430,17 +528,23 @@ class _Connection:
             sector = req.offset // SECTOR_SIZE
             if command is _READ:
                 spare = self._spare.get(req.length)
-                data = spare.pop() if spare else bytearray(req.length)
+                if spare:
+                    data = spare.pop()
+                    self._spare_bytes -= req.length
+                else:
+                    data = bytearray(req.length)
                 response = await handle(Request(req.cookie, _R_READ, _NO_FLAGS, sector, req.length),
                                         into=memoryview(data))
                 if response.type is _SUCCESS:
                     self._reply(nbd_simple_reply(req.cookie), data)  # held until sent
                     continue
                 self._held -= req.length
+                self._budget.release(req.length)
             elif command is _WRITE:
                 response = await handle(Request(req.cookie, _R_WRITE, _FUA if req.flags & _NBD_FUA else _NO_FLAGS,
                                                 sector, req.length, req.payload))
                 self._held -= req.length  # the payload is written (or failed): it goes
+                self._budget.release(req.length)
             elif command is _FLUSH:
                 response = await handle(Request(req.cookie, _R_FLUSH, _NO_FLAGS, 0, 0))
             elif command is _TRIM:
@@ -486,12 +590,14 @@ class _Connection:
                 self._nursery.cancel_scope.cancel()
                 return
             self._held -= data
+            self._budget.release(data)
             self._in_flight -= replies
             for buffer in batch:
-                if type(buffer) is bytearray and len(buffer) >= REUSE_MIN:
+                if type(buffer) is bytearray and REUSE_MIN <= len(buffer) <= SPARE_BYTES - self._spare_bytes:
                     spare = self._spare.setdefault(len(buffer), [])
                     if len(spare) < SPARE_BUFFERS:
                         spare.append(buffer)
+                        self._spare_bytes += len(buffer)
             if self._room:
                 self._room.unpark_all()
 

@@ -209,7 +209,9 @@ class Daemon:
         3. in-flight requests finish (``dispatcher.drained``), up to the
            grace period; what is still running then fails (EIO to its
            caller) and is logged;
-        4. every backend is flushed (acknowledged writes are durable).
+        4. every backend is flushed (acknowledged writes are durable);
+        5. each export's :meth:`~dmuserd.daemon.export.Export.finish_stop`
+           delivers the answers still queued.
         """
         with trio.move_on_after(STOP_GRACE_SECONDS) as grace:
             for target in targets:
@@ -224,6 +226,9 @@ class Daemon:
                 await target.dispatcher.drained.wait()
             for target in targets:
                 await self._flush(target)
+            for target in targets:
+                for export in target.exports:
+                    await export.finish_stop()
         if grace.cancelled_caught:
             pending = {t.name: t.dispatcher.stats.in_flight for t in targets if t.dispatcher.stats.in_flight}
             log.warning("stop grace period over: failing the requests still in flight",

@@ -29,7 +29,7 @@ from dmuserd.daemon.config import ConfigError, DaemonSpec, ExportSpec, TargetSpe
 from dmuserd.daemon.runtime import Daemon
 from dmuserd.daemon.export import build
 from dmuserd.daemon.nbd import NbdExport
-from dmuserd.daemon.nbd_server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, NbdServerExport
+from dmuserd.daemon.nbd_server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, RECEIVE_SIZE, NbdServerExport
 
 SIZE = 64 << 20
 SERVER = ",server=dmuserd"
@@ -260,6 +260,48 @@ def test_client_that_never_reads_is_bounded(served):
         qemu_io(session.uri, "read 0 64k")  # another client is served meanwhile
 
 
+def test_clients_that_never_read_share_one_budget(tmp_path):
+    """16 clients ask for 2 GiB of READs each and read nothing: the export holds its memory= budget (plus one
+    request per connection), not 16 x the per-connection bound; another client is served meanwhile."""
+    need_tools("qemu-io")
+    session = NbdSession(tmp_path)
+    try:
+        daemon = session.start(f"memory:size={SIZE}", SERVER + ",memory=64M")
+        pid = daemon.proc.pid
+        before = rss_kib(pid)
+        clients = [handshake(session.socket) for _ in range(16)]
+        burst = b"".join(request(0, i, (i % 64) << 20, 1 << 20) for i in range(512))
+        for sock in clients:
+            sock.setblocking(False)
+            for _ in range(4):  # 2 GiB of replies asked for per client, as far as the daemon reads
+                try:
+                    sock.sendall(burst)
+                except BlockingIOError:
+                    break
+        deadline = time.monotonic() + 30
+        status = daemon.status()["targets"]["disk"]["export_status"]["nbd"]
+        while status["memory_held"] < status["memory_limit"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = daemon.status()["targets"]["disk"]["export_status"]["nbd"]
+        time.sleep(1)
+        status = daemon.status()["targets"]["disk"]["export_status"]["nbd"]
+        assert status["memory_limit"] == 64 << 20 and status["connections"] == 16
+        # the budget is spent, by at most one 1 MiB request and one receive of requests per connection over it
+        assert 64 << 20 <= status["memory_held"] <= (64 << 20) + 16 * ((1 << 20) + RECEIVE_SIZE), status
+        grown = rss_kib(pid) - before
+        assert grown < 200 * 1024, f"RSS grew {grown} KiB for 16 clients that read nothing (budget 64 MiB)"
+        qemu_io(session.uri, "read -P 0 0 1M", "write -P 7 1M 64k", "read -P 7 1M 64k")
+        for sock in clients:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while (status := daemon.status()["targets"]["disk"]["export_status"]["nbd"])["connections"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
+        assert status["memory_held"] == 0, status  # every connection gave its share back
+    finally:
+        session.cleanup()
+
+
 def test_a_client_that_never_negotiates_is_dropped(served):
     session, daemon = served
     with socket.socket(socket.AF_UNIX) as sock:
@@ -416,3 +458,31 @@ async def test_a_request_refused_at_a_stop_is_eshutdown(tmp_path):
             assert await _replies(stream, 2, 4096) == {1: 0, 2: 108}
             assert not path.exists()  # the listener closed
             await daemon.stop()
+
+
+async def test_every_request_in_flight_at_a_stop_is_answered(tmp_path):
+    """40 pipelined READs over a backend that blocks (32 run, 8 wait for a worker), then a stop: every READ is
+    answered before the connection closes (the ones running with their data, the others ESHUTDOWN). With 1 MiB
+    READs (40 MiB of replies, more than the socket buffers hold) and a client that reads only once the requests
+    are done, the writer is still sending when the stop would cancel it."""
+    for length, late in ((4096, False), (1 << 20, False), (1 << 20, True)):
+        backend = BlockingReads(64 << 20, delay=0.3)
+        daemon, path, spec = await _served(tmp_path, backend)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.run)
+                target = await daemon.add_target(spec, backend=backend)
+                stream = await _trio_handshake(path)
+                await stream.send_all(b"".join(request(0, i, i * length, length) for i in range(40)))
+                while backend.active < 32:
+                    await trio.sleep(0.01)
+                nursery.start_soon(daemon.remove_target, "disk")
+                if late:
+                    await target.dispatcher.drained.wait()
+                    await trio.sleep(0.1)
+                errors = await _replies(stream, 40, length)
+                assert set(errors) == set(range(40))
+                assert set(errors.values()) <= {0, 108} and list(errors.values()).count(0) >= 32, errors
+                assert await stream.receive_some(16) == b""  # then the connection closes
+                await stream.aclose()
+                await daemon.stop()
