@@ -9,6 +9,7 @@ requests in flight. No nbdkit runs anywhere here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -416,48 +417,46 @@ async def _replies(stream: trio.SocketStream, count: int, length: int) -> dict[i
     return errors
 
 
+@contextlib.asynccontextmanager
 async def _served(tmp_path, backend):
+    """``backend`` served with server=dmuserd by a daemon in process, one client connected: (daemon, nursery,
+    target, stream); the daemon stops at the end."""
     daemon = Daemon(DaemonSpec([]), control_socket=str(tmp_path / "control.sock"))
     path = tmp_path / "d.sock"
-    return daemon, path, TargetSpec("disk", "memory", {}, [ExportSpec("nbd", str(path), {"server": "dmuserd"})])
+    spec = TargetSpec("disk", "memory", {}, [ExportSpec("nbd", str(path), {"server": "dmuserd"})])
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            target = await daemon.add_target(spec, backend=backend)
+            stream = await _trio_handshake(path)
+            yield daemon, nursery, target, stream
+            await stream.aclose()
+            await daemon.stop()
 
 
 async def test_requests_of_one_connection_run_concurrently(tmp_path):
     """32 pipelined READs over a backend that blocks: workers serve them at once, every answer arrives."""
     backend = BlockingReads(1 << 20, delay=0.05)
-    daemon, path, spec = await _served(tmp_path, backend)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
-            await daemon.add_target(spec, backend=backend)
-            stream = await _trio_handshake(path)
-            await stream.send_all(b"".join(request(0, i, i * 4096, 4096) for i in range(32)))
-            assert await _replies(stream, 32, 4096) == {i: 0 for i in range(32)}
-            assert backend.peak > 1
-            await stream.aclose()
-            await daemon.stop()
+    async with _served(tmp_path, backend) as (_, _, _, stream):
+        await stream.send_all(b"".join(request(0, i, i * 4096, 4096) for i in range(32)))
+        assert await _replies(stream, 32, 4096) == {i: 0 for i in range(32)}
+        assert backend.peak > 1
 
 
 async def test_a_request_refused_at_a_stop_is_eshutdown(tmp_path):
     """Once admission is closed, a new request on a live connection is answered ESHUTDOWN; the one in flight
     finishes."""
     backend = BlockingReads(1 << 20, delay=1.0)
-    daemon, path, spec = await _served(tmp_path, backend)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
-            target = await daemon.add_target(spec, backend=backend)
-            stream = await _trio_handshake(path)
-            await stream.send_all(request(0, 1, 0, 4096))
-            while not backend.active:
-                await trio.sleep(0.01)
-            nursery.start_soon(daemon.remove_target, "disk")
-            while target.dispatcher.admitting:
-                await trio.sleep(0.01)
-            await stream.send_all(request(0, 2, 4096, 4096))
-            assert await _replies(stream, 2, 4096) == {1: 0, 2: 108}
-            assert not path.exists()  # the listener closed
-            await daemon.stop()
+    async with _served(tmp_path, backend) as (daemon, nursery, target, stream):
+        await stream.send_all(request(0, 1, 0, 4096))
+        while not backend.active:
+            await trio.sleep(0.01)
+        nursery.start_soon(daemon.remove_target, "disk")
+        while target.dispatcher.admitting:
+            await trio.sleep(0.01)
+        await stream.send_all(request(0, 2, 4096, 4096))
+        assert await _replies(stream, 2, 4096) == {1: 0, 2: 108}
+        assert not (tmp_path / "d.sock").exists()  # the listener closed
 
 
 async def test_every_request_in_flight_at_a_stop_is_answered(tmp_path):
@@ -467,22 +466,15 @@ async def test_every_request_in_flight_at_a_stop_is_answered(tmp_path):
     are done, the writer is still sending when the stop would cancel it."""
     for length, late in ((4096, False), (1 << 20, False), (1 << 20, True)):
         backend = BlockingReads(64 << 20, delay=0.3)
-        daemon, path, spec = await _served(tmp_path, backend)
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.run)
-                target = await daemon.add_target(spec, backend=backend)
-                stream = await _trio_handshake(path)
-                await stream.send_all(b"".join(request(0, i, i * length, length) for i in range(40)))
-                while backend.active < 32:
-                    await trio.sleep(0.01)
-                nursery.start_soon(daemon.remove_target, "disk")
-                if late:
-                    await target.dispatcher.drained.wait()
-                    await trio.sleep(0.1)
-                errors = await _replies(stream, 40, length)
-                assert set(errors) == set(range(40))
-                assert set(errors.values()) <= {0, 108} and list(errors.values()).count(0) >= 32, errors
-                assert await stream.receive_some(16) == b""  # then the connection closes
-                await stream.aclose()
-                await daemon.stop()
+        async with _served(tmp_path, backend) as (daemon, nursery, target, stream):
+            await stream.send_all(b"".join(request(0, i, i * length, length) for i in range(40)))
+            while backend.active < 32:
+                await trio.sleep(0.01)
+            nursery.start_soon(daemon.remove_target, "disk")
+            if late:
+                await target.dispatcher.drained.wait()
+                await trio.sleep(0.1)
+            errors = await _replies(stream, 40, length)
+            assert set(errors) == set(range(40))
+            assert set(errors.values()) <= {0, 108} and list(errors.values()).count(0) >= 32, errors
+            assert await stream.receive_some(16) == b""  # then the connection closes
