@@ -365,11 +365,20 @@ def test_stop_with_requests_in_flight(tmp_path):
     ({"server": "dmuserd", "on-stop": "keep"}, "option on-stop is nbdkit's"),
     ({"server": "dmuserd", "bogus": "1"}, "unknown option(s) bogus"),
     ({"server": "qemu"}, "server"),
+    ({"server": "dmuserd", "memory": "0"}, "memory=0 must be at least 1 byte"),
+    ({"server": "dmuserd", "memory": "lots"}, "memory"),
+    ({"memory": "64M"}, "memory"),  # server=nbdkit has no such budget
 ])
 def test_options_checked_before_anything_starts(options, message):
     with pytest.raises(ConfigError) as err:
         build(ExportSpec("nbd", "/tmp/x.sock", options), host=None)
     assert message in str(err.value)
+
+
+def test_memory_budget_option():
+    assert build(ExportSpec("nbd", "/tmp/x.sock", {"server": "dmuserd", "memory": "64M"}), host=None).budget.limit \
+        == 64 << 20
+    assert build(ExportSpec("nbd", "/tmp/x.sock", {"server": "dmuserd"}), host=None).budget.limit == 256 << 20
 
 
 def test_server_nbdkit_is_the_default():
