@@ -101,4 +101,5 @@ def test_disconnect_and_stop(vm, server):
     assert out["check_after"] != 0 and out["size_after"] == 0, out
     if server == "dmuserd":
         assert out["connections_after"] == 0  # the kernel closed its connections
+        assert out["memory_held_after"] == 0  # and they gave their share of the memory budget back
     assert out["exit"] == 0, _explain(vm, server)
