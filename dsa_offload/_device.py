@@ -25,7 +25,7 @@ import structlog
 import trio
 
 from dmuserd.dsa_offload._caps import Capabilities
-from dmuserd.dsa_offload._completion import Completions
+from dmuserd.dsa_offload._completion import COMPLETION_TIMEOUT, Completions
 from dmuserd.dsa_offload._errors import DeltaRecordError
 from dmuserd.dsa_offload._ops import Operation
 from dmuserd.dsa_offload._spec import STATUS_MASK, WRITE_FAULT, Opcode, Status, status_name
@@ -35,11 +35,6 @@ log = structlog.get_logger()
 # The same fault address this many times in a row: the OS is not bringing
 # the page in (or the device keeps losing it); stop trying.
 FAULT_RETRIES = 3
-
-# A descriptor not complete after this many seconds never will be (a hung
-# device, a queue disabled under us): the queue is given up. Generous: a
-# block-on-fault page request may wait for the disk.
-COMPLETION_TIMEOUT = 5.0
 
 _DELTA_STATUSES = (Status.DELTA_OFFSETS_NOT_INCREASING, Status.DELTA_OFFSET_OUT_OF_RANGE, Status.DELTA_RECORD_SIZE)
 

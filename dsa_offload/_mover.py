@@ -53,16 +53,18 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import structlog
 import trio
 
 from dmuserd.dsa_offload import _cpu, _ops
-from dmuserd.dsa_offload._device import Device
 from dmuserd.dsa_offload._errors import DsaArgumentError
 from dmuserd.dsa_offload._native import extension
 from dmuserd.dsa_offload._spec import DELTA_GRANULE, DELTA_MAX_SIZE
+
+if TYPE_CHECKING:  # a CPU mover does not load the device side
+    from dmuserd.dsa_offload._device import Device
 
 log = structlog.get_logger()
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import structlog
 
-from dmuserd.dsa_offload._caps import Capabilities
-from dmuserd.dsa_offload._device import COMPLETION_TIMEOUT, Device
+from dmuserd.dsa_offload._completion import COMPLETION_TIMEOUT
 from dmuserd.dsa_offload._discovery import discover, usable_queues
 from dmuserd.dsa_offload._errors import DsaUnavailable
 from dmuserd.dsa_offload._mover import DEFAULT_CPU_THREAD_THRESHOLD, DEFAULT_THRESHOLD, Mover
@@ -23,6 +22,9 @@ from dmuserd.dsa_offload._native import extension, load_error
 log = structlog.get_logger()
 
 ENGINES = ("auto", "dsa", "emulated", "cpu")
+
+# The device side (_device, _caps) is imported only where a queue opens: a CPU mover, or "auto" on a
+# machine without a usable DSA queue (most), does not load it (start-up of `dmuserd cow merge`).
 
 
 def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emulator=None,
@@ -51,6 +53,9 @@ def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emul
     if engine == "emulated":
         if ext is None:
             raise DsaUnavailable(f"the emulated engine needs the _dsa extension: {load_error()}")
+        from dmuserd.dsa_offload._caps import Capabilities
+        from dmuserd.dsa_offload._device import Device
+
         emu = emulator if emulator is not None else ext.Emulator(**(emulator_options or {}))
         queue = ext.Queue(emulator=emu, portal=portal)
         device = Device(queue, engine="emulated", caps=Capabilities.of_emulator(emu), block_on_fault=block_on_fault,
@@ -58,6 +63,8 @@ def open_mover(engine: str = "auto", threshold: int = DEFAULT_THRESHOLD, *, emul
         return Mover(device, engine="emulated", emulator=emu, **common)
     try:
         queue, wq = _open_hardware(sysfs, devdir)
+        from dmuserd.dsa_offload._device import Device
+
         device = Device(queue, engine="dsa", caps=wq.capabilities, block_on_fault=block_on_fault,
                         completion_timeout=completion_timeout)
         return Mover(device, engine="dsa", **common)
