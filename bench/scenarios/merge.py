@@ -32,6 +32,12 @@ timing so that no earlier writeback is billed to it:
   fastest of the reruns, one after each merge), and
   ``merge_engine_*`` the merge engine's own run as it reports it (writing
   the ops, every sync included; no start-up, no reading of the COW's ops).
+  The child runs with this interpreter, so from a development checkout it
+  goes through the editable install's import finder (``site`` loads it,
+  with pathlib, ~12 ms of a bare ``python -c pass``); a ``pip install .``
+  has none. For this command it makes no difference: trio imports pathlib
+  anyway (measured: the same minimum CPU time either way, within 2 ms), so
+  the figure is what a user's start-up costs too.
 * The merge's syncs: it reports its ``fdatasync`` calls (the protocol's:
   4 per window of up to 510 Copy/Xor ops that goes through the scratch
   area, 2 per other window and per 256 Replace/Zero ops) and the time spent
