@@ -23,8 +23,6 @@ import dataclasses
 
 from dmuserd.dsa_offload._spec import WRITES_MEMORY, Flag, GenCap, Opcode
 
-CAP_SYS_RAWIO = 17
-
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
@@ -116,15 +114,3 @@ class Capabilities:
         if missing:
             out.append("on the CPU (not offered by the queue): " + ", ".join(missing))
         return out
-
-
-def has_sys_rawio() -> bool | None:
-    """Whether this process has CAP_SYS_RAWIO in its effective set (None: unknown)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_RAWIO & 1)
-    except OSError:
-        pass
-    return None

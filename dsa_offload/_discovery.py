@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
-from dmuserd.dsa_offload._caps import Capabilities, has_sys_rawio
 from dmuserd.dsa_offload._native import extension, load_error
+
+if TYPE_CHECKING:  # loaded once a queue is found: none on most machines (`cow merge` start-up)
+    from dmuserd.dsa_offload._caps import Capabilities
 
 SYSFS = "/sys/bus/dsa/devices"
 DEVDIR = "/dev/dsa"
+CAP_SYS_RAWIO = 17
+
+
+def has_sys_rawio() -> bool | None:
+    """Whether this process has CAP_SYS_RAWIO in its effective set (None: unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_RAWIO & 1)
+    except OSError:
+        pass
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +82,8 @@ class WorkQueue:
     @property
     def capabilities(self) -> Capabilities:
         """What the queue takes: gen_cap, op_cap narrowed by op_config, its block-on-fault setting."""
+        from dmuserd.dsa_offload._caps import Capabilities
+
         return Capabilities(gen_cap=self.gen_cap, op_cap=self.op_cap, op_config=self.op_config,
                             wq_block_on_fault=self.block_on_fault == 1)
 
