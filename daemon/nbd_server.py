@@ -50,12 +50,13 @@ socket buffers then push back on the client. Per connection, fairness is
 kept simple: a reader also pauses at :data:`MAX_IN_FLIGHT` unanswered
 requests or :data:`MAX_HELD` bytes held. Worst case for an export, with
 every connection hostile: ``memory`` + :data:`MAX_CONNECTIONS` x (one
-request of up to 32 MiB over the budget, received or to send; the
-protocol's buffer keeping that WRITE's received bytes while the reader is
-paused, 32 MiB; :data:`SPARE_BYTES` of reused READ buffers, 8 MiB; three
-:data:`RECEIVE_SIZE` buffers), about 256 MiB + 64 x 73 MiB = 4.8 GiB with
+request of up to 32 MiB over the budget, received or to send; up to
+:data:`~dmuserd.protocol._nbd.COMPACT_MIN` (1 MiB) of taken bytes the
+protocol's buffer may keep after a WRITE's payload is copied out;
+:data:`SPARE_BYTES` of reused READ buffers, 8 MiB; three
+:data:`RECEIVE_SIZE` buffers), about 256 MiB + 64 x 42 MiB = 2.9 GiB with
 32 MiB requests; with requests of L bytes (the kernel and fio send
-L <= 512 KiB) ``memory`` + 64 x (2 L + 8.75 MiB), 0.9 GiB at 512 KiB. The
+L <= 512 KiB) ``memory`` + 64 x (L + 9.75 MiB), 0.9 GiB at 512 KiB. The
 one-request floor per connection is what the bound costs; a smaller
 ``MAX_CONNECTIONS`` cuts it. (Before this budget each connection could
 hold ``MAX_HELD`` + 64 MiB + 8 spare buffers per READ size.)

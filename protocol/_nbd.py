@@ -83,6 +83,9 @@ PREFERRED_BLOCK_SIZE = 4096
 #: Longest option data accepted; a longer option ends the connection (a
 #: GO with a 4096-byte name and many info requests fits many times).
 MAX_OPTION_DATA = 64 * 1024
+#: Taken bytes kept at the front of the receive buffer at most after a WRITE's payload is copied out (a
+#: reader paused by its bounds would otherwise hold each payload twice: in the buffer and in the request).
+COMPACT_MIN = 1024 * 1024
 #: Largest string the spec allows (export names).
 MAX_STRING = 4096
 
@@ -527,7 +530,12 @@ class NbdServerConnection:
             return NEED_DATA
         self._pending = None
         self.state = State.TRANSMISSION
-        return NbdRequest(cookie, _WRITE, flags, offset, length, bytes(self._buffer[at:at + length]))
+        with memoryview(self._buffer) as view:  # one copy (a bytearray slice, then bytes(), made two)
+            payload = view[at:at + length].tobytes()
+        if self._start >= COMPACT_MIN:  # the taken payload goes now, not when the next request is short
+            del self._buffer[:self._start]
+            self._start = 0
+        return NbdRequest(cookie, _WRITE, flags, offset, length, payload)
 
     def _discarded(self) -> NbdRefused | _NeedData:
         if self._discard:

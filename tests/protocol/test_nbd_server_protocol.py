@@ -62,8 +62,8 @@ def option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
     return replies
 
 
-def in_transmission(flags=ALL, block_size: int = 512) -> NbdServerConnection:
-    conn = NbdServerConnection(SIZE, flags, block_size=block_size)
+def in_transmission(flags=ALL, block_size: int = 512, size: int = SIZE) -> NbdServerConnection:
+    conn = NbdServerConnection(size, flags, block_size=block_size)
     conn.data_to_send()
     conn.receive_data(struct.pack(">I", 3) + option(1))
     assert events(conn) == [NbdNegotiated("", True)]
@@ -221,6 +221,20 @@ def test_oversized_write_is_dropped_as_it_streams():
     conn.receive_data(request(3, 2))
     got = events(conn)
     assert got[0].error == NbdErrno.EOVERFLOW and got[1] == NbdRequest(2, NbdCommand.FLUSH, 0, 0, 0)
+
+
+def test_a_large_write_payload_is_not_kept_twice():
+    """Once a WRITE's payload is out as its request, the receive buffer lets it go (a reader paused by its
+    bounds would otherwise hold it twice); what follows it stays, and parses."""
+    conn = in_transmission(size=8 << 20)
+    payload = bytes(range(256)) * (8 << 10)  # 2 MiB
+    conn.receive_data(request(1, 7, 4096, len(payload)) + payload + request(0, 8, 0, 4096)[:10])
+    write = conn.next_event()  # and no more: the server's reader stops here when its bounds are reached
+    assert write == NbdRequest(7, NbdCommand.WRITE, 0, 4096, len(payload), payload)
+    assert conn.buffered == 10
+    assert len(conn._buffer) < 1 << 20  # the 2 MiB taken went at once (COMPACT_MIN), not at the next event
+    conn.receive_data(request(0, 8, 0, 4096)[10:])
+    assert events(conn) == [NbdRequest(8, NbdCommand.READ, 0, 0, 4096)]
 
 
 def test_bad_request_magic_names_the_position():
