@@ -1,49 +1,75 @@
 """Run ``dmuserd serve --export nbd:...`` and real NBD clients from tests.
 
 A uniquely named helper module (the FUSE helpers live in ``daemon_harness``).
-The export's nbdkit outlives a daemon on purpose, so :class:`NbdSession`
-remembers every nbdkit it saw and stops them at the end of a test.
+Both NBD fronts start the same way (:data:`FRONTS`: nbdkit with the
+daemon's plugin, the default, or the daemon's own server), so one client
+suite runs against either. The export's nbdkit outlives a daemon on
+purpose, so :class:`NbdSession` remembers every nbdkit it saw and stops
+them at the end of a test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from daemon_harness import DMUSERD, daemon_status, terminate
+from dmuserd.daemon.nbd import state_dir_for
+
+#: The NBD fronts, as ``server=`` names them: nbdkit + the python plugin (the default), the daemon's own server.
+FRONTS = ("nbdkit", "dmuserd")
+
+
+def need_tools(*tools: str) -> None:
+    """Skip unless the named tools exist."""
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
 
 
 def need_nbd_tools(*tools: str) -> None:
     """Skip unless nbdkit's python plugin and the named client tools exist."""
-    import shutil
-
-    missing = [t for t in ("nbdkit", *tools) if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)}")
+    need_tools("nbdkit", *tools)
     probe = subprocess.run(["nbdkit", "python", "--dump-plugin"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip("nbdkit's python plugin is not installed (apt-get install nbdkit-plugin-python)")
 
 
+def need_front_tools(front: str, *tools: str) -> None:
+    """Skip unless ``front`` (one of :data:`FRONTS`) and the named client tools can run here."""
+    if front == "nbdkit":
+        need_nbd_tools(*tools)
+    else:
+        need_tools(*tools)
+
+
 class NbdDaemon:
     """One ``dmuserd serve`` process with one NBD export."""
 
-    def __init__(self, session: "NbdSession", backend: str, options: str = "", name: str = "disk") -> None:
+    def __init__(self, session: "NbdSession", backend: str, options: str = "", name: str = "disk",
+                 launcher: Sequence[str] = ()) -> None:
+        """``launcher``: a command that runs the daemon (``systemd-socket-activate ... --``), if any."""
         self.session = session
         session.starts += 1
         self.control = session.workdir / f"control{session.starts}.sock"
         self.log_path = session.workdir / f"daemon{session.starts}.log"
         self.log = open(self.log_path, "w+")
+        if session.front != "nbdkit":
+            options += f",server={session.front}"
         self.proc = subprocess.Popen(
-            DMUSERD + ["serve", "--name", name, "--backend", backend,
-                       "--export", f"nbd:{session.socket}{options}", "--control-socket", str(self.control)],
+            [*launcher, *DMUSERD, "serve", "--name", name, "--backend", backend,
+             "--export", f"nbd:{session.where}{options}", "--control-socket", str(self.control)],
             stdout=self.log, stderr=subprocess.STDOUT,
             # Kept nbdkits register in the test's directory (unless the test chose one), not in /run.
             env={"DMUSERD_NBD_REGISTRY": str(session.workdir / "nbd-registry"), **os.environ},
@@ -59,6 +85,8 @@ class NbdDaemon:
                 pid = self.session.nbdkit_pid()
                 if pid is not None:
                     self.session.nbdkit_pids.add(pid)
+                # The daemon's own server starts no nbdkit: none may serve this socket.
+                assert pid is None or self.session.front == "nbdkit", f"nbdkit {pid} serves server={self.session.front}"
                 return self
             time.sleep(0.02)
         raise AssertionError(f"daemon not ready in {timeout} s:\n{self.log_text()}")
@@ -92,22 +120,37 @@ class NbdDaemon:
 
 
 class NbdSession:
-    """Daemons serving one NBD socket, one after another, and the nbdkit they share."""
+    """Daemons serving one NBD socket, one after another, and the nbdkit they share.
 
-    def __init__(self, workdir: Path) -> None:
+    ``front``: which NBD server the daemons start (one of :data:`FRONTS`);
+    ``tcp_port``: serve ``tcp:127.0.0.1:PORT`` instead of the Unix socket
+    ``workdir/disk.sock``.
+    """
+
+    def __init__(self, workdir: Path, front: str = "nbdkit", tcp_port: int | None = None) -> None:
         self.workdir = workdir
+        self.front = front
+        self.tcp_port = tcp_port
         self.socket = workdir / "disk.sock"
-        self.state_dir = workdir / ".disk.sock.dmuserd"
+        self.state_dir = state_dir_for(self.where) if tcp_port else workdir / ".disk.sock.dmuserd"
         self.daemons: list[NbdDaemon] = []
         self.nbdkit_pids: set[int] = set()
         self.starts = 0
 
     @property
+    def where(self) -> str:
+        """The export's WHERE (``nbd:WHERE``)."""
+        return f"tcp:127.0.0.1:{self.tcp_port}" if self.tcp_port else str(self.socket)
+
+    @property
     def uri(self) -> str:
+        if self.tcp_port:
+            return f"nbd://127.0.0.1:{self.tcp_port}/"
         return f"nbd+unix:///?socket={self.socket}"
 
-    def start(self, backend: str, options: str = "", wait: bool = True) -> NbdDaemon:
-        daemon = NbdDaemon(self, backend, options)
+    def start(self, backend: str, options: str = "", wait: bool = True, launcher: Sequence[str] = ()) -> NbdDaemon:
+        """A daemon serving ``backend`` (``options``: the export's, each after a comma)."""
+        daemon = NbdDaemon(self, backend, options, launcher=launcher)
         self.daemons.append(daemon)
         return daemon.wait_ready() if wait else daemon
 
@@ -135,6 +178,15 @@ class NbdSession:
         for pid in self.nbdkit_pids:
             if nbdkit_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        if self.tcp_port:
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # outside the test's directory
+
+
+def free_tcp_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def nbdkit_alive(pid: int) -> bool:
@@ -146,13 +198,23 @@ def nbdkit_alive(pid: int) -> bool:
     return "(nbdkit)" in stat and stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
+@contextlib.contextmanager
+def open_session(workdir: Path, front: str = "nbdkit", *tools: str, tcp_port: int | None = None) -> Iterator[NbdSession]:
+    """An :class:`NbdSession` of ``front`` in ``workdir`` (skipped unless it and ``tools`` can run); its daemons
+    and nbdkit stopped at the end."""
+    need_front_tools(front, *tools)
+    session = NbdSession(workdir, front, tcp_port)
+    try:
+        yield session
+    finally:
+        session.cleanup()
+
+
 @pytest.fixture
 def nbd_session(tmp_path):
     """An :class:`NbdSession` in ``tmp_path``; daemons and nbdkit stopped afterwards."""
-    need_nbd_tools()
-    session = NbdSession(tmp_path)
-    yield session
-    session.cleanup()
+    with open_session(tmp_path) as session:
+        yield session
 
 
 def qemu_io(uri: str, *commands: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -1,20 +1,18 @@
-"""The daemon's own NBD server (``--export nbd:WHERE,server=dmuserd``) with real clients.
+"""What only the daemon's own NBD server (``--export nbd:WHERE,server=dmuserd``) has.
 
-nbdinfo, nbdcopy, qemu-io and fio's nbd engine against a served memory
-backend; a file backend with FUA and flush; a TCP export; hostile clients
-(garbage, a request cut short, a client that never reads its replies, a
-thousand connections) after which the daemon still serves; a stop with
-requests in flight. No nbdkit runs anywhere here.
+What any client sees of an export (nbdinfo, qemu-io, qemu-img, nbdcopy,
+fio, trim and zero, FUA and flush, backend errors, TCP, systemd's socket)
+is checked on both fronts by test_nbd_clients.py. Here: hostile clients
+(garbage, a request cut short, a client that never reads its replies or
+never negotiates, a thousand connections) after which the daemon still
+serves; the memory budget of an export; a stop with requests in flight;
+the options; and, in process, the server's concurrency and stop over a
+backend whose reads block. No nbdkit runs anywhere here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
-import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -23,8 +21,7 @@ import time
 import pytest
 import trio
 
-from daemon_harness import DMUSERD, run
-from nbd_harness import NbdSession, fio_nbd, qemu_io
+from nbd_harness import open_session, qemu_io
 from peak_backend import PeakReads
 from dmuserd.daemon.config import ConfigError, DaemonSpec, ExportSpec, TargetSpec
 from dmuserd.daemon.runtime import Daemon
@@ -33,22 +30,13 @@ from dmuserd.daemon.nbd import NbdExport
 from dmuserd.daemon.nbd_server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, RECEIVE_SIZE, NbdServerExport
 
 SIZE = 64 << 20
-SERVER = ",server=dmuserd"
-
-
-def need_tools(*tools: str) -> None:
-    missing = [t for t in tools if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"missing tools: {', '.join(missing)}")
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    need_tools("nbdinfo", "qemu-io", "nbdcopy", "fio")
-    session = NbdSession(tmp_path_factory.mktemp("nbds"))
-    daemon = session.start(f"memory:size={SIZE}", SERVER)
-    yield session, daemon
-    session.cleanup()
+    """(session, daemon): a memory backend of SIZE served by server=dmuserd, for the module."""
+    with open_session(tmp_path_factory.mktemp("nbds"), "dmuserd", "qemu-io") as session:
+        yield session, session.start(f"memory:size={SIZE}")
 
 
 def handshake(path) -> socket.socket:
@@ -83,111 +71,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def test_nbdinfo_reports_size_and_flags(served):
-    session, daemon = served
-    info = json.loads(run("nbdinfo", "--json", session.uri).stdout)["exports"][0]
-    assert info["export-size"] == SIZE
-    assert (info["block_size_minimum"], info["block_size_preferred"], info["block_size_maximum"]) == (512, 4096, 32 << 20)
-    for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_cache"):
-        assert info[flag] is True, flag
-    assert info["is_read_only"] is False
-    status = daemon.status()["targets"]["disk"]
-    assert status["exports"]["nbd"] == session.uri
-    assert status["export_status"]["nbd"]["server"] == "dmuserd"
-    assert session.nbdkit_pid() is None  # no nbdkit: the daemon serves NBD itself
-
-
-def test_read_only_backend_advertises_read_only(tmp_path):
-    need_tools("nbdinfo", "nbdcopy")
-    session = NbdSession(tmp_path)
-    try:
-        session.start("zero:size=1M,block_size=4096", SERVER)
-        info = json.loads(run("nbdinfo", "--json", session.uri).stdout)["exports"][0]
-        assert info["export-size"] == 1 << 20
-        assert info["block_size_minimum"] == 4096
-        assert info["is_read_only"] is True
-        assert info["can_trim"] is False and info["can_zero"] is False and info["can_fua"] is False
-        out = tmp_path / "out.img"
-        run("nbdcopy", session.uri, out)
-        assert out.read_bytes() == bytes(1 << 20)
-    finally:
-        session.cleanup()
-
-
-def test_nbdcopy_in_and_out(served, tmp_path):
-    session, _ = served
-    source = tmp_path / "src.img"
-    source.write_bytes(os.urandom(SIZE))
-    run("nbdcopy", source, session.uri)
-    back = tmp_path / "back.img"
-    run("nbdcopy", session.uri, back)
-    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
-
-
-def test_qemu_io_patterns(served):
-    session, _ = served
-    spans = [(0, 256, 0x11), (511, 2, 0x22), (4095, 4099, 0x33), (65537, 131071, 0x44), (3 << 20, 1 << 20, 0x55)]
-    qemu_io(session.uri, *[f"write -P {p:#x} {o} {n}" for o, n, p in spans])
-    qemu_io(session.uri, *[f"read -P {p:#x} {o} {n}" for o, n, p in spans])
-    qemu_io(session.uri, "write -z 8M 64k", "read -P 0 8M 64k", "write -P 0x66 9M 64k", "discard 9M 64k",
-            "read -P 0 9M 64k", "flush")
-
-
-def test_fio_verify(served, tmp_path):
-    session, _ = served
-    job = fio_nbd(session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=16M",
-                  "--verify=crc32c", "--do_verify=1", "--randrepeat=0")
-    assert job["_rc"] == 0, job["_stderr"]
-    assert job["error"] == 0
-    assert job["read"]["io_bytes"] >= 16 << 20  # the verify pass read it all back
-    job = fio_nbd(session.uri, tmp_path, "--rw=write", "--bs=1M", "--iodepth=4", "--size=16M",
-                  "--verify=crc32c", "--do_verify=1")
-    assert job["_rc"] == 0 and job["error"] == 0, job["_stderr"]
-
-
-def test_file_backend_fua_and_flush(tmp_path):
-    need_tools("qemu-io")
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(4 << 20))
-    session = NbdSession(tmp_path)
-    try:
-        daemon = session.start(f"file:path={image}", SERVER)
-        qemu_io(session.uri, "write -f -P 0xa5 0 64k", "write -P 0x5a 1M 64k", "flush")
-        requests = daemon.requests()
-        assert requests["write"] >= 2 and requests["flush"] >= 1
-        with open(image, "rb") as f:
-            assert f.read(65536) == b"\xa5" * 65536
-            f.seek(1 << 20)
-            assert f.read(65536) == b"\x5a" * 65536
-    finally:
-        session.cleanup()
-
-
-def test_tcp_export(tmp_path):
-    need_tools("nbdinfo", "qemu-io")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    control = tmp_path / "control.sock"
-    log = open(tmp_path / "daemon.log", "w")
-    proc = subprocess.Popen(DMUSERD + ["serve", "--name", "disk", "--backend", "memory:size=8M", "--export",
-                                       f"nbd:tcp:127.0.0.1:{port}{SERVER}", "--control-socket", str(control)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not control.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
-            time.sleep(0.05)
-        uri = f"nbd://127.0.0.1:{port}/"
-        info = json.loads(run("nbdinfo", "--json", uri).stdout)["exports"][0]
-        assert info["export-size"] == 8 << 20
-        qemu_io(uri, "write -P 0x3c 12k 8k", "read -P 0x3c 12k 8k")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        log.close()
 
 
 def test_hostile_clients_leave_the_daemon_serving(served):
@@ -264,10 +147,8 @@ def test_client_that_never_reads_is_bounded(served):
 def test_clients_that_never_read_share_one_budget(tmp_path):
     """16 clients ask for 2 GiB of READs each and read nothing: the export holds its memory= budget (plus one
     request per connection), not 16 x the per-connection bound; another client is served meanwhile."""
-    need_tools("qemu-io")
-    session = NbdSession(tmp_path)
-    try:
-        daemon = session.start(f"memory:size={SIZE}", SERVER + ",memory=64M")
+    with open_session(tmp_path, "dmuserd", "qemu-io") as session:
+        daemon = session.start(f"memory:size={SIZE}", ",memory=64M")
         pid = daemon.proc.pid
         before = rss_kib(pid)
         clients = [handshake(session.socket) for _ in range(16)]
@@ -299,8 +180,6 @@ def test_clients_that_never_read_share_one_budget(tmp_path):
             assert time.monotonic() < deadline, status
             time.sleep(0.1)
         assert status["memory_held"] == 0, status  # every connection gave its share back
-    finally:
-        session.cleanup()
 
 
 def test_a_client_that_never_negotiates_is_dropped(served):
@@ -339,10 +218,8 @@ def test_a_thousand_connections(served):
 
 
 def test_stop_with_requests_in_flight(tmp_path):
-    need_tools("fio")
-    session = NbdSession(tmp_path)
-    try:
-        daemon = session.start(f"memory:size={SIZE}", SERVER)
+    with open_session(tmp_path, "dmuserd", "fio") as session:
+        daemon = session.start(f"memory:size={SIZE}")
         fio = subprocess.Popen(["fio", "--name=busy", "--ioengine=nbd", f"--uri={session.uri}", "--rw=randrw",
                                 "--bs=64k", "--iodepth=32", "--size=32M", "--time_based", "--runtime=60"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -356,8 +233,6 @@ def test_stop_with_requests_in_flight(tmp_path):
         assert not [e for e in events if e.get("level") in ("error", "critical")], events
         assert any(e.get("event") == "admission closed: new requests are answered ERROR" for e in events)
         assert not session.socket.exists()  # the listener went with the export
-    finally:
-        session.cleanup()
 
 
 @pytest.mark.parametrize("options, message", [
