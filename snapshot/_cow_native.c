@@ -1,26 +1,33 @@
-/* A run of v2 COW op records turned into table columns, in C.
+/* A v2 COW file's clustered op records turned into table columns, in C.
  *
- * snapshot/_cow_reader.py reads a v2 file's clustered ops a cluster at a
- * time; the records of plain data ops (copy, replace, zero, xor) go to the
- * op table in bulk (CowReader._plain_v2). In Python that costs about
- * 0.4 us an op, a third of reading a COW file before a merge can start.
- * This does the same per-op work (the rules checked, the columns and data
- * offsets made) in one pass, and returns None where any op breaks a rule:
- * the reader's per-op path then reads those ops and names the fault, as
- * without this module.
+ * snapshot/_cow_reader.py reads a v2 file's op stream; the records of plain
+ * data ops (copy, replace, zero, xor) and the cluster ops that end each
+ * cluster go to the op table here, cluster after cluster, the reads
+ * (pread) included (CowReader._walk_v2). In Python that loop cost about
+ * 10 ms of the 62k-op start-up of a merge (a call, a read and columns a
+ * cluster). This does the same per-op work (the rules checked, the columns
+ * and data offsets made) and stops before the first record it does not
+ * take: any other type (sequence, label, footer, an unused slot), a record
+ * breaking a rule, a short read or the end of the file. The reader's
+ * per-op path then reads that record and names the fault, as without this
+ * module: one set of messages.
  *
- *     plain_v2(buf, count, data_pos, data_start, file_size, compression,
- *              valid_compression, xor, replace, source_mask)
- *       -> None or (types, comps, lengths, new_blocks, sources,
- *                   data_offsets, data_pos, compression)
+ *     walk_v2(fd, pos, data_pos, cluster_ops, data_start, file_size,
+ *             compression, columns, valid_compression, copy, replace,
+ *             zero, xor, cluster, source_mask)
+ *       -> (pos, data_pos, compression, data_ops)
  *
- * buf: at least count 20-byte records (type u8, compression u8,
- * data_length u16, new_block u64, source u64, little-endian), all of type
- * copy/replace/zero/xor. compression: the file's so far, -1 for none yet.
- * valid_compression: 256 bytes, 1 where a compression value is known.
- * Returned columns are bytes in native order: types and comps one byte an
- * op, lengths u32, new_blocks and sources u64, data_offsets i64 (-1 for an
- * op without data); data_pos is the data stream position after the ops.
+ * pos: the next record's offset, data_pos: the data stream's position
+ * there, compression: the file's so far (-1 for none yet), all as the
+ * reader has them, and the same after the records taken (data_ops: how
+ * many of them were data ops, not cluster ops). Records are read
+ * min(cluster_ops, what the file has left) at a time, as the reader does.
+ * columns: the op table's array.array columns in OpTable.columns() order
+ * (type B, new_block Q, source Q, data_length I, compression B, offset Q,
+ * data_offset q, factor B); the rows of the records taken are appended to
+ * them (frombytes, a batch at a time: no second copy of the table).
+ * valid_compression: 256 bytes, 1 where a compression value is known;
+ * copy .. cluster: the op type values; source_mask: the largest source.
  *
  * The merge order (snapshot/_cow_order.py: check_unique_rows,
  * merge_order_rows) is built and checked here too, where the Python rules
@@ -52,105 +59,206 @@
  * marks (256 bytes; empty: every row), None for no such row: the reader's
  * and the merge's range checks (OpTable.largest), where Python's max boxes
  * every value (2-4 ms a column of 62k ops).
+ *
+ *     rows_of(types, wanted) -> rows
+ *
+ * The rows (u32, packed) whose type wanted marks (256 bytes), in order:
+ * the table's data rows (OpTable.data_rows; 1.7 ms of Python at 62k ops).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <endian.h>
+#include <errno.h>
+#include <limits.h>
+#include <unistd.h>
 
 #define OP_SIZE 20
 
 static uint64_t le64(const unsigned char *p)
 {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return le64toh(v);
 }
 
-static PyObject *plain_v2(PyObject *self, PyObject *args)
+/* Rows of taken records not yet appended to the table's columns. */
+struct rows {
+    Py_ssize_t n, cap;
+    uint8_t *type, *comp;
+    uint32_t *length;
+    uint64_t *block, *source, *offset;
+    int64_t *data_offset;
+};
+
+#define ROWS_BATCH 16384
+
+static void rows_free(struct rows *r)
+{
+    PyMem_Free(r->type);
+    PyMem_Free(r->comp);
+    PyMem_Free(r->length);
+    PyMem_Free(r->block);
+    PyMem_Free(r->source);
+    PyMem_Free(r->offset);
+    PyMem_Free(r->data_offset);
+}
+
+static int rows_alloc(struct rows *r)
+{
+    r->n = 0;
+    r->cap = ROWS_BATCH;
+    r->type = PyMem_Malloc(ROWS_BATCH);
+    r->comp = PyMem_Malloc(ROWS_BATCH);
+    r->length = PyMem_Malloc(ROWS_BATCH * 4);
+    r->block = PyMem_Malloc(ROWS_BATCH * 8);
+    r->source = PyMem_Malloc(ROWS_BATCH * 8);
+    r->offset = PyMem_Malloc(ROWS_BATCH * 8);
+    r->data_offset = PyMem_Malloc(ROWS_BATCH * 8);
+    if (!r->type || !r->comp || !r->length || !r->block || !r->source || !r->offset || !r->data_offset) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* Append the pending rows to the 8 columns (array.frombytes each); 0 or -1 with an exception. */
+static int rows_flush(struct rows *r, PyObject *columns, const uint8_t *zeros)
+{
+    if (!r->n)
+        return 0;
+    const void *data[8] = {r->type, r->block, r->source, r->length, r->comp, r->offset, r->data_offset, zeros};
+    const Py_ssize_t width[8] = {1, 8, 8, 4, 1, 8, 8, 1};
+    for (int c = 0; c < 8; c++) {
+        PyObject *done = PyObject_CallMethod(PyTuple_GET_ITEM(columns, c), "frombytes", "y#", (const char *)data[c],
+                                             r->n * width[c]);
+        if (done == NULL)
+            return -1;
+        Py_DECREF(done);
+    }
+    r->n = 0;
+    return 0;
+}
+
+static PyObject *walk_v2(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer buf, valid;
-    Py_ssize_t count;
-    long long data_pos, data_start, file_size, compression;
-    int xor_type, replace_type;
+    int fd, copy_type, replace_type, zero_type, xor_type, cluster_type;
+    long long pos, data_pos, data_start, file_size, compression;
+    unsigned long cluster_ops;
     unsigned long long source_mask;
-    if (!PyArg_ParseTuple(args, "y*nLLLLy*iiK:plain_v2", &buf, &count, &data_pos, &data_start, &file_size,
-                          &compression, &valid, &xor_type, &replace_type, &source_mask))
+    PyObject *columns;
+    Py_buffer valid;
+    if (!PyArg_ParseTuple(args, "iLLkLLLO!y*iiiiiK:walk_v2", &fd, &pos, &data_pos, &cluster_ops, &data_start,
+                          &file_size, &compression, &PyTuple_Type, &columns, &valid, &copy_type, &replace_type,
+                          &zero_type, &xor_type, &cluster_type, &source_mask))
         return NULL;
-    PyObject *result = NULL, *types = NULL, *comps = NULL, *lengths = NULL, *blocks = NULL, *sources = NULL,
-             *offsets = NULL;
-    if (count < 0 || buf.len < count * OP_SIZE || valid.len != 256) {
-        PyErr_SetString(PyExc_ValueError, "plain_v2: buffer shorter than count records, or a bad table");
+    PyObject *result = NULL;
+    unsigned char *buf = NULL;
+    uint8_t *zeros = NULL;
+    struct rows rows = {0};
+    Py_ssize_t data_ops = 0;
+    if (PyTuple_GET_SIZE(columns) != 8 || valid.len != 256 || !cluster_ops || pos < 0 || data_pos < 0 ||
+        file_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "walk_v2: 8 columns, a 256-byte table, clusters and positions");
         goto done;
     }
-    types = PyBytes_FromStringAndSize(NULL, count);
-    comps = PyBytes_FromStringAndSize(NULL, count);
-    lengths = PyBytes_FromStringAndSize(NULL, count * 4);
-    blocks = PyBytes_FromStringAndSize(NULL, count * 8);
-    sources = PyBytes_FromStringAndSize(NULL, count * 8);
-    offsets = PyBytes_FromStringAndSize(NULL, count * 8);
-    if (!types || !comps || !lengths || !blocks || !sources || !offsets)
+    zeros = PyMem_Calloc(ROWS_BATCH, 1);
+    if (rows_alloc(&rows) < 0 || zeros == NULL) {
+        PyErr_NoMemory();
         goto done;
-    unsigned char *t = (unsigned char *)PyBytes_AS_STRING(types), *c = (unsigned char *)PyBytes_AS_STRING(comps);
-    uint32_t *len_out = (uint32_t *)PyBytes_AS_STRING(lengths);
-    uint64_t *nb_out = (uint64_t *)PyBytes_AS_STRING(blocks), *src_out = (uint64_t *)PyBytes_AS_STRING(sources);
-    int64_t *off_out = (int64_t *)PyBytes_AS_STRING(offsets);
-    const unsigned char *rec = buf.buf, *ok = valid.buf;
-    int broken = 0;
-    for (Py_ssize_t i = 0; i < count && !broken; i++, rec += OP_SIZE) {
-        unsigned type = rec[0], comp = rec[1];
-        uint32_t length = (uint32_t)rec[2] | ((uint32_t)rec[3] << 8);
-        uint64_t new_block = le64(rec + 4), source = le64(rec + 12);
-        if (comp) {
-            if (!ok[comp] || (compression >= 0 && compression != comp)) {
-                broken = 1;
-                break;
-            }
-            compression = comp;
-        }
-        if (new_block > 0xFFFFFFFFull || source > source_mask) {
-            broken = 1;
+    }
+    const unsigned char *ok = valid.buf;
+    size_t buf_size = 0;
+    /* data_pos grows by up to cluster_ops * 20 a cluster: past this bound the reader's Python ints go on */
+    const long long data_pos_limit = LLONG_MAX / 2;
+    for (;;) {
+        long long left = pos < file_size ? (file_size - pos) / OP_SIZE : 0;
+        long long to_read = left < (long long)cluster_ops ? left : (long long)cluster_ops;
+        if (to_read <= 0 || data_pos > data_pos_limit)
             break;
+        size_t want = (size_t)to_read * OP_SIZE;
+        if (want > buf_size) {
+            PyMem_Free(buf);
+            buf = PyMem_Malloc(want);
+            buf_size = buf ? want : 0;
+            if (buf == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
         }
-        int64_t where = -1;
-        if ((int)type == xor_type || (int)type == replace_type) {
-            long long at = (int)type == xor_type ? data_pos : (long long)source;
-            if (!length || at < data_start || at + (long long)length > file_size) {
-                broken = 1;
+        ssize_t got;
+        do
+            got = pread(fd, buf, want, (off_t)pos);
+        while (got < 0 && errno == EINTR);
+        if (got != (ssize_t)want)
+            break; /* an error or a file that shrank: the reader's own read says which */
+        int stop = 0;
+        const unsigned char *rec = buf;
+        for (long long i = 0; i < to_read; i++, rec += OP_SIZE) {
+            int type = rec[0], comp = rec[1];
+            uint32_t length = (uint32_t)rec[2] | ((uint32_t)rec[3] << 8);
+            uint64_t new_block = le64(rec + 4), source = le64(rec + 12);
+            int plain = type == copy_type || type == replace_type || type == zero_type || type == xor_type;
+            if ((!plain && type != cluster_type) || (comp && (!ok[comp] || (compression >= 0 && compression != comp))) ||
+                source > source_mask) {
+                stop = 1;
                 break;
             }
-            where = at;
+            int64_t where = -1;
+            if (type == cluster_type) {
+                if (length) {
+                    stop = 1;
+                    break;
+                }
+            } else if (new_block > 0xFFFFFFFFull) {
+                stop = 1;
+                break;
+            } else if (type == xor_type || type == replace_type) {
+                long long at = type == xor_type ? data_pos : (long long)source;
+                if (!length || at < data_start || at + (long long)length > file_size) {
+                    stop = 1;
+                    break;
+                }
+                where = at;
+            } else if (length) {
+                stop = 1;
+                break;
+            }
+            if (comp)
+                compression = comp;
+            if (rows.n == rows.cap && rows_flush(&rows, columns, zeros) < 0)
+                goto done;
+            rows.type[rows.n] = (uint8_t)type;
+            rows.comp[rows.n] = (uint8_t)comp;
+            rows.length[rows.n] = length;
+            rows.block[rows.n] = new_block;
+            rows.source[rows.n] = source;
+            rows.offset[rows.n] = (uint64_t)pos;
+            rows.data_offset[rows.n] = where;
+            rows.n++;
+            if (type == cluster_type) {
+                pos += OP_SIZE + (long long)source;
+                data_pos += (long long)cluster_ops * OP_SIZE;
+                break; /* the cluster's end: the next read starts at pos */
+            }
+            pos += OP_SIZE;
             data_pos += length;
-        } else if (length) {
-            broken = 1;
-            break;
+            data_ops++;
         }
-        t[i] = (unsigned char)type;
-        c[i] = (unsigned char)comp;
-        len_out[i] = length;
-        nb_out[i] = new_block;
-        src_out[i] = source;
-        off_out[i] = where;
+        if (stop)
+            break;
+        /* no cluster op among them: the records go on at pos (a stream, read a cluster's worth at a time) */
     }
-    if (broken) {
-        result = Py_NewRef(Py_None);
+    if (rows_flush(&rows, columns, zeros) < 0)
         goto done;
-    }
-    PyObject *comp_obj = compression >= 0 ? PyLong_FromLongLong(compression) : Py_NewRef(Py_None);
-    if (comp_obj == NULL)
-        goto done;
-    result = Py_BuildValue("(OOOOOOLN)", types, comps, lengths, blocks, sources, offsets, data_pos, comp_obj);
+    result = Py_BuildValue("(LLLn)", pos, data_pos, compression, data_ops);
 done:
-    Py_XDECREF(types);
-    Py_XDECREF(comps);
-    Py_XDECREF(lengths);
-    Py_XDECREF(blocks);
-    Py_XDECREF(sources);
-    Py_XDECREF(offsets);
-    PyBuffer_Release(&buf);
+    rows_free(&rows);
+    PyMem_Free(zeros);
+    PyMem_Free(buf);
     PyBuffer_Release(&valid);
     return result;
 }
@@ -459,11 +567,40 @@ done:
     return result;
 }
 
+static PyObject *rows_of(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer types, wanted;
+    if (!PyArg_ParseTuple(args, "y*y*:rows_of", &types, &wanted))
+        return NULL;
+    PyObject *result = NULL;
+    if (wanted.len != 256 || types.len > (Py_ssize_t)UINT32_MAX + 1) {
+        PyErr_SetString(PyExc_ValueError, "rows_of: a 256-byte table, at most 2^32 rows");
+        goto done;
+    }
+    const uint8_t *ty = types.buf, *want = wanted.buf;
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; i < types.len; i++)
+        n += want[ty[i]] != 0;
+    result = PyBytes_FromStringAndSize(NULL, n * 4);
+    if (result != NULL) {
+        uint32_t *out = (uint32_t *)PyBytes_AS_STRING(result);
+        for (Py_ssize_t i = 0; i < types.len; i++)
+            if (want[ty[i]])
+                *out++ = (uint32_t)i;
+    }
+done:
+    PyBuffer_Release(&types);
+    PyBuffer_Release(&wanted);
+    return result;
+}
+
 static PyMethodDef methods[] = {
-    {"plain_v2", plain_v2, METH_VARARGS, "v2 plain data op records -> table columns, or None (see the file's doc)"},
+    {"walk_v2", walk_v2, METH_VARARGS, "v2 clustered op records -> the table's columns, as far as they go (see the file's doc)"},
     {"rank_rows", rank_rows, METH_VARARGS, "rows sorted by new block, or None for two writing one block"},
     {"order_rows", order_rows, METH_VARARGS, "the checked merge order of rows, or None where a rule is broken"},
     {"column_max", column_max, METH_VARARGS, "the largest value of a column over rows of some types, or None"},
+    {"rows_of", rows_of, METH_VARARGS, "the rows whose type a table marks, packed u32"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -72,7 +72,7 @@ _IS_COPY = bytes(int(t == int(OpType.COPY)) for t in range(256))  # op type -> 1
 _IS_XOR = bytes(int(t == _XOR) for t in range(256))
 #: compression value -> 1 when known (for the C bulk path)
 _VALID_COMPRESSION = bytes(int(c in _COMPRESSIONS) for c in range(256))
-try:  # the optional extension: a run of plain v2 records to columns in C (CowReader._plain_v2)
+try:  # the optional extension: a v2 file's clusters to columns in C (CowReader._walk_v2)
     from dmuserd.snapshot import _cow_native as _NATIVE
 except ImportError:
     _NATIVE = None
@@ -83,13 +83,6 @@ _NOT_PLAIN = re.compile(b"[^" + bytes([int(OpType.COPY), int(OpType.REPLACE), in
 
 def _field(name: str) -> int:
     return HEADER_FIELD_OFFSET[name]
-
-
-def _column(typecode: str, raw: bytes) -> array:
-    """An array of ``typecode`` holding ``raw`` (native order)."""
-    column = array(typecode)
-    column.frombytes(raw)
-    return column
 
 
 class CowReader:
@@ -460,6 +453,12 @@ class CowReader:
         seen_data_op = False
         done = False
         while not done:
+            # the clusters' plain runs, a cluster at a time, in C where it is built; the record it stops at (and
+            # with it off, every record) goes through the Python below
+            walked = self._walk_v2(pos, data_pos, compression) if cluster_ops else None
+            if walked is not None:
+                pos, data_pos, compression, data_ops = walked
+                seen_data_op = seen_data_op or data_ops > 0
             to_add = min(per_read, (size - pos) // OP_SIZE_V2)
             if to_add <= 0:
                 break
@@ -541,6 +540,8 @@ class CowReader:
                     if label is not None and source == label:
                         done = True
                         break
+                if walked is not None:
+                    break  # the records after this one: the C walk's again
         self.compression = Compression(compression or 0)
         # ops without data have data_offset -1 and data_length 0: they never win
         self.data_end = max(self.data_start, ops.largest(ops.data_offset, plus=ops.data_length) or 0)
@@ -567,25 +568,33 @@ class CowReader:
         self.next_op_pos = pos
         self.next_data_pos = data_pos
 
+    def _walk_v2(self, pos: int, data_pos: int,
+                 compression: int | None) -> tuple[int, int, int | None, int] | None:
+        """Add the clustered op records from ``pos`` on to the table in C
+        (``_cow_native.walk_v2``: plain data ops and the cluster op ending
+        each cluster, read and checked a cluster at a time, by the rules of
+        the per-op path), up to the first record it does not take: any other
+        type, or one breaking a rule, which the per-op path then reads (and
+        names the fault of). Returns the position, data stream position,
+        compression and number of data ops after the records taken; None
+        without the extension."""
+        if _NATIVE is None:
+            return None
+        pos, data_pos, compression, data_ops = _NATIVE.walk_v2(
+            self._fd, pos, data_pos, self.header.cluster_ops, self.data_start, self.file_size,
+            -1 if compression is None else compression, self.table.columns(), _VALID_COMPRESSION,
+            int(OpType.COPY), _REPLACE, int(OpType.ZERO), _XOR, _CLUSTER, SOURCE_MASK)
+        return pos, data_pos, None if compression < 0 else compression, data_ops
+
     def _plain_v2(self, buf: bytes, count: int, pos: int, data_pos: int,
                   compression: int | None) -> tuple[int, int | None] | None:
         """Add the first ``count`` ops of ``buf`` (v2, clustered, read at ``pos``;
         all copy/replace/zero/xor) to the table in bulk: columns, not an op at
         a time. Returns the data stream position after them and the file's
         compression, or None, adding nothing, when one of them breaks a rule
-        (the per-op path then reads them and names it). In C where the
-        ``_cow_native`` extension is built (the same rules, one pass)."""
-        if _NATIVE is not None:
-            out = _NATIVE.plain_v2(buf, count, data_pos, self.data_start, self.file_size,
-                                   -1 if compression is None else compression, _VALID_COMPRESSION, _XOR, _REPLACE,
-                                   SOURCE_MASK)
-            if out is None:
-                return None
-            columns = [_column(code, raw) for code, raw in zip("BBIQQq", out[:6])]
-            self.table.extend(columns[0], columns[3], columns[4], columns[2], columns[1],
-                              array("Q", range(pos, pos + count * OP_SIZE_V2, OP_SIZE_V2)), columns[5],
-                              array("B", bytes(count)))
-            return out[6], out[7]
+        (the per-op path then reads them and names it). Without the
+        ``_cow_native`` extension (with it, :meth:`_walk_v2` has taken every
+        such run before this is reached)."""
         types, comps, lengths, new_blocks, sources = zip(*OP_V2.iter_unpack(buf[: count * OP_SIZE_V2]))
         used = set(comps)
         used.discard(0)

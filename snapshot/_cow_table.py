@@ -23,7 +23,7 @@ _OPS = {int(t): t for t in OpType}
 _META = frozenset(int(t) for t in METADATA_OPS)
 #: op type -> 1 for a data op, 0 for metadata (``bytes.translate`` table)
 _IS_DATA = bytes(0 if t in _META else 1 for t in range(256))
-try:  # the optional extension (snapshot/_cow_native.c): OpTable.largest in one C pass
+try:  # the optional extension (snapshot/_cow_native.c): OpTable.largest and data_rows in one C pass
     from dmuserd.snapshot import _cow_native as _NATIVE
 except ImportError:
     _NATIVE = None
@@ -63,17 +63,19 @@ class OpTable:
         self.offset.append(offset)
         self.data_offset.append(-1 if data_offset is None else data_offset)
 
+    def columns(self) -> tuple[array, ...]:
+        """The columns in :meth:`extend`'s order: what a bulk reader appends
+        a run of decoded ops to, a column at a time (the C reader included:
+        ``_cow_native.walk_v2``)."""
+        return (self.type, self.new_block, self.source, self.data_length, self.compression, self.offset,
+                self.data_offset, self.factor)
+
     def extend(self, op_type, new_block, source, data_length, compression, offset, data_offset, factor) -> None:
         """Append many rows at once, a column each (any iterables of equal length):
         what a reader that decoded a run of ops in bulk adds."""
-        self.type.extend(op_type)
-        self.compression.extend(compression)
-        self.factor.extend(factor)
-        self.new_block.extend(new_block)
-        self.source.extend(source)
-        self.data_length.extend(data_length)
-        self.offset.extend(offset)
-        self.data_offset.extend(data_offset)
+        for column, values in zip(self.columns(), (op_type, new_block, source, data_length, compression, offset,
+                                                   data_offset, factor)):
+            column.extend(values)
 
     def __len__(self) -> int:
         return len(self.type)
@@ -106,7 +108,12 @@ class OpTable:
         return max(values, default=None)
 
     def data_rows(self) -> array:
-        """The rows of data ops (not metadata), in file order."""
+        """The rows of data ops (not metadata), in file order (in C where
+        ``_cow_native`` is built: Python makes an int of every row)."""
+        if _NATIVE is not None:
+            rows = array("I")
+            rows.frombytes(_NATIVE.rows_of(self.type, _IS_DATA))
+            return rows
         return array("I", compress(range(len(self.type)), self.type.tobytes().translate(_IS_DATA)))
 
     @classmethod

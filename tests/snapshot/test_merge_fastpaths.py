@@ -5,7 +5,8 @@
   non-zero byte (``_xor_blocks``): both checked against a
   byte-by-byte XOR for zero, sparse (down to the block's first and last
   byte) and dense deltas.
-* The v2 reader decodes the data ops of a cluster in bulk (columns) and
+* The v2 reader decodes the data ops of a cluster in bulk (columns; in C
+  the clusters one after another, ``CowReader._walk_v2``) and
   falls back to its per-op path when one of them breaks a rule: a clustered
   file, valid or mutated (the fuzz test's mutations), reads to the same op
   table, or fails with the same error (rule and offset), with the bulk path
@@ -64,10 +65,11 @@ def test_xor_blocks_equals_bytewise_xor(case):
 
 
 def _read(path, bulk: bool):
-    """What the reader makes of ``path``: its table and positions, or its error."""
-    patch = mock.patch.object(CowReader, "_plain_v2", lambda *args: None) if not bulk else mock.patch.object(
-        CowReader, "_plain_v2", CowReader._plain_v2)
-    with patch:
+    """What the reader makes of ``path``: its table and positions, or its error; without ``bulk``,
+    neither bulk path (the C walk of the clusters, the Python runs of plain ops) is taken."""
+    off = (lambda *args: None) if not bulk else None
+    with mock.patch.object(CowReader, "_plain_v2", off or CowReader._plain_v2), \
+            mock.patch.object(CowReader, "_walk_v2", off or CowReader._walk_v2):
         try:
             with CowReader(path) as r:
                 t = r.table
