@@ -6,13 +6,14 @@ check it against the contract with :mod:`dmuserd.backends.testing` (a
 conformance suite run by pytest).
 """
 
-from dmuserd.backends._api import Backend, BackendError, Op, Unsupported
+from dmuserd.backends._api import Backend, BackendError, Extent, Op, Unsupported
 from dmuserd.backends.options import Options, parse_bool, parse_size
 from dmuserd.backends.registry import backend_class, create, from_spec, parse_spec
 
 __all__ = [
     "Backend",
     "BackendError",
+    "Extent",
     "Op",
     "Options",
     "Unsupported",

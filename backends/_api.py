@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from dmuserd.errors import DmuserdError
 
@@ -48,6 +48,13 @@ class Op(enum.Enum):
     FLUSH = "flush"
     DISCARD = "discard"
     WRITE_ZEROES = "write_zeroes"
+
+
+class Extent(NamedTuple):
+    """A run of ``length`` bytes that is either data or a ``hole`` (not allocated: reads as zeros)."""
+
+    length: int
+    hole: bool
 
 
 class BackendError(DmuserdError):
@@ -145,6 +152,19 @@ class Backend:
                 f"{type(self).__name__}.read returned {len(data)} bytes, {len(buffer)} were asked for"
             )
         buffer[:] = data
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """What of ``offset..offset+length`` is allocated: consecutive extents from ``offset``, in order.
+
+        Optional, for exports that report allocation (NBD's ``base:allocation``
+        block status: clients such as ``qemu-img convert`` then skip the
+        holes). The extents may cover less than ``length`` (at least one
+        block; the caller asks again from where they end), never more; each
+        is whole blocks long, and a hole must read back as zeros. The
+        default cannot tell, so all of it is data; ``memory`` reports its
+        never-written chunks as holes.
+        """
+        return [Extent(length, False)]
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; durable before returning when ``fua``.

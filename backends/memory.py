@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Self
 
-from dmuserd.backends._api import Backend
+from dmuserd.backends._api import Backend, Extent
 from dmuserd.backends.options import size_and_block_size
 
 if TYPE_CHECKING:
@@ -93,6 +93,22 @@ class MemoryBackend(Backend):
         views[-1] = views[-1][: end - (len(views) - 1) * CHUNK]
         views[0] = views[0][start:]
         return views
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        """Never-written (or wholly zeroed) chunks are holes; a chunk written anywhere is data."""
+        chunks = self._chunks
+        end = offset + length
+        out: list[Extent] = []
+        while offset < end:
+            index = offset // CHUNK
+            stop = min((index + 1) * CHUNK, end)
+            hole = index not in chunks
+            if out and out[-1].hole is hole:
+                out[-1] = Extent(out[-1].length + stop - offset, hole)
+            else:
+                out.append(Extent(stop - offset, hole))
+            offset = stop
+        return out
 
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         view = memoryview(data).cast("B")

@@ -32,7 +32,9 @@ What is checked, in the order of the test methods:
   return exactly the bytes asked for, the same twice, the same through
   ``read_views`` and through ``readinto`` (into page-aligned memory, as an
   export's shared buffer is, and into a view at an odd address), and equal
-  :meth:`expected` where it is given.
+  :meth:`expected` where it is given; ``extents`` (optional: where the
+  backend knows its holes) describes each range in whole blocks from its
+  start, no further than asked, and every hole it reports reads as zeros.
 * ``test_writes_at_the_edges``: writes of the first block, the last block
   and the last blocks up to the end read back, from ``bytes``,
   ``bytearray`` and ``memoryview`` alike and with ``fua``; a write keeps no
@@ -40,7 +42,8 @@ What is checked, in the order of the test methods:
   not change under a later write.
 * ``test_read_after_write``: a seeded sequence of writes (and write-zeroes
   and discards where the backend has them) against a model of the device,
-  every range read back after each step (by ``read`` or ``readinto``).
+  every range read back after each step (by ``read`` or ``readinto``), its
+  ``extents`` checked as above against what was read.
 * ``test_write_zeroes`` / ``test_discard``: the range reads back as zeros
   (a discard only where :attr:`discard_zeroes` promises it), both
   neighbours stay, at the edges of the device too.
@@ -85,7 +88,7 @@ from typing import TYPE_CHECKING, ClassVar, NoReturn
 
 import trio
 
-from dmuserd.backends._api import Backend, BackendError, Op, Unsupported
+from dmuserd.backends._api import Backend, BackendError, Extent, Op, Unsupported
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -180,6 +183,23 @@ class _Device:
         data = bytes(view)
         view.release()
         return data
+
+    async def check_extents(self, offset: int, got: bytes, when: str) -> None:
+        """``extents`` over the range just read as ``got``: consecutive whole blocks from ``offset``, at least one,
+        none past the range; each hole reads as zeros in ``got``."""
+        what = f"extents({offset}, {len(got)}) {when}"
+        extents = await self.backend.extents(offset, len(got))
+        assert isinstance(extents, list) and extents, f"{what} returned {extents!r}, not a non-empty list"
+        pos = 0
+        for extent in extents:
+            assert isinstance(extent, Extent), f"{what}: {extent!r} is not an Extent"
+            length, hole = extent
+            assert length > 0 and length % self.bs == 0, f"{what}: {length} bytes at {offset + pos}, not whole blocks"
+            assert pos + length <= len(got), f"{what}: the extent at {offset + pos} of {length} ends past the range"
+            if hole:
+                _compare(f"{what}: the hole at {offset + pos}+{length}", offset + pos, got[pos:pos + length],
+                         bytes(length))
+            pos += length
 
     async def check(self, offset: int, want: bytes, what: str) -> None:
         _compare(f"{what}: read({offset}, {len(want)})", offset, await self.read(offset, len(want)), want)
@@ -344,6 +364,7 @@ class BackendConformance:
             want = self.expected(workdir, offset, length)
             if want is not None:
                 _compare(what, offset, first, want)
+            await device.check_extents(offset, first, "of a fresh backend")
 
     async def _writes_at_the_edges(self, device: _Device, workdir: Path) -> None:
         self._need(device, Op.WRITE)
@@ -425,6 +446,7 @@ class BackendConformance:
             got = bytearray(await device.read_into(offset, length, rng.random() < 0.5))
         else:
             got = bytearray(await device.read(offset, length))
+        await device.check_extents(offset, bytes(got), when)
         for i in range(0, length, bs):
             if not known[(offset + i) // bs]:
                 got[i:i + bs] = model[offset + i:offset + i + bs]  # a discarded block may hold anything

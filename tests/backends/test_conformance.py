@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dmuserd.backends import Backend, Op, create
+from dmuserd.backends import Backend, Extent, Op, create
 from dmuserd.backends.faulty import FaultyBackend
 from dmuserd.backends.file import FileBackend
 from dmuserd.backends.memory import MemoryBackend
@@ -327,6 +327,13 @@ class _Volatile(MemoryBackend):
     """A RAM disk that claims to be durable: made again, it is empty."""
 
 
+class _AllHoles(MemoryBackend):
+    """Reports every range as a hole, written or not."""
+
+    async def extents(self, offset, length):
+        return [Extent(length, True)]
+
+
 @pytest.mark.parametrize(
     ("backend", "attrs", "check", "message"),
     [
@@ -337,12 +344,13 @@ class _Volatile(MemoryBackend):
         (lambda: _HalfReadinto(SIZE), {"expected": lambda self, w, o, n: bytes(n)}, "test_reads_in_range",
          "readinto("),
         (lambda: _Volatile(SIZE), {"durable": True}, "test_durable_after_reopen", "made again after close"),
+        (lambda: _AllHoles(SIZE), {}, "test_read_after_write", ": the hole at"),
         (lambda: FaultyBackend(MemoryBackend(SIZE), [(0, 512)], {Op.FLUSH}), {}, "test_flush", "injected flush"),
         (lambda: MemoryBackend(SIZE), {"expected": lambda self, w, o, n: b"x" * n}, "test_reads_in_range",
          "expected other bytes"),
     ],
     ids=["lost-writes", "lost-writes-concurrent", "keeps-buffer", "silent-disabled-op", "half-readinto", "not-durable",
-         "flush-fails", "wrong-content"],
+         "holes-over-data", "flush-fails", "wrong-content"],
 )
 def test_the_suite_finds_a_broken_backend(backend, attrs, check, message):
     suite = type("Broken", (BackendConformance,), {"make_backend": lambda self, workdir: backend(), **attrs})
