@@ -7,6 +7,10 @@ the handler the chosen subcommand sets as ``func``. When the command line
 names a known command, only the module providing it is imported and
 registered (a ``cow merge`` does not import what ``units`` needs:
 subprocess, shutil); ``--help`` and an unknown command register them all.
+A module may build fewer parsers still: :func:`to_build` says which of its
+commands, or of a command's actions, the command line names (argparse
+builds every parser's arguments up front: 2.3 ms for all of ``cow``'s and
+``merge``'s, 0.3 ms for ``cow merge``'s alone).
 
 A handler returns the exit status. Errors meant for the user are raised as
 a subclass of :class:`dmuserd.errors.DmuserdError` and printed as one line
@@ -37,9 +41,14 @@ COMMAND_MODULES = {
 }
 
 
+#: the command line's leading words while :func:`build_parser` registers (None: build every parser)
+_words: tuple[str, ...] | None = None
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser (every command); with ``argv`` naming a known command,
-    only that command's module's."""
+    only that command's module's (and what :func:`to_build` leaves of it)."""
+    global _words
     parser = argparse.ArgumentParser(
         prog="dmuserd",
         description="User-space block devices: serve a backend over dm-user, FUSE or NBD.",
@@ -52,22 +61,40 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="log level (default: $DMUSERD_LOG_LEVEL or info)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    wanted = None if argv is None else _command_word(argv)
-    names = [name for name, commands in COMMAND_MODULES.items() if wanted in commands] or COMMAND_MODULES
-    for name in names:
-        importlib.import_module(name).register(subparsers)
+    words = () if argv is None else _command_words(argv)
+    names = [name for name, commands in COMMAND_MODULES.items() if words[:1] and words[0] in commands]
+    _words = words if names else None
+    try:
+        for name in names or COMMAND_MODULES:
+            importlib.import_module(name).register(subparsers)
+    finally:
+        _words = None
     return parser
 
 
-def _command_word(argv: list[str]) -> str | None:
-    """The command ``argv`` names (its first word that is no option nor ``--log-level``'s value)."""
-    words = iter(argv)
-    for word in words:
-        if word == "--log-level":
-            next(words, None)
-        elif not word.startswith("-"):
-            return word
-    return None
+def to_build(path: tuple[str, ...], names: tuple[str, ...]) -> tuple[str, ...]:
+    """Which of ``names``, the commands (``path`` empty) or the actions of
+    command ``path`` a module registers, to build parsers for: the one the
+    command line being parsed names there, or all of them (it names none of
+    them, or :func:`build_parser` is not parsing one: ``--help``, a test)."""
+    if _words is None or _words[: len(path)] != path or len(_words) <= len(path) or _words[len(path)] not in names:
+        return names
+    return (_words[len(path)],)
+
+
+def _command_words(argv: list[str]) -> tuple[str, ...]:
+    """The command and action words ``argv`` starts with: its words that are no
+    option nor ``--log-level``'s value, up to the first option after the command."""
+    words: list[str] = []
+    args = iter(argv)
+    for word in args:
+        if not word.startswith("-"):
+            words.append(word)
+        elif words:
+            break
+        elif word == "--log-level":
+            next(args, None)
+    return tuple(words)
 
 
 def main(argv: list[str] | None = None) -> int:

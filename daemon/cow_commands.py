@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import argparse
 
-from dmuserd.daemon.cli import os_errors_as
+from dmuserd.daemon.cli import os_errors_as, to_build
 
 
 _os_errors = os_errors_as("dmuserd.snapshot.cow:CowError")
 
 
 def register(subparsers) -> None:
-    cow = subparsers.add_parser(
-        "cow", help="Android snapshot COW files (v2/v3): inspect, create, render, verify",
-        description="Work with Android snapshot COW files (libsnapshot v2/v3).",
-    )
-    sub = cow.add_subparsers(dest="cow_command", metavar="ACTION", required=True)
+    """Add ``cow`` and ``merge``: only the command (and action) the command
+    line names where it names one (:func:`~dmuserd.daemon.cli.to_build`)."""
+    for command in to_build((), ("cow", "merge")):
+        if command == "cow":
+            cow = subparsers.add_parser(
+                "cow", help="Android snapshot COW files (v2/v3): inspect, create, render, verify",
+                description="Work with Android snapshot COW files (libsnapshot v2/v3).",
+            )
+            sub = cow.add_subparsers(dest="cow_command", metavar="ACTION", required=True)
+            for action in to_build(("cow",), tuple(_COW_ACTIONS)):
+                _COW_ACTIONS[action](sub)
+        else:
+            _add_online_merge(subparsers)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="show a COW file's header, op counts, labels and ops")
     p.add_argument("file", help="the COW file")
     p.add_argument("--ops", action="store_true", help="list the ops in file order")
@@ -31,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--label", type=int, help="read the file only up to this label (an unfinished file)")
     p.set_defaults(func=_inspect)
 
+
+def _add_create(sub) -> None:
     p = sub.add_parser("create", help="make a COW file turning a base image into a target image")
     p.add_argument("--base", required=True, help="the old image")
     p.add_argument("--target", required=True, help="the new image")
@@ -48,6 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the counts and the mover's counters as JSON")
     p.set_defaults(func=_create)
 
+
+def _add_render(sub) -> None:
     p = sub.add_parser("render", help="write the target image: base + COW")
     p.add_argument("--base", required=True, help="the old image")
     p.add_argument("file", help="the COW file")
@@ -58,6 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result and the mover's counters as JSON")
     p.set_defaults(func=_render)
 
+
+def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="merge a COW file into its base image in place (resumes an interrupted merge)",
                        description="Write the COW file's ops into the base image in place, crash-safely, so "
                        "that the base becomes the target. Run it again after an interruption to resume.")
@@ -67,6 +83,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip reading back and CRC-checking what was written")
     p.set_defaults(func=_merge)
 
+
+def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check that base + COW equals the target (exit 1 if not)")
     p.add_argument("--base", required=True, help="the old image")
     p.add_argument("--target", required=True, help="the new image")
@@ -75,6 +93,13 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result and the mover's counters as JSON")
     p.set_defaults(func=_verify)
 
+
+#: ``dmuserd cow`` action -> what adds its parser, in the order ``--help`` lists them
+_COW_ACTIONS = {"inspect": _add_inspect, "create": _add_create, "render": _add_render, "merge": _add_merge,
+                "verify": _add_verify}
+
+
+def _add_online_merge(subparsers) -> None:
     merge = subparsers.add_parser(
         "merge", help="merge a served snapshot target into its base while it is served",
         description="Control the online merge of a snapshot target of a running daemon.",
