@@ -23,7 +23,7 @@ import importlib
 #: public name -> the submodule that defines it
 _EXPORTS = {
     "MOVER": "_blocking", "BlockingMover": "_blocking", "run_with_mover": "_blocking",
-    "WorkQueue": "_discovery", "auto_choice": "_discovery", "discover": "_discovery",
+    "WorkQueue": "_workqueue", "auto_choice": "_discovery", "discover": "_discovery",
     "DeltaRecordError": "_errors", "DsaArgumentError": "_errors", "DsaError": "_errors",
     "DsaUnavailable": "_errors",
     "BATCHABLE": "_mover", "DEFAULT_THRESHOLD": "_mover", "Mover": "_mover",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from dmuserd.daemon.cli import COMMAND_MODULES
+from dmuserd.dsa_offload import discover
 from dmuserd.snapshot.cow import CowWriter
 
 RUNNER = """
@@ -48,3 +49,5 @@ def test_cow_merge_imports_no_other_command_module(tmp_path):
     assert not modules & others, sorted(modules & others)
     assert "tqdm" not in modules  # no terminal here: no progress bar
     assert base.read_bytes()[8192:12288] == b"r" * 4096
+    # the auto mover looked for DSA queues: the class of one is defined only where there is one
+    assert ("dmuserd.dsa_offload._workqueue" in modules) == bool(discover())
