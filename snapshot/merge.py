@@ -85,9 +85,9 @@ def plan_merge(reader: CowReader, base_size: int, *, journal: bool = True) -> Me
     nb, fac, ty = table.new_block, table.factor, table.type
     limit = base_size // bs
     # a bound first: no op starts past the table's largest new block nor covers more than its largest
-    # factor allows (OpTable.largest; the factors' distinct values); the op is looked for only when the bound
-    # passes the end
-    bound = (table.largest(nb) or 0) + (1 << max(set(fac.tobytes()), default=0))
+    # factor allows (OpTable.largest; the factors' distinct values, zeros dropped first: every v2 op's is 0);
+    # the op is looked for only when the bound passes the end
+    bound = (table.largest(nb) or 0) + (1 << max(set(fac.tobytes().translate(None, b"\0")), default=0))
     for r in order if bound > limit else ():
         if nb[r] + (1 << fac[r]) > limit:
             op = table.op(r)
