@@ -269,27 +269,31 @@ struct keyed {
     uint32_t row;
 };
 
-/* Sort ``keys`` (n) by block: an LSD radix sort, 16 bits a pass, a pass
+/* Sort ``keys`` (n) by block: an LSD radix sort, 11 bits a pass (the
+ * counts stay in L1: 16-bit digits cost twice as much at 62k ops), a pass
  * skipped where every key has the same digit (qsort with a comparator cost
  * 4 ms for 62k ops). Rows with one block are not ordered by row: rank_rows
- * answers None for them. ``tmp``:
- * room for n keys; returns the sorted copy (keys or tmp). */
+ * answers None for them. ``tmp``: room for n keys; ``count``: RADIX_DIGITS
+ * counters; returns the sorted copy (keys or tmp). */
+#define RADIX_BITS 11
+#define RADIX_DIGITS (1 << RADIX_BITS)
 static struct keyed *sort_by_block(struct keyed *keys, struct keyed *tmp, Py_ssize_t n, uint32_t *count)
 {
-    for (int shift = 0; shift < 64; shift += 16) {
-        memset(count, 0, 65536 * sizeof *count);
+    for (int shift = 0; shift < 64; shift += RADIX_BITS) {
+        const uint64_t mask = RADIX_DIGITS - 1;
+        memset(count, 0, RADIX_DIGITS * sizeof *count);
         for (Py_ssize_t i = 0; i < n; i++)
-            count[(keys[i].block >> shift) & 0xffff]++;
-        if (n && count[(keys[0].block >> shift) & 0xffff] == (uint32_t)n)
+            count[(keys[i].block >> shift) & mask]++;
+        if (n && count[(keys[0].block >> shift) & mask] == (uint32_t)n)
             continue;
         uint32_t at = 0;
-        for (int d = 0; d < 65536; d++) {
+        for (int d = 0; d < RADIX_DIGITS; d++) {
             uint32_t c = count[d];
             count[d] = at;
             at += c;
         }
         for (Py_ssize_t i = 0; i < n; i++)
-            tmp[count[(keys[i].block >> shift) & 0xffff]++] = keys[i];
+            tmp[count[(keys[i].block >> shift) & mask]++] = keys[i];
         struct keyed *swap = keys;
         keys = tmp;
         tmp = swap;
@@ -324,7 +328,7 @@ static PyObject *rank_rows(PyObject *self, PyObject *args)
     }
     keys = PyMem_Malloc((n ? n : 1) * sizeof *keys);
     tmp = PyMem_Malloc((n ? n : 1) * sizeof *tmp);
-    count = PyMem_Malloc(65536 * sizeof *count);
+    count = PyMem_Malloc(RADIX_DIGITS * sizeof *count);
     if (keys == NULL || tmp == NULL || count == NULL) {
         PyErr_NoMemory();
         goto done;
