@@ -101,7 +101,9 @@ from dmuserd.protocol import (
     NBD_NEED_DATA,
     SECTOR_SIZE,
     Flag,
+    NbdAllocationFlag,
     NbdCommand,
+    NbdCommandFlag,
     NbdDisconnect,
     NbdErrno,
     NbdNegotiated,
@@ -113,6 +115,8 @@ from dmuserd.protocol import (
     RequestType,
     ResponseType,
     TransmissionFlag,
+    nbd_block_status_chunk,
+    nbd_data_chunk,
     nbd_simple_reply,
 )
 
@@ -153,7 +157,11 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 
 _READ, _WRITE, _FLUSH, _TRIM, _ZEROES, _CACHE = (NbdCommand.READ, NbdCommand.WRITE, NbdCommand.FLUSH,
                                                  NbdCommand.TRIM, NbdCommand.WRITE_ZEROES, NbdCommand.CACHE)
-_NBD_FUA, _NBD_NO_HOLE = 1, 2
+_STATUS = NbdCommand.BLOCK_STATUS
+_NBD_FUA, _NBD_NO_HOLE = int(NbdCommandFlag.FUA), int(NbdCommandFlag.NO_HOLE)
+_NBD_FAST_ZERO, _NBD_REQ_ONE = int(NbdCommandFlag.FAST_ZERO), int(NbdCommandFlag.REQ_ONE)
+#: ``base:allocation``'s status of a hole (never written or deallocated: reads as zeros), and of data.
+_HOLE, _DATA = int(NbdAllocationFlag.HOLE | NbdAllocationFlag.ZERO), 0
 _NO_FLAGS, _FUA, _NOUNMAP = Flag(0), Flag.FUA, Flag.NOUNMAP
 _R_READ, _R_WRITE, _R_FLUSH = RequestType.READ, RequestType.WRITE, RequestType.FLUSH
 _R_DISCARD, _R_ZEROES = RequestType.DISCARD, RequestType.WRITE_ZEROES
@@ -173,7 +181,9 @@ def transmission_flags(capabilities: frozenset[Op]) -> TransmissionFlag:
     if writable and Op.DISCARD in capabilities:
         flags |= TransmissionFlag.SEND_TRIM
     if writable and Op.WRITE_ZEROES in capabilities:
-        flags |= TransmissionFlag.SEND_WRITE_ZEROES
+        # A backend's write_zeroes zeroes without writing the data (nbdkit_plugin's can_fast_zero rule), so a
+        # FAST_ZERO request is served as any other; should the backend answer UNSUPPORTED, it is ENOTSUP.
+        flags |= TransmissionFlag.SEND_WRITE_ZEROES | TransmissionFlag.SEND_FAST_ZERO
     if Op.FLUSH in capabilities or not writable:
         # One backend behind every connection: a flush on one covers the writes of all.
         flags |= TransmissionFlag.CAN_MULTI_CONN
@@ -335,6 +345,7 @@ class _Connection:
         self._stalled = False  # _events stopped at a bound with requests maybe still buffered
         self._spare: dict[int, list[bytearray]] = {}  # sent READ buffers of REUSE_MIN bytes or more, by size
         self._spare_bytes = 0
+        self._structured = False  # structured replies negotiated (set once the handshake is over)
 
     def stop_reading(self) -> None:
         """A stop: read no more requests (nor finish a handshake); the replies due still go out."""
@@ -383,6 +394,7 @@ class _Connection:
                 self._reject("handshake-timeout", f"no export chosen within {HANDSHAKE_TIMEOUT} s")
                 return
             if negotiated:
+                self._structured = self.proto.structured
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write)
                     self._nursery = nursery
@@ -486,7 +498,7 @@ class _Connection:
                 self._in_flight += 1
                 self._reject("request-refused",
                              f"{event.reason} (command {event.command}, cookie {event.cookie:#x})")  # type: ignore[union-attr]
-                self._reply(nbd_simple_reply(event.cookie, event.error))  # type: ignore[union-attr]
+                self._reply(proto.error_reply(event.cookie, event.error, event.reason))  # type: ignore[union-attr]
             elif kind is NbdDisconnect:
                 self._closing = True
                 break
@@ -536,8 +548,9 @@ class _Connection:
                     data = bytearray(req.length)
                 response = await handle(Request(req.cookie, _R_READ, _NO_FLAGS, sector, req.length),
                                         into=memoryview(data))
-                if response.type is _SUCCESS:
-                    self._reply(nbd_simple_reply(req.cookie), data)  # held until sent
+                if response.type is _SUCCESS:  # held until sent; structured: one chunk (DF holds as it is)
+                    self._reply(nbd_data_chunk(req.cookie, req.offset, req.length) if self._structured
+                                else nbd_simple_reply(req.cookie), data)
                     continue
                 self._held -= req.length
                 self._budget.release(req.length)
@@ -555,10 +568,42 @@ class _Connection:
                 flags = (_FUA if req.flags & _NBD_FUA else _NO_FLAGS) | (_NOUNMAP if req.flags & _NBD_NO_HOLE
                                                                          else _NO_FLAGS)
                 response = await handle(Request(req.cookie, _R_ZEROES, flags, sector, req.length))
+                if response.type is _UNSUPPORTED and not req.flags & _NBD_FAST_ZERO:
+                    # ENOTSUP is for a FAST_ZERO only (the spec: MUST NOT otherwise, once advertised).
+                    self._reply(self.proto.error_reply(req.cookie, NbdErrno.EIO, "the backend could not zero"))
+                    continue
+            elif command is _STATUS:
+                self._reply(await self._block_status(req))
+                continue
             else:  # CACHE: the data is as close as it gets already
                 self._reply(nbd_simple_reply(req.cookie))
                 continue
-            self._reply(nbd_simple_reply(req.cookie, _nbd_error(response)))
+            if response.type is _SUCCESS:
+                self._reply(nbd_simple_reply(req.cookie))
+            else:
+                self._reply(self.proto.error_reply(req.cookie, *_nbd_error(response)))
+
+    async def _block_status(self, req: NbdRequest) -> bytes:
+        """The reply to a BLOCK_STATUS for ``base:allocation``: the backend's extents (holes read as zeros).
+
+        Not a block operation, so not through the dispatcher: the backend's
+        optional :meth:`~dmuserd.backends.Backend.extents` (default: all of
+        it allocated data, as nbdkit says for a plugin without extents) is
+        asked directly; refused once the target stops admitting, and a
+        failure or a malformed answer is EIO for this request alone.
+        """
+        proto = self.proto
+        if not self.dispatcher.admitting:
+            return proto.error_reply(req.cookie, NbdErrno.ESHUTDOWN, "the server is stopping")
+        try:
+            extents = await self.dispatcher.backend.extents(req.offset, req.length)
+            return nbd_block_status_chunk(req.cookie, proto.allocation_context or 0,
+                                          [(e.length, _HOLE if e.hole else _DATA) for e in extents],
+                                          req.length, bool(req.flags & _NBD_REQ_ONE))
+        except Exception as exc:  # noqa: BLE001 - one failing query fails alone
+            log.warning("block status failed", offset=req.offset, length=req.length,
+                        error=f"{type(exc).__name__}: {exc}", **self.context)
+            return proto.error_reply(req.cookie, NbdErrno.EIO, "the backend could not tell what is allocated")
 
     # -- writer ------------------------------------------------------------------------------
 
@@ -578,14 +623,15 @@ class _Connection:
                 continue
             batch = self._replies[:MAX_IOV]
             del self._replies[:MAX_IOV]
-            data = replies = 0
+            data = replies = headers = 0
             for buffer in batch:
                 if type(buffer) is bytes:
-                    replies += 1  # a reply's header
+                    replies += 1  # a reply (simple, a READ chunk's header, or a whole error or status chunk)
+                    headers += len(buffer)
                 else:
                     data += len(buffer)  # its READ data
             try:
-                await sendmsg_all(self.sock, batch, data + 16 * replies)
+                await sendmsg_all(self.sock, batch, data + headers)
             except OSError as exc:  # the client is gone: nothing more can reach it, the connection ends
                 log.debug("NBD client gone with replies due", error=str(exc), **self.context)
                 self._nursery.cancel_scope.cancel()
@@ -603,10 +649,10 @@ class _Connection:
                 self._room.unpark_all()
 
 
-def _nbd_error(response) -> int:
-    """The NBD error of a dispatcher's answer (0: success)."""
-    if response.type is _SUCCESS:
-        return 0
+def _nbd_error(response) -> tuple[NbdErrno, str]:
+    """The NBD error of a dispatcher's failed answer, and its message for a structured reply."""
     if type(response) is Refused:
-        return NbdErrno.ESHUTDOWN
-    return NbdErrno.ENOTSUP if response.type is _UNSUPPORTED else NbdErrno.EIO
+        return NbdErrno.ESHUTDOWN, "the server is stopping"
+    if response.type is _UNSUPPORTED:
+        return NbdErrno.ENOTSUP, "the backend does not support this operation"
+    return NbdErrno.EIO, "the backend failed (the daemon's log says why)"

@@ -10,7 +10,9 @@
   :data:`ANNOUNCEMENT_SIZE`;
 * the daemon's side of a channel: :class:`DaemonConnection`;
 * the server side of NBD (the daemon's own NBD export):
-  :class:`NbdServerConnection` and its events, :func:`nbd_simple_reply`;
+  :class:`NbdServerConnection` and its events, :func:`nbd_simple_reply`,
+  the structured reply chunks :func:`nbd_data_chunk`, :func:`nbd_error_chunk`,
+  :func:`nbd_block_status_chunk`;
 * the kernel's side: :class:`KernelTarget` (a model of ``dm-user.c``) with
   its :class:`Channel` and :class:`Bio`.
 
@@ -36,7 +38,13 @@ from dmuserd.protocol._kernel import WOULD_BLOCK, Bio, BioState, Channel, Kernel
 from dmuserd.protocol._nbd import MAX_PAYLOAD as NBD_MAX_PAYLOAD
 from dmuserd.protocol._nbd import NEED_DATA as NBD_NEED_DATA
 from dmuserd.protocol._nbd import (
+    AllocationFlag as NbdAllocationFlag,
+)
+from dmuserd.protocol._nbd import (
     Command as NbdCommand,
+)
+from dmuserd.protocol._nbd import (
+    CommandFlag as NbdCommandFlag,
 )
 from dmuserd.protocol._nbd import (
     NbdDisconnect,
@@ -48,6 +56,9 @@ from dmuserd.protocol._nbd import (
     NbdServerConnection,
     TransmissionFlag,
 )
+from dmuserd.protocol._nbd import block_status_chunk as nbd_block_status_chunk
+from dmuserd.protocol._nbd import data_chunk as nbd_data_chunk
+from dmuserd.protocol._nbd import error_chunk as nbd_error_chunk
 from dmuserd.protocol._nbd import simple_reply as nbd_simple_reply
 from dmuserd.protocol._message import HEADER_STRUCT, Header, OversizedRequest, Request, Response
 from dmuserd.protocol._shm import ANNOUNCEMENT_SIZE, NO_SLOT, SLOT_STRUCT, PoolLayout, SlotPool
@@ -77,7 +88,9 @@ __all__ = [
     "Header",
     "KernelError",
     "KernelTarget",
+    "NbdAllocationFlag",
     "NbdCommand",
+    "NbdCommandFlag",
     "NbdDisconnect",
     "NbdErrno",
     "NbdNegotiated",
@@ -94,5 +107,8 @@ __all__ = [
     "ResponseType",
     "SlotPool",
     "TransmissionFlag",
+    "nbd_block_status_chunk",
+    "nbd_data_chunk",
+    "nbd_error_chunk",
     "nbd_simple_reply",
 ]

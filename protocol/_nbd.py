@@ -20,11 +20,28 @@ data. It does no I/O and keeps no clock.
 What is served (the spec: NetworkBlockDevice/nbd ``doc/proto.md``): the
 fixed newstyle handshake (client flags FIXED_NEWSTYLE and NO_ZEROES),
 options NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO (answered with
-NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST and NBD_OPT_ABORT;
-every other option gets NBD_REP_ERR_UNSUP (NBD_OPT_STARTTLS:
-NBD_REP_ERR_POLICY). Only simple replies: structured replies, meta
-contexts and extended headers stay unsupported. Any export name is
-accepted (the export has one device); LIST names the one export.
+NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE), NBD_OPT_LIST, NBD_OPT_ABORT,
+NBD_OPT_STRUCTURED_REPLY and, once structured replies are on,
+NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT with the one context
+``base:allocation``; every other option gets NBD_REP_ERR_UNSUP
+(NBD_OPT_STARTTLS: NBD_REP_ERR_POLICY; extended headers stay unsupported).
+Any export name is accepted (the export has one device); LIST names the
+one export.
+
+Replies. Without NBD_OPT_STRUCTURED_REPLY every reply is a simple one
+(:func:`simple_reply`, a READ's data after it). With it (:attr:`NbdServerConnection.structured`),
+a READ's data follows one final OFFSET_DATA chunk (:func:`data_chunk`: one
+chunk, so NBD_FLAG_SEND_DF is advertised and NBD_CMD_FLAG_DF honoured as
+it is), an error is a final ERROR chunk carrying its reason
+(:meth:`NbdServerConnection.error_reply` picks the form negotiated), a
+BLOCK_STATUS is answered by :func:`block_status_chunk`, and other
+successes stay simple replies (the spec allows either). NBD_CMD_FLAG_FAST_ZERO
+is accepted on WRITE_ZEROES where the caller advertises
+NBD_FLAG_SEND_FAST_ZERO (the caller answers ENOTSUP where the zeroing
+would not be fast); NBD_CMD_FLAG_FUA on any command where
+NBD_FLAG_SEND_FUA is advertised (nothing to persist for a READ: ignored);
+NBD_CMD_BLOCK_STATUS (flag REQ_ONE) only once ``base:allocation`` was
+selected for the export name the client then chose (EINVAL otherwise).
 
 Where the stream is decides what :meth:`NbdServerConnection.next_event` does:
 
@@ -54,8 +71,11 @@ minimum block size, longer than :data:`MAX_PAYLOAD`, a write to a
 read-only export) becomes an :class:`NbdRefused` carrying the NBD error
 the spec asks for (EINVAL; ENOSPC for a write past the end; EOVERFLOW over
 the payload limit; EPERM read-only): that request fails, the stream goes
-on. What loses the framing (a bad magic, an oversized option, unknown
-client flags) raises :class:`NbdProtocolError` naming the field, its value
+on. A malformed option (a META_CONTEXT request whose
+lengths do not add up, a string over 4096 bytes) is answered
+NBD_REP_ERR_INVALID with a message naming what is wrong, and the handshake
+goes on. What loses the framing (a bad magic, an option over
+:data:`MAX_OPTION_DATA`, unknown client flags) raises :class:`NbdProtocolError` naming the field, its value
 and the stream offset: the caller ends that connection.
 """
 
@@ -63,6 +83,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from dmuserd.protocol._errors import ProtocolError
@@ -75,6 +96,12 @@ IHAVEOPT = 0x49484156454F5054
 OPTION_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+#: The one metadata context served, and the id SET_META_CONTEXT gives it.
+BASE_ALLOCATION = "base:allocation"
+ALLOCATION_CONTEXT_ID = 1
+#: Descriptors in one BLOCK_STATUS chunk at most (the spec: SHOULD NOT send more than 2**20).
+MAX_EXTENTS = 1 << 20
 
 #: Largest READ/WRITE payload served (the advertised maximum block size).
 MAX_PAYLOAD = 32 * 1024 * 1024
@@ -131,6 +158,7 @@ class Reply(enum.IntEnum):
     ACK = 1
     SERVER = 2
     INFO = 3
+    META_CONTEXT = 4
     ERR_UNSUP = (1 << 31) + 1
     ERR_POLICY = (1 << 31) + 2
     ERR_INVALID = (1 << 31) + 3
@@ -162,6 +190,30 @@ class CommandFlag(enum.IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+
+
+class ReplyFlag(enum.IntFlag):
+    """Flags of a structured reply chunk."""
+
+    DONE = 1 << 0
+
+
+class ChunkType(enum.IntEnum):
+    """Structured reply chunk types (error chunks have bit 15 set)."""
+
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) + 1
+    ERROR_OFFSET = (1 << 15) + 2
+
+
+class AllocationFlag(enum.IntFlag):
+    """The status flags of a ``base:allocation`` extent (0: allocated data)."""
+
+    HOLE = 1 << 0
+    ZERO = 1 << 1
 
 
 class NbdErrno(enum.IntEnum):
@@ -252,16 +304,30 @@ _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 _EXPORT_NAME_REPLY = struct.Struct(">QH")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
+_DATA_CHUNK = struct.Struct(">IHHQIQ")  # ... and the data's offset
+_ERROR_CHUNK = struct.Struct(">IHHQIIH")  # ... and the error, the message's length
+_STATUS_CHUNK = struct.Struct(">IHHQII")  # ... and the context id
+_DESCRIPTOR = struct.Struct(">II")
 _unpack_request = _REQUEST.unpack_from
 _pack_reply = _REPLY.pack
+_pack_data_chunk = _DATA_CHUNK.pack
+_DONE = int(ReplyFlag.DONE)
+_FUA, _DF = int(CommandFlag.FUA), int(CommandFlag.DF)
+_OFFSET_DATA = int(ChunkType.OFFSET_DATA)
 
 _COMMANDS = {int(c): c for c in Command}
 #: Command flags each command may carry (others are EINVAL), before the export's own limits.
 _ALLOWED_FLAGS = {
-    Command.WRITE: int(CommandFlag.FUA),
-    Command.TRIM: int(CommandFlag.FUA),
-    Command.WRITE_ZEROES: int(CommandFlag.FUA | CommandFlag.NO_HOLE),
+    Command.READ: int(CommandFlag.DF),
+    Command.WRITE_ZEROES: int(CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO),
+    Command.BLOCK_STATUS: int(CommandFlag.REQ_ONE),
 }
+#: What a flag needs besides: the transmission flag advertised (DF: structured replies, checked apart).
+_FLAG_NEEDS = (
+    (int(CommandFlag.FUA), TransmissionFlag.SEND_FUA),
+    (int(CommandFlag.FAST_ZERO), TransmissionFlag.SEND_FAST_ZERO),
+)
 #: The transmission flag that must be advertised for a command to be sent.
 _NEEDS = {
     Command.FLUSH: TransmissionFlag.SEND_FLUSH,
@@ -272,13 +338,99 @@ _NEEDS = {
 #: Commands that change data: refused on a read-only export, ENOSPC past the end.
 _WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 #: Commands whose range is checked against the size and the block size.
-_RANGED = frozenset({Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE})
+_RANGED = frozenset({Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE,
+                     Command.BLOCK_STATUS})
 _READ, _WRITE, _DISC = Command.READ, Command.WRITE, Command.DISC
 
 
 def simple_reply(cookie: int, error: int = 0) -> bytes:
     """The 16-byte simple reply to request ``cookie`` (a successful READ's data follows it)."""
     return _pack_reply(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def data_chunk(cookie: int, offset: int, length: int) -> bytes:
+    """The 28-byte header of a READ's one and final OFFSET_DATA chunk; its ``length`` bytes of data follow it."""
+    return _pack_data_chunk(STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + length, offset)
+
+
+def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
+    """A final ERROR chunk: ``error`` (nonzero) and ``message`` for a human (cut to 4096 bytes of UTF-8)."""
+    if not error:
+        raise ValueError("an ERROR chunk needs a nonzero error")
+    text = message.encode("utf-8", "replace")[:MAX_STRING].decode("utf-8", "ignore").encode()
+    return _ERROR_CHUNK.pack(STRUCTURED_REPLY_MAGIC, _DONE, ChunkType.ERROR, cookie, 6 + len(text), error,
+                             len(text)) + text
+
+
+def block_status_chunk(cookie: int, context_id: int, extents: Iterable[tuple[int, int]], length: int,
+                       req_one: bool = False) -> bytes:
+    """The final BLOCK_STATUS chunk answering a query of ``length`` bytes for ``context_id``.
+
+    ``extents`` are consecutive (length, status flags) pairs from the query's
+    offset; what lies past ``length`` is cut off (the last descriptor is cut
+    at the end), empty ones are skipped, and at most :data:`MAX_EXTENTS`
+    descriptors go (one with ``req_one``, NBD_CMD_FLAG_REQ_ONE). Consecutive
+    extents of one status are merged. ValueError if none is left: a reply
+    must describe at least one byte.
+    """
+    descriptors: list[list[int]] = []
+    covered = 0
+    for size, status in extents:
+        size = min(size, length - covered)
+        if size <= 0:
+            if covered >= length:
+                break
+            continue
+        if descriptors and descriptors[-1][1] == status:
+            descriptors[-1][0] += size
+        elif len(descriptors) == (1 if req_one else MAX_EXTENTS):
+            break
+        else:
+            descriptors.append([size, status])
+        covered += size
+    if not descriptors:
+        raise ValueError(f"no extent describes any of the {length} bytes asked for")
+    head = _STATUS_CHUNK.pack(STRUCTURED_REPLY_MAGIC, _DONE, ChunkType.BLOCK_STATUS, cookie,
+                              4 + 8 * len(descriptors), context_id)
+    return head + b"".join(_DESCRIPTOR.pack(size, status) for size, status in descriptors)
+
+
+_ALLOCATION = BASE_ALLOCATION.encode()
+
+
+def _meta_request(data: bytes) -> tuple[str, list[bytes]] | str:
+    """(export name, queries) of a LIST/SET_META_CONTEXT request, or what is wrong with it.
+
+    The layout: u32 name length, the name, u32 query count, then per query
+    a u32 length and the query; every length within the option's data, no
+    string over :data:`MAX_STRING` bytes, nothing left over.
+    """
+    if len(data) < 8:
+        return f"{len(data)} bytes, fewer than the 8 of the name length and the query count"
+    (name_length,) = _U32.unpack_from(data)
+    if name_length > MAX_STRING:
+        return f"export name length {name_length} over {MAX_STRING}"
+    at = 4 + name_length
+    if len(data) < at + 4:
+        return f"export name length {name_length} runs past the option's {len(data)} bytes"
+    (count,) = _U32.unpack_from(data, at)
+    at += 4
+    if count > (len(data) - at) // 4:
+        return f"{count} queries cannot fit in the {len(data) - at} bytes after the count"
+    queries = []
+    for number in range(count):
+        if len(data) - at < 4:
+            return f"query {number} of {count}: its length (at byte {at}) runs past the option's data"
+        (length,) = _U32.unpack_from(data, at)
+        if length > MAX_STRING:
+            return f"query {number} of {count} (at byte {at}): length {length} over {MAX_STRING}"
+        if at + 4 + length > len(data):
+            return f"query {number} of {count} (at byte {at}): length {length} runs past the option's data"
+        queries.append(data[at + 4:at + 4 + length])
+        at += 4 + length
+    if at != len(data):
+        return f"{len(data) - at} bytes after the last query"
+    return data[4:4 + name_length].decode("utf-8", "replace"), queries
 
 
 class NbdServerConnection:
@@ -304,6 +456,13 @@ class NbdServerConnection:
         self._discard = 0  # DISCARD: payload bytes still to drop
         self._read_only = bool(self.flags & TransmissionFlag.READ_ONLY)
         self._mask = block_size - 1
+        if self.flags & TransmissionFlag.SEND_FAST_ZERO and not self.flags & TransmissionFlag.SEND_WRITE_ZEROES:
+            raise ValueError("SEND_FAST_ZERO without SEND_WRITE_ZEROES (the spec forbids it)")
+        #: NBD_OPT_STRUCTURED_REPLY was negotiated: READs are answered in chunks, errors with a message.
+        self.structured = False
+        #: The id of ``base:allocation`` if the client selected it (NBD_CMD_BLOCK_STATUS is served), else None.
+        self.allocation_context: int | None = None
+        self._context_export: str | None = None  # the export name SET_META_CONTEXT selected it for
 
     # -- bytes in, bytes out ------------------------------------------------------------------
 
@@ -332,6 +491,16 @@ class NbdServerConnection:
     @property
     def in_transmission(self) -> bool:
         return self.state in (State.TRANSMISSION, State.PAYLOAD, State.DISCARD)
+
+    @property
+    def transmission_flags(self) -> TransmissionFlag:
+        """The flags sent with the export: the caller's, and SEND_DF once structured replies are on."""
+        return self.flags | TransmissionFlag.SEND_DF if self.structured else self.flags
+
+    def error_reply(self, cookie: int, error: int, message: str) -> bytes:
+        """The reply failing request ``cookie`` in the form negotiated: an ERROR chunk carrying ``message``
+        (structured replies), else a simple reply (the message goes nowhere)."""
+        return error_chunk(cookie, error, message) if self.structured else _pack_reply(SIMPLE_REPLY_MAGIC, error, cookie)
 
     def _take(self, n: int) -> int:
         """Where the next ``n`` buffered bytes start in ``_buffer`` (now taken), or -1 if they are not all in."""
@@ -409,11 +578,10 @@ class NbdServerConnection:
         if option == Option.EXPORT_NAME:
             if len(data) > MAX_STRING:
                 raise self._fail("export_name", len(data), position, f"longer than {MAX_STRING} bytes")
-            self._out += _EXPORT_NAME_REPLY.pack(self.size, self.flags)
+            self._out += _EXPORT_NAME_REPLY.pack(self.size, self.transmission_flags)
             if not self.no_zeroes:
                 self._out += bytes(124)
-            self.state = State.TRANSMISSION
-            return NbdNegotiated(data.decode("utf-8", "replace"), self.no_zeroes)
+            return self._negotiated(data.decode("utf-8", "replace"))
         if option == Option.ABORT:
             self._reply(option, Reply.ACK)
             self.state = State.CLOSED
@@ -432,19 +600,60 @@ class NbdServerConnection:
                 self._reply(option, Reply.ERR_INVALID, b"malformed request: u32 name length, name, "
                                                         b"u16 count, count u16 info types")
                 return None
-            self._reply(option, Reply.INFO, _INFO_EXPORT.pack(Info.EXPORT, self.size, self.flags))
+            self._reply(option, Reply.INFO, _INFO_EXPORT.pack(Info.EXPORT, self.size, self.transmission_flags))
             self._reply(option, Reply.INFO, _INFO_BLOCK_SIZE.pack(
                 Info.BLOCK_SIZE, self.block_size, max(PREFERRED_BLOCK_SIZE, self.block_size), MAX_PAYLOAD))
             self._reply(option, Reply.ACK)
             if option == Option.GO:
-                self.state = State.TRANSMISSION
-                return NbdNegotiated(chosen, self.no_zeroes)
+                return self._negotiated(chosen)
+            return None
+        if option == Option.STRUCTURED_REPLY:
+            if data:
+                self._reply(option, Reply.ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+            else:
+                self.structured = True
+                self._reply(option, Reply.ACK)
+            return None
+        if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            self._meta_context(option, data)
             return None
         if option == Option.STARTTLS:
             self._reply(option, Reply.ERR_POLICY, b"TLS is not offered by this server")
             return None
         self._reply(option, Reply.ERR_UNSUP, b"option not supported")
         return None
+
+    def _negotiated(self, name: str) -> NbdNegotiated:
+        """Transmission begins for export ``name``: a context selected for another name is dropped."""
+        if name != self._context_export:
+            self.allocation_context = None
+        self.state = State.TRANSMISSION
+        return NbdNegotiated(name, self.no_zeroes)
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        """Answer LIST_META_CONTEXT / SET_META_CONTEXT: ``base:allocation`` is the one context there is."""
+        setting = option == Option.SET_META_CONTEXT
+        if setting:  # a SET replaces what an earlier one selected, even when it fails
+            self.allocation_context = self._context_export = None
+        name = Option(option).name
+        if not self.structured:
+            self._reply(option, Reply.ERR_INVALID, f"NBD_OPT_{name} needs NBD_OPT_STRUCTURED_REPLY first".encode())
+            return
+        parsed = _meta_request(data)
+        if isinstance(parsed, str):
+            self._reply(option, Reply.ERR_INVALID, f"malformed NBD_OPT_{name}: {parsed}".encode())
+            return
+        export, queries = parsed
+        wanted = {_ALLOCATION} if setting else {_ALLOCATION, b"base:"}  # LIST: "base:" is the namespace's wildcard
+        if (queries or setting) and wanted.isdisjoint(queries):
+            self._reply(option, Reply.ACK)  # nothing known asked for (SET with no query selects nothing)
+            return
+        context_id = ALLOCATION_CONTEXT_ID if setting else 0  # LIST's ids are reserved: zero
+        self._reply(option, Reply.META_CONTEXT, _U32.pack(context_id) + _ALLOCATION)
+        self._reply(option, Reply.ACK)
+        if setting:
+            self.allocation_context = ALLOCATION_CONTEXT_ID
+            self._context_export = export
 
     @staticmethod
     def _info_request(data: bytes) -> str | None:
@@ -498,15 +707,20 @@ class NbdServerConnection:
     def _check(self, command: Command | None, kind: int, flags: int, offset: int,
                length: int) -> tuple[NbdErrno, str] | None:
         """Why this request is refused (its NBD error and a reason), or None: it may be served."""
-        if command is None or command in (Command.BLOCK_STATUS, Command.RESIZE):
+        if command is None or command is Command.RESIZE:
             return NbdErrno.EINVAL, f"unknown command {kind}"
         needed = _NEEDS.get(command)
         if needed is not None and not self.flags & needed:
             return NbdErrno.EINVAL, f"{command.name} was not advertised"
-        if flags & ~_ALLOWED_FLAGS.get(command, 0):
+        if command is Command.BLOCK_STATUS and self.allocation_context is None:
+            return NbdErrno.EINVAL, "BLOCK_STATUS without a metadata context negotiated (NBD_OPT_SET_META_CONTEXT)"
+        if flags & ~(_ALLOWED_FLAGS.get(command, 0) | _FUA):
             return NbdErrno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
-        if flags & CommandFlag.FUA and not self.flags & TransmissionFlag.SEND_FUA:
-            return NbdErrno.EINVAL, "FUA was not advertised"
+        for flag, advertised in _FLAG_NEEDS:
+            if flags & flag and not self.flags & advertised:
+                return NbdErrno.EINVAL, f"{CommandFlag(flag).name} was not advertised"
+        if flags & _DF and not self.structured:
+            return NbdErrno.EINVAL, "DF without structured replies (NBD_FLAG_SEND_DF was not advertised)"
         if command in _WRITING and self._read_only:
             return NbdErrno.EPERM, "the export is read-only"
         if command is Command.FLUSH and (offset or length):

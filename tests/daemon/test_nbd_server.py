@@ -6,8 +6,11 @@ is checked on both fronts by test_nbd_clients.py. Here: hostile clients
 (garbage, a request cut short, a client that never reads its replies or
 never negotiates, a thousand connections) after which the daemon still
 serves; the memory budget of an export; a stop with requests in flight;
-the options; and, in process, the server's concurrency and stop over a
-backend whose reads block. No nbdkit runs anywhere here.
+the options; structured replies, block status and fast zero byte for byte
+from a raw client, and the memory backend's holes as nbdinfo and qemu-img
+map see them; and, in process, the server's concurrency and stop over a
+backend whose reads block, and backends that cannot zero fast or tell
+their extents. No nbdkit runs anywhere here.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ import time
 import pytest
 import trio
 
+import json
+
+from daemon_harness import run
 from nbd_harness import open_session, qemu_io
 from peak_backend import PeakReads
+from dmuserd.backends import Unsupported
+from dmuserd.backends.memory import MemoryBackend
 from dmuserd.daemon.config import ConfigError, DaemonSpec, ExportSpec, TargetSpec
 from dmuserd.daemon.runtime import Daemon
 from dmuserd.daemon.export import build
@@ -64,6 +72,53 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def request(command: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
     return struct.pack(">IHHQQI", 0x25609513, flags, command, cookie, offset, length)
+
+
+IHAVEOPT = 0x49484156454F5054
+STRUCTURED = 0x668E33EF
+HOLE, DATA = 3, 0  # base:allocation: hole+zero, data
+DF, REQ_ONE, FAST_ZERO = 4, 8, 0x10
+
+
+def structured_handshake(path, *contexts: bytes) -> tuple[socket.socket, dict[int, list[tuple[int, bytes]]]]:
+    """A raw client: structured replies, SET_META_CONTEXT with ``contexts`` (if any), then GO; the socket in
+    transmission and the option replies by option: (reply type, data)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(path))
+    assert recv_exactly(sock, 18)[:16] == b"NBDMAGICIHAVEOPT"
+    meta = struct.pack(">II", 0, len(contexts)) + b"".join(struct.pack(">I", len(c)) + c for c in contexts)
+    options = [(8, b""), *([(10, meta)] if contexts else []), (7, struct.pack(">IH", 0, 0))]
+    sock.sendall(struct.pack(">I", 3) + b"".join(struct.pack(">QII", IHAVEOPT, o, len(d)) + d for o, d in options))
+    replies: dict[int, list[tuple[int, bytes]]] = {}
+    while not replies.get(7) or replies[7][-1][0] != 1:
+        magic, option, kind, length = struct.unpack(">QIII", recv_exactly(sock, 20))
+        assert magic == 0x3E889045565A9
+        replies.setdefault(option, []).append((kind, recv_exactly(sock, length)))
+    return sock, replies
+
+
+def read_chunk(sock: socket.socket) -> tuple[int, int, int, bytes]:
+    """One structured reply chunk: (flags, type, cookie, payload)."""
+    magic, flags, kind, cookie, length = struct.unpack(">IHHQI", recv_exactly(sock, 20))
+    assert magic == STRUCTURED, hex(magic)
+    return flags, kind, cookie, recv_exactly(sock, length)
+
+
+def read_simple(sock: socket.socket) -> tuple[int, int]:
+    """One simple reply without data: (error, cookie)."""
+    magic, error, cookie = struct.unpack(">IIQ", recv_exactly(sock, 16))
+    assert magic == 0x67446698, hex(magic)
+    return error, cookie
+
+
+def error_of(chunk: tuple[int, int, int, bytes]) -> tuple[int, str]:
+    """(error, message) of a final ERROR chunk."""
+    flags, kind, _, payload = chunk
+    assert (flags, kind) == (1, 0x8001)
+    error, length = struct.unpack_from(">IH", payload)
+    assert len(payload) == 6 + length
+    return error, payload[6:].decode()
 
 
 def rss_kib(pid: int) -> int:
@@ -262,6 +317,84 @@ def test_server_nbdkit_is_the_default():
     assert type(build(ExportSpec("nbd", "/tmp/x.sock", {"server": "dmuserd"}), host=None)) is NbdServerExport
 
 
+# -- structured replies, block status, fast zero --------------------------------------------
+
+
+def test_structured_replies_byte_for_byte(served):
+    """A client that negotiates structured replies and base:allocation: the export offers DF and FAST_ZERO, a
+    READ is one final OFFSET_DATA chunk (DF or not), an error an ERROR chunk with its reason, a BLOCK_STATUS the
+    memory backend's chunks (never written: hole,zero), REQ_ONE one extent; other successes are simple replies."""
+    session, _ = served
+    base = 60 << 20  # the module's other tests stay below
+    sock, replies = structured_handshake(session.socket, b"base:allocation")
+    with sock:
+        assert replies[8] == [(1, b"")]
+        assert replies[10] == [(4, struct.pack(">I", 1) + b"base:allocation"), (1, b"")]
+        info = next(data for kind, data in replies[7] if kind == 3 and data[:2] == b"\0\0")
+        size, flags = struct.unpack(">QH", info[2:])
+        assert size == SIZE and flags & (1 << 7) and flags & (1 << 11)  # SEND_DF, SEND_FAST_ZERO
+        data = bytes(range(256)) * 16
+        sock.sendall(request(1, 1, base + 65536, 4096) + data)
+        assert read_simple(sock) == (0, 1)
+        for cookie, flags in ((2, 0), (3, DF)):
+            sock.sendall(request(0, cookie, base + 65536, 4096, flags))
+            chunk = read_chunk(sock)
+            assert chunk[:3] == (1, 1, cookie) and chunk[3] == struct.pack(">Q", base + 65536) + data
+        sock.sendall(request(0, 4, SIZE, 4096))
+        assert error_of(read_chunk(sock)) == (22, f"range {SIZE}+4096 ends beyond the export size {SIZE}")
+        sock.sendall(request(7, 5, base, 3 * 65536) + request(7, 6, base, 3 * 65536, REQ_ONE)
+                     + request(7, 7, base + 65536, 8192, REQ_ONE))
+        want = {5: [(65536, HOLE), (65536, DATA), (65536, HOLE)], 6: [(65536, HOLE)], 7: [(8192, DATA)]}
+        for _ in range(3):
+            flags, kind, cookie, payload = read_chunk(sock)
+            assert (flags, kind) == (1, 5) and struct.unpack_from(">I", payload)[0] == 1
+            assert list(struct.iter_unpack(">II", payload[4:])) == want.pop(cookie)
+        sock.sendall(request(6, 8, base + 65536, 4096, FAST_ZERO) + request(0, 9, base + 65536, 4096))
+        assert read_simple(sock) == (0, 8)
+        assert read_chunk(sock)[3] == struct.pack(">Q", base + 65536) + bytes(4096)
+        sock.sendall(request(2, 10, 0, 0))
+        assert sock.recv(16) == b""
+
+
+def test_block_status_without_a_context_is_einval(served):
+    """Structured replies without SET_META_CONTEXT: BLOCK_STATUS is an EINVAL chunk saying why; a client without
+    structured replies gets a simple EINVAL. Each connection goes on."""
+    session, _ = served
+    sock, replies = structured_handshake(session.socket)
+    with sock:
+        assert 10 not in replies
+        sock.sendall(request(7, 1, 0, 4096) + request(0, 2, 0, 512))
+        error, message = error_of(read_chunk(sock))
+        assert error == 22 and "metadata context" in message
+        assert read_chunk(sock)[:3] == (1, 1, 2)
+    with handshake(session.socket) as sock:
+        sock.sendall(request(7, 1, 0, 4096) + request(0, 2, 0, 512))
+        assert read_simple(sock) == (22, 1)
+        assert read_simple(sock) == (0, 2) and len(recv_exactly(sock, 512)) == 512
+
+
+def test_holes_as_nbdinfo_and_qemu_img_map_see_them(tmp_path):
+    """The memory backend's never-written chunks are holes for nbdinfo --map and qemu-img map; a backend that
+    cannot tell (zero) is all data."""
+    with open_session(tmp_path, "dmuserd", "nbdinfo", "qemu-io", "qemu-img") as session:
+        daemon = session.start("memory:size=8M")
+        qemu_io(session.uri, "write -P 1 1M 64k", "write -P 2 5M 4k")
+        extents = json.loads(run("nbdinfo", "--map", "--json", session.uri).stdout)
+        mib = 1 << 20
+        assert [(e["offset"], e["length"], e["type"]) for e in extents] == [
+            (0, mib, HOLE), (mib, 65536, DATA), (mib + 65536, 4 * mib - 65536, HOLE), (5 * mib, 65536, DATA),
+            (5 * mib + 65536, 3 * mib - 65536, HOLE)]
+        mapped = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", session.uri).stdout)
+        assert [(m["start"], m["length"], m["data"], m["zero"]) for m in mapped] == [
+            (e["offset"], e["length"], e["type"] == DATA, e["type"] == HOLE) for e in extents]
+        assert daemon.terminate() == 0
+    (tmp_path / "zero").mkdir()
+    with open_session(tmp_path / "zero", "dmuserd", "nbdinfo") as session:
+        session.start("zero:size=1M")
+        extents = json.loads(run("nbdinfo", "--map", "--json", session.uri).stdout)
+        assert [(e["offset"], e["length"], e["type"]) for e in extents] == [(0, 1 << 20, DATA)]
+
+
 # -- in process: a backend whose reads block -------------------------------------------------
 
 
@@ -362,3 +495,46 @@ async def test_every_request_in_flight_at_a_stop_is_answered(tmp_path):
             assert set(errors) == set(range(40))
             assert set(errors.values()) <= {0, 108} and list(errors.values()).count(0) >= 32, errors
             assert await stream.receive_some(16) == b""  # then the connection closes
+
+
+# -- in process: backends that cannot zero fast, or tell their extents ------------------------
+
+
+class SlowZeroes(MemoryBackend):
+    """Has write_zeroes, yet answers UNSUPPORTED (as a backend that finds it cannot zero without writing)."""
+
+    async def write_zeroes(self, offset, length, may_unmap=False):
+        raise Unsupported("cannot zero here without writing")
+
+
+class BlindExtents(MemoryBackend):
+    """Its extents fail."""
+
+    async def extents(self, offset, length):
+        raise RuntimeError("allocation map unreadable")
+
+
+async def test_fast_zero_the_backend_cannot_do_is_enotsup(tmp_path):
+    """FAST_ZERO answered UNSUPPORTED by the backend: ENOTSUP, the data left as it was; without FAST_ZERO the spec
+    forbids ENOTSUP once fast zero is advertised: EIO, with its reason."""
+    backend = SlowZeroes(1 << 20)
+    await backend.write(0, b"\x77" * 4096)
+    async with _served(tmp_path, backend) as _:
+        sock, _ = await trio.to_thread.run_sync(structured_handshake, tmp_path / "d.sock")
+        with sock:
+            await trio.to_thread.run_sync(sock.sendall, request(6, 1, 0, 4096, FAST_ZERO) + request(6, 2, 0, 4096)
+                                          + request(0, 3, 0, 4096))
+            assert error_of(await trio.to_thread.run_sync(read_chunk, sock)) == (
+                95, "the backend does not support this operation")
+            assert error_of(await trio.to_thread.run_sync(read_chunk, sock)) == (5, "the backend could not zero")
+            assert (await trio.to_thread.run_sync(read_chunk, sock))[3][8:] == b"\x77" * 4096
+
+
+async def test_extents_that_fail_are_eio_for_that_request(tmp_path):
+    async with _served(tmp_path, BlindExtents(1 << 20)) as _:
+        sock, _ = await trio.to_thread.run_sync(structured_handshake, tmp_path / "d.sock", b"base:allocation")
+        with sock:
+            await trio.to_thread.run_sync(sock.sendall, request(7, 1, 0, 65536) + request(0, 2, 0, 512))
+            assert error_of(await trio.to_thread.run_sync(read_chunk, sock)) == (
+                5, "the backend could not tell what is allocated")
+            assert (await trio.to_thread.run_sync(read_chunk, sock))[:3] == (1, 1, 2)

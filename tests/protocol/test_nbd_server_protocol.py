@@ -1,5 +1,7 @@
 """NbdServerConnection: the handshake's answers byte for byte, requests under any
-chunking, refusals that fail one request, typed errors where the framing is lost."""
+chunking, refusals that fail one request, typed errors where the framing is lost;
+structured replies, the ``base:allocation`` meta context and block status
+replies byte for byte, and malformed meta context options refused alone."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 from dmuserd.protocol import (
     NBD_MAX_PAYLOAD,
     NBD_NEED_DATA,
+    NbdAllocationFlag,
     NbdCommand,
     NbdDisconnect,
     NbdErrno,
@@ -21,8 +24,12 @@ from dmuserd.protocol import (
     NbdRequest,
     NbdServerConnection,
     TransmissionFlag,
+    nbd_block_status_chunk,
+    nbd_data_chunk,
+    nbd_error_chunk,
     nbd_simple_reply,
 )
+from dmuserd.protocol._nbd import MAX_EXTENTS
 
 SIZE = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -114,7 +121,7 @@ def test_list_unsupported_and_abort():
     replies = option_replies(conn.data_to_send())
     kinds = [(o, k) for o, k, _ in replies]
     err = 1 << 31
-    assert kinds == [(3, 2), (3, 1), (3, err + 3), (8, err + 1), (5, err + 2), (99, err + 1), (7, err + 3), (2, 1)]
+    assert kinds == [(3, 2), (3, 1), (3, err + 3), (8, 1), (5, err + 2), (99, err + 1), (7, err + 3), (2, 1)]
     assert replies[0][2] == struct.pack(">I", 0)  # the one export, named ""
     conn.receive_data(request(0, length=512))  # after the end: ignored
     assert events(conn) == []
@@ -181,7 +188,10 @@ def test_pipelined_reads(reads, chunk):
     (request(0, 9, 0, NBD_MAX_PAYLOAD + 512), b"", NbdErrno.EOVERFLOW),
     (request(7, 9, 0, 512), b"", NbdErrno.EINVAL),  # block status: not negotiated
     (request(77, 9, 0, 512), b"", NbdErrno.EINVAL),  # unknown command
-    (request(0, 9, 0, 512, flags=1), b"", NbdErrno.EINVAL),  # FUA on a read
+    (request(0, 9, 0, 512, flags=4), b"", NbdErrno.EINVAL),  # DF without structured replies
+    (request(6, 9, 0, 512, flags=0x10), b"", NbdErrno.EINVAL),  # FAST_ZERO not advertised
+    (request(0, 9, 0, 512, flags=8), b"", NbdErrno.EINVAL),  # REQ_ONE on a read
+    (request(3, 9, 0, 0, flags=2), b"", NbdErrno.EINVAL),  # NO_HOLE on a flush
     (request(1, 9, 0, 512, flags=0x20), b"w" * 512, NbdErrno.EINVAL),  # unknown flag on a write
     (request(0, 9, (1 << 64) - 512, 512), b"", NbdErrno.EINVAL),  # offset near 2**64
 ])
@@ -256,3 +266,217 @@ def test_block_size_must_be_a_power_of_two():
 def test_simple_reply():
     assert nbd_simple_reply(0x0102030405060708) == bytes.fromhex("67446698000000000102030405060708")
     assert nbd_simple_reply(1, NbdErrno.EIO)[4:8] == b"\x00\x00\x00\x05"
+
+
+# -- structured replies, meta contexts, block status ---------------------------------------------------------
+
+STRUCTURED_MAGIC = 0x668E33EF
+ERR = 1 << 31
+
+
+def meta_data(name: bytes = b"", *queries: bytes) -> bytes:
+    return (struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+            + b"".join(struct.pack(">I", len(q)) + q for q in queries))
+
+
+def reply(opt: int, kind: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QIII", REPLY_MAGIC, opt, kind, len(data)) + data
+
+
+def negotiating(flags=ALL, structured: bool = True) -> NbdServerConnection:
+    """A connection past the client flags, structured replies on (their ACK taken) unless not asked."""
+    conn = NbdServerConnection(SIZE, flags)
+    conn.data_to_send()
+    conn.receive_data(struct.pack(">I", 3) + (option(8) if structured else b""))
+    assert events(conn) == []
+    assert conn.data_to_send() == (reply(8, 1) if structured else b"")
+    assert conn.structured is structured
+    return conn
+
+
+def test_structured_reply_option():
+    conn = negotiating(structured=False)
+    conn.receive_data(option(8, b"x") + option(8) + option(8))
+    assert events(conn) == []
+    assert conn.data_to_send() == reply(8, ERR + 3, b"NBD_OPT_STRUCTURED_REPLY takes no data") + reply(8, 1) * 2
+    assert conn.structured
+
+
+def test_structured_replies_advertise_df():
+    """SEND_DF goes with the export once structured replies are on (INFO, GO and EXPORT_NAME alike), never
+    before; then a READ may carry DF (one chunk is all a READ ever gets)."""
+    conn = negotiating()
+    conn.receive_data(option(6, go_data()) + option(7, go_data()))
+    assert events(conn) == [NbdNegotiated("", True)]
+    replies = option_replies(conn.data_to_send())
+    flags = ALL | TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_DF
+    assert replies[0][2] == replies[3][2] == struct.pack(">HQH", 0, SIZE, flags)
+    conn.receive_data(request(0, 1, 512, 4096, flags=4) + request(0, 2, 0, 512, flags=5))
+    assert events(conn) == [NbdRequest(1, NbdCommand.READ, 4, 512, 4096), NbdRequest(2, NbdCommand.READ, 5, 0, 512)]
+    old = negotiating()
+    old.receive_data(option(1, b"d"))
+    assert events(old) == [NbdNegotiated("d", True)]
+    assert old.data_to_send() == struct.pack(">QH", SIZE, flags)
+
+
+def test_meta_context_needs_structured_replies():
+    conn = negotiating(structured=False)
+    conn.receive_data(option(9, meta_data()) + option(10, meta_data(b"", b"base:allocation")))
+    assert events(conn) == []
+    assert conn.data_to_send() == (
+        reply(9, ERR + 3, b"NBD_OPT_LIST_META_CONTEXT needs NBD_OPT_STRUCTURED_REPLY first")
+        + reply(10, ERR + 3, b"NBD_OPT_SET_META_CONTEXT needs NBD_OPT_STRUCTURED_REPLY first"))
+    assert conn.allocation_context is None
+
+
+def test_list_meta_context():
+    """LIST with no query or the ``base:`` wildcard names base:allocation (id 0, reserved); a query of another
+    namespace, or an unknown leaf, finds nothing: a lone ACK. Nothing is selected by a LIST."""
+    conn = negotiating()
+    context = struct.pack(">I", 0) + b"base:allocation"
+    for queries, found in [((), True), ((b"base:",), True), ((b"base:allocation",), True),
+                           ((b"qemu:dirty-bitmap:x", b"base:"), True), ((b"qemu:allocation-depth",), False),
+                           ((b"base:nothing", b"nocolon"), False)]:
+        conn.receive_data(option(9, meta_data(b"disk", *queries)))
+        assert events(conn) == []
+        assert conn.data_to_send() == (reply(9, 4, context) if found else b"") + reply(9, 1), queries
+    assert conn.allocation_context is None
+
+
+def test_set_meta_context_then_block_status():
+    conn = negotiating()
+    conn.receive_data(option(10, meta_data(b"disk", b"base:", b"qemu:dirty-bitmap:b", b"base:allocation")))
+    assert events(conn) == []
+    assert conn.data_to_send() == reply(10, 4, struct.pack(">I", 1) + b"base:allocation") + reply(10, 1)
+    conn.receive_data(option(7, go_data(b"disk")))
+    assert events(conn) == [NbdNegotiated("disk", True)]
+    conn.data_to_send()
+    assert conn.allocation_context == 1
+    conn.receive_data(request(7, 1, 4096, 8192) + request(7, 2, 0, SIZE, flags=8)
+                      + request(7, 3, SIZE - 512, 1024) + request(7, 4, 100, 512) + request(7, 5, 0, 512, flags=1 << 4))
+    got = events(conn)
+    assert got[:2] == [NbdRequest(1, NbdCommand.BLOCK_STATUS, 0, 4096, 8192),
+                       NbdRequest(2, NbdCommand.BLOCK_STATUS, 8, 0, SIZE)]
+    assert [(e.cookie, e.error) for e in got[2:]] == [(3, NbdErrno.EINVAL), (4, NbdErrno.EINVAL), (5, NbdErrno.EINVAL)]
+
+
+@pytest.mark.parametrize("steps, why", [
+    ([option(10, meta_data(b"a", b"base:allocation")), option(7, go_data(b"b"))], "another export chosen"),
+    ([option(10, meta_data(b"", b"base:allocation")), option(10, meta_data(b"")), option(7, go_data())],
+     "a later SET with no query selects nothing"),
+    ([option(10, meta_data(b"", b"base:allocation")), option(10, b"\x00"), option(7, go_data())],
+     "a later malformed SET still replaces the selection"),
+    ([option(10, meta_data(b"", b"base:")), option(1)], "base: selects nothing in a SET"),
+])
+def test_block_status_without_a_context_is_einval(steps, why):
+    conn = negotiating()
+    conn.receive_data(b"".join(steps))
+    assert len(events(conn)) == 1  # NbdNegotiated
+    assert conn.allocation_context is None, why
+    conn.receive_data(request(7, 1, 0, 4096) + request(0, 2, 0, 512))
+    got = events(conn)
+    assert got[0].error == NbdErrno.EINVAL and "metadata context" in got[0].reason
+    assert got[1] == NbdRequest(2, NbdCommand.READ, 0, 0, 512)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", b"0 bytes, fewer than the 8 of the name length and the query count"),
+    (struct.pack(">I", 4097) + b"n" * 4097 + struct.pack(">I", 0), b"export name length 4097 over 4096"),
+    (struct.pack(">I", 10) + b"name", b"export name length 10 runs past the option's 8 bytes"),
+    (meta_data(b"") + b"\x00" * 4, b"4 bytes after the last query"),
+    (struct.pack(">II", 0, 0xFFFFFFFF) + b"\x00" * 12, b"4294967295 queries cannot fit in the 12 bytes after the count"),
+    (struct.pack(">III", 0, 1, 50) + b"base:", b"query 0 of 1 (at byte 8): length 50 runs past the option's data"),
+    (struct.pack(">III", 0, 1, 5000) + b"q" * 5000, b"query 0 of 1 (at byte 8): length 5000 over 4096"),
+    (struct.pack(">III", 0, 2, 4) + b"abcd\x00\x07", b"query 1 of 2: its length (at byte 16) runs past the option's data"),
+])
+@pytest.mark.parametrize("code", [9, 10])
+def test_malformed_meta_context_fails_that_option_alone(code, data, message):
+    """The option is answered ERR_INVALID naming what is wrong; the handshake goes on and a GO still works."""
+    conn = negotiating()
+    conn.receive_data(option(code, data) + option(7, go_data()))
+    assert events(conn) == [NbdNegotiated("", True)]
+    name = b"LIST" if code == 9 else b"SET"
+    replies = option_replies(conn.data_to_send())
+    assert replies[0] == (code, ERR + 3, b"malformed NBD_OPT_" + name + b"_META_CONTEXT: " + message)
+    assert [k for _, k, _ in replies[1:]] == [3, 3, 1]
+
+
+def test_oversized_meta_context_option_loses_the_framing():
+    conn = negotiating()
+    conn.receive_data(struct.pack(">QII", IHAVEOPT, 10, (64 << 10) + 1))
+    with pytest.raises(NbdProtocolError) as err:
+        events(conn)
+    assert err.value.field == "option_length" and err.value.position == 4 + 16
+
+
+def test_fast_zero_and_fua_flags():
+    """FAST_ZERO rides WRITE_ZEROES where SEND_FAST_ZERO is advertised (never without SEND_WRITE_ZEROES); FUA is
+    accepted on any command where SEND_FUA is (a READ has nothing to persist), refused where it is not."""
+    with pytest.raises(ValueError):
+        NbdServerConnection(SIZE, TransmissionFlag.SEND_FAST_ZERO)
+    conn = in_transmission(ALL | TransmissionFlag.SEND_FAST_ZERO)
+    conn.receive_data(request(6, 1, 0, 4096, flags=0x10) + request(6, 2, 0, 4096, flags=0x13)
+                      + request(0, 3, 0, 512, flags=1) + request(3, 4, flags=1) + request(6, 5, 0, 512, flags=0x20))
+    got = events(conn)
+    assert got[:4] == [NbdRequest(1, NbdCommand.WRITE_ZEROES, 0x10, 0, 4096),
+                       NbdRequest(2, NbdCommand.WRITE_ZEROES, 0x13, 0, 4096),
+                       NbdRequest(3, NbdCommand.READ, 1, 0, 512), NbdRequest(4, NbdCommand.FLUSH, 1, 0, 0)]
+    assert got[4].error == NbdErrno.EINVAL
+    no_fua = in_transmission(TransmissionFlag.SEND_FLUSH)
+    no_fua.receive_data(request(0, 1, 0, 512, flags=1))
+    assert [(e.error, e.reason) for e in events(no_fua)] == [(NbdErrno.EINVAL, "FUA was not advertised")]
+
+
+def test_data_chunk():
+    assert nbd_data_chunk(0x0102030405060708, 4096, 512) == struct.pack(
+        ">IHHQIQ", STRUCTURED_MAGIC, 1, 1, 0x0102030405060708, 520, 4096)
+    assert len(nbd_data_chunk(1, 0, NBD_MAX_PAYLOAD)) == 28
+
+
+def test_error_chunk():
+    assert nbd_error_chunk(7, NbdErrno.EINVAL, "bad") == struct.pack(
+        ">IHHQIIH", STRUCTURED_MAGIC, 1, 0x8001, 7, 9, 22, 3) + b"bad"
+    assert nbd_error_chunk(7, NbdErrno.EIO) == struct.pack(">IHHQIIH", STRUCTURED_MAGIC, 1, 0x8001, 7, 6, 5, 0)
+    long = nbd_error_chunk(7, NbdErrno.EIO, "é" * 3000)  # 6000 bytes of UTF-8: cut at 4096, between characters
+    assert struct.unpack_from(">IH", long, 20) == (5, 4096) and long[26:].decode() == "é" * 2048
+    with pytest.raises(ValueError):
+        nbd_error_chunk(7, 0)
+
+
+def test_error_reply_follows_the_negotiation():
+    simple = in_transmission()
+    assert simple.error_reply(3, NbdErrno.EINVAL, "why") == nbd_simple_reply(3, NbdErrno.EINVAL)
+    conn = negotiating()
+    assert conn.error_reply(3, NbdErrno.EINVAL, "why") == nbd_error_chunk(3, NbdErrno.EINVAL, "why")
+
+
+HOLE = int(NbdAllocationFlag.HOLE | NbdAllocationFlag.ZERO)
+
+
+def status_chunk(cookie: int, context: int, *descriptors: tuple[int, int]) -> bytes:
+    return struct.pack(">IHHQII", STRUCTURED_MAGIC, 1, 5, cookie, 4 + 8 * len(descriptors), context) + b"".join(
+        struct.pack(">II", *d) for d in descriptors)
+
+
+@pytest.mark.parametrize("extents, length, req_one, want", [
+    ([(4096, 0)], 4096, False, [(4096, 0)]),
+    ([(4096, 0), (8192, HOLE), (512, 0)], 12800, False, [(4096, 0), (8192, HOLE), (512, 0)]),
+    ([(4096, HOLE), (4096, HOLE), (512, 0)], 8704, False, [(8192, HOLE), (512, 0)]),  # same status: merged
+    ([(65536, 0), (65536, HOLE)], 70000, False, [(65536, 0), (4464, HOLE)]),  # cut at the length asked
+    ([(0, 0), (512, HOLE)], 512, False, [(512, HOLE)]),  # an empty extent is skipped
+    ([(4096, HOLE), (4096, 0)], 8192, True, [(4096, HOLE)]),  # REQ_ONE: one descriptor
+    ([(1 << 20, 0)], 4096, True, [(4096, 0)]),  # REQ_ONE: never longer than asked
+    ([(512, 0), (512, 0), (512, HOLE)], 1536, True, [(1024, 0)]),
+])
+def test_block_status_chunk(extents, length, req_one, want):
+    assert nbd_block_status_chunk(9, 1, extents, length, req_one) == status_chunk(9, 1, *want)
+
+
+def test_block_status_chunk_limits():
+    with pytest.raises(ValueError):
+        nbd_block_status_chunk(9, 1, [], 4096)
+    with pytest.raises(ValueError):
+        nbd_block_status_chunk(9, 1, [(0, 0)], 4096)
+    many = ((512, i & 1) for i in range(MAX_EXTENTS + 10))  # alternating: nothing merges
+    chunk = nbd_block_status_chunk(9, 1, many, (MAX_EXTENTS + 10) * 512)
+    assert struct.unpack_from(">I", chunk, 16)[0] == 4 + 8 * MAX_EXTENTS
