@@ -131,10 +131,13 @@ class Backend:
         so a write to that range that runs before they are sent shows in
         them. The caller sends them at once; a write that still gets in
         between was in flight together with this read, and the client may
-        see either data then, as with any overlapping read and write. The
-        default is ``[await self.read(offset, length)]``.
+        see either data then, as with any overlapping read and write. Each
+        buffer's ``len()`` is its size in bytes (bytes, bytearray or a
+        memoryview of format ``B``). The default is what :meth:`read`
+        returns, as one byte buffer.
         """
-        return [await self.read(offset, length)]
+        data = await self.read(offset, length)
+        return [data if type(data) is bytes else memoryview(data).cast("B")]
 
     async def readinto(self, offset: int, buffer: memoryview) -> None:
         """Fill all of ``buffer`` (bytes) with the data at ``offset``, or raise.

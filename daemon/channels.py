@@ -43,6 +43,9 @@ log = structlog.get_logger("dmuserd.channel")
 MAX_IN_FLIGHT_PER_CHANNEL = 64
 #: Large enough for a header plus the largest payload the kernel sends in one go.
 RECEIVE_SIZE = 1 << 20
+#: Smaller READs are copied into one buffer even for a scatter-gather
+#: transport: below this, building and checking a list costs more than the copy.
+SCATTER_MIN = 64 * 1024
 
 
 async def serve_channel(transport, dispatcher, *, name: str = "",
@@ -58,8 +61,9 @@ async def serve_channel(transport, dispatcher, *, name: str = "",
     answer (the NBD plugin's channels) says so with a true ``serial``
     attribute: its requests are answered in this task, saving a task and a
     lock per request, which is most of this function's cost. A transport
-    with a true ``scatter`` attribute sends a READ's data as the backend's
-    pieces (:meth:`~dmuserd.backends.Backend.read_views`), unjoined. A
+    with a true ``scatter`` attribute sends a READ's data of
+    :data:`SCATTER_MIN` bytes or more as the backend's pieces
+    (:meth:`~dmuserd.backends.Backend.read_views`), unjoined. A
     transport whose ``pool`` attribute is a :class:`~dmuserd.protocol.SlotPool`
     speaks the slotted framing (the NBD plugin's shared-memory channels):
     data of the requests that name a slot moves through the pool, a READ's
@@ -96,7 +100,8 @@ async def _serve_connection(conn: DaemonConnection, transport, dispatcher, name:
             if type(request) is OversizedRequest:
                 response = refuse_oversized(dispatcher, request, surface, conn.max_io, peer, channel=name)
             else:
-                response = await dispatcher.handle(request, scatter, conn.destination(request))
+                response = await dispatcher.handle(request, scatter and request.len >= SCATTER_MIN,
+                                                   conn.destination(request))
         finally:
             if not serial:
                 own.release_on_behalf_of(token)

@@ -73,9 +73,6 @@ _OP_FLUSH = Op.FLUSH
 _SUCCESS, _ERROR = ResponseType.SUCCESS, ResponseType.ERROR
 #: Requests in flight per target by default (dm-user's reserve is sized for 128).
 DEFAULT_MAX_IN_FLIGHT = 128
-#: Smaller READs are copied into one buffer even for a scatter-gather
-#: transport: below this, building and checking a list costs more than the copy.
-SCATTER_MIN = 64 * 1024
 
 
 class Refused(Response):
@@ -182,12 +179,13 @@ class Dispatcher:
         self._flush_is_noop = not self._can_flush and not (caps & _WRITING_OPS)
         self._served_types = frozenset(t for t, op in _OP_FOR_TYPE.items() if op in caps)
 
-    async def handle(self, req: Request, scatter: bool = False, into: memoryview | None = None) -> Response:
+    async def handle(self, req: Request, views: bool = False, into: memoryview | None = None) -> Response:
         """Run one request; always returns a response, never raises.
 
-        With ``scatter``, a READ of :data:`SCATTER_MIN` bytes or more gets the
-        backend's :meth:`read_views` (a list of buffers, for a transport that
-        sends them at once by scatter-gather) instead of one buffer. With
+        With ``views``, a READ's data is the backend's :meth:`read_views`: a
+        list of buffers that may be views of the backend's own memory, for a
+        transport that hands them on at once (scatter-gather ``sendmsg``, the
+        FUSE reply), so the data is never copied in the daemon. With
         ``into`` (``len`` bytes: where the transport wants a READ's data, the
         NBD export's shared slot), the backend reads straight into it
         (:meth:`~dmuserd.backends.Backend.readinto`) and the answer's data is
@@ -236,9 +234,9 @@ class Dispatcher:
                     if into is not None:
                         await backend.readinto(offset, into)  # fills all of it, or raises
                         data, size = into, length
-                    elif scatter and length >= SCATTER_MIN:
+                    elif views:
                         data = await backend.read_views(offset, length)
-                        size = sum(memoryview(b).nbytes for b in data)
+                        size = sum(map(len, data))  # read_views' buffers count in bytes
                     else:
                         data = await backend.read(offset, length)
                         # bytes is the usual answer; anything else counts in bytes, not items.

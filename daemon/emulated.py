@@ -38,9 +38,9 @@ import errno
 import trio
 
 from dmuserd.daemon.channels import refuse_oversized, serve_channel
+from dmuserd.daemon.direct import InProcessDevice
 from dmuserd.protocol import (
     NEED_DATA,
-    SECTOR_SIZE,
     WOULD_BLOCK,
     Bio,
     BioState,
@@ -50,11 +50,15 @@ from dmuserd.protocol import (
     KernelTarget,
     OversizedRequest,
     ProtocolError,
+    Request,
     RequestType,
+    Response,
+    ResponseType,
 )
 
 _QUEUED, _DONE = BioState.QUEUED, BioState.DONE
 _READ = RequestType.READ
+_SUCCESS, _ERROR = ResponseType.SUCCESS, ResponseType.ERROR
 
 
 class _Wakeup:
@@ -95,14 +99,15 @@ class ModelChannelTransport:
             self.channel.write_all(buffer)
 
 
-class EmulatedDmUser:
+class EmulatedDmUser(InProcessDevice):
     """A dm-user target and its daemon, both in this process.
 
     Use :meth:`run` in a nursery (``await nursery.start(device.run)``), then
-    :meth:`submit` block I/O from any trio task.
+    :meth:`handle` requests (or :meth:`submit` block I/O) from any trio task.
     """
 
     def __init__(self, dispatcher, *, channels: int = 4, daemon_timeout: float = 4.0) -> None:
+        super().__init__(dispatcher.name)
         self.dispatcher = dispatcher
         self.channel_count = channels
         self._readable = _Wakeup()
@@ -170,12 +175,9 @@ class EmulatedDmUser:
                 await self._timers.wait()
             self.target.advance(trio.current_time())
 
-    async def submit(self, kind: RequestType, offset: int, length: int = 0, data=None, flags: int = 0):
-        """Submit one BIO and wait for it; return the data of a READ.
-
-        Raises ``OSError(EIO)`` when the BIO fails, as the block layer would.
-        """
-        bio = Bio(kind, offset // SECTOR_SIZE, length, flags, data)
+    async def handle(self, req: Request, views: bool = False) -> Response:
+        """Submit ``req`` as one BIO and wait for it: SUCCESS (a READ's data), or ERROR (the BIO's EIO)."""
+        bio = Bio(req.type, req.sector, req.len, req.flags, req.payload)
         self._submitting = True
         try:
             self.target.submit(bio, trio.current_time())
@@ -196,9 +198,11 @@ class EmulatedDmUser:
             done = trio.Event()
             bio.on_complete = lambda _bio: done.set()
             await done.wait()
-        if bio.error:
-            raise OSError(bio.error, f"dm-user {kind.name} at {offset}+{length} failed")
-        return bio.data if kind == _READ else None
+        if bio.error:  # always EIO: how the model ends a BIO that failed
+            return Response(req.seq, _ERROR)
+        if req.type != _READ:
+            return Response(req.seq)
+        return Response(req.seq, _SUCCESS, [bio.data] if views else bio.data)
 
     async def _serve_inline(self) -> bool:
         """Read, serve and answer the message at the head of the queue on the inline channel.

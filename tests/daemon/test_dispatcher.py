@@ -194,12 +194,15 @@ async def test_scattered_read_is_the_backends_pieces():
     dispatcher = Dispatcher(backend, name="t")
     request = Request(3, RequestType.READ, Flag(0), 100, 256 * 1024)
     joined = await dispatcher.handle(request)
-    scattered = await dispatcher.handle(request, scatter=True)
+    scattered = await dispatcher.handle(request, views=True)
     assert type(scattered.payload) is list and len(scattered.payload) > 1
     assert b"".join(scattered.payload) == joined.payload == (bytes(range(256)) * 2048)[51200 : 51200 + 256 * 1024]
     assert dispatcher.stats.bytes_read == 2 * 256 * 1024
-    small = await dispatcher.handle(Request(6, RequestType.READ, Flag(0), 0, 4096), scatter=True)
-    assert type(small.payload) is not list and small.payload == bytes(range(256)) * 16  # copied: cheaper than a list
+    small = await dispatcher.handle(Request(6, RequestType.READ, Flag(0), 0, 4096), views=True)
+    assert type(small.payload) is list and len(small.payload) == 1 and small.payload[0] == bytes(range(256)) * 16
+    # a view of the backend's memory, not a copy: a later write shows in it
+    await backend.write(0, b"\xff" * 512)
+    assert bytes(small.payload[0][:512]) == b"\xff" * 512
 
 
 async def test_scattered_read_of_the_wrong_size_fails_alone():
@@ -209,6 +212,6 @@ async def test_scattered_read_of_the_wrong_size_fails_alone():
             return views[:-1] if offset == 0 else views
 
     dispatcher = Dispatcher(Short(1 << 20), name="t")
-    response = await dispatcher.handle(Request(4, RequestType.READ, Flag(0), 0, 128 * 1024), scatter=True)
+    response = await dispatcher.handle(Request(4, RequestType.READ, Flag(0), 0, 128 * 1024), views=True)
     assert response.type == ResponseType.ERROR and dispatcher.stats.errors == 1
-    assert (await dispatcher.handle(Request(5, RequestType.READ, Flag(0), 8, 128 * 1024), scatter=True)).type == ResponseType.SUCCESS
+    assert (await dispatcher.handle(Request(5, RequestType.READ, Flag(0), 8, 128 * 1024), views=True)).type == ResponseType.SUCCESS

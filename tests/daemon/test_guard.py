@@ -130,14 +130,17 @@ async def test_fuse_operations_answer_eio_for_a_bug_and_errno_for_an_oserror():
     pyfuse3 = pytest.importorskip("pyfuse3")
     from dmuserd.daemon.fuse import FuseMount, _Operations
 
-    class Device:
-        async def submit(self, kind, offset, length=0, data=None, flags=0):
-            if offset == 0:
-                raise OSError(errno.EIO, "failed BIO")
+    from dmuserd.daemon.direct import InProcessDevice
+    from dmuserd.protocol import Response, ResponseType
+
+    class Device(InProcessDevice):
+        async def handle(self, req, views=False):
+            if req.sector == 0:
+                return Response(req.seq, ResponseType.ERROR)  # a failed BIO
             raise RuntimeError("a bug below the FUSE handler")
 
     export = FuseMount("/nonexistent-mountpoint")
-    export.add("disk", Device(), 1 << 20, 512)
+    export.add("disk", Device("disk"), 1 << 20, 512)
     ops = _Operations(export, pyfuse3)
     inode = next(iter(export._files))
     for offset in (0, 4096):
