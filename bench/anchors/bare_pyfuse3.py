@@ -135,7 +135,10 @@ class BackendFile(BareFile):
         self.mounted_at = time.time_ns()
 
     async def read(self, fh, off, size):
-        return await self.backend.read(off, max(0, min(size, self.size - off)))
+        # The backend's pieces, as dmuserd's FUSE read takes them: a read
+        # within one chunk is a view of it (pyfuse3 replies from it at once).
+        views = await self.backend.read_views(off, max(0, min(size, self.size - off)))
+        return views[0] if len(views) == 1 else b"".join(views)
 
     async def write(self, fh, off, buf):
         if off + len(buf) > self.size:

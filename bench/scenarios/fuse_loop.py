@@ -24,7 +24,9 @@ What is measured
       left out (and said so in the notes); the scenario still runs.
     * ``pyfuse3_memory_backend`` (anchor): the bare server with
       ``--memory-backend``: its handlers await dmuserd's ``memory`` backend
-      directly, with no dm-user model and no dispatcher. Its rates over the
+      directly (``read_views``, as dmuserd's FUSE read: a 4 KiB read is a
+      view of the backend's chunk, not a copy), with no dm-user model and no
+      dispatcher. Its rates over the
       bare server's (``backend_call_ceiling_*``) are the most that *any*
       design calling a Python backend per request can reach against the
       bare server, so they say what the 0.9 targets leave for dmuserd's own
