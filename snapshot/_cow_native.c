@@ -25,7 +25,12 @@
  * columns: the op table's array.array columns in OpTable.columns() order
  * (type B, new_block Q, source Q, data_length I, compression B, offset Q,
  * data_offset q, factor B); the rows of the records taken are appended to
- * them (frombytes, a batch at a time: no second copy of the table).
+ * them (frombytes, a small batch at a time: no second copy of the table).
+ *
+ * Memory first touched costs here (a page fault, 3-10 us a page on the
+ * machines measured: more than the work on it at start-up), so results
+ * go straight into the caller's arrays, through small buffers that the
+ * allocator reuses, rather than into a bytes object copied once more.
  * valid_compression: 256 bytes, 1 where a compression value is known;
  * copy .. cluster: the op type values; source_mask: the largest source.
  *
@@ -33,17 +38,18 @@
  * merge_order_rows) is built and checked here too, where the Python rules
  * cost about 1 us an op (60 ms of a 62k-op merge's start-up):
  *
- *     rank_rows(types, new_blocks, factors, rows, meta)
- *       -> None or ranked
+ *     rank_rows(types, new_blocks, factors, rows, meta, ranked) -> bool
  *     order_rows(types, new_blocks, sources, rows, ranked, sequence,
  *                file_order_rest, block_size, ordered, copy_type)
  *       -> None or order
  *
  * types/factors: u8 columns, new_blocks/sources: u64 columns (the op
  * table's, indexed by row); rows, ranked, sequence, the results: u32
- * arrays. rank_rows sorts rows by new block and returns None when
- * two of them start at one block or overlap (meta: 256 bytes, 1 for a type writing
- * none). order_rows puts the rows the sequence names first (in its order;
+ * arrays. rank_rows appends rows sorted by new block to ranked (an
+ * array.array of u32) and returns True, or False, appending nothing, when
+ * two of them start at one block or overlap (meta: 256 bytes, 1 for a type
+ * writing none) or a new block does not fit 32 bits (the Python rules then
+ * sort). order_rows puts the rows the sequence names first (in its order;
  * no sequence: the rows of an ordered type, in file order), then the rest
  * (ranked; file order when file_order_rest), and returns None when a
  * sequence entry names no op or one named before, an ordered op (ordered:
@@ -60,10 +66,11 @@
  * and the merge's range checks (OpTable.largest), where Python's max boxes
  * every value (2-4 ms a column of 62k ops).
  *
- *     rows_of(types, wanted) -> rows
+ *     rows_of(types, wanted, rows) -> None
  *
- * The rows (u32, packed) whose type wanted marks (256 bytes), in order:
- * the table's data rows (OpTable.data_rows; 1.7 ms of Python at 62k ops).
+ * Appends to rows (an array.array of u32) the rows whose type wanted marks
+ * (256 bytes), in order: the table's data rows (OpTable.data_rows; 1.7 ms
+ * of Python at 62k ops).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -84,6 +91,16 @@ static uint64_t le64(const unsigned char *p)
     return le64toh(v);
 }
 
+/* Append nbytes at data to array.array column (its frombytes); 0, or -1 with an exception. */
+static int append(PyObject *column, const void *data, Py_ssize_t nbytes)
+{
+    PyObject *done = PyObject_CallMethod(column, "frombytes", "y#", (const char *)data, nbytes);
+    if (done == NULL)
+        return -1;
+    Py_DECREF(done);
+    return 0;
+}
+
 /* Rows of taken records not yet appended to the table's columns. */
 struct rows {
     Py_ssize_t n, cap;
@@ -93,7 +110,7 @@ struct rows {
     int64_t *data_offset;
 };
 
-#define ROWS_BATCH 16384
+#define ROWS_BATCH 2048 /* 78 KiB of buffers: the heap's, reused, not fresh pages (a batch of 16384: 0.6 MiB) */
 
 static void rows_free(struct rows *r)
 {
@@ -131,13 +148,9 @@ static int rows_flush(struct rows *r, PyObject *columns, const uint8_t *zeros)
         return 0;
     const void *data[8] = {r->type, r->block, r->source, r->length, r->comp, r->offset, r->data_offset, zeros};
     const Py_ssize_t width[8] = {1, 8, 8, 4, 1, 8, 8, 1};
-    for (int c = 0; c < 8; c++) {
-        PyObject *done = PyObject_CallMethod(PyTuple_GET_ITEM(columns, c), "frombytes", "y#", (const char *)data[c],
-                                             r->n * width[c]);
-        if (done == NULL)
+    for (int c = 0; c < 8; c++)
+        if (append(PyTuple_GET_ITEM(columns, c), data[c], r->n * width[c]) < 0)
             return -1;
-        Py_DECREF(done);
-    }
     r->n = 0;
     return 0;
 }
@@ -264,27 +277,23 @@ done:
 }
 
 
-struct keyed {
-    uint64_t block;
-    uint32_t row;
-};
-
-/* Sort ``keys`` (n) by block: an LSD radix sort, 11 bits a pass (the
- * counts stay in L1: 16-bit digits cost twice as much at 62k ops), a pass
- * skipped where every key has the same digit (qsort with a comparator cost
- * 4 ms for 62k ops). Rows with one block are not ordered by row: rank_rows
- * answers None for them. ``tmp``: room for n keys; ``count``: RADIX_DIGITS
- * counters; returns the sorted copy (keys or tmp). */
+/* Sort ``keys`` (n, each new block << 32 | row) by block: an LSD radix
+ * sort of the high 32 bits, 11 bits a pass (the counts stay in L1: 16-bit
+ * digits cost twice as much at 62k ops), a pass skipped where every key has
+ * the same digit (qsort with a comparator cost 4 ms for 62k ops). Rows
+ * with one block are not ordered by row: rank_rows answers False for them.
+ * ``tmp``: room for n keys; ``count``: RADIX_DIGITS counters; returns the
+ * sorted copy (keys or tmp). */
 #define RADIX_BITS 11
 #define RADIX_DIGITS (1 << RADIX_BITS)
-static struct keyed *sort_by_block(struct keyed *keys, struct keyed *tmp, Py_ssize_t n, uint32_t *count)
+static uint64_t *sort_by_block(uint64_t *keys, uint64_t *tmp, Py_ssize_t n, uint32_t *count)
 {
-    for (int shift = 0; shift < 64; shift += RADIX_BITS) {
+    for (int shift = 32; shift < 64; shift += RADIX_BITS) {
         const uint64_t mask = RADIX_DIGITS - 1;
         memset(count, 0, RADIX_DIGITS * sizeof *count);
         for (Py_ssize_t i = 0; i < n; i++)
-            count[(keys[i].block >> shift) & mask]++;
-        if (n && count[(keys[0].block >> shift) & mask] == (uint32_t)n)
+            count[(keys[i] >> shift) & mask]++;
+        if (n && count[(keys[0] >> shift) & mask] == (uint32_t)n)
             continue;
         uint32_t at = 0;
         for (int d = 0; d < RADIX_DIGITS; d++) {
@@ -293,8 +302,8 @@ static struct keyed *sort_by_block(struct keyed *keys, struct keyed *tmp, Py_ssi
             at += c;
         }
         for (Py_ssize_t i = 0; i < n; i++)
-            tmp[count[(keys[i].block >> shift) & mask]++] = keys[i];
-        struct keyed *swap = keys;
+            tmp[count[(keys[i] >> shift) & mask]++] = keys[i];
+        uint64_t *swap = keys;
         keys = tmp;
         tmp = swap;
     }
@@ -315,11 +324,12 @@ static PyObject *rank_rows(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer types, blocks, factors, rows, meta;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*:rank_rows", &types, &blocks, &factors, &rows, &meta))
+    PyObject *ranked;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*O:rank_rows", &types, &blocks, &factors, &rows, &meta, &ranked))
         return NULL;
     PyObject *result = NULL;
-    struct keyed *keys = NULL, *tmp = NULL;
-    uint32_t *count = NULL;
+    uint64_t *keys = NULL, *tmp = NULL;
+    uint32_t count[RADIX_DIGITS];
     Py_ssize_t len = types.len, n = rows.len / 4;
     if (blocks.len != len * 8 || factors.len != len || rows.len % 4 || meta.len != 256 || !rows_fit(&rows, len) ||
         n > UINT32_MAX) {
@@ -328,8 +338,7 @@ static PyObject *rank_rows(PyObject *self, PyObject *args)
     }
     keys = PyMem_Malloc((n ? n : 1) * sizeof *keys);
     tmp = PyMem_Malloc((n ? n : 1) * sizeof *tmp);
-    count = PyMem_Malloc(RADIX_DIGITS * sizeof *count);
-    if (keys == NULL || tmp == NULL || count == NULL) {
+    if (keys == NULL || tmp == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -337,30 +346,33 @@ static PyObject *rank_rows(PyObject *self, PyObject *args)
     const uint64_t *nb = blocks.buf;
     const uint32_t *r = rows.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
-        keys[i].block = nb[r[i]];
-        keys[i].row = r[i];
-    }
-    const struct keyed *sorted = sort_by_block(keys, tmp, n, count);
-    unsigned __int128 prev_end = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t row = sorted[i].row;
-        /* a tie (a block written twice, or a metadata row's block) is left to Python, which orders it by row */
-        if (i && (sorted[i].block < prev_end || sorted[i].block == sorted[i - 1].block)) {
-            result = Py_NewRef(Py_None);
+        if (nb[r[i]] > UINT32_MAX) {
+            result = Py_NewRef(Py_False);
             goto done;
         }
-        prev_end = (unsigned __int128)sorted[i].block + (is_meta[ty[row]] ? 0 : (unsigned __int128)1 << (fac[row] & 63));
+        keys[i] = nb[r[i]] << 32 | r[i];
     }
-    result = PyBytes_FromStringAndSize(NULL, n * 4);
-    if (result != NULL) {
-        uint32_t *out = (uint32_t *)PyBytes_AS_STRING(result);
-        for (Py_ssize_t i = 0; i < n; i++)
-            out[i] = sorted[i].row;
+    const uint64_t *sorted = sort_by_block(keys, tmp, n, count);
+    unsigned __int128 prev_end = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t block = sorted[i] >> 32;
+        uint32_t row = (uint32_t)sorted[i];
+        /* a tie (a block written twice, or a metadata row's block) is left to Python, which orders it by row */
+        if (i && (block < prev_end || block == sorted[i - 1] >> 32)) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+        prev_end = (unsigned __int128)block + (is_meta[ty[row]] ? 0 : (unsigned __int128)1 << (fac[row] & 63));
     }
+    /* the rows, into the buffer the sort left free */
+    uint32_t *out = (uint32_t *)(sorted == keys ? tmp : keys);
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = (uint32_t)sorted[i];
+    if (append(ranked, out, n * 4) == 0)
+        result = Py_NewRef(Py_True);
 done:
     PyMem_Free(keys);
     PyMem_Free(tmp);
-    PyMem_Free(count);
     PyBuffer_Release(&types);
     PyBuffer_Release(&blocks);
     PyBuffer_Release(&factors);
@@ -575,7 +587,8 @@ static PyObject *rows_of(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer types, wanted;
-    if (!PyArg_ParseTuple(args, "y*y*:rows_of", &types, &wanted))
+    PyObject *rows;
+    if (!PyArg_ParseTuple(args, "y*y*O:rows_of", &types, &wanted, &rows))
         return NULL;
     PyObject *result = NULL;
     if (wanted.len != 256 || types.len > (Py_ssize_t)UINT32_MAX + 1) {
@@ -583,16 +596,20 @@ static PyObject *rows_of(PyObject *self, PyObject *args)
         goto done;
     }
     const uint8_t *ty = types.buf, *want = wanted.buf;
-    Py_ssize_t n = 0;
-    for (Py_ssize_t i = 0; i < types.len; i++)
-        n += want[ty[i]] != 0;
-    result = PyBytes_FromStringAndSize(NULL, n * 4);
-    if (result != NULL) {
-        uint32_t *out = (uint32_t *)PyBytes_AS_STRING(result);
-        for (Py_ssize_t i = 0; i < types.len; i++)
-            if (want[ty[i]])
-                *out++ = (uint32_t)i;
+    uint32_t batch[2048];
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < types.len; i++) {
+        if (!want[ty[i]])
+            continue;
+        batch[k++] = (uint32_t)i;
+        if (k == 2048) {
+            if (append(rows, batch, sizeof batch) < 0)
+                goto done;
+            k = 0;
+        }
     }
+    if (append(rows, batch, k * 4) == 0)
+        result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&types);
     PyBuffer_Release(&wanted);
@@ -601,10 +618,10 @@ done:
 
 static PyMethodDef methods[] = {
     {"walk_v2", walk_v2, METH_VARARGS, "v2 clustered op records -> the table's columns, as far as they go (see the file's doc)"},
-    {"rank_rows", rank_rows, METH_VARARGS, "rows sorted by new block, or None for two writing one block"},
+    {"rank_rows", rank_rows, METH_VARARGS, "rows sorted by new block appended to an array; False for two writing one block"},
     {"order_rows", order_rows, METH_VARARGS, "the checked merge order of rows, or None where a rule is broken"},
     {"column_max", column_max, METH_VARARGS, "the largest value of a column over rows of some types, or None"},
-    {"rows_of", rows_of, METH_VARARGS, "the rows whose type a table marks, packed u32"},
+    {"rows_of", rows_of, METH_VARARGS, "the rows whose type a table marks, appended to an array of u32"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -104,9 +104,9 @@ def check_unique_rows(table: OpTable, rows, *, op_of=None) -> array:
     op_of = op_of or table.op
     nb, ty, fac = table.new_block, table.type, table.factor
     if _NATIVE is not None:
-        native = _NATIVE.rank_rows(ty, nb, fac, _u32(rows), _IS_META)
-        if native is not None:
-            return _from_bytes(native)
+        ranked = array("I")
+        if _NATIVE.rank_rows(ty, nb, fac, _u32(rows), _IS_META, ranked):
+            return ranked
     keys = [(nb[r] << 32) | r for r in rows]
     keys.sort()  # in place: no second list
     ranked = array("I", [k & 0xFFFFFFFF for k in keys])

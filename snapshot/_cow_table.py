@@ -112,7 +112,7 @@ class OpTable:
         ``_cow_native`` is built: Python makes an int of every row)."""
         if _NATIVE is not None:
             rows = array("I")
-            rows.frombytes(_NATIVE.rows_of(self.type, _IS_DATA))
+            _NATIVE.rows_of(self.type, _IS_DATA, rows)
             return rows
         return array("I", compress(range(len(self.type)), self.type.tobytes().translate(_IS_DATA)))
 

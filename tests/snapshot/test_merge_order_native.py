@@ -111,8 +111,9 @@ def test_reader_takes_the_c_path(tmp_path):
 
     class Spy:
         def rank_rows(self, *args):
-            calls.append("rank")
-            return real.rank_rows(*args)
+            ranked = real.rank_rows(*args)
+            calls.append("rank" if ranked else "rank handed to Python")
+            return ranked
 
         def order_rows(self, *args):
             calls.append("order")
@@ -150,3 +151,19 @@ def test_largest_is_the_same_in_c(rows, kinds):
     if rows and kinds is None:
         assert python == [max(r[1] for r in rows), max(r[2] for r in rows), max(r[1] + r[3] for r in rows),
                           max(r[2] + r[3] for r in rows)]
+
+
+def test_rank_rows_hands_blocks_past_32_bits_to_python():
+    """rank_rows packs a new block and a row into 64 bits: a block of 2^32 or more is Python's to rank
+    (OpTable.from_ops takes any), and both ways give the same ranks."""
+    ops = [CowOp(OpType.REPLACE, block, 0, 0, 0, i, 100 + 20 * i) for i, block in
+           enumerate([1 << 32, 7, (1 << 40) + 3, 0, (1 << 32) - 1])]
+    table = OpTable.from_ops(ops, BS)
+    assert _cow_order._NATIVE.rank_rows(table.type, table.new_block, table.factor, array("I", range(5)),
+                                        _cow_order._IS_META, array("I")) is False
+    fits = OpTable.from_ops(ops[1:2] + ops[3:], BS)
+    ranked = array("I")
+    assert _cow_order._NATIVE.rank_rows(fits.type, fits.new_block, fits.factor, array("I", range(3)),
+                                        _cow_order._IS_META, ranked) is True
+    assert list(ranked) == [1, 0, 2]
+    assert list(_cow_order.check_unique_rows(table, range(5))) == [3, 1, 4, 0, 2]
