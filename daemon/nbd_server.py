@@ -18,6 +18,16 @@ daemon restart drops its connections (clients reconnect). The nbdkit-only
 options (``threads``, ``data``, ``on-stop``, ``idle-exit``, ``timeout``)
 are refused here by name.
 
+What a client gets is what nbdkit's front gives it (tests/daemon/test_nbd_clients.py
+runs one client suite on both): structured replies if it asks (a READ is
+one OFFSET_DATA chunk, so DF holds; errors are ERROR chunks carrying the
+reason), the ``base:allocation`` meta context (NBD_CMD_BLOCK_STATUS answered
+from the backend's optional :meth:`~dmuserd.backends.Backend.extents`,
+outside the dispatcher: not a block operation; ``memory`` reports its
+never-written chunks as holes, other backends all data), and fast zero
+where the backend has write_zeroes (a FAST_ZERO it answers UNSUPPORTED is
+ENOTSUP, without FAST_ZERO EIO).
+
 One connection, pipelined (fio's nbd engine keeps 32 requests in flight
 on one connection):
 

@@ -5,8 +5,9 @@ The daemon's own NBD export (``--export nbd:WHERE,server=dmuserd``,
 the bytes read from a client with :meth:`NbdServerConnection.receive_data`,
 take typed events out with :meth:`NbdServerConnection.next_event`, write
 what :meth:`NbdServerConnection.data_to_send` returns (the handshake's
-answers) and, for each request, :func:`simple_reply` followed by a READ's
-data. It does no I/O and keeps no clock.
+answers) and, for each request, its reply (below: simple, or structured
+chunks once negotiated) followed by a READ's data. It does no I/O and keeps
+no clock.
 
 ::
 
@@ -29,10 +30,11 @@ Any export name is accepted (the export has one device); LIST names the
 one export.
 
 Replies. Without NBD_OPT_STRUCTURED_REPLY every reply is a simple one
-(:func:`simple_reply`, a READ's data after it). With it (:attr:`NbdServerConnection.structured`),
-a READ's data follows one final OFFSET_DATA chunk (:func:`data_chunk`: one
-chunk, so NBD_FLAG_SEND_DF is advertised and NBD_CMD_FLAG_DF honoured as
-it is), an error is a final ERROR chunk carrying its reason
+(:func:`simple_reply`, a READ's data after it). With it
+(:attr:`NbdServerConnection.structured`), a READ's data follows one final
+OFFSET_DATA chunk (:func:`data_chunk`: always one chunk, so
+NBD_FLAG_SEND_DF is advertised and NBD_CMD_FLAG_DF holds as it is; no
+OFFSET_HOLE chunks), an error is a final ERROR chunk carrying its reason
 (:meth:`NbdServerConnection.error_reply` picks the form negotiated), a
 BLOCK_STATUS is answered by :func:`block_status_chunk`, and other
 successes stay simple replies (the spec allows either). NBD_CMD_FLAG_FAST_ZERO
