@@ -40,8 +40,8 @@
  *
  *     rank_rows(types, new_blocks, factors, rows, meta, ranked) -> bool
  *     order_rows(types, new_blocks, sources, rows, ranked, sequence,
- *                file_order_rest, block_size, ordered, copy_type)
- *       -> None or order
+ *                file_order_rest, block_size, ordered, copy_type, order)
+ *       -> bool
  *
  * types/factors: u8 columns, new_blocks/sources: u64 columns (the op
  * table's, indexed by row); rows, ranked, sequence, the results: u32
@@ -49,13 +49,14 @@
  * array.array of u32) and returns True, or False, appending nothing, when
  * two of them start at one block or overlap (meta: 256 bytes, 1 for a type
  * writing none) or a new block does not fit 32 bits (the Python rules then
- * sort). order_rows puts the rows the sequence names first (in its order;
+ * sort). order_rows writes to order (a writable buffer of as many u32 as
+ * ranked) the rows the sequence names first (in its order;
  * no sequence: the rows of an ordered type, in file order), then the rest
- * (ranked; file order when file_order_rest), and returns None when a
+ * (ranked; file order when file_order_rest), and returns True, or False when a
  * sequence entry names no op or one named before, an ordered op (ordered:
  * 256 bytes, 1 for copy/xor) comes after another, or one reads a block an
  * earlier one writes (a copy's source is a block, an xor's a byte offset).
- * On None the Python functions walk the file again and name the fault:
+ * On False the Python functions walk the file again and name the fault:
  * one set of messages.
  *
  *     column_max(values, signed, types, wanted, plus) -> int or None
@@ -425,11 +426,11 @@ static Py_ssize_t find_block(const struct block_index *ix, uint64_t block)
 static PyObject *order_rows(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer types, blocks, sources, rows, ranked, sequence, ordered_table;
+    Py_buffer types, blocks, sources, rows, ranked, sequence, ordered_table, out;
     int file_order_rest, copy_type;
     unsigned long long block_size;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*pKy*i:order_rows", &types, &blocks, &sources, &rows, &ranked,
-                          &sequence, &file_order_rest, &block_size, &ordered_table, &copy_type))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*pKy*iw*:order_rows", &types, &blocks, &sources, &rows, &ranked,
+                          &sequence, &file_order_rest, &block_size, &ordered_table, &copy_type, &out))
         return NULL;
     PyObject *result = NULL;
     uint64_t *starts = NULL;
@@ -439,7 +440,7 @@ static PyObject *order_rows(PyObject *self, PyObject *args)
     Py_ssize_t len = types.len, n = ranked.len / 4, nseq = sequence.len / 4;
     if (blocks.len != len * 8 || sources.len != len * 8 || rows.len != ranked.len || ranked.len % 4 ||
         sequence.len % 4 || ordered_table.len != 256 || !block_size || !rows_fit(&rows, len) ||
-        !rows_fit(&ranked, len) || n > INT32_MAX) {
+        !rows_fit(&ranked, len) || n > INT32_MAX || out.len != ranked.len) {
         PyErr_SetString(PyExc_ValueError, "order_rows: columns of different lengths, rows out of range or a bad table");
         goto done;
     }
@@ -449,19 +450,15 @@ static PyObject *order_rows(PyObject *self, PyObject *args)
     starts = PyMem_Malloc((n ? n : 1) * sizeof *starts);
     position = PyMem_Calloc(len ? len : 1, sizeof *position);
     named = PyMem_Calloc(n ? n : 1, 1);
-    result = PyBytes_FromStringAndSize(NULL, n * 4);
-    if (starts == NULL || position == NULL || named == NULL || result == NULL) {
-        Py_CLEAR(result);
-        if (!PyErr_Occurred())
-            PyErr_NoMemory();
+    if (starts == NULL || position == NULL || named == NULL) {
+        PyErr_NoMemory();
         goto done;
     }
-    uint32_t *order = (uint32_t *)PyBytes_AS_STRING(result);
+    uint32_t *order = out.buf;
     Py_ssize_t k = 0;
     for (Py_ssize_t i = 0; i < n; i++)
         starts[i] = nb[rk[i]];
     if (index_blocks(&ix, starts, n) < 0) {
-        Py_CLEAR(result);
         PyErr_NoMemory();
         goto done;
     }
@@ -508,10 +505,10 @@ static PyObject *order_rows(PyObject *self, PyObject *args)
         }
         position[row] = (uint32_t)(i + 1);
     }
+    result = Py_NewRef(Py_True);
     goto done;
 fault:
-    Py_CLEAR(result);
-    result = Py_NewRef(Py_None);
+    result = Py_NewRef(Py_False);
 done:
     PyMem_Free(starts);
     PyMem_Free(ix.slots);
@@ -524,6 +521,7 @@ done:
     PyBuffer_Release(&ranked);
     PyBuffer_Release(&sequence);
     PyBuffer_Release(&ordered_table);
+    PyBuffer_Release(&out);
     return result;
 }
 
@@ -619,7 +617,7 @@ done:
 static PyMethodDef methods[] = {
     {"walk_v2", walk_v2, METH_VARARGS, "v2 clustered op records -> the table's columns, as far as they go (see the file's doc)"},
     {"rank_rows", rank_rows, METH_VARARGS, "rows sorted by new block appended to an array; False for two writing one block"},
-    {"order_rows", order_rows, METH_VARARGS, "the checked merge order of rows, or None where a rule is broken"},
+    {"order_rows", order_rows, METH_VARARGS, "the checked merge order of rows into a buffer; False where a rule is broken"},
     {"column_max", column_max, METH_VARARGS, "the largest value of a column over rows of some types, or None"},
     {"rows_of", rows_of, METH_VARARGS, "the rows whose type a table marks, appended to an array of u32"},
     {NULL, NULL, 0, NULL},

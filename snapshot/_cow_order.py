@@ -155,10 +155,11 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
     op_of = op_of or table.op
     nb, ty = table.new_block, table.type
     if _NATIVE is not None:
-        native = _NATIVE.order_rows(ty, nb, table.source, _u32(rows), ranked, sequence.blocks if sequence else b"",
-                                    version >= 3, table.block_size, _IS_ORDERED, _COPY)
-        if native is not None:
-            return _from_bytes(native)
+        native = array("I", [0]) * len(ranked)  # C writes the order in place: no copy of it to make
+        if _NATIVE.order_rows(ty, nb, table.source, _u32(rows), ranked, sequence.blocks if sequence else b"",
+                              version >= 3, table.block_size, _IS_ORDERED, _COPY, native):
+            return native
+        del native
     if sequence:
         # new block -> its index in ``ranked`` (a file's new blocks are unique: check_unique_rows)
         where = dict(zip(map(nb.__getitem__, ranked), range(len(ranked))))  # ~1/5 less than a dict comprehension
@@ -188,13 +189,6 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
     del rest
     _check_order(table, order, ranked, op_of)
     return order
-
-
-def _from_bytes(raw: bytes) -> array:
-    """A u32 array holding ``raw`` (native order: what the C functions return)."""
-    out = array("I")
-    out.frombytes(raw)
-    return out
 
 
 #: byte 0 -> 1, anything else -> 0; op type -> 1 for an op that is not ordered
