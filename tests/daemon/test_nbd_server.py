@@ -374,9 +374,9 @@ def test_block_status_without_a_context_is_einval(served):
 
 
 def test_holes_as_nbdinfo_and_qemu_img_map_see_them(tmp_path):
-    """The memory backend's never-written chunks are holes for nbdinfo --map and qemu-img map; a backend that
-    cannot tell (zero) is all data."""
-    with open_session(tmp_path, "dmuserd", "nbdinfo", "qemu-io", "qemu-img") as session:
+    """The memory backend's never-written chunks are holes for nbdinfo --map and qemu-img map, and nbdcopy leaves
+    them out of its copy; a backend that cannot tell (zero) is all data."""
+    with open_session(tmp_path, "dmuserd", "nbdinfo", "qemu-io", "qemu-img", "nbdcopy") as session:
         daemon = session.start("memory:size=8M")
         qemu_io(session.uri, "write -P 1 1M 64k", "write -P 2 5M 4k")
         extents = json.loads(run("nbdinfo", "--map", "--json", session.uri).stdout)
@@ -387,6 +387,16 @@ def test_holes_as_nbdinfo_and_qemu_img_map_see_them(tmp_path):
         mapped = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", session.uri).stdout)
         assert [(m["start"], m["length"], m["data"], m["zero"]) for m in mapped] == [
             (e["offset"], e["length"], e["type"] == DATA, e["type"] == HOLE) for e in extents]
+        # nbdcopy asks the same and reads the data only: the file holds the export, sparse where it has holes.
+        copy = tmp_path / "copy.img"
+        before = daemon.status()["targets"]["disk"]["bytes_read"]
+        run("nbdcopy", session.uri, copy)
+        assert daemon.status()["targets"]["disk"]["bytes_read"] - before < mib  # not the 8 MiB
+        want = bytearray(8 * mib)
+        want[mib:mib + 65536] = b"\x01" * 65536
+        want[5 * mib:5 * mib + 4096] = b"\x02" * 4096
+        assert copy.read_bytes() == want
+        assert copy.stat().st_blocks * 512 <= 1 * mib, copy.stat()
         assert daemon.terminate() == 0
     (tmp_path / "zero").mkdir()
     with open_session(tmp_path / "zero", "dmuserd", "nbdinfo") as session:
