@@ -32,22 +32,29 @@ and compared with the data mover (one operation per window; offloaded on
 DSA). Ops are read from the reader's packed :class:`OpTable` by row: no
 object per op. Syncs are ``fdatasync`` (sizes never change).
 
-Blocking file I/O runs in worker threads, and a step's commit overlaps
-the next step's preparation (its I/O order is the protocol's; what runs
-alongside it only reads). Each step is prepared (its reads and computing,
-in a worker thread); once the previous step's commit has returned, its
-commit task, in one worker call, writes it (the scratch window, if any,
-then the base), syncs the base, waits until the step's read-back compared
-equal, then writes and syncs the progress. Meanwhile the main task reads
-the step back (from the moment the base is written) and compares it, then
-prepares the next step: the disk's writeback of one step hides the reading
-and computing of the next, and the chain of writes and syncs costs one
-thread round trip a step.
-Nothing of step N+1 is written before step N's commit is durable, so a crash
-finds exactly the states it found before. A pause waits for the commit
-(the ``settle`` of :meth:`MergeHooks.checkpoint`), and so does the end of
-the run. All file access goes through :class:`MergeIO` (from up to two
-threads at once: the commit's, and one reading), so a test can stand in a
+Blocking file I/O runs in worker threads, three things at once, and only
+one of them writes, in the protocol's order:
+
+* the preparing task reads and computes the next step (in worker threads,
+  into one of two reused buffers) while the step before it is written: a
+  step reads nothing an earlier step writes;
+* the main task hands each prepared step to the commit thread, reads the
+  step back once it is written (a byte on a pipe says so) and compares it
+  with the data mover, giving the commit its verdict;
+* the commit thread (one worker call for the whole run) takes the steps in
+  order: writes the scratch window, if any, then the base, syncs the base
+  (the write and the sync one GIL release: see
+  :meth:`MergeIO.pwritev_runs_sync`), waits for the step's verdict, then
+  writes and syncs the progress, and goes straight on to the next step.
+
+The disk's writeback of one step hides the reading back of it and the
+reading and computing of the next, and the chain of writes and syncs does
+not go back to the event loop between steps (an online merge does: the
+hooks hear of each commit before the next window is published). Nothing of
+step N+1 is written before step N's commit is durable, so a crash finds
+exactly the states it found before. A pause waits for the commits (the
+``settle`` of :meth:`MergeHooks.checkpoint`), and so does the end of the
+run. All file access goes through :class:`MergeIO`, so a test can stand in a
 storage that loses unsynced writes at a crash.
 
 Online merges hand in :class:`MergeHooks` to publish each window before the
@@ -57,9 +64,11 @@ base is written and to mark blocks merged after each commit.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -137,9 +146,10 @@ class MergeIO:
     """The merge's file access on ``"base"`` and ``"cow"``: ``pread``,
     ``pwrite``, scatter/gather ``preadv``/``pwritev`` and ``fsync``.
 
-    Blocking calls, made from worker threads, up to two at once: a step's
-    commit (syncs, the progress write) beside the reads of the next step or
-    of the read-back, never two writes. The descriptors stay the caller's.
+    Blocking calls, made from worker threads, up to three at once: a
+    step's commit (its writes, syncs, the progress) beside the read-back of
+    the step and the reads of the next one; never two writes. The
+    descriptors stay the caller's.
     """
 
     def __init__(self, base_fd: int, cow_fd: int) -> None:
@@ -179,6 +189,21 @@ class MergeIO:
             return
         for offset, views in runs:
             self.pwritev(which, views, offset)
+
+    def pwritev_runs_sync(self, which: str, runs: list[tuple[int, list[memoryview]]], notify_fd: int) -> float:
+        """:meth:`pwritev_runs`, then one byte to ``notify_fd`` (the writes
+        are done: whoever waits on the pipe may read them back), then
+        :meth:`fsync`; returns the seconds the sync took. One GIL release
+        with the ``_merge_io`` extension (where ``pwritev`` and ``fsync`` are
+        this class's own): the thread goes from its writes into the sync
+        without taking the GIL back from the loop it just woke."""
+        if _NATIVE is not None and type(self).pwritev is MergeIO.pwritev and type(self).fsync is MergeIO.fsync:
+            return _NATIVE.pwritev_runs_sync(self.fds[which], runs, notify_fd)
+        self.pwritev_runs(which, runs)
+        os.write(notify_fd, b"\0")
+        started = time.perf_counter()
+        self.fsync(which)
+        return time.perf_counter() - started
 
     def preadv_runs(self, which: str, runs: list[tuple[int, list[memoryview]]]) -> None:
         """Fill each ``(offset, views)`` run, as :meth:`pwritev_runs` writes
@@ -381,6 +406,9 @@ class MergeEngine:
         self.merged_ops = state.merged_ops
         self._pending = state.pending
         self.hooks = hooks or MergeHooks()
+        #: offline (no hooks): a step is handed to the commit thread as soon as it is prepared, and the thread
+        #: writes it right after the previous commit; online, only once the hooks heard of that commit
+        self._chain = hooks is None
         self.verify = verify
         self.on_progress = on_progress
         self.bs = plan.block_size
@@ -391,31 +419,43 @@ class MergeEngine:
         #: seconds in them, the seconds of the whole run (set at its end)
         self.stats = {"windows": 0, "scratch_windows": 0, "batches": 0, "syncs": 0, "sync_seconds": 0.0,
                       "seconds": 0.0}
-        #: ops written whose commit is running (a background task), and the
-        #: event set when it has returned (the ops are then in ``merged_ops``)
-        self._in_flight = 0
-        self._commit_done: trio.Event | None = None
-        self._nursery: trio.Nursery | None = None
+        #: the next op to prepare: ops before it and from ``merged_ops`` on are handed to the commit thread
+        self._next = state.merged_ops
+        #: steps for the commit thread, in order (``None``: stop)
+        self._queue: queue.SimpleQueue[_Step | None] = queue.SimpleQueue()
+        #: set when every step handed over is committed (see :meth:`_settle`)
+        self._idle: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        #: the commit thread writes a byte to the pipe once a step is written (read on the loop, one a step)
+        self._written_r = self._written_w = -1
         #: a step's data and its read-back, reused from step to step (see :meth:`_buffer`)
-        self._buffers = [bytearray(), bytearray()]
+        self._buffers = [bytearray(), bytearray(), bytearray()]
         self._zeros = bytes(self.bs)
 
     async def run(self) -> int:
         """Merge what is left; returns how many ops this run merged."""
         start = self.merged_ops
         started = time.perf_counter()
+        self._token = trio.lowlevel.current_trio_token()
+        self._written_r, self._written_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await self._steps()
+                nursery.start_soon(trio.to_thread.run_sync, self._commit_steps)
+                try:
+                    await self._steps()
+                finally:
+                    self._queue.put(None)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         finally:
-            self._nursery = None
+            os.close(self._written_r)
+            os.close(self._written_w)
         self.stats["seconds"] = time.perf_counter() - started
         return self.merged_ops - start
 
     async def _steps(self) -> None:
+        """Resume the durable scratch window, if any, then hand each step the
+        preparing task makes to the commit thread, in order, and check it."""
         if self._pending is not None:
             window, self._pending = self._pending, None
             layout = self.plan.layout
@@ -424,22 +464,54 @@ class MergeEngine:
             check_window(window, layout, self.reader.path, crc)
             log.info("merge resumes a scratch window", path=self.reader.path, ops=len(window.blocks),
                      merged_ops=self.merged_ops)
-            await self._apply_window(window.blocks, bytearray(window.data))
+            data = bytearray(window.data)
+            await self._apply(_Prepared(window.blocks, data, _runs([(b, 1, i) for i, b in enumerate(window.blocks)]),
+                                        None, len(window.blocks)))
         self._progress()
-        total, ordered = self.plan.total_ops, self.plan.ordered
-        while self.merged_ops + self._in_flight < total:
-            await self.hooks.checkpoint(self._settle)
-            if self.merged_ops + self._in_flight < ordered:
-                await self._ordered_window()
-            else:
-                await self._unordered_batch()
+        send, receive = trio.open_memory_channel[_Prepared](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._prepare_steps, send)
+            # (``receive`` is left open: closed by a failing step, it would fail the preparing task's send with an
+            # error of its own, which could come out instead of the step's; the nursery cancels that task instead)
+            async for prepared in receive:
+                await self.hooks.checkpoint(self._settle)
+                await self._apply(prepared)
         await self._settle()
 
+    async def _prepare_steps(self, send: trio.MemorySendChannel[_Prepared]) -> None:
+        """The preparing task: each step's data read and computed (in worker
+        threads) while the step before it is written, synced and read back.
+
+        A step reads only what no earlier step writes (:func:`plan_merge`
+        refuses an ordered op reading a block an earlier op overwrites;
+        Replace/Zero data is the COW file's), so it can be read before the
+        one before it is written. Its data goes to reused buffer ``slot``,
+        alternating 0 and 1: the channel holds nothing, so when a step is
+        prepared the one two steps back, which used the same buffer, has
+        been written and compared (the main task took the next one)."""
+        total, ordered, slot = self.plan.total_ops, self.plan.ordered, 0
+        k = self._next
+        async with send:
+            while k < total:
+                if k < ordered:
+                    end = min(k + self.plan.layout.capacity, ordered)
+                    prepared = await self._prepare_window(k, end, slot)
+                    await send.send(prepared)
+                    slot ^= 1
+                    self.stats["windows"] += 1
+                    k = end
+                    continue
+                start, end = k, min(k + COMMIT_EVERY, total)
+                while k < end:
+                    k, prepared = await self._prepare_piece(start, k, end, slot)
+                    await send.send(prepared)
+                    slot ^= 1
+                self.stats["batches"] += 1
+
     def _buffer(self, slot: int, size: int) -> memoryview:
-        """``size`` bytes of reused buffer ``slot`` (0: a step's data, 1: its
-        read-back), not cleared: a step is written and compared before the
-        next one is prepared, so one of each is enough, and a fresh buffer
-        per step cost a memset and page faults of its whole size."""
+        """``size`` bytes of reused buffer ``slot`` (0 and 1: steps' data,
+        see :meth:`_prepare_steps`; 2: the read-back), not cleared: a fresh
+        buffer per step cost a memset and page faults of its whole size."""
         buf = self._buffers[slot]
         if len(buf) < size:
             buf = self._buffers[slot] = bytearray(size)
@@ -449,20 +521,29 @@ class MergeEngine:
         if self.on_progress is not None:
             self.on_progress(self.merged_ops)
 
+    async def _apply(self, prepared: _Prepared) -> None:
+        """Hand a prepared step to the commit thread and check it: online,
+        once the previous step's commit has returned, readers see a window
+        (``window_ready``); the thread writes the step after the previous
+        commit (the scratch window first, when it must go there)."""
+        await self._before_write()
+        if prepared.blocks is not None:
+            await self.hooks.window_ready(prepared.blocks, prepared.data)
+        await self._write_pieces(prepared.data, prepared.runs, before=prepared.scratch, commit=prepared.commit)
+
     # --- ordered ops -------------------------------------------------------
 
-    async def _ordered_window(self) -> None:
-        first = self.merged_ops + self._in_flight
-        end = min(first + self.plan.layout.capacity, self.plan.ordered)
-        blocks, data, overlap, runs = await trio.to_thread.run_sync(self._read_window, first, end)
+    async def _prepare_window(self, first: int, end: int, slot: int) -> _Prepared:
+        """Ordered ops ``first..end-1`` as one step (a window)."""
+        blocks, data, overlap, runs = await trio.to_thread.run_sync(self._read_window, first, end, slot)
         scratch = None
         if overlap:
             entries = self.plan.layout.entries_bytes(blocks)
             crc = await self.mover.crc32c(data, await self.mover.crc32c(entries))
             scratch = lambda: self._write_scratch(entries, data, crc, first)  # noqa: E731
-        await self._apply_window(blocks, data, scratch, runs)
+        return _Prepared(blocks, data, runs, scratch, end - first)
 
-    def _read_window(self, first: int, end: int) -> tuple[list[int], memoryview, bool, list]:
+    def _read_window(self, first: int, end: int, slot: int) -> tuple[list[int], memoryview, bool, list]:
         """New contents of ordered ops ``first..end-1``, read before any is
         overwritten: (their new blocks, the data in op order, whether an op
         reads a block of the window, where the data goes: :func:`_runs`)."""
@@ -473,7 +554,7 @@ class MergeEngine:
         kinds = bytes(map(t.type.__getitem__, rows))
         # where each op's base bytes start: a Copy's source is a block number, an Xor's a byte offset
         offsets = [s if k == _XOR else s * bs for k, s in zip(kinds, map(t.source.__getitem__, rows))]
-        data = view = self._buffer(0, n * bs)
+        data = view = self._buffer(slot, n * bs)
         # the base bytes (a Copy's data, what an Xor applies to): one read per run of consecutive sources
         k, reads = 0, []
         while k < n:
@@ -522,55 +603,41 @@ class MergeEngine:
     def _sync(self, which: str) -> None:
         started = time.perf_counter()
         self.io.fsync(which)
-        self.stats["syncs"] += 1
-        self.stats["sync_seconds"] += time.perf_counter() - started
+        self._count_sync(time.perf_counter() - started)
 
-    async def _apply_window(self, blocks: list[int], data, scratch=None, runs=None) -> None:
-        """Write a computed window and start its commit: the previous step's
-        commit returns first, then readers see the window (online),
-        ``scratch()`` makes it durable in the scratch area (when it must),
-        and the base is written."""
-        await self._settle()
-        await self.hooks.window_ready(blocks, data)
-        if runs is None:
-            runs = _runs([(b, 1, i) for i, b in enumerate(blocks)])
-        await self._write_pieces(data, runs, before=scratch,
-                                 commit=len(blocks))
-        self.stats["windows"] += 1
+    def _count_sync(self, seconds: float) -> None:
+        self.stats["syncs"] += 1
+        self.stats["sync_seconds"] += seconds
 
     # --- Replace / Zero -------------------------------------------------------
 
-    async def _unordered_batch(self) -> None:
+    async def _prepare_piece(self, start: int, k: int, end: int, slot: int) -> tuple[int, _Prepared]:
+        """The Replace/Zero ops from ``k`` on of the batch ``start..end-1``
+        whose data fits ``WRITE_CHUNK`` (at least one op), as one step:
+        (where the next piece starts, the step). The batch's last piece
+        commits the batch; the others are written only."""
         t, order, bs = self.plan.table, self.plan.order, self.bs
         nb, fac = t.new_block, t.factor
-        first = self.merged_ops + self._in_flight
-        end = min(first + COMMIT_EVERY, self.plan.total_ops)
-        k = first
-        while k < end:
-            # a piece of the batch whose data fits WRITE_CHUNK (at least one op)
-            j, size = k, 0
-            while j < end and (j == k or size + (bs << fac[order[j]]) <= WRITE_CHUNK):
-                size += bs << fac[order[j]]
-                j += 1
-            data = view = self._buffer(0, size)
-            pieces, fill, pos = [], [], 0
-            for i in range(k, j):
-                r = order[i]
-                n = 1 << fac[r]
-                pieces.append((nb[r], n, pos))
-                if t.type[r] == _REPLACE:
-                    fill.append((r, view[pos * bs : (pos + n) * bs]))
-                else:  # Zero: the reused buffer holds an earlier step's bytes
-                    for q in range(pos, pos + n):
-                        view[q * bs : (q + 1) * bs] = self._zeros
-                pos += n
-            if fill:
-                await trio.to_thread.run_sync(self._read_chunks, fill)
-            runs = _runs(pieces)
-            await self._settle()  # the previous step's commit returns before this one writes
-            await self._write_pieces(data, runs, commit=end - first if j == end else 0)
-            k = j
-        self.stats["batches"] += 1
+        j, size = k, 0
+        while j < end and (j == k or size + (bs << fac[order[j]]) <= WRITE_CHUNK):
+            size += bs << fac[order[j]]
+            j += 1
+        data = view = self._buffer(slot, size)
+        pieces, fill, pos = [], [], 0
+        for i in range(k, j):
+            r = order[i]
+            n = 1 << fac[r]
+            pieces.append((nb[r], n, pos))
+            if t.type[r] == _REPLACE:
+                fill.append((r, view[pos * bs : (pos + n) * bs]))
+            else:  # Zero: the reused buffer holds an earlier step's bytes
+                for q in range(pos, pos + n):
+                    view[q * bs : (q + 1) * bs] = self._zeros
+            pos += n
+        if fill:
+            await trio.to_thread.run_sync(self._read_chunks, fill)
+        return j, _Prepared(None, data, _runs(pieces), None, end - start if j == end else 0)
+
 
     def _read_chunks(self, items: list[tuple[int, memoryview]]) -> None:
         """Fill each ``(row, view)`` with the decompressed data of Replace/Xor
@@ -611,38 +678,30 @@ class MergeEngine:
 
     async def _write_pieces(self, data, runs: list[tuple[int, list[list[int]]]], *, before=None,
                             commit: int = 0) -> None:
-        """Write ``data`` to the base where ``runs`` (:func:`_runs`) say, one
-        ``pwritev`` per run of consecutive new blocks, and read it back and
-        compare it. When ``commit`` (ops) is set, the write is
-        the first part of the commit of the ``commit`` ops up to these (one
-        worker call writes and syncs the base; the read-back runs beside the
-        sync), which writes the progress only once they compared equal.
-        ``before()`` runs first, in the same worker thread call (writing the
-        scratch window)."""
+        """Hand ``data`` to the commit thread, which writes it to the base
+        where ``runs`` (:func:`_runs`) say, one ``pwritev`` per run of
+        consecutive new blocks (``before()`` first: writing the scratch
+        window), and, when ``commit`` (ops) is set, commits the ``commit`` ops
+        up to these: syncs the base and writes the progress once the step
+        read back equal. The read-back runs here, beside the base's sync;
+        this returns once it compared equal (the step's buffers are then free
+        for the next step, which the thread may be writing by then)."""
         bs = self.bs
 
         def views(buf):
             v = memoryview(buf)
             return [(block * bs, [v[p * bs : (p + m) * bs] for p, m in spans]) for block, spans in runs]
 
-        def write():
-            if before is not None:
-                before()
-            self.io.pwritev_runs("base", views(data))
-
-        verdict = _Verdict()
+        step = _Step(views(data), before, commit)
         try:
-            if commit:
-                # the commit task writes and syncs the base in one worker call; the read-back starts once written
-                written = trio.Event()
-                self._start_commit(commit, write, written, verdict)
-                await written.wait()
-            else:
-                await trio.to_thread.run_sync(write)
+            self._next += commit
+            self._queue.put(step)
+            await trio.lowlevel.wait_readable(self._written_r)
+            os.read(self._written_r, 1)
             if not self.verify:
-                verdict.give(True)
+                step.verdict.give(True)
                 return
-            back = self._buffer(1, len(data))
+            back = self._buffer(2, len(data))
 
             def read_back():
                 self.io.preadv_runs("base", views(back))
@@ -655,51 +714,48 @@ class MergeEngine:
                     f"the base reads back differently from what the merge wrote at block {block} (byte "
                     f"{where % bs} of it); the base storage is failing or something else writes to it: stop and "
                     "check it")
-            verdict.give(True)
+            step.verdict.give(True)
         finally:
-            verdict.give(False)  # a failed compare, an error or a cancellation: the commit stops short
+            step.verdict.give(False)  # a failed compare, an error or a cancellation: the commit stops short
 
     # --- commit ---------------------------------------------------------------------
 
-    def _start_commit(self, count: int, write, written: trio.Event, verdict: _Verdict) -> None:
-        """Write (``write()``) and commit the ``count`` ops up to the ones
-        ``write`` writes, in a background task (see the module doc)."""
-        self._in_flight = count
-        self._commit_done = done = trio.Event()
-        self._nursery.start_soon(self._commit, count, write, written, verdict, done)
+    def _commit_steps(self) -> None:
+        """The commit thread (one worker call for the whole run): each step
+        handed over, in order, is written (then a byte to the pipe, so the
+        main task reads it back beside the sync), and if it carries ops, the
+        base is synced, the read-back's verdict awaited, and only if the
+        step compared equal the progress written and synced; the loop hears
+        of the commit afterwards (:meth:`_committed`), without the thread
+        waiting for it. Nothing of a step is written before the previous
+        step's commit is durable.
 
-    async def _commit(self, count: int, write, written: trio.Event, verdict: _Verdict, done: trio.Event) -> None:
-        """One worker call: ``write()`` and sync the base (``written`` is set
-        between the two, without waiting for the loop), wait for the
-        read-back's ``verdict``, and only if the step compared equal write
-        and sync the progress. One thread round trip a step: a return to
-        the loop between the base's sync and the progress cost two more
-        handoffs of the GIL on the chain of writes and syncs (~0.1 s of a
-        1 GiB merge's 163 commits on the shared 2-core machine).
-
-        ``done`` is set only when the commit returned: a failure (raised into
-        the nursery, which cancels the main task) or a failed compare leaves
-        it unset, so nothing waits on it in vain."""
-        token = trio.lowlevel.current_trio_token()
-
-        def write_and_commit() -> bool:
-            write()
-            token.run_sync_soon(written.set)
-            self._sync("base")
-            if not verdict.wait():
-                return False
-            self._write_progress(count)
-            return True
-
-        if await trio.to_thread.run_sync(write_and_commit):
-            self._in_flight = 0
-            self._committed(count)
-            done.set()
+        A step chained straight after the previous commit, in this thread,
+        costs no return to the loop: that round trip (thread to loop to task
+        to thread) was ~0.2-0.3 ms a step on the chain of writes and syncs,
+        163 steps for the bench's 1 GiB COW. Stops at ``None``, at a verdict
+        "no" (the main task raises), or raising (the nursery then cancels
+        the main task, which waits on the loop, never in a thread)."""
+        token, io, notify = self._token, self.io, self._written_w
+        assert token is not None
+        while (step := self._queue.get()) is not None:
+            if step.before is not None:
+                step.before()
+            if not step.count:  # part of a batch: committed with its last part
+                io.pwritev_runs("base", step.runs)
+                os.write(notify, b"\0")
+                continue
+            self._count_sync(io.pwritev_runs_sync("base", step.runs, notify))
+            if not step.verdict.wait():
+                return
+            self._write_progress(step.count)
+            token.run_sync_soon(self._committed, step.count)
 
     def _write_progress(self, count: int) -> None:
         """Advance ``num_merge_ops`` by ``count`` (state byte back to 1) and
-        sync the COW file (the base is synced already). Blocking."""
-        self._header.num_merge_ops = self.merged_ops + count
+        sync the COW file (the base is synced already). Blocking, in the
+        commit thread (``merged_ops`` is the loop's: ``_header`` counts here)."""
+        self._header.num_merge_ops += count
         record = self._header.pack()
         if self.plan.layout.capacity and not self.plan.journal:
             record += bytes([STATE_IN_PROGRESS])
@@ -710,16 +766,57 @@ class MergeEngine:
             self.io.pwrite("journal", bytes([STATE_IN_PROGRESS]), self.plan.layout.state_offset)
 
     def _committed(self, count: int) -> None:
+        """On the loop: ``count`` more ops are durable (told to the hooks and ``on_progress``)."""
         first = self.merged_ops
         self.merged_ops += count
         self.hooks.committed(first, self.merged_ops)
         self._progress()
+        if self._idle is not None and self.merged_ops == self._next:
+            self._idle.set()
 
     async def _settle(self) -> None:
-        """Wait until the commit started last has returned (if one is running)."""
-        if self._commit_done is not None:
-            await self._commit_done.wait()
-            self._commit_done = None
+        """Wait until every step handed to the commit thread is committed."""
+        while self.merged_ops < self._next:
+            self._idle = trio.Event()
+            await self._idle.wait()
+        self._idle = None
+
+    async def _before_write(self) -> None:
+        """Before a step is handed over: online, wait until the previous
+        step's commit has returned and the hooks heard of it (a window is
+        published only once the one before is retired). Offline nothing
+        waits: the commit thread writes the step right after that commit."""
+        if not self._chain:
+            await self._settle()
+
+
+@dataclass
+class _Prepared:
+    """A step ready to be written: a window's new ``blocks`` (None for
+    Replace/Zero ops), its ``data``, where it goes (``runs``, :func:`_runs`),
+    what writes its scratch window first (or None), and how many ops it
+    commits (0: part of a batch)."""
+
+    blocks: list[int] | None
+    data: memoryview | bytearray
+    runs: list[tuple[int, list[list[int]]]]
+    scratch: Callable[[], None] | None
+    commit: int
+
+
+class _Step:
+    """A step for the commit thread: ``before()`` (the scratch window, if
+    any), the base's ``runs`` (``(offset, views)``, as
+    :meth:`MergeIO.pwritev_runs` takes them), then, for ``count`` ops (0:
+    part of a batch, committed with its last part), the commit."""
+
+    __slots__ = ("runs", "before", "count", "verdict")
+
+    def __init__(self, runs: list[tuple[int, list[memoryview]]], before, count: int) -> None:
+        self.runs = runs
+        self.before = before
+        self.count = count
+        self.verdict = _Verdict()
 
 
 class _Verdict:
