@@ -1,0 +1,114 @@
+"""The merge's commit thread: a step's write and sync in one call, and the
+hooks of an online merge hearing of each commit before the next window.
+
+Offline, the commit thread takes the steps one after another without going
+back to the event loop (``_merge_engine.MergeEngine._commit_steps``); with
+hooks it must still wait, since a window is published only once the one
+before it is retired. ``MergeIO.pwritev_runs_sync`` writes a step, says so
+on a pipe and syncs: the extension's call and the Python calls (taken when
+a subclass overrides ``pwritev`` or ``fsync``) must do the same.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import pytest
+import trio
+
+from merge_testlib import torture_cow
+from dmuserd.dsa_offload import open_mover
+from dmuserd.snapshot._cow_reader import CowReader
+from dmuserd.snapshot._merge_engine import _NATIVE, MergeEngine, MergeHooks
+from dmuserd.snapshot.merge import MergeIO, plan_merge, read_state
+
+
+class PythonSyncIO(MergeIO):
+    """MergeIO through its Python calls (``fsync`` overridden as itself)."""
+
+    def fsync(self, which):
+        super().fsync(which)
+
+
+@pytest.mark.parametrize("cls", [MergeIO, PythonSyncIO])
+def test_pwritev_runs_sync_writes_notifies_then_syncs(tmp_path, cls):
+    if cls is MergeIO and _NATIVE is None:
+        pytest.skip("the optional _merge_io extension is not built (no C compiler at install)")
+    path = tmp_path / "base.img"
+    path.write_bytes(bytes(1 << 16))
+    runs = [(4096, [memoryview(b"a" * 100), memoryview(b"b" * 50)]), (40000, [memoryview(b"c" * 4096)])]
+    r, w = os.pipe2(os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        io = cls(fd, -1)
+        seconds = io.pwritev_runs_sync("base", runs, w)
+        assert isinstance(seconds, float) and seconds >= 0
+        assert os.read(r, 16) == b"\0"  # exactly one byte: one step written
+        data = path.read_bytes()
+        assert data[4096:4246] == b"a" * 100 + b"b" * 50 and data[40000:44096] == b"c" * 4096
+        assert data[:4096] == bytes(4096) and data[4246:40000] == bytes(40000 - 4246)
+        # a write that fails raises and tells nobody it was written
+        bad = cls(os.open(path, os.O_RDONLY), -1)
+        try:
+            with pytest.raises(OSError) as caught:
+                bad.pwritev_runs_sync("base", runs, w)
+            assert caught.value.errno == errno.EBADF
+        finally:
+            os.close(bad.fds["base"])
+        with pytest.raises(BlockingIOError):
+            os.read(r, 16)
+    finally:
+        os.close(fd)
+        os.close(r)
+        os.close(w)
+
+
+class RecordingHooks(MergeHooks):
+    """Records what the online merge tells: ("window", first new block, blocks) and ("committed", first, end)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    async def window_ready(self, new_blocks, data) -> None:
+        await trio.lowlevel.checkpoint()
+        self.events.append(("window", new_blocks[0], len(new_blocks)))
+
+    def committed(self, first: int, end: int) -> None:
+        self.events.append(("committed", first, end))
+
+
+async def test_hooks_hear_each_commit_before_the_next_window(tmp_path):
+    """With hooks (an online merge), every window is published only after
+    every op before it was committed and told, and the commits are told in
+    order, each once: the offline chain (steps written straight after the
+    previous commit, the next one prepared meanwhile) must not reach here."""
+    t = torture_cow(tmp_path, 41, nblocks=600, buffer_size=16 << 10)
+    base, cow = tmp_path / "work.img", tmp_path / "work.cow"
+    shutil.copy(t["base"], base)
+    shutil.copy(t["cow"], cow)
+    reader = CowReader(cow, check_merge=False)
+    base_fd, cow_fd = os.open(base, os.O_RDWR), os.open(cow, os.O_RDWR)
+    try:
+        plan = plan_merge(reader, os.path.getsize(base), journal=False)
+        io = MergeIO(base_fd, cow_fd)
+        hooks = RecordingHooks()
+        async with open_mover("cpu") as mover:
+            engine = MergeEngine(reader, plan, io, mover, read_state(io, reader, plan), hooks=hooks)
+            assert await engine.run() == plan.total_ops
+    finally:
+        os.close(base_fd)
+        os.close(cow_fd)
+        reader.close()
+    assert base.read_bytes() == t["target_bytes"]
+    windows = [e for e in hooks.events if e[0] == "window"]
+    assert len(windows) >= 4  # several windows, so a later one could have come early
+    told = 0  # ops committed and told so far
+    for event in hooks.events:
+        if event[0] == "committed":
+            assert event[1] == told and event[2] > told, f"commits told out of order: {hooks.events}"
+            told = event[2]
+        else:  # the window's ops start where the told commits end: nothing of it or after it is committed
+            assert plan.table.new_block[plan.order[told]] == event[1], f"window published early: {hooks.events}"
+    assert told == plan.total_ops
