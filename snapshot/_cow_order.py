@@ -30,16 +30,16 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from itertools import compress
 
-from dmuserd.snapshot._cow_format import METADATA_OPS, ORDERED_OPS, CowFormatError, CowOp, OpType
+from dmuserd.snapshot._cow_format import METADATA_OPS, ORDERED_OPS, CowFormatError, CowOp, OpType, type_marks
 from dmuserd.snapshot._cow_table import OpTable
 
 _META = frozenset(int(t) for t in METADATA_OPS)
 _ORDERED = frozenset(int(t) for t in ORDERED_OPS)
 _COPY = int(OpType.COPY)
 #: op type -> 1 for an ordered op (copy, xor) (a ``bytes.translate`` table)
-_IS_ORDERED = bytes(1 if t in _ORDERED else 0 for t in range(256))
+_IS_ORDERED = type_marks(ORDERED_OPS)
 #: op type -> 1 for a metadata op (writes no block)
-_IS_META = bytes(1 if t in _META else 0 for t in range(256))
+_IS_META = type_marks(METADATA_OPS)
 try:  # the optional extension: the order built and checked in C (see the module doc)
     from dmuserd.snapshot import _cow_native as _NATIVE
 except ImportError:
@@ -193,7 +193,7 @@ def merge_order_rows(table: OpTable, rows, ranked: array, sequence: SequenceData
 
 #: byte 0 -> 1, anything else -> 0; op type -> 1 for an op that is not ordered
 _NOT = bytes([1]) + bytes(255)
-_IS_UNORDERED = bytes(1 - b for b in _IS_ORDERED)
+_IS_UNORDERED = type_marks(ORDERED_OPS, mark=0)
 
 
 def _sequence_rows(nb, ranked: array, sequence: SequenceData) -> array:

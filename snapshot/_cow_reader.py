@@ -19,7 +19,6 @@ header's (or a resume point's, read up to a label).
 from __future__ import annotations
 
 import os
-import re
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ from dmuserd.snapshot._cow_format import (
     CowHeader,
     CowOp,
     OpType,
+    type_marks,
 )
 from dmuserd.snapshot._cow_order import SequenceData, check_unique_rows, merge_order_rows
 from dmuserd.snapshot._cow_table import OpTable
@@ -68,17 +68,18 @@ _COMPRESSIONS = frozenset(int(c) for c in Compression)
 _FOOTER, _LABEL, _CLUSTER, _SEQUENCE = int(OpType.FOOTER), int(OpType.LABEL), int(OpType.CLUSTER), int(OpType.SEQUENCE)
 _XOR, _REPLACE = int(OpType.XOR), int(OpType.REPLACE)
 #: the first op of a run whose type is not copy, replace, zero or xor (v2: see ``_plain_v2``)
-_IS_COPY = bytes(int(t == int(OpType.COPY)) for t in range(256))  # op type -> 1 for copy (bytes.translate)
-_IS_XOR = bytes(int(t == _XOR) for t in range(256))
+_IS_COPY = type_marks((OpType.COPY,))  # op type -> 1 for copy (bytes.translate)
+_IS_XOR = type_marks((OpType.XOR,))
 #: compression value -> 1 when known (for the C bulk path)
-_VALID_COMPRESSION = bytes(int(c in _COMPRESSIONS) for c in range(256))
+_VALID_COMPRESSION = type_marks(_COMPRESSIONS)
 try:  # the optional extension: a v2 file's clusters to columns in C (CowReader._walk_v2)
     from dmuserd.snapshot import _cow_native as _NATIVE
 except ImportError:
     _NATIVE = None
 if array("I").itemsize != 4 or array("Q").itemsize != 8 or array("q").itemsize != 8:
     _NATIVE = None  # it returns u32/u64/i64 columns
-_NOT_PLAIN = re.compile(b"[^" + bytes([int(OpType.COPY), int(OpType.REPLACE), int(OpType.ZERO), _XOR]) + b"]")
+#: the types of plain data ops: a run of them is what ``bytes.lstrip`` takes off a run of op types
+_PLAIN = bytes([int(OpType.COPY), int(OpType.REPLACE), int(OpType.ZERO), _XOR])
 
 
 def _field(name: str) -> int:
@@ -465,8 +466,8 @@ class CowReader:
             buf = self._pread(to_add * OP_SIZE_V2, pos)
             if cluster_ops:
                 # the data ops before the cluster's metadata op, in bulk
-                match = _NOT_PLAIN.search(buf[::OP_SIZE_V2])
-                plain = to_add if match is None else match.start()
+                types = buf[::OP_SIZE_V2]
+                plain = len(types) - len(types.lstrip(_PLAIN))
                 done_in_bulk = self._plain_v2(buf, plain, pos, data_pos, compression) if plain else None
                 if done_in_bulk is not None:
                     data_pos, compression = done_in_bulk

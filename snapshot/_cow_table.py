@@ -17,12 +17,12 @@ from array import array
 from itertools import compress
 from operator import add
 
-from dmuserd.snapshot._cow_format import METADATA_OPS, CowOp, OpType
+from dmuserd.snapshot._cow_format import METADATA_OPS, CowOp, OpType, type_marks
 
 _OPS = {int(t): t for t in OpType}
 _META = frozenset(int(t) for t in METADATA_OPS)
 #: op type -> 1 for a data op, 0 for metadata (``bytes.translate`` table)
-_IS_DATA = bytes(0 if t in _META else 1 for t in range(256))
+_IS_DATA = type_marks(METADATA_OPS, mark=0)
 try:  # the optional extension (snapshot/_cow_native.c): OpTable.largest and data_rows in one C pass
     from dmuserd.snapshot import _cow_native as _NATIVE
 except ImportError:

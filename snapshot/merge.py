@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import structlog
 import trio
 
-from dmuserd.snapshot._cow_format import ORDERED_OPS, CowFormatError
+from dmuserd.snapshot._cow_format import ORDERED_OPS, CowFormatError, type_marks
 from dmuserd.snapshot._cow_reader import CowReader
 from dmuserd.snapshot._merge_engine import MergeEngine, MergeHooks, MergeIO, MergePlan, read_state
 from dmuserd.snapshot._merge_errors import (
@@ -54,9 +54,8 @@ __all__ = [
 log = structlog.get_logger("dmuserd.snapshot.merge")
 
 _UNSAFE_ORDER = {"source-overwritten", "ordered-after-unordered"}
-_ORDERED = frozenset(int(t) for t in ORDERED_OPS)
 #: op type -> 1 for Copy/Xor (a ``bytes.translate`` table)
-_IS_ORDERED = bytes(int(t in _ORDERED) for t in range(256))
+_IS_ORDERED = type_marks(ORDERED_OPS)
 
 
 def plan_merge(reader: CowReader, base_size: int, *, journal: bool = True) -> MergePlan:
