@@ -64,9 +64,12 @@ request of up to 32 MiB over the budget, received or to send; up to
 :data:`~dmuserd.protocol._nbd.COMPACT_MIN` (1 MiB) of taken bytes the
 protocol's buffer may keep after a WRITE's payload is copied out;
 :data:`SPARE_BYTES` of reused READ buffers, 8 MiB; three
-:data:`RECEIVE_SIZE` buffers), about 256 MiB + 64 x 42 MiB = 2.9 GiB with
-32 MiB requests; with requests of L bytes (the kernel and fio send
-L <= 512 KiB) ``memory`` + 64 x (L + 9.75 MiB), 0.9 GiB at 512 KiB. The
+:data:`RECEIVE_SIZE` buffers; :data:`MAX_IN_FLIGHT` BLOCK_STATUS replies,
+outside the budget but small: a reply covers at most :data:`STATUS_RANGE`,
+and ``memory``'s then has at most 4096 extents, 32 KiB, so 2 MiB), about
+256 MiB + 64 x 44 MiB = 3.0 GiB with 32 MiB requests; with requests of L
+bytes (the kernel and fio send L <= 512 KiB) ``memory`` + 64 x (L + 11.75
+MiB), 1.0 GiB at 512 KiB. The
 one-request floor per connection is what the bound costs; a smaller
 ``MAX_CONNECTIONS`` cuts it. (Before this budget each connection could
 hold ``MAX_HELD`` + 64 MiB + 8 spare buffers per READ size.)
@@ -159,6 +162,9 @@ REUSE_MIN = 64 * 1024
 SPARE_BUFFERS = 8
 #: Bytes of spare READ buffers kept per connection at most.
 SPARE_BYTES = 8 * 1024 * 1024
+#: The most of a BLOCK_STATUS query one reply describes (the client asks again from where it ends): bounds the
+#: backend's work and the reply's size per query.
+STATUS_RANGE = 256 * 1024 * 1024
 #: Seconds a stop waits for the connections to send their last replies (:meth:`NbdServerExport.finish_stop`).
 STOP_REPLY_TIMEOUT = 2.0
 #: Buffers per ``sendmsg`` (IOV_MAX is 1024).
@@ -605,11 +611,12 @@ class _Connection:
         proto = self.proto
         if not self.dispatcher.admitting:
             return proto.error_reply(req.cookie, NbdErrno.ESHUTDOWN, "the server is stopping")
+        length = min(req.length, STATUS_RANGE)  # the spec lets a reply cover less than asked
         try:
-            extents = await self.dispatcher.backend.extents(req.offset, req.length)
+            extents = await self.dispatcher.backend.extents(req.offset, length)
             return nbd_block_status_chunk(req.cookie, proto.allocation_context or 0,
                                           [(e.length, _HOLE if e.hole else _DATA) for e in extents],
-                                          req.length, bool(req.flags & _NBD_REQ_ONE))
+                                          length, bool(req.flags & _NBD_REQ_ONE))
         except Exception as exc:  # noqa: BLE001 - one failing query fails alone
             log.warning("block status failed", offset=req.offset, length=req.length,
                         error=f"{type(exc).__name__}: {exc}", **self.context)

@@ -35,7 +35,7 @@ from dmuserd.daemon.config import ConfigError, DaemonSpec, ExportSpec, TargetSpe
 from dmuserd.daemon.runtime import Daemon
 from dmuserd.daemon.export import build
 from dmuserd.daemon.nbd import NbdExport
-from dmuserd.daemon.nbd_server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, RECEIVE_SIZE, NbdServerExport
+from dmuserd.daemon.nbd_server import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS, RECEIVE_SIZE, STATUS_RANGE, NbdServerExport
 
 SIZE = 64 << 20
 
@@ -548,3 +548,23 @@ async def test_extents_that_fail_are_eio_for_that_request(tmp_path):
             assert error_of(await trio.to_thread.run_sync(read_chunk, sock)) == (
                 5, "the backend could not tell what is allocated")
             assert (await trio.to_thread.run_sync(read_chunk, sock))[:3] == (1, 1, 2)
+
+
+async def test_a_block_status_reply_is_bounded(tmp_path):
+    """A query of 4 GiB - 64 KiB over a memory disk written every other chunk in its first 4 MiB: the reply
+    describes STATUS_RANGE at most (the alternating chunks, then one hole), the client asks again from there."""
+    backend = MemoryBackend(8 << 30)
+    for start in (0, STATUS_RANGE):
+        for chunk in range(start // 65536, (start + (4 << 20)) // 65536, 2):
+            await backend.write(chunk * 65536, b"\x01" * 512)
+    alternating = [(65536, DATA if i % 2 == 0 else HOLE) for i in range(64)]
+    want = {1: alternating[:63] + [(STATUS_RANGE - (4 << 20) + 65536, HOLE)], 2: alternating[:16]}  # merged holes
+    async with _served(tmp_path, backend) as _:
+        sock, _ = await trio.to_thread.run_sync(structured_handshake, tmp_path / "d.sock", b"base:allocation")
+        with sock:
+            await trio.to_thread.run_sync(sock.sendall, request(7, 1, 0, (4 << 30) - 65536)
+                                          + request(7, 2, STATUS_RANGE, 1 << 20))
+            for _ in range(2):
+                flags, kind, cookie, payload = await trio.to_thread.run_sync(read_chunk, sock)
+                assert (flags, kind) == (1, 5)
+                assert list(struct.iter_unpack(">II", payload[4:])) == want.pop(cookie)
