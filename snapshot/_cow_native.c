@@ -382,22 +382,23 @@ done:
     return result;
 }
 
-/* New block -> its index in ``ranked``: open addressing over a power-of-two
- * table at most half full (a bisection per lookup cost 3x as much, its
- * reads all over the column). */
+/* New block -> the row writing it: open addressing over a power-of-two
+ * table at most half full, of rows (the new blocks are compared in the
+ * table's column: no copy of them; a bisection per lookup cost 3x as
+ * much, its reads all over the column). */
 struct block_index {
-    const uint64_t *starts; /* new block of ranked[i] */
-    int32_t *slots;          /* index into starts, -1 empty */
+    const uint64_t *blocks; /* the table's new_block column */
+    uint32_t *slots;         /* a row, UINT32_MAX empty */
     uint64_t mask;
     int shift;
 };
 
-static int index_blocks(struct block_index *ix, const uint64_t *starts, Py_ssize_t n)
+static int index_blocks(struct block_index *ix, const uint64_t *blocks, const uint32_t *rows, Py_ssize_t n)
 {
     int bits = 1;
     while (((Py_ssize_t)1 << bits) < 2 * n)
         bits++;
-    ix->starts = starts;
+    ix->blocks = blocks;
     ix->mask = ((uint64_t)1 << bits) - 1;
     ix->shift = 64 - bits;
     ix->slots = PyMem_Malloc(((size_t)1 << bits) * sizeof *ix->slots);
@@ -405,21 +406,21 @@ static int index_blocks(struct block_index *ix, const uint64_t *starts, Py_ssize
         return -1;
     memset(ix->slots, 0xff, ((size_t)1 << bits) * sizeof *ix->slots);
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t h = (starts[i] * 0x9E3779B97F4A7C15ull) >> ix->shift;
-        while (ix->slots[h] >= 0)
+        uint64_t h = (blocks[rows[i]] * 0x9E3779B97F4A7C15ull) >> ix->shift;
+        while (ix->slots[h] != UINT32_MAX)
             h = (h + 1) & ix->mask;
-        ix->slots[h] = (int32_t)i;
+        ix->slots[h] = rows[i];
     }
     return 0;
 }
 
-/* The index in ``starts`` holding ``block``, or -1 (new blocks are unique: rank_rows). */
-static Py_ssize_t find_block(const struct block_index *ix, uint64_t block)
+/* The row writing ``block``, or -1 (new blocks are unique: rank_rows). */
+static int64_t find_block(const struct block_index *ix, uint64_t block)
 {
     uint64_t h = (block * 0x9E3779B97F4A7C15ull) >> ix->shift;
-    for (int32_t at; (at = ix->slots[h]) >= 0; h = (h + 1) & ix->mask)
-        if (ix->starts[at] == block)
-            return at;
+    for (uint32_t row; (row = ix->slots[h]) != UINT32_MAX; h = (h + 1) & ix->mask)
+        if (ix->blocks[row] == block)
+            return row;
     return -1;
 }
 
@@ -433,45 +434,41 @@ static PyObject *order_rows(PyObject *self, PyObject *args)
                           &sequence, &file_order_rest, &block_size, &ordered_table, &copy_type, &out))
         return NULL;
     PyObject *result = NULL;
-    uint64_t *starts = NULL;
     struct block_index ix = {NULL, NULL, 0, 0};
     uint32_t *position = NULL;
     uint8_t *named = NULL;
     Py_ssize_t len = types.len, n = ranked.len / 4, nseq = sequence.len / 4;
     if (blocks.len != len * 8 || sources.len != len * 8 || rows.len != ranked.len || ranked.len % 4 ||
         sequence.len % 4 || ordered_table.len != 256 || !block_size || !rows_fit(&rows, len) ||
-        !rows_fit(&ranked, len) || n > INT32_MAX || out.len != ranked.len) {
+        !rows_fit(&ranked, len) || len >= UINT32_MAX || out.len != ranked.len) {
         PyErr_SetString(PyExc_ValueError, "order_rows: columns of different lengths, rows out of range or a bad table");
         goto done;
     }
     const uint8_t *ty = types.buf, *is_ordered = ordered_table.buf;
     const uint64_t *nb = blocks.buf, *src = sources.buf;
     const uint32_t *r = rows.buf, *rk = ranked.buf, *seq = sequence.buf;
-    starts = PyMem_Malloc((n ? n : 1) * sizeof *starts);
     position = PyMem_Calloc(len ? len : 1, sizeof *position);
-    named = PyMem_Calloc(n ? n : 1, 1);
-    if (starts == NULL || position == NULL || named == NULL) {
+    named = PyMem_Calloc(len ? len : 1, 1); /* by row */
+    if (position == NULL || named == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     uint32_t *order = out.buf;
     Py_ssize_t k = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        starts[i] = nb[rk[i]];
-    if (index_blocks(&ix, starts, n) < 0) {
+    if (index_blocks(&ix, nb, rk, n) < 0) {
         PyErr_NoMemory();
         goto done;
     }
     if (nseq) {
         for (Py_ssize_t i = 0; i < nseq; i++) {
-            Py_ssize_t at = find_block(&ix, seq[i]);
-            if (at < 0 || named[at] || k == n)
+            int64_t row = find_block(&ix, seq[i]);
+            if (row < 0 || named[row] || k == n)
                 goto fault;
-            named[at] = 1;
-            order[k++] = rk[at];
+            named[row] = 1;
+            order[k++] = (uint32_t)row;
         }
         for (Py_ssize_t i = 0; i < n; i++)
-            if (!named[i])
+            if (!named[rk[i]])
                 order[k++] = rk[i];
     } else {
         for (Py_ssize_t i = 0; i < n; i++)
@@ -499,8 +496,8 @@ static PyObject *order_rows(PyObject *self, PyObject *args)
             second = first + 1;
         }
         for (int j = 0; j <= two; j++) {
-            Py_ssize_t at = find_block(&ix, j ? second : first);
-            if (at >= 0 && position[rk[at]])
+            int64_t writer = find_block(&ix, j ? second : first);
+            if (writer >= 0 && position[writer])
                 goto fault;
         }
         position[row] = (uint32_t)(i + 1);
@@ -510,7 +507,6 @@ static PyObject *order_rows(PyObject *self, PyObject *args)
 fault:
     result = Py_NewRef(Py_False);
 done:
-    PyMem_Free(starts);
     PyMem_Free(ix.slots);
     PyMem_Free(position);
     PyMem_Free(named);
