@@ -42,10 +42,11 @@ one of them writes, in the protocol's order:
   step back once it is written (a byte on a pipe says so) and compares it
   with the data mover, giving the commit its verdict;
 * the commit thread (one worker call for the whole run) takes the steps in
-  order: writes the scratch window, if any, then the base, syncs the base
-  (the write and the sync one GIL release: see
-  :meth:`MergeIO.pwritev_runs_sync`), waits for the step's verdict, then
-  writes and syncs the progress, and goes straight on to the next step.
+  order and runs each one's I/O, made when it was prepared, in one call
+  (:meth:`MergeIO.run_program`, one GIL release with the extension):
+  writes the scratch window, if any, and syncs it, then the base, syncs
+  the base, waits for the step's verdict (a byte on a pipe), writes and
+  syncs the progress, then goes straight on to the next step.
 
 The disk's writeback of one step hides the reading back of it and the
 reading and computing of the next, and the chain of writes and syncs does
@@ -65,10 +66,8 @@ from __future__ import annotations
 
 import os
 import queue
-import threading
 import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -101,6 +100,8 @@ try:  # the optional extension: a step's scattered writes and reads in one GIL r
     from dmuserd.snapshot import _merge_io as _NATIVE
 except ImportError:
     _NATIVE = None
+#: MergeIO.run_program's op names as the extension numbers them (a write is 0)
+_PROGRAM_CODES = {"sync": 1, "notify": 2, "wait": 3}
 _COPY, _XOR, _REPLACE, _ZERO = int(OpType.COPY), int(OpType.XOR), int(OpType.REPLACE), int(OpType.ZERO)
 _ORDERED = frozenset((_COPY, _XOR))
 _XOR_BYTE = bytes([_XOR])
@@ -190,20 +191,37 @@ class MergeIO:
         for offset, views in runs:
             self.pwritev(which, views, offset)
 
-    def pwritev_runs_sync(self, which: str, runs: list[tuple[int, list[memoryview]]], notify_fd: int) -> float:
-        """:meth:`pwritev_runs`, then one byte to ``notify_fd`` (the writes
-        are done: whoever waits on the pipe may read them back), then
-        :meth:`fsync`; returns the seconds the sync took. One GIL release
-        with the ``_merge_io`` extension (where ``pwritev`` and ``fsync`` are
-        this class's own): the thread goes from its writes into the sync
-        without taking the GIL back from the loop it just woke."""
+    def run_program(self, program: list[tuple]) -> tuple[bool, int, float]:
+        """Make a step's I/O, op by op: ``("write", which, runs)`` (as
+        :meth:`pwritev_runs`), ``("sync", which)``, ``("notify", fd)`` (one
+        byte to a pipe: what came before is done) and ``("wait", fd)`` (read
+        one byte from a pipe, blocking: zero, or its end, stops the
+        program). Returns (whether it ran to its end, the syncs made, the
+        seconds they took).
+
+        One call of the ``_merge_io`` extension (one GIL release for the
+        whole step: the commit thread no longer waits to take the GIL back
+        after each of its ~ten system calls a step) where ``pwritev`` and
+        ``fsync`` are this class's own; otherwise op by op through them."""
         if _NATIVE is not None and type(self).pwritev is MergeIO.pwritev and type(self).fsync is MergeIO.fsync:
-            return _NATIVE.pwritev_runs_sync(self.fds[which], runs, notify_fd)
-        self.pwritev_runs(which, runs)
-        os.write(notify_fd, b"\0")
-        started = time.perf_counter()
-        self.fsync(which)
-        return time.perf_counter() - started
+            fds = self.fds
+            return _NATIVE.run_program([(0, fds[op[1]], op[2]) if op[0] == "write" else
+                                        (_PROGRAM_CODES[op[0]], fds[op[1]] if op[0] == "sync" else op[1])
+                                        for op in program])
+        syncs, seconds = 0, 0.0
+        for op in program:
+            kind = op[0]
+            if kind == "write":
+                self.pwritev_runs(op[1], op[2])
+            elif kind == "sync":
+                started = time.perf_counter()
+                self.fsync(op[1])
+                syncs, seconds = syncs + 1, seconds + time.perf_counter() - started
+            elif kind == "notify":
+                os.write(op[1], b"\0")
+            elif os.read(op[1], 1) in (b"", b"\0"):  # "wait"
+                return False, syncs, seconds
+        return True, syncs, seconds
 
     def preadv_runs(self, which: str, runs: list[tuple[int, list[memoryview]]]) -> None:
         """Fill each ``(offset, views)`` run, as :meth:`pwritev_runs` writes
@@ -426,8 +444,9 @@ class MergeEngine:
         #: set when every step handed over is committed (see :meth:`_settle`)
         self._idle: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        #: the commit thread writes a byte to the pipe once a step is written (read on the loop, one a step)
-        self._written_r = self._written_w = -1
+        #: the commit thread writes a byte to the first pipe once a step is written (read on the loop, one a
+        #: step); a committing step's program reads the read-back's verdict from the second (1: equal)
+        self._written_r = self._written_w = self._verdict_r = self._verdict_w = -1
         #: a step's data and its read-back, reused from step to step (see :meth:`_buffer`)
         self._buffers = [bytearray(), bytearray(), bytearray()]
         self._zeros = bytes(self.bs)
@@ -438,6 +457,7 @@ class MergeEngine:
         started = time.perf_counter()
         self._token = trio.lowlevel.current_trio_token()
         self._written_r, self._written_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._verdict_r, self._verdict_w = os.pipe2(os.O_CLOEXEC)  # blocking: the program waits on it
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, self._commit_steps)
@@ -448,8 +468,8 @@ class MergeEngine:
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         finally:
-            os.close(self._written_r)
-            os.close(self._written_w)
+            for fd in (self._written_r, self._written_w, self._verdict_r, self._verdict_w):
+                os.close(fd)
         self.stats["seconds"] = time.perf_counter() - started
         return self.merged_ops - start
 
@@ -464,9 +484,9 @@ class MergeEngine:
             check_window(window, layout, self.reader.path, crc)
             log.info("merge resumes a scratch window", path=self.reader.path, ops=len(window.blocks),
                      merged_ops=self.merged_ops)
-            data = bytearray(window.data)
-            await self._apply(_Prepared(window.blocks, data, _runs([(b, 1, i) for i, b in enumerate(window.blocks)]),
-                                        None, len(window.blocks)))
+            await self._apply(self._prepared(window.blocks, bytearray(window.data),
+                                             _runs([(b, 1, i) for i, b in enumerate(window.blocks)]),
+                                             self.merged_ops + len(window.blocks), len(window.blocks)))
         self._progress()
         send, receive = trio.open_memory_channel[_Prepared](0)
         async with trio.open_nursery() as nursery:
@@ -529,7 +549,29 @@ class MergeEngine:
         await self._before_write()
         if prepared.blocks is not None:
             await self.hooks.window_ready(prepared.blocks, prepared.data)
-        await self._write_pieces(prepared.data, prepared.runs, before=prepared.scratch, commit=prepared.commit)
+        await self._write_pieces(prepared)
+
+    def _prepared(self, blocks: list[int] | None, data, runs: list[tuple[int, list[list[int]]]], end: int,
+                  commit: int, scratch: list[tuple] | None = None) -> _Prepared:
+        """A step ready to hand over: its program (:meth:`MergeIO.run_program`):
+        ``scratch`` (the scratch window's ops), the base written (then a byte
+        on the written pipe), and when the step commits ``commit`` ops (to
+        ``end`` merged), the base synced, the read-back's verdict awaited,
+        the progress written and synced. Made while the step is prepared, in
+        step order (``_header`` is the preparing task's)."""
+        program = [*(scratch or ()), ("write", "base", _views(data, runs, self.bs)), ("notify", self._written_w)]
+        if commit:
+            layout = self.plan.layout
+            self._header.num_merge_ops = end
+            record = self._header.pack()
+            if layout.capacity and not self.plan.journal:
+                record += bytes([STATE_IN_PROGRESS])
+            program += [("sync", "base"), ("wait", self._verdict_r), ("write", "cow", [(0, [record])]),
+                        ("sync", "cow")]
+            if self.plan.journal:
+                # not synced: a window left at state 2 is told stale by its first op (below num_merge_ops)
+                program.append(("write", "journal", [(layout.state_offset, [bytes([STATE_IN_PROGRESS])])]))
+        return _Prepared(blocks, data, runs, _Step(program, commit, scratch is not None))
 
     # --- ordered ops -------------------------------------------------------
 
@@ -540,8 +582,8 @@ class MergeEngine:
         if overlap:
             entries = self.plan.layout.entries_bytes(blocks)
             crc = await self.mover.crc32c(data, await self.mover.crc32c(entries))
-            scratch = lambda: self._write_scratch(entries, data, crc, first)  # noqa: E731
-        return _Prepared(blocks, data, runs, scratch, end - first)
+            scratch = self._scratch_ops(entries, data, crc, first)
+        return self._prepared(blocks, data, runs, end, end - first, scratch)
 
     def _read_window(self, first: int, end: int, slot: int) -> tuple[list[int], memoryview, bool, list]:
         """New contents of ordered ops ``first..end-1``, read before any is
@@ -581,33 +623,22 @@ class MergeEngine:
             (o + bs - 1) // bs for o in offsets)
         return blocks, data, overlap, _runs([(b, 1, i) for i, b in enumerate(blocks)])
 
-    def _write_scratch(self, entries: bytes, data, crc: int, first: int) -> None:
-        """The window to the scratch area (entries, tag and data in one write),
-        synced, then the state byte 2, synced. In the journal, the state byte
-        goes with ``first``, the window's first op (one sector)."""
-        layout, io = self.plan.layout, self.io
+    def _scratch_ops(self, entries: bytes, data, crc: int, first: int) -> list[tuple]:
+        """The ops writing a window to the scratch area (entries, tag and data
+        in one write), syncing it, then the state byte 2, synced. In the
+        journal, the state byte goes with ``first``, the window's first op
+        (one sector)."""
+        layout = self.plan.layout
         where = "journal" if self.plan.journal else "cow"
         pad = bytes(layout.tag_offset - layout.meta_offset - len(entries))
-        io.pwritev(where, [memoryview(entries), memoryview(pad), memoryview(layout.tag_bytes(crc)),
-                           memoryview(data)], layout.meta_offset)
-        self._sync(where)
         if self.plan.journal:
             from dmuserd.snapshot._merge_journal import FIRST_OFFSET, state_bytes
 
-            io.pwrite(where, state_bytes(first, STATE_DONE), FIRST_OFFSET)
+            state = (FIRST_OFFSET, [state_bytes(first, STATE_DONE)])
         else:
-            io.pwrite(where, bytes([STATE_DONE]), layout.state_offset)
-        self._sync(where)
-        self.stats["scratch_windows"] += 1
-
-    def _sync(self, which: str) -> None:
-        started = time.perf_counter()
-        self.io.fsync(which)
-        self._count_sync(time.perf_counter() - started)
-
-    def _count_sync(self, seconds: float) -> None:
-        self.stats["syncs"] += 1
-        self.stats["sync_seconds"] += seconds
+            state = (layout.state_offset, [bytes([STATE_DONE])])
+        return [("write", where, [(layout.meta_offset, [entries, pad, layout.tag_bytes(crc), data])]),
+                ("sync", where), ("write", where, [state]), ("sync", where)]
 
     # --- Replace / Zero -------------------------------------------------------
 
@@ -636,7 +667,7 @@ class MergeEngine:
             pos += n
         if fill:
             await trio.to_thread.run_sync(self._read_chunks, fill)
-        return j, _Prepared(None, data, _runs(pieces), None, end - start if j == end else 0)
+        return j, self._prepared(None, data, _runs(pieces), end, end - start if j == end else 0)
 
 
     def _read_chunks(self, items: list[tuple[int, memoryview]]) -> None:
@@ -676,47 +707,39 @@ class MergeEngine:
 
     # --- writing the base ---------------------------------------------------------
 
-    async def _write_pieces(self, data, runs: list[tuple[int, list[list[int]]]], *, before=None,
-                            commit: int = 0) -> None:
-        """Hand ``data`` to the commit thread, which writes it to the base
-        where ``runs`` (:func:`_runs`) say, one ``pwritev`` per run of
-        consecutive new blocks (``before()`` first: writing the scratch
-        window), and, when ``commit`` (ops) is set, commits the ``commit`` ops
-        up to these: syncs the base and writes the progress once the step
-        read back equal. The read-back runs here, beside the base's sync;
-        this returns once it compared equal (the step's buffers are then free
-        for the next step, which the thread may be writing by then)."""
-        bs = self.bs
-
-        def views(buf):
-            v = memoryview(buf)
-            return [(block * bs, [v[p * bs : (p + m) * bs] for p, m in spans]) for block, spans in runs]
-
-        step = _Step(views(data), before, commit)
+    async def _write_pieces(self, prepared: _Prepared) -> None:
+        """Hand a step to the commit thread, which writes its data to the
+        base where its runs (:func:`_runs`) say, one ``pwritev`` per run of
+        consecutive new blocks (the scratch window first, if any), and, for
+        a committing step, syncs the base and writes the progress once the
+        step read back equal. The read-back runs here, beside the base's
+        sync; this returns once it compared equal (the step's buffers are
+        then free, and the thread may be writing the next step)."""
+        bs, step, data, runs = self.bs, prepared.step, prepared.data, prepared.runs
         try:
-            self._next += commit
+            self._next += step.count
             self._queue.put(step)
             await trio.lowlevel.wait_readable(self._written_r)
             os.read(self._written_r, 1)
-            if not self.verify:
-                step.verdict.give(True)
-                return
-            back = self._buffer(2, len(data))
-
-            def read_back():
-                self.io.preadv_runs("base", views(back))
-
-            await trio.to_thread.run_sync(read_back)
-            where = await self.mover.compare(data, back)
-            if where is not None:
-                block = _block_at(runs, where // bs)
-                raise MergeVerifyError(
-                    f"the base reads back differently from what the merge wrote at block {block} (byte "
-                    f"{where % bs} of it); the base storage is failing or something else writes to it: stop and "
-                    "check it")
-            step.verdict.give(True)
+            if self.verify:
+                back = self._buffer(2, len(data))
+                await trio.to_thread.run_sync(self.io.preadv_runs, "base", _views(back, runs, bs))
+                where = await self.mover.compare(data, back)
+                if where is not None:
+                    block = _block_at(runs, where // bs)
+                    raise MergeVerifyError(
+                        f"the base reads back differently from what the merge wrote at block {block} (byte "
+                        f"{where % bs} of it); the base storage is failing or something else writes to it: stop "
+                        "and check it")
+            self._give(step, True)
         finally:
-            step.verdict.give(False)  # a failed compare, an error or a cancellation: the commit stops short
+            self._give(step, False)  # a failed compare, an error or a cancellation: the commit stops short
+
+    def _give(self, step: _Step, ok: bool) -> None:
+        """The read-back's verdict on a committing step, once (the first counts): the byte its program waits for."""
+        if step.count and not step.given:
+            step.given = True
+            os.write(self._verdict_w, b"\1" if ok else b"\0")
 
     # --- commit ---------------------------------------------------------------------
 
@@ -736,34 +759,17 @@ class MergeEngine:
         163 steps for the bench's 1 GiB COW. Stops at ``None``, at a verdict
         "no" (the main task raises), or raising (the nursery then cancels
         the main task, which waits on the loop, never in a thread)."""
-        token, io, notify = self._token, self.io, self._written_w
+        token, io, stats = self._token, self.io, self.stats
         assert token is not None
         while (step := self._queue.get()) is not None:
-            if step.before is not None:
-                step.before()
-            if not step.count:  # part of a batch: committed with its last part
-                io.pwritev_runs("base", step.runs)
-                os.write(notify, b"\0")
-                continue
-            self._count_sync(io.pwritev_runs_sync("base", step.runs, notify))
-            if not step.verdict.wait():
+            completed, syncs, seconds = io.run_program(step.program)
+            stats["syncs"] += syncs
+            stats["sync_seconds"] += seconds
+            if not completed:
                 return
-            self._write_progress(step.count)
-            token.run_sync_soon(self._committed, step.count)
-
-    def _write_progress(self, count: int) -> None:
-        """Advance ``num_merge_ops`` by ``count`` (state byte back to 1) and
-        sync the COW file (the base is synced already). Blocking, in the
-        commit thread (``merged_ops`` is the loop's: ``_header`` counts here)."""
-        self._header.num_merge_ops += count
-        record = self._header.pack()
-        if self.plan.layout.capacity and not self.plan.journal:
-            record += bytes([STATE_IN_PROGRESS])
-        self.io.pwrite("cow", record, 0)
-        self._sync("cow")
-        if self.plan.journal:
-            # not synced: a window left at state 2 is told stale by its first op (below num_merge_ops)
-            self.io.pwrite("journal", bytes([STATE_IN_PROGRESS]), self.plan.layout.state_offset)
+            stats["scratch_windows"] += step.scratch
+            if step.count:
+                token.run_sync_soon(self._committed, step.count)
 
     def _committed(self, count: int) -> None:
         """On the loop: ``count`` more ops are durable (told to the hooks and ``on_progress``)."""
@@ -792,51 +798,34 @@ class MergeEngine:
 
 @dataclass
 class _Prepared:
-    """A step ready to be written: a window's new ``blocks`` (None for
-    Replace/Zero ops), its ``data``, where it goes (``runs``, :func:`_runs`),
-    what writes its scratch window first (or None), and how many ops it
-    commits (0: part of a batch)."""
+    """A step ready to be handed over: a window's new ``blocks`` (None for
+    Replace/Zero ops), its ``data``, where it goes (``runs``, :func:`_runs`)
+    and what the commit thread does with it."""
 
     blocks: list[int] | None
     data: memoryview | bytearray
     runs: list[tuple[int, list[list[int]]]]
-    scratch: Callable[[], None] | None
-    commit: int
+    step: _Step
 
 
 class _Step:
-    """A step for the commit thread: ``before()`` (the scratch window, if
-    any), the base's ``runs`` (``(offset, views)``, as
-    :meth:`MergeIO.pwritev_runs` takes them), then, for ``count`` ops (0:
-    part of a batch, committed with its last part), the commit."""
+    """A step for the commit thread: its ``program`` (:meth:`MergeIO.run_program`),
+    the ops it commits (0: part of a batch, committed with its last part),
+    whether it goes through the scratch area, and whether its verdict was given."""
 
-    __slots__ = ("runs", "before", "count", "verdict")
+    __slots__ = ("program", "count", "scratch", "given")
 
-    def __init__(self, runs: list[tuple[int, list[memoryview]]], before, count: int) -> None:
-        self.runs = runs
-        self.before = before
+    def __init__(self, program: list[tuple], count: int, scratch: bool) -> None:
+        self.program = program
         self.count = count
-        self.verdict = _Verdict()
+        self.scratch = scratch
+        self.given = False
 
 
-class _Verdict:
-    """The read-back's verdict on a step, which the commit's worker thread
-    waits for (a thread-side event: the worker waits without returning to
-    the loop). The first :meth:`give` counts."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._ok = False
-
-    def give(self, ok: bool) -> None:
-        if not self._event.is_set():
-            self._ok = ok
-            self._event.set()
-
-    def wait(self) -> bool:
-        """Block until given; True when the step compared equal."""
-        self._event.wait()
-        return self._ok
+def _views(buf, runs: list[tuple[int, list[list[int]]]], bs: int) -> list[tuple[int, list[memoryview]]]:
+    """``runs`` (:func:`_runs`) over ``buf``: ``(offset, views)`` pairs, as :meth:`MergeIO.pwritev_runs` takes them."""
+    v = memoryview(buf)
+    return [(block * bs, [v[p * bs : (p + m) * bs] for p, m in spans]) for block, spans in runs]
 
 
 def _runs(pieces: list[tuple[int, int, int]]) -> list[tuple[int, list[list[int]]]]:

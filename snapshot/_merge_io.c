@@ -20,14 +20,22 @@
  * the index of that run (the caller names the shortfall); OSError on an
  * error. Transfers stop at the first failing run.
  *
- *     pwritev_runs_sync(fd, runs, notify_fd) -> float
+ *     run_program(ops) -> (completed, syncs, sync_seconds)
  *
- * pwritev_runs, then one byte written to notify_fd (a pipe: the writes are
- * done, a reader may look), then fdatasync(fd); returns the seconds the
- * fdatasync took. The merge's commit thread goes from its writes straight
- * into the sync: in Python, the wake-up it sent the event loop took the
- * GIL, which the thread needed back before it could sync (~40 ms of a
- * 1 GiB merge's 163 steps, waiting between the write and the sync).
+ * A merge step's I/O in one GIL release, op by op:
+ *     (0, fd, runs)  write the runs, as pwritev_runs
+ *     (1, fd)        fdatasync(fd)
+ *     (2, fd)        write one byte (0) to fd: a pipe telling a reader
+ *                    that what came before is done
+ *     (3, fd)        read one byte from fd (blocking): non-zero goes on,
+ *                    zero (or the end of the pipe) stops the program
+ * completed is False when a read byte stopped it; syncs and sync_seconds
+ * count the fdatasync calls made and the seconds they took. OSError on an
+ * error, naming nothing more than errno (the ops before it were made).
+ * The merge's commit thread runs a step's program: in Python, each system
+ * call gave the GIL back and the thread waited to retake it after each
+ * (the loop it had just woken, the thread preparing the next step), about
+ * ten times a step on the chain of writes and syncs.
  *
  *     xor_into(span, delta) -> None
  *
@@ -86,8 +94,112 @@ static int transfer(int fd, struct iovec *iov, Py_ssize_t count, off_t offset, i
     return 0;
 }
 
-/* What a writing call does after its runs: nothing, or notify and sync (pwritev_runs_sync). */
-enum { PLAIN, NOTIFY_SYNC };
+/* A list of runs, its buffers taken: what a transfer needs without the GIL. */
+typedef struct {
+    Py_ssize_t n_runs, taken;
+    Py_buffer *views;
+    struct iovec *iov;
+    run_t *plan;
+} runs_t;
+
+static void runs_release(runs_t *r)
+{
+    for (Py_ssize_t k = 0; k < r->taken; k++)
+        PyBuffer_Release(&r->views[k]);
+    PyMem_Free(r->views);
+    PyMem_Free(r->iov);
+    PyMem_Free(r->plan);
+    memset(r, 0, sizeof(*r));
+}
+
+/* Take the buffers of runs ((offset, [buffer, ...]), ...); 0, or -1 with an exception set (nothing held). */
+static int runs_take(PyObject *runs, int writing, runs_t *r)
+{
+    memset(r, 0, sizeof(*r));
+    if (!PyList_Check(runs)) {
+        PyErr_SetString(PyExc_TypeError, "runs is a list of (offset, [buffer, ...]) tuples");
+        return -1;
+    }
+    Py_ssize_t n_runs = PyList_GET_SIZE(runs), n_bufs = 0;
+    for (Py_ssize_t i = 0; i < n_runs; i++) {
+        PyObject *run = PyList_GET_ITEM(runs, i);
+        if (!PyTuple_Check(run) || PyTuple_GET_SIZE(run) != 2 || !PyList_Check(PyTuple_GET_ITEM(run, 1))) {
+            PyErr_SetString(PyExc_TypeError, "a run is an (offset, [buffer, ...]) tuple");
+            return -1;
+        }
+        n_bufs += PyList_GET_SIZE(PyTuple_GET_ITEM(run, 1));
+    }
+    r->n_runs = n_runs;
+    r->views = PyMem_Calloc((size_t)(n_bufs ? n_bufs : 1), sizeof(Py_buffer));
+    r->iov = PyMem_Calloc((size_t)(n_bufs ? n_bufs : 1), sizeof(struct iovec));
+    r->plan = PyMem_Calloc((size_t)(n_runs ? n_runs : 1), sizeof(run_t));
+    if (r->views == NULL || r->iov == NULL || r->plan == NULL) {
+        PyErr_NoMemory();
+        runs_release(r);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n_runs; i++) {
+        PyObject *run = PyList_GET_ITEM(runs, i);
+        PyObject *bufs = PyTuple_GET_ITEM(run, 1);
+        long long offset = PyLong_AsLongLong(PyTuple_GET_ITEM(run, 0));
+        if (offset == -1 && PyErr_Occurred())
+            goto fail;
+        if (offset < 0) {
+            PyErr_SetString(PyExc_ValueError, "a run's offset is negative");
+            goto fail;
+        }
+        r->plan[i].offset = (off_t)offset;
+        r->plan[i].first = r->taken;
+        r->plan[i].count = PyList_GET_SIZE(bufs);
+        for (Py_ssize_t j = 0; j < r->plan[i].count; j++) {
+            if (PyObject_GetBuffer(PyList_GET_ITEM(bufs, j), &r->views[r->taken],
+                                   writing ? PyBUF_SIMPLE : PyBUF_WRITABLE) < 0)
+                goto fail;
+            r->iov[r->taken].iov_base = r->views[r->taken].buf;
+            r->iov[r->taken].iov_len = (size_t)r->views[r->taken].len;
+            r->taken++;
+        }
+    }
+    return 0;
+fail:
+    runs_release(r);
+    return -1;
+}
+
+/* Transfer every run; 0, an errno, or -1 when a read hit the end of the file (*at: the run it stopped in). */
+static int runs_transfer(int fd, runs_t *r, int writing, Py_ssize_t *at)
+{
+    for (*at = 0; *at < r->n_runs; (*at)++) {
+        int err = transfer(fd, r->iov + r->plan[*at].first, r->plan[*at].count, r->plan[*at].offset, writing);
+        if (err)
+            return err;
+    }
+    return 0;
+}
+
+static PyObject *runs_io(PyObject *args, int writing)
+{
+    int fd;
+    PyObject *runs;
+    if (!PyArg_ParseTuple(args, writing ? "iO!:pwritev_runs" : "iO!:preadv_runs", &fd, &PyList_Type, &runs))
+        return NULL;
+    runs_t r;
+    if (runs_take(runs, writing, &r) < 0)
+        return NULL;
+    int err;
+    Py_ssize_t at;
+    Py_BEGIN_ALLOW_THREADS
+    err = runs_transfer(fd, &r, writing, &at);
+    Py_END_ALLOW_THREADS
+    runs_release(&r);
+    if (err > 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (writing)
+        Py_RETURN_NONE;
+    return PyLong_FromSsize_t(err < 0 ? at : -1);
+}
 
 static double now(void)
 {
@@ -96,119 +208,108 @@ static double now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static PyObject *runs_io(PyObject *args, int writing, int then)
+enum { OP_WRITE, OP_SYNC, OP_NOTIFY, OP_WAIT };
+
+typedef struct {
+    int code, fd;
+    runs_t runs; /* OP_WRITE */
+} op_t;
+
+static PyObject *run_program(PyObject *self, PyObject *ops)
 {
-    int fd, notify_fd = -1;
-    PyObject *runs;
-    int parsed = then == NOTIFY_SYNC
-                     ? PyArg_ParseTuple(args, "iO!i:pwritev_runs_sync", &fd, &PyList_Type, &runs, &notify_fd)
-                     : PyArg_ParseTuple(args, writing ? "iO!:pwritev_runs" : "iO!:preadv_runs", &fd, &PyList_Type,
-                                        &runs);
-    if (!parsed)
+    (void)self;
+    if (!PyList_Check(ops)) {
+        PyErr_SetString(PyExc_TypeError, "run_program takes a list of ops");
         return NULL;
-    Py_ssize_t n_runs = PyList_GET_SIZE(runs), n_bufs = 0;
-    for (Py_ssize_t i = 0; i < n_runs; i++) {
-        PyObject *run = PyList_GET_ITEM(runs, i);
-        if (!PyTuple_Check(run) || PyTuple_GET_SIZE(run) != 2 || !PyList_Check(PyTuple_GET_ITEM(run, 1))) {
-            PyErr_SetString(PyExc_TypeError, "a run is an (offset, [buffer, ...]) tuple");
-            return NULL;
-        }
-        n_bufs += PyList_GET_SIZE(PyTuple_GET_ITEM(run, 1));
     }
-    Py_buffer *views = PyMem_Calloc((size_t)(n_bufs ? n_bufs : 1), sizeof(Py_buffer));
-    struct iovec *iov = PyMem_Calloc((size_t)(n_bufs ? n_bufs : 1), sizeof(struct iovec));
-    run_t *plan = PyMem_Calloc((size_t)(n_runs ? n_runs : 1), sizeof(run_t));
-    Py_ssize_t taken = 0;
+    Py_ssize_t n = PyList_GET_SIZE(ops), ready = 0;
+    op_t *prog = PyMem_Calloc((size_t)(n ? n : 1), sizeof(op_t));
     PyObject *result = NULL;
-    if (views == NULL || iov == NULL || plan == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n_runs; i++) {
-        PyObject *run = PyList_GET_ITEM(runs, i);
-        PyObject *bufs = PyTuple_GET_ITEM(run, 1);
-        long long offset = PyLong_AsLongLong(PyTuple_GET_ITEM(run, 0));
-        if (offset == -1 && PyErr_Occurred())
-            goto done;
-        if (offset < 0) {
-            PyErr_SetString(PyExc_ValueError, "a run's offset is negative");
+    if (prog == NULL)
+        return PyErr_NoMemory();
+    for (; ready < n; ready++) {
+        PyObject *op = PyList_GET_ITEM(ops, ready);
+        op_t *o = &prog[ready];
+        if (!PyTuple_Check(op) || PyTuple_GET_SIZE(op) < 2) {
+            PyErr_SetString(PyExc_TypeError, "an op is a (code, fd[, runs]) tuple");
             goto done;
         }
-        plan[i].offset = (off_t)offset;
-        plan[i].first = taken;
-        plan[i].count = PyList_GET_SIZE(bufs);
-        for (Py_ssize_t j = 0; j < plan[i].count; j++) {
-            if (PyObject_GetBuffer(PyList_GET_ITEM(bufs, j), &views[taken],
-                                   writing ? PyBUF_SIMPLE : PyBUF_WRITABLE) < 0)
-                goto done;
-            iov[taken].iov_base = views[taken].buf;
-            iov[taken].iov_len = (size_t)views[taken].len;
-            taken++;
+        o->code = (int)PyLong_AsLong(PyTuple_GET_ITEM(op, 0));
+        o->fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(op, 1));
+        if (PyErr_Occurred())
+            goto done;
+        if (o->code < OP_WRITE || o->code > OP_WAIT || (o->code == OP_WRITE) != (PyTuple_GET_SIZE(op) == 3)) {
+            PyErr_Format(PyExc_ValueError, "op %zd: code %d with %zd items", ready, o->code, PyTuple_GET_SIZE(op));
+            goto done;
         }
+        if (o->code == OP_WRITE && runs_take(PyTuple_GET_ITEM(op, 2), 1, &o->runs) < 0)
+            goto done;
     }
-    int err = 0;
-    Py_ssize_t at = 0;
-    double synced = 0.0;
+    int err = 0, completed = 1;
+    long syncs = 0;
+    double sync_seconds = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    for (; at < n_runs; at++) {
-        err = transfer(fd, iov + plan[at].first, plan[at].count, plan[at].offset, writing);
-        if (err)
+    for (Py_ssize_t i = 0; i < n && !err && completed; i++) {
+        op_t *o = &prog[i];
+        unsigned char byte = 0;
+        ssize_t got;
+        double started;
+        Py_ssize_t at;
+        switch (o->code) {
+        case OP_WRITE:
+            err = runs_transfer(o->fd, &o->runs, 1, &at);
             break;
-    }
-    if (!err && then == NOTIFY_SYNC) {
-        const char byte = 0;
-        ssize_t n;
-        while ((n = write(notify_fd, &byte, 1)) < 0 && errno == EINTR)
-            ;
-        if (n < 0) {
-            err = errno;
-        } else {
-            double started = now();
-            while (fdatasync(fd) < 0) {
+        case OP_SYNC:
+            started = now();
+            while (fdatasync(o->fd) < 0) {
                 if (errno != EINTR) {
                     err = errno;
                     break;
                 }
             }
-            synced = now() - started;
+            sync_seconds += now() - started;
+            syncs++;
+            break;
+        case OP_NOTIFY:
+            while ((got = write(o->fd, &byte, 1)) < 0 && errno == EINTR)
+                ;
+            if (got < 0)
+                err = errno;
+            break;
+        case OP_WAIT:
+            while ((got = read(o->fd, &byte, 1)) < 0 && errno == EINTR)
+                ;
+            if (got < 0)
+                err = errno;
+            else if (got == 0 || byte == 0)
+                completed = 0;
+            break;
         }
     }
     Py_END_ALLOW_THREADS
-    if (err > 0) {
+    if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
-    } else if (then == NOTIFY_SYNC) {
-        result = PyFloat_FromDouble(synced);
-    } else if (writing) {
-        result = Py_NewRef(Py_None);
     } else {
-        result = PyLong_FromSsize_t(err < 0 ? at : -1);
+        result = Py_BuildValue("(Nld)", PyBool_FromLong(completed), syncs, sync_seconds);
     }
 done:
-    for (Py_ssize_t k = 0; k < taken; k++)
-        PyBuffer_Release(&views[k]);
-    PyMem_Free(views);
-    PyMem_Free(iov);
-    PyMem_Free(plan);
+    for (Py_ssize_t k = 0; k < ready; k++)
+        runs_release(&prog[k].runs);
+    PyMem_Free(prog);
     return result;
 }
 
 static PyObject *pwritev_runs(PyObject *self, PyObject *args)
 {
     (void)self;
-    return runs_io(args, 1, PLAIN);
-}
-
-static PyObject *pwritev_runs_sync(PyObject *self, PyObject *args)
-{
-    (void)self;
-    return runs_io(args, 1, NOTIFY_SYNC);
+    return runs_io(args, 1);
 }
 
 static PyObject *preadv_runs(PyObject *self, PyObject *args)
 {
     (void)self;
-    return runs_io(args, 0, PLAIN);
+    return runs_io(args, 0);
 }
 
 static PyObject *xor_into(PyObject *self, PyObject *args)
@@ -244,8 +345,8 @@ static PyObject *xor_into(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"pwritev_runs", pwritev_runs, METH_VARARGS, "pwritev_runs(fd, [(offset, [buffer, ...]), ...]): write every run"},
-    {"pwritev_runs_sync", pwritev_runs_sync, METH_VARARGS,
-     "pwritev_runs_sync(fd, runs, notify_fd) -> seconds: write every run, one byte to notify_fd, fdatasync(fd)"},
+    {"run_program", run_program, METH_O,
+     "run_program([(code, fd[, runs]), ...]) -> (completed, syncs, sync_seconds): a step's I/O in one GIL release"},
     {"preadv_runs", preadv_runs, METH_VARARGS,
      "preadv_runs(fd, [(offset, [buffer, ...]), ...]) -> -1, or the index of the run the file ends in"},
     {"xor_into", xor_into, METH_VARARGS, "xor_into(span, delta): span ^= delta (equal lengths)"},

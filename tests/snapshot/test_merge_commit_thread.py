@@ -1,12 +1,12 @@
-"""The merge's commit thread: a step's write and sync in one call, and the
-hooks of an online merge hearing of each commit before the next window.
+"""The merge's commit thread: a step's I/O in one call, and the hooks of an
+online merge hearing of each commit before the next window.
 
 Offline, the commit thread takes the steps one after another without going
 back to the event loop (``_merge_engine.MergeEngine._commit_steps``); with
 hooks it must still wait, since a window is published only once the one
-before it is retired. ``MergeIO.pwritev_runs_sync`` writes a step, says so
-on a pipe and syncs: the extension's call and the Python calls (taken when
-a subclass overrides ``pwritev`` or ``fsync``) must do the same.
+before it is retired. ``MergeIO.run_program`` makes a step's writes, syncs
+and pipe signals: the extension's call and the Python ops (taken when a
+subclass overrides ``pwritev`` or ``fsync``) must do the same.
 """
 
 from __future__ import annotations
@@ -33,36 +33,52 @@ class PythonSyncIO(MergeIO):
 
 
 @pytest.mark.parametrize("cls", [MergeIO, PythonSyncIO])
-def test_pwritev_runs_sync_writes_notifies_then_syncs(tmp_path, cls):
+def test_run_program_makes_each_op_and_stops_at_a_zero_verdict(tmp_path, cls):
+    """The extension's program and the Python ops alike: writes, syncs
+    (counted), a notify byte per notify op, a wait going on at byte 1 and
+    stopping at byte 0 with nothing after it made; a failing write raises
+    the errno and notifies nobody."""
     if cls is MergeIO and _NATIVE is None:
         pytest.skip("the optional _merge_io extension is not built (no C compiler at install)")
-    path = tmp_path / "base.img"
-    path.write_bytes(bytes(1 << 16))
-    runs = [(4096, [memoryview(b"a" * 100), memoryview(b"b" * 50)]), (40000, [memoryview(b"c" * 4096)])]
-    r, w = os.pipe2(os.O_NONBLOCK)
-    fd = os.open(path, os.O_RDWR)
+    base, cow = tmp_path / "base.img", tmp_path / "t.cow"
+    base.write_bytes(bytes(1 << 16))
+    cow.write_bytes(bytes(4096))
+    runs = [(4096, [memoryview(b"a" * 100), b"b" * 50]), (40000, [memoryview(bytearray(b"c" * 4096))])]
+    written_r, written_w = os.pipe2(os.O_NONBLOCK)
+    verdict_r, verdict_w = os.pipe()
+    fds = [os.open(base, os.O_RDWR), os.open(cow, os.O_RDWR)]
     try:
-        io = cls(fd, -1)
-        seconds = io.pwritev_runs_sync("base", runs, w)
-        assert isinstance(seconds, float) and seconds >= 0
-        assert os.read(r, 16) == b"\0"  # exactly one byte: one step written
-        data = path.read_bytes()
+        io = cls(*fds)
+
+        def program(mark: bytes):
+            return [("write", "base", runs), ("notify", written_w), ("sync", "base"), ("wait", verdict_r),
+                    ("write", "cow", [(0, [mark])]), ("sync", "cow")]
+
+        os.write(verdict_w, b"\1")
+        completed, syncs, seconds = io.run_program(program(b"yes"))
+        assert completed and syncs == 2 and isinstance(seconds, float) and seconds >= 0
+        assert os.read(written_r, 16) == b"\0"  # one byte: the base was written
+        data = base.read_bytes()
         assert data[4096:4246] == b"a" * 100 + b"b" * 50 and data[40000:44096] == b"c" * 4096
         assert data[:4096] == bytes(4096) and data[4246:40000] == bytes(40000 - 4246)
+        assert cow.read_bytes()[:3] == b"yes"
+        os.write(verdict_w, b"\0")  # the verdict "no": the progress is not written
+        assert io.run_program(program(b"no!"))[:2] == (False, 1)
+        assert os.read(written_r, 16) == b"\0"
+        assert cow.read_bytes()[:3] == b"yes"
         # a write that fails raises and tells nobody it was written
-        bad = cls(os.open(path, os.O_RDONLY), -1)
+        bad = cls(os.open(base, os.O_RDONLY), fds[1])
         try:
             with pytest.raises(OSError) as caught:
-                bad.pwritev_runs_sync("base", runs, w)
+                bad.run_program(program(b"bad"))
             assert caught.value.errno == errno.EBADF
         finally:
             os.close(bad.fds["base"])
         with pytest.raises(BlockingIOError):
-            os.read(r, 16)
+            os.read(written_r, 16)
     finally:
-        os.close(fd)
-        os.close(r)
-        os.close(w)
+        for fd in (*fds, written_r, written_w, verdict_r, verdict_w):
+            os.close(fd)
 
 
 class RecordingHooks(MergeHooks):
