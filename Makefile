@@ -11,7 +11,7 @@ MARKS :=
 else
 MARKS := -m "not slow"
 endif
-PACKAGE_SOURCES := __init__.py protocol daemon backends snapshot dsa_offload images
+PACKAGE_SOURCES := __init__.py __main__.py errors.py protocol daemon backends snapshot dsa_offload images
 
 .PHONY: all system venv lint test fuzz demo bench bench-quick install clean
 
