@@ -25,28 +25,30 @@ buffer. Copy sources are read straight into it (one ``preadv`` per run of
 consecutive source blocks), Xor and Replace data straight from the COW file
 (one ``preadv`` per stretch of stored data, the op records between the
 chunks read into a throw-away buffer), compressed chunks decompressed into
-it; Xor is applied once per run of Xor ops (one big-int XOR, not one per
-block); zeros are the fresh buffer's. The base gets one ``pwritev`` per run
-of consecutive new blocks, is read back into a second buffer the same way
-and compared with the data mover (one operation per window; offloaded on
-DSA). Ops are read from the reader's packed :class:`OpTable` by row: no
-object per op. Syncs are ``fdatasync`` (sizes never change).
+it; Xor is applied once per run of Xor ops (in C: ``xor_into``); zeros are
+written into the reused buffer. The base gets one ``pwritev`` per run of
+consecutive new blocks, is read back into a second buffer the same way and
+compared (``memcmp``, in the same call as the writes; the CRCs of scratch
+windows go through the data mover, offloaded on DSA). Ops are read from the
+reader's packed :class:`OpTable` by row: no object per op. Syncs are
+``fdatasync`` (sizes never change).
 
-Blocking file I/O runs in worker threads, three things at once, and only
-one of them writes, in the protocol's order:
+Blocking file I/O runs in worker threads, and only one thread writes, in
+the protocol's order:
 
 * the preparing task reads and computes the next step (in worker threads,
   into one of two reused buffers) while the step before it is written: a
   step reads nothing an earlier step writes;
-* the main task hands each prepared step to the commit thread, reads the
-  step back once it is written (a byte on a pipe says so) and compares it
-  with the data mover, giving the commit its verdict;
+* the main task hands each prepared step to the commit thread and waits
+  until it is written and read back equal (a byte on a pipe says so);
 * the commit thread (one worker call for the whole run) takes the steps in
   order and runs each one's I/O, made when it was prepared, in one call
   (:meth:`MergeIO.run_program`, one GIL release with the extension):
-  writes the scratch window, if any, and syncs it, then the base, syncs
-  the base, waits for the step's verdict (a byte on a pipe), writes and
-  syncs the progress, then goes straight on to the next step.
+  writes the scratch window, if any, and syncs it, then the base, starts
+  its writeback and meanwhile reads it back and compares it, syncs the
+  base, writes and syncs the progress, then goes straight on to the next
+  step. A step that reads back differently stops there: its progress is
+  never written (:class:`MergeVerifyError`).
 
 The disk's writeback of one step hides the reading back of it and the
 reading and computing of the next, and the chain of writes and syncs does
@@ -100,8 +102,8 @@ try:  # the optional extension: a step's scattered writes and reads in one GIL r
     from dmuserd.snapshot import _merge_io as _NATIVE
 except ImportError:
     _NATIVE = None
-#: MergeIO.run_program's op names as the extension numbers them (a write is 0)
-_PROGRAM_CODES = {"sync": 1, "notify": 2, "wait": 3}
+#: MergeIO.run_program's op names as the extension numbers them
+_PROGRAM_CODES = {"write": 0, "sync": 1, "notify": 2, "verify": 3, "start": 4}
 _COPY, _XOR, _REPLACE, _ZERO = int(OpType.COPY), int(OpType.XOR), int(OpType.REPLACE), int(OpType.ZERO)
 _ORDERED = frozenset((_COPY, _XOR))
 _XOR_BYTE = bytes([_XOR])
@@ -191,37 +193,44 @@ class MergeIO:
         for offset, views in runs:
             self.pwritev(which, views, offset)
 
-    def run_program(self, program: list[tuple]) -> tuple[bool, int, float]:
+    def run_program(self, program: list[tuple]) -> tuple[int, int, float]:
         """Make a step's I/O, op by op: ``("write", which, runs)`` (as
-        :meth:`pwritev_runs`), ``("sync", which)``, ``("notify", fd)`` (one
-        byte to a pipe: what came before is done) and ``("wait", fd)`` (read
-        one byte from a pipe, blocking: zero, or its end, stops the
-        program). Returns (whether it ran to its end, the syncs made, the
-        seconds they took).
+        :meth:`pwritev_runs`), ``("start", which)`` (start writing back the
+        file's dirty pages: a hint, so the device works while the step is
+        read back), ``("verify", which, runs, data, back)`` (read ``runs``,
+        views of ``back``, as :meth:`preadv_runs`, and compare ``back`` with
+        ``data``: a difference stops the program), ``("sync", which)`` and
+        ``("notify", fd)`` (one byte to a pipe: what came before is done).
+        Returns (-1, or the offset in ``data`` of the first byte that read
+        back differently; the syncs made; the seconds they took).
 
         One call of the ``_merge_io`` extension (one GIL release for the
         whole step: the commit thread no longer waits to take the GIL back
-        after each of its ~ten system calls a step) where ``pwritev`` and
-        ``fsync`` are this class's own; otherwise op by op through them."""
-        if _NATIVE is not None and type(self).pwritev is MergeIO.pwritev and type(self).fsync is MergeIO.fsync:
+        after each of its ~ten system calls a step) where ``pwritev``,
+        ``preadv`` and ``fsync`` are this class's own; otherwise op by op
+        through them (no "start": Python has no ``sync_file_range``)."""
+        cls = type(self)
+        if _NATIVE is not None and cls.pwritev is MergeIO.pwritev and cls.preadv is MergeIO.preadv and \
+                cls.fsync is MergeIO.fsync:
             fds = self.fds
-            return _NATIVE.run_program([(0, fds[op[1]], op[2]) if op[0] == "write" else
-                                        (_PROGRAM_CODES[op[0]], fds[op[1]] if op[0] == "sync" else op[1])
+            return _NATIVE.run_program([(_PROGRAM_CODES[op[0]], op[1] if op[0] == "notify" else fds[op[1]], *op[2:])
                                         for op in program])
         syncs, seconds = 0, 0.0
-        for op in program:
-            kind = op[0]
+        for kind, *args in program:
             if kind == "write":
-                self.pwritev_runs(op[1], op[2])
+                self.pwritev_runs(*args)
+            elif kind == "verify":
+                which, runs, data, back = args
+                self.preadv_runs(which, runs)
+                if data != back:
+                    return next(i for i in range(len(data)) if data[i] != back[i]), syncs, seconds
             elif kind == "sync":
                 started = time.perf_counter()
-                self.fsync(op[1])
+                self.fsync(args[0])
                 syncs, seconds = syncs + 1, seconds + time.perf_counter() - started
             elif kind == "notify":
-                os.write(op[1], b"\0")
-            elif os.read(op[1], 1) in (b"", b"\0"):  # "wait"
-                return False, syncs, seconds
-        return True, syncs, seconds
+                os.write(args[0], b"\0")
+        return -1, syncs, seconds
 
     def preadv_runs(self, which: str, runs: list[tuple[int, list[memoryview]]]) -> None:
         """Fill each ``(offset, views)`` run, as :meth:`pwritev_runs` writes
@@ -444,9 +453,9 @@ class MergeEngine:
         #: set when every step handed over is committed (see :meth:`_settle`)
         self._idle: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        #: the commit thread writes a byte to the first pipe once a step is written (read on the loop, one a
-        #: step); a committing step's program reads the read-back's verdict from the second (1: equal)
-        self._written_r = self._written_w = self._verdict_r = self._verdict_w = -1
+        #: the commit thread writes a byte to the pipe once a step is written and read back equal (read on the
+        #: loop, one a step: the step's buffers are free again)
+        self._written_r = self._written_w = -1
         #: a step's data and its read-back, reused from step to step (see :meth:`_buffer`)
         self._buffers = [bytearray(), bytearray(), bytearray()]
         self._zeros = bytes(self.bs)
@@ -457,7 +466,6 @@ class MergeEngine:
         started = time.perf_counter()
         self._token = trio.lowlevel.current_trio_token()
         self._written_r, self._written_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._verdict_r, self._verdict_w = os.pipe2(os.O_CLOEXEC)  # blocking: the program waits on it
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, self._commit_steps)
@@ -468,8 +476,8 @@ class MergeEngine:
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         finally:
-            for fd in (self._written_r, self._written_w, self._verdict_r, self._verdict_w):
-                os.close(fd)
+            os.close(self._written_r)
+            os.close(self._written_w)
         self.stats["seconds"] = time.perf_counter() - started
         return self.merged_ops - start
 
@@ -554,24 +562,30 @@ class MergeEngine:
     def _prepared(self, blocks: list[int] | None, data, runs: list[tuple[int, list[list[int]]]], end: int,
                   commit: int, scratch: list[tuple] | None = None) -> _Prepared:
         """A step ready to hand over: its program (:meth:`MergeIO.run_program`):
-        ``scratch`` (the scratch window's ops), the base written (then a byte
-        on the written pipe), and when the step commits ``commit`` ops (to
-        ``end`` merged), the base synced, the read-back's verdict awaited,
-        the progress written and synced. Made while the step is prepared, in
-        step order (``_header`` is the preparing task's)."""
-        program = [*(scratch or ()), ("write", "base", _views(data, runs, self.bs)), ("notify", self._written_w)]
+        ``scratch`` (the scratch window's ops), the base written, read back
+        and compared (``verify``; the device starts writing meanwhile), a
+        byte on the written pipe, and when the step commits ``commit`` ops
+        (to ``end`` merged), the base synced, the progress written and
+        synced. Made while the step is prepared, in step order (``_header``
+        is the preparing task's; the read-back buffer is the commit
+        thread's, one step at a time)."""
+        base = _views(data, runs, self.bs)
+        program = [*(scratch or ()), ("write", "base", base)]
+        if self.verify:
+            back = self._buffer(2, len(data))
+            program += [("start", "base"), ("verify", "base", _views(back, runs, self.bs), data, back)]
+        program.append(("notify", self._written_w))
         if commit:
             layout = self.plan.layout
             self._header.num_merge_ops = end
             record = self._header.pack()
             if layout.capacity and not self.plan.journal:
                 record += bytes([STATE_IN_PROGRESS])
-            program += [("sync", "base"), ("wait", self._verdict_r), ("write", "cow", [(0, [record])]),
-                        ("sync", "cow")]
+            program += [("sync", "base"), ("write", "cow", [(0, [record])]), ("sync", "cow")]
             if self.plan.journal:
                 # not synced: a window left at state 2 is told stale by its first op (below num_merge_ops)
                 program.append(("write", "journal", [(layout.state_offset, [bytes([STATE_IN_PROGRESS])])]))
-        return _Prepared(blocks, data, runs, _Step(program, commit, scratch is not None))
+        return _Prepared(blocks, data, runs, _Step(program, commit, scratch is not None, runs))
 
     # --- ordered ops -------------------------------------------------------
 
@@ -708,65 +722,47 @@ class MergeEngine:
     # --- writing the base ---------------------------------------------------------
 
     async def _write_pieces(self, prepared: _Prepared) -> None:
-        """Hand a step to the commit thread, which writes its data to the
-        base where its runs (:func:`_runs`) say, one ``pwritev`` per run of
-        consecutive new blocks (the scratch window first, if any), and, for
-        a committing step, syncs the base and writes the progress once the
-        step read back equal. The read-back runs here, beside the base's
-        sync; this returns once it compared equal (the step's buffers are
-        then free, and the thread may be writing the next step)."""
-        bs, step, data, runs = self.bs, prepared.step, prepared.data, prepared.runs
-        try:
-            self._next += step.count
-            self._queue.put(step)
-            await trio.lowlevel.wait_readable(self._written_r)
-            os.read(self._written_r, 1)
-            if self.verify:
-                back = self._buffer(2, len(data))
-                await trio.to_thread.run_sync(self.io.preadv_runs, "base", _views(back, runs, bs))
-                where = await self.mover.compare(data, back)
-                if where is not None:
-                    block = _block_at(runs, where // bs)
-                    raise MergeVerifyError(
-                        f"the base reads back differently from what the merge wrote at block {block} (byte "
-                        f"{where % bs} of it); the base storage is failing or something else writes to it: stop "
-                        "and check it")
-            self._give(step, True)
-        finally:
-            self._give(step, False)  # a failed compare, an error or a cancellation: the commit stops short
-
-    def _give(self, step: _Step, ok: bool) -> None:
-        """The read-back's verdict on a committing step, once (the first counts): the byte its program waits for."""
-        if step.count and not step.given:
-            step.given = True
-            os.write(self._verdict_w, b"\1" if ok else b"\0")
+        """Hand a step to the commit thread and wait until it is written and
+        read back equal (its buffers are then free; the thread goes on with
+        the sync and the commit, and may be writing the next step by then)."""
+        self._next += prepared.step.count
+        self._queue.put(prepared.step)
+        await trio.lowlevel.wait_readable(self._written_r)
+        os.read(self._written_r, 1)
 
     # --- commit ---------------------------------------------------------------------
 
     def _commit_steps(self) -> None:
         """The commit thread (one worker call for the whole run): each step
-        handed over, in order, is written (then a byte to the pipe, so the
-        main task reads it back beside the sync), and if it carries ops, the
-        base is synced, the read-back's verdict awaited, and only if the
-        step compared equal the progress written and synced; the loop hears
-        of the commit afterwards (:meth:`_committed`), without the thread
-        waiting for it. Nothing of a step is written before the previous
-        step's commit is durable.
+        handed over runs its program (:meth:`_prepared`): written, read back
+        and compared (then a byte on the pipe frees its buffers), and if it
+        carries ops, the base synced, the progress written and synced; the
+        loop hears of the commit afterwards (:meth:`_committed`), without
+        the thread waiting for it. Nothing of a step is written before the
+        previous step's commit is durable, and a step that reads back
+        differently raises :class:`MergeVerifyError` before its progress.
 
         A step chained straight after the previous commit, in this thread,
         costs no return to the loop: that round trip (thread to loop to task
         to thread) was ~0.2-0.3 ms a step on the chain of writes and syncs,
-        163 steps for the bench's 1 GiB COW. Stops at ``None``, at a verdict
-        "no" (the main task raises), or raising (the nursery then cancels
-        the main task, which waits on the loop, never in a thread)."""
+        163 steps for the bench's 1 GiB COW; and the read-back made here,
+        while the device writes the step back, is ready when the sync
+        returns (made on the loop's side, its verdict came late on a loaded
+        machine: 50-200 ms of that merge). Stops at ``None``, or raising
+        (the nursery then cancels the main task, which waits on the loop,
+        never in a thread)."""
         token, io, stats = self._token, self.io, self.stats
         assert token is not None
         while (step := self._queue.get()) is not None:
-            completed, syncs, seconds = io.run_program(step.program)
+            differs, syncs, seconds = io.run_program(step.program)
             stats["syncs"] += syncs
             stats["sync_seconds"] += seconds
-            if not completed:
-                return
+            if differs >= 0:
+                bs = self.bs
+                raise MergeVerifyError(
+                    f"the base reads back differently from what the merge wrote at block "
+                    f"{_block_at(step.runs, differs // bs)} (byte {differs % bs} of it); the base storage is failing "
+                    "or something else writes to it: stop and check it")
             stats["scratch_windows"] += step.scratch
             if step.count:
                 token.run_sync_soon(self._committed, step.count)
@@ -811,15 +807,17 @@ class _Prepared:
 class _Step:
     """A step for the commit thread: its ``program`` (:meth:`MergeIO.run_program`),
     the ops it commits (0: part of a batch, committed with its last part),
-    whether it goes through the scratch area, and whether its verdict was given."""
+    whether it goes through the scratch area, and where its data goes
+    (``runs``: to name a block that read back differently)."""
 
-    __slots__ = ("program", "count", "scratch", "given")
+    __slots__ = ("program", "count", "scratch", "runs")
 
-    def __init__(self, program: list[tuple], count: int, scratch: bool) -> None:
+    def __init__(self, program: list[tuple], count: int, scratch: bool,
+                 runs: list[tuple[int, list[list[int]]]]) -> None:
         self.program = program
         self.count = count
         self.scratch = scratch
-        self.given = False
+        self.runs = runs
 
 
 def _views(buf, runs: list[tuple[int, list[list[int]]]], bs: int) -> list[tuple[int, list[memoryview]]]:

@@ -4,9 +4,10 @@ online merge hearing of each commit before the next window.
 Offline, the commit thread takes the steps one after another without going
 back to the event loop (``_merge_engine.MergeEngine._commit_steps``); with
 hooks it must still wait, since a window is published only once the one
-before it is retired. ``MergeIO.run_program`` makes a step's writes, syncs
-and pipe signals: the extension's call and the Python ops (taken when a
-subclass overrides ``pwritev`` or ``fsync``) must do the same.
+before it is retired. ``MergeIO.run_program`` makes a step's writes,
+read-back, syncs and pipe signal: the extension's call and the Python ops
+(taken when a subclass overrides ``pwritev``, ``preadv`` or ``fsync``) must
+do the same.
 """
 
 from __future__ import annotations
@@ -33,39 +34,44 @@ class PythonSyncIO(MergeIO):
 
 
 @pytest.mark.parametrize("cls", [MergeIO, PythonSyncIO])
-def test_run_program_makes_each_op_and_stops_at_a_zero_verdict(tmp_path, cls):
-    """The extension's program and the Python ops alike: writes, syncs
-    (counted), a notify byte per notify op, a wait going on at byte 1 and
-    stopping at byte 0 with nothing after it made; a failing write raises
-    the errno and notifies nobody."""
+def test_run_program_makes_each_op_and_stops_where_the_read_back_differs(tmp_path, cls):
+    """The extension's program and the Python ops alike: writes, a read-back
+    compared with the data, syncs (counted), a notify byte; a read-back that
+    differs stops the program there (its offset in the data returned,
+    nothing after it made); a failing write raises the errno and notifies
+    nobody."""
     if cls is MergeIO and _NATIVE is None:
         pytest.skip("the optional _merge_io extension is not built (no C compiler at install)")
     base, cow = tmp_path / "base.img", tmp_path / "t.cow"
     base.write_bytes(bytes(1 << 16))
     cow.write_bytes(bytes(4096))
-    runs = [(4096, [memoryview(b"a" * 100), b"b" * 50]), (40000, [memoryview(bytearray(b"c" * 4096))])]
+    data = bytearray(b"a" * 100 + b"b" * 50 + b"c" * 4096)
+    view = memoryview(data)
+    runs = [(4096, [view[:100], view[100:150]]), (40000, [view[150:]])]
+    back = bytearray(len(data))
+    back_runs = [(4096, [memoryview(back)[:150]]), (40000, [memoryview(back)[150:]])]
     written_r, written_w = os.pipe2(os.O_NONBLOCK)
-    verdict_r, verdict_w = os.pipe()
     fds = [os.open(base, os.O_RDWR), os.open(cow, os.O_RDWR)]
     try:
         io = cls(*fds)
 
-        def program(mark: bytes):
-            return [("write", "base", runs), ("notify", written_w), ("sync", "base"), ("wait", verdict_r),
-                    ("write", "cow", [(0, [mark])]), ("sync", "cow")]
+        def program(mark: bytes, expect=data):
+            return [("write", "base", runs), ("start", "base"), ("verify", "base", back_runs, expect, back),
+                    ("notify", written_w), ("sync", "base"), ("write", "cow", [(0, [mark])]), ("sync", "cow")]
 
-        os.write(verdict_w, b"\1")
-        completed, syncs, seconds = io.run_program(program(b"yes"))
-        assert completed and syncs == 2 and isinstance(seconds, float) and seconds >= 0
-        assert os.read(written_r, 16) == b"\0"  # one byte: the base was written
-        data = base.read_bytes()
-        assert data[4096:4246] == b"a" * 100 + b"b" * 50 and data[40000:44096] == b"c" * 4096
-        assert data[:4096] == bytes(4096) and data[4246:40000] == bytes(40000 - 4246)
-        assert cow.read_bytes()[:3] == b"yes"
-        os.write(verdict_w, b"\0")  # the verdict "no": the progress is not written
-        assert io.run_program(program(b"no!"))[:2] == (False, 1)
-        assert os.read(written_r, 16) == b"\0"
-        assert cow.read_bytes()[:3] == b"yes"
+        differs, syncs, seconds = io.run_program(program(b"yes"))
+        assert differs == -1 and syncs == 2 and isinstance(seconds, float) and seconds >= 0
+        assert os.read(written_r, 16) == b"\0"  # one byte: the step was written and read back equal
+        image = base.read_bytes()
+        assert image[4096:4246] == b"a" * 100 + b"b" * 50 and image[40000:44096] == b"c" * 4096
+        assert image[:4096] == bytes(4096) and image[4246:40000] == bytes(40000 - 4246)
+        assert cow.read_bytes()[:3] == b"yes" and back == data
+        other = bytearray(data)
+        other[2000] ^= 1  # what "was written" differs from the file at data offset 2000: stop there
+        assert io.run_program(program(b"no!", expect=other))[:2] == (2000, 0)
+        assert cow.read_bytes()[:3] == b"yes"  # nothing after the verify was made
+        with pytest.raises(BlockingIOError):
+            os.read(written_r, 16)
         # a write that fails raises and tells nobody it was written
         bad = cls(os.open(base, os.O_RDONLY), fds[1])
         try:
@@ -77,7 +83,7 @@ def test_run_program_makes_each_op_and_stops_at_a_zero_verdict(tmp_path, cls):
         with pytest.raises(BlockingIOError):
             os.read(written_r, 16)
     finally:
-        for fd in (*fds, written_r, written_w, verdict_r, verdict_w):
+        for fd in (*fds, written_r, written_w):
             os.close(fd)
 
 
