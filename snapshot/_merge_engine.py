@@ -103,7 +103,8 @@ try:  # the optional extension: a step's scattered writes and reads in one GIL r
 except ImportError:
     _NATIVE = None
 #: MergeIO.run_program's op names as the extension numbers them
-_PROGRAM_CODES = {"write": 0, "sync": 1, "notify": 2, "verify": 3, "start": 4}
+_PROGRAM_CODES = {"write": 0, "sync": 1, "notify": 2, "verify": 3, "wait": 4}
+_PIPE_OPS = frozenset(("notify", "wait"))
 _COPY, _XOR, _REPLACE, _ZERO = int(OpType.COPY), int(OpType.XOR), int(OpType.REPLACE), int(OpType.ZERO)
 _ORDERED = frozenset((_COPY, _XOR))
 _XOR_BYTE = bytes([_XOR])
@@ -195,25 +196,26 @@ class MergeIO:
 
     def run_program(self, program: list[tuple]) -> tuple[int, int, float]:
         """Make a step's I/O, op by op: ``("write", which, runs)`` (as
-        :meth:`pwritev_runs`), ``("start", which)`` (start writing back the
-        file's dirty pages: a hint, so the device works while the step is
-        read back), ``("verify", which, runs, data, back)`` (read ``runs``,
-        views of ``back``, as :meth:`preadv_runs`, and compare ``back`` with
-        ``data``: a difference stops the program), ``("sync", which)`` and
-        ``("notify", fd)`` (one byte to a pipe: what came before is done).
-        Returns (-1, or the offset in ``data`` of the first byte that read
-        back differently; the syncs made; the seconds they took).
+        :meth:`pwritev_runs`), ``("verify", which, runs, data, back)`` (read
+        ``runs``, views of ``back``, as :meth:`preadv_runs`, and compare
+        ``back`` with ``data``: a difference stops the program),
+        ``("sync", which)``, ``("notify", fd)`` (byte 1 to a pipe: what came
+        before is done) and ``("wait", fd)`` (read a byte from a pipe,
+        blocking: 0, or the pipe's end, stops the program). Returns (-1 when
+        it ran to its end, -2 when a wait stopped it, or the offset in
+        ``data`` of the first byte that read back differently; the syncs
+        made; the seconds they took).
 
         One call of the ``_merge_io`` extension (one GIL release for the
         whole step: the commit thread no longer waits to take the GIL back
         after each of its ~ten system calls a step) where ``pwritev``,
         ``preadv`` and ``fsync`` are this class's own; otherwise op by op
-        through them (no "start": Python has no ``sync_file_range``)."""
+        through them."""
         cls = type(self)
         if _NATIVE is not None and cls.pwritev is MergeIO.pwritev and cls.preadv is MergeIO.preadv and \
                 cls.fsync is MergeIO.fsync:
             fds = self.fds
-            return _NATIVE.run_program([(_PROGRAM_CODES[op[0]], op[1] if op[0] == "notify" else fds[op[1]], *op[2:])
+            return _NATIVE.run_program([(_PROGRAM_CODES[op[0]], op[1] if op[0] in _PIPE_OPS else fds[op[1]], *op[2:])
                                         for op in program])
         syncs, seconds = 0, 0.0
         for kind, *args in program:
@@ -229,7 +231,9 @@ class MergeIO:
                 self.fsync(args[0])
                 syncs, seconds = syncs + 1, seconds + time.perf_counter() - started
             elif kind == "notify":
-                os.write(args[0], b"\0")
+                os.write(args[0], b"\1")
+            elif os.read(args[0], 1) in (b"", b"\0"):  # "wait"
+                return -2, syncs, seconds
         return -1, syncs, seconds
 
     def preadv_runs(self, which: str, runs: list[tuple[int, list[memoryview]]]) -> None:
@@ -448,14 +452,16 @@ class MergeEngine:
                       "seconds": 0.0}
         #: the next op to prepare: ops before it and from ``merged_ops`` on are handed to the commit thread
         self._next = state.merged_ops
-        #: steps for the commit thread, in order (``None``: stop)
+        #: steps for the commit thread and, with ``verify``, for the checking thread, in order (``None``: stop)
         self._queue: queue.SimpleQueue[_Step | None] = queue.SimpleQueue()
+        self._checks: queue.SimpleQueue[_Step | None] = queue.SimpleQueue()
         #: set when every step handed over is committed (see :meth:`_settle`)
         self._idle: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        #: the commit thread writes a byte to the pipe once a step is written and read back equal (read on the
-        #: loop, one a step: the step's buffers are free again)
-        self._written_r = self._written_w = -1
+        #: pipes, a byte a step (0: stop): "written" (commit thread -> checking thread), "verdict" (checking ->
+        #: commit thread, for a step committing ops: 1, read back equal) and "checked" (-> the loop: the step is
+        #: written and read back, its buffers are free)
+        self._pipes: dict[str, tuple[int, int]] = {}
         #: a step's data and its read-back, reused from step to step (see :meth:`_buffer`)
         self._buffers = [bytearray(), bytearray(), bytearray()]
         self._zeros = bytes(self.bs)
@@ -465,19 +471,24 @@ class MergeEngine:
         start = self.merged_ops
         started = time.perf_counter()
         self._token = trio.lowlevel.current_trio_token()
-        self._written_r, self._written_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pipes = {"written": os.pipe2(os.O_CLOEXEC), "verdict": os.pipe2(os.O_CLOEXEC),
+                       "checked": os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)}  # the first two: waited on in threads
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, self._commit_steps)
+                if self.verify:
+                    nursery.start_soon(trio.to_thread.run_sync, self._check_steps)
                 try:
                     await self._steps()
                 finally:
                     self._queue.put(None)
+                    self._checks.put(None)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
         finally:
-            os.close(self._written_r)
-            os.close(self._written_w)
+            for fds in self._pipes.values():
+                os.close(fds[0])
+                os.close(fds[1])
         self.stats["seconds"] = time.perf_counter() - started
         return self.merged_ops - start
 
@@ -561,31 +572,37 @@ class MergeEngine:
 
     def _prepared(self, blocks: list[int] | None, data, runs: list[tuple[int, list[list[int]]]], end: int,
                   commit: int, scratch: list[tuple] | None = None) -> _Prepared:
-        """A step ready to hand over: its program (:meth:`MergeIO.run_program`):
-        ``scratch`` (the scratch window's ops), the base written, read back
-        and compared (``verify``; the device starts writing meanwhile), a
-        byte on the written pipe, and when the step commits ``commit`` ops
-        (to ``end`` merged), the base synced, the progress written and
-        synced. Made while the step is prepared, in step order (``_header``
-        is the preparing task's; the read-back buffer is the commit
-        thread's, one step at a time)."""
-        base = _views(data, runs, self.bs)
-        program = [*(scratch or ()), ("write", "base", base)]
-        if self.verify:
+        """A step ready to hand over, with its programs
+        (:meth:`MergeIO.run_program`). The commit thread's: ``scratch`` (the
+        scratch window's ops), the base written (a byte on "written"), and
+        when the step commits ``commit`` ops (to ``end`` merged), the base
+        synced, the checking thread's verdict awaited, the progress written
+        and synced. The checking thread's (with ``verify``): wait for the
+        write, read the base back and compare, then the verdict (for a
+        committing step) and a byte on "checked"; without ``verify``, the
+        commit thread says "checked" once written. Made while the step is
+        prepared, in step order (``_header`` is the preparing task's; the
+        read-back buffer is the checking thread's, one step at a time)."""
+        pipes, verify = self._pipes, self.verify
+        program = [*(scratch or ()), ("write", "base", _views(data, runs, self.bs)),
+                   ("notify", pipes["written" if verify else "checked"][1])]
+        check = []
+        if verify:
             back = self._buffer(2, len(data))
-            program += [("start", "base"), ("verify", "base", _views(back, runs, self.bs), data, back)]
-        program.append(("notify", self._written_w))
+            check = [("wait", pipes["written"][0]), ("verify", "base", _views(back, runs, self.bs), data, back),
+                     *([("notify", pipes["verdict"][1])] if commit else ()), ("notify", pipes["checked"][1])]
         if commit:
             layout = self.plan.layout
             self._header.num_merge_ops = end
             record = self._header.pack()
             if layout.capacity and not self.plan.journal:
                 record += bytes([STATE_IN_PROGRESS])
-            program += [("sync", "base"), ("write", "cow", [(0, [record])]), ("sync", "cow")]
+            program += [("sync", "base"), *([("wait", pipes["verdict"][0])] if verify else ()),
+                        ("write", "cow", [(0, [record])]), ("sync", "cow")]
             if self.plan.journal:
                 # not synced: a window left at state 2 is told stale by its first op (below num_merge_ops)
                 program.append(("write", "journal", [(layout.state_offset, [bytes([STATE_IN_PROGRESS])])]))
-        return _Prepared(blocks, data, runs, _Step(program, commit, scratch is not None, runs))
+        return _Prepared(blocks, data, runs, _Step(program, check, commit, scratch is not None, runs))
 
     # --- ordered ops -------------------------------------------------------
 
@@ -722,50 +739,75 @@ class MergeEngine:
     # --- writing the base ---------------------------------------------------------
 
     async def _write_pieces(self, prepared: _Prepared) -> None:
-        """Hand a step to the commit thread and wait until it is written and
-        read back equal (its buffers are then free; the thread goes on with
-        the sync and the commit, and may be writing the next step by then)."""
-        self._next += prepared.step.count
-        self._queue.put(prepared.step)
-        await trio.lowlevel.wait_readable(self._written_r)
-        os.read(self._written_r, 1)
+        """Hand a step to the commit (and checking) thread and wait until it
+        is written and read back equal (its buffers are then free; the
+        commit thread goes on with the sync and the commit, and may be
+        writing the next step by then)."""
+        step, checked = prepared.step, self._pipes["checked"][0]
+        self._next += step.count
+        self._queue.put(step)
+        if step.check:
+            self._checks.put(step)
+        await trio.lowlevel.wait_readable(checked)
+        os.read(checked, 1)
 
     # --- commit ---------------------------------------------------------------------
 
     def _commit_steps(self) -> None:
         """The commit thread (one worker call for the whole run): each step
-        handed over runs its program (:meth:`_prepared`): written, read back
-        and compared (then a byte on the pipe frees its buffers), and if it
-        carries ops, the base synced, the progress written and synced; the
-        loop hears of the commit afterwards (:meth:`_committed`), without
-        the thread waiting for it. Nothing of a step is written before the
-        previous step's commit is durable, and a step that reads back
-        differently raises :class:`MergeVerifyError` before its progress.
+        handed over runs its program (:meth:`_prepared`): written, and if it
+        carries ops, the base synced, the checking thread's verdict awaited,
+        the progress written and synced; the loop hears of the commit
+        afterwards (:meth:`_committed`), without the thread waiting for it.
+        Nothing of a step is written before the previous step's commit is
+        durable, and a step that reads back differently gets no progress.
 
         A step chained straight after the previous commit, in this thread,
         costs no return to the loop: that round trip (thread to loop to task
         to thread) was ~0.2-0.3 ms a step on the chain of writes and syncs,
-        163 steps for the bench's 1 GiB COW; and the read-back made here,
-        while the device writes the step back, is ready when the sync
-        returns (made on the loop's side, its verdict came late on a loaded
-        machine: 50-200 ms of that merge). Stops at ``None``, or raising
-        (the nursery then cancels the main task, which waits on the loop,
-        never in a thread)."""
+        163 steps for the bench's 1 GiB COW. Stops at ``None``, at a verdict
+        0 (the checking thread raises), or raising (the nursery then cancels
+        the main task, which waits on the loop, never in a thread); a byte 0
+        on "written" then stops a checking thread waiting for a write."""
         token, io, stats = self._token, self.io, self.stats
         assert token is not None
-        while (step := self._queue.get()) is not None:
-            differs, syncs, seconds = io.run_program(step.program)
-            stats["syncs"] += syncs
-            stats["sync_seconds"] += seconds
-            if differs >= 0:
-                bs = self.bs
-                raise MergeVerifyError(
-                    f"the base reads back differently from what the merge wrote at block "
-                    f"{_block_at(step.runs, differs // bs)} (byte {differs % bs} of it); the base storage is failing "
-                    "or something else writes to it: stop and check it")
-            stats["scratch_windows"] += step.scratch
-            if step.count:
-                token.run_sync_soon(self._committed, step.count)
+        try:
+            while (step := self._queue.get()) is not None:
+                stopped, syncs, seconds = io.run_program(step.program)
+                stats["syncs"] += syncs
+                stats["sync_seconds"] += seconds
+                if stopped != -1:
+                    return
+                stats["scratch_windows"] += step.scratch
+                if step.count:
+                    token.run_sync_soon(self._committed, step.count)
+        finally:
+            if self.verify:
+                os.write(self._pipes["written"][1], b"\0")
+
+    def _check_steps(self) -> None:
+        """The checking thread (with ``verify``; one worker call for the
+        whole run): each step is read back once the commit thread wrote it
+        and compared with what was written, while the base is synced (the
+        step's program, :meth:`_prepared`): the verdict is ready when the
+        sync returns. Read back on the loop's side, it often was not yet on
+        a loaded machine (50-200 ms of a 1 GiB merge waiting for verdicts).
+        A step that reads back differently raises :class:`MergeVerifyError`;
+        leaving for any reason, the thread sends verdict 0 (stop) to the
+        commit thread, in case it waits for one."""
+        try:
+            while (step := self._checks.get()) is not None:
+                differs = self.io.run_program(step.check)[0]
+                if differs == -2:
+                    return  # the commit thread stopped before writing this step
+                if differs >= 0:
+                    bs = self.bs
+                    raise MergeVerifyError(
+                        f"the base reads back differently from what the merge wrote at block "
+                        f"{_block_at(step.runs, differs // bs)} (byte {differs % bs} of it); the base storage is "
+                        "failing or something else writes to it: stop and check it")
+        finally:
+            os.write(self._pipes["verdict"][1], b"\0")
 
     def _committed(self, count: int) -> None:
         """On the loop: ``count`` more ops are durable (told to the hooks and ``on_progress``)."""
@@ -805,16 +847,18 @@ class _Prepared:
 
 
 class _Step:
-    """A step for the commit thread: its ``program`` (:meth:`MergeIO.run_program`),
-    the ops it commits (0: part of a batch, committed with its last part),
-    whether it goes through the scratch area, and where its data goes
-    (``runs``: to name a block that read back differently)."""
+    """A step for the commit thread: its ``program`` and the checking
+    thread's ``check`` (:meth:`MergeIO.run_program`; empty without
+    ``verify``), the ops it commits (0: part of a batch, committed with its
+    last part), whether it goes through the scratch area, and where its data
+    goes (``runs``: to name a block that read back differently)."""
 
-    __slots__ = ("program", "count", "scratch", "runs")
+    __slots__ = ("program", "check", "count", "scratch", "runs")
 
-    def __init__(self, program: list[tuple], count: int, scratch: bool,
+    def __init__(self, program: list[tuple], check: list[tuple], count: int, scratch: bool,
                  runs: list[tuple[int, list[list[int]]]]) -> None:
         self.program = program
+        self.check = check
         self.count = count
         self.scratch = scratch
         self.runs = runs

@@ -25,24 +25,24 @@
  * A merge step's I/O in one GIL release, op by op:
  *     (0, fd, runs)              write the runs, as pwritev_runs
  *     (1, fd)                    fdatasync(fd)
- *     (2, fd)                    write one byte (0) to fd: a pipe telling
+ *     (2, fd)                    write one byte (1) to fd: a pipe telling
  *                                a reader that what came before is done
  *     (3, fd, runs, data, back)  read the runs (views of back) and
  *                                compare back with data: where they
  *                                differ (or the file ends first) stops
  *                                the program
- *     (4, fd)                    start writing fd's dirty pages back
- *                                (sync_file_range; a hint: errors ignored)
- * differs is -1 when the program ran to its end, else the offset in data
- * of the first byte that read back differently; syncs and sync_seconds
+ *     (4, fd)                    read one byte from fd (blocking): non-zero
+ *                                goes on, zero (or the pipe's end) stops
+ * differs is -1 when the program ran to its end, -2 when a read byte
+ * stopped it, else the offset in data of the first byte that read back
+ * differently (which stops it too); syncs and sync_seconds
  * count the fdatasync calls made and the seconds they took. OSError on an
  * error, naming nothing more than errno (the ops before it were made).
  * The merge's commit thread runs a step's program: in Python, each system
  * call gave the GIL back and the thread waited to retake it after each
  * (the loop it had just woken, the thread preparing the next step), about
- * ten times a step on the chain of writes and syncs; and the read-back,
- * made on the event loop's side beside the base's sync, was often not
- * compared yet when the sync returned (~50-200 ms of a 1 GiB merge).
+ * ten times a step on the chain of writes and syncs. A second thread runs
+ * each step's read-back (wait for the write, verify, notify) beside it.
  *
  *     xor_into(span, delta) -> None
  *
@@ -50,11 +50,9 @@
  * the GIL: a window's Xor ops applied in Python held the GIL ~12 us an op,
  * which the commit thread waited for between its system calls.
  */
-#define _GNU_SOURCE /* sync_file_range */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -217,7 +215,7 @@ static double now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-enum { OP_WRITE, OP_SYNC, OP_NOTIFY, OP_VERIFY, OP_START };
+enum { OP_WRITE, OP_SYNC, OP_NOTIFY, OP_VERIFY, OP_WAIT };
 
 typedef struct {
     int code, fd;
@@ -281,7 +279,7 @@ static PyObject *run_program(PyObject *self, PyObject *ops)
         if (PyErr_Occurred())
             goto done;
         Py_ssize_t want = o->code == OP_WRITE ? 3 : o->code == OP_VERIFY ? 5 : 2;
-        if (o->code < OP_WRITE || o->code > OP_START || PyTuple_GET_SIZE(op) != want) {
+        if (o->code < OP_WRITE || o->code > OP_WAIT || PyTuple_GET_SIZE(op) != want) {
             PyErr_Format(PyExc_ValueError, "op %zd: code %d with %zd items", ready, o->code, PyTuple_GET_SIZE(op));
             goto done;
         }
@@ -311,9 +309,9 @@ static PyObject *run_program(PyObject *self, PyObject *ops)
     long syncs = 0;
     double sync_seconds = 0.0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !err && differs < 0; i++) {
+    for (Py_ssize_t i = 0; i < n && !err && differs == -1; i++) {
         op_t *o = &prog[i];
-        unsigned char byte = 0;
+        unsigned char byte = 1;
         ssize_t got;
         double started;
         Py_ssize_t at;
@@ -345,8 +343,13 @@ static PyObject *run_program(PyObject *self, PyObject *ops)
                 differs = -1;
             }
             break;
-        case OP_START:
-            (void)sync_file_range(o->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+        case OP_WAIT:
+            while ((got = read(o->fd, &byte, 1)) < 0 && errno == EINTR)
+                ;
+            if (got < 0)
+                err = errno;
+            else if (got == 0 || byte == 0)
+                differs = -2;
             break;
         }
     }

@@ -36,10 +36,10 @@ class PythonSyncIO(MergeIO):
 @pytest.mark.parametrize("cls", [MergeIO, PythonSyncIO])
 def test_run_program_makes_each_op_and_stops_where_the_read_back_differs(tmp_path, cls):
     """The extension's program and the Python ops alike: writes, a read-back
-    compared with the data, syncs (counted), a notify byte; a read-back that
-    differs stops the program there (its offset in the data returned,
-    nothing after it made); a failing write raises the errno and notifies
-    nobody."""
+    compared with the data, syncs (counted), a notify byte, a wait going on
+    at byte 1; a read-back that differs stops the program there (its offset
+    in the data returned, nothing after it made), and so does a wait reading
+    byte 0 (-2); a failing write raises the errno and notifies nobody."""
     if cls is MergeIO and _NATIVE is None:
         pytest.skip("the optional _merge_io extension is not built (no C compiler at install)")
     base, cow = tmp_path / "base.img", tmp_path / "t.cow"
@@ -51,17 +51,19 @@ def test_run_program_makes_each_op_and_stops_where_the_read_back_differs(tmp_pat
     back = bytearray(len(data))
     back_runs = [(4096, [memoryview(back)[:150]]), (40000, [memoryview(back)[150:]])]
     written_r, written_w = os.pipe2(os.O_NONBLOCK)
+    go_r, go_w = os.pipe()
     fds = [os.open(base, os.O_RDWR), os.open(cow, os.O_RDWR)]
     try:
         io = cls(*fds)
 
         def program(mark: bytes, expect=data):
-            return [("write", "base", runs), ("start", "base"), ("verify", "base", back_runs, expect, back),
-                    ("notify", written_w), ("sync", "base"), ("write", "cow", [(0, [mark])]), ("sync", "cow")]
+            return [("write", "base", runs), ("verify", "base", back_runs, expect, back), ("notify", written_w),
+                    ("sync", "base"), ("wait", go_r), ("write", "cow", [(0, [mark])]), ("sync", "cow")]
 
+        os.write(go_w, b"\1")
         differs, syncs, seconds = io.run_program(program(b"yes"))
         assert differs == -1 and syncs == 2 and isinstance(seconds, float) and seconds >= 0
-        assert os.read(written_r, 16) == b"\0"  # one byte: the step was written and read back equal
+        assert os.read(written_r, 16) == b"\1"  # one byte: the step was written and read back equal
         image = base.read_bytes()
         assert image[4096:4246] == b"a" * 100 + b"b" * 50 and image[40000:44096] == b"c" * 4096
         assert image[:4096] == bytes(4096) and image[4246:40000] == bytes(40000 - 4246)
@@ -72,6 +74,9 @@ def test_run_program_makes_each_op_and_stops_where_the_read_back_differs(tmp_pat
         assert cow.read_bytes()[:3] == b"yes"  # nothing after the verify was made
         with pytest.raises(BlockingIOError):
             os.read(written_r, 16)
+        os.write(go_w, b"\0")  # a stop: the progress is not written
+        assert io.run_program(program(b"no!"))[:2] == (-2, 1)
+        assert os.read(written_r, 16) == b"\1" and cow.read_bytes()[:3] == b"yes"
         # a write that fails raises and tells nobody it was written
         bad = cls(os.open(base, os.O_RDONLY), fds[1])
         try:
@@ -83,7 +88,7 @@ def test_run_program_makes_each_op_and_stops_where_the_read_back_differs(tmp_pat
         with pytest.raises(BlockingIOError):
             os.read(written_r, 16)
     finally:
-        for fd in (*fds, written_r, written_w):
+        for fd in (*fds, written_r, written_w, go_r, go_w):
             os.close(fd)
 
 
