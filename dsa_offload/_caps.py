@@ -48,7 +48,7 @@ class Capabilities:
     def supports(self, opcode: int) -> bool:
         return bool(self.ops >> int(opcode) & 1)
 
-    def _gen(self, bit: GenCap) -> bool:
+    def _gen(self, bit: int) -> bool:
         return self.gen_cap is not None and bool(self.gen_cap & bit)  # unknown gen_cap: assume nothing
 
     @property
@@ -71,15 +71,15 @@ class Capabilities:
 
     def flags_for(self, opcode: int, block_on_fault: bool) -> int:
         """The optional descriptor flags to set on ``opcode`` (gated on what the queue takes)."""
-        flags = Flag(0)
+        flags = 0
         if self.cache_control and opcode in WRITES_MEMORY:
             flags |= Flag.CACHE_CONTROL
         if block_on_fault and self.block_on_fault:
             flags |= Flag.BLOCK_ON_FAULT
-        return int(flags)
+        return flags
 
     def operation_names(self) -> list[str]:
-        return [op.name.lower() for op in Opcode if self.supports(op)]
+        return [name.lower() for name, op in Opcode.members().items() if self.supports(op)]
 
     def as_dict(self) -> dict:
         return {"source": self.source, "gen_cap": None if self.gen_cap is None else hex(self.gen_cap),
@@ -108,9 +108,9 @@ class Capabilities:
         if not self.block_on_fault:
             why = "the device lacks it" if not self._gen(GenCap.BLOCK_ON_FAULT) else "the queue is not configured for it"
             out.append(f"no block on fault ({why}): page faults are resolved by touching the page and resubmitting")
-        missing = [op.name.lower() for op in (Opcode.MEMMOVE, Opcode.MEMFILL, Opcode.COMPARE, Opcode.COMPARE_PATTERN,
-                                              Opcode.CRCGEN, Opcode.COPY_CRC, Opcode.DUALCAST, Opcode.CREATE_DELTA,
-                                              Opcode.APPLY_DELTA) if not self.supports(op)]
+        missing = [name.lower() for name in ("MEMMOVE", "MEMFILL", "COMPARE", "COMPARE_PATTERN", "CRCGEN", "COPY_CRC",
+                                             "DUALCAST", "CREATE_DELTA", "APPLY_DELTA")
+                   if not self.supports(Opcode.members()[name])]
         if missing:
             out.append("on the CPU (not offered by the queue): " + ", ".join(missing))
         return out

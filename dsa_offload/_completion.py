@@ -13,12 +13,6 @@ from typing import Callable
 
 import trio
 
-# A descriptor not complete after this many seconds never will be (a hung
-# device, a queue disabled under us): the queue is given up. Generous: a
-# block-on-fault page request may wait for the disk. (Here, not in _device,
-# so that open_mover's default needs no device module.)
-COMPLETION_TIMEOUT = 5.0
-
 
 class Completions:
     def __init__(self, queue) -> None:

@@ -25,8 +25,9 @@ import structlog
 import trio
 
 from dmuserd.dsa_offload._caps import Capabilities
-from dmuserd.dsa_offload._completion import COMPLETION_TIMEOUT, Completions
+from dmuserd.dsa_offload._completion import Completions
 from dmuserd.dsa_offload._errors import DeltaRecordError
+from dmuserd.dsa_offload._open import COMPLETION_TIMEOUT
 from dmuserd.dsa_offload._ops import Operation
 from dmuserd.dsa_offload._spec import STATUS_MASK, WRITE_FAULT, Opcode, Status, status_name
 
@@ -114,7 +115,7 @@ class Device:
         if block_on_fault and not caps.block_on_fault:
             log.info("block on fault asked for but not available on this queue; faults are touched and resubmitted",
                      engine=engine)
-        self._flags = {int(op): caps.flags_for(op, block_on_fault) for op in Opcode}
+        self._flags = {op: caps.flags_for(op, block_on_fault) for op in Opcode.members().values()}
         self.broken: str | None = None
         self.broken_code = "queue_unusable"  # the fallback reason work gets once broken
         self.hung = False  # a descriptor missed its deadline: nobody waits any more

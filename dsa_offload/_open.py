@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import structlog
 
-from dmuserd.dsa_offload._completion import COMPLETION_TIMEOUT
 from dmuserd.dsa_offload._discovery import discover, usable_queues
 from dmuserd.dsa_offload._errors import DsaUnavailable
 from dmuserd.dsa_offload._mover import DEFAULT_CPU_THREAD_THRESHOLD, DEFAULT_THRESHOLD, Mover
@@ -22,6 +21,12 @@ from dmuserd.dsa_offload._native import extension, load_error
 log = structlog.get_logger()
 
 ENGINES = ("auto", "dsa", "emulated", "cpu")
+
+# A descriptor not complete after this many seconds never will be (a hung
+# device, a queue disabled under us): the queue is given up. Generous: a
+# block-on-fault page request may wait for the disk. (Here, not in _device
+# or _completion, so that open_mover's default loads neither.)
+COMPLETION_TIMEOUT = 5.0
 
 # The device side (_device, _caps) is imported only where a queue opens: a CPU mover, or "auto" on a
 # machine without a usable DSA queue (most), does not load it (start-up of `dmuserd cow merge`).

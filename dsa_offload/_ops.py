@@ -16,7 +16,7 @@ from dmuserd.dsa_offload._spec import DELTA_ENTRY, DELTA_GRANULE, Opcode
 
 
 class Operation:
-    opcode: Opcode
+    opcode: int  # an Opcode
     name: str
     splittable = False  # independent pieces may run in parallel
     restart_on_fault = False  # partial progress cannot be resumed: redo it all

@@ -27,7 +27,7 @@ def ops_bitmap(*opcodes) -> int:
     return sum(1 << int(op) for op in opcodes)
 
 
-ALL_OPS = ops_bitmap(*Opcode)
+ALL_OPS = ops_bitmap(*Opcode.members().values())
 
 
 async def test_cache_control_only_where_gen_cap_has_it(make_mover):

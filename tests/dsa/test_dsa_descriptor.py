@@ -59,13 +59,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("opcode,fields,expect", CASES, ids=[c[0].name for c in CASES])
+@pytest.mark.parametrize("opcode,fields,expect", CASES, ids=[Opcode.name_of(c[0]) for c in CASES])
 def test_descriptor_fields(ext, opcode, fields, expect):
     d = ext.build_descriptor(int(opcode), flags=FLAGS, completion=COMPLETION, **fields)
     common(d, opcode, FLAGS)
     for offset, (width, value) in expect.items():
         got = {1: u8, 2: u16, 4: u32, 8: u64}[width](d, offset)
-        assert got == value, f"{opcode.name} @{offset}: {got:#x} != {value:#x}"
+        assert got == value, f"{Opcode.name_of(opcode)} @{offset}: {got:#x} != {value:#x}"
     # Nothing outside the fields the opcode uses.
     assert u16(d, 38) == 0
     assert u32(d, 0) == 0
@@ -83,5 +83,18 @@ def test_pasid_priv_interrupt_and_24_bit_flags(ext):
 
 
 def test_descriptors_agree_with_python_opcodes(ext):
-    for opcode in Opcode:
+    for opcode in Opcode.members().values():
         assert ext.build_descriptor(int(opcode))[7] == opcode
+
+
+def test_spec_values_are_plain_ints_with_names():
+    from dmuserd.dsa_offload._spec import Status, status_name
+
+    ops = Opcode.members()
+    assert list(ops)[:4] == ["NOOP", "BATCH", "DRAIN", "MEMMOVE"] and len(ops) == 13  # the spec's order, all of them
+    assert type(Opcode.MEMMOVE) is int and ops["MEMMOVE"] == 3
+    assert Opcode.name_of(0x11) == "COPY_CRC" and Opcode.name_of(0x12) is None
+    assert Flag.members()["CACHE_CONTROL"] == 0x100 and "members" not in Flag.members()
+    assert status_name(0x13) == "0x13 TRANSFER_SIZE"
+    assert status_name(Status.PAGE_FAULT | 0x80) == "0x03 PAGE_FAULT (write)"
+    assert status_name(0x7E) == "0x7e UNKNOWN"
