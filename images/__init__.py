@@ -28,14 +28,35 @@ or entry an :class:`ImageError`.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from dmuserd.images._image import Image, ImageError, ImageFormatError, RawImage
+if TYPE_CHECKING:
+    from dmuserd.images._image import Image, ImageError, ImageFormatError, RawImage
 
-__all__ = ["SEP", "Image", "ImageError", "ImageFormatError", "RawImage", "not_raw_reason", "open_image",
-           "open_super", "split_locator"]
+__all__ = ["SEP", "SPARSE_MAGIC", "Image", "ImageError", "ImageFormatError", "RawImage", "not_raw_reason",
+           "open_image", "open_super", "split_locator"]
 
 #: separates a container (zip, super image) from what is taken out of it
 SEP = "::"
+
+#: the first four bytes of an Android sparse image (little-endian; :mod:`.sparse` reads the rest): here, so
+#: that telling a sparse image from a raw one (:func:`not_raw_reason`, every ``dmuserd cow merge``) loads
+#: no format module
+SPARSE_MAGIC = 0xED26FF3A
+
+# The image classes are loaded on first use (PEP 562): a command that only asks
+# :func:`not_raw_reason` (``dmuserd cow merge``'s start-up) loads none of them.
+_LAZY = ("Image", "ImageError", "ImageFormatError", "RawImage")
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from dmuserd.images import _image
+
+    value = getattr(_image, name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
 
 def split_locator(locator) -> tuple[str, list[str]]:
@@ -54,6 +75,8 @@ def open_image(locator, *, slot=None) -> Image:
     picks the metadata slot of a super image whose partition is named
     (default: the slot the partition's suffix names, else a).
     """
+    from dmuserd.images._image import RawImage
+
     head, names = split_locator(locator)
     image: Image = RawImage(head)
     where = head
@@ -84,6 +107,7 @@ def _unsparse(image: Image, where: str) -> Image:
 
 def _member(image: Image, name: str, where: str, slot) -> Image:
     """``name`` taken out of ``image``: a zip entry or a super image's logical partition."""
+    from dmuserd.images._image import ImageError
     from dmuserd.images._zip import is_zip, zip_entry
     from dmuserd.images.lp import LpFormatError, SuperImage
 
@@ -100,18 +124,23 @@ def _member(image: Image, name: str, where: str, slot) -> Image:
 
 
 def not_raw_reason(path) -> str | None:
-    """Why ``path`` cannot be written in place as a raw image, or None when it can (a plain file or device)."""
+    """Why ``path`` cannot be written in place as a raw image, or None when it can (a plain file or device).
+
+    None too where it cannot be read at all: opening it as the base says what is wrong."""
     head, names = split_locator(path)
     if names:
         return f"{path} is inside another image ({SEP} names a zip entry or a super partition), not a file"
-    if not os.path.exists(head):
-        return None  # opening it says what is wrong
     try:
-        with RawImage(head) as image:
-            from dmuserd.images.sparse import is_sparse
-
-            if is_sparse(image):
-                return f"{path} is an Android sparse image"
-    except ImageError:
+        # O_NONBLOCK: naming a FIFO must not block (its pread fails: ESPIPE)
+        fd = os.open(head, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
         return None
+    try:
+        start = os.pread(fd, 4, 0)
+    except OSError:  # a directory, a FIFO
+        return None
+    finally:
+        os.close(fd)
+    if start == SPARSE_MAGIC.to_bytes(4, "little"):
+        return f"{path} is an Android sparse image"
     return None

@@ -35,10 +35,10 @@ import zlib
 from array import array
 from bisect import bisect_right
 
+from dmuserd.images import SPARSE_MAGIC as MAGIC
 from dmuserd.images._image import (Image, ImageError, ImageFormatError, fill_pattern, fill_zeros,
                                    write_atomically)
 
-MAGIC = 0xED26FF3A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 MAJOR_VERSION = 1
 HEADER = struct.Struct("<IHHHHIIII")  # 28 bytes

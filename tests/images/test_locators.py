@@ -61,6 +61,25 @@ def test_super_inside_a_zip_and_sparse(tmp_path):
     assert not_raw_reason(tmp_path / "super.raw") is None
 
 
+def test_not_raw_reason_reads_only_the_magic(tmp_path):
+    """What cannot be read says nothing here (opening it as the base says what is wrong); a FIFO does not block."""
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "short").write_bytes(b"\x3a\xff")
+    for path in (tmp_path / "missing", tmp_path, tmp_path / "fifo", tmp_path / "short"):
+        assert not_raw_reason(path) is None, path
+    (tmp_path / "magic").write_bytes((0xED26FF3A).to_bytes(4, "little"))
+    assert "sparse image" in not_raw_reason(tmp_path / "magic")
+    # asking loads no image class, no format module (the start-up of `dmuserd cow merge`)
+    probe = (f"import sys; from dmuserd.images import not_raw_reason; not_raw_reason({str(tmp_path / 'magic')!r}); "
+             "print(sorted(m for m in sys.modules if m.startswith('dmuserd.images')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['dmuserd.images']"
+
+
 def test_existing_paths_with_the_separator_stay_whole(tmp_path):
     odd = tmp_path / "a::b.img"
     odd.write_bytes(b"x" * 4096)
