@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from dmuserd.daemon.cli import os_errors_as, to_build
+from dmuserd.daemon.cli import os_errors_as, start_up, to_build
 
 
 _os_errors = os_errors_as("dmuserd.snapshot.cow:CowError")
@@ -236,7 +236,8 @@ def _render(args: argparse.Namespace) -> int:
 
 @_os_errors
 def _merge(args: argparse.Namespace) -> int:
-    from dmuserd.snapshot.merge import merge_cow_offline
+    with start_up():
+        from dmuserd.snapshot.merge import merge_cow_offline
 
     result = merge_cow_offline(args.base, args.file, offload=args.offload, verify=not args.no_verify)
     if not result.merged_now and not result.resumed_window:
