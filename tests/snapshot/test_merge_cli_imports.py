@@ -16,11 +16,13 @@ from dmuserd.daemon.cli import COMMAND_MODULES
 from dmuserd.dsa_offload import discover, extension
 from dmuserd.snapshot.cow import CowWriter
 
+# as `python -m dmuserd` runs it: main() reads the process's own command line
 RUNNER = """
-import atexit, sys
-atexit.register(lambda: print("\\nMODULES " + " ".join(sorted(sys.modules))))
+import atexit, gc, sys
+atexit.register(lambda: print(f"\\nGC {gc.isenabled()} {gc.get_freeze_count()}\\nMODULES " + " ".join(sorted(sys.modules))))
+sys.argv = ["dmuserd", *sys.argv[1:]]
 from dmuserd.daemon.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main())
 """
 
 
@@ -32,8 +34,9 @@ def test_each_module_registers_the_commands_it_declares():
         assert tuple(sub.choices) == commands, name
 
 
-def _merge_modules(tmp_path, env=None) -> set[str]:
-    """Run ``dmuserd cow merge`` of a small COW in a fresh interpreter: the modules it ended with."""
+def _merge_modules(tmp_path, env=None, gc_state: list | None = None) -> set[str]:
+    """Run ``dmuserd cow merge`` of a small COW in a fresh interpreter: the modules it ended with
+    (``gc_state`` gets whether its collector was on at the end, and how many objects were frozen)."""
     base, cow = tmp_path / "base.img", tmp_path / "t.cow"
     base.write_bytes(bytes(4 << 12))
     with CowWriter(cow) as w:
@@ -43,7 +46,11 @@ def _merge_modules(tmp_path, env=None) -> set[str]:
     proc = subprocess.run([sys.executable, "-c", RUNNER, "cow", "merge", "--base", str(base), str(cow)],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, env=env)
     out, _, names = proc.stdout.rpartition("\nMODULES ")
+    out, _, state = out.rpartition("\nGC ")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    if gc_state is not None:
+        enabled, frozen = state.split()
+        gc_state += [enabled == "True", int(frozen)]
     assert "merged 2 ops" in out
     assert base.read_bytes()[8192:12288] == b"r" * 4096
     return set(names.split())
@@ -73,3 +80,13 @@ def test_cow_merge_without_dsa_loads_only_the_cpu_mover(tmp_path):
         cpu_path.add("dmuserd.dsa_offload._dsa")  # the C inline path and the CRC
     assert dsa == cpu_path, sorted(dsa ^ cpu_path)
     assert {m for m in modules if m.startswith("dmuserd.images")} == {"dmuserd.images"}
+
+
+def test_cow_merge_freezes_its_start_up_and_collects_after(tmp_path):
+    """The start-up (parsing, logs, the merge's imports) ran with the collector paused and was frozen
+    (:func:`dmuserd.daemon.cli.start_up`); the merge itself ran with the collector on."""
+    state: list = []
+    _merge_modules(tmp_path, gc_state=state)
+    enabled, frozen = state
+    assert enabled
+    assert frozen > 10_000  # trio's, structlog's and the merge's modules
