@@ -169,6 +169,12 @@ STATUS_RANGE = 256 * 1024 * 1024
 STOP_REPLY_TIMEOUT = 2.0
 #: Buffers per ``sendmsg`` (IOV_MAX is 1024).
 MAX_IOV = 1000
+#: A READ's data this large or larger starts a ``sendmsg`` of its own when the bytes before it would
+#: leave it off a 64-byte boundary: the socket's buffers are filled from their start at each call, so
+#: behind a structured reply's 28-byte header every byte of the data was copied misaligned, into the
+#: socket and out again (measured: the daemon's CPU per 1 MiB read 337 µs with the data behind the
+#: header in one call, 298 µs without structured replies; one more system call per large READ).
+ALIGN_MIN = 64 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
 
 _READ, _WRITE, _FLUSH, _TRIM, _ZEROES, _CACHE = (NbdCommand.READ, NbdCommand.WRITE, NbdCommand.FLUSH,
@@ -638,15 +644,7 @@ class _Connection:
             if not self._replies:
                 await self._writer.park()
                 continue
-            batch = self._replies[:MAX_IOV]
-            del self._replies[:MAX_IOV]
-            data = replies = headers = 0
-            for buffer in batch:
-                if type(buffer) is bytes:
-                    replies += 1  # a reply (simple, a READ chunk's header, or a whole error or status chunk)
-                    headers += len(buffer)
-                else:
-                    data += len(buffer)  # its READ data
+            batch, data, headers, replies = self._next_batch()
             try:
                 await sendmsg_all(self.sock, batch, data + headers)
             except OSError as exc:  # the client is gone: nothing more can reach it, the connection ends
@@ -664,6 +662,33 @@ class _Connection:
                         self._spare_bytes += len(buffer)
             if self._room:
                 self._room.unpark_all()
+
+    def _next_batch(self) -> tuple[list, int, int, int]:
+        """The buffers of the next ``sendmsg`` (taken off the queue): (buffers, data bytes, header bytes, replies done).
+
+        At most :data:`MAX_IOV` buffers, cut before a large READ's data that
+        would not start on a 64-byte boundary (:data:`ALIGN_MIN`). A reply is
+        counted done with its last buffer: a READ's with its data, which may
+        go in the next call, so a stop never ends the connection between them.
+        """
+        queue = self._replies
+        end = min(len(queue), MAX_IOV)
+        data = headers = replies = 0
+        for i in range(end):
+            buffer = queue[i]
+            if type(buffer) is bytes:  # a reply (simple, a READ chunk's header, or a whole error or status chunk)
+                headers += len(buffer)
+                if i + 1 >= len(queue) or type(queue[i + 1]) is bytes:
+                    replies += 1  # no data follows it
+            else:  # a READ's data
+                if i and len(buffer) >= ALIGN_MIN and (headers + data) % 64:
+                    end = i
+                    break
+                data += len(buffer)
+                replies += 1
+        batch = queue[:end]
+        del queue[:end]
+        return batch, data, headers, replies
 
 
 def _nbd_error(response) -> tuple[NbdErrno, str]:

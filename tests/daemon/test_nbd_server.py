@@ -568,3 +568,24 @@ async def test_a_block_status_reply_is_bounded(tmp_path):
                 flags, kind, cookie, payload = await trio.to_thread.run_sync(read_chunk, sock)
                 assert (flags, kind) == (1, 5)
                 assert list(struct.iter_unpack(">II", payload[4:])) == want.pop(cookie)
+
+
+def test_a_large_read_starts_its_own_sendmsg_aligned_and_counts_done_with_its_data():
+    """The writer's batches: a 1 MiB READ's data behind a 28-byte structured header (or anything not a multiple
+    of 64 bytes) goes in the next sendmsg, so it starts the socket's buffers aligned; small data stays batched;
+    a reply counts as sent only with its data (a stop waits for it)."""
+    from dmuserd.daemon import nbd_server
+
+    conn = object.__new__(nbd_server._Connection)  # only the queue is needed to cut batches
+    small_head, big_head, status = b"h" * 28, b"H" * 28, b"s" * 40
+    small, big = bytearray(4096), bytearray(1 << 20)
+    conn._replies = [small_head, small, big_head, big, status]
+    first = conn._next_batch()
+    assert first == ([small_head, small, big_head], 4096, 56, 1)  # cut before the big data; its header not done yet
+    second = conn._next_batch()
+    assert second == ([big, status], 1 << 20, 40, 2)  # the data first, at offset 0; the READ and the status done
+    assert conn._replies == []
+    conn._replies = [b"x" * 16, bytearray(1 << 16), b"y" * 64, bytearray(1 << 16)]
+    # 16 bytes before the first data: cut; then 64 KiB + 64 bytes, a multiple of 64, before the second: no cut
+    assert [len(b) for b in conn._next_batch()[0]] == [16]
+    assert [len(b) for b in conn._next_batch()[0]] == [1 << 16, 64, 1 << 16]
