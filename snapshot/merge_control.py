@@ -177,11 +177,16 @@ class MergeControl:
     # --- the interface ------------------------------------------------------
 
     def percent(self) -> float:
+        """How much is merged, 100.0 only once the merge is complete.
+
+        The last ops are written a moment before the merge is marked done;
+        until then this says at most 99.999, so that a client that polls
+        ``merge_percent`` for 100 then sees ``getstatus`` complete too."""
         if self.state is MergeState.MERGED:
             return 100.0
         if self._plan is None:
             return 0.0
-        return round(self._plan.percent(self.merged_ops), 3)
+        return min(round(self._plan.percent(self.merged_ops), 3), 99.999)
 
     def start(self, nursery) -> None:
         """Start merging in the background (a task in ``nursery``)."""

@@ -65,6 +65,7 @@ async def test_online_merge_with_readers_pause_and_resume(tmp_path, engine):
             await trio.sleep(rng.uniform(0, 0.01))
             percent = control.percent()
             assert percent >= last
+            assert percent < 100.0 or control.state is MergeState.MERGED  # 100 only once complete
             last = percent
             if control.state is MergeState.MERGING and pauses < 6:
                 control.pause()
@@ -98,6 +99,20 @@ async def test_online_merge_with_readers_pause_and_resume(tmp_path, engine):
     assert again.merge.state is MergeState.MERGED and again.merge.percent() == 100.0
     assert await again.read(0, len(target)) == target
     await again.close()
+
+
+async def test_percent_says_100_only_once_the_merge_is_marked_complete(tmp_path):
+    """Every op written, the merge not yet marked done: 99.999, so a client
+    polling ``merge_percent`` for 100 then finds ``getstatus`` complete."""
+    t = torture_cow(tmp_path, 32, nblocks=256, buffer_size=64 << 10)
+    backend = SnapshotBackend(t["base"], t["cow"], offload="cpu")
+    control = backend.merge
+    async with trio.open_nursery() as nursery:
+        control.start(nursery)
+    assert control.state is MergeState.MERGED and control.percent() == 100.0
+    control.state = MergeState.MERGING  # the instant between the last op's commit and the mark
+    assert control.merged_ops == t["total_ops"] and control.percent() == 99.999
+    await backend.close()
 
 
 async def test_backend_over_an_interrupted_window_reads_the_target(tmp_path):
