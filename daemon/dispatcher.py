@@ -37,8 +37,10 @@ Admission and draining, so one mechanism serves every export's stop:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
 import structlog
 import trio
@@ -267,6 +269,28 @@ class Dispatcher:
                 self._release()
             else:
                 stats.in_flight -= 1
+
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[bool]:
+        """Hold one of the target's request slots for a request that is not a block operation.
+
+        For what an export serves beside :meth:`handle` (the NBD server's
+        BLOCK_STATUS): the same slots, waiting order and stop. Yields True
+        while the slot is held, the request counted in flight (a stop's
+        :attr:`drained` waits for it); False at once when admission is
+        closed, counted ``refused``: answer it as :class:`Refused`.
+        (:meth:`handle` takes its slot inline, for speed, by the same rule.)
+        """
+        if self.has_room:
+            self.stats.in_flight += 1
+        elif not await self._admit():
+            self.stats.refused += 1
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._release()
 
     async def _admit(self) -> bool:
         """Wait for a slot (True: it is ours, counted in flight) or a closed admission (False)."""

@@ -22,9 +22,10 @@ What a client gets is what nbdkit's front gives it (tests/daemon/test_nbd_client
 runs one client suite on both): structured replies if it asks (a READ is
 one OFFSET_DATA chunk, so DF holds; errors are ERROR chunks carrying the
 reason), the ``base:allocation`` meta context (NBD_CMD_BLOCK_STATUS answered
-from the backend's optional :meth:`~dmuserd.backends.Backend.extents`,
-outside the dispatcher: not a block operation; ``memory`` reports its
-never-written chunks as holes, other backends all data), and fast zero
+from the backend's optional :meth:`~dmuserd.backends.Backend.extents`: not
+a block operation, yet admitted as one by the dispatcher, so a stop waits
+for it and refuses new ones; ``memory`` reports its never-written chunks
+as holes, other backends all data), and fast zero
 where the backend has write_zeroes (a FAST_ZERO it answers UNSUPPORTED is
 ENOTSUP, without FAST_ZERO EIO).
 
@@ -188,6 +189,8 @@ _NO_FLAGS, _FUA, _NOUNMAP = Flag(0), Flag.FUA, Flag.NOUNMAP
 _R_READ, _R_WRITE, _R_FLUSH = RequestType.READ, RequestType.WRITE, RequestType.FLUSH
 _R_DISCARD, _R_ZEROES = RequestType.DISCARD, RequestType.WRITE_ZEROES
 _SUCCESS, _UNSUPPORTED = ResponseType.SUCCESS, ResponseType.UNSUPPORTED
+#: The NBD error of a request refused because the target is stopping (admission closed), and its message.
+_STOPPING = (NbdErrno.ESHUTDOWN, "the server is stopping")
 
 
 def transmission_flags(capabilities: frozenset[Op]) -> TransmissionFlag:
@@ -608,25 +611,28 @@ class _Connection:
     async def _block_status(self, req: NbdRequest) -> bytes:
         """The reply to a BLOCK_STATUS for ``base:allocation``: the backend's extents (holes read as zeros).
 
-        Not a block operation, so not through the dispatcher: the backend's
-        optional :meth:`~dmuserd.backends.Backend.extents` (default: all of
-        it allocated data, as nbdkit says for a plugin without extents) is
-        asked directly; refused once the target stops admitting, and a
-        failure or a malformed answer is EIO for this request alone.
+        Not a block operation, so not :meth:`~dmuserd.daemon.dispatcher.Dispatcher.handle`: the
+        backend's optional :meth:`~dmuserd.backends.Backend.extents`
+        (default: all of it allocated data, as nbdkit says for a plugin
+        without extents) is asked in one of the target's request slots
+        (:meth:`~dmuserd.daemon.dispatcher.Dispatcher.admitted`), so it waits its turn like any request
+        and a stop waits for it; refused (ESHUTDOWN) once the target stops
+        admitting. A failure or a malformed answer is EIO for this request alone.
         """
         proto = self.proto
-        if not self.dispatcher.admitting:
-            return proto.error_reply(req.cookie, NbdErrno.ESHUTDOWN, "the server is stopping")
-        length = min(req.length, STATUS_RANGE)  # the spec lets a reply cover less than asked
-        try:
-            extents = await self.dispatcher.backend.extents(req.offset, length)
-            return nbd_block_status_chunk(req.cookie, proto.allocation_context or 0,
-                                          [(e.length, _HOLE if e.hole else _DATA) for e in extents],
-                                          length, bool(req.flags & _NBD_REQ_ONE))
-        except Exception as exc:  # noqa: BLE001 - one failing query fails alone
-            log.warning("block status failed", offset=req.offset, length=req.length,
-                        error=f"{type(exc).__name__}: {exc}", **self.context)
-            return proto.error_reply(req.cookie, NbdErrno.EIO, "the backend could not tell what is allocated")
+        async with self.dispatcher.admitted() as admitted:
+            if not admitted:
+                return proto.error_reply(req.cookie, *_STOPPING)
+            length = min(req.length, STATUS_RANGE)  # the spec lets a reply cover less than asked
+            try:
+                extents = await self.dispatcher.backend.extents(req.offset, length)
+                return nbd_block_status_chunk(req.cookie, proto.allocation_context or 0,
+                                              [(e.length, _HOLE if e.hole else _DATA) for e in extents],
+                                              length, bool(req.flags & _NBD_REQ_ONE))
+            except Exception as exc:  # noqa: BLE001 - one failing query fails alone
+                log.warning("block status failed", offset=req.offset, length=req.length,
+                            error=f"{type(exc).__name__}: {exc}", **self.context)
+                return proto.error_reply(req.cookie, NbdErrno.EIO, "the backend could not tell what is allocated")
 
     # -- writer ------------------------------------------------------------------------------
 
@@ -694,7 +700,7 @@ class _Connection:
 def _nbd_error(response) -> tuple[NbdErrno, str]:
     """The NBD error of a dispatcher's failed answer, and its message for a structured reply."""
     if type(response) is Refused:
-        return NbdErrno.ESHUTDOWN, "the server is stopping"
+        return _STOPPING
     if response.type is _UNSUPPORTED:
         return NbdErrno.ENOTSUP, "the backend does not support this operation"
     return NbdErrno.EIO, "the backend failed (the daemon's log says why)"

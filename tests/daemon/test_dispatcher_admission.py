@@ -147,6 +147,46 @@ async def test_a_cancelled_waiter_gives_back_nothing_it_did_not_hold():
     assert (await dispatcher.handle(_req(3))).type == ResponseType.SUCCESS
 
 
+async def test_admitted_shares_the_slots_the_order_and_the_stop_with_handle():
+    """admitted() (what is not a block operation: NBD's BLOCK_STATUS) waits behind handle's requests for a slot and
+    in turn, holds it until its block ends (a request waiting meanwhile runs only then), keeps drained unset while
+    held, and yields False at once after close_admission, counted refused."""
+    backend = Gated()
+    dispatcher = Dispatcher(backend, name="t", max_in_flight=1)
+    order: list[str] = []
+
+    async def query(release: trio.Event) -> None:
+        async with dispatcher.admitted() as admitted:
+            assert admitted
+            order.append("query")
+            await release.wait()
+
+    async def read() -> None:
+        await dispatcher.handle(_req(2))
+        order.append("read 2")
+
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher.handle, _req(1))
+        await _wait_until(lambda: backend.waiting == 1)
+        nursery.start_soon(query, release)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [] and len(dispatcher._waiters) == 2  # both wait for the one slot, in arrival order
+        backend.gate.set()
+        await _wait_until(lambda: order == ["query"])
+        assert dispatcher.stats.in_flight == 1 and len(dispatcher._waiters) == 1  # read 2 waits for the query
+        dispatcher.close_admission()  # read 2 is refused; the query runs on
+        assert not dispatcher.drained.is_set()
+        release.set()
+    assert order == ["query", "read 2"]
+    assert dispatcher.drained.is_set() and dispatcher.stats.in_flight == 0
+    async with dispatcher.admitted() as admitted:
+        assert admitted is False
+    assert dispatcher.stats.refused == 2
+
+
 def test_the_bound_must_be_positive():
     with pytest.raises(ValueError, match="max_in_flight"):
         Dispatcher(MemoryBackend(1 << 20), max_in_flight=0)

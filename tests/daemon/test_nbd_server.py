@@ -524,6 +524,54 @@ class BlindExtents(MemoryBackend):
         raise RuntimeError("allocation map unreadable")
 
 
+class HeldExtents(MemoryBackend):
+    """Its extents wait until ``answer`` is set (a query in flight at a stop)."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.asked = trio.Event()
+        self.answer = trio.Event()
+
+    async def extents(self, offset, length):
+        self.asked.set()
+        await self.answer.wait()
+        return await super().extents(offset, length)
+
+
+async def test_a_block_status_in_flight_at_a_stop_is_waited_for_and_answered(tmp_path):
+    """BLOCK_STATUS takes a request slot as every request does: one in flight counts, the stop waits for it (the
+    target is not drained while it runs) and it is answered before the connection closes; one sent after
+    admission closed is answered ESHUTDOWN at once, not held."""
+    backend = HeldExtents(1 << 20)
+    async with _served(tmp_path, backend) as (daemon, nursery, target, _):
+        dispatcher = target.dispatcher
+        sock, _ = await trio.to_thread.run_sync(structured_handshake, tmp_path / "d.sock", b"base:allocation")
+        with sock:
+            await trio.to_thread.run_sync(sock.sendall, request(7, 1, 0, 65536))
+            await backend.asked.wait()
+            assert dispatcher.stats.in_flight == 1
+            removed = trio.Event()
+
+            async def remove():
+                await daemon.remove_target("disk")
+                removed.set()
+
+            nursery.start_soon(remove)
+            while dispatcher.admitting:
+                await trio.sleep(0.01)
+            await trio.to_thread.run_sync(sock.sendall, request(7, 2, 0, 65536))
+            assert error_of(await trio.to_thread.run_sync(read_chunk, sock)) == (108, "the server is stopping")
+            assert dispatcher.stats.refused == 1
+            assert not dispatcher.drained.is_set() and not removed.is_set()  # the stop waits for the query
+            backend.answer.set()
+            flags, kind, cookie, payload = await trio.to_thread.run_sync(read_chunk, sock)
+            assert (flags, kind, cookie) == (1, 5, 1)
+            assert list(struct.iter_unpack(">II", payload[4:])) == [(65536, HOLE)]
+            await removed.wait()
+            assert dispatcher.drained.is_set() and dispatcher.stats.in_flight == 0
+            assert await trio.to_thread.run_sync(sock.recv, 16) == b""  # then the connection closes
+
+
 async def test_fast_zero_the_backend_cannot_do_is_enotsup(tmp_path):
     """FAST_ZERO answered UNSUPPORTED by the backend: ENOTSUP, the data left as it was; without FAST_ZERO the spec
     forbids ENOTSUP once fast zero is advertised: EIO, with its reason."""
