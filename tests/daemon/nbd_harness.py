@@ -19,7 +19,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -169,15 +169,7 @@ class NbdSession:
         pid = self.nbdkit_pid()
         if pid is not None:
             self.nbdkit_pids.add(pid)
-        for pid in self.nbdkit_pids:
-            if nbdkit_alive(pid):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while any(nbdkit_alive(p) for p in self.nbdkit_pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in self.nbdkit_pids:
-            if nbdkit_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_nbdkits(self.nbdkit_pids)
         if self.tcp_port:
             shutil.rmtree(self.state_dir, ignore_errors=True)  # outside the test's directory
 
@@ -196,6 +188,23 @@ def nbdkit_alive(pid: int) -> bool:
     except OSError:
         return False
     return "(nbdkit)" in stat and stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def stop_nbdkits(pids: Iterable[int], grace: float = 10.0) -> None:
+    """Stop the nbdkits of ``pids`` still running: SIGTERM, up to ``grace`` seconds to exit, then SIGKILL.
+
+    nbdkit outlives the daemon that started it, so a test's session stops the ones it saw (a pid no longer an
+    nbdkit is left alone)."""
+    pids = list(pids)
+    for pid in pids:
+        if nbdkit_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(nbdkit_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if nbdkit_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -18,13 +18,11 @@ checks the ``rejected_inputs`` counters.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -39,7 +37,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "daemon"))  # daemon_harness, nbd_harness
 
 from daemon_harness import DMUSERD, terminate  # noqa: E402
-from nbd_harness import nbdkit_alive  # noqa: E402
+from nbd_harness import stop_nbdkits  # noqa: E402
+
+from dmuserd.daemon.service import is_dead_mount  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 HEADER = struct.Struct("<5Q")
@@ -382,7 +382,7 @@ class FuzzDaemon:
         return tail
 
     def _unmount(self) -> None:
-        if self.export == "fuse" and (os.path.ismount(self.fuse_dir) or _dead_mount(self.fuse_dir)):
+        if self.export == "fuse" and (os.path.ismount(self.fuse_dir) or is_dead_mount(str(self.fuse_dir))):
             subprocess.run(["umount", "-l", str(self.fuse_dir)], capture_output=True)
 
     def cleanup(self) -> None:
@@ -390,15 +390,7 @@ class FuzzDaemon:
             terminate(self.proc)
         self._unmount()
         self._remember_nbdkits()
-        for pid in self.nbdkit_pids:
-            if nbdkit_alive(pid):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while any(nbdkit_alive(p) for p in self.nbdkit_pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in self.nbdkit_pids:
-            if nbdkit_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_nbdkits(self.nbdkit_pids)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # logs
@@ -548,10 +540,3 @@ def _internal_errors(rejected: dict | None) -> dict[str, int]:
     """``{surface: count}`` of the guard's internal errors (exceptions no handler expected)."""
     return {s: r["internal-error"] for s, r in (rejected or {}).items() if r.get("internal-error")}
 
-
-def _dead_mount(path: Path) -> bool:
-    try:
-        os.stat(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
