@@ -63,6 +63,8 @@ SURFACE = "fuse"
 _READ = RequestType.READ
 _NO_FLAGS = Flag(0)
 _SUCCESS = ResponseType.SUCCESS
+#: A request built in C from one tuple of its fields (the NamedTuple's constructor is a Python function)
+_new = tuple.__new__
 
 
 class FuseExportError(DmuserdError):
@@ -159,6 +161,7 @@ class _File:
         self.device = device
         #: the device's entry point, held here for the READ path (an attribute lookup less per read)
         self.handle = device.handle
+        self.next_seq = device.next_seq
         self.size = size
         self.block_size = block_size
         self.rmw_lock = trio.Lock()  # serialises read-modify-write of partial blocks
@@ -345,6 +348,7 @@ class _Operations:
         ops_cls = type("DmuserdFuseOperations", (_OpsMixin, pyfuse3.Operations), {})
         ops = ops_cls()
         ops.export = export
+        ops.files = export._files  # the READ path's lookup: one attribute load
         ops.pyfuse3 = pyfuse3
         ops.mounted_at = time.time_ns()
         ops.sync_handles = set()
@@ -354,6 +358,7 @@ class _Operations:
 class _OpsMixin:
     # Set by _Operations.__new__:
     export: FuseMount
+    files: dict[int, _File]
     pyfuse3: Any
     mounted_at: int
     sync_handles: set
@@ -460,7 +465,7 @@ class _OpsMixin:
         between requests the server runs trio, libfuse and the kernel.)
         """
         try:
-            entry = self.export._files.get(fh)
+            entry = self.files.get(fh)
             if entry is None:
                 raise self.pyfuse3.FUSEError(errno.ENOENT)
             end = off + size
@@ -473,10 +478,11 @@ class _OpsMixin:
             length = end - first + -end % entry.block_size
             # The data as views of the backend's memory: pyfuse3 replies with
             # it before anything else runs, so a 4 KiB read is never copied here.
-            response = await entry.handle(Request(entry.device.next_seq(), _READ, _NO_FLAGS, first // SECTOR_SIZE, length), True)
-            if response.type is not _SUCCESS:
+            response = await entry.handle(
+                _new(Request, (entry.next_seq(), _READ, _NO_FLAGS, first // SECTOR_SIZE, length, None)), True)
+            _, answer, views = response
+            if answer is not _SUCCESS:
                 raise entry.device.failed(response, _READ, first, length)
-            views = response.payload
             data = views[0] if len(views) == 1 else b"".join(views)
             # Whole blocks (a loop device's I/O: nearly every read) go out as the device answered them.
             return bytes(data[head : end - first]) if length != end - off else data

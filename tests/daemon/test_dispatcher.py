@@ -215,3 +215,20 @@ async def test_scattered_read_of_the_wrong_size_fails_alone():
     response = await dispatcher.handle(Request(4, RequestType.READ, Flag(0), 0, 128 * 1024), views=True)
     assert response.type == ResponseType.ERROR and dispatcher.stats.errors == 1
     assert (await dispatcher.handle(Request(5, RequestType.READ, Flag(0), 8, 128 * 1024), views=True)).type == ResponseType.SUCCESS
+
+
+async def test_request_counts_by_operation():
+    """Counted per type; a WRITE of length 0 (the kernel's flush) counts as a flush; unserved types as other."""
+    dispatcher = Dispatcher(Recorder(), name="t")
+    kinds = [(RequestType.WRITE, 8, 512, b"w" * 512), (RequestType.WRITE, 0, 0, None), (RequestType.FLUSH, 0, 0, None),
+             (RequestType.READ, 0, 512, None), (RequestType.READ, 8, 512, None), (RequestType.DISCARD, 0, 512, None),
+             (RequestType.SECURE_ERASE, 0, 512, None), (RequestType.ZONE_OPEN, 0, 0, None),
+             (RequestType.WRITE_SAME, 0, 512, None)]
+    answers = [await dispatcher.handle(Request(seq, kind, Flag(0), sector, length, payload))
+               for seq, (kind, sector, length, payload) in enumerate(kinds)]
+    assert [a.seq for a in answers] == list(range(len(kinds)))
+    assert [a.type for a in answers].count(ResponseType.UNSUPPORTED) == 2  # the zone op and WRITE_SAME
+    stats = dispatcher.stats
+    assert stats.requests == {"read": 2, "write": 1, "flush": 2, "discard": 1, "secure_erase": 1, "write_zeroes": 0,
+                              "other": 2}
+    assert stats.total_requests == len(kinds) and stats.as_dict()["requests"] == stats.requests
