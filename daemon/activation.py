@@ -8,6 +8,7 @@ address a export or the control socket would bind, so a unit's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -46,18 +47,40 @@ def inherited_socket(address: str) -> socket.socket | None:
     return _inherited.pop(os.path.abspath(address) if address.startswith("/") else address, None)
 
 
-def bind_private_unix(path: str) -> socket.socket:
-    """A Unix stream socket bound at ``path`` with mode 0600 from the start.
+#: The longest path a Unix socket binds to (``sun_path`` holds 108 bytes with its NUL).
+_SUN_PATH_MAX = 107
 
-    The umask is narrowed around ``bind()`` so the socket file never exists
-    with wider permissions, not even between bind and a chmod.
+
+def bind_private_unix(path: str, backlog: int) -> socket.socket:
+    """A Unix stream socket listening at ``path``, with mode 0600 from the start.
+
+    It is bound and listens under a temporary name beside ``path``, then is
+    renamed to it: the file appears only once connections are accepted, so
+    a client that waits for the file and then connects (a readiness check,
+    a test) is never refused, as it could be between ``bind()`` and
+    ``listen()``. The umask is narrowed around ``bind()`` so the socket file
+    never exists with wider permissions, not even between bind and a chmod.
+    (Where the temporary name would be too long for a socket, ``path`` is
+    bound directly.)
     """
+    temp = f"{path}.{os.getpid()}"
+    if len(os.fsencode(temp)) > _SUN_PATH_MAX:
+        temp = path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        sock.bind(path)
+        if temp != path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)  # left by a process of this pid that died between bind and rename
+        sock.bind(temp)
+        sock.listen(backlog)
+        if temp != path:
+            os.rename(temp, path)
     except BaseException:
         sock.close()
+        if temp != path:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
         raise
     finally:
         os.umask(old_umask)

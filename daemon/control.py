@@ -60,8 +60,7 @@ async def serve_control(daemon, path: str, *, task_status=trio.TASK_STATUS_IGNOR
         sock = trio.socket.from_stdlib_socket(inherited)
     else:
         prepare_socket_path(path)
-        sock = trio.socket.from_stdlib_socket(bind_private_unix(path))
-        sock.listen(16)
+        sock = trio.socket.from_stdlib_socket(bind_private_unix(path, 16))
     listener = trio.SocketListener(sock)
     slots = trio.Semaphore(MAX_CONNECTIONS)
     log.info("control socket listening", path=path)

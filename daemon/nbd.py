@@ -501,17 +501,16 @@ def bind_nbd_socket(where: str) -> tuple[socket.socket, bool]:
                 raise NbdError(f"{address} is in use by another NBD server: stop it or choose another path")
             os.unlink(address)
         os.makedirs(os.path.dirname(address), exist_ok=True)
-        sock = bind_private_unix(address)
-    else:
-        host, port = address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise NbdError(f"cannot listen on {host}:{port} for NBD: {exc.strerror}") from None
+        return bind_private_unix(address, 128), False  # listening before its file appears
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise NbdError(f"cannot listen on {host}:{port} for NBD: {exc.strerror}") from None
     sock.listen(128)
     return sock, False
 
@@ -542,10 +541,7 @@ async def bind_channel_socket(state_dir: Path, name: str = CHANNEL_NAME) -> trio
         if _in_use(path):
             raise NbdError(f"another dmuserd daemon already serves {path}: stop it first")
         os.unlink(path)
-    sock = trio.socket.from_stdlib_socket(bind_private_unix(path))
-    os.chmod(path, 0o600)
-    sock.listen(128)
-    return sock
+    return trio.socket.from_stdlib_socket(bind_private_unix(path, 128))
 
 
 class SocketTransport:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from daemon_harness import DMUSERD, ServedDaemon, mounted, need_root_tools, run
+from daemon_harness import DMUSERD, ServedDaemon, mounted, need_root_tools, run, wait_until
 from nbd_harness import fio_nbd, qemu_io  # the fixture nbd_session comes through conftest
 
 FILES = 12
@@ -78,6 +78,16 @@ def test_nbd_fio_verify_on_rbd(ceph_cluster, nbd_session, tmp_path):
     assert status["errors"] == 0 and status["timeouts"] == 0
 
 
+def _disk(daemon) -> dict:
+    return daemon.status()["targets"]["disk"]
+
+
+def _wait_for_reads(daemon) -> None:
+    """Until fio's reads reach the daemon (it may take a while to start on a loaded machine)."""
+    before = _disk(daemon)["requests"]["read"]
+    wait_until(lambda: _disk(daemon)["requests"]["read"] > before + 100, "fio's reads reach the daemon", 60)
+
+
 def _reads(session, cwd, *, runtime: int) -> subprocess.Popen:
     """fio 4 KiB random reads over the export for ``runtime`` s, going on past errors (an outage's EIO)."""
     return subprocess.Popen(
@@ -96,11 +106,12 @@ def test_osd_outage_under_reads_fails_requests_and_the_daemon_recovers(ceph_clus
     qemu_io(nbd_session.uri, "write -P 0xab 0 32M", "flush")
     reader = _reads(nbd_session, tmp_path, runtime=14)
     try:
-        time.sleep(3)
+        _wait_for_reads(daemon)
         with ceph_cluster.osd_paused():
             time.sleep(6)  # three times the backend's timeout: what is in flight fails with EIO
+            # the daemon answers while the OSD does not
+            wait_until(lambda: _disk(daemon)["timeouts"] > 0, "a read timed out while the OSD is frozen", 60)
             assert daemon.proc.poll() is None
-            assert daemon.status()["targets"]["disk"]["timeouts"] > 0  # the daemon answers while the OSD does not
         out, err = reader.communicate(timeout=120)
     finally:
         if reader.poll() is None:
@@ -124,12 +135,12 @@ def test_osd_killed_for_10s_under_reads_the_daemon_stays_up_and_recovers(ceph_cl
     qemu_io(nbd_session.uri, "write -P 0x5c 0 32M", "flush")
     reader = _reads(nbd_session, tmp_path, runtime=20)
     try:
-        time.sleep(3)
+        _wait_for_reads(daemon)
         with ceph_cluster.osd_killed():
             time.sleep(10)
+            # Reads fail with EIO, none hangs (the timeout and the dispatcher's error are counted by two tasks).
+            wait_until(lambda: (d := _disk(daemon))["timeouts"] > 0 and d["errors"] > 0, "reads failed with EIO", 60)
             assert daemon.proc.poll() is None
-            during = daemon.status()["targets"]["disk"]
-            assert during["timeouts"] > 0 and during["errors"] > 0  # reads failed with EIO, none hung
         out, err = reader.communicate(timeout=120)
     finally:
         if reader.poll() is None:

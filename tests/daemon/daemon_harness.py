@@ -31,6 +31,18 @@ def need_root_tools(*tools: str) -> None:
         pytest.skip(f"missing tools: {', '.join(missing)}")
 
 
+def wait_until(predicate, what: str, timeout: float = 15.0) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds.
+
+    For what another process does a moment later: wait for the very thing a
+    test then asserts, not for a guessed time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
 def run(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kwargs)
 

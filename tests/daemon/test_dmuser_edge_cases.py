@@ -15,6 +15,7 @@ import errno
 import os
 import struct
 import threading
+from pathlib import Path
 from array import array
 
 import pytest
@@ -264,10 +265,10 @@ def _has_reader(path: str) -> bool:
 
 async def test_giving_up_a_channel_releases_its_file_while_the_reader_is_blocked(fifo):
     channel = DevChannel(fifo, "fifo")
+    wchan = f"/proc/self/task/{channel._thread.native_id}/wchan"
     with trio.fail_after(10):
-        while channel._fd._reader is None:  # the thread is on its way into read()
+        while "pipe_read" not in Path(wchan).read_text():  # until the thread sleeps in the FIFO's read()
             await trio.sleep(0.001)
-    await trio.sleep(0.05)
     assert _has_reader(fifo)
     channel.close()
     with trio.fail_after(10):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import DMUSERD, run
+from daemon_harness import DMUSERD, run, wait_until
 from dmuserd.backends.memory import MemoryBackend
 from dmuserd.daemon.config import parse_export
 from dmuserd.daemon.nbd import DEFAULT_IDLE_EXIT, NbdError, _nbdkit_command, settings_for
@@ -29,14 +29,6 @@ def registry(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "registry"
     monkeypatch.setenv("DMUSERD_NBD_REGISTRY", str(path))
     return path
-
-
-def wait_until(predicate, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def nbd_cli(*args: str) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 
+from daemon_harness import wait_until
 from nbd_harness import nbdkit_alive, need_nbd_tools, qemu_io
 
 #: The daemon timeout of the restart tests: dm-user's 4 s would do, but a
@@ -36,9 +37,9 @@ def test_sigkill_during_fio_then_restart_within_timeout(nbd_session, tmp_path):
     fio = _fio(nbd_session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=24M", "--rate_iops=2000",
                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
     try:
-        time.sleep(1.0)  # the write phase takes about 3 s (rate-limited)
+        # fio is writing through this daemon (its write phase takes about 3 s, rate-limited)
+        wait_until(lambda: first.requests()["write"] > 0 or fio.poll() is not None, "fio writes", 60)
         assert fio.poll() is None, fio.stdout.read()
-        assert first.requests()["write"] > 0  # fio is writing through this daemon
         first.kill()
         second = nbd_session.start(backend, TIMEOUT)  # well within the daemon timeout
         out, _ = fio.communicate(timeout=120)
@@ -110,7 +111,7 @@ def test_restart_with_sigterm_under_fio(nbd_session, tmp_path):
     fio = _fio(nbd_session.uri, tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
                "--rate_iops=2000", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
     try:
-        time.sleep(1.0)
+        wait_until(lambda: first.requests()["write"] > 0 or fio.poll() is not None, "fio writes", 60)
         assert fio.poll() is None, fio.stdout.read()
         assert first.terminate() == 0, first.log_text()
         second = nbd_session.start(backend, TIMEOUT)

@@ -26,7 +26,7 @@ import trio
 
 import json
 
-from daemon_harness import run
+from daemon_harness import run, wait_until
 from nbd_harness import open_session, qemu_io
 from peak_backend import PeakReads
 from dmuserd.backends import Unsupported
@@ -121,6 +121,10 @@ def error_of(chunk: tuple[int, int, int, bytes]) -> tuple[int, str]:
     return error, payload[6:].decode()
 
 
+def _connections(daemon) -> int:
+    return daemon.status()["targets"]["disk"]["export_status"]["nbd"]["connections"]
+
+
 def rss_kib(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -171,9 +175,7 @@ def test_client_gone_with_replies_due(served):
             sock.sendall(b"".join(request(0, i, 0, 1 << 20) for i in range(32)))
             recv_exactly(sock, 16)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
-    deadline = time.monotonic() + 30
-    while daemon.status()["targets"]["disk"]["export_status"]["nbd"]["connections"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not _connections(daemon), "the reset connections end", 30)  # then their errors are counted
     assert "internal-error" not in daemon.status()["rejected_inputs"].get("nbd-client", {})
     qemu_io(session.uri, "read 0 64k")
 
@@ -266,9 +268,7 @@ def test_a_thousand_connections(served):
     finally:
         for sock in socks:
             sock.close()
-    deadline = time.monotonic() + 30
-    while daemon.status()["targets"]["disk"]["export_status"]["nbd"]["connections"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not _connections(daemon), "the closed connections end", 30)
     qemu_io(session.uri, "read 0 64k")
 
 

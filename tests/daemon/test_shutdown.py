@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
+import threading
 
-from daemon_harness import need_root_tools
+from daemon_harness import need_root_tools, wait_until
 
 BLOCK = 64 * 1024
 
@@ -34,11 +34,20 @@ def test_sigterm_with_io_in_flight(serve, tmp_path):
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    time.sleep(2.0)
+    acknowledged: list[int] = []
+
+    def collect() -> None:
+        for line in writer.stdout:
+            acknowledged.append(int(line))
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    # The stop comes once blocks are acknowledged (not after a guessed time: the writer may start slowly).
+    wait_until(lambda: len(acknowledged) > 5 or writer.poll() is not None, "the writer's first blocks", 60)
     assert writer.poll() is None, writer.stderr.read()
     rc = daemon.terminate(timeout=30)
-    out, _ = writer.communicate(timeout=30)
-    acknowledged = [int(x) for x in out.split()]
+    writer.wait(30)
+    collector.join(30)
     assert rc == 0, daemon.log_text()
     assert len(acknowledged) > 5
     with open(image, "rb") as f:

@@ -84,7 +84,11 @@ class NbdKernelGuest(UblkGuest):
             time.sleep(0.2)
         out["check_after"] = self.sh("nbd-client", "-check", dev).returncode
         out["size_after"] = int(open(f"/sys/block/{os.path.basename(dev)}/size").read())
+        # The server sees the kernel's close a moment after nbd-client does: wait for what is checked.
         export = self.disk(server)["export_status"]["nbd"]
+        while export.get("connections") and time.monotonic() < deadline + 30:
+            time.sleep(0.2)
+            export = self.disk(server)["export_status"]["nbd"]
         out["connections_after"], out["memory_held_after"] = export.get("connections"), export.get("memory_held")
         out["exit"] = self.stop(server)
         out["kernel_log"] = self.kernel_log()
