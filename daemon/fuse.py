@@ -50,7 +50,7 @@ from dmuserd.daemon.config import ConfigError
 from dmuserd.daemon.export import Export, Host
 from dmuserd.daemon.guard import Guard
 from dmuserd.errors import DmuserdError
-from dmuserd.protocol import SECTOR_SIZE, Flag, Request, RequestType, ResponseType
+from dmuserd.protocol import SECTOR_SIZE, Flag, Request, RequestType, ResponseType, new_message
 
 if TYPE_CHECKING:
     from dmuserd.daemon.direct import InProcessDevice
@@ -63,8 +63,6 @@ SURFACE = "fuse"
 _READ = RequestType.READ
 _NO_FLAGS = Flag(0)
 _SUCCESS = ResponseType.SUCCESS
-#: A request built in C from one tuple of its fields (the NamedTuple's constructor is a Python function)
-_new = tuple.__new__
 
 
 class FuseExportError(DmuserdError):
@@ -479,7 +477,7 @@ class _OpsMixin:
             # The data as views of the backend's memory: pyfuse3 replies with
             # it before anything else runs, so a 4 KiB read is never copied here.
             response = await entry.handle(
-                _new(Request, (entry.next_seq(), _READ, _NO_FLAGS, first // SECTOR_SIZE, length, None)), True)
+                new_message(Request, entry.next_seq(), _READ, _NO_FLAGS, first // SECTOR_SIZE, length, None), True)
             _, answer, views = response
             if answer is not _SUCCESS:
                 raise entry.device.failed(response, _READ, first, length)

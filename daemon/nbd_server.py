@@ -132,6 +132,7 @@ from dmuserd.protocol import (
     nbd_block_status_chunk,
     nbd_data_chunk,
     nbd_simple_reply,
+    new_message,
 )
 
 if TYPE_CHECKING:
@@ -571,7 +572,7 @@ class _Connection:
                     self._spare_bytes -= req.length
                 else:
                     data = bytearray(req.length)
-                response = await handle(Request(req.cookie, _R_READ, _NO_FLAGS, sector, req.length),
+                response = await handle(new_message(Request, req.cookie, _R_READ, _NO_FLAGS, sector, req.length, None),
                                         into=memoryview(data))
                 if response.type is _SUCCESS:  # held until sent; structured: one chunk (DF holds as it is)
                     self._reply(nbd_data_chunk(req.cookie, req.offset, req.length) if self._structured
@@ -580,8 +581,9 @@ class _Connection:
                 self._held -= req.length
                 self._budget.release(req.length)
             elif command is _WRITE:
-                response = await handle(Request(req.cookie, _R_WRITE, _FUA if req.flags & _NBD_FUA else _NO_FLAGS,
-                                                sector, req.length, req.payload))
+                response = await handle(new_message(Request, req.cookie, _R_WRITE,
+                                                    _FUA if req.flags & _NBD_FUA else _NO_FLAGS, sector, req.length,
+                                                    req.payload))
                 self._held -= req.length  # the payload is written (or failed): it goes
                 self._budget.release(req.length)
             elif command is _FLUSH:

@@ -60,10 +60,11 @@ from dmuserd.protocol._nbd import block_status_chunk as nbd_block_status_chunk
 from dmuserd.protocol._nbd import data_chunk as nbd_data_chunk
 from dmuserd.protocol._nbd import error_chunk as nbd_error_chunk
 from dmuserd.protocol._nbd import simple_reply as nbd_simple_reply
-from dmuserd.protocol._message import HEADER_STRUCT, Header, OversizedRequest, Request, Response
+from dmuserd.protocol._message import HEADER_STRUCT, Header, OversizedRequest, Request, Response, new_message
 from dmuserd.protocol._shm import ANNOUNCEMENT_SIZE, NO_SLOT, SLOT_STRUCT, PoolLayout, SlotPool
 
 __all__ = [
+    "new_message",
     "ALL_FLAGS",
     "ANNOUNCEMENT_SIZE",
     "DEFAULT_DAEMON_TIMEOUT_MS",
