@@ -2,8 +2,15 @@
 
 ``--export fuse:/run/dmuserd/fuse`` puts the target's file at
 ``/run/dmuserd/fuse/<name>``. ``losetup --direct-io=on`` turns it into a real
-block device. pyfuse3 allows one mount per process, so every target exported
-over FUSE in a process shares the mount.
+block device. Every target exported over FUSE in a process shares the
+process's one mount.
+
+The FUSE session is dmuserd's own (:mod:`dmuserd.daemon._fuse_session`, on
+libfuse's low-level API): each request reaches Python as one event tuple,
+and :class:`SessionLoop`'s workers read requests while there are any and
+serve each in place, waiting on the fd only when none is left. (pyfuse3,
+which this export used before, costs ~125k instructions per request in its
+own machinery: a trio wait, a lock and a coroutine per request.)
 
 Each file operation becomes block I/O on the target's in-process device:
 by default one typed request straight to the dispatcher
@@ -16,9 +23,8 @@ with dm-user's own semantics (sequence numbers, the daemon timeout):
 read               READ of the covering blocks (unaligned reads are sliced)
 write              WRITE (an unaligned write reads, patches and writes back)
 fsync              a zero-length WRITE with PREFLUSH (how the kernel flushes)
-fallocate          PUNCH_HOLE → DISCARD, ZERO_RANGE → WRITE_ZEROES
-                   (where the fallocate shim could be installed, see
-                   :mod:`dmuserd.daemon.fuse_fallocate`)
+fallocate          PUNCH_HOLE → DISCARD, ZERO_RANGE → WRITE_ZEROES (the loop
+                   driver's discard and write-zeroes)
 =================  ===========================================================
 
 Options: ``emulate=dm-user`` and, with it, ``channels=N`` (1 to 64, default
@@ -29,18 +35,18 @@ dispatcher refuses new requests: they fail with EIO.
 A failed BIO is EIO to the caller; the file and the device stay up. Each
 request is an input surface (``fuse``, :mod:`dmuserd.daemon.guard`): an
 operation that fails with anything but an ``OSError`` (a bug) answers EIO,
-is counted and logged, and pyfuse3 never sees the exception (it would end
-the whole mount).
+is counted and logged; the mount goes on. A request left unanswered (a
+cancelled task) is answered EIO, and so is every outstanding one when the
+mount stops: no caller hangs.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import stat
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -140,18 +146,6 @@ class FuseExport(Export):
         return {"mode": "emulate=dm-user" if self.emulate else "direct"}
 
 
-def _load_pyfuse3():
-    """Import pyfuse3, with our fallocate shim in front of it when available."""
-    try:
-        from dmuserd.daemon import fuse_fallocate
-    except ImportError:
-        fuse_fallocate = None
-    has_fallocate = bool(fuse_fallocate and fuse_fallocate.install())
-    import pyfuse3
-
-    return pyfuse3, (fuse_fallocate if has_fallocate else None)
-
-
 class _File:
     def __init__(self, inode: int, name: str, device: InProcessDevice, size: int, block_size: int) -> None:
         self.inode = inode
@@ -211,75 +205,155 @@ class FuseMount:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Mount, serve until cancelled, unmount (also after an error)."""
         self._check_mountpoint()
-        pyfuse3, fallocate = _load_pyfuse3()
-        self.fallocate_supported = fallocate is not None
-        ops = _Operations(self, pyfuse3)
-        options = set(pyfuse3.default_options)
-        options.discard("default_permissions")
-        options |= {"fsname=dmuserd", "subtype=dmuserd"}
-        if os.geteuid() == 0:
-            options.add("allow_other")
         try:
-            pyfuse3.init(ops, self.mountpoint, options)
-        except RuntimeError as exc:
+            from dmuserd.daemon import _fuse_session
+        except ImportError:
+            raise FuseExportError(
+                "the FUSE export needs dmuserd's libfuse extension (daemon/_fuse_session.c), which was not built: "
+                "install libfuse3-dev (and a C compiler), then reinstall dmuserd") from None
+        options = "fsname=dmuserd,subtype=dmuserd" + (",allow_other" if os.geteuid() == 0 else "")
+        try:
+            session = _fuse_session.Session(self.mountpoint, options)
+        except OSError as exc:
             raise FuseExportError(f"mounting FUSE at {self.mountpoint} failed: {exc}") from None
         self.mounted = True
-        log.info("fuse mounted", mountpoint=self.mountpoint, files=[f.name for f in self._files.values()],
-                 fallocate=self.fallocate_supported)
+        log.info("fuse mounted", mountpoint=self.mountpoint, files=[f.name for f in self._files.values()])
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if fallocate:
-                    fallocate.set_handler(self._on_fallocate)
-                nursery.start_soon(self._main, pyfuse3)
+                loop = SessionLoop(session, Operations(self), nursery)
+                loop.add_worker()
                 task_status.started()
         finally:
-            if fallocate:
-                fallocate.set_handler(None)
-            self._nursery = None
-            with trio.CancelScope(shield=True):
-                pyfuse3.close(unmount=True)
+            if session.fd >= 0:
+                trio.lowlevel.notify_closing(session.fd)
+            session.close()  # outstanding requests answer EIO, then the lazy unmount
             self.mounted = False
             log.info("fuse unmounted", mountpoint=self.mountpoint)
 
-    async def _main(self, pyfuse3) -> None:
-        await pyfuse3.main(min_tasks=4, max_tasks=160)
-        # main() returns when the file system was unmounted from outside.
-        log.warning("fuse file system was unmounted from outside", mountpoint=self.mountpoint)
-        raise FuseExportError(f"{self.mountpoint} was unmounted from outside; the daemon stops")
 
-    # -- fallocate (called by the shim inside pyfuse3's request processing) ---
+#: fallocate(2) modes (linux/falloc.h) the export takes
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+ROOT_INODE = 1
+#: how long the kernel may cache names and attributes (they change only when a target comes or goes)
+CACHE_SECONDS = 300.0
 
-    def _on_fallocate(self, req: int, inode: int, mode: int, offset: int, length: int) -> None:
-        from dmuserd.daemon import fuse_fallocate as fa
 
-        self._nursery.start_soon(self._fallocate, fa, req, inode, mode, offset, length)
+class Operations:
+    """What each FUSE operation does on the mount's files: arguments in, the answer's value out.
 
-    async def _fallocate(self, fa, req, inode, mode, offset, length) -> None:
-        err = errno.EIO
-        with self.guard.isolate(SURFACE, op="fallocate", mode=mode, offset=offset, length=length):
-            err = await self._fallocate_errno(fa, inode, mode, offset, length)
-        fa.reply(req, err)
+    An ``OSError`` is answered with its errno (:meth:`SessionLoop.serve`).
+    Attributes are ``(ino, mode, nlink, size, uid, gid, blksize, blocks,
+    time_ns)``, as ``Request.attr`` and ``Request.entry`` take them.
+    """
 
-    async def _fallocate_errno(self, fa, inode, mode, offset, length) -> int:
-        """The errno a fallocate gets (0 for success)."""
-        err = 0
+    def __init__(self, mount: FuseMount) -> None:
+        self.mount = mount
+        self.guard = mount.guard
+        self.files = mount._files  # the READ path's lookup: one attribute load
+        self.mounted_at = time.time_ns()
+
+    def _entry(self, inode: int) -> _File:
         try:
-            entry = self._files.get(inode)
-            if entry is None:
-                err = errno.ENOENT
-            elif not mode & fa.FALLOC_FL_KEEP_SIZE and offset + length > entry.size:
-                err = errno.EFBIG  # a block device's file cannot grow
-            elif mode & fa.FALLOC_FL_PUNCH_HOLE:
-                await self._deallocate(entry, RequestType.DISCARD, offset, length, _NO_FLAGS)
-            elif mode & fa.FALLOC_FL_ZERO_RANGE:
-                await self._deallocate(entry, RequestType.WRITE_ZEROES, offset, length, Flag.NOUNMAP)
-            elif mode & ~fa.FALLOC_FL_KEEP_SIZE:
-                err = errno.EOPNOTSUPP
-            # mode 0 / KEEP_SIZE alone: preallocation within the size is a no-op.
-        except OSError as exc:
-            err = exc.errno or errno.EIO
-        return err
+            return self.files[inode]
+        except KeyError:
+            raise OSError(errno.ENOENT, f"no file with inode {inode}") from None
+
+    def getattr(self, inode: int) -> tuple:
+        uid, gid = os.getuid(), os.getgid()
+        if inode == ROOT_INODE:
+            return (inode, stat.S_IFDIR | 0o755, 2, 0, uid, gid, 4096, 0, self.mounted_at)
+        entry = self._entry(inode)
+        return (inode, stat.S_IFREG | 0o600, 1, entry.size, uid, gid, max(4096, entry.block_size),
+                entry.size // 512, self.mounted_at)
+
+    def setattr(self, inode: int, to_set: int, size: int) -> tuple:
+        from dmuserd.daemon._fuse_session import SET_ATTR_SIZE
+
+        if inode != ROOT_INODE and to_set & SET_ATTR_SIZE and size != self._entry(inode).size:
+            raise OSError(errno.EPERM, "a device's size is fixed")
+        return self.getattr(inode)
+
+    def lookup(self, parent: int, name: bytes) -> tuple:
+        entry = self.mount._by_name.get(name)
+        if parent != ROOT_INODE or entry is None:
+            raise OSError(errno.ENOENT, "no such file")
+        return self.getattr(entry.inode)
+
+    def open(self, inode: int, flags: int) -> int:
+        """The file handle: the inode (no per-open state)."""
+        self._entry(inode)
+        if flags & os.O_TRUNC:
+            # A device's size is fixed (truncate is EPERM too). Accepting it would let the
+            # kernel's atomic O_TRUNC set its cached size to 0. (dd: use conv=notrunc.)
+            raise OSError(errno.EPERM, "a device's size is fixed")
+        return inode
+
+    def opendir(self, inode: int) -> int:
+        if inode != ROOT_INODE:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return inode
+
+    def readdir(self, inode: int, offset: int) -> list[tuple[bytes, int, int, int]]:
+        """The files after ``offset`` as ``(name, inode, mode, next offset)``: the offset is the inode."""
+        return [(entry.name.encode(), entry.inode, stat.S_IFREG, entry.inode)
+                for entry in sorted(self.files.values(), key=lambda e: e.inode) if entry.inode > offset]
+
+    def statfs(self) -> tuple[int, int, int, int]:
+        """``(block size, blocks, files, longest name)``: full, nothing free."""
+        total = sum(e.size for e in self.files.values())
+        return (4096, total // 4096, len(self.files) + 1, 255)
+
+    async def read(self, fh: int, off: int, size: int):
+        """Whole blocks within the file (a loop device's I/O: nearly every read) go to the device as they are.
+
+        The answer is the backend's views (a list of buffers), sent before
+        anything else runs, so a 4 KiB read is never copied here. Any other
+        read is answered from the whole blocks covering it
+        (:meth:`_read_covering`, through this same path), cut to what was
+        asked; short at the end of the file.
+        """
+        entry = self.files.get(fh)
+        if entry is None:
+            raise OSError(errno.ENOENT, f"no file with inode {fh}")
+        if (off | size) % entry.block_size or not size or off + size > entry.size:
+            return await self._read_covering(fh, entry, off, size)
+        response = await entry.handle(
+            new_message(Request, entry.next_seq(), _READ, _NO_FLAGS, off // SECTOR_SIZE, size, None), True)
+        _, answer, views = response
+        if answer is not _SUCCESS:
+            raise entry.device.failed(response, _READ, off, size)
+        return views
+
+    async def _read_covering(self, fh: int, entry: _File, off: int, size: int) -> bytes:
+        """A read that is not whole blocks within the file: the whole blocks covering it, cut to it."""
+        end = min(off + size, entry.size)
+        if off >= end:
+            return b""
+        head = off % entry.block_size
+        first = off - head
+        data = b"".join(await self.read(fh, first, end - first + -end % entry.block_size))
+        return data[head : end - first]
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        return await write_range(self._entry(fh), off, data)
+
+    async def fsync(self, fh: int) -> None:
+        # What the 6.1 kernel sends for a flush: WRITE, len 0, PREFLUSH.
+        await self._entry(fh).device.submit(RequestType.WRITE, 0, 0, data=b"", flags=Flag.PREFLUSH)
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """PUNCH_HOLE → DISCARD, ZERO_RANGE → WRITE_ZEROES; preallocation within the size is a no-op."""
+        entry = self._entry(fh)
+        if not mode & FALLOC_FL_KEEP_SIZE and offset + length > entry.size:
+            raise OSError(errno.EFBIG, "a block device's file cannot grow")
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            await self._deallocate(entry, RequestType.DISCARD, offset, length, _NO_FLAGS)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            await self._deallocate(entry, RequestType.WRITE_ZEROES, offset, length, Flag.NOUNMAP)
+        elif mode & ~FALLOC_FL_KEEP_SIZE:
+            raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
 
     async def _deallocate(self, entry: _File, kind, offset: int, length: int, flags: Flag) -> None:
         end = min(offset + length, entry.size)
@@ -293,6 +367,133 @@ class FuseMount:
                 await write_range(entry, start, bytes(stop - start))
         if last > first:
             await entry.device.submit(kind, first, last - first, flags=flags)
+
+    def errno_of(self, exc: Exception, op: str) -> int:
+        """The errno a request that raised ``exc`` answers: an ``OSError``'s own, anything else a counted EIO (a bug)."""
+        if isinstance(exc, OSError):
+            return exc.errno or errno.EIO
+        self.guard.failed(SURFACE, exc, op=op)
+        return errno.EIO
+
+
+#: the operations that reach Python (``_fuse_session`` answers RELEASE, FLUSH, FORGET... itself)
+_OPS = ("LOOKUP", "GETATTR", "SETATTR", "OPEN", "READ", "WRITE", "FSYNC", "OPENDIR", "READDIR", "STATFS", "FALLOCATE")
+#: the most worker tasks one mount runs (each serves one request at a time)
+MAX_WORKERS = 160
+#: a worker that never waits lets the rest of the daemon run after this many requests
+RUN_OF_REQUESTS = 64
+
+
+class SessionLoop:
+    """Worker tasks reading requests from the session and serving them (see the module doc).
+
+    A worker takes requests while there are any (the fd is non-blocking) and
+    serves each in place; with a backend that answers at once one worker
+    serves everything, with no task switch per request. One worker at a time
+    waits for the fd to become readable; others with nothing to do park.
+    When the last free worker starts on a request, a parked one is woken (or
+    a new one started, up to :data:`MAX_WORKERS`), so a request that waits
+    in its backend never holds the others back.
+    """
+
+    def __init__(self, session, ops: Operations, nursery: trio.Nursery) -> None:
+        from dmuserd.daemon import _fuse_session as fs
+
+        self.session = session
+        self.ops = ops
+        self.nursery = nursery
+        self.workers = 0
+        self.free = 0  # workers reading or about to read: neither serving nor parked
+        self.watching = False
+        self.lot = trio.lowlevel.ParkingLot()
+        self._fs = fs
+        self._op_names = {getattr(fs, name): name.lower() for name in _OPS}
+
+    def add_worker(self) -> None:
+        self.workers += 1
+        self.free += 1
+        self.nursery.start_soon(self.worker)
+
+    async def worker(self) -> None:
+        next_event = self.session.next
+        serve = self.serve
+        run = 0
+        while True:
+            try:
+                event = next_event()
+            except EOFError:
+                log.warning("fuse file system was unmounted from outside", mountpoint=self.ops.mount.mountpoint)
+                raise FuseExportError(
+                    f"{self.ops.mount.mountpoint} was unmounted from outside; the daemon stops") from None
+            if event is None:
+                run = 0
+                await self._wait()
+                continue
+            self.free -= 1
+            if not self.free:
+                self._another_reader()
+            await serve(event)
+            self.free += 1
+            run += 1
+            if run == RUN_OF_REQUESTS:
+                run = 0
+                await trio.lowlevel.checkpoint()
+
+    def _another_reader(self) -> None:
+        if self.lot:
+            self.lot.unpark()
+            self.free += 1
+        elif self.workers < MAX_WORKERS:
+            self.add_worker()
+
+    async def _wait(self) -> None:
+        """Until the fd is readable (one worker), or until woken to read (the others)."""
+        if self.watching:
+            self.free -= 1
+            await self.lot.park()  # the waker counted this worker free again
+            return
+        self.watching = True
+        try:
+            await trio.lowlevel.wait_readable(self.session.fd)
+        finally:
+            self.watching = False
+
+    async def serve(self, event: tuple) -> None:
+        """Answer one request (``(op, request, args...)`` from ``Session.next``); never raises an ``Exception``."""
+        fs = self._fs
+        ops = self.ops
+        op, req = event[0], event[1]
+        try:
+            if op == fs.READ:
+                req.data(await ops.read(event[2], event[3], event[4]))
+            elif op == fs.WRITE:
+                req.written(await ops.write(event[2], event[3], event[4]))
+            elif op == fs.FSYNC:
+                await ops.fsync(event[2])
+                req.error(0)
+            elif op == fs.FALLOCATE:
+                await ops.fallocate(event[2], event[3], event[4], event[5])
+                req.error(0)
+            elif op == fs.LOOKUP:
+                req.entry(ops.lookup(event[2], event[3]), CACHE_SECONDS)
+            elif op == fs.GETATTR:
+                req.attr(ops.getattr(event[2]), CACHE_SECONDS)
+            elif op == fs.SETATTR:
+                req.attr(ops.setattr(event[2], event[3], event[4]), CACHE_SECONDS)
+            elif op == fs.OPEN:
+                # No page cache in the FUSE layer: the device (or loop) above caches,
+                # and every read must see what other exports wrote.
+                req.open(ops.open(event[2], event[3]), True)
+            elif op == fs.OPENDIR:
+                req.open(ops.opendir(event[2]), False)
+            elif op == fs.READDIR:
+                req.dirents(event[3], ops.readdir(event[2], event[4]))
+            elif op == fs.STATFS:
+                req.statfs(*ops.statfs())
+            else:
+                req.error(errno.ENOSYS)
+        except Exception as exc:  # noqa: BLE001 - one request fails, never the mount
+            req.error(ops.errno_of(exc, self._op_names.get(op, str(op))))
 
 
 async def write_range(entry: _File, offset: int, data, flags: Flag = _NO_FLAGS) -> int:
@@ -311,207 +512,3 @@ async def write_range(entry: _File, offset: int, data, flags: Flag = _NO_FLAGS) 
         block[offset - start : offset - start + length] = data
         await entry.device.submit(RequestType.WRITE, start, stop - start, data=bytes(block), flags=flags)
     return length
-
-
-def _fuse_error(ops: _OpsMixin, exc: Exception, op: str) -> Exception:
-    """What a FUSE request that raised ``exc`` answers: an ``OSError`` is its errno, anything else a counted EIO.
-
-    (A ``FUSEError`` stays as it is; pyfuse3 must never see anything else: it
-    would end the whole mount. See the module doc.)
-    """
-    fuse_error = ops.pyfuse3.FUSEError
-    if isinstance(exc, fuse_error):
-        return exc
-    if isinstance(exc, OSError):
-        return fuse_error(exc.errno or errno.EIO)
-    ops.export.guard.failed(SURFACE, exc, op=op)
-    return fuse_error(errno.EIO)
-
-
-def _request(method):
-    """One FUSE request, its exception answered by :func:`_fuse_error`."""
-
-    @functools.wraps(method)
-    async def request(self, *args):
-        try:
-            return await method(self, *args)
-        except Exception as exc:  # noqa: BLE001 - pyfuse3 would end the mount
-            raise _fuse_error(self, exc, method.__name__) from None
-
-    return request
-
-
-class _Operations:
-    """pyfuse3 operations (a subclass is built at run time: pyfuse3 is imported late)."""
-
-    def __new__(cls, export: FuseMount, pyfuse3):
-        ops_cls = type("DmuserdFuseOperations", (_OpsMixin, pyfuse3.Operations), {})
-        ops = ops_cls()
-        ops.export = export
-        ops.files = export._files  # the READ path's lookup: one attribute load
-        ops.pyfuse3 = pyfuse3
-        ops.mounted_at = time.time_ns()
-        ops.sync_handles = set()
-        return ops
-
-
-class _OpsMixin:
-    # Set by _Operations.__new__:
-    export: FuseMount
-    files: dict[int, _File]
-    pyfuse3: Any
-    mounted_at: int
-    sync_handles: set
-
-    supports_dot_lookup = False
-    enable_writeback_cache = False
-    enable_acl = False
-
-    def _attrs(self, inode: int):
-        pyfuse3 = self.pyfuse3
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = inode
-        attr.generation = 0
-        attr.entry_timeout = 300
-        attr.attr_timeout = 300
-        attr.st_uid = os.getuid()
-        attr.st_gid = os.getgid()
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.mounted_at
-        if inode == pyfuse3.ROOT_INODE:
-            attr.st_mode = stat.S_IFDIR | 0o755
-            attr.st_nlink = 2
-            attr.st_size = 0
-            attr.st_blksize = 4096
-        else:
-            entry = self._entry(inode)
-            attr.st_mode = stat.S_IFREG | 0o600
-            attr.st_nlink = 1
-            attr.st_size = entry.size
-            attr.st_blksize = max(4096, entry.block_size)
-            attr.st_blocks = entry.size // 512
-        return attr
-
-    def _entry(self, inode: int) -> _File:
-        try:
-            return self.export._files[inode]
-        except KeyError:
-            raise self.pyfuse3.FUSEError(errno.ENOENT) from None
-
-    @_request
-    async def getattr(self, inode, ctx=None):
-        return self._attrs(inode)
-
-    @_request
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        if inode != self.pyfuse3.ROOT_INODE and fields.update_size and attr.st_size != self._entry(inode).size:
-            raise self.pyfuse3.FUSEError(errno.EPERM)  # a device's size is fixed
-        return self._attrs(inode)
-
-    @_request
-    async def lookup(self, parent_inode, name, ctx=None):
-        entry = self.export._by_name.get(bytes(name))
-        if parent_inode != self.pyfuse3.ROOT_INODE or entry is None:
-            raise self.pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(entry.inode)
-
-    @_request
-    async def opendir(self, inode, ctx):
-        if inode != self.pyfuse3.ROOT_INODE:
-            raise self.pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
-    @_request
-    async def readdir(self, fh, start_id, token):
-        entries = sorted(self.export._files.values(), key=lambda e: e.inode)
-        for entry in entries:
-            if entry.inode <= start_id:
-                continue
-            if not self.pyfuse3.readdir_reply(token, entry.name.encode(), self._attrs(entry.inode), entry.inode):
-                break
-
-    @_request
-    async def releasedir(self, fh):
-        pass
-
-    @_request
-    async def open(self, inode, flags, ctx):
-        self._entry(inode)
-        if flags & os.O_TRUNC:
-            # A device's size is fixed (truncate is EPERM too). Accepting it would let the
-            # kernel's atomic O_TRUNC set its cached size to 0. (dd: use conv=notrunc.)
-            raise self.pyfuse3.FUSEError(errno.EPERM)
-        info = self.pyfuse3.FileInfo(fh=inode)
-        # No page cache in the FUSE layer: the device (or loop) above caches,
-        # and every read must see what other exports wrote.
-        info.direct_io = True
-        info.keep_cache = False
-        return info
-
-    @_request
-    async def release(self, fh):
-        pass
-
-    @_request
-    async def flush(self, fh):
-        pass
-
-    async def read(self, fh, off, size):
-        """Whole blocks within the file (a loop device's I/O: nearly every read) go to the device as they are.
-
-        Any other read is answered from the whole blocks covering it
-        (:meth:`_read_covering`, through this same path), cut to what was
-        asked; short at the end of the file. The ``try`` is here rather than
-        in :func:`_request`'s wrapper, and the file is looked up here rather
-        than through :meth:`_entry`: each is a frame less on the path every
-        loop-device read takes (under fio each step of this handler costs
-        several times what it costs in a loop in process: between requests
-        the server runs trio, libfuse and the kernel).
-        """
-        try:
-            entry = self.files.get(fh)
-            if entry is None:
-                raise self.pyfuse3.FUSEError(errno.ENOENT)
-            if (off | size) % entry.block_size or not size or off + size > entry.size:
-                return await self._read_covering(fh, entry, off, size)
-            # The data as views of the backend's memory: pyfuse3 replies with
-            # it before anything else runs, so a 4 KiB read is never copied here.
-            response = await entry.handle(
-                new_message(Request, entry.next_seq(), _READ, _NO_FLAGS, off // SECTOR_SIZE, size, None), True)
-            _, answer, views = response
-            if answer is not _SUCCESS:
-                raise entry.device.failed(response, _READ, off, size)
-            return views[0] if len(views) == 1 else b"".join(views)
-        except Exception as exc:  # noqa: BLE001 - pyfuse3 would end the mount
-            raise _fuse_error(self, exc, "read") from None
-
-    async def _read_covering(self, fh, entry: _File, off: int, size: int):
-        """A read that is not whole blocks within the file: the whole blocks covering it, cut to it."""
-        end = min(off + size, entry.size)
-        if off >= end:
-            return b""
-        head = off % entry.block_size
-        first = off - head
-        data = await self.read(fh, first, end - first + -end % entry.block_size)
-        return bytes(memoryview(data)[head : end - first])
-
-    @_request
-    async def write(self, fh, off, buf):
-        return await write_range(self._entry(fh), off, buf)
-
-    @_request
-    async def fsync(self, fh, datasync):
-        entry = self._entry(fh)
-        # What the 6.1 kernel sends for a flush: WRITE, len 0, PREFLUSH.
-        await entry.device.submit(RequestType.WRITE, 0, 0, data=b"", flags=Flag.PREFLUSH)
-
-    @_request
-    async def statfs(self, ctx):
-        stats = self.pyfuse3.StatvfsData()
-        total = sum(e.size for e in self.export._files.values())
-        stats.f_bsize = stats.f_frsize = 4096
-        stats.f_blocks = total // 4096
-        stats.f_bfree = stats.f_bavail = 0
-        stats.f_files = len(self.export._files) + 1
-        stats.f_ffree = stats.f_favail = 0
-        stats.f_namemax = 255
-        return stats

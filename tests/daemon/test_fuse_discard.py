@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 
 from daemon_harness import need_root_tools, run
 
@@ -21,12 +20,8 @@ def _hole_at(path, offset: int) -> bool:
 
 def test_discard_punches_holes_and_zeroout_writes_zeros(serve, tmp_path):
     need_root_tools("blkdiscard")
-    from dmuserd.daemon import fuse_fallocate
-
     image = tmp_path / "backing.img"
     daemon = serve(f"file:path={image},size=64M,create=1")
-    if not fuse_fallocate.install():
-        pytest.skip(f"FUSE fallocate shim unavailable: {fuse_fallocate.unavailable_reason()}")
     loop = daemon.attach_loop(direct_io=True)
     run("dd", "if=/dev/urandom", f"of={loop}", "bs=1M", "count=8", "oflag=direct")
     assert not _hole_at(image, 2 * MiB)

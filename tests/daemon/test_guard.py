@@ -126,9 +126,10 @@ async def test_a_bug_in_the_dispatcher_fails_one_request_and_is_counted():
     assert dispatcher.guard.as_dict() == {"dispatcher": {INTERNAL: 1}}
 
 
-async def test_fuse_operations_answer_eio_for_a_bug_and_errno_for_an_oserror():
-    pyfuse3 = pytest.importorskip("pyfuse3")
-    from dmuserd.daemon.fuse import FuseMount, _Operations
+async def test_fuse_requests_answer_eio_for_a_bug_and_errno_for_an_oserror():
+    pytest.importorskip("dmuserd.daemon._fuse_session", reason="the FUSE session extension was not built (libfuse3-dev)")
+    from dmuserd.daemon import _fuse_session as fs
+    from dmuserd.daemon.fuse import FuseMount, Operations, SessionLoop
 
     from dmuserd.daemon.direct import InProcessDevice
     from dmuserd.protocol import Response, ResponseType
@@ -139,15 +140,24 @@ async def test_fuse_operations_answer_eio_for_a_bug_and_errno_for_an_oserror():
                 return Response(req.seq, ResponseType.ERROR)  # a failed BIO
             raise RuntimeError("a bug below the FUSE handler")
 
+    class Answer:
+        """Stands in for the session's Request (a mount answers for real in tests/fuzz/test_fuzz_fuse.py)."""
+
+        def __init__(self):
+            self.errno = None
+
+        def error(self, code):
+            self.errno = code
+
+        def data(self, views):
+            raise AssertionError("a failed read answered data")
+
     export = FuseMount("/nonexistent-mountpoint")
     export.add("disk", Device("disk"), 1 << 20, 512)
-    ops = _Operations(export, pyfuse3)
+    loop = SessionLoop(None, Operations(export), None)
     inode = next(iter(export._files))
-    for offset in (0, 4096):
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await ops.read(inode, offset, 4096)
-        assert info.value.errno == errno.EIO
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await ops.read(inode + 99, 0, 4096)
-    assert info.value.errno == errno.ENOENT
+    for fh, offset, code in ((inode, 0, errno.EIO), (inode, 4096, errno.EIO), (inode + 99, 0, errno.ENOENT)):
+        answer = Answer()
+        await loop.serve((fs.READ, answer, fh, offset, 4096))
+        assert answer.errno == code, (fh, offset)
     assert export.guard.as_dict() == {"fuse": {INTERNAL: 1}}
