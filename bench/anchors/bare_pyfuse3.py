@@ -6,18 +6,19 @@ else happens per request, so its IOPS and throughput are what any pyfuse3
 (trio) server can reach on this machine; ``bench/scenarios/fuse_loop.py``
 compares dmuserd's FUSE export with it.
 
-It mounts with the FUSE options :mod:`dmuserd.daemon.fuse` uses (pyfuse3's
-defaults minus ``default_permissions``, ``allow_other`` as root), opens the
-file with ``direct_io`` and no ``keep_cache``, and runs ``pyfuse3.main`` with
-the same ``min_tasks``/``max_tasks``. Run it with the venv's python::
+It mounts with the FUSE options :mod:`dmuserd.daemon.fuse` uses (no
+``default_permissions``, ``allow_other`` as root), opens the file with
+``direct_io`` and no ``keep_cache``, and runs ``pyfuse3.main`` with the
+``min_tasks``/``max_tasks`` dmuserd's export used while it ran on pyfuse3
+(until session 12; it now has its own libfuse session). Run it with the venv's python::
 
     python bench/anchors/bare_pyfuse3.py --size 1G /mnt/empty-dir
 
 With ``--memory-backend`` the file is held by dmuserd's ``memory`` backend
 instead, and ``read``/``write`` await its ``read``/``write`` directly: no
-dm-user model, no dispatcher. That is the floor of *any* FUSE server that
+dm-user model, no dispatcher. That is the floor of any pyfuse3 server that
 calls a Python async backend per request, i.e. the most dmuserd's FUSE
-export could reach with its model and dispatcher costing nothing.
+export could reach on pyfuse3 with its dispatcher costing nothing.
 
 It unmounts and exits on SIGTERM or SIGINT.
 """
@@ -37,7 +38,7 @@ import trio
 
 NAME = b"disk"
 INODE = pyfuse3.ROOT_INODE + 1
-#: as in dmuserd/daemon/fuse.py's ``pyfuse3.main`` call
+#: as dmuserd/daemon/fuse.py's ``pyfuse3.main`` call had them (before its own session)
 MIN_TASKS = 4
 MAX_TASKS = 160
 
