@@ -211,8 +211,11 @@ async def test_a_batch_list_fault_resumes_from_descriptors_completed(ext):
     assert buf == expect and [bytes(d) for d in dsts] == srcs
     stats = emu.stats()
     assert stats["bytes"] == 1000 + 127 * 256  # each member ran exactly once (in a batch, or alone at the end)
-    # (more than one fault when the rest of the faulted range holds heap data used later)
-    assert stats["batches"] >= 2 and device.counts["faults"] >= 1
+    # (more than one fault when the rest of the faulted range holds heap data used later).
+    # The rest goes again as a batch, or alone when one member is left: when the list
+    # starts 64 bytes into a page, member 127 is the only one on the missing page
+    # (seen once in a clean-clone run: batches == 1).
+    assert stats["batches"] >= 1 and device.counts["faults"] >= 1
     device.close()
 
 
