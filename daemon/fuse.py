@@ -58,6 +58,11 @@ from dmuserd.daemon.guard import Guard
 from dmuserd.errors import DmuserdError
 from dmuserd.protocol import SECTOR_SIZE, Flag, Request, RequestType, ResponseType, new_message
 
+try:
+    from dmuserd.daemon import _fuse_session
+except ImportError:  # built without libfuse3-dev: FuseMount.run says what to install
+    _fuse_session = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from dmuserd.daemon.direct import InProcessDevice
 
@@ -205,12 +210,10 @@ class FuseMount:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Mount, serve until cancelled, unmount (also after an error)."""
         self._check_mountpoint()
-        try:
-            from dmuserd.daemon import _fuse_session
-        except ImportError:
+        if _fuse_session is None:
             raise FuseExportError(
                 "the FUSE export needs dmuserd's libfuse extension (daemon/_fuse_session.c), which was not built: "
-                "install libfuse3-dev (and a C compiler), then reinstall dmuserd") from None
+                "install libfuse3-dev (and a C compiler), then reinstall dmuserd")
         options = "fsname=dmuserd,subtype=dmuserd" + (",allow_other" if os.geteuid() == 0 else "")
         try:
             session = _fuse_session.Session(self.mountpoint, options)
@@ -269,9 +272,7 @@ class Operations:
                 entry.size // 512, self.mounted_at)
 
     def setattr(self, inode: int, to_set: int, size: int) -> tuple:
-        from dmuserd.daemon._fuse_session import SET_ATTR_SIZE
-
-        if inode != ROOT_INODE and to_set & SET_ATTR_SIZE and size != self._entry(inode).size:
+        if inode != ROOT_INODE and to_set & _fuse_session.SET_ATTR_SIZE and size != self._entry(inode).size:
             raise OSError(errno.EPERM, "a device's size is fixed")
         return self.getattr(inode)
 
@@ -397,8 +398,6 @@ class SessionLoop:
     """
 
     def __init__(self, session, ops: Operations, nursery: trio.Nursery) -> None:
-        from dmuserd.daemon import _fuse_session as fs
-
         self.session = session
         self.ops = ops
         self.nursery = nursery
@@ -406,8 +405,7 @@ class SessionLoop:
         self.free = 0  # workers reading or about to read: neither serving nor parked
         self.watching = False
         self.lot = trio.lowlevel.ParkingLot()
-        self._fs = fs
-        self._op_names = {getattr(fs, name): name.lower() for name in _OPS}
+        self._op_names = {getattr(_fuse_session, name): name.lower() for name in _OPS}
 
     def add_worker(self) -> None:
         self.workers += 1
@@ -460,7 +458,7 @@ class SessionLoop:
 
     async def serve(self, event: tuple) -> None:
         """Answer one request (``(op, request, args...)`` from ``Session.next``); never raises an ``Exception``."""
-        fs = self._fs
+        fs = _fuse_session
         ops = self.ops
         op, req = event[0], event[1]
         try:
