@@ -182,6 +182,20 @@ def test_descriptors_become_typed_requests():
     assert (flush.type, flush.len) == (RequestType.FLUSH, 0)
 
 
+def test_every_combination_of_ublk_flags_maps_bit_by_bit():
+    """ublk's FUA, NOUNMAP, META and FAILFAST_* become ours by name; SWAP and unknown bits are dropped."""
+    bits = list(uapi.IoFlag) + [1 << 30]
+    for combination in range(1 << len(bits)):
+        theirs = [bit for i, bit in enumerate(bits) if combination >> i & 1]
+        expected = Flag(0)
+        for bit in theirs:
+            if isinstance(bit, uapi.IoFlag) and bit is not uapi.IoFlag.SWAP:
+                expected |= Flag[bit.name]
+        value = sum(int(bit) for bit in theirs)
+        request = to_request(uapi.Descriptor(uapi.Op.READ, value, 8, 0, 0), 0, memoryview(bytearray(4096)))
+        assert request.flags == expected and isinstance(request.flags, Flag), (hex(value), request.flags)
+
+
 @pytest.mark.parametrize("desc,message", [
     (uapi.Descriptor(uapi.Op.WRITE_SAME, 0, 8, 0, 0), "unknown operation 4"),
     (uapi.Descriptor(0x7F, 0, 8, 0, 0), "unknown operation 127"),
