@@ -70,7 +70,7 @@ def _flag_table() -> dict[int, Flag]:
 
 
 _FLAG_OF = _flag_table()
-_MAPPED = max(_FLAG_OF)  # an int: the bits of _FLAGS together; others (SWAP) are not passed on
+_MAPPED = sum(int(bit) for bit, _ in _FLAGS)  # the bits we map; others (SWAP) are not passed on
 _RESULT = {ResponseType.ERROR: -errno.EIO, ResponseType.UNSUPPORTED: -errno.EOPNOTSUPP}
 _SURFACE = "ublk"
 
